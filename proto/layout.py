@@ -1,0 +1,253 @@
+"""The shared-memory layout of one run: segment names, PTE bits, frame and VMA flags.
+
+Everything an actor needs to find and read another actor's memory is defined
+here, and only here.  The supervisor creates every segment (mode 0600) and is
+the only one to unlink them; the other actors attach and close.
+
+    /dev/shm/<run>.frames      the "physical memory"
+    +--------+--------+--------+----     ----+------------+
+    | pfn 0  | pfn 1  | pfn 2  |    ...      | pfn N-1    |   N x 4096 bytes
+    +--------+--------+--------+----     ----+------------+
+      ^ ZERO_PFN: the shared zero page, never written
+
+    /dev/shm/<run>.frametab    one row per frame, plus the allocator
+    +----------+-------------------+-------------+-------------+------------------+
+    | header   | mapcount int32[N] | flags u8[N] | node u8[N]  | free stack i32[N]| stable i32[N] |
+    | 8 x i64  |                   | FREE|ANON|  | NUMA node   | (top in header)  | owning stable |
+    |          |                   | KSM|ZERO    |             |                  | node of a KSM |
+    +----------+-------------------+-------------+-------------+------------------+---------------+
+
+    /dev/shm/<run>.mm.<id>     one address space (mm)
+    +----------+--------------------+----------------------+-------------------+
+    | header   | VMA table          | subscriber table     | PTEs u64[npages]  |
+    | 16 x i64 | MAX_VMAS x         | MAX_SUBS x (active,  | pfn<<12 | bits    |
+    |          | (start,end,flags)  |  has_change_pte)     |                   |
+    +----------+--------------------+----------------------+-------------------+
+
+    /dev/shm/<run>.stats       KSM knobs, KSM counters, per-mm ksm_stat rows
+    sem.<run>.ptl.<id>         the page-table lock of mm <id>
+    sem.<run>.frame_lock       the allocator / shared-mapcount lock
+
+Virtual addresses of every mm start at USER_BASE; page index i of an mm is at
+USER_BASE + i * PAGE_SIZE.
+"""
+from __future__ import annotations
+
+import mmap
+import os
+import secrets
+
+import numpy as np
+import posix_ipc
+
+PAGE_SHIFT = 12
+PAGE_SIZE = 1 << PAGE_SHIFT
+USER_BASE = 0x7F00_0000_0000
+
+# --- primary PTE bits (x86-like low bits; the pfn lives above PAGE_SHIFT) ---
+PTE_PRESENT = 1 << 0
+PTE_WRITE = 1 << 1
+PTE_DIRTY = 1 << 2
+PTE_YOUNG = 1 << 3
+PTE_SPECIAL = 1 << 4  # a KSM-merged zero page (use_zero_pages), like pte_mkspecial
+PTE_FLAGS_MASK = PAGE_SIZE - 1
+
+# --- frame table flags ---
+FRAME_FREE = 0
+FRAME_ANON = 1 << 0
+FRAME_KSM = 1 << 1
+FRAME_ZERO = 1 << 2
+ZERO_PFN = 0
+
+# --- VMA flags (the kernel's names) ---
+VM_READ = 1 << 0
+VM_WRITE = 1 << 1
+VM_SHARED = 1 << 3
+VM_MAYSHARE = 1 << 7
+VM_PFNMAP = 1 << 10
+VM_IO = 1 << 14
+VM_DONTEXPAND = 1 << 18
+VM_HUGETLB = 1 << 22
+VM_MIXEDMAP = 1 << 28
+VM_MERGEABLE = 1 << 31
+VM_KSM_IGNORED = VM_SHARED | VM_MAYSHARE | VM_PFNMAP | VM_IO | VM_DONTEXPAND | VM_HUGETLB | VM_MIXEDMAP
+
+MMF_VM_MERGEABLE = 1 << 16
+
+# --- mm segment geometry ---
+MAX_VMAS = 64
+MAX_SUBS = 4
+MM_HDR = 16
+# header slots of an mm segment
+MMH_ID, MMH_NPAGES, MMH_FLAGS, MMH_NODE, MMH_OWNER_PID, MMH_RELEASED, MMH_PTL_OWNER = range(7)
+SUB_ACTIVE, SUB_CHANGE_PTE = 0, 1
+
+# --- frametab header slots ---
+FTH_NFRAMES, FTH_FREE_TOP, FTH_NODES, FTH_LOCK_OWNER = range(4)
+
+# --- stats segment: knobs, counters, per-mm rows ---
+MAX_MMS = 256
+KNOBS = (
+    "run", "pages_to_scan", "sleep_millisecs", "max_page_sharing", "use_zero_pages",
+    "merge_across_nodes", "smart_scan", "stable_node_chains_prune_millisecs",
+    "advisor_mode", "advisor_max_cpu", "advisor_min_pages_to_scan",
+    "advisor_max_pages_to_scan", "advisor_target_scan_time",
+)
+COUNTERS = (
+    "pages_shared", "pages_sharing", "pages_unshared", "pages_volatile", "pages_scanned",
+    "pages_skipped", "full_scans", "general_profit", "stable_node_chains",
+    "stable_node_dups", "ksm_zero_pages", "ksm_rmap_items",
+    "metadata_bytes",   # ksmd's own: bytes of rmap items, trees and stable nodes
+)
+MM_STATS = ("ksm_rmap_items", "ksm_zero_pages", "ksm_merging_pages")
+
+RUN_PREFIX = "ksmp"
+
+
+def new_run_name() -> str:
+    """An unpredictable, unique run name that carries the supervisor's pid (for sweeping)."""
+    return f"{RUN_PREFIX}.{os.getpid()}.{secrets.token_hex(6)}"
+
+
+def run_owner_pid(name: str) -> int | None:
+    """The supervisor pid encoded in a /dev/shm entry of a run, or None if not ours."""
+    base = name[4:] if name.startswith("sem.") else name
+    parts = base.split(".")
+    if len(parts) < 3 or parts[0] != RUN_PREFIX or not parts[1].isdigit():
+        return None
+    return int(parts[1])
+
+
+def seg_name(run: str, what: str) -> str:
+    return f"/{run}.{what}"
+
+
+class Segment:
+    """One POSIX shared-memory segment, mapped; create() or attach(), then close()."""
+
+    def __init__(self, name: str, size: int | None, create: bool):
+        if create:
+            shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode=0o600, size=size)
+        else:
+            shm = posix_ipc.SharedMemory(name)
+        self.name = name
+        self.size = shm.size
+        self.map = mmap.mmap(shm.fd, shm.size)
+        shm.close_fd()
+        self.buf = np.frombuffer(self.map, dtype=np.uint8)
+
+    @classmethod
+    def create(cls, name: str, size: int) -> "Segment":
+        return cls(name, size, True)
+
+    @classmethod
+    def attach(cls, name: str) -> "Segment":
+        return cls(name, None, False)
+
+    def view(self, dtype, offset: int, count: int) -> np.ndarray:
+        return np.frombuffer(self.map, dtype=dtype, count=count, offset=offset)
+
+    def close(self) -> None:
+        self.buf = None
+        try:
+            self.map.close()
+        except BufferError:
+            pass  # a numpy view is still alive; the mapping goes with the process
+
+    @staticmethod
+    def unlink(name: str) -> None:
+        try:
+            posix_ipc.unlink_shared_memory(name)
+        except posix_ipc.ExistentialError:
+            pass
+
+
+class FrameTable:
+    """Views of <run>.frametab: mapcount, flags, node and the free-frame stack."""
+
+    HDR = 8
+
+    @staticmethod
+    def size_for(nframes: int) -> int:
+        return 8 * FrameTable.HDR + nframes * (4 + 1 + 1 + 4 + 4) + 64
+
+    def __init__(self, seg: Segment, nframes: int | None = None):
+        self.seg = seg
+        hdr = seg.view(np.int64, 0, self.HDR)
+        if nframes is not None:
+            hdr[FTH_NFRAMES] = nframes
+        n = int(hdr[FTH_NFRAMES])
+        off = 8 * self.HDR
+        self.hdr = hdr
+        self.nframes = n
+        self.mapcount = seg.view(np.int32, off, n); off += 4 * n
+        self.flags = seg.view(np.uint8, off, n); off += n
+        self.node = seg.view(np.uint8, off, n); off += n
+        off = (off + 7) & ~7
+        self.free_stack = seg.view(np.int32, off, n); off += 4 * n
+        self.stable = seg.view(np.int32, off, n)
+        self.lock_owner = hdr[FTH_LOCK_OWNER:FTH_LOCK_OWNER + 1]
+
+
+class MMView:
+    """Views of <run>.mm.<id>: header, VMA table, subscriber table, PTE array."""
+
+    @staticmethod
+    def size_for(npages: int) -> int:
+        return 8 * (MM_HDR + 3 * MAX_VMAS + 2 * MAX_SUBS) + 8 * npages
+
+    def __init__(self, seg: Segment):
+        self.seg = seg
+        self.hdr = seg.view(np.int64, 0, MM_HDR)
+        off = 8 * MM_HDR
+        self.vmas = seg.view(np.int64, off, 3 * MAX_VMAS).reshape(MAX_VMAS, 3); off += 24 * MAX_VMAS
+        self.subs = seg.view(np.int64, off, 2 * MAX_SUBS).reshape(MAX_SUBS, 2); off += 16 * MAX_SUBS
+        self.npages = (seg.size - off) // 8
+        self.pte = seg.view(np.uint64, off, self.npages)
+        self.ptl_owner = self.hdr[MMH_PTL_OWNER:MMH_PTL_OWNER + 1]
+
+    @property
+    def id(self) -> int:
+        return int(self.hdr[MMH_ID])
+
+    def vma_list(self) -> list[tuple[int, int, int]]:
+        """Live VMAs as (start, end, flags), sorted by start (end == 0 marks a free slot)."""
+        v = self.vmas
+        return sorted((int(s), int(e), int(f)) for s, e, f in v if e)
+
+
+class StatsView:
+    """Views of <run>.stats: knobs (written by ksmd), counters, per-mm ksm_stat rows."""
+
+    @staticmethod
+    def size_for() -> int:
+        return 8 * (len(KNOBS) + len(COUNTERS) + MAX_MMS * len(MM_STATS))
+
+    def __init__(self, seg: Segment):
+        self.seg = seg
+        nk, nc = len(KNOBS), len(COUNTERS)
+        self.knobs = seg.view(np.int64, 0, nk)
+        self.counters = seg.view(np.int64, 8 * nk, nc)
+        self.mm = seg.view(np.int64, 8 * (nk + nc), MAX_MMS * len(MM_STATS)).reshape(MAX_MMS, len(MM_STATS))
+
+    def knob(self, name: str) -> int:
+        return int(self.knobs[KNOBS.index(name)])
+
+    def counter_dict(self) -> dict[str, int]:
+        return {n: int(v) for n, v in zip(COUNTERS, self.counters.tolist())}
+
+
+def ptl_name(run: str, mm_id: int) -> str:
+    return f"/{run}.ptl.{mm_id}"
+
+
+def frame_lock_name(run: str) -> str:
+    return f"/{run}.frame_lock"
+
+
+def vaddr(index):
+    return USER_BASE + index * PAGE_SIZE
+
+
+def page_index(addr: int) -> int:
+    return (addr - USER_BASE) >> PAGE_SHIFT

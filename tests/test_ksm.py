@@ -1,0 +1,215 @@
+"""ksmd: merging, counters, chains, zero pages, unmerge and re-merge, knobs (exact numbers)."""
+from __future__ import annotations
+
+import errno
+import os
+
+import pytest
+
+from proto import MADV_MERGEABLE, MADV_UNMERGEABLE, PAGE_SIZE
+
+FAST = dict(pages_to_scan=100000, sleep_millisecs=0)
+
+
+def page(v: int) -> bytes:
+    return bytes([v]) * PAGE_SIZE
+
+
+def load(vm, pages: list[bytes], mergeable=True) -> int:
+    a = vm.mmap(len(pages) * PAGE_SIZE)
+    vm.write(a, b"".join(pages))
+    if mergeable:
+        vm.madvise(a, len(pages) * PAGE_SIZE, MADV_MERGEABLE)
+    return a
+
+
+def test_duplicates_across_vms_merge_and_read_back(ksm_machine):
+    m = ksm_machine
+    m.ksm.set(**FAST)
+    contents = [page(i + 1) for i in range(8)] + [os.urandom(PAGE_SIZE) for _ in range(4)]
+    vms = [m.spawn_vm(f"vm{i}") for i in range(3)]
+    addrs = [load(vm, contents[:8] + [os.urandom(PAGE_SIZE) for _ in range(4)]) for vm in vms]
+    free0 = m.alloc.nr_free
+    m.ksm.set(run=1)
+    s = m.ksm.wait_stable(30)
+    assert s["pages_shared"] == 8
+    assert s["pages_sharing"] == 16
+    assert s["pages_unshared"] == 12
+    assert s["pages_volatile"] == 0
+    assert s["stable_node_chains"] == 0 and s["stable_node_dups"] == 0
+    assert s["ksm_rmap_items"] == 36
+    assert m.alloc.nr_free == free0 + 16          # the merged frames went back to the allocator
+    for vm, a in zip(vms, addrs):
+        assert vm.read(a, 8 * PAGE_SIZE) == b"".join(contents[:8])
+        st = vm.ksm_stat()
+        assert st["ksm_rmap_items"] == 12 and st["ksm_merging_pages"] == 8
+    assert s["general_profit"] == 16 * PAGE_SIZE - s["metadata_bytes"]
+
+
+def test_first_full_scan_only_records_checksums(ksm_machine):
+    m = ksm_machine
+    m.ksm.set(pages_to_scan=11, sleep_millisecs=60000)   # one wake-up = one full scan of 10 pages
+    vm = m.spawn_vm("a")
+    load(vm, [page(1)] * 10)
+    m.ksm.set(run=1)
+    s = m.ksm.wait_full_scans(1, 30)
+    assert s["full_scans"] == 1
+    assert (s["pages_shared"], s["pages_sharing"], s["pages_volatile"], s["pages_scanned"]) == (0, 0, 10, 10)
+    m.ksm.set(sleep_millisecs=60000)                     # a knob write wakes ksmd: the second full scan
+    s = m.ksm.wait_full_scans(1, 30)
+    assert s["full_scans"] == 2
+    assert (s["pages_shared"], s["pages_sharing"], s["pages_volatile"], s["pages_scanned"]) == (1, 9, 0, 20)
+
+
+def test_max_page_sharing_chains(ksm_machine):
+    m = ksm_machine
+    m.ksm.set(max_page_sharing=4, **FAST)
+    vm = m.spawn_vm("a")
+    load(vm, [page(9)] * 10)
+    m.ksm.set(run=1)
+    s = m.ksm.wait_stable(30)
+    # 4 + 4 + 2: three dups of one content, chained (kernel: chain created with 2 dups)
+    assert (s["pages_shared"], s["pages_sharing"]) == (3, 7)
+    assert (s["stable_node_chains"], s["stable_node_dups"]) == (1, 3)
+    assert s["pages_unshared"] == 0
+
+
+def test_max_page_sharing_leftover_stays_unshared(ksm_machine):
+    m = ksm_machine
+    m.ksm.set(max_page_sharing=4, smart_scan=0, **FAST)
+    vm = m.spawn_vm("a")
+    load(vm, [page(9)] * 9)
+    m.ksm.set(run=1)
+    s = m.ksm.wait_stable(30)
+    assert (s["pages_shared"], s["pages_sharing"], s["pages_unshared"]) == (2, 6, 1)
+    assert (s["stable_node_chains"], s["stable_node_dups"]) == (1, 2)
+
+
+@pytest.mark.parametrize("use_zero", [0, 1])
+def test_zero_pages(ksm_machine, use_zero):
+    m = ksm_machine
+    m.ksm.set(use_zero_pages=use_zero, **FAST)
+    vm = m.spawn_vm("a")
+    a = load(vm, [page(0)] * 20 + [page(5)] * 2)
+    m.ksm.set(run=1)
+    s = m.ksm.wait_stable(30)
+    if use_zero:
+        assert s["ksm_zero_pages"] == 20 and vm.ksm_stat()["ksm_zero_pages"] == 20
+        assert (s["pages_shared"], s["pages_sharing"]) == (1, 1)
+        assert s["ksm_rmap_items"] == 2          # zero-page mappings are no candidates any more
+    else:
+        assert s["ksm_zero_pages"] == 0
+        assert (s["pages_shared"], s["pages_sharing"]) == (2, 20)
+    assert vm.read(a, 22 * PAGE_SIZE) == bytes(20 * PAGE_SIZE) + page(5) * 2
+    # a write to a KSM zero page is a COW; ksm_zero_pages drops at once
+    vm.write(a, b"\x01")
+    if use_zero:
+        assert m.ksm.stats()["ksm_zero_pages"] == 19
+    assert vm.read(a, 2) == b"\x01\x00"
+
+
+def test_cow_then_remerge(ksm_machine):
+    m = ksm_machine
+    m.ksm.set(**FAST)
+    a, b = m.spawn_vm("a"), m.spawn_vm("b")
+    xa, xb = load(a, [page(3)] * 4), load(b, [page(3)] * 4)
+    m.ksm.set(run=1)
+    s = m.ksm.wait_stable(30)
+    assert (s["pages_shared"], s["pages_sharing"]) == (1, 7)
+    c0 = a.stats()["cow_faults"]
+    a.write(xa, b"\x04" * 10)                    # COW: a private copy
+    assert a.stats()["cow_faults"] == c0 + 1
+    assert a.read(xa, 12) == b"\x04" * 10 + b"\x03\x03"
+    assert b.read(xb, 4) == b"\x03" * 4
+    s = m.ksm.wait_stable(30)
+    assert (s["pages_shared"], s["pages_sharing"]) == (1, 6)
+    a.write(xa, b"\x03" * 10)                    # identical again: merged again
+    s = m.ksm.wait_stable(30)
+    assert (s["pages_shared"], s["pages_sharing"]) == (1, 7)
+    assert a.read(xa, PAGE_SIZE) == page(3)
+
+
+def test_unmergeable_and_run2_unmerge_everything(ksm_machine):
+    m = ksm_machine
+    m.ksm.set(use_zero_pages=1, **FAST)
+    a, b = m.spawn_vm("a"), m.spawn_vm("b")
+    pages = [page(7)] * 6 + [page(0)] * 3 + [os.urandom(PAGE_SIZE)]
+    xa, xb = load(a, pages), load(b, pages)
+    m.ksm.set(run=1)
+    s = m.ksm.wait_stable(30)
+    assert (s["pages_shared"], s["pages_sharing"], s["ksm_zero_pages"]) == (1, 11, 6)
+    free_merged = m.alloc.nr_free
+    a.madvise(xa, 10 * PAGE_SIZE, MADV_UNMERGEABLE)
+    assert m.alloc.nr_free == free_merged - 9             # 6 KSM + 3 zero pages became private copies
+    assert m.ksm.stats()["ksm_zero_pages"] == 3           # at once
+    s = m.ksm.wait_stable(30)
+    assert (s["pages_shared"], s["pages_sharing"], s["ksm_zero_pages"]) == (1, 5, 3)
+    assert a.read(xa, 10 * PAGE_SIZE) == b"".join(pages)
+    m.ksm.set(run=2)                                       # returns once everything is unmerged
+    s = m.ksm.stats()
+    for k in ("pages_shared", "pages_sharing", "pages_unshared", "pages_volatile", "ksm_zero_pages",
+              "stable_node_chains", "stable_node_dups", "full_scans", "ksm_rmap_items"):
+        assert s[k] == 0, k
+    assert b.read(xb, 10 * PAGE_SIZE) == b"".join(pages)
+    assert b.ksm_stat()["ksm_merging_pages"] == 0
+    m.ksm.set(run=1)                                       # VM_MERGEABLE stays: merged again
+    s = m.ksm.wait_stable(30)
+    assert (s["pages_shared"], s["pages_sharing"], s["ksm_zero_pages"]) == (1, 5, 3)
+
+
+def test_knob_errors(ksm_machine):
+    m = ksm_machine
+    for bad in (dict(run=3), dict(pages_to_scan=-1), dict(max_page_sharing=1), dict(sleep_millisecs=60001),
+                dict(use_zero_pages=2), dict(advisor_mode="fast"), dict(no_such_knob=1),
+                dict(advisor_target_scan_time=0)):
+        with pytest.raises(OSError) as ei:
+            m.ksm.set(**bad)
+        assert ei.value.errno == errno.EINVAL, bad
+        assert list(bad)[0] in str(ei.value)
+    assert m.ksm.get("run") == 0 and m.ksm.get("pages_to_scan") == 100
+    m.ksm.set(advisor_mode="scan-time")
+    assert m.ksm.get("pages_to_scan") == 500
+    with pytest.raises(OSError) as ei:
+        m.ksm.set(pages_to_scan=5)
+    assert ei.value.errno == errno.EINVAL
+    m.ksm.set(advisor_mode="none")
+    assert m.ksm.get("pages_to_scan") == 100
+    # EBUSY while merged, fine after run=2
+    m.ksm.set(**FAST)
+    vm = m.spawn_vm("a")
+    load(vm, [page(1)] * 4)
+    m.ksm.set(run=1)
+    m.ksm.wait_stable(30)
+    for k, v in (("max_page_sharing", 10), ("merge_across_nodes", 0)):
+        with pytest.raises(OSError) as ei:
+            m.ksm.set(**{k: v})
+        assert ei.value.errno == errno.EBUSY
+    m.ksm.set(max_page_sharing=256)                       # same value: fine
+    m.ksm.set(run=2)
+    m.ksm.set(max_page_sharing=10, merge_across_nodes=0)
+    assert m.ksm.get("max_page_sharing") == 10
+
+
+def test_merge_across_nodes_zero_keeps_nodes_apart(ksm_machine_factory):
+    m = ksm_machine_factory(nodes=2)
+    m.ksm.set(merge_across_nodes=0, **FAST)
+    a, b, c = m.spawn_vm("a", node=0), m.spawn_vm("b", node=1), m.spawn_vm("c", node=1)
+    for vm in (a, b, c):
+        load(vm, [page(2)] * 2)
+    m.ksm.set(run=1)
+    s = m.ksm.wait_stable(30)
+    assert (s["pages_shared"], s["pages_sharing"]) == (2, 4)    # one KSM page per node
+
+
+def test_smart_scan_skips_pages_that_never_merge(ksm_machine):
+    m = ksm_machine
+    m.ksm.set(**FAST)
+    vm = m.spawn_vm("a")
+    load(vm, [os.urandom(PAGE_SIZE) for _ in range(10)])
+    m.ksm.set(run=1)
+    m.ksm.wait_full_scans(5, 30)
+    m.ksm.set(run=0)
+    s = m.ksm.stats()
+    # visits 1-4 processed, visit 5 skipped (kernel pattern), so after >= 5 scans each page was skipped
+    assert s["pages_skipped"] >= 10 and s["pages_skipped"] % 10 == 0
+    assert s["pages_scanned"] + s["pages_skipped"] == 10 * s["full_scans"]

@@ -1,0 +1,90 @@
+"""Plumbing shared by every actor process: start-up, attaching the run's memory, logging.
+
+An actor is started by the supervisor as `python -m workers.<actor> --run NAME
+--ctl-fd FD ...`.  It dies with its parent (PR_SET_PDEATHSIG), attaches the
+run's segments (never creates or unlinks them), and serves its control socket.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ctypes
+import logging
+import os
+import signal
+import sys
+
+import numpy as np
+
+from proto.layout import (FrameTable, MMView, PAGE_SIZE, Segment, StatsView, frame_lock_name, ptl_name,
+                          seg_name)
+
+from .frames import FrameAllocator, ShmLock
+
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(sig: int = signal.SIGTERM) -> None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0)
+    except OSError:
+        pass
+
+
+def actor_args(extra=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    p.add_argument("--run", required=True)
+    p.add_argument("--ctl-fd", type=int, required=True)
+    p.add_argument("--mode", default="change_pte")
+    p.add_argument("--trace", default=None)
+    p.add_argument("--ack-timeout", type=float, default=5.0)
+    if extra:
+        extra(p)
+    return p.parse_args()
+
+
+def setup(actor: str) -> None:
+    die_with_parent()
+    logging.basicConfig(stream=sys.stderr, level=os.environ.get("KSM_PROTO_LOG", "WARNING"),
+                        format=f"%(asctime)s {actor}[%(process)d] %(levelname)s %(message)s")
+    # SIGINT goes to the whole foreground group on Ctrl-C: the supervisor decides the shutdown.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        import uvloop
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    except ImportError:  # pragma: no cover - uvloop is a dependency
+        pass
+
+
+class RunMemory:
+    """The run-wide segments an actor attaches: frames, frame table, stats, frame lock."""
+
+    def __init__(self, run: str):
+        self.run = run
+        self.frames_seg = Segment.attach(seg_name(run, "frames"))
+        self.ft_seg = Segment.attach(seg_name(run, "frametab"))
+        self.stats_seg = Segment.attach(seg_name(run, "stats"))
+        self.ft = FrameTable(self.ft_seg)
+        self.stats = StatsView(self.stats_seg)
+        self.mem = self.frames_seg.buf
+        self.frame_lock = ShmLock(frame_lock_name(run), self.ft.lock_owner)
+        self.alloc = FrameAllocator(self.ft, self.mem, self.frame_lock)
+        self.pages = self.alloc.pages
+
+    def attach_mm(self, mm_id: int) -> tuple[MMView, ShmLock]:
+        mm = MMView(Segment.attach(seg_name(self.run, f"mm.{mm_id}")))
+        return mm, ShmLock(ptl_name(self.run, mm_id), mm.ptl_owner)
+
+    def frame(self, pfn: int) -> np.ndarray:
+        return self.pages[pfn]
+
+    def close(self) -> None:
+        self.frame_lock.close()
+        for s in (self.frames_seg, self.ft_seg, self.stats_seg):
+            s.close()
+
+
+def frame_bytes(mem: np.ndarray, pfn: int) -> memoryview:
+    off = pfn * PAGE_SIZE
+    return memoryview(mem)[off:off + PAGE_SIZE]

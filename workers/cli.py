@@ -1,0 +1,258 @@
+"""The `ksm-proto` command: run a scenario (or the demo), trace tools, and the benchmark.
+
+    ksm-proto run [SCENARIO.toml] [--json] [--trace FILE] [--until-stable] [--notifier-mode M]
+    ksm-proto trace summary FILE | trace check FILE
+    ksm-proto bench [--quick] [--cores N] [--trace-overhead] ...
+
+On a terminal `run` shows a progress bar while loading and live counters
+(rich); piped, it prints plain lines; with --json exactly one JSON object goes
+to stdout.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+from proto import MADV_MERGEABLE, PAGE_SIZE
+from proto.layout import COUNTERS
+
+from .scenario import Scenario, ScenarioError, demo, load
+
+SYSFS_COUNTERS = [c for c in COUNTERS if c not in ("ksm_rmap_items", "metadata_bytes")]
+CHUNK = 1 << 20
+
+
+class Reporter:
+    """Progress and counters: rich on a terminal, plain lines when piped, silent with --json."""
+
+    def __init__(self, mode: str):
+        self.mode = mode           # "rich" | "plain" | "quiet"
+        self.console = None
+        if mode == "rich":
+            from rich.console import Console
+            self.console = Console(stderr=True)
+
+    def loading(self, total_pages: int):
+        if self.mode == "rich":
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+            prog = Progress("[bold]loading VMs", BarColumn(), MofNCompleteColumn(), "pages", TimeRemainingColumn(),
+                            console=self.console, transient=True)
+            return prog, prog.add_task("load", total=total_pages)
+        return None, None
+
+    def line(self, text: str) -> None:
+        if self.mode == "plain":
+            print(text, flush=True)
+        elif self.mode == "rich":
+            self.console.print(text)
+
+    def table(self, stats: dict):
+        from rich.table import Table
+        t = Table(title="ksm counters", show_header=True)
+        t.add_column("counter")
+        t.add_column("value", justify="right")
+        for k in SYSFS_COUNTERS:
+            t.add_row(k, f"{stats[k]:,}")
+        return t
+
+
+def load_vms(m, sc: Scenario, rep: Reporter) -> dict:
+    """Spawn each VM, map and fill its regions, madvise the mergeable ones. Returns what was written."""
+    layout = {}
+    prog, task = rep.loading(sc.pages)
+    ctx = prog if prog is not None else _null()
+    with ctx:
+        for spec in sc.vms:
+            vm = m.spawn_vm(spec.name, pages=max(1024, spec.pages + 2 * len(spec.regions) + 64), device=spec.device,
+                            node=spec.node)
+            regions = []
+            for r in spec.regions:
+                data = r.content()
+                addr = vm.mmap(len(data))
+                for off in range(0, len(data), CHUNK):
+                    vm.write(addr + off, data[off:off + CHUNK])
+                    if prog is not None:
+                        prog.advance(task, min(CHUNK, len(data) - off) // PAGE_SIZE)
+                if r.mergeable:
+                    vm.madvise(addr, len(data), MADV_MERGEABLE)
+                regions.append((addr, r, data))
+            layout[spec.name] = (vm, regions)
+            rep.line(f"loaded {spec.name}: {spec.pages} pages in {len(spec.regions)} regions")
+    return layout
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def run_scenario(sc: Scenario, mode: str | None, trace: str | None, until_stable: bool, scans: int,
+                 rep: Reporter, timeout: float) -> dict:
+    from .machine import Machine
+    mode = mode or sc.notifier_mode or "change_pte"
+    frames = sc.frames or int(sc.pages * 1.25) + 4096
+    t0 = time.monotonic()
+    with Machine(frames=frames, notifier_mode=mode, trace=trace, nodes=1 + max(v.node for v in sc.vms)) as m:
+        layout = load_vms(m, sc, rep)
+        loaded = time.monotonic()
+        writers = []
+        for name, (vm, regions) in layout.items():
+            for addr, r, _ in regions:
+                if r.writer:
+                    w = r.writer
+                    writers.append((vm, vm.writer_start(addr, w.pages, w.seed, 0, w.values, w.period_ms), addr, r))
+        knobs = {"pages_to_scan": 100000, "sleep_millisecs": 0, **sc.ksm}
+        knobs.setdefault("run", 1)
+        m.ksm.set(**{k: v for k, v in knobs.items() if k != "run"})
+        m.ksm.set(run=knobs["run"])
+        deadline = time.monotonic() + timeout
+        live = None
+        if rep.mode == "rich":
+            from rich.live import Live
+            live = Live(rep.table(m.ksm.stats()), console=rep.console, refresh_per_second=8, transient=False)
+            live.start()
+        try:
+            keys = ("pages_shared", "pages_sharing", "ksm_zero_pages", "stable_node_chains", "stable_node_dups")
+            last, same, n = None, 0, 0
+            while knobs["run"] == 1:
+                s = m.ksm.wait_full_scans(1, max(1.0, deadline - time.monotonic()))
+                n += 1
+                cur = tuple(s[k] for k in keys)
+                same = same + 1 if cur == last else 0
+                last = cur
+                if live:
+                    live.update(rep.table(s))
+                else:
+                    rep.line(f"full_scans={s['full_scans']} pages_shared={s['pages_shared']} "
+                             f"pages_sharing={s['pages_sharing']} pages_unshared={s['pages_unshared']} "
+                             f"pages_volatile={s['pages_volatile']} ksm_zero_pages={s['ksm_zero_pages']}")
+                if (until_stable and same >= 2) or (not until_stable and n >= scans):
+                    break
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"counters did not settle within {timeout:.0f}s")
+        finally:
+            if live:
+                live.stop()
+        merged = time.monotonic()
+        stats = m.ksm.stats()
+        wstats = {}
+        for vm, wid, addr, r in writers:
+            wstats.setdefault(vm.name, []).append(vm.writer_stop(wid))
+        # every byte that no writer touched must read back as loaded
+        mismatches = 0
+        for name, (vm, regions) in layout.items():
+            for addr, r, data in regions:
+                skip = r.writer.pages * PAGE_SIZE if r.writer else 0
+                for off in range(skip, len(data), CHUNK):
+                    got = vm.read(addr + off, min(CHUNK, len(data) - off))
+                    if got != data[off:off + len(got)]:
+                        mismatches += 1
+        vms = {name: {**vm.stats(), "ksm_stat": vm.ksm_stat(), "writers": wstats.get(name, [])}
+               for name, (vm, _) in layout.items()}
+        return {
+            "scenario": sc.name,
+            "notifier_mode": mode,
+            "ksm": {k: stats[k] for k in SYSFS_COUNTERS},
+            "scanner_bytes_per_page": round(stats["metadata_bytes"] / max(1, stats["ksm_rmap_items"]), 2),
+            "vms": vms,
+            "pages_loaded": sc.pages,
+            "frames": frames,
+            "readback_mismatches": mismatches,
+            "seconds": {"load": round(loaded - t0, 3), "merge": round(merged - loaded, 3),
+                        "total": round(time.monotonic() - t0, 3)},
+        }
+
+
+def cmd_run(a) -> int:
+    try:
+        sc = load(a.scenario) if a.scenario else demo()
+    except ScenarioError as e:
+        print(f"ksm-proto: bad scenario: {e}", file=sys.stderr)
+        return 2
+    rep = Reporter("quiet" if a.json else ("rich" if sys.stderr.isatty() and sys.stdout.isatty() else "plain"))
+    try:
+        res = run_scenario(sc, a.notifier_mode, a.trace, a.until_stable, a.scans, rep, a.timeout)
+    except (OSError, TimeoutError, RuntimeError, ValueError) as e:
+        print(f"ksm-proto: {e}", file=sys.stderr)
+        return 1
+    if a.json:
+        print(json.dumps(res))
+        return 0 if res["readback_mismatches"] == 0 else 1
+    k = res["ksm"]
+    rep.line("")
+    rep.line(f"scenario {res['scenario']}: {res['pages_loaded']} pages in {len(res['vms'])} VMs, "
+             f"notifier mode {res['notifier_mode']}")
+    for name in SYSFS_COUNTERS:
+        print(f"  {name:20s} {k[name]:>12,}")
+    print(f"  saved {k['pages_sharing'] * PAGE_SIZE / 2**20:.1f} MiB; scanner metadata "
+          f"{res['scanner_bytes_per_page']} bytes/page; load {res['seconds']['load']}s, "
+          f"merge {res['seconds']['merge']}s; read-back mismatches {res['readback_mismatches']}")
+    for name, v in res["vms"].items():
+        print(f"  {name}: secondary_faults={v['secondary_faults']} cow_faults={v['cow_faults']} "
+              f"msgs={v['msgs']} ksm_merging_pages={v['ksm_stat']['ksm_merging_pages']}")
+    if a.trace:
+        print(f"  trace written to {a.trace} (open it in ui.perfetto.dev)")
+    return 0 if res["readback_mismatches"] == 0 else 1
+
+
+def cmd_trace(a) -> int:
+    from . import tracetool
+    if not os.path.exists(a.file):
+        print(f"ksm-proto: no such trace file: {a.file}", file=sys.stderr)
+        return 2
+    try:
+        if a.what == "summary":
+            print(tracetool.format_summary(tracetool.summary(a.file)))
+            return 0
+        violations = tracetool.check(a.file)
+    except ValueError as e:
+        print(f"ksm-proto: {a.file}: not a ksm-proto trace: {e}", file=sys.stderr)
+        return 2
+    if violations:
+        print(f"FAIL: {violations[0]}")
+        print(f"({len(violations)} violation(s) in all)")
+        return 1
+    print("OK: every secondary MMU's messages follow REGISTER ( START [CHANGE_PTE] END | CHANGE_PTE | "
+          "INVALIDATE_PAGE | CLEAR_YOUNG )* RELEASE")
+    return 0
+
+
+def cmd_bench(a, rest) -> int:
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    from bench import run as bench_run
+    return bench_run.main(rest)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="ksm-proto", description="A multiprocess prototype of Linux KSM and mmu_notifiers")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="run a scenario (default: the built-in demo)")
+    r.add_argument("scenario", nargs="?")
+    r.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    r.add_argument("--trace", metavar="FILE", help="write a Chrome/Perfetto trace of every message")
+    r.add_argument("--until-stable", action="store_true", help="stop once counters stay put for two full scans")
+    r.add_argument("--notifier-mode", choices=["change_pte", "wrapped", "invalidate"])
+    r.add_argument("--scans", type=int, default=4, help="full scans to run without --until-stable (default 4)")
+    r.add_argument("--timeout", type=float, default=120.0, help="give up after this many seconds")
+    t = sub.add_parser("trace", help="look at a trace file")
+    t.add_argument("what", choices=["summary", "check"])
+    t.add_argument("file")
+    sub.add_parser("bench", help="measure the project beside its anchors (see bench/)", add_help=False)
+    args, rest = p.parse_known_args(argv)
+    if args.cmd == "bench":
+        return cmd_bench(args, rest)
+    if rest:
+        p.error(f"unrecognized arguments: {' '.join(rest)}")
+    return cmd_run(args) if args.cmd == "run" else cmd_trace(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,43 @@
+"""The reaper: unlinks a run's /dev/shm entries if its supervisor dies without doing so.
+
+Started by the supervisor in a session of its own (so Ctrl-C does not reach
+it), it blocks on a pipe whose write end only the supervisor holds.  End of
+file means the supervisor is gone, cleanly or by SIGKILL; after a short grace
+for the actors to die with their parent, it unlinks every entry named after
+the run.  After a clean close there is nothing left for it to do.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import time
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--run", required=True)
+    p.add_argument("--fd", type=int, required=True)
+    p.add_argument("--trace-dir", default=None)
+    a = p.parse_args()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    while True:
+        try:
+            if not os.read(a.fd, 4096):
+                break
+        except InterruptedError:
+            continue
+        except OSError:
+            break
+    time.sleep(0.2)
+    for name in os.listdir("/dev/shm"):
+        if name.startswith(a.run + ".") or name.startswith(f"sem.{a.run}."):
+            try:
+                os.unlink(os.path.join("/dev/shm", name))
+            except OSError:
+                pass
+
+
+if __name__ == "__main__":
+    main()

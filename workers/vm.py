@@ -1,0 +1,563 @@
+"""A VM worker: one address space (mm), its secondary MMUs, and the workload using them.
+
+This process owns an mm: its VMAs (mmap, munmap, madvise) and the secondary
+MMUs registered on it.  Guest memory is touched only through a secondary MMU:
+`kvm`, a shadow page table with a change_pte callback, and optionally `dev`, a
+device-like TLB without one.  A miss is a *secondary fault*: the primary PTE is
+read without the page-table lock and the translation is installed only if no
+invalidation is in progress or happened meanwhile (KVM's mmu_invalidate_seq /
+in_progress scheme).  A miss the primary PTE cannot serve (not present, or a
+write to a read-only page) is sent to the fault handler as a FAULT.
+
+Notifier messages from ksmd and the fault handler are applied to the named
+secondary MMU and acknowledged at once; the event loop never blocks, so an ack
+is never held up by this process waiting for a lock (DESIGN.md, "Locks").
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import errno
+import logging
+import random
+import socket
+import time
+
+import numpy as np
+
+from proto.channel import Channel, ChannelClosed, abstract_connect
+from proto.layout import (FRAME_KSM, MMF_VM_MERGEABLE, MMH_FLAGS, PAGE_SHIFT, PAGE_SIZE, PTE_PRESENT,
+                          PTE_SPECIAL, PTE_WRITE, PTE_YOUNG, SUB_ACTIVE, SUB_CHANGE_PTE, USER_BASE, VM_KSM_IGNORED, VM_MERGEABLE,
+                          VM_READ, VM_WRITE, ZERO_PFN, MAX_VMAS)
+from proto.messages import FAULT_UNSHARE, FAULT_WRITE, Frame, Msg, NOTIFIER_TYPES, call_payload, encode
+from proto import MADV_MERGEABLE, MADV_UNMERGEABLE
+from proto.trace import Tracer
+
+from .actor import RunMemory, actor_args, setup
+from .faultd import lock_ptl
+from .frames import ksm_zero_pages_add
+
+log = logging.getLogger("ksm_proto.vm")
+U64 = np.uint64
+FAULT_BATCH = 4096
+OK, NEED_PRIMARY, WAIT = 0, 1, 2
+LOG_LEN = 4096
+
+
+class SecondaryMMU:
+    """A shadow page table: sptes, invalidate sequence/in-progress count, message counts."""
+
+    def __init__(self, sub: int, name: str, npages: int, has_change_pte: bool):
+        self.sub = sub
+        self.name = name
+        self.has_change_pte = has_change_pte
+        self.spte = np.zeros(npages, dtype=U64)
+        self.seq = 0
+        self.in_progress = 0
+        self.idle = asyncio.Event()
+        self.idle.set()
+        self.released = False
+        self.faults = 0
+        self.msgs = {m.name: 0 for m in NOTIFIER_TYPES}
+        self.log: collections.deque = collections.deque(maxlen=LOG_LEN)   # message types, in order
+
+    def apply(self, f: Frame) -> int:
+        """Apply one notifier message; returns the ack flags (young for CLEAR_YOUNG)."""
+        t = f.type
+        n = f.n
+        name = Msg(t).name
+        self.msgs[name] += n if t not in (Msg.REGISTER, Msg.RELEASE) else 1
+        self.log.append(name)
+        idx = ((f.entries[:, 0].astype(np.int64) - USER_BASE) >> PAGE_SHIFT) if n else None
+        if idx is not None and (idx.min() < 0 or idx.max() >= len(self.spte)):
+            raise ValueError(f"{Msg(t).name} for an address outside the mm")
+        if t == Msg.START:
+            self.in_progress += 1
+            self.idle.clear()
+            self.spte[idx] = 0
+        elif t == Msg.END:
+            if self.in_progress <= 0:
+                raise ValueError("END without START")
+            self.in_progress -= 1
+            self.seq += 1
+            if not self.in_progress:
+                self.idle.set()
+        elif t == Msg.CHANGE_PTE:
+            # like kvm_set_spte_hva: only translations that exist are changed, in place
+            live = self.spte[idx] != 0
+            self.spte[idx[live]] = f.entries[live, 1]
+            self.seq += 1
+        elif t == Msg.INVALIDATE_PAGE:
+            self.spte[idx] = 0
+            self.seq += 1
+        elif t == Msg.CLEAR_YOUNG:
+            young = bool((self.spte[idx] & U64(PTE_YOUNG)).any())
+            self.spte[idx] &= ~U64(PTE_YOUNG)
+            return int(young)
+        elif t == Msg.RELEASE:
+            self.release()
+        return 0
+
+    def release(self) -> None:
+        self.released = True
+        self.spte[:] = 0
+        self.in_progress = 0
+        self.idle.set()
+
+
+class VMWorker:
+    def __init__(self, args):
+        self.args = args
+        self.name = f"vm:{args.name}"
+        self.mem = RunMemory(args.run)
+        self.mm, self.ptl = self.mem.attach_mm(args.mm)
+        self.mm_id = args.mm
+        self.tr = Tracer.open(args.trace, self.name)
+        self.memory = memoryview(self.mem.mem)   # all frames, as bytes
+        self.kvm = SecondaryMMU(0, "kvm", self.mm.npages, True)
+        self.subs: dict[int, SecondaryMMU] = {0: self.kvm}
+        if args.device:
+            self.subs[1] = SecondaryMMU(1, "dev", self.mm.npages, False)
+        self.cow_faults = 0
+        self.primary_faults = 0
+        self.cow_ns: list[int] = []
+        self.fault_ch: Channel | None = None
+        self.ksmd_ch: Channel | None = None
+        self.writers: dict[int, dict] = {}
+        self.exiting = False
+
+    # ------------------------------------------------------------------ notifier side
+    def on_notify(self, ch: Channel, f: Frame) -> None:
+        if f.type not in NOTIFIER_TYPES:
+            log.error("%s: unexpected %s on a notifier channel", self.name, Msg(f.type).name)
+            return
+        peer = "ksmd" if ch is self.ksmd_ch else "faultd"
+        if self.tr:
+            self.tr.recv(peer, Msg(f.type).name, self.mm_id, f.sub, f.addr, f.n, 0,
+                         int(f.entries[0, 1]) if f.n else 0, f.corr)
+        sub = self.subs.get(f.sub)
+        flags = 0
+        if sub is None:
+            log.error("%s: %s for unknown secondary MMU %d", self.name, Msg(f.type).name, f.sub)
+        else:
+            flags = sub.apply(f)
+        if self.tr:
+            self.tr.send(peer, "ACK", self.mm_id, f.sub, f.addr, 0, 0, 0, f.corr)
+        ch.send(encode(Msg.ACK, sub=f.sub, flags=flags, mm=self.mm_id, corr=f.corr))
+
+    # ------------------------------------------------------------------ memory access
+    def secondary_fault(self, sub: SecondaryMMU, i: int, write: bool) -> int:
+        """Install a translation from the primary PTE, read without its lock (KVM's scheme)."""
+        if sub.in_progress:
+            return WAIT
+        seq = sub.seq
+        pte = int(self.mm.pte[i])
+        if not pte & PTE_PRESENT or (write and not pte & PTE_WRITE):
+            return NEED_PRIMARY
+        if sub.in_progress or sub.seq != seq:   # an invalidation ran meanwhile: retry
+            return WAIT
+        sub.spte[i] = pte
+        sub.faults += 1
+        return OK
+
+    async def primary_fault(self, first: int, last: int, write: bool, flags: int = 0) -> None:
+        """Send the pages in [first, last] that the primary PTEs cannot serve to the fault handler."""
+        pte = self.mm.pte[first:last + 1]
+        need = (pte & U64(PTE_PRESENT)) == 0
+        cow = np.zeros_like(need)
+        if write:
+            cow = ~need & ((pte & U64(PTE_WRITE)) == 0)
+            need = need | cow
+        idx = np.flatnonzero(need)[:FAULT_BATCH] + first
+        if not len(idx):
+            return   # raced with another fault that already fixed them: just retry
+        ncow = int(cow[idx - first].sum())
+        await self.fault_call(idx, (FAULT_WRITE if write else 0) | flags, ncow)
+
+    async def fault_call(self, idx: np.ndarray, flags: int, ncow: int = 0) -> None:
+        entries = np.zeros((len(idx), 2), dtype=U64)
+        entries[:, 0] = (USER_BASE + (idx.astype(np.int64) << PAGE_SHIFT)).astype(U64)
+        corr = Channel.next_corr()
+        addr0 = int(entries[0, 0])
+        t0 = time.monotonic_ns()
+        if self.tr:
+            self.tr.send("faultd", "FAULT", self.mm_id, -1, addr0, len(idx), 0, 0, corr)
+        try:
+            rep = await self.fault_ch.call(corr, encode(Msg.FAULT, flags=flags, mm=self.mm_id, corr=corr,
+                                                         addr=addr0, entries=entries),
+                                           self.args.ack_timeout * 4)
+        except (asyncio.TimeoutError, ChannelClosed) as e:
+            raise OSError(errno.EFAULT, f"fault handler did not answer: {e!r}") from None
+        t1 = time.monotonic_ns()
+        if self.tr:
+            self.tr.recv("faultd", "FAULT_REPLY", self.mm_id, -1, addr0, len(idx), 0, 0, corr)
+            if ncow:
+                self.tr.span("cow_fault", t0, t1, mm=self.mm_id, pages=ncow)
+        self.primary_faults += 1
+        if ncow:
+            self.cow_faults += ncow
+            if len(self.cow_ns) < 200_000:
+                self.cow_ns.append((t1 - t0) // ncow)
+        if rep.flags:
+            raise OSError(rep.flags, rep.json().get("error") or errno.errorcode.get(rep.flags, "fault failed"))
+
+    async def access(self, addr: int, length: int, write: bool, data=None, sub: SecondaryMMU | None = None):
+        """Read or write guest memory through a secondary MMU, faulting as needed."""
+        sub = sub or self.kvm
+        if sub.released:
+            raise OSError(errno.EFAULT, f"secondary MMU {sub.name} of {self.name} was released")
+        if length < 0 or addr < USER_BASE or addr + length > USER_BASE + len(sub.spte) * PAGE_SIZE:
+            raise OSError(errno.EFAULT, f"access {addr:#x}+{length} outside the address space")
+        out = None if write else bytearray(length)
+        mem = self.memory
+        spte = sub.spte
+        need = PTE_PRESENT | (PTE_WRITE if write else 0)
+        pos = 0
+        i = (addr - USER_BASE) >> PAGE_SHIFT
+        off = (addr - USER_BASE) & (PAGE_SIZE - 1)
+        last = (addr + length - 1 - USER_BASE) >> PAGE_SHIFT
+        while pos < length:
+            chunk = min(PAGE_SIZE - off, length - pos)
+            s = int(spte[i])
+            if s & need == need:
+                if not s & PTE_YOUNG:        # the accessed bit, as the MMU sets it
+                    spte[i] = s | PTE_YOUNG
+                base = (s >> PAGE_SHIFT) * PAGE_SIZE + off
+                if write:
+                    mem[base:base + chunk] = data[pos:pos + chunk]
+                else:
+                    out[pos:pos + chunk] = mem[base:base + chunk]
+                pos += chunk
+                i += 1
+                off = 0
+                continue
+            r = self.secondary_fault(sub, i, write)
+            if r == OK:
+                continue
+            if r == WAIT:
+                try:
+                    await asyncio.wait_for(sub.idle.wait(), self.args.ack_timeout * 2)
+                except asyncio.TimeoutError:
+                    raise OSError(errno.EAGAIN, f"invalidation on {self.name} never ended") from None
+                continue
+            await self.primary_fault(i, last, write)
+        return out
+
+    # ------------------------------------------------------------------ address space
+    async def take_ptl(self) -> None:
+        await lock_ptl(self.ptl, self.args.ack_timeout * 2)
+
+    async def mmap(self, length: int, vm_flags: int = 0) -> int:
+        if length <= 0:
+            raise OSError(errno.EINVAL, f"mmap length {length} must be positive")
+        npages = (length + PAGE_SIZE - 1) >> PAGE_SHIFT
+        await self.take_ptl()
+        try:
+            vmas = self.mm.vma_list()
+            start = USER_BASE
+            for s, e, _ in vmas:          # first fit, one guard page between areas
+                if start + npages * PAGE_SIZE <= s:
+                    break
+                start = max(start, e + PAGE_SIZE)
+            end = start + npages * PAGE_SIZE
+            if end > USER_BASE + self.mm.npages * PAGE_SIZE:
+                raise OSError(errno.ENOMEM, f"no room for {length} bytes in the address space of {self.name}")
+            self._set_vmas(vmas + [(start, end, VM_READ | VM_WRITE | vm_flags)])
+            return start
+        finally:
+            self.ptl.release()
+
+    def _set_vmas(self, vmas: list[tuple[int, int, int]]) -> None:
+        """Write the VMA table (merging neighbours with equal flags); caller holds ptl."""
+        vmas = sorted(v for v in vmas if v[1] > v[0])
+        merged: list[list[int]] = []
+        for s, e, f in vmas:
+            if merged and merged[-1][1] == s and merged[-1][2] == f:
+                merged[-1][1] = e
+            else:
+                merged.append([s, e, f])
+        if len(merged) > MAX_VMAS:
+            raise OSError(errno.ENOMEM, f"more than {MAX_VMAS} VMAs")
+        table = self.mm.vmas
+        table[:] = 0
+        for k, v in enumerate(merged):
+            table[k] = v
+
+    @staticmethod
+    def _check_range(addr: int, length: int) -> int:
+        if addr & (PAGE_SIZE - 1):
+            raise OSError(errno.EINVAL, f"start address {addr:#x} is not page aligned")
+        if length < 0:
+            raise OSError(errno.EINVAL, f"length {length} is negative")
+        return addr + ((length + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1))
+
+    async def munmap(self, addr: int, length: int) -> None:
+        end = self._check_range(addr, length)
+        if end == addr:
+            raise OSError(errno.EINVAL, "munmap of zero length")
+        await self.take_ptl()
+        try:
+            vmas = []
+            for s, e, f in self.mm.vma_list():
+                if e <= addr or s >= end:
+                    vmas.append((s, e, f))
+                    continue
+                if s < addr:
+                    vmas.append((s, addr, f))
+                if e > end:
+                    vmas.append((end, e, f))
+            i0 = max(0, (addr - USER_BASE) >> PAGE_SHIFT)
+            i1 = min(self.mm.npages, (end - USER_BASE) >> PAGE_SHIFT)
+            pte = self.mm.pte[i0:i1].copy()
+            present = (pte & U64(PTE_PRESENT)) != 0
+            # zap_page_range: our own secondary MMUs drop the range first
+            for sub in self.subs.values():
+                sub.spte[i0:i1] = 0
+                sub.seq += 1
+            self.mm.pte[i0:i1] = 0
+            self._set_vmas(vmas)
+            self.mem.alloc.put((pte[present] >> U64(PAGE_SHIFT)).astype(np.int64))
+            nzero = int((present & ((pte & U64(PTE_SPECIAL)) != 0)).sum())
+            ksm_zero_pages_add(self.mem.frame_lock, self.mem.stats, self.mm_id, -nzero)
+        finally:
+            self.ptl.release()
+
+    async def madvise(self, addr: int, length: int, advice: int) -> None:
+        """ksm_madvise with the kernel's errno rules (see DESIGN.md, KSM semantics)."""
+        if advice not in (MADV_MERGEABLE, MADV_UNMERGEABLE):
+            raise OSError(errno.EINVAL, f"advice {advice} is not MADV_MERGEABLE or MADV_UNMERGEABLE")
+        if not self.args.ksm:
+            raise OSError(errno.EINVAL, "KSM is not enabled in this machine (CONFIG_KSM=n)")
+        end = self._check_range(addr, length)
+        if end == addr:
+            return
+        unmapped = False
+        unshare: list[tuple[int, int]] = []
+        await self.take_ptl()
+        try:
+            vmas = []
+            covered = addr
+            for s, e, f in self.mm.vma_list():
+                if e <= addr or s >= end:
+                    vmas.append((s, e, f))
+                    continue
+                if s > covered:
+                    unmapped = True
+                covered = max(covered, e)
+                lo, hi = max(s, addr), min(e, end)
+                nf = f
+                if not f & VM_KSM_IGNORED:
+                    if advice == MADV_MERGEABLE:
+                        nf = f | VM_MERGEABLE
+                    elif f & VM_MERGEABLE:
+                        nf = f & ~VM_MERGEABLE
+                        unshare.append((lo, hi))
+                vmas += [(s, lo, f), (lo, hi, nf), (hi, e, f)]
+            if covered < end:
+                unmapped = True
+            self._set_vmas(vmas)
+            if advice == MADV_MERGEABLE:
+                self.mm.hdr[MMH_FLAGS] |= MMF_VM_MERGEABLE   # ksm_enter
+        finally:
+            self.ptl.release()
+        for lo, hi in unshare:   # unmerge_ksm_pages: break COW of every merged page
+            await self.unmerge_range(lo, hi)
+        if unmapped:
+            raise OSError(errno.ENOMEM, f"part of [{addr:#x}, {end:#x}) is not mapped (advice applied to the rest)")
+
+    async def unmerge_range(self, lo: int, hi: int) -> None:
+        i0, i1 = (lo - USER_BASE) >> PAGE_SHIFT, (hi - USER_BASE) >> PAGE_SHIFT
+        pfn = (self.mm.pte[i0:i1] >> U64(PAGE_SHIFT)).astype(np.int64)
+        present = (self.mm.pte[i0:i1] & U64(PTE_PRESENT)) != 0
+        ksm = present & (((self.mem.ft.flags[pfn] & FRAME_KSM) != 0) | ((self.mm.pte[i0:i1] & U64(PTE_SPECIAL)) != 0))
+        idx = np.flatnonzero(ksm) + i0
+        for k in range(0, len(idx), FAULT_BATCH):
+            try:
+                await self.fault_call(idx[k:k + FAULT_BATCH], FAULT_UNSHARE)
+            except OSError as e:
+                if e.errno == errno.ENOMEM:
+                    raise OSError(errno.EAGAIN, f"out of memory while unmerging: {e.strerror}") from None
+                raise
+
+    # ------------------------------------------------------------------ workloads
+    async def writer(self, wid: int, addr: int, npages: int, seed: int, count: int, values: int,
+                     period_ms: float) -> None:
+        """Write `count` pages (count 0: until stopped) from a seeded RNG.
+
+        Write k fills page rng.randrange(npages) with the byte rng.randrange(values) + 1 and
+        stamps nothing else, so pages keep becoming identical (merge, COW, re-merge).  The parent
+        replays the same RNG to know every byte, independently of this process.
+        """
+        st = self.writers[wid]
+        rng = random.Random(seed)
+        k = 0
+        try:
+            while not st["stop"] and (count == 0 or k < count):
+                page = rng.randrange(npages)
+                val = rng.randrange(values) + 1
+                await self.access(addr + page * PAGE_SIZE, PAGE_SIZE, True, bytes([val]) * PAGE_SIZE)
+                k += 1
+                st["done"] = k
+                if period_ms:
+                    await asyncio.sleep(period_ms / 1000)
+                elif k % 64 == 0:
+                    await asyncio.sleep(0)
+        except Exception as e:   # reported by writer_stop
+            st["error"] = repr(e)
+
+    # ------------------------------------------------------------------ control
+    def stats(self) -> dict:
+        msgs: dict[str, int] = {}
+        for s in self.subs.values():
+            for k, v in s.msgs.items():
+                msgs[k] = msgs.get(k, 0) + v
+        return {
+            "secondary_faults": sum(s.faults for s in self.subs.values()),
+            "cow_faults": self.cow_faults,
+            "primary_faults": self.primary_faults,
+            "msgs": msgs,
+            "subs": {s.name: {"secondary_faults": s.faults, "msgs": dict(s.msgs), "released": s.released,
+                              "change_pte": s.has_change_pte} for s in self.subs.values()},
+        }
+
+    async def on_call(self, ch: Channel, f: Frame) -> None:
+        try:
+            req = f.json()
+            op = req.get("op")
+            data = b""
+            reply: dict = {}
+            if op == "read":
+                data = bytes(await self.access(int(req["addr"]), int(req["length"]), False))
+            elif op == "dma_read":
+                if 1 not in self.subs:
+                    raise OSError(errno.ENODEV, f"{self.name} has no device secondary MMU")
+                data = bytes(await self.access(int(req["addr"]), int(req["length"]), False, sub=self.subs[1]))
+            elif op == "write":
+                payload = f.data()
+                await self.access(int(req["addr"]), len(payload), True, memoryview(payload))
+            elif op == "mmap":
+                reply["addr"] = await self.mmap(int(req["length"]), int(req.get("vm_flags", 0)))
+            elif op == "munmap":
+                await self.munmap(int(req["addr"]), int(req["length"]))
+            elif op == "madvise":
+                await self.madvise(int(req["addr"]), int(req["length"]), int(req["advice"]))
+            elif op == "stats":
+                reply = self.stats()
+            elif op == "msg_log":
+                reply = {s.name: list(s.log) for s in self.subs.values()}
+                if req.get("clear"):
+                    for s in self.subs.values():
+                        s.log.clear()
+            elif op == "cow_samples":
+                reply["ns"] = self.cow_ns
+                self.cow_ns = []
+            elif op == "writer_start":
+                wid = len(self.writers)
+                self.writers[wid] = {"stop": False, "done": 0, "error": None}
+                self.writers[wid]["task"] = asyncio.get_running_loop().create_task(self.writer(
+                    wid, int(req["addr"]), int(req["npages"]), int(req["seed"]), int(req.get("count", 0)),
+                    int(req.get("values", 4)), float(req.get("period_ms", 0))))
+                reply["id"] = wid
+            elif op == "writer_stop":
+                st = self.writers[int(req["id"])]
+                st["stop"] = True
+                await asyncio.wait_for(st["task"], self.args.ack_timeout * 4)
+                reply = {"done": st["done"], "error": st["error"]}
+            elif op == "unregister":
+                await self.unregister(int(req["sub"]))
+            elif op == "exit":
+                await self.exit_mmap_release()
+                reply["bye"] = True
+            elif op == "ping":
+                pass
+            else:
+                raise OSError(errno.EINVAL, f"unknown vm op {op!r}")
+        except OSError as e:
+            reply, data = {"errno": e.errno or errno.EIO, "error": e.strerror or str(e)}, b""
+        except (KeyError, ValueError, TypeError) as e:
+            reply, data = {"errno": errno.EINVAL, "error": f"bad request: {e!r}"}, b""
+        except asyncio.TimeoutError:
+            reply, data = {"errno": errno.ETIMEDOUT, "error": "timed out"}, b""
+        if not ch.closed:
+            ch.send(encode(Msg.REPLY, corr=f.corr, payload=call_payload(reply, data)))
+        if reply.get("bye"):
+            self.done.set_result(None)
+
+    async def register(self) -> None:
+        """mmu_notifier_register for each secondary MMU of this VM."""
+        await self.take_ptl()
+        try:
+            for s in self.subs.values():
+                self.mm.subs[s.sub, SUB_CHANGE_PTE] = int(s.has_change_pte)
+                self.mm.subs[s.sub, SUB_ACTIVE] = 1
+                s.msgs["REGISTER"] += 1
+                s.log.append("REGISTER")
+                if self.tr:
+                    self.tr.recv(self.name, "REGISTER", self.mm_id, s.sub, 0, 0, 0, 0, 0)
+        finally:
+            self.ptl.release()
+
+    async def unregister(self, sub: int) -> None:
+        """mmu_notifier_unregister: ->release, and no callback is in flight once we hold ptl."""
+        s = self.subs.get(sub)
+        if s is None:
+            raise OSError(errno.ENOENT, f"no secondary MMU {sub} on {self.name}")
+        await self.take_ptl()
+        try:
+            self.mm.subs[sub, SUB_ACTIVE] = 0
+        finally:
+            self.ptl.release()
+        if not s.released:
+            s.msgs["RELEASE"] += 1
+            s.log.append("RELEASE")
+            if self.tr:
+                self.tr.recv(self.name, "RELEASE", self.mm_id, sub, 0, 0, 0, 0, 0)
+            s.release()
+
+    async def exit_mmap_release(self) -> None:
+        """mmu_notifier_release at exit: every secondary MMU is released before frames are freed."""
+        for w in self.writers.values():
+            w["stop"] = True
+        for sub in list(self.subs):
+            if not self.subs[sub].released:
+                await self.unregister(sub)
+
+    async def main(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.done = loop.create_future()
+        run = self.args.run
+
+        def lost(ch):
+            if not self.done.done():
+                self.done.set_result(None)
+
+        _, self.fault_ch = await loop.create_unix_connection(
+            lambda: Channel(f"{self.name}->faultd", self.on_notify), sock=abstract_connect(f"{run}.faultd"))
+        _, self.ksmd_ch = await loop.create_unix_connection(
+            lambda: Channel(f"{self.name}->ksmd", self.on_notify), sock=abstract_connect(f"{run}.ksmd"))
+        for ch in (self.fault_ch, self.ksmd_ch):
+            ch.send(encode(Msg.HELLO, mm=self.mm_id))
+        await self.register()
+        ctl_sock = socket.socket(fileno=self.args.ctl_fd)
+        _, ctl = await loop.create_connection(
+            lambda: Channel(f"{self.name}<-ctl", lambda ch, f: loop.create_task(self.on_call(ch, f)), lost),
+            sock=ctl_sock)
+        ctl.send(encode(Msg.REPLY, corr=0, payload=call_payload({"ready": True})))
+        await self.done
+        if self.tr:
+            self.tr.close()
+
+
+def main() -> None:
+    def extra(p):
+        p.add_argument("--mm", type=int, required=True)
+        p.add_argument("--name", required=True)
+        p.add_argument("--device", action="store_true")
+        p.add_argument("--ksm", type=int, default=1)
+    args = actor_args(extra)
+    setup(f"vm:{args.name}")
+    asyncio.run(VMWorker(args).main())
+
+
+if __name__ == "__main__":
+    main()

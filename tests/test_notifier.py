@@ -50,13 +50,9 @@ def test_exact_messages_for_one_merge_and_one_cow(ksm_machine_factory, mode):
     a.write(xa, b"!")
     la = a.msg_log(clear=True)
     assert la["kvm"] == WITH[mode] and la["dev"] == WITHOUT[mode]
-    assert b.msg_log()["kvm"] == ["REGISTER"] + WITH[mode]       # b heard nothing of a's COW
+    assert b.msg_log() == {"kvm": [], "dev": []}                 # b heard nothing of a's COW
     assert a.read(xa, 2) == b"!" + data[1:2]
     assert b.read(xb, PAGE_SIZE) == data
-    # exit: every secondary MMU is released last
-    log_end = a.msg_log()
-    a.close()
-    assert log_end["kvm"][-1] != "RELEASE"
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -710,11 +710,12 @@ class Ksmd:
             await self.sleep(self.knobs["sleep_millisecs"] / 1000 if self.order else 0.05)
 
     async def sleep(self, seconds: float) -> None:
-        self.wake.clear()
+        """Sleep, or less if a knob was written (during the sleep or the batch before it)."""
         try:
             await asyncio.wait_for(self.wake.wait(), seconds)
         except asyncio.TimeoutError:
             pass
+        self.wake.clear()
 
     async def main(self) -> None:
         loop = asyncio.get_running_loop()

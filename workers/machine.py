@@ -183,6 +183,9 @@ class VM:
         return self._call("writer_start", addr=addr, npages=npages, seed=seed, count=count, values=values,
                           period_ms=period_ms)[0]["id"]
 
+    def writer_peek(self, wid: int) -> dict:
+        return self._call("writer_peek", id=wid)[0]
+
     def writer_stop(self, wid: int) -> dict:
         return self._call("writer_stop", id=wid)[0]
 

@@ -458,6 +458,9 @@ class VMWorker:
                     wid, int(req["addr"]), int(req["npages"]), int(req["seed"]), int(req.get("count", 0)),
                     int(req.get("values", 4)), float(req.get("period_ms", 0))))
                 reply["id"] = wid
+            elif op == "writer_peek":
+                st = self.writers[int(req["id"])]
+                reply = {"done": st["done"], "finished": st["task"].done(), "error": st["error"]}
             elif op == "writer_stop":
                 st = self.writers[int(req["id"])]
                 st["stop"] = True

@@ -52,11 +52,11 @@ def test_first_full_scan_only_records_checksums(ksm_machine):
     vm = m.spawn_vm("a")
     load(vm, [page(1)] * 10)
     m.ksm.set(run=1)
-    s = m.ksm.wait_full_scans(1, 30)
+    s = m.ksm.wait_full_scans(timeout=30, at_least=1)
     assert s["full_scans"] == 1
     assert (s["pages_shared"], s["pages_sharing"], s["pages_volatile"], s["pages_scanned"]) == (0, 0, 10, 10)
     m.ksm.set(sleep_millisecs=60000)                     # a knob write wakes ksmd: the second full scan
-    s = m.ksm.wait_full_scans(1, 30)
+    s = m.ksm.wait_full_scans(timeout=30, at_least=2)
     assert s["full_scans"] == 2
     assert (s["pages_shared"], s["pages_sharing"], s["pages_volatile"], s["pages_scanned"]) == (1, 9, 0, 20)
 

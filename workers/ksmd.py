@@ -31,6 +31,7 @@ import asyncio
 import bisect
 import errno
 import logging
+import os
 import socket
 import time
 
@@ -119,6 +120,7 @@ class Ksmd:
         self.last_prune = time.monotonic()
         self.merges = 0
         self.merge_failures = 0
+        self.scan_errors = 0
 
     # ------------------------------------------------------------------ helpers
     def page(self, pfn: int) -> memoryview:
@@ -363,6 +365,7 @@ class Ksmd:
         use_zero = self.knobs["use_zero_pages"]
         maxs = self.knobs["max_page_sharing"]
         tree, unstable = self.tree, self.unstable
+        filling: dict[int, int] = {}
         for slot, idx, pfn, keys in plan_in:
             if use_zero:
                 z = keys == ZERO_KEY
@@ -383,10 +386,14 @@ class Ksmd:
                 slot.items.flags[idx[simple]] |= np.uint8(UNSTABLE)
                 self.c["pages_unshared"] += int(simple.sum())
             for j in np.flatnonzero(busy).tolist():
+                count, live = tree.count, tree.live       # (re-read: the arrays grow)
                 tk, i, p = int(tkeys[j]), int(idx[j]), int(pfn[j])
-                d = tree.candidate(tk, maxs, self.node_alive)
+                d = filling.get(tk, -1)      # the dup this batch is filling is still the first with room
+                if d < 0 or not live[d] or count[d] >= maxs:
+                    d = tree.candidate(tk, maxs, self.node_alive)
                 if d >= 0:
-                    tree.count[d] += 1
+                    count[d] += 1
+                    filling[tk] = d
                     ops.append(Op("stable", slot, i, p, d))
                     continue
                 t = int(unstable.get(tk))
@@ -400,6 +407,7 @@ class Ksmd:
                         self.c["pages_unshared"] -= 1
                         d = tree.insert(tk)
                         tree.count[d] = 2
+                        filling[tk] = d
                         ops.append(Op("pair", slot, i, p, d, ts, ti, tpte >> PAGE_SHIFT))
                         continue
                 unstable.put(tk, (slot.id << GID_SHIFT) | i)
@@ -524,37 +532,53 @@ class Ksmd:
             ksm_zero_pages_add(self.mem.frame_lock, self.stats, s.id, nz)
 
     def commit(self, ops: list[Op]) -> None:
+        """stable_tree_append for every merge that succeeded; undo the plan of those that failed."""
         tree = self.tree
+        appends: dict[int, tuple[MMSlot, list, list]] = {}
+
+        def add(slot, i, d):
+            a = appends.get(slot.id)
+            if a is None:
+                a = appends[slot.id] = (slot, [], [])
+            a[1].append(i)
+            a[2].append(d)
+
         for op in ops:
             if op.kind == "zero":
                 continue
             if op.kind == "pair":
                 if op.ok:
-                    self.append(op.tslot, np.array([op.tidx]), op.d)
-                    self.append(op.slot, np.array([op.idx]), op.d)
+                    add(op.tslot, op.tidx, op.d)
+                    add(op.slot, op.idx, op.d)
                     self.c["pages_shared"] += 1
                     self.c["pages_sharing"] += 1
                     self.merges += 2
-                else:
-                    self.merge_failures += 1
-                    if tree.live[op.d]:
-                        tree.release(op.d)
-                    ts, ti = op.tslot, op.tidx
-                    if ts.alive and ts.items.flags[ti] & HAS:    # the tree page stays in the unstable tree
-                        tk = int(self.tree_keys(np.array([ts.items.cs[ti]]), ts.node)[0])
-                        if self.unstable.get(tk) < 0:
-                            self.unstable.put(tk, (ts.id << GID_SHIFT) | ti)
-                            ts.items.flags[ti] |= np.uint8(UNSTABLE)
-                            self.c["pages_unshared"] += 1
+                    continue
+                self.merge_failures += 1
+                if tree.live[op.d]:
+                    tree.release(op.d)
+                ts, ti = op.tslot, op.tidx
+                if ts.alive and ts.items.flags[ti] & HAS:    # the tree page stays in the unstable tree
+                    tk = int(self.tree_keys(np.array([ts.items.cs[ti]]), ts.node)[0])
+                    if self.unstable.get(tk) < 0:
+                        self.unstable.put(tk, (ts.id << GID_SHIFT) | ti)
+                        ts.items.flags[ti] |= np.uint8(UNSTABLE)
+                        self.c["pages_unshared"] += 1
+            elif op.ok and tree.live[op.d]:
+                add(op.slot, op.idx, op.d)
+                self.c["pages_sharing"] += 1
+                self.merges += 1
             else:
-                if op.ok and tree.live[op.d]:
-                    self.append(op.slot, np.array([op.idx]), op.d)
-                    self.c["pages_sharing"] += 1
-                    self.merges += 1
-                else:
-                    self.merge_failures += 1
-                    if tree.live[op.d]:
-                        tree.count[op.d] -= 1
+                self.merge_failures += 1
+                if tree.live[op.d]:
+                    tree.count[op.d] -= 1
+        for slot, idx, ds in appends.values():
+            if slot.alive:
+                it = slot.items
+                idx = np.array(idx, dtype=np.int64)
+                it.flags[idx] |= np.uint8(STABLE)
+                it.sn[idx] = ds
+                it.merging += len(idx)
 
     # ------------------------------------------------------------------ unmerge (run = 2), mm exit
     async def unmerge_all(self) -> None:
@@ -681,7 +705,7 @@ class Ksmd:
                     self.mm_exit(int(req["mm"]))
                 elif op == "info":
                     reply = {"metadata_bytes": self.metadata_bytes(), "merges": self.merges,
-                             "merge_failures": self.merge_failures, "slots": len(self.slots),
+                             "merge_failures": self.merge_failures, "scan_errors": self.scan_errors, "slots": len(self.slots),
                              "tree_bytes": self.tree.nbytes, "unstable_bytes": self.unstable.nbytes,
                              "rmap_bytes": sum(s.items.nbytes for s in self.slots.values())}
                 elif op == "ping":
@@ -701,8 +725,13 @@ class Ksmd:
                 continue
             budget = self.knobs["pages_to_scan"]
             while budget > 0 and self.knobs["run"] == 1:
-                async with self.batch_lock:
-                    n, ended = await self.ksm_do_scan(min(budget, BATCH))
+                try:
+                    async with self.batch_lock:
+                        n, ended = await self.ksm_do_scan(min(budget, BATCH))
+                except Exception:      # a bug must not stop ksmd silently: log it, go on scanning
+                    log.exception("ksmd: scan batch failed")
+                    self.scan_errors += 1
+                    break
                 budget -= n
                 if ended or n == 0:
                     break
@@ -739,6 +768,11 @@ class Ksmd:
 def main() -> None:
     setup("ksmd")
     args = actor_args()
+    prof = os.environ.get("KSM_PROTO_PROFILE_KSMD")
+    if prof:      # a developer's aid: cProfile ksmd, dump to this path at exit
+        import cProfile
+        cProfile.runctx("asyncio.run(Ksmd(args).main())", globals(), {"Ksmd": Ksmd, "args": args}, prof)
+        return
     asyncio.run(Ksmd(args).main())
 
 

@@ -225,12 +225,16 @@ class KSMControl:
     def stats(self) -> dict:
         return self.m.stats.counter_dict()
 
-    def wait_full_scans(self, n: int = 1, timeout: float = 30.0) -> dict:
-        """Wait until full_scans has advanced by n; returns the counters. TimeoutError otherwise."""
+    def wait_full_scans(self, n: int = 1, timeout: float = 30.0, at_least: int | None = None) -> dict:
+        """Wait until full_scans has advanced by n (or reached at_least); returns the counters.
+
+        TimeoutError otherwise.
+        """
         i = COUNTERS.index("full_scans")
         start = int(self.m.stats.counters[i])
+        target = start + n if at_least is None else at_least
         deadline = time.monotonic() + timeout
-        while int(self.m.stats.counters[i]) < start + n:
+        while int(self.m.stats.counters[i]) < target:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"full_scans went {start} -> {int(self.m.stats.counters[i])} in {timeout}s, "
                                    f"wanted +{n} (is run=1?)")

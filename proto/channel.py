@@ -90,6 +90,7 @@ class Channel(asyncio.Protocol):
         self.pending: dict[int, asyncio.Future] = {}
         self.bad_frames = 0
         self.closed = False
+        self.corked: list[bytes] | None = None
         self.peer = None          # set by the handler (e.g. the mm id after HELLO)
 
     # transport side
@@ -135,7 +136,20 @@ class Channel(asyncio.Protocol):
     def send(self, data: bytes) -> None:
         if self.closed or self.transport is None:
             raise ChannelClosed(f"{self.name}: channel closed")
-        self.transport.write(data)
+        if self.corked is not None:
+            self.corked.append(data)
+        else:
+            self.transport.write(data)
+
+    def cork(self) -> None:
+        """Hold sends until uncork(): frames sent back to back leave in one write (one wake-up)."""
+        if self.corked is None:
+            self.corked = []
+
+    def uncork(self) -> None:
+        held, self.corked = self.corked, None
+        if held and not self.closed and self.transport is not None:
+            self.transport.write(b"".join(held))
 
     def request(self, corr: int, data: bytes) -> asyncio.Future:
         """Send a frame and return a future for the frame that answers `corr`."""
@@ -149,15 +163,27 @@ class Channel(asyncio.Protocol):
         return fut
 
     async def call(self, corr: int, data: bytes, timeout: float) -> Frame:
+        """Send and wait for the answer to `corr`; asyncio.TimeoutError after `timeout` seconds."""
         fut = self.request(corr, data)
+        timer = expire_after([fut], timeout, f"{self.name}: no answer within {timeout:.1f}s")
         try:
-            return await asyncio.wait_for(fut, timeout)
+            return await fut
         finally:
+            timer.cancel()
             self.pending.pop(corr, None)
 
     def close(self):
         if self.transport is not None:
             self.transport.close()
+
+
+def expire_after(futs: list, timeout: float, why: str) -> asyncio.TimerHandle:
+    """Fail every future still pending after `timeout` (cheaper than asyncio.wait_for per call)."""
+    def expire():
+        for f in futs:
+            if not f.done():
+                f.set_exception(asyncio.TimeoutError(why))
+    return asyncio.get_running_loop().call_later(timeout, expire)
 
 
 def _tname(t: int) -> str:

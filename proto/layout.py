@@ -213,7 +213,7 @@ class MMView:
     def vma_list(self) -> list[tuple[int, int, int]]:
         """Live VMAs as (start, end, flags), sorted by start (end == 0 marks a free slot)."""
         v = self.vmas
-        return sorted((int(s), int(e), int(f)) for s, e, f in v if e)
+        return sorted(map(tuple, v[v[:, 1] != 0].tolist()))
 
 
 class StatsView:

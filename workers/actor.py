@@ -38,7 +38,7 @@ def actor_args(extra=None) -> argparse.Namespace:
     p.add_argument("--ctl-fd", type=int, required=True)
     p.add_argument("--mode", default="change_pte")
     p.add_argument("--trace", default=None)
-    p.add_argument("--ack-timeout", type=float, default=5.0)
+    p.add_argument("--ack-timeout", type=float, default=10.0)
     if extra:
         extra(p)
     return p.parse_args()
@@ -55,6 +55,20 @@ def setup(actor: str) -> None:
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     except ImportError:  # pragma: no cover - uvloop is a dependency
         pass
+
+
+def run_actor(kind: str, main) -> None:
+    """asyncio.run(main()); with KSM_PROTO_PROFILE=DIR (a developer's aid) under cProfile into DIR."""
+    prof = os.environ.get("KSM_PROTO_PROFILE")
+    if not prof:
+        asyncio.run(main())
+        return
+    import cProfile
+    p = cProfile.Profile()
+    try:
+        p.runcall(asyncio.run, main())
+    finally:
+        p.dump_stats(os.path.join(prof, f"{kind}.{os.getpid()}.prof"))
 
 
 class RunMemory:

@@ -33,7 +33,7 @@ from proto.layout import (FRAME_ANON, FRAME_KSM, FRAME_ZERO, PAGE_SHIFT, PTE_DIR
 from proto.messages import FAULT_UNSHARE, FAULT_WRITE, Frame, Msg, call_payload, encode
 from proto.trace import Tracer
 
-from .actor import RunMemory, actor_args, setup
+from .actor import RunMemory, actor_args, run_actor, setup
 from .frames import OutOfFrames, ksm_zero_pages_add
 from .notifier import MMUNotifier
 
@@ -63,7 +63,7 @@ def vma_mask(mm, idx: np.ndarray, need_flags: int = 0) -> np.ndarray:
 
 
 async def copy_pages(mem: RunMemory, notifier, mm, idx: np.ndarray, old: np.ndarray, special: np.ndarray,
-                     writable: bool) -> None:
+                     writable: bool, early=None) -> None:
     """wp_page_copy for a batch: copy each frame, set the PTEs with notification, drop the old frames.
 
     The caller holds the mm's page-table lock.  OutOfFrames leaves everything as it was.
@@ -72,13 +72,13 @@ async def copy_pages(mem: RunMemory, notifier, mm, idx: np.ndarray, old: np.ndar
     mem.pages[new] = mem.pages[old]
     bits = PTE_PRESENT | PTE_DIRTY | PTE_YOUNG | (PTE_WRITE if writable else 0)
     new_ptes = (new.astype(U64) << U64(PAGE_SHIFT)) | U64(bits)
+    ksm_zero_pages_add(mem.frame_lock, mem.stats, mm.id, -int(special.sum()))
     if notifier is None:
         mm.pte[idx] = new_ptes
     else:
         addrs = (USER_BASE + (idx.astype(np.int64) << PAGE_SHIFT)).astype(U64)
-        await notifier.set_ptes_notify(idx, new_ptes, addrs)
+        await notifier.set_ptes_notify(idx, new_ptes, addrs, early)
     mem.alloc.put(old)
-    ksm_zero_pages_add(mem.frame_lock, mem.stats, mm.id, -int(special.sum()))
 
 
 class MMState:
@@ -125,23 +125,34 @@ class FaultHandler:
             st.notifier.ch = None
 
     async def fault(self, ch: Channel, f: Frame) -> None:
-        err, msg = 0, ""
+        replied = False
+
+        def reply(err: int = 0, msg: str = "") -> None:
+            """FAULT_REPLY, once: as soon as the new PTEs are set and their notifications sent."""
+            nonlocal replied
+            if replied:
+                return
+            replied = True
+            if self.tr:
+                self.tr.send(f"vm:{f.mm}", "FAULT_REPLY", f.mm, -1, f.addr, f.n, 0, 0, f.corr)
+            if not ch.closed:
+                ch.send(encode(Msg.FAULT_REPLY, flags=err, mm=f.mm, corr=f.corr, addr=f.addr,
+                               payload=call_payload({"error": msg}) if err else b""))
+
         try:
             st = self.mms[f.mm]
-            await self.handle_mm_fault(st, f.entries[:, 0], f.flags)
+            await self.handle_mm_fault(st, f.entries[:, 0], f.flags, reply)
+            reply()
         except OSError as e:
-            err, msg = e.errno or errno.EIO, str(e)
+            reply(e.errno or errno.EIO, str(e))
         except TimeoutError as e:
-            err, msg = errno.EAGAIN, str(e)
+            reply(errno.EAGAIN, str(e))
         except KeyError:
-            err, msg = errno.EFAULT, f"unknown mm {f.mm}"
-        if self.tr:
-            self.tr.send(f"vm:{f.mm}", "FAULT_REPLY", f.mm, -1, f.addr, f.n, 0, 0, f.corr)
-        if not ch.closed:
-            ch.send(encode(Msg.FAULT_REPLY, flags=err, mm=f.mm, corr=f.corr, addr=f.addr,
-                           payload=call_payload({"error": msg}) if err else b""))
+            reply(errno.EFAULT, f"unknown mm {f.mm}")
 
-    async def handle_mm_fault(self, st: MMState, addrs: np.ndarray, flags: int) -> None:
+    async def handle_mm_fault(self, st: MMState, addrs: np.ndarray, flags: int, early=None) -> None:
+        if len(addrs) == 1:
+            return await self.fault_one(st, int(addrs[0]), flags, early)
         mm = st.mm
         idx = ((addrs.astype(np.int64) - USER_BASE) >> PAGE_SHIFT)
         if len(idx) and (idx.min() < 0 or idx.max() >= mm.npages):
@@ -160,11 +171,63 @@ class FaultHandler:
             present = (pte & U64(PTE_PRESENT)) != 0
             self.do_anonymous_page(mm, idx[~present], write)
             if write or unshare:
-                await self.do_wp_page(st, idx[present], pte[present], write)
+                await self.do_wp_page(st, idx[present], pte[present], write, early)
         finally:
             st.ptl.release()
         if self.tr:
             self.tr.span("handle_mm_fault", t0, time.monotonic_ns(), mm=mm.id, pages=len(idx), write=int(flags & 1))
+
+    async def fault_one(self, st: MMState, addr: int, flags: int, early) -> None:
+        """handle_mm_fault for one page: the same steps as the batch path, in scalar code (latency)."""
+        mm = st.mm
+        i = (addr - USER_BASE) >> PAGE_SHIFT
+        if not 0 <= i < mm.npages:
+            raise OSError(errno.EFAULT, f"fault address outside the address space of mm {mm.id}")
+        self.faults += 1
+        if not st.ptl.try_acquire():
+            await lock_ptl(st.ptl, self.args.ack_timeout * 2)
+        try:
+            if not any(s <= addr < e for s, e, _ in mm.vma_list()):
+                raise OSError(errno.EFAULT, f"segfault: {addr:#x} is not in any VMA of mm {mm.id}")
+            write = flags & FAULT_WRITE
+            pte = int(mm.pte[i])
+            if not pte & PTE_PRESENT:                       # do_anonymous_page
+                if write:
+                    pfn = self.alloc.alloc_one(FRAME_ANON)
+                    self.mem.pages[pfn] = 0
+                    mm.pte[i] = (pfn << PAGE_SHIFT) | PTE_PRESENT | PTE_WRITE | PTE_DIRTY | PTE_YOUNG
+                else:
+                    mm.pte[i] = (ZERO_PFN << PAGE_SHIFT) | PTE_PRESENT | PTE_YOUNG
+                return
+            if not write and not flags & FAULT_UNSHARE:
+                return
+            pfn = pte >> PAGE_SHIFT
+            special = pte & PTE_SPECIAL
+            shared = (int(self.ft.flags[pfn]) & (FRAME_KSM | FRAME_ZERO)) or special
+            if write:
+                if pte & PTE_WRITE:
+                    return
+                if not shared and int(self.ft.mapcount[pfn]) == 1:   # wp_page_reuse
+                    mm.pte[i] = pte | PTE_WRITE | PTE_DIRTY | PTE_YOUNG
+                    self.reuses += 1
+                    return
+            elif not shared:
+                return
+            new = self.alloc.alloc_one(FRAME_ANON)               # wp_page_copy
+            pages = self.mem.pages
+            pages[new] = pages[pfn]
+            new_pte = (new << PAGE_SHIFT) | PTE_PRESENT | PTE_DIRTY | PTE_YOUNG | (PTE_WRITE if write else 0)
+            if special:     # counted as the PTE changes, before the faulting VM hears back
+                ksm_zero_pages_add(self.mem.frame_lock, self.mem.stats, mm.id, -1)
+            if st.notifier is None:
+                mm.pte[i] = new_pte
+            else:
+                await st.notifier.set_ptes_notify(np.array([i]), np.array([new_pte], dtype=U64),
+                                                  np.array([addr], dtype=U64), early)
+            self.alloc.put_one(pfn)
+            self.cow_copies += 1
+        finally:
+            st.ptl.release()
 
     def do_anonymous_page(self, mm, idx: np.ndarray, write: bool) -> None:
         if not len(idx):
@@ -175,7 +238,7 @@ class FaultHandler:
         else:
             mm.pte[idx] = U64((ZERO_PFN << PAGE_SHIFT) | PTE_PRESENT | PTE_YOUNG)
 
-    async def do_wp_page(self, st: MMState, idx: np.ndarray, pte: np.ndarray, write: bool) -> None:
+    async def do_wp_page(self, st: MMState, idx: np.ndarray, pte: np.ndarray, write: bool, early=None) -> None:
         """Break COW (write) or unshare KSM pages (no write) for present pages."""
         if not len(idx):
             return
@@ -197,7 +260,7 @@ class FaultHandler:
             return
         c_idx = idx[copy]
         special = (pte[copy] & U64(PTE_SPECIAL)) != 0
-        await copy_pages(self.mem, st.notifier, st.mm, c_idx, pfn[copy], special, write)
+        await copy_pages(self.mem, st.notifier, st.mm, c_idx, pfn[copy], special, write, early)
         self.cow_copies += len(c_idx)
 
     async def page_referenced(self, mm_id: int, addr: int, npages: int) -> int:
@@ -264,7 +327,7 @@ class FaultHandler:
 def main() -> None:
     setup("faultd")
     args = actor_args()
-    asyncio.run(FaultHandler(args).main())
+    run_actor("faultd", FaultHandler(args).main)
 
 
 if __name__ == "__main__":

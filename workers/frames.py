@@ -135,6 +135,34 @@ class FrameAllocator:
             self.pages[pfns] = 0
         return pfns
 
+    def alloc_one(self, flags: int = FRAME_ANON) -> int:
+        """One new frame (mapcount 1), not zeroed: the single-page fault path, without numpy batches."""
+        ft = self.ft
+        with self.lock:
+            top = int(ft.hdr[FTH_FREE_TOP])
+            if top < 1:
+                raise OutOfFrames(1, 0)
+            pfn = int(ft.free_stack[top - 1])
+            ft.hdr[FTH_FREE_TOP] = top - 1
+            ft.mapcount[pfn] = 1
+            ft.flags[pfn] = flags
+        return pfn
+
+    def put_one(self, pfn: int) -> None:
+        if pfn == ZERO_PFN:
+            return
+        ft = self.ft
+        with self.lock:
+            c = int(ft.mapcount[pfn]) - 1
+            if c > 0:
+                ft.mapcount[pfn] = c
+                return
+            ft.mapcount[pfn] = 0
+            ft.flags[pfn] = FRAME_FREE
+            top = int(ft.hdr[FTH_FREE_TOP])
+            ft.free_stack[top] = pfn
+            ft.hdr[FTH_FREE_TOP] = top + 1
+
     def put(self, pfns: np.ndarray) -> int:
         """Drop one mapping of each frame; frames reaching mapcount 0 are freed. Returns how many."""
         pfns = np.asarray(pfns, dtype=np.int64)

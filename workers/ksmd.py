@@ -31,7 +31,6 @@ import asyncio
 import bisect
 import errno
 import logging
-import os
 import socket
 import time
 
@@ -46,7 +45,7 @@ from proto.layout import (COUNTERS, FRAME_ANON, FRAME_KSM, KNOBS, MM_STATS, MMF_
 from proto.messages import Frame, Msg, call_payload, encode
 from proto.trace import Tracer
 
-from .actor import RunMemory, actor_args, setup
+from .actor import RunMemory, actor_args, run_actor, setup
 from .faultd import copy_pages, lock_ptl
 from .frames import OutOfFrames, ksm_zero_pages_add
 from .hashtab import HashIndex
@@ -768,12 +767,7 @@ class Ksmd:
 def main() -> None:
     setup("ksmd")
     args = actor_args()
-    prof = os.environ.get("KSM_PROTO_PROFILE_KSMD")
-    if prof:      # a developer's aid: cProfile ksmd, dump to this path at exit
-        import cProfile
-        cProfile.runctx("asyncio.run(Ksmd(args).main())", globals(), {"Ksmd": Ksmd, "args": args}, prof)
-        return
-    asyncio.run(Ksmd(args).main())
+    run_actor("ksmd", Ksmd(args).main)
 
 
 if __name__ == "__main__":

@@ -261,7 +261,7 @@ class Machine:
     """A run of ksm-proto: shared memory, ksmd, the fault handler and VM workers."""
 
     def __init__(self, frames: int = 65536, notifier_mode: str = "change_pte", trace: str | None = None,
-                 ksm_enabled: bool = True, ack_timeout: float = 5.0, call_timeout: float = 60.0,
+                 ksm_enabled: bool = True, ack_timeout: float = 10.0, call_timeout: float = 60.0,
                  knobs: dict | None = None, nodes: int = 1):
         if notifier_mode not in MODES:
             raise ValueError(f"notifier_mode {notifier_mode!r} is not one of {', '.join(MODES)}")

@@ -22,6 +22,7 @@ import logging
 import numpy as np
 
 from proto.layout import MMH_RELEASED, SUB_ACTIVE, SUB_CHANGE_PTE, MMView
+from proto.channel import expire_after
 from proto.messages import Msg, encode
 
 log = logging.getLogger("ksm_proto.notifier")
@@ -47,34 +48,48 @@ class MMUNotifier:
         self.sent = {m: 0 for m in (Msg.START, Msg.END, Msg.CHANGE_PTE, Msg.INVALIDATE_PAGE, Msg.CLEAR_YOUNG)}
 
     def subscribers(self) -> list[tuple[int, bool]]:
-        subs = self.mm.subs
-        return [(s, bool(subs[s, SUB_CHANGE_PTE])) for s in range(len(subs)) if subs[s, SUB_ACTIVE]]
+        return [(s, bool(row[SUB_CHANGE_PTE])) for s, row in enumerate(self.mm.subs.tolist()) if row[SUB_ACTIVE]]
 
-    async def _broadcast(self, type: Msg, entries: np.ndarray, subs: list[int]) -> list:
+    def _send(self, type: Msg, entries: np.ndarray, subs: list[int]) -> list:
+        """Send one frame per subscriber; returns what _wait needs."""
         if not subs or self.ch is None or self.ch.closed:
             return []
-        futs = []
+        sent = []
         addr0 = int(entries[0, 0]) if len(entries) else 0
         for s in subs:
             corr = self.ch.next_corr()
             if self.tr:
                 self.tr.send(self.peer, type.name, self.mm_id, s, addr0, len(entries), 0,
                              int(entries[0, 1]) if len(entries) else 0, corr)
-            futs.append((s, corr, self.ch.request(corr, encode(type, sub=s, mm=self.mm_id, corr=corr,
-                                                                addr=addr0, entries=entries))))
+            sent.append((type, s, corr, addr0, self.ch.request(corr, encode(type, sub=s, mm=self.mm_id, corr=corr,
+                                                                           addr=addr0, entries=entries))))
         self.sent[type] += len(entries) * len(subs)
-        done, pending = await asyncio.wait([f for _, _, f in futs], timeout=self.timeout)
+        return sent
+
+    async def _wait(self, sent: list) -> list:
+        """Wait for the acks of frames sent; a subscriber that does not answer in time is released."""
+        if not sent:
+            return []
+        timer = expire_after([f for *_, f in sent], self.timeout, "no ack")
         acks = []
-        for s, corr, f in futs:
-            if f in done and not f.exception():
-                ack = f.result()
+        try:
+            for type, s, corr, addr0, f in sent:
+                try:
+                    ack = await f
+                except (asyncio.TimeoutError, ConnectionError):
+                    if self.ch is not None:
+                        self.ch.pending.pop(corr, None)
+                    self.release(s, f"no ack to {type.name} within {self.timeout:.1f}s")
+                    continue
                 if self.tr:
                     self.tr.recv(self.peer, "ACK", self.mm_id, s, addr0, 0, 0, 0, corr)
                 acks.append(ack)
-            else:
-                self.ch.pending.pop(corr, None)
-                self.release(s, f"no ack to {type.name} within {self.timeout:.1f}s")
+        finally:
+            timer.cancel()
         return acks
+
+    async def _broadcast(self, type: Msg, entries: np.ndarray, subs: list[int]) -> list:
+        return await self._wait(self._send(type, entries, subs))
 
     def release(self, sub: int, why: str) -> None:
         """Unregister a subscriber that stopped answering (the mm's other subscribers go on)."""
@@ -99,20 +114,37 @@ class MMUNotifier:
         acks = await self._broadcast(Msg.CLEAR_YOUNG, entries, [s for s, _ in self.subscribers()])
         return any(a.flags for a in acks)
 
-    async def set_ptes_notify(self, idx: np.ndarray, new_ptes: np.ndarray, addrs: np.ndarray) -> None:
+    async def set_ptes_notify(self, idx: np.ndarray, new_ptes: np.ndarray, addrs: np.ndarray,
+                              early=None) -> None:
         """Set mm.pte[idx] = new_ptes and tell every secondary MMU, in this Machine's mode.
 
-        The caller holds the mm's page-table lock.
+        The caller holds the mm's page-table lock and keeps it until this returns (all acks
+        in).  `early`, if given, is called once the last notification is on its way, before
+        the acks: the fault handler sends its FAULT_REPLY there, which reaches the faulting
+        VM after the notifications on the same channel.
         """
         entries = np.empty((len(idx), 2), dtype=np.uint64)
         entries[:, 0] = addrs
         entries[:, 1] = new_ptes
-        if self.mode == "change_pte":
+        subs = self.subscribers()
+        with_cp = [s for s, c in subs if c]
+        if self.mode != "change_pte":
+            await self._broadcast(Msg.START, entries, [s for s, _ in subs])
+            subs = self.subscribers()
+        ch = self.ch
+        if ch is not None:
+            ch.cork()
+        try:
             self.mm.pte[idx] = new_ptes
-            await self.change_pte(entries, fallback=True)
-            return
-        await self.invalidate_range_start(entries)
-        self.mm.pte[idx] = new_ptes
-        if self.mode == "wrapped":
-            await self.change_pte(entries, fallback=False)
-        await self.invalidate_range_end(entries)
+            if self.mode == "change_pte":
+                sent = self._send(Msg.CHANGE_PTE, entries, with_cp)
+                sent += self._send(Msg.INVALIDATE_PAGE, entries, [s for s, c in subs if not c])
+            else:
+                sent = self._send(Msg.CHANGE_PTE, entries, with_cp) if self.mode == "wrapped" else []
+                sent += self._send(Msg.END, entries, [s for s, _ in subs])
+            if early is not None:
+                early()
+        finally:
+            if ch is not None:
+                ch.uncork()
+        await self._wait(sent)

@@ -102,11 +102,18 @@ def no_lost_writes(m, nvms: int = 3, pages: int = 64, thread_writes: int = 300, 
     elapsed = time.monotonic() - t0
     after = m.ksm.stats()
     mismatched_pages = 0
+    examples = []
     for vm, a, rec in zip(vms, addrs, records):
         got = vm.read(a, pages * PAGE_SIZE)
         for p in range(pages):
-            if got[p * PAGE_SIZE:(p + 1) * PAGE_SIZE] != rec[p * PAGE_SIZE:(p + 1) * PAGE_SIZE]:
+            g, want = got[p * PAGE_SIZE:(p + 1) * PAGE_SIZE], rec[p * PAGE_SIZE:(p + 1) * PAGE_SIZE]
+            if g != want:
                 mismatched_pages += 1
+                bad = [k for k in range(PAGE_SIZE) if g[k] != want[k]]
+                if len(examples) < 5:
+                    examples.append(f"{vm.name} page {p} ({'worker' if p >= half else 'thread'} half): "
+                                    f"{len(bad)} bytes differ in [{bad[0]}, {bad[-1]}], "
+                                    f"got {g[bad[0]]} want {want[bad[0]]}")
     vstats = [vm.stats() for vm in vms]
     m.ksm.set(run=0)
     for vm in vms:
@@ -117,6 +124,7 @@ def no_lost_writes(m, nvms: int = 3, pages: int = 64, thread_writes: int = 300, 
         "thread_writes": nvms * thread_writes,
         "worker_writes": sum(worker_done),
         "mismatches": mismatched_pages,
+        "mismatch_examples": examples,
         "seconds": round(elapsed, 3),
         "writes_per_s": round(writes / elapsed, 1) if elapsed else None,
         "cow_faults": sum(v["cow_faults"] for v in vstats),

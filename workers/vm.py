@@ -33,7 +33,7 @@ from proto.messages import FAULT_UNSHARE, FAULT_WRITE, Frame, Msg, NOTIFIER_TYPE
 from proto import MADV_MERGEABLE, MADV_UNMERGEABLE
 from proto.trace import Tracer
 
-from .actor import RunMemory, actor_args, setup
+from .actor import RunMemory, actor_args, run_actor, setup
 from .faultd import lock_ptl
 from .frames import ksm_zero_pages_add
 
@@ -162,6 +162,12 @@ class VMWorker:
 
     async def primary_fault(self, first: int, last: int, write: bool, flags: int = 0) -> None:
         """Send the pages in [first, last] that the primary PTEs cannot serve to the fault handler."""
+        if first == last:      # one page: no numpy batch (this is the COW latency path)
+            pte = int(self.mm.pte[first])
+            if pte & PTE_PRESENT and (not write or pte & PTE_WRITE):
+                return
+            cow = 1 if write and pte & PTE_PRESENT else 0
+            return await self.fault_call(np.array([first]), (FAULT_WRITE if write else 0) | flags, cow)
         pte = self.mm.pte[first:last + 1]
         need = (pte & U64(PTE_PRESENT)) == 0
         cow = np.zeros_like(need)
@@ -186,7 +192,7 @@ class VMWorker:
             rep = await self.fault_ch.call(corr, encode(Msg.FAULT, flags=flags, mm=self.mm_id, corr=corr,
                                                          addr=addr0, entries=entries),
                                            self.args.ack_timeout * 4)
-        except (asyncio.TimeoutError, ChannelClosed) as e:
+        except (asyncio.TimeoutError, ConnectionError) as e:
             raise OSError(errno.EFAULT, f"fault handler did not answer: {e!r}") from None
         t1 = time.monotonic_ns()
         if self.tr:
@@ -204,6 +210,11 @@ class VMWorker:
     async def access(self, addr: int, length: int, write: bool, data=None, sub: SecondaryMMU | None = None):
         """Read or write guest memory through a secondary MMU, faulting as needed."""
         sub = sub or self.kvm
+        if not sub.released and not self.mm.subs[sub.sub, SUB_ACTIVE]:
+            # a notifier gave up waiting for our ack and unregistered us: our translations are stale
+            log.error("%s: secondary MMU %s was released by a notifier; dropping its translations",
+                      self.name, sub.name)
+            sub.release()
         if sub.released:
             raise OSError(errno.EFAULT, f"secondary MMU {sub.name} of {self.name} was released")
         if length < 0 or addr < USER_BASE or addr + length > USER_BASE + len(sub.spte) * PAGE_SIZE:
@@ -559,7 +570,7 @@ def main() -> None:
         p.add_argument("--ksm", type=int, default=1)
     args = actor_args(extra)
     setup(f"vm:{args.name}")
-    asyncio.run(VMWorker(args).main())
+    run_actor("vm", VMWorker(args).main)
 
 
 if __name__ == "__main__":

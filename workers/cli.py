@@ -202,10 +202,10 @@ def cmd_run(a) -> int:
 
 
 def cmd_trace(a) -> int:
-    from . import tracetool
     if not os.path.exists(a.file):
         print(f"ksm-proto: no such trace file: {a.file}", file=sys.stderr)
         return 2
+    from . import tracetool
     try:
         if a.what == "summary":
             print(tracetool.format_summary(tracetool.summary(a.file)))

@@ -1,0 +1,125 @@
+"""The ksm-proto command: scenarios, --json, the demo, and clear errors for bad scenario files."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from proto import PAGE_SIZE
+from workers.machine import SHM_DIR
+from workers.scenario import ScenarioError, parse
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def ksm_proto(*args, timeout=120):
+    return subprocess.run([sys.executable, "-m", "workers.cli", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def shm_runs():
+    return {n for n in os.listdir(SHM_DIR) if "ksmp." in n}
+
+
+def test_run_scenario_json_exact(tmp_path):
+    blob = tmp_path / "blob.bin"
+    blob.write_bytes(os.urandom(3 * PAGE_SIZE) + b"tail")           # 4 pages once zero-padded
+    sc = tmp_path / "s.toml"
+    sc.write_text(f"""
+[ksm]
+max_page_sharing = 256
+use_zero_pages = 0
+smart_scan = 0
+
+[[vm]]
+name = "one"
+  [[vm.region]]
+  source = "file:{blob}"
+  [[vm.region]]
+  source = "zero"
+  pages = 10
+  [[vm.region]]
+  source = "random:7"
+  pages = 3
+  mergeable = false
+
+[[vm]]
+name = "two"
+  [[vm.region]]
+  source = "file:{blob}"
+  [[vm.region]]
+  source = "random:8"
+  pages = 5
+""")
+    before = shm_runs()
+    r = ksm_proto("run", str(sc), "--json", "--until-stable")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)                 # exactly one JSON object
+    k = out["ksm"]
+    # the file's 4 pages are shared by both VMs; 10 zero pages share one KSM page
+    assert (k["pages_shared"], k["pages_sharing"]) == (5, 4 + 9)
+    assert k["pages_unshared"] == 5 and k["pages_volatile"] == 0
+    assert k["stable_node_chains"] == 0 and k["ksm_zero_pages"] == 0
+    assert set(out["vms"]) == {"one", "two"}
+    assert out["vms"]["one"]["ksm_stat"]["ksm_rmap_items"] == 14       # the unmergeable region has none
+    assert out["vms"]["two"]["ksm_stat"]["ksm_merging_pages"] == 4
+    assert out["readback_mismatches"] == 0
+    assert shm_runs() == before
+
+
+@pytest.mark.parametrize("body, field", [
+    ("[[vm]]\nname = 'a'\n", "vm[0].region"),
+    ("[[vm]]\n[[vm.region]]\nsource = 'disk:/x'\npages = 1\n", "vm[0].region[0].source"),
+    ("[[vm]]\n[[vm.region]]\nsource = 'zero'\n", "vm[0].region[0].pages"),
+    ("[[vm]]\n[[vm.region]]\nsource = 'random:x'\npages = 2\n", "vm[0].region[0].source"),
+    ("[[vm]]\n[[vm.region]]\nsource = 'file:/no/such/file'\n", "vm[0].region[0].source"),
+    ("[[vm]]\n[[vm.region]]\nsource = 'zero'\npages = -3\n", "vm[0].region[0].pages"),
+    ("[[vm]]\n[[vm.region]]\nsource = 'zero'\npages = 2\nmergeable = 'yes'\n", "vm[0].region[0].mergeable"),
+    ("[ksm]\nrun = 7\n[[vm]]\n[[vm.region]]\nsource = 'zero'\npages = 2\n", "ksm.run"),
+    ("[ksm]\nmax_page_sharing = 1\n[[vm]]\n[[vm.region]]\npages = 2\n", "ksm.max_page_sharing"),
+    ("[machine]\nnotifier_mode = 'magic'\n[[vm]]\n[[vm.region]]\npages = 2\n", "machine.notifier_mode"),
+    ("[[vm]]\nname = 'a'\n[[vm.region]]\npages = 1\n[[vm]]\nname = 'a'\n[[vm.region]]\npages = 1\n", "vm[1].name"),
+    ("[[vm]]\n[[vm.region]]\npages = 4\nwriter = { pages = 9 }\n", "vm[0].region[0].writer.pages"),
+    ("[[vm]]\ncolour = 'red'\n[[vm.region]]\npages = 1\n", "vm[0].colour"),
+    ("this is = not toml [", "not valid TOML"),
+])
+def test_bad_scenarios_name_the_field(tmp_path, body, field):
+    sc = tmp_path / "bad.toml"
+    sc.write_text(body)
+    r = ksm_proto("run", str(sc), "--json")
+    assert r.returncode == 2
+    assert r.stdout == ""
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and field in lines[0], r.stderr
+
+
+def test_parse_errors_are_scenario_errors():
+    with pytest.raises(ScenarioError, match=r"vm\[0\]\.region\[0\]\.source: unknown kind"):
+        parse({"vm": [{"region": [{"source": "tape:1", "pages": 1}]}]}, "x.toml")
+
+
+def test_demo_runs_and_cleans_up():
+    before = shm_runs()
+    r = ksm_proto("run", "--json", timeout=300)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    k = out["ksm"]
+    assert len(out["vms"]) >= 4
+    assert out["readback_mismatches"] == 0
+    # the same libraries in every VM (each VM: F file pages + 128 random + 128 zero + 32 written):
+    # every file page of VMs 2..4 shares the first VM's copy
+    nvm = len(out["vms"])
+    file_pages = out["pages_loaded"] // nvm - 288
+    assert k["pages_sharing"] >= (nvm - 1) * file_pages
+    assert k["pages_shared"] + k["pages_sharing"] + k["pages_unshared"] + k["pages_volatile"] == \
+        sum(v["ksm_stat"]["ksm_rmap_items"] for v in out["vms"].values())
+    assert sum(v["writers"][0]["done"] for v in out["vms"].values()) > 0
+    assert shm_runs() == before
+
+
+def test_trace_commands_reject_missing_file(tmp_path):
+    r = ksm_proto("trace", "check", str(tmp_path / "nope.json"))
+    assert r.returncode == 2 and "no such trace file" in r.stderr

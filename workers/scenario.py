@@ -270,5 +270,5 @@ def demo(nvms: int = 4) -> Scenario:
         regions.append(Region("zero", 128))
         regions.append(Region("zero", 32, True, Writer(pages=16, period_ms=2.0, values=3, seed=i + 1)))
         vms.append(VMSpec(f"vm{i}", regions))
-    ksm = {"pages_to_scan": 100000, "sleep_millisecs": 0}
+    ksm = {"pages_to_scan": 1000, "sleep_millisecs": 20}     # slow enough to watch the counters climb
     return Scenario("demo", vms, ksm)

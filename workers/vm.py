@@ -242,8 +242,13 @@ class VMWorker:
                 i += 1
                 off = 0
                 continue
+            if self.tr:
+                t0 = time.monotonic_ns()
             r = self.secondary_fault(sub, i, write)
             if r == OK:
+                if self.tr:
+                    self.tr.span("secondary_fault", t0, time.monotonic_ns(), mm=self.mm_id, sub=sub.sub,
+                                 addr=USER_BASE + (i << PAGE_SHIFT))
                 continue
             if r == WAIT:
                 try:

@@ -1,0 +1,468 @@
+"""make bench: ksm-proto beside its anchors, measured in one run, reported as ratios.
+
+    ksm-proto bench [--quick] [--cores N] [--out DIR] [--gib G] [--stress-writes W] [--only PART ...]
+
+Parts (each measured beside its anchor in the same run):
+  scan     scanner pages/s and time to merge ~1 GiB of 4x duplicates and of unique pages,
+           beside the kernel's ksmd on the same bytes (pages_to_scan 100000, sleep 0)
+  cow      COW fault round trip p50/p99 (inside the VM), beside a pipe ping-pong between two
+           processes and the kernel's own COW of a KSM page
+  modes    after merging N mapped pages: re-read time, secondary faults and messages per page
+  scaling  1, 2, 4 ... --cores VM workers doing COW-heavy work with ksmd running
+  trace    the same workload with tracing on beside off
+  stress   the no-lost-writes stress at full size (>= 1M writes by default)
+
+Results: bench/results/latest.json, a dated copy named after the host, latest.md (the
+table printed at the end) and PNG plots.  Where /sys/kernel/mm/ksm is not writable the
+kernel columns say why they are empty; every kernel knob is restored and run left at 0.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import socket
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from proto import MADV_MERGEABLE, PAGE_SIZE  # noqa: E402
+from workers import kernel_ksm  # noqa: E402
+from workers.machine import Machine  # noqa: E402
+from workers.stress import no_lost_writes  # noqa: E402
+
+PARTS = ("scan", "cow", "modes", "scaling", "trace", "stress")
+MODES = ("change_pte", "wrapped", "invalidate")
+
+
+def pct(a, q) -> float:
+    return float(np.percentile(np.asarray(a, dtype=np.float64), q)) if len(a) else float("nan")
+
+
+def machine_info() -> dict:
+    cpu = "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {"host": socket.gethostname(), "cores": os.cpu_count(), "cpu": cpu, "kernel": platform.release(),
+            "python": platform.python_version()}
+
+
+# ---------------------------------------------------------------------------- contents
+def dup_pages(npages: int, dup: int, seed: int = 1) -> np.ndarray:
+    """npages pages: npages/dup distinct random pages, each present dup times, shuffled."""
+    rng = np.random.default_rng(seed)
+    uniq = rng.integers(0, 256, (max(1, npages // dup), PAGE_SIZE), dtype=np.uint8)
+    pages = np.repeat(uniq, dup, axis=0)[:npages]
+    rng.shuffle(pages, axis=0)
+    return pages
+
+
+def load_machine(m: Machine, pages: np.ndarray, nvms: int = 4) -> list:
+    per = -(-len(pages) // nvms)
+    vms = []
+    for i in range(nvms):
+        part = pages[i * per:(i + 1) * per]
+        if not len(part):
+            break
+        vm = m.spawn_vm(f"v{i}", pages=len(part) + 64)
+        data = part.tobytes()
+        a = vm.mmap(len(data))
+        for off in range(0, len(data), 4 << 20):
+            vm.write(a + off, data[off:off + (4 << 20)])
+        vm.madvise(a, len(data), MADV_MERGEABLE)
+        vms.append((vm, a, len(data)))
+    return vms
+
+
+# ---------------------------------------------------------------------------- 1. scan
+def proto_scan(pages: np.ndarray, timeout: float = 600) -> dict:
+    """ksm-proto's ksmd at full speed on these pages: time to merge, pages/s over whole full scans."""
+    n = len(pages)
+    with Machine(frames=n + 8192) as m:
+        load_machine(m, pages)
+        m.ksm.set(pages_to_scan=100000, sleep_millisecs=0)
+        t0 = time.monotonic()
+        m.ksm.set(run=1)
+        last, same, s = None, 0, None
+        deadline = t0 + timeout
+        t_merged = None
+        while time.monotonic() < deadline:
+            s = m.ksm.wait_full_scans(1, max(1.0, deadline - time.monotonic()))
+            cur = (s["pages_shared"], s["pages_sharing"])
+            if cur != last:
+                t_merged = time.monotonic()
+            same = same + 1 if cur == last else 0
+            last = cur
+            if same >= 2 and s["full_scans"] >= 2:
+                break
+        elapsed = time.monotonic() - t0
+        m.ksm.set(run=0)
+        merge_s = t_merged - t0 if t_merged else elapsed
+        return {"pages": n, "merge_seconds": round(merge_s, 3), "pages_per_s": round(s["pages_scanned"] / elapsed),
+                "full_scans": s["full_scans"], "pages_shared": s["pages_shared"], "pages_sharing": s["pages_sharing"],
+                "bytes_per_page": round(s["metadata_bytes"] / max(1, s["ksm_rmap_items"]), 2)}
+
+
+def bench_scan(npages: int, kernel_ok: bool, why: str, prog) -> dict:
+    out = {}
+    for name, dup in (("dup4", 4), ("unique", 1)):
+        pages = dup_pages(npages, dup)
+        prog(f"scan {name}: ksm-proto")
+        p = proto_scan(pages)
+        k = {"skipped": why}
+        if kernel_ok:
+            prog(f"scan {name}: kernel ksmd")
+            k = kernel_ksm.ksmd_throughput(pages, timeout=600)
+        out[name] = {"proto": p, "kernel": k}
+    d = out["dup4"]
+    res = {
+        "pages": npages,
+        "pages_per_s": d["proto"]["pages_per_s"],
+        "merge_seconds": d["proto"]["merge_seconds"],
+        "kernel_pages_per_s": d["kernel"].get("pages_per_s"),
+        "kernel_merge_seconds": d["kernel"].get("merge_seconds"),
+        "unique_pages_per_s": out["unique"]["proto"]["pages_per_s"],
+        "kernel_unique_pages_per_s": out["unique"]["kernel"].get("pages_per_s"),
+        "detail": out,
+    }
+    res["ratio_vs_kernel"] = round(res["pages_per_s"] / res["kernel_pages_per_s"], 3) if res["kernel_pages_per_s"] else None
+    res["merge_time_ratio_vs_kernel"] = (round(res["kernel_merge_seconds"] / res["merge_seconds"], 3)
+                                         if res["kernel_merge_seconds"] else None)
+    if not kernel_ok:
+        res["kernel_note"] = why
+    return res
+
+
+# ---------------------------------------------------------------------------- 2. cow
+def pipe_pingpong(n: int = 20000) -> list[float]:
+    r1, w1 = os.pipe()
+    r2, w2 = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            for _ in range(n):
+                os.read(r1, 1)
+                os.write(w2, b"x")
+        finally:
+            os._exit(0)
+    ts = []
+    for _ in range(n):
+        t = time.perf_counter_ns()
+        os.write(w1, b"x")
+        os.read(r2, 1)
+        ts.append((time.perf_counter_ns() - t) / 1000)
+    os.waitpid(pid, 0)
+    for fd in (r1, w1, r2, w2):
+        os.close(fd)
+    return ts
+
+
+def merged_vm(m: Machine, npages: int, name: str = "a", value: int = 5):
+    vm = m.spawn_vm(name, pages=npages + 64)
+    a = vm.mmap(npages * PAGE_SIZE)
+    vm.write(a, bytes([value]) * npages * PAGE_SIZE)
+    vm.madvise(a, npages * PAGE_SIZE, MADV_MERGEABLE)
+    return vm, a
+
+
+def cow_samples(mode: str, npages: int) -> list[float]:
+    """Every write of a merged page takes one COW fault; the VM times each from FAULT to completion."""
+    with Machine(frames=3 * npages + 1024, notifier_mode=mode) as m:
+        vm, a = merged_vm(m, npages)
+        m.ksm.set(pages_to_scan=100000, sleep_millisecs=0, run=1)
+        m.ksm.wait_stable(60)
+        m.ksm.set(run=0)
+        vm.cow_samples_ns()
+        wid = vm.writer_start(a, npages, seed=1, count=npages, values=250)
+        while not vm.writer_peek(wid)["finished"]:
+            time.sleep(0.01)
+        vm.writer_stop(wid)
+        return [x / 1000 for x in vm.cow_samples_ns()]
+
+
+def bench_cow(npages: int, kernel_ok: bool, why: str, prog) -> dict:
+    prog("cow: pipe ping-pong")
+    pipe = pipe_pingpong(20000 if npages >= 2000 else 3000)
+    prog("cow: ksm-proto COW faults")
+    s = cow_samples("change_pte", npages)
+    k = {"skipped": why}
+    if kernel_ok:
+        prog("cow: kernel COW of KSM pages")
+        k = kernel_ksm.kernel_cow_us(min(npages, 4096))
+    res = {"p50_us": round(pct(s, 50), 1), "p99_us": round(pct(s, 99), 1), "samples": len(s),
+           "pipe_p50_us": round(pct(pipe, 50), 1), "pipe_p99_us": round(pct(pipe, 99), 1),
+           "kernel_us": k.get("cow_p50_us"), "kernel_unmerged_us": k.get("unmerged_p50_us")}
+    res["ratio_vs_pipe"] = round(res["p50_us"] / res["pipe_p50_us"], 2)
+    if not kernel_ok:
+        res["kernel_note"] = why
+    res["_samples"] = s
+    res["_pipe"] = pipe
+    return res
+
+
+# ---------------------------------------------------------------------------- 3. modes
+def bench_modes(npages: int, prog) -> dict:
+    out = {}
+    for mode in MODES:
+        prog(f"modes: {mode}")
+        with Machine(frames=4 * npages + 1024, notifier_mode=mode) as m:
+            m.ksm.set(pages_to_scan=100000, sleep_millisecs=0)
+            data = dup_pages(npages, 1, seed=3).tobytes()
+            vms = []
+            for name in ("a", "b"):
+                vm = m.spawn_vm(name, pages=npages + 64)
+                x = vm.mmap(len(data))
+                vm.write(x, data)
+                vm.madvise(x, len(data), MADV_MERGEABLE)
+                vm.read(x, len(data))              # mapped in the secondary MMU
+                vms.append((vm, x))
+            m.ksm.set(run=1)
+            s = m.ksm.wait_stable(120)
+            m.ksm.set(run=0)
+            merged = s["pages_sharing"] + s["pages_shared"]
+            faults, msgs, secs = 0, {}, 0.0
+            for vm, x in vms:
+                f0 = vm.stats()["secondary_faults"]
+                t = time.perf_counter()
+                vm.read(x, len(data))
+                secs += time.perf_counter() - t
+                st = vm.stats()
+                faults += st["secondary_faults"] - f0
+                for k2, v in st["msgs"].items():
+                    if k2 not in ("REGISTER", "RELEASE"):
+                        msgs[k2] = msgs.get(k2, 0) + v
+            out[mode] = {"merged_pages": merged,
+                         "secondary_faults_per_merged_page": round(faults / merged, 3),
+                         "messages_per_merged_page": round(sum(msgs.values()) / merged, 3),
+                         "messages": msgs,
+                         "reread_us_per_page": round(secs / merged * 1e6, 2)}
+    return out
+
+
+# ---------------------------------------------------------------------------- 4. scaling
+def cow_workload(nvms: int, seconds: float, pages: int = 64, trace: str | None = None) -> dict:
+    """nvms VMs writing pages that keep becoming identical, ksmd merging them all the time."""
+    with Machine(frames=nvms * pages * 4 + 2048, trace=trace) as m:
+        m.ksm.set(pages_to_scan=100000, sleep_millisecs=0, smart_scan=0)
+        vms = [merged_vm(m, pages, f"w{i}", value=1) for i in range(nvms)]
+        m.ksm.set(run=1)
+        m.ksm.wait_full_scans(3, 60)
+        c0 = [vm.stats()["cow_faults"] for vm, _ in vms]
+        t0 = time.monotonic()
+        wids = [vm.writer_start(a, pages, seed=i, count=0, values=2) for i, (vm, a) in enumerate(vms)]
+        time.sleep(seconds)
+        done = [vm.writer_stop(w)["done"] for (vm, _), w in zip(vms, wids)]
+        el = time.monotonic() - t0
+        cow = sum(vm.stats()["cow_faults"] - c for (vm, _), c in zip(vms, c0))
+        m.ksm.set(run=0)
+    return {"vms": nvms, "writes_per_s": round(sum(done) / el, 1), "cow_faults_per_s": round(cow / el, 1),
+            "writes": sum(done)}
+
+
+def bench_scaling(max_cores: int, seconds: float, prog) -> list:
+    ks, k = [], 1
+    while k <= max_cores:
+        ks.append(k)
+        k *= 2
+    if ks[-1] != max_cores:
+        ks.append(max_cores)
+    out = []
+    for k in ks:
+        prog(f"scaling: {k} VM(s)")
+        out.append(cow_workload(k, seconds))
+    base = out[0]["writes_per_s"] or 1
+    for r in out:
+        r["speedup"] = round(r["writes_per_s"] / base, 2)
+    return out
+
+
+# ---------------------------------------------------------------------------- 5. trace
+def bench_trace(seconds: float, prog, rounds: int = 3) -> dict:
+    offs, ons = [], []
+    with tempfile.TemporaryDirectory() as d:
+        for r in range(rounds):      # interleaved, so drift hits both alike
+            prog(f"trace: off/on round {r + 1}")
+            offs.append(cow_workload(2, seconds)["writes_per_s"])
+            ons.append(cow_workload(2, seconds, trace=os.path.join(d, f"t{r}.json"))["writes_per_s"])
+        size = os.path.getsize(os.path.join(d, "t0.json"))
+    off, on = statistics.median(offs), statistics.median(ons)
+    return {"writes_per_s_off": off, "writes_per_s_on": on, "ratio": round(off / on, 3) if on else None,
+            "trace_bytes": size}
+
+
+# ---------------------------------------------------------------------------- report
+def table(res: dict) -> str:
+    def f(v, unit=""):
+        return "n/a" if v is None else (f"{v:,.1f}{unit}" if isinstance(v, float) else f"{v:,}{unit}")
+    rows = ["| what | ksm-proto | anchor | ratio | goal |", "|---|---|---|---|---|"]
+    sc = res.get("scan")
+    if sc:
+        rows.append(f"| scanner, {sc['pages']:,} pages of 4x duplicates (pages/s) | {f(sc['pages_per_s'])} | "
+                    f"ksmd {f(sc['kernel_pages_per_s'])} | {f(sc['ratio_vs_kernel'])}x | >= 1.0x |")
+        rows.append(f"| time to merge them all (s) | {f(sc['merge_seconds'])} | ksmd {f(sc['kernel_merge_seconds'])} | "
+                    f"{f(sc['merge_time_ratio_vs_kernel'])}x faster | |")
+        rows.append(f"| scanner, unique pages (pages/s) | {f(sc['unique_pages_per_s'])} | "
+                    f"ksmd {f(sc['kernel_unique_pages_per_s'])} | | |")
+    if "scanner_bytes_per_page" in res:
+        rows.append(f"| scanner metadata (bytes/page) | {res['scanner_bytes_per_page']} | kernel rmap_item 64 | "
+                    f"{res['scanner_bytes_per_page'] / 64:.2f}x | <= 64 B |")
+    c = res.get("cow")
+    if c:
+        rows.append(f"| COW fault round trip p50 (us) | {c['p50_us']} | pipe ping-pong {c['pipe_p50_us']} | "
+                    f"{c['ratio_vs_pipe']}x | <= 1.5x |")
+        rows.append(f"| COW fault round trip p99 (us) | {c['p99_us']} | pipe p99 {c['pipe_p99_us']} | | |")
+        rows.append(f"| kernel COW of a KSM page (us) | | {f(c['kernel_us'])} (unmerged {f(c['kernel_unmerged_us'])}) | | |")
+    for mode, v in res.get("modes", {}).items():
+        rows.append(f"| {mode}: secondary faults / messages per merged page, re-read us/page | "
+                    f"{v['secondary_faults_per_merged_page']} / {v['messages_per_merged_page']}, "
+                    f"{v['reread_us_per_page']} | | | |")
+    for r in res.get("scaling", []):
+        rows.append(f"| scaling: {r['vms']} VM(s), writes/s (COW faults/s) | {f(r['writes_per_s'])} "
+                    f"({f(r['cow_faults_per_s'])}) | 1 VM | {r['speedup']}x | |")
+    if "trace" in res:
+        t = res["trace"]
+        rows.append(f"| tracing on vs off (writes/s) | {f(t['writes_per_s_on'])} | off {f(t['writes_per_s_off'])} | "
+                    f"{f(t['ratio'])}x slower | <= 1.10x |")
+    st = res.get("stress")
+    if st:
+        rows.append(f"| no lost writes: writes / mismatches | {st['writes']:,} / {st['mismatches']} | | | 0 |")
+    return "\n".join(rows)
+
+
+def plots(res: dict, outdir: str) -> list[str]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    made = []
+    if res.get("scaling"):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        xs = [r["vms"] for r in res["scaling"]]
+        ax.plot(xs, [r["writes_per_s"] for r in res["scaling"]], "o-", label="writes/s")
+        ax.plot(xs, [r["cow_faults_per_s"] for r in res["scaling"]], "s--", label="COW faults/s")
+        ax.set_xlabel("VM workers")
+        ax.set_ylabel("per second (all VMs)")
+        ax.set_title(f"COW-heavy work with ksmd running ({res['machine']['cores']} cores)")
+        ax.legend()
+        ax.grid(alpha=.3)
+        p = os.path.join(outdir, "scaling.png")
+        fig.savefig(p, dpi=100, bbox_inches="tight")
+        plt.close(fig)
+        made.append(p)
+    c = res.get("cow")
+    if c and c.get("_samples"):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        hi = pct(c["_samples"], 99.5)
+        bins = np.linspace(0, hi, 80)
+        ax.hist(np.clip(c["_samples"], 0, hi), bins=bins, alpha=.7, label="ksm-proto COW fault")
+        ax.hist(np.clip(c["_pipe"], 0, hi), bins=bins, alpha=.7, label="pipe ping-pong")
+        if c.get("kernel_us"):
+            ax.axvline(c["kernel_us"], color="k", ls=":", label="kernel COW of a KSM page (p50)")
+        ax.set_xlabel("microseconds")
+        ax.set_ylabel("count")
+        ax.set_title("latency distributions")
+        ax.legend()
+        p = os.path.join(outdir, "latency.png")
+        fig.savefig(p, dpi=100, bbox_inches="tight")
+        plt.close(fig)
+        made.append(p)
+    return made
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="ksm-proto bench", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="small sizes (a smoke run of every part)")
+    ap.add_argument("--cores", type=int, default=os.cpu_count(), help="most VM workers in the scaling part")
+    ap.add_argument("--gib", type=float, default=1.0, help="size of the 4x-duplicates scan, GiB (default 1)")
+    ap.add_argument("--stress-writes", type=int, default=1_000_000)
+    ap.add_argument("--only", nargs="+", choices=PARTS, help="run only these parts")
+    ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results"))
+    a = ap.parse_args(argv)
+    if a.cores < 1:
+        ap.error(f"--cores must be >= 1, not {a.cores}")
+    parts = a.only or list(PARTS)
+    q = a.quick
+    scan_pages = 8192 if q else int(a.gib * (1 << 30) / PAGE_SIZE)
+    cow_pages = 1000 if q else 8000
+    mode_pages = 256 if q else 4096
+    seconds = 1.0 if q else 4.0
+    stress_writes = 20_000 if q else a.stress_writes
+    kernel_ok, why = kernel_ksm.available()
+    if not kernel_ok:
+        why = f"kernel KSM not measured: {why}"
+
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    console = Console(stderr=True)
+    res: dict = {"machine": machine_info(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
+                 "quick": q, "argv": argv or []}
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TimeElapsedColumn(), console=console,
+                  disable=not console.is_terminal) as progress:
+        task = progress.add_task("bench", total=len(parts))
+
+        def prog(msg):
+            progress.update(task, description=msg)
+            if not console.is_terminal:
+                print(f"bench: {msg}", file=sys.stderr, flush=True)
+
+        for part in parts:
+            if part == "scan":
+                res["scan"] = bench_scan(scan_pages, kernel_ok, why, prog)
+                res["scanner_bytes_per_page"] = res["scan"]["detail"]["unique"]["proto"]["bytes_per_page"]
+            elif part == "cow":
+                res["cow"] = bench_cow(cow_pages, kernel_ok, why, prog)
+            elif part == "modes":
+                res["modes"] = bench_modes(mode_pages, prog)
+            elif part == "scaling":
+                res["scaling"] = bench_scaling(a.cores, seconds, prog)
+            elif part == "trace":
+                res["trace"] = bench_trace(seconds, prog)
+                res["trace_overhead_ratio"] = res["trace"]["ratio"]
+            elif part == "stress":
+                prog(f"stress: {stress_writes:,} writes")
+                nv = 4
+                per_vm = stress_writes // nv
+                with Machine(frames=8192) as m:
+                    r = no_lost_writes(m, nvms=nv, pages=256, thread_writes=min(2000, per_vm // 10),
+                                       worker_writes=per_vm - min(2000, per_vm // 10), values=3, seed=42,
+                                       timeout=3600)
+                r.pop("mismatch_examples", None) if not r["mismatches"] else None
+                res["stress"] = r
+            progress.advance(task)
+    os.makedirs(a.out, exist_ok=True)
+    made = plots(res, a.out)
+    res["plots"] = [os.path.basename(p) for p in made]
+    for key in ("cow",):
+        if key in res:
+            res[key] = {k: v for k, v in res[key].items() if not k.startswith("_")}
+    md = table(res)
+    text = json.dumps(res, indent=2)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    for name in ("latest.json", f"{stamp}-{res['machine']['host']}.json"):
+        with open(os.path.join(a.out, name), "w") as f:
+            f.write(text)
+    with open(os.path.join(a.out, "latest.md"), "w") as f:
+        f.write(f"ksm-proto bench, {res['date']}, {res['machine']['cores']} cores, {res['machine']['cpu']}, "
+                f"Linux {res['machine']['kernel']}\n\n{md}\n")
+    print(md)
+    print(f"\nresults: {os.path.join(a.out, 'latest.json')} (+ latest.md, {', '.join(res['plots'])})")
+    st = res.get("stress")
+    return 1 if st and st["mismatches"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -45,7 +45,7 @@ LAYOUTS = {
 }
 
 
-def proto_counts(m, layouts, knobs) -> dict:
+def proto_counts(m, layouts, knobs, rewrite=None) -> dict:
     m.ksm.set(pages_to_scan=100000, sleep_millisecs=0, **knobs)
     vms = []
     for i, lay in enumerate(layouts):
@@ -54,6 +54,8 @@ def proto_counts(m, layouts, knobs) -> dict:
         x = vm.mmap(len(data))
         vm.write(x, data)
         vm.madvise(x, len(data), MADV_MERGEABLE)
+        if rewrite and rewrite[i]:
+            vm.writer_start(x, rewrite[i], seed=0, count=0, values=0, period_ms=0.5)
         vms.append(vm)
     m.ksm.set(run=1)
     s = m.ksm.wait_stable(60, scans=3)
@@ -74,6 +76,17 @@ def test_same_counters_as_the_kernel(ksm_machine_factory, name):
     for kp, op in zip(kern["procs"], ours["procs"]):
         for k in ("ksm_rmap_items", "ksm_merging_pages", "ksm_zero_pages"):
             assert op[k] == kp[k], (k, op[k], kp[k])
+
+
+def test_pages_rewritten_every_scan(ksm_machine_factory):
+    """Pages that change all the time never merge, on either side; the rest merges alike."""
+    layouts = [pages((3, 6), (5, 4)), pages((5, 4), (3, 2), ("r6", 3))]
+    rewrite = [6, 4]          # all of VM 0's copies of 3 and VM 1's copies of 5 keep changing
+    kern = kernel_ksm.merge_counts(layouts, {"smart_scan": 0}, full_scans=3, timeout=120, rewrite=rewrite)
+    ours = proto_counts(ksm_machine_factory(frames=4096), layouts, {"smart_scan": 0}, rewrite=rewrite)
+    for k in EXACT:
+        assert ours["ksm"][k] == kern["ksm"][k], (k, ours["ksm"][k], kern["ksm"][k])
+    assert (ours["ksm"]["pages_shared"], ours["ksm"]["pages_sharing"]) == (2, 4)
 
 
 def test_smart_scan_on_merges_the_same(ksm_machine_factory):

@@ -142,7 +142,10 @@ class KernelKSM:
 class KernelVM:
     """A child process holding one anonymous mapping with the given pages, advised mergeable."""
 
-    def __init__(self, pages: np.ndarray):
+    _open_go: set[int] = set()       # write ends held for live children: a new child must not keep them
+
+    def __init__(self, pages: np.ndarray, rewrite: int = 0):
+        """`rewrite`: the child keeps stamping a new counter into its first `rewrite` pages."""
         self.npages = len(pages)
         r_ready, w_ready = os.pipe()
         r_go, w_go = os.pipe()
@@ -152,13 +155,18 @@ class KernelVM:
             try:
                 os.close(r_ready)
                 os.close(w_go)
+                for fd in KernelVM._open_go:         # else an earlier child never sees its EOF
+                    os.close(fd)
                 m = mmap.mmap(-1, max(1, len(pages)) * PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
                 m[:len(pages) * PAGE] = pages.tobytes()
                 m.madvise(mmap.MADV_MERGEABLE)
                 os.write(w_ready, b"r")
-                cmds = os.read(r_go, 1)
-                if cmds == b"w":                       # write one byte into every page: COW timing
-                    pass
+                n = 0
+                while rewrite and not select.select([r_go], [], [], 0.0005)[0]:
+                    n += 1
+                    for i in range(rewrite):           # volatile pages: new bytes all the time
+                        m[i * PAGE:i * PAGE + 16] = n.to_bytes(8, "little") + i.to_bytes(8, "little")
+                os.read(r_go, 1)                       # until the parent closes its end
             except BaseException:
                 code = 1
             finally:
@@ -167,6 +175,7 @@ class KernelVM:
         os.close(r_go)
         self.pid = pid
         self._go = w_go
+        KernelVM._open_go.add(w_go)
         ready, _, _ = select.select([r_ready], [], [], 60)
         ok = ready and os.read(r_ready, 1) == b"r"
         os.close(r_ready)
@@ -190,6 +199,7 @@ class KernelVM:
             os.close(self._go)                         # EOF: the child exits
         except OSError:
             pass
+        KernelVM._open_go.discard(self._go)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             done, _ = os.waitpid(self.pid, os.WNOHANG)
@@ -202,8 +212,12 @@ class KernelVM:
         self.pid = None
 
 
-def merge_counts(layouts: list[np.ndarray], knobs: dict, full_scans: int = 3, timeout: float = 60) -> dict:
-    """The oracle: put each layout in its own process, let ksmd merge, return the counters."""
+def merge_counts(layouts: list[np.ndarray], knobs: dict, full_scans: int = 3, timeout: float = 60,
+                 rewrite: list[int] | None = None) -> dict:
+    """The oracle: put each layout in its own process, let ksmd merge, return the counters.
+
+    rewrite[i] leading pages of layout i are rewritten continuously (never stable).
+    """
     knobs = {"pages_to_scan": 100000, "sleep_millisecs": 0, **knobs}
     vms: list[KernelVM] = []
     with KernelKSM() as k:
@@ -211,8 +225,8 @@ def merge_counts(layouts: list[np.ndarray], knobs: dict, full_scans: int = 3, ti
             k.set(run=0)
             k.unmerge_all()
             k.set(**knobs)
-            for lay in layouts:
-                vms.append(KernelVM(lay))
+            for i, lay in enumerate(layouts):
+                vms.append(KernelVM(lay, (rewrite or [0] * len(layouts))[i]))
             k.set(run=1)
             k.wait_full_scans(full_scans, timeout)
             s = k.wait_stable(timeout)

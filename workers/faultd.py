@@ -85,6 +85,7 @@ class MMState:
     def __init__(self, mm, ptl):
         self.mm = mm
         self.ptl = ptl
+        self.peer = f"vm:{mm.id}"
         self.notifier: MMUNotifier | None = None
 
 
@@ -109,12 +110,13 @@ class FaultHandler:
             st = self.mms.get(f.mm)
             if st is None:
                 st = self.mms[f.mm] = MMState(*self.mem.attach_mm(f.mm))
-            st.notifier = MMUNotifier(self.name, f"vm:{f.mm}", st.mm, ch, self.mode, self.tr,
-                                      self.args.ack_timeout)
+            st.peer = f.json().get("name", f"vm:{f.mm}") if f.payload else f"vm:{f.mm}"
+            st.notifier = MMUNotifier(self.name, st.peer, st.mm, ch, self.mode, self.tr, self.args.ack_timeout)
             ch.peer = f.mm
         elif f.type == Msg.FAULT:
             if self.tr:
-                self.tr.recv(f"vm:{f.mm}", "FAULT", f.mm, -1, f.addr, f.n, 0, 0, f.corr)
+                st = self.mms.get(f.mm)
+                self.tr.recv(st.peer if st else f"vm:{f.mm}", "FAULT", f.mm, -1, f.addr, f.n, 0, 0, f.corr)
             asyncio.get_running_loop().create_task(self.fault(ch, f))
         else:
             log.error("faultd: unexpected %s from vm channel", Msg(f.type).name)
@@ -134,7 +136,8 @@ class FaultHandler:
                 return
             replied = True
             if self.tr:
-                self.tr.send(f"vm:{f.mm}", "FAULT_REPLY", f.mm, -1, f.addr, f.n, 0, 0, f.corr)
+                st = self.mms.get(f.mm)
+                self.tr.send(st.peer if st else f"vm:{f.mm}", "FAULT_REPLY", f.mm, -1, f.addr, f.n, 0, 0, f.corr)
             if not ch.closed:
                 ch.send(encode(Msg.FAULT_REPLY, flags=err, mm=f.mm, corr=f.corr, addr=f.addr,
                                payload=call_payload({"error": msg}) if err else b""))

@@ -689,7 +689,8 @@ class Ksmd:
         if slot is None:
             mm, ptl = self.mem.attach_mm(f.mm)
             slot = self.slots[f.mm] = MMSlot(f.mm, mm, ptl)
-        slot.notifier = MMUNotifier(self.name, f"vm:{f.mm}", slot.mm, ch, self.mode, self.tr, self.args.ack_timeout)
+        peer = f.json().get("name", f"vm:{f.mm}") if f.payload else f"vm:{f.mm}"
+        slot.notifier = MMUNotifier(self.name, peer, slot.mm, ch, self.mode, self.tr, self.args.ack_timeout)
         ch.peer = f.mm
 
     async def on_ctl(self, ch: Channel, f: Frame) -> None:

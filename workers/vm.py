@@ -561,7 +561,7 @@ class VMWorker:
         _, self.ksmd_ch = await loop.create_unix_connection(
             lambda: Channel(f"{self.name}->ksmd", self.on_notify), sock=abstract_connect(f"{run}.ksmd"))
         for ch in (self.fault_ch, self.ksmd_ch):
-            ch.send(encode(Msg.HELLO, mm=self.mm_id))
+            ch.send(encode(Msg.HELLO, mm=self.mm_id, payload=call_payload({"name": self.name})))
         await self.register()
         ctl_sock = socket.socket(fileno=self.args.ctl_fd)
         _, ctl = await loop.create_connection(

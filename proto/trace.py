@@ -170,8 +170,11 @@ class Tracer:
     def flush(self) -> None:
         """Write every buffered record with one write() of whole lines."""
         buf, self._buf = self._buf, []
+        if self._fd is None:      # closed, or a forked copy: drop
+            self._deadline = 0
+            return
         self._deadline = _now() + self._interval
-        if not buf or self._fd is None:
+        if not buf:
             return
         data = ("\n".join([_line(r) for r in buf]) + "\n").encode()
         try:

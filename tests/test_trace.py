@@ -1,11 +1,19 @@
-"""Tracing: exact flows of a scripted merge + COW per mode, killed actors, summary and check."""
+"""Tracing: exact flows of a scripted merge + COW per mode, killed actors, summary and check.
+
+The first part runs real Machines; the second drives proto.trace.Tracer from several
+real child processes (one SIGKILLed, one file cut mid-line) and from hand-written
+.jsonl files with known timestamps, then checks merge, summary and check exactly.
+"""
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
 import signal
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 
+import numpy as np
 import pytest
 
 from proto import MADV_MERGEABLE, PAGE_SIZE
@@ -130,3 +138,419 @@ def test_check_accepts_the_grammar_and_unfinished_killed_actors(tmp_path):
 
 def test_tracing_is_off_by_default():
     assert Tracer.open(None, "ksmd") is None
+
+
+# ============================================================================ the recorder
+def _lines(path) -> list:
+    with open(path) as f:
+        return [json.loads(x) for x in f.read().splitlines()]
+
+
+def test_record_format_and_file_name(tmp_path):
+    tr = Tracer.open(str(tmp_path / "t"), "vm:x")
+    assert os.path.basename(tr.path) == f"vm_x.{os.getpid()}.jsonl"
+    tr.send("ksmd", "START", 3, 1, 0x7f0000001000, 4, 0x11, 0x22, 7)
+    tr.recv("ksmd", "ACK", np.int64(3), np.int32(1), np.uint64(0x7f0000001000), 0, 0, 0, np.int64(7))
+    tr.span("cow_fault", 1000, 3500, mm=3, pages=2)
+    with tr.spanning("merge", ops=np.int64(5)):
+        pass
+    tr.counter("pages_shared", 12)
+    tr.send('peer "odd" é', "WEIRD\n", 0, -1, 0, 0, 0, 0, 1)   # any string is written as valid JSON
+    tr.close()
+    tr.close()                                                 # idempotent
+    size = os.path.getsize(tr.path)
+    tr.send("ksmd", "START", 3, 1, 0, 1, 0, 0, 8)              # after close: dropped
+    tr.flush()
+    assert os.path.getsize(tr.path) == size
+    h, m1, m2, s1, s2, c, m3, e = _lines(tr.path)
+    assert h[:3] == ["h", "vm:x", os.getpid()] and isinstance(h[3], int) and abs(h[4] - time.time_ns()) < 60e9
+    assert m1[0] == "m" and m1[2:] == ["send", "ksmd", "START", 3, 1, 0x7f0000001000, 4, 0x11, 0x22, 7]
+    assert m2[2:] == ["recv", "ksmd", "ACK", 3, 1, 0x7f0000001000, 0, 0, 0, 7]
+    assert h[3] <= m1[1] <= m2[1] <= e[1]
+    assert s1 == ["s", 1000, 2500, "cow_fault", 3, {"pages": 2}]
+    assert s2[0] == "s" and s2[2] >= 0 and s2[3:] == ["merge", -1, {"ops": 5}]
+    assert c[0] == "c" and c[2:] == ["pages_shared", 12]
+    assert m3[3:5] == ['peer "odd" é', "WEIRD\n"]
+    assert e[0] == "e" and len(e) == 2
+
+
+def test_tracing_off_is_none_and_free():
+    assert Tracer.open(None, "vm:x") is None
+    tr = None
+    t = time.perf_counter()
+    for i in range(100_000):
+        if tr:
+            tr.send("ksmd", "START", 3, 1, i, 1, 0, 0, i)
+    print(f"\ntracing off: {(time.perf_counter() - t) / 100_000 * 1e9:.0f} ns per call site")
+
+
+def test_flush_on_count_and_on_time(tmp_path):
+    from proto import trace
+    assert (trace.FLUSH_RECORDS, trace.FLUSH_INTERVAL_NS) == (2048, 250_000_000)
+    d = Tracer.open(str(tmp_path), "ksmd")
+    assert (d._limit, d._interval) == (2048, 250_000_000)
+    d.close()
+    tr = Tracer.open(str(tmp_path), "vm:a", flush_interval_s=3600)
+    for i in range(2047):
+        tr.send("ksmd", "ACK", 0, 0, 0, 0, 0, 0, i)
+    assert len(_lines(tr.path)) == 1                  # the header only
+    tr.send("ksmd", "ACK", 0, 0, 0, 0, 0, 0, 2047)     # the 2048th record flushes them all
+    assert len(_lines(tr.path)) == 1 + 2048
+    tr.close()
+    tt = Tracer.open(str(tmp_path), "vm:b", flush_interval_s=0.05)
+    tt.counter("x", 1)
+    assert len(_lines(tt.path)) == 1
+    time.sleep(0.06)
+    tt.counter("x", 2)                                 # checked on each record: both written
+    assert [r[3] for r in _lines(tt.path)[1:]] == [1, 2]
+    tt.close()
+
+
+def test_forked_child_does_not_write_its_parents_records(tmp_path):
+    tr = Tracer.open(str(tmp_path), "ksmd")
+    tr.send("vm:a", "START", 0, 0, 0, 1, 0, 0, 1)      # buffered, not yet written
+    pid = os.fork()
+    if pid == 0:
+        tr.flush()
+        tr.close()
+        os._exit(0)
+    os.waitpid(pid, 0)
+    tr.close()
+    assert [r[0] for r in _lines(tr.path)] == ["h", "m", "e"]
+
+
+def test_cost_per_record(tmp_path):
+    """Micro-benchmark (printed, not asserted): the hot path, and the hot path plus serialization."""
+    n = 100_000
+    tr = Tracer.open(str(tmp_path), "vm:bench", flush_records=1 << 30, flush_interval_s=3600)
+    t = time.perf_counter()
+    for i in range(n):
+        if tr:
+            tr.send("ksmd", "CHANGE_PTE", 3, 1, 0x7f0000000000 + i, 1, 0x8000000012345067, 0x8000000054321067, i)
+    hot = (time.perf_counter() - t) / n
+    t = time.perf_counter()
+    tr.flush()
+    ser = (time.perf_counter() - t) / n
+    tr.close()
+    tr = Tracer.open(str(tmp_path), "vm:bench2")                        # default flushing
+    t = time.perf_counter()
+    for i in range(n):
+        tr.send("ksmd", "CHANGE_PTE", 3, 1, 0x7f0000000000 + i, 1, 0x8000000012345067, 0x8000000054321067, i)
+    tr.close()
+    total = (time.perf_counter() - t) / n
+    print(f"\ntrace cost per record: append {hot * 1e6:.2f} us, serialize+write {ser * 1e6:.2f} us, "
+          f"all in with default flushing {total * 1e6:.2f} us")
+
+
+# ============================================================================ real processes
+def _vm_child(d, name, mm, kconn, fconn, ready, die):
+    tr = Tracer.open(d, name, flush_interval_s=3600 if die else 0.25)
+    tr.recv(name, "REGISTER", mm, 0, 0, 0, 0, 0, 0)
+    if fconn is not None:                                       # one COW fault through faultd
+        t0 = time.monotonic_ns()
+        tr.send("faultd", "FAULT", mm, -1, 0x2000, 1, 0, 0, 500)
+        fconn.send(("FAULT", 500))
+        _, corr = fconn.recv()
+        tr.recv("faultd", "FAULT_REPLY", mm, -1, 0x2000, 1, 0, 0, corr)
+        tr.span("cow_fault", t0, time.monotonic_ns(), mm=mm, pages=1)
+    for i in range(3):
+        typ, m, sub, addr, n, old, new, corr = kconn.recv()
+        tr.recv("ksmd", typ, m, sub, addr, n, old, new, corr)
+        tr.send("ksmd", "ACK", m, sub, addr, 0, 0, 0, corr)
+        kconn.send(("ACK", corr))
+        if die and i == 1:
+            tr.flush()                                          # what a SIGKILL leaves: these two
+    if die:
+        ready.send("ready")
+        time.sleep(60)
+    tr.recv(name, "RELEASE", mm, 0, 0, 0, 0, 0, 0)
+    tr.close()
+
+
+def _ksmd_child(d, sup, va, vb):
+    tr = Tracer.open(d, "ksmd")
+    for _ in range(2):
+        typ, mm, corr = sup.recv()
+        tr.recv("supervisor", typ, mm, -1, 0, 0, 0, 0, corr)
+        tr.send("supervisor", "ACK", mm, -1, 0, 0, 0, 0, corr)
+        sup.send(("ACK", corr))
+    corr = 100
+    for conn, vm, mm in ((va, "vm:a", 1), (vb, "vm:b", 2)):
+        with tr.spanning("merge", mm=mm, pages=3):
+            for typ, n in (("START", 3), ("CHANGE_PTE", 1), ("END", 3)):
+                corr += 1
+                tr.send(vm, typ, mm, 0, 0x1000, n, 0x11, 0x22, corr)
+                conn.send((typ, mm, 0, 0x1000, n, 0x11, 0x22, corr))
+                _, c = conn.recv()
+                tr.recv(vm, "ACK", mm, 0, 0x1000, 0, 0, 0, c)
+    tr.counter("pages_shared", 1)
+    tr.counter("pages_sharing", 1)
+    tr.counter("free_frames", 100)
+    tr.close()
+
+
+def _faultd_child(d, conn):
+    tr = Tracer.open(d, "faultd")
+    _, corr = conn.recv()
+    tr.recv("vm:a", "FAULT", 1, -1, 0x2000, 1, 0, 0, corr)
+    with tr.spanning("handle_mm_fault", mm=1, pages=1):
+        pass
+    tr.send("vm:a", "FAULT_REPLY", 1, -1, 0x2000, 1, 0, 0, corr)
+    conn.send(("FAULT_REPLY", corr))
+    tr.close()
+
+
+def _flows(doc) -> set:
+    """(sender, receiver, type, corr) of every flow arrow, read through the slices it is bound to."""
+    names = {a["pid"]: n for n, a in doc["otherData"]["ksm_proto"]["actors"].items()}
+    at = defaultdict(list)
+    for e in doc["traceEvents"]:
+        if e.get("ph") == "X" and e.get("cat") == "msg":
+            at[(e["pid"], e["tid"], e["ts"])].append(e)
+    ends = defaultdict(dict)
+    for e in doc["traceEvents"]:
+        if e.get("ph") in ("s", "f"):
+            assert e["cat"] == "flow" and (e["ph"] == "s" or e["bp"] == "e")
+            (x,) = [m for m in at[(e["pid"], e["tid"], e["ts"])] if m["name"] == e["name"]]
+            assert x["args"]["dir"] == ("send" if e["ph"] == "s" else "recv")
+            ends[e["id"]][e["ph"]] = (names[e["pid"]], x)
+    out = set()
+    for fid, se in ends.items():
+        (sa, sx), (ra, rx) = se["s"], se["f"]
+        assert sx["args"]["peer"] == ra and rx["args"]["peer"] == sa and sx["args"]["corr"] == rx["args"]["corr"]
+        assert sx["ts"] <= rx["ts"]
+        out.add((sa, ra, sx["name"], sx["args"]["corr"]))
+    assert len(out) == len(ends)
+    return out
+
+
+def _assert_well_formed(doc):
+    """What Perfetto and chrome://tracing need: numeric ts, known phases, properly nested slices per thread."""
+    per_thread = defaultdict(list)
+    last = -1.0
+    for e in doc["traceEvents"]:
+        assert e["ph"] in ("M", "X", "s", "f", "C", "i") and isinstance(e["pid"], int) and isinstance(e["tid"], int)
+        assert isinstance(e["ts"], (int, float)) and e["ts"] >= 0
+        if e["ph"] != "M":
+            assert e["ts"] >= last
+            last = e["ts"]
+        if e["ph"] == "X":
+            per_thread[(e["pid"], e["tid"])].append((e["ts"], e["ts"] + e["dur"]))
+    for slices in per_thread.values():
+        stack = []
+        for b, end in sorted(slices, key=lambda x: (x[0], -x[1])):
+            while stack and stack[-1] <= b:
+                stack.pop()
+            assert not stack or end <= stack[-1], "slices overlap without nesting"
+            stack.append(end)
+
+
+def test_merge_of_real_processes_with_a_killed_actor_and_a_cut_line(tmp_path):
+    d = str(tmp_path / "trace")
+    ctx = multiprocessing.get_context("fork")
+    sup_k, k_sup = ctx.Pipe()
+    ka, ak = ctx.Pipe()
+    kb, bk = ctx.Pipe()
+    af, fa = ctx.Pipe()
+    ready_r, ready_w = ctx.Pipe(duplex=False)
+    procs = {"ksmd": ctx.Process(target=_ksmd_child, args=(d, k_sup, ka, kb)),
+             "faultd": ctx.Process(target=_faultd_child, args=(d, fa)),
+             "vm:a": ctx.Process(target=_vm_child, args=(d, "vm:a", 1, ak, af, None, False)),
+             "vm:b": ctx.Process(target=_vm_child, args=(d, "vm:b", 2, bk, None, ready_w, True))}
+    for p in procs.values():
+        p.start()
+    try:
+        tr = Tracer.open(d, "supervisor")
+        for mm, corr in ((1, 1), (2, 2)):
+            tr.send("ksmd", "MM_ADD", mm, -1, 0, 0, 0, 0, corr)
+            sup_k.send(("MM_ADD", mm, corr))
+            _, c = sup_k.recv()
+            tr.recv("ksmd", "ACK", mm, -1, 0, 0, 0, 0, c)
+        tr.counter("free_frames", 99)
+        assert ready_r.poll(10) and ready_r.recv() == "ready"
+        os.kill(procs["vm:b"].pid, signal.SIGKILL)
+        tr.close()
+        for p in procs.values():
+            p.join(10)
+    finally:
+        for p in procs.values():
+            if p.is_alive():
+                p.kill()
+    assert procs["vm:b"].exitcode == -signal.SIGKILL and all(procs[a].exitcode == 0 for a in ("ksmd", "faultd", "vm:a"))
+    vb_file = os.path.join(d, f"vm_b.{procs['vm:b'].pid}.jsonl")
+    with open(vb_file, "a") as f:
+        f.write('["m",123,"recv","ks')                       # a write cut by the kill
+
+    out = str(tmp_path / "merged.json")
+    info = tracetool.merge(d, out)
+    with open(out) as f:
+        doc = json.load(f)
+    _assert_well_formed(doc)
+    assert info["actors"] == ["supervisor", "ksmd", "faultd", "vm:a", "vm:b"]
+    assert info["killed"] == ["vm:b"] and info["skipped_lines"] == 1 and info["files"] == 5
+    # records (no h/e): supervisor 4+1, ksmd 4+12+2+3, faultd 3, vm:a 2+1+6+1+1, vm:b 1+4 flushed
+    assert info["records"] == 5 + 21 + 3 + 11 + 5
+    assert doc["displayTimeUnit"] == "ns" and doc["otherData"]["killed"] == ["vm:b"]
+    names = {e["pid"]: e["args"]["name"] for e in doc["traceEvents"] if e["name"] == "process_name"}
+    order = {e["pid"]: e["args"]["sort_index"] for e in doc["traceEvents"] if e["name"] == "process_sort_index"}
+    assert sorted(names.values(), key=lambda n: order[[p for p in names if names[p] == n][0]]) == \
+        ["supervisor", "ksmd", "faultd", "vm:a", "vm:b (killed)"]
+    threads = {e["args"]["name"] for e in doc["traceEvents"] if e["name"] == "thread_name"}
+    assert f"messages pid {procs['vm:b'].pid} (killed)" in threads and "spans pid %d" % procs["ksmd"].pid in threads
+
+    want = {("supervisor", "ksmd", "MM_ADD", 1), ("supervisor", "ksmd", "MM_ADD", 2),
+            ("ksmd", "supervisor", "ACK", 1), ("ksmd", "supervisor", "ACK", 2),
+            ("vm:a", "faultd", "FAULT", 500), ("faultd", "vm:a", "FAULT_REPLY", 500)}
+    for vm, corrs in (("vm:a", (101, 102, 103)), ("vm:b", (104, 105))):   # vm:b's third recv died unflushed
+        for typ, c in zip(("START", "CHANGE_PTE", "END"), corrs):
+            want |= {("ksmd", vm, typ, c), (vm, "ksmd", "ACK", c)}
+    assert _flows(doc) == want and info["flows"] == len(want)
+    assert (info["unmatched_sends"], info["unmatched_recvs"]) == (1, 1)   # ksmd's END 106 and the ACK to it
+
+    ksmd_pid = doc["otherData"]["ksm_proto"]["actors"]["ksmd"]["pid"]
+    sup_pid = doc["otherData"]["ksm_proto"]["actors"]["supervisor"]["pid"]
+    counters = {(e["pid"], e["name"]): e["args"]["value"] for e in doc["traceEvents"] if e["ph"] == "C"}
+    assert counters == {(ksmd_pid, "pages_shared"): 1, (ksmd_pid, "pages_sharing"): 1,
+                        (ksmd_pid, "free_frames"): 100, (sup_pid, "free_frames"): 99}
+    x = [e for e in doc["traceEvents"] if e["ph"] == "X" and e["name"] == "START" and e["args"]["dir"] == "send"]
+    assert x[0]["args"] == {"dir": "send", "peer": "vm:a", "mm": 1, "sub": 0, "addr": "0x1000", "n": 3,
+                            "old_pte": "0x11", "new_pte": "0x22", "corr": 101}
+    assert min(e["ts"] for e in doc["traceEvents"] if e["ph"] != "M") == 0
+    marks = Counter((e["pid"], e["name"]) for e in doc["traceEvents"] if e["ph"] == "i")
+    vb_pid = doc["otherData"]["ksm_proto"]["actors"]["vm:b"]["pid"]
+    assert marks[(vb_pid, "trace open")] == 1 and marks[(vb_pid, "trace end")] == 0
+    assert sum(1 for (_, n) in marks if n == "trace end") == 4
+
+    assert tracetool.check(out) == []            # vm:a complete; vm:b killed inside START..END
+    s = tracetool.summary(out)
+    got = {t: (m["count"], m["pages"], m["matched"]) for t, m in s["messages"].items()}
+    assert got == {"MM_ADD": (2, 0, 2), "START": (2, 6, 2), "CHANGE_PTE": (2, 2, 2), "END": (2, 6, 1),
+                   "ACK": (8, 0, 7), "FAULT": (1, 1, 1), "FAULT_REPLY": (1, 1, 1), "REGISTER": (2, 0, 0),
+                   "RELEASE": (1, 0, 0)}
+    assert {t: r["count"] for t, r in s["round_trips"].items()} == \
+        {"MM_ADD": 2, "START": 2, "CHANGE_PTE": 2, "END": 2, "FAULT": 1}
+    assert s["faults"]["vm:a"]["cow_fault"]["count"] == 1 and s["faults"]["vm:b"]["cow_fault"]["count"] == 0
+    assert s["killed"] == ["vm:b"]
+    text = tracetool.format_summary(s)
+    assert "FAULT_REPLY" in text and "killed actors: vm:b" in text
+
+
+# ============================================================================ hand-written files
+def _write(d, actor, pid, records, t_open=0, end=None, tail=""):
+    os.makedirs(d, exist_ok=True)
+    lines = [["h", actor, pid, t_open, 1_700_000_000_000_000_000]] + records + ([["e", end]] if end is not None else [])
+    with open(os.path.join(d, f"{actor.replace(':', '_')}.{pid}.jsonl"), "w") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in lines) + tail)
+
+
+def _m(ts, d, peer, typ, corr, n=0, mm=1, sub=0):
+    return ["m", ts, d, peer, typ, mm, sub, 0x1000, n, 0, 0, corr]
+
+
+def test_summary_counts_and_percentiles(tmp_path):
+    d = str(tmp_path / "raw")
+    ks, vm = [], []
+    for i in range(1, 101):                      # latency i us; ACK latency i - 0.5 us; round trip 2i us
+        t = i * 1_000_000
+        ks.append(_m(t, "send", "vm:x", "START", i, n=4))
+        vm.append(_m(t + i * 1000, "recv", "ksmd", "START", i, n=4))
+        vm.append(_m(t + i * 1000 + 500, "send", "ksmd", "ACK", i))
+        ks.append(_m(t + 2 * i * 1000, "recv", "vm:x", "ACK", i))
+    ks.append(_m(200_000_000, "send", "vm:x", "CLEAR_YOUNG", 999, n=7))     # never received
+    vm += [["s", 300_000_000 + i * 100_000, i * 1000, "secondary_fault", 1, {"sub": 0}] for i in range(1, 11)]
+    vm.append(["s", 300_000_000, 50_000_000, "scan_like", 1, {}])           # overlaps the faults: nests
+    vm.append(["s", 300_250_000, 50_000_000, "overlap", 1, {}])             # overlaps without nesting
+    _write(d, "ksmd", 10, ks, end=400_000_000)
+    _write(d, "vm:x", 11, vm, end=400_000_000)
+    out = str(tmp_path / "m.json")
+    tracetool.merge(d, out)
+    doc = tracetool.load(out)
+    _assert_well_formed(doc)
+    lanes = {e["name"]: e["tid"] for e in doc["traceEvents"] if e.get("cat") == "span"}
+    assert lanes["overlap"] != lanes["scan_like"] == lanes["secondary_fault"]
+    s = tracetool.summary(out)
+    st, ack, cy = s["messages"]["START"], s["messages"]["ACK"], s["messages"]["CLEAR_YOUNG"]
+    assert (st["count"], st["pages"], st["matched"], st["sent"], st["received"]) == (100, 400, 100, 100, 100)
+    assert st["latency_us"] == {"p50": 50.0, "p90": 90.0, "p99": 99.0, "max": 100.0}
+    assert (ack["count"], ack["pages"]) == (100, 0)
+    assert ack["latency_us"] == {"p50": 49.5, "p90": 89.5, "p99": 98.5, "max": 99.5}
+    assert (cy["count"], cy["pages"], cy["matched"]) == (1, 7, 0)
+    assert cy["latency_us"] == {"p50": None, "p90": None, "p99": None, "max": None}
+    assert s["round_trips"] == {"START": {"count": 100, "p50": 100.0, "p90": 180.0, "p99": 198.0, "max": 200.0}}
+    assert s["faults"] == {"vm:x": {"secondary_fault": {"count": 10, "p50_us": 5.0, "p99_us": 10.0},
+                                    "cow_fault": {"count": 0, "p50_us": None, "p99_us": None}}}
+    assert s["killed"] == []
+    text = tracetool.format_summary(s)
+    assert "START" in text and "50.0" in text and "killed actors: none" in text
+    assert tracetool.percentile([3, 1, 2, 4], 50) == 2 and tracetool.percentile([], 50) is None
+
+
+def test_merge_skips_garbled_lines_anywhere_and_loads_only_merged_files(tmp_path):
+    d = str(tmp_path / "raw")
+    _write(d, "ksmd", 5, [_m(10, "send", "vm:x", "START", 1, n=1)], end=20,
+           tail="")
+    with open(os.path.join(d, "ksmd.5.jsonl")) as f:
+        lines = f.read().splitlines(keepends=True)
+    lines.insert(1, "\x00\x01garbage\n")
+    lines.insert(2, '["m", 1]\n')                     # valid JSON, not a record
+    lines.insert(3, '{"m": 1}\n')
+    with open(os.path.join(d, "ksmd.5.jsonl"), "w") as f:
+        f.write("".join(lines))
+    with open(os.path.join(d, "vm_x.6.jsonl"), "w") as f:
+        f.write('["h","vm:x",6,0,0]\n["m",15,"recv","ksmd","START",1,0,4096,1,0,0,1]\n["e",3')
+    out = str(tmp_path / "m.json")
+    info = tracetool.merge(d, out)
+    assert (info["skipped_lines"], info["records"], info["flows"], info["killed"]) == (4, 2, 1, ["vm:x"])
+    assert tracetool.load(out)["otherData"]["ksm_proto"]["skipped_lines"] == 4
+    empty = str(tmp_path / "e.json")
+    os.makedirs(tmp_path / "none")
+    assert tracetool.merge(str(tmp_path / "none"), empty)["actors"] == []
+    assert tracetool.load(empty)["traceEvents"] == [] and tracetool.check(empty) == []
+    (tmp_path / "x.json").write_text('{"traceEvents": []}')
+    with pytest.raises(ValueError):
+        tracetool.load(str(tmp_path / "x.json"))
+    (tmp_path / "y.json").write_text('{"traceEv')
+    with pytest.raises(ValueError):
+        tracetool.check(str(tmp_path / "y.json"))
+
+
+def _check(tmp_path, seqs, killed=()):
+    """check() of vm actors whose received notifier messages are seqs[actor] = [(ts_ns, type), ...]."""
+    d = str(tmp_path / "raw")
+    for pid, (actor, seq) in enumerate(seqs.items(), 1):
+        recs = [_m(ts, "recv", actor if typ in ("REGISTER", "RELEASE") else "ksmd", typ, i, n=1, mm=pid, sub=0)
+                for i, (ts, typ) in enumerate(seq)]
+        _write(d, actor, pid, recs, end=None if actor in killed else 90_000)
+    out = str(tmp_path / "m.json")
+    tracetool.merge(d, out)
+    return tracetool.check(out)
+
+
+VALID = [(1000, "REGISTER"), (2000, "START"), (3000, "CHANGE_PTE"), (4000, "END"), (5000, "START"),
+         (6000, "END"), (7000, "CHANGE_PTE"), (8000, "INVALIDATE_PAGE"), (9000, "CLEAR_YOUNG"),
+         (10500, "RELEASE")]
+
+
+@pytest.mark.parametrize("seq, at_us, got, expected, why", [
+    ([(1000, "START"), (2000, "END"), (3000, "RELEASE")], 1.0, "START", "REGISTER", "START before REGISTER"),
+    (VALID[:2] + [(2500, "START")] + VALID[3:], 2.5, "START", "CHANGE_PTE or END", "nested START"),
+    (VALID[:1] + [(1500, "END")] + VALID[1:], 1.5, "END",
+     "START, CHANGE_PTE, INVALIDATE_PAGE, CLEAR_YOUNG or RELEASE", "END without START"),
+    (VALID[:3] + [(3500, "CHANGE_PTE")] + VALID[3:], 3.5, "CHANGE_PTE", "END", "second CHANGE_PTE"),
+    (VALID + [(11250, "CLEAR_YOUNG")], 11.25, "CLEAR_YOUNG", "nothing after RELEASE", "CLEAR_YOUNG after RELEASE"),
+    (VALID[:-1], 9.0, "(end)", "START, CHANGE_PTE, INVALIDATE_PAGE, CLEAR_YOUNG or RELEASE", "stops before RELEASE"),
+])
+def test_check_each_violation_exactly(tmp_path, seq, at_us, got, expected, why):
+    v = _check(tmp_path, {"vm:ok": VALID, "vm:bad": seq})
+    assert len(v) == 1, v
+    (x,) = v
+    assert (x.actor, x.mm, x.sub, x.ts_us, x.got, x.expected) == ("vm:bad", 2, 0, at_us, got, expected)
+    assert x.startswith(f"vm:bad mm 2 sub 0 at {at_us:.3f} us: ") and why in x and "\n" not in x
+
+
+def test_check_valid_sequence_and_killed_actor(tmp_path):
+    assert _check(tmp_path, {"vm:a": VALID}) == []
+    (tmp_path / "raw").rename(tmp_path / "raw1")
+    # unfinished on a killed actor: fine; a real violation before the kill is still reported
+    v = _check(tmp_path, {"vm:k": VALID[:3], "vm:j": [(500, "END")] + VALID[:3]}, killed=("vm:k", "vm:j"))
+    assert [(x.actor, x.ts_us, x.got) for x in v] == [("vm:j", 0.5, "END")]

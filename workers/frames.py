@@ -174,6 +174,8 @@ class FrameAllocator:
             np.subtract.at(ft.mapcount, pfns, 1)
             dead = np.unique(pfns[ft.mapcount[pfns] <= 0])
             if len(dead):
+                if (ft.flags[dead] == FRAME_FREE).any():
+                    raise RuntimeError(f"frame accounting broken: freeing free frame(s) {dead[ft.flags[dead] == FRAME_FREE][:5]}")
                 ft.mapcount[dead] = 0
                 ft.flags[dead] = FRAME_FREE
                 top = int(ft.hdr[FTH_FREE_TOP])
@@ -185,6 +187,19 @@ class FrameAllocator:
         """Add one mapping to each frame (KSM frames gaining a sharer)."""
         with self.lock:
             np.add.at(self.ft.mapcount, np.asarray(pfns, dtype=np.int64), 1)
+
+    def pin_ksm(self, pfn: int, node: int) -> bool:
+        """Take a reference on KSM frame pfn if it is still the KSM page of stable node `node`.
+
+        (get_ksm_page: a KSM page can lose its last mapping, and be freed and reused, at
+        any moment; ksmd merges into it only while holding a reference.)  Drop with put().
+        """
+        ft = self.ft
+        with self.lock:
+            if ft.flags[pfn] & FRAME_KSM and int(ft.stable[pfn]) == node and ft.mapcount[pfn] > 0:
+                ft.mapcount[pfn] += 1
+                return True
+        return False
 
     def is_ksm(self, pfn: int) -> bool:
         return bool(self.ft.flags[pfn] & FRAME_KSM)

@@ -427,10 +427,15 @@ class Ksmd:
             if slot.alive and slot.ptl.try_acquire():     # ksmd only tries the lock, as in the kernel
                 locked.append(slot)
         held = {s.id: self.range_table(s) for s in locked}
+        pinned: dict[int, bool] = {}          # stable node -> its KSM frame is referenced by us
+        for op in ops:
+            if op.kind == "stable" and op.d not in pinned:
+                k = int(self.tree.kpfn[op.d])
+                pinned[op.d] = k >= 0 and self.alloc.pin_ksm(k, op.d)
         try:
             pages: dict[int, set] = {s.id: set() for s in locked}
             for op in ops:
-                op.ok = self.validate(op, held)
+                op.ok = self.validate(op, held) and (op.kind != "stable" or pinned[op.d])
                 if op.ok:
                     pages[op.slot.id].add(op.idx)
                     if op.tslot is not None:
@@ -441,6 +446,9 @@ class Ksmd:
         finally:
             for s in locked:
                 s.ptl.release()
+            for d, ok in pinned.items():
+                if ok:
+                    self.alloc.put(np.array([self.tree.kpfn[d]]))
         self.commit(ops)
         if self.tr:
             self.tr.span("merge", t0, time.monotonic_ns(), ops=len(ops), ok=sum(o.ok for o in ops))

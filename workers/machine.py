@@ -408,6 +408,41 @@ class Machine:
         """page_referenced for a range: primary young bits and clear_flush_young of secondary MMUs."""
         return self.faultd.call("page_referenced", mm=vm.mm_id, addr=addr, npages=npages)[0]["referenced"]
 
+    def check_frames(self) -> list[str]:
+        """Frame accounting invariants (call when quiet: run=0, no access in flight).
+
+        Every frame's mapcount equals the number of PTEs mapping it; a frame is free
+        exactly when nothing maps it; the free stack holds each free frame once.
+        """
+        from proto.layout import FRAME_FREE, FTH_FREE_TOP, ZERO_PFN
+        ft = self.ft
+        maps = np.zeros(self.nframes, dtype=np.int64)
+        for mm_id, (seg, _) in list(self.mm_segs.items()):
+            pte = MMView(seg).pte
+            pfn = (pte[(pte & np.uint64(PTE_PRESENT)) != 0] >> np.uint64(PAGE_SHIFT)).astype(np.int64)
+            maps += np.bincount(pfn, minlength=self.nframes)
+        maps[ZERO_PFN] = 0
+        mc = ft.mapcount.astype(np.int64).copy()
+        mc[ZERO_PFN] = 0
+        problems = []
+        bad = np.flatnonzero(maps != mc)
+        if len(bad):
+            problems.append(f"{len(bad)} frames whose mapcount is not their number of mappings, e.g. pfn "
+                            f"{bad[0]}: mapcount {mc[bad[0]]}, mapped {maps[bad[0]]} times")
+        top = int(ft.hdr[FTH_FREE_TOP])
+        free = ft.free_stack[:top].astype(np.int64)
+        if len(np.unique(free)) != len(free):
+            problems.append("a frame is on the free stack twice")
+        if (ft.flags[free] != FRAME_FREE).any() or (maps[free] != 0).any():
+            problems.append("a frame on the free stack is in use")
+        unused = np.flatnonzero((maps == 0) & (ft.flags != FRAME_FREE))
+        unused = unused[unused != ZERO_PFN]
+        if len(unused):
+            problems.append(f"{len(unused)} frames nothing maps are not free, e.g. pfn {unused[0]}")
+        if top != int(((ft.flags == FRAME_FREE)).sum()):
+            problems.append(f"free stack holds {top} frames, {int((ft.flags == FRAME_FREE).sum())} are flagged free")
+        return problems
+
     def rmap_item_bytes(self) -> int:
         """ksmd's measured metadata bytes per rmap item (the kernel's sizeof(struct ksm_rmap_item))."""
         c = self.stats.counter_dict()
@@ -442,6 +477,10 @@ class Machine:
         """exit_mmap: drop every frame the mm maps, then unlink its segment and lock."""
         seg, ptl = self.mm_segs.pop(mm_id)
         mm = MMView(seg)
+        try:     # a fault still finishing on this mm completes (PTE set, old frame dropped) first
+            ptl.acquire(self.ack_timeout * 2)
+        except TimeoutError as e:
+            log.error("mm %d: %s; freeing its frames anyway", mm_id, e)
         pte = mm.pte
         present = (pte & np.uint64(PTE_PRESENT)) != 0
         pfns = (pte[present] >> np.uint64(PAGE_SHIFT)).astype(np.int64)

@@ -116,6 +116,7 @@ def no_lost_writes(m, nvms: int = 3, pages: int = 64, thread_writes: int = 300, 
                                     f"got {g[bad[0]]} want {want[bad[0]]}")
     vstats = [vm.stats() for vm in vms]
     m.ksm.set(run=0)
+    frame_problems = m.check_frames()
     for vm in vms:
         vm.close()
     writes = nvms * thread_writes + sum(worker_done)
@@ -125,6 +126,7 @@ def no_lost_writes(m, nvms: int = 3, pages: int = 64, thread_writes: int = 300, 
         "worker_writes": sum(worker_done),
         "mismatches": mismatched_pages,
         "mismatch_examples": examples,
+        "frame_problems": frame_problems,
         "seconds": round(elapsed, 3),
         "writes_per_s": round(writes / elapsed, 1) if elapsed else None,
         "cow_faults": sum(v["cow_faults"] for v in vstats),

@@ -149,26 +149,35 @@ def bench_scan(npages: int, kernel_ok: bool, why: str, prog) -> dict:
 
 
 # ---------------------------------------------------------------------------- 2. cow
-def pipe_pingpong(n: int = 20000) -> list[float]:
+def pipe_pingpong(n: int = 20000, cpus: tuple[int, int] | None = None) -> list[float]:
+    """One byte back and forth over two pipes between two processes; cpus pins (parent, child)."""
     r1, w1 = os.pipe()
     r2, w2 = os.pipe()
+    saved = os.sched_getaffinity(0)
     pid = os.fork()
     if pid == 0:
         try:
+            if cpus:
+                os.sched_setaffinity(0, {cpus[1]})
             for _ in range(n):
                 os.read(r1, 1)
                 os.write(w2, b"x")
         finally:
             os._exit(0)
     ts = []
-    for _ in range(n):
-        t = time.perf_counter_ns()
-        os.write(w1, b"x")
-        os.read(r2, 1)
-        ts.append((time.perf_counter_ns() - t) / 1000)
-    os.waitpid(pid, 0)
-    for fd in (r1, w1, r2, w2):
-        os.close(fd)
+    try:
+        if cpus:
+            os.sched_setaffinity(0, {cpus[0]})
+        for _ in range(n):
+            t = time.perf_counter_ns()
+            os.write(w1, b"x")
+            os.read(r2, 1)
+            ts.append((time.perf_counter_ns() - t) / 1000)
+    finally:
+        os.sched_setaffinity(0, saved)
+        os.waitpid(pid, 0)
+        for fd in (r1, w1, r2, w2):
+            os.close(fd)
     return ts
 
 
@@ -195,17 +204,64 @@ def cow_samples(mode: str, npages: int) -> list[float]:
         return [x / 1000 for x in vm.cow_samples_ns()]
 
 
-def bench_cow(npages: int, kernel_ok: bool, why: str, prog) -> dict:
-    prog("cow: pipe ping-pong")
-    pipe = pipe_pingpong(20000 if npages >= 2000 else 3000)
-    prog("cow: ksm-proto COW faults")
-    s = cow_samples("change_pte", npages)
+def channel_pingpong(n: int) -> list[float]:
+    """Our own channel (asyncio on uvloop, framed messages) between two processes: the transport floor."""
+    import asyncio
+    import uvloop
+    from proto.channel import Channel
+    from proto.messages import Msg, encode
+    a, b = socket.socketpair()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            a.close()
+
+            async def child():
+                loop = asyncio.get_running_loop()
+                done = loop.create_future()
+                await loop.create_connection(
+                    lambda: Channel("echo", lambda ch, f: ch.send(encode(Msg.ACK, corr=f.corr)),
+                                    lambda ch: done.done() or done.set_result(None)), sock=b)
+                await done
+            uvloop.run(child())
+        finally:
+            os._exit(0)
+    b.close()
+    ts: list[float] = []
+
+    async def parent():
+        loop = asyncio.get_running_loop()
+        _, ch = await loop.create_connection(lambda: Channel("ping", lambda c, f: None), sock=a)
+        for i in range(1, n + 1):
+            t = time.perf_counter_ns()
+            await ch.call(i, encode(Msg.START, corr=i), 5)
+            ts.append((time.perf_counter_ns() - t) / 1000)
+        ch.close()
+    uvloop.run(parent())
+    os.waitpid(pid, 0)
+    return ts
+
+
+def bench_cow(npages: int, kernel_ok: bool, why: str, prog, rounds: int = 3) -> dict:
+    """COW samples and the pipe ping-pong, in interleaved rounds (CPU state drifts during a run)."""
+    pipe, same, s, chan = [], [], [], []
+    ncpu = os.cpu_count() or 1
+    for r in range(rounds):
+        prog(f"cow: pipe ping-pong, round {r + 1}")
+        npp = 10000 if npages >= 2000 else 2000
+        pipe += pipe_pingpong(npp, (0, 1) if ncpu > 1 else None)     # across CPUs, as our actors run
+        same += pipe_pingpong(npp // 2, (0, 0))
+        prog(f"cow: ksm-proto COW faults, round {r + 1}")
+        s += cow_samples("change_pte", npages)
+        chan += channel_pingpong(5000 if npages >= 2000 else 1000)
     k = {"skipped": why}
     if kernel_ok:
         prog("cow: kernel COW of KSM pages")
         k = kernel_ksm.kernel_cow_us(min(npages, 4096))
     res = {"p50_us": round(pct(s, 50), 1), "p99_us": round(pct(s, 99), 1), "samples": len(s),
            "pipe_p50_us": round(pct(pipe, 50), 1), "pipe_p99_us": round(pct(pipe, 99), 1),
+           "pipe_same_cpu_p50_us": round(pct(same, 50), 1),
+           "channel_p50_us": round(pct(chan, 50), 1), "channel_p99_us": round(pct(chan, 99), 1),
            "kernel_us": k.get("cow_p50_us"), "kernel_unmerged_us": k.get("unmerged_p50_us")}
     res["ratio_vs_pipe"] = round(res["p50_us"] / res["pipe_p50_us"], 2)
     if not kernel_ok:
@@ -285,9 +341,9 @@ def bench_scaling(max_cores: int, seconds: float, prog) -> list:
     for k in ks:
         prog(f"scaling: {k} VM(s)")
         out.append(cow_workload(k, seconds))
-    base = out[0]["writes_per_s"] or 1
+    base = out[0]["cow_faults_per_s"] or 1
     for r in out:
-        r["speedup"] = round(r["writes_per_s"] / base, 2)
+        r["speedup"] = round(r["cow_faults_per_s"] / base, 2)
     return out
 
 
@@ -326,14 +382,17 @@ def table(res: dict) -> str:
         rows.append(f"| COW fault round trip p50 (us) | {c['p50_us']} | pipe ping-pong {c['pipe_p50_us']} | "
                     f"{c['ratio_vs_pipe']}x | <= 1.5x |")
         rows.append(f"| COW fault round trip p99 (us) | {c['p99_us']} | pipe p99 {c['pipe_p99_us']} | | |")
+        rows.append(f"| pipe ping-pong with both ends on one CPU (us) | | {c['pipe_same_cpu_p50_us']} | | |")
+        rows.append(f"| our channel ping-pong p50 (us), the transport floor | {c['channel_p50_us']} | "
+                    f"pipe {c['pipe_p50_us']} | {c['channel_p50_us'] / c['pipe_p50_us']:.2f}x | |")
         rows.append(f"| kernel COW of a KSM page (us) | | {f(c['kernel_us'])} (unmerged {f(c['kernel_unmerged_us'])}) | | |")
     for mode, v in res.get("modes", {}).items():
         rows.append(f"| {mode}: secondary faults / messages per merged page, re-read us/page | "
                     f"{v['secondary_faults_per_merged_page']} / {v['messages_per_merged_page']}, "
                     f"{v['reread_us_per_page']} | | | |")
     for r in res.get("scaling", []):
-        rows.append(f"| scaling: {r['vms']} VM(s), writes/s (COW faults/s) | {f(r['writes_per_s'])} "
-                    f"({f(r['cow_faults_per_s'])}) | 1 VM | {r['speedup']}x | |")
+        rows.append(f"| scaling: {r['vms']} VM(s), COW faults/s (writes/s) | {f(r['cow_faults_per_s'])} "
+                    f"({f(r['writes_per_s'])}) | 1 VM | {r['speedup']}x | |")
     if "trace" in res:
         t = res["trace"]
         rows.append(f"| tracing on vs off (writes/s) | {f(t['writes_per_s_on'])} | off {f(t['writes_per_s_off'])} | "

@@ -18,6 +18,7 @@ import json
 import math
 import os
 from collections import defaultdict, deque
+from json.encoder import encode_basestring_ascii as _esc
 
 from proto.trace import KINDS, NOTIFIER_TYPES, REPLY_TYPES
 
@@ -26,7 +27,7 @@ __all__ = ["merge", "load", "summary", "format_summary", "check", "Violation", "
 
 FORMAT = "ksm-proto trace 1"
 GRAMMAR = "REGISTER ( START [CHANGE_PTE] END | CHANGE_PTE | INVALIDATE_PAGE | CLEAR_YOUNG )* RELEASE"
-MSG_DUR_US = 0.5                       # drawn width of a message slice (shortened so slices never overlap)
+MSG_DUR_NS = 500                       # drawn width of a message slice (shortened so slices never overlap)
 COUNTERS_NOTE = "counters are drawn on the process of the actor that sampled them"
 _ORDER = {"supervisor": 0, "ksmd": 1, "faultd": 2}
 
@@ -176,7 +177,25 @@ def _lanes(spans: list) -> list[int]:
 
 
 def _us(ns: int, t0: int) -> float:
-    return round((ns - t0) / 1000.0, 3)
+    return (ns - t0) / 1000      # int / int is correctly rounded: its repr is the exact decimal (3 places)
+
+
+def _dumps(o) -> str:
+    return json.dumps(o, separators=(",", ":"), default=str)
+
+
+def _ts_of(r):
+    return r[1]
+
+
+def _ts_of0(e):
+    return e[0]
+
+
+_X_MSG = ('{"ph":"X","name":%s,"cat":"msg","pid":%d,"tid":%d,"ts":%r,"dur":%r,"args":{"dir":"%s","peer":%s,'
+          '"mm":%d,"sub":%d,"addr":"%s","n":%d,"old_pte":"%s","new_pte":"%s","corr":%d}}')
+_FLOW_S = '{"ph":"s","name":%s,"cat":"flow","id":%d,"pid":%d,"tid":%d,"ts":%r}'
+_FLOW_F = '{"ph":"f","bp":"e","name":%s,"cat":"flow","id":%d,"pid":%d,"tid":%d,"ts":%r}'
 
 
 @_bulk
@@ -207,21 +226,29 @@ def merge(trace_dir: str, out_path: str) -> dict:
             wall0 = f["wall"] - (f["t_open"] - t0)
             break
 
-    meta, events = [], []
+    # Events are kept as (ts_us, JSON text): the hot ones are formatted directly (5x faster than
+    # building dicts for json.dumps), the rest go through json.dumps.
+    meta: list[str] = []
+    events: list[tuple[float, str]] = []
     tids = iter(range(1, 1 << 30))
     killed, info = [], {}
     sends, recvs = [], []
     n_records = sum(len(f["records"]) for f in files)
+
+    def m_(name, pid, tid, args):
+        meta.append(_dumps({"ph": "M", "name": name, "pid": pid, "tid": tid, "ts": 0, "args": args}))
+
+    def ev(e):
+        events.append((e["ts"], _dumps(e)))
+
     for idx, actor in enumerate(actors):
         pid = idx + 1
         fs = by_actor[actor]
         dead = not all(f["ended"] for f in fs)
         if dead:
             killed.append(actor)
-        meta.append({"ph": "M", "name": "process_name", "pid": pid, "tid": 0, "ts": 0,
-                     "args": {"name": actor + (" (killed)" if dead else "")}})
-        meta.append({"ph": "M", "name": "process_sort_index", "pid": pid, "tid": 0, "ts": 0,
-                     "args": {"sort_index": pid}})
+        m_("process_name", pid, 0, {"name": actor + (" (killed)" if dead else "")})
+        m_("process_sort_index", pid, 0, {"sort_index": pid})
         info[actor] = {"pid": pid, "os_pids": [f["os_pid"] for f in fs], "killed": dead,
                        "end_ts_us": (None if dead or not fs else _us(max(f["end_ts"] for f in fs), t0)),
                        "files": [os.path.basename(f["path"]) for f in fs],
@@ -232,75 +259,71 @@ def merge(trace_dir: str, out_path: str) -> dict:
             spans = [r for r in f["records"] if r[0] == "s"]
             ctrs = [r for r in f["records"] if r[0] == "c"]
             mtid = next(tids)
-            meta.append({"ph": "M", "name": "thread_name", "pid": pid, "tid": mtid, "ts": 0,
-                         "args": {"name": "messages" + suffix}})
-            meta.append({"ph": "M", "name": "thread_sort_index", "pid": pid, "tid": mtid, "ts": 0,
-                         "args": {"sort_index": inc * 100}})
+            m_("thread_name", pid, mtid, {"name": "messages" + suffix})
+            m_("thread_sort_index", pid, mtid, {"sort_index": inc * 100})
             if f["t_open"] is not None:
-                events.append({"ph": "i", "s": "t", "name": "trace open", "cat": "actor", "pid": pid, "tid": mtid,
-                               "ts": _us(f["t_open"], t0), "args": {"os_pid": f["os_pid"]}})
+                ev({"ph": "i", "s": "t", "name": "trace open", "cat": "actor", "pid": pid, "tid": mtid,
+                    "ts": _us(f["t_open"], t0), "args": {"os_pid": f["os_pid"]}})
             if f["end_ts"] is not None:
-                events.append({"ph": "i", "s": "t", "name": "trace end", "cat": "actor", "pid": pid, "tid": mtid,
-                               "ts": _us(f["end_ts"], t0), "args": {"os_pid": f["os_pid"]}})
-            msgs.sort(key=lambda r: r[1])
+                ev({"ph": "i", "s": "t", "name": "trace end", "cat": "actor", "pid": pid, "tid": mtid,
+                    "ts": _us(f["end_ts"], t0), "args": {"os_pid": f["os_pid"]}})
+            msgs.sort(key=_ts_of)
+            last = len(msgs) - 1
             for i, r in enumerate(msgs):
                 _, ts, d, peer, typ, mm, sub, addr, n, old, new, corr = r
-                t = _us(ts, t0)
-                dur = MSG_DUR_US
-                if i + 1 < len(msgs):      # never overlap the next slice: overlapping X events do not nest
-                    dur = max(0.0, min(dur, round((msgs[i + 1][1] - ts) / 1000.0 - 0.001, 3)))
-                ev = {"ph": "X", "name": typ, "cat": "msg", "pid": pid, "tid": mtid, "ts": t, "dur": dur,
-                      "args": {"dir": d, "peer": peer, "mm": mm, "sub": sub, "addr": hex(addr), "n": n,
-                               "old_pte": hex(old), "new_pte": hex(new), "corr": corr}}
-                events.append(ev)
-                m = (ts, actor, d, peer, typ, corr, ev)
-                (sends if d == "send" else recvs).append(m)
+                t = (ts - t0) / 1000
+                # never overlap the next slice of the thread: overlapping X events do not nest
+                dur = MSG_DUR_NS if i == last else max(0, min(MSG_DUR_NS, msgs[i + 1][1] - ts - 1))
+                events.append((t, _X_MSG % (_esc(typ), pid, mtid, t, dur / 1000, d, _esc(peer), mm, sub,
+                                            hex(addr), n, hex(old), hex(new), corr)))
+                (sends if d == "send" else recvs).append((ts, actor, d, peer, typ, corr, pid, mtid, t))
             if spans:
                 lanes = _lanes([(r[1], r[2]) for r in spans])
                 lane_tids = {}
                 for r, ln in zip(spans, lanes):
                     if ln not in lane_tids:
                         lane_tids[ln] = next(tids)
-                        meta.append({"ph": "M", "name": "thread_name", "pid": pid, "tid": lane_tids[ln], "ts": 0,
-                                     "args": {"name": "spans" + (f" {ln + 1}" if ln else "") + suffix}})
-                        meta.append({"ph": "M", "name": "thread_sort_index", "pid": pid, "tid": lane_tids[ln],
-                                     "ts": 0, "args": {"sort_index": inc * 100 + 1 + ln}})
+                        m_("thread_name", pid, lane_tids[ln], {"name": "spans" + (f" {ln + 1}" if ln else "") + suffix})
+                        m_("thread_sort_index", pid, lane_tids[ln], {"sort_index": inc * 100 + 1 + ln})
                     _, ts, dur, name, mm, args = r
-                    events.append({"ph": "X", "name": name, "cat": "span", "pid": pid, "tid": lane_tids[ln],
-                                   "ts": _us(ts, t0), "dur": round(max(dur, 0) / 1000.0, 3),
-                                   "args": {"mm": mm, **args}})
+                    ev({"ph": "X", "name": name, "cat": "span", "pid": pid, "tid": lane_tids[ln],
+                        "ts": _us(ts, t0), "dur": max(dur, 0) / 1000, "args": {"mm": mm, **args}})
             for r in ctrs:
                 _, ts, name, value = r
-                events.append({"ph": "C", "name": name, "cat": "counter", "pid": pid, "tid": mtid,
-                               "ts": _us(ts, t0), "args": {"value": value}})
+                ev({"ph": "C", "name": name, "cat": "counter", "pid": pid, "tid": mtid,
+                    "ts": _us(ts, t0), "args": {"value": value}})
 
     pairs, lone_sends, lone_recvs = _match(sends, recvs, _msg_key)
     for fid, (s, r) in enumerate(pairs, 1):
-        es, er = s[6], r[6]
-        events.append({"ph": "s", "name": s[4], "cat": "flow", "id": fid, "pid": es["pid"], "tid": es["tid"],
-                       "ts": es["ts"]})
-        events.append({"ph": "f", "bp": "e", "name": s[4], "cat": "flow", "id": fid, "pid": er["pid"],
-                       "tid": er["tid"], "ts": er["ts"]})
-    events.sort(key=lambda e: e["ts"])
+        name = _esc(s[4])
+        events.append((s[8], _FLOW_S % (name, fid, s[6], s[7], s[8])))
+        events.append((r[8], _FLOW_F % (name, fid, r[6], r[7], r[8])))
+    events.sort(key=_ts_of0)
 
     skipped = sum(f["skipped"] for f in files)
     result = {"actors": actors, "files": len(files), "records": n_records, "skipped_lines": skipped,
               "killed": killed, "flows": len(pairs), "unmatched_sends": len(lone_sends),
               "unmatched_recvs": sum(1 for r in lone_recvs if r[3] != r[1]), "events": len(meta) + len(events)}
-    doc = {"traceEvents": meta + events, "displayTimeUnit": "ns",
-           "otherData": {"killed": killed, "skipped_lines": skipped,
-                         "ksm_proto": {"format": FORMAT, "t0_monotonic_ns": t0, "t0_wall_time_ns": wall0,
-                                       "actors": info, "killed": killed, "records": n_records,
-                                       "skipped_lines": skipped, "flows": len(pairs),
-                                       "unmatched_sends": result["unmatched_sends"],
-                                       "unmatched_recvs": result["unmatched_recvs"], "note": COUNTERS_NOTE}}}
-    tmp = f"{out_path}.{os.getpid()}.tmp"
+    other = {"killed": killed, "skipped_lines": skipped,
+             "ksm_proto": {"format": FORMAT, "t0_monotonic_ns": t0, "t0_wall_time_ns": wall0,
+                           "actors": info, "killed": killed, "records": n_records,
+                           "skipped_lines": skipped, "flows": len(pairs),
+                           "unmatched_sends": result["unmatched_sends"],
+                           "unmatched_recvs": result["unmatched_recvs"], "note": COUNTERS_NOTE}}
     d = os.path.dirname(os.path.abspath(out_path))
     os.makedirs(d, exist_ok=True)
-    data = json.dumps(doc, separators=(",", ":"), default=str)     # the C encoder (json.dump is pure Python)
-    with open(tmp, "w") as f:
-        f.write(data)
-    os.replace(tmp, out_path)
+    tmp = os.path.join(d, f".{os.path.basename(out_path)}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w") as f:
+            f.write('{"traceEvents":[\n')
+            texts = meta + [e[1] for e in events]
+            for k in range(0, len(texts), 8192):
+                f.write((",\n" if k else "") + ",\n".join(texts[k:k + 8192]))
+            f.write('\n],"displayTimeUnit":"ns","otherData":' + _dumps(other) + "}\n")
+        os.replace(tmp, out_path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
     result["out"] = out_path
     return result
 
@@ -326,33 +349,38 @@ def _actor_names(doc: dict) -> dict[int, str]:
     return {a["pid"]: name for name, a in doc["otherData"]["ksm_proto"]["actors"].items()}
 
 
-def messages(path_or_doc) -> list[dict]:
-    """Every message record of a merged trace, in time order: dicts with ts (us), actor and the fields."""
-    doc = _doc(path_or_doc)
+def _msg_tuples(doc: dict) -> list[tuple]:
+    """(ts_us, actor, dir, peer, type, corr, args) of every message slice, in file (= time) order."""
     names = _actor_names(doc)
     out = []
     for e in doc["traceEvents"]:
-        if e.get("ph") == "X" and e.get("cat") == "msg":
+        if e.get("cat") == "msg" and e.get("ph") == "X":
             a = e["args"]
-            out.append({"ts": e["ts"], "actor": names.get(e["pid"], str(e["pid"])), "dir": a["dir"],
-                        "peer": a["peer"], "type": e["name"], "mm": a["mm"], "sub": a["sub"],
-                        "addr": int(a["addr"], 16), "n": a["n"], "old_pte": int(a["old_pte"], 16),
-                        "new_pte": int(a["new_pte"], 16), "corr": a["corr"]})
+            out.append((e["ts"], names.get(e["pid"], str(e["pid"])), a["dir"], a["peer"], e["name"], a["corr"], a))
     return out
 
 
-def percentile(values, p: float) -> float | None:
+def messages(path_or_doc) -> list[dict]:
+    """Every message record of a merged trace, in time order: dicts with ts (us), actor and the fields."""
+    return [{"ts": ts, "actor": actor, "dir": d, "peer": peer, "type": typ, "mm": a["mm"], "sub": a["sub"],
+             "addr": int(a["addr"], 16), "n": a["n"], "old_pte": int(a["old_pte"], 16),
+             "new_pte": int(a["new_pte"], 16), "corr": corr}
+            for ts, actor, d, peer, typ, corr, a in _msg_tuples(_doc(path_or_doc))]
+
+
+def percentile(values, p: float, _sorted: bool = False) -> float | None:
     """Nearest-rank percentile: the smallest value with at least p% of the values at or below it."""
     if not values:
         return None
-    v = sorted(values)
+    v = values if _sorted else sorted(values)
     k = max(1, math.ceil(p / 100.0 * len(v)))
     return v[min(k, len(v)) - 1]
 
 
 def _pcts(values, ps=(50, 90, 99)) -> dict:
-    d = {f"p{p}": (None if not values else round(percentile(values, p), 3)) for p in ps}
-    d["max"] = round(max(values), 3) if values else None
+    v = sorted(values)
+    d = {f"p{p}": (None if not v else round(percentile(v, p, True), 3)) for p in ps}
+    d["max"] = round(v[-1], 3) if v else None
     return d
 
 
@@ -369,8 +397,7 @@ def summary(path_or_doc) -> dict:
     """
     doc = _doc(path_or_doc)
     od = doc["otherData"]["ksm_proto"]
-    msgs = messages(doc)
-    tup = [(m["ts"], m["actor"], m["dir"], m["peer"], m["type"], m["corr"], m) for m in msgs]
+    tup = _msg_tuples(doc)
     pairs, lone_s, lone_r = _match([t for t in tup if t[2] == "send"], [t for t in tup if t[2] == "recv"], _msg_key)
 
     per: dict[str, dict] = {}

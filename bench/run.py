@@ -348,17 +348,42 @@ def bench_scaling(max_cores: int, seconds: float, prog) -> list:
 
 
 # ---------------------------------------------------------------------------- 5. trace
-def bench_trace(seconds: float, prog, rounds: int = 3) -> dict:
+def merge_cow_rounds(npages: int, rounds: int, trace: str | None = None) -> float:
+    """Fixed work: two VMs' pages merged, then every page written (a COW each), `rounds` times."""
+    with Machine(frames=4 * npages + 2048, trace=trace) as m:
+        m.ksm.set(pages_to_scan=100000, sleep_millisecs=0, max_page_sharing=2 * npages + 1)
+        vms = [merged_vm(m, npages, f"r{i}", value=1) for i in range(2)]
+        t0 = time.monotonic()
+        for r in range(rounds):
+            m.ksm.set(run=1)
+            deadline = time.monotonic() + 120
+            while m.ksm.stats()["pages_sharing"] < 2 * npages - 1:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"round {r}: not merged: {m.ksm.stats()}")
+                time.sleep(0.0005)
+            m.ksm.set(run=0)
+            wids = [vm.writer_start(a, npages, seed=0, count=npages, values=-(r + 2)) for vm, a in vms]
+            for (vm, _), w in zip(vms, wids):
+                while not vm.writer_peek(w)["finished"]:
+                    time.sleep(0.0005)
+                vm.writer_stop(w)
+        return time.monotonic() - t0
+
+
+def bench_trace(npages: int, prog, rounds: int = 3, keep: str | None = None) -> dict:
+    """The same fixed work with tracing off and on, interleaved; the ratio of medians."""
     offs, ons = [], []
     with tempfile.TemporaryDirectory() as d:
-        for r in range(rounds):      # interleaved, so drift hits both alike
+        for r in range(rounds):
             prog(f"trace: off/on round {r + 1}")
-            offs.append(cow_workload(2, seconds)["writes_per_s"])
-            ons.append(cow_workload(2, seconds, trace=os.path.join(d, f"t{r}.json"))["writes_per_s"])
-        size = os.path.getsize(os.path.join(d, "t0.json"))
+            offs.append(merge_cow_rounds(npages, 3))
+            path = keep if (keep and r == 0) else os.path.join(d, f"t{r}.json")
+            ons.append(merge_cow_rounds(npages, 3, trace=path))
+            if r == 0:
+                size = os.path.getsize(path)
     off, on = statistics.median(offs), statistics.median(ons)
-    return {"writes_per_s_off": off, "writes_per_s_on": on, "ratio": round(off / on, 3) if on else None,
-            "trace_bytes": size}
+    return {"seconds_off": round(off, 3), "seconds_on": round(on, 3), "ratio": round(on / off, 3),
+            "work": f"3 rounds x (merge {2 * npages} pages + {2 * npages} COW faults)", "trace_bytes": size}
 
 
 # ---------------------------------------------------------------------------- report
@@ -395,7 +420,7 @@ def table(res: dict) -> str:
                     f"({f(r['writes_per_s'])}) | 1 VM | {r['speedup']}x | |")
     if "trace" in res:
         t = res["trace"]
-        rows.append(f"| tracing on vs off (writes/s) | {f(t['writes_per_s_on'])} | off {f(t['writes_per_s_off'])} | "
+        rows.append(f"| tracing on vs off: {t['work']} (s) | {f(t['seconds_on'])} | off {f(t['seconds_off'])} | "
                     f"{f(t['ratio'])}x slower | <= 1.10x |")
     st = res.get("stress")
     if st:
@@ -450,6 +475,7 @@ def main(argv=None) -> int:
     ap.add_argument("--stress-writes", type=int, default=1_000_000)
     ap.add_argument("--only", nargs="+", choices=PARTS, help="run only these parts")
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results"))
+    ap.add_argument("--trace", metavar="FILE", help="keep the trace of the traced run of the trace part here")
     a = ap.parse_args(argv)
     if a.cores < 1:
         ap.error(f"--cores must be >= 1, not {a.cores}")
@@ -489,7 +515,7 @@ def main(argv=None) -> int:
             elif part == "scaling":
                 res["scaling"] = bench_scaling(a.cores, seconds, prog)
             elif part == "trace":
-                res["trace"] = bench_trace(seconds, prog)
+                res["trace"] = bench_trace(256 if q else 1024, prog, keep=a.trace)
                 res["trace_overhead_ratio"] = res["trace"]["ratio"]
             elif part == "stress":
                 prog(f"stress: {stress_writes:,} writes")

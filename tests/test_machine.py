@@ -256,3 +256,14 @@ def test_nothing_left_behind(how):
     while run_entries(run) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert run_entries(run) == []
+
+
+def test_new_machine_sweeps_segments_of_dead_runs(ksm_machine_factory):
+    import posix_ipc
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = f"/ksmp.{dead.pid}.deadbeef0000.frames"
+    posix_ipc.SharedMemory(stale, posix_ipc.O_CREX, size=4096).close_fd()
+    assert stale[1:] in os.listdir("/dev/shm")
+    ksm_machine_factory(frames=64)
+    assert stale[1:] not in os.listdir("/dev/shm")

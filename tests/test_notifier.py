@@ -108,3 +108,36 @@ def test_page_referenced_clear_young(ksm_machine):
     assert m.page_referenced(vm, x, 2) == 0          # nobody touched them since
     assert vm.read(x + PAGE_SIZE, 1) == b"y"           # the shadow MMU sets its accessed bit
     assert m.page_referenced(vm, x, 2) == 1
+
+
+def test_a_subscriber_that_stops_answering_is_released(ksm_machine_factory):
+    """ksmd does not wait forever on a stopped VM: after ack_timeout it releases that secondary MMU,
+    merges, and the VM, once running again, drops its stale translations instead of using them."""
+    import os
+    import signal
+    import time
+    m = ksm_machine_factory(ack_timeout=0.5)
+    m.ksm.set(pages_to_scan=1000, sleep_millisecs=0)
+    a, b = m.spawn_vm("a"), m.spawn_vm("b")
+    xs = []
+    for vm in (a, b):
+        x = vm.mmap(2 * PAGE_SIZE)
+        vm.write(x, b"\x04" * 2 * PAGE_SIZE)
+        vm.madvise(x, 2 * PAGE_SIZE, MADV_MERGEABLE)
+        xs.append(x)
+    os.kill(a.pid, signal.SIGSTOP)
+    try:
+        m.ksm.set(run=1)
+        deadline = time.monotonic() + 20
+        while m.ksm.stats()["pages_sharing"] < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        s = m.ksm.stats()
+        assert (s["pages_shared"], s["pages_sharing"]) == (1, 3)      # merged without a's acks
+    finally:
+        os.kill(a.pid, signal.SIGCONT)
+    m.ksm.set(run=0)
+    with pytest.raises(OSError) as ei:
+        a.read(xs[0], 1)
+    assert "released" in str(ei.value)
+    assert a.stats()["subs"]["kvm"]["released"] is True
+    assert b.read(xs[1], 2 * PAGE_SIZE) == b"\x04" * 2 * PAGE_SIZE    # the others go on

@@ -427,15 +427,17 @@ class Ksmd:
             if slot.alive and slot.ptl.try_acquire():     # ksmd only tries the lock, as in the kernel
                 locked.append(slot)
         held = {s.id: self.range_table(s) for s in locked}
-        pinned: dict[int, bool] = {}          # stable node -> its KSM frame is referenced by us
+        # stable node -> its KSM frame is referenced by us (None: a node this batch creates from
+        # a pair; its frame is the pair's own page, held by that page's PTE under our ptl)
+        pinned: dict[int, bool | None] = {}
         for op in ops:
             if op.kind == "stable" and op.d not in pinned:
                 k = int(self.tree.kpfn[op.d])
-                pinned[op.d] = k >= 0 and self.alloc.pin_ksm(k, op.d)
+                pinned[op.d] = None if k < 0 else self.alloc.pin_ksm(k, op.d)
         try:
             pages: dict[int, set] = {s.id: set() for s in locked}
             for op in ops:
-                op.ok = self.validate(op, held) and (op.kind != "stable" or pinned[op.d])
+                op.ok = self.validate(op, held) and (op.kind != "stable" or pinned[op.d] is not False)
                 if op.ok:
                     pages[op.slot.id].add(op.idx)
                     if op.tslot is not None:
@@ -447,7 +449,7 @@ class Ksmd:
             for s in locked:
                 s.ptl.release()
             for d, ok in pinned.items():
-                if ok:
+                if ok:      # (True only: pending nodes took no reference)
                     self.alloc.put(np.array([self.tree.kpfn[d]]))
         self.commit(ops)
         if self.tr:

@@ -1,13 +1,21 @@
 """Trace tools: merge the actors' .jsonl trace files into one Chrome/Perfetto trace, summarize it, check it.
 
     merge(trace_dir, out_path) -> dict    every *.jsonl of a run -> one Chrome Trace Event Format file
-    load(path) -> dict                    a merged file (ValueError if it is not one)
+    load(path) -> dict                    a merged file (ValueError if it is not JSON or not merge()'s)
     summary(path) -> dict, format_summary(d) -> str
                                           counts, page entries and latencies per message type,
                                           request/reply round trips, fault spans per VM, killed actors
     check(path) -> list[Violation]        every secondary MMU follows the mmu_notifier grammar
+    messages(path) -> list[dict]          the message records of a merged file, in time order
 
-The record format is proto/trace.py's.  Owns nothing else: it never runs an actor.
+The record format is proto/trace.py's.  In the merged file: one process per actor (pid 1..N:
+supervisor, ksmd, faultd, vm:* by name, then the rest; "(killed)" appended when a file of it has
+no end record), a thread per actor process file for its messages (0.5 us "X" slices, cat "msg")
+and as many span threads as needed to keep spans properly nested; flow arrows ("s" -> "f", cat
+"flow") join each send to its recv; counters ("C", series "value") sit on the actor that sampled
+them.  Timestamps are microseconds since the earliest record.  otherData.ksm_proto holds what
+summary() and check() need (format, actors, pids, killed, t0); otherData.killed and
+otherData.skipped_lines repeat the essentials.  Owns nothing else: it never runs an actor.
 """
 from __future__ import annotations
 
@@ -28,7 +36,7 @@ __all__ = ["merge", "load", "summary", "format_summary", "check", "Violation", "
 FORMAT = "ksm-proto trace 1"
 GRAMMAR = "REGISTER ( START [CHANGE_PTE] END | CHANGE_PTE | INVALIDATE_PAGE | CLEAR_YOUNG )* RELEASE"
 MSG_DUR_NS = 500                       # drawn width of a message slice (shortened so slices never overlap)
-COUNTERS_NOTE = "counters are drawn on the process of the actor that sampled them"
+COUNTERS_NOTE = "counters are drawn on the process of the actor that sampled them, one series per name"
 _ORDER = {"supervisor": 0, "ksmd": 1, "faultd": 2}
 
 
@@ -126,7 +134,7 @@ def _read_file(path: str) -> dict:
 def _match(sends: list, recvs: list, key) -> tuple[list, list, list]:
     """Pair each send with its recv: same (sender, receiver, type, corr), in time order.
 
-    sends/recvs are lists of (ts, actor, peer, type, corr, payload); returns (pairs, lone_sends,
+    sends/recvs are lists of (ts, actor, dir, peer, type, corr, ...); returns (pairs, lone_sends,
     lone_recvs), pairs as (send, recv).
     """
     queues: dict = defaultdict(deque)
@@ -561,22 +569,23 @@ def check(path_or_doc) -> list[Violation]:
     doc = _doc(path_or_doc)
     actors = doc["otherData"]["ksm_proto"]["actors"]
     state: dict[tuple, int] = {}
-    last: dict[tuple, dict] = {}
+    last: dict[tuple, tuple] = {}
     out: list[Violation] = []
-    for m in messages(doc):
-        if m["dir"] != "recv" or m["type"] not in NOTIFIER_TYPES:
+    notifier = frozenset(NOTIFIER_TYPES)
+    for m in _msg_tuples(doc):
+        ts, actor, d, peer, typ, corr, a = m
+        if d != "recv" or typ not in notifier:
             continue
-        key = (m["actor"], m["mm"], m["sub"])
+        key = (actor, a["mm"], a["sub"])
         st = state.get(key, _INIT)
         if st == _FAILED:
             continue
-        typ = m["type"]
         nxt = _STEP.get((st, typ))
         if nxt is None:
-            out.append(Violation(m["actor"], m["mm"], m["sub"], m["ts"], typ, _EXPECT[st],
-                                 f"{m['actor']} mm {m['mm']} sub {m['sub']} at {m['ts']:.3f} us: "
-                                 f"{_why(st, typ)}: got {typ}, expected {_EXPECT[st]} ({typ} from {m['peer']}, "
-                                 f"corr {m['corr']}, addr {m['addr']:#x}, n {m['n']})"))
+            out.append(Violation(actor, key[1], key[2], ts, typ, _EXPECT[st],
+                                 f"{actor} mm {key[1]} sub {key[2]} at {ts:.3f} us: {_why(st, typ)}: got {typ}, "
+                                 f"expected {_EXPECT[st]} ({typ} from {peer}, corr {corr}, addr {a['addr']}, "
+                                 f"n {a['n']})"))
             nxt = _FAILED
         state[key] = nxt
         last[key] = m
@@ -584,11 +593,11 @@ def check(path_or_doc) -> list[Violation]:
         a = actors.get(key[0], {})
         if st in (_DONE, _FAILED) or a.get("killed", True):
             continue
-        m = last[key]
+        ts, typ = last[key][0], last[key][4]
         end = a.get("end_ts_us")
-        out.append(Violation(key[0], key[1], key[2], m["ts"], "(end)", _EXPECT[st],
-                             f"{key[0]} mm {key[1]} sub {key[2]} at {m['ts']:.3f} us: sequence stops before "
-                             f"RELEASE: got no more messages after {m['type']}, expected {_EXPECT[st]} "
+        out.append(Violation(key[0], key[1], key[2], ts, "(end)", _EXPECT[st],
+                             f"{key[0]} mm {key[1]} sub {key[2]} at {ts:.3f} us: sequence stops before "
+                             f"RELEASE: got no more messages after {typ}, expected {_EXPECT[st]} "
                              f"(the actor ended cleanly at {_fmt(end)} us)"))
     out.sort(key=lambda v: v.ts_us)
     return out

@@ -403,14 +403,18 @@ class VMWorker:
         Write k fills page rng.randrange(npages) with the byte rng.randrange(values) + 1 and
         stamps nothing else, so pages keep becoming identical (merge, COW, re-merge).  The parent
         replays the same RNG to know every byte, independently of this process.  values=0
-        instead stamps a growing counter into each page in turn: pages that never settle.
+        instead stamps a growing counter into each page in turn: pages that never settle;
+        values=-v fills each page in turn with the byte v.
         """
         st = self.writers[wid]
         rng = random.Random(seed)
         k = 0
         try:
             while not st["stop"] and (count == 0 or k < count):
-                if values == 0:         # stamp mode: a new counter into every page, in turn (volatile pages)
+                if values < 0:          # fill mode: every page in turn gets the byte -values
+                    page = k % npages
+                    await self.access(addr + page * PAGE_SIZE, PAGE_SIZE, True, bytes([-values]) * PAGE_SIZE)
+                elif values == 0:       # stamp mode: a new counter into every page, in turn (volatile pages)
                     page = k % npages
                     await self.access(addr + page * PAGE_SIZE, 16, True,
                                       (k // npages + 1).to_bytes(8, "little") + page.to_bytes(8, "little"))

@@ -1,0 +1,35 @@
+"""make bench, small: every part runs and writes the promised keys (no timing is asserted)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_bench_quick_writes_every_key(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "workers.cli", "bench", "--quick", "--out", str(tmp_path),
+                        "--trace", str(tmp_path / "bench.trace.json")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads((tmp_path / "latest.json").read_text())
+    for key in ("pages_per_s", "kernel_pages_per_s", "ratio_vs_kernel"):
+        assert key in res["scan"]
+    for key in ("p50_us", "p99_us", "pipe_p50_us", "ratio_vs_pipe", "kernel_us"):
+        assert key in res["cow"]
+    for mode in ("change_pte", "wrapped", "invalidate"):
+        assert "secondary_faults_per_merged_page" in res["modes"][mode]
+    assert res["modes"]["change_pte"]["secondary_faults_per_merged_page"] == 0
+    assert res["modes"]["wrapped"]["secondary_faults_per_merged_page"] == 1
+    assert isinstance(res["scaling"], list) and res["scaling"][0]["vms"] == 1
+    assert res["trace_overhead_ratio"] > 0 and res["scanner_bytes_per_page"] > 0
+    assert res["stress"]["writes"] == 20000 and res["stress"]["mismatches"] == 0
+    assert {"cores", "cpu", "kernel"} <= set(res["machine"])
+    assert (tmp_path / "latest.md").exists() and (tmp_path / "scaling.png").exists()
+    assert len([p for p in os.listdir(tmp_path) if p.endswith(".json") and p != "latest.json"
+                and not p.startswith("bench")]) == 1
+    assert "| what |" in r.stdout
+    trace = json.loads((tmp_path / "bench.trace.json").read_text())
+    assert trace["traceEvents"]

@@ -1,317 +1,758 @@
 """The real kernel's KSM, driven through sysfs and madvise: the oracle ksm-proto is compared with.
 
-`KernelKSM` saves every writable knob of /sys/kernel/mm/ksm on entry and restores
-them on exit (also on an exception or Ctrl-C), always ending with run=0.  Each "VM"
-is a child process of its own that maps anonymous memory, fills it, advises it
-MADV_MERGEABLE and waits on a pipe; the parent drives sysfs and reads the
-counters and each child's /proc/<pid>/ksm_stat.  Every wait has a timeout; the
-children are ended by their pid.
+This module owns everything that touches the host kernel's KSM: the knobs and
+counters of /sys/kernel/mm/ksm (`KernelKSM`), anonymous private mappings advised
+MADV_MERGEABLE (`KernelRegion`), one child process per "VM" (`KernelVM`), and the
+three measurements built on them: `merge_counts` (the oracle's counters),
+`ksmd_throughput` (the real ksmd at full speed) and `kernel_cow_us` (the kernel's
+own COW fault on a KSM page).
+
+Rules it keeps: `KernelKSM` saves every writable knob on entry and puts each back
+on exit (also on an exception or Ctrl-C), always leaving run=0; every wait has a
+timeout; children are ended by their pid, always.  KSM is global to the machine,
+so `KernelKSM` also takes an exclusive lock (a file in /run/lock) that other
+ksm-proto processes honour: two of them never drive sysfs at the same time.
+Python stdlib + numpy only.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import mmap
 import os
 import select
+import signal
+import sys
+import tempfile
+import threading
 import time
+import traceback
 
 import numpy as np
 
+__all__ = ["KSM_SYSFS", "PAGE", "COUNTERS", "available", "read_knob", "read_knobs", "writable_knobs",
+           "KernelKSM", "KernelRegion", "KernelVM", "ksm_stat", "other_ksm_processes", "merge_counts",
+           "ksmd_throughput", "kernel_cow_us"]
+
 KSM_SYSFS = "/sys/kernel/mm/ksm"
 PAGE = 4096
-COUNTER_FILES = ("pages_shared", "pages_sharing", "pages_unshared", "pages_volatile", "pages_scanned",
-                 "pages_skipped", "full_scans", "general_profit", "stable_node_chains", "stable_node_dups",
-                 "ksm_zero_pages")
-# restored in this order, run last (max_page_sharing / merge_across_nodes need nothing merged)
-KNOB_FILES = ("pages_to_scan", "sleep_millisecs", "use_zero_pages", "smart_scan",
-              "stable_node_chains_prune_millisecs", "advisor_max_cpu", "advisor_min_pages_to_scan",
-              "advisor_max_pages_to_scan", "advisor_target_scan_time", "advisor_mode",
-              "max_page_sharing", "merge_across_nodes")
+COUNTERS = ("pages_shared", "pages_sharing", "pages_unshared", "pages_volatile", "pages_scanned",
+            "pages_skipped", "full_scans", "general_profit", "stable_node_chains", "stable_node_dups",
+            "ksm_zero_pages")
+KSM_STAT_KEYS = ("ksm_rmap_items", "ksm_zero_pages", "ksm_merging_pages", "ksm_process_profit")
+# Only writable while nothing is merged (the kernel answers EBUSY otherwise).
+NEED_UNMERGED = ("max_page_sharing", "merge_across_nodes")
+# What wait_stable() compares between two consecutive full scans.
+STABLE_KEYS = ("pages_shared", "pages_sharing", "pages_unshared", "stable_node_chains", "stable_node_dups",
+               "ksm_zero_pages")
+POLL_S = 0.002
+
+_LOCK_NAME = "ksm-proto-kernel-ksm.lock"
 
 
+# ---------------------------------------------------------------------------- sysfs
 def _path(name: str) -> str:
     return os.path.join(KSM_SYSFS, name)
 
 
-def _read(name: str) -> str:
+def read_knob(name: str) -> str:
+    """One sysfs file's value; a choice list like "[none] scan-time" reads as its bracketed value."""
     with open(_path(name)) as f:
         v = f.read().strip()
-    if v.startswith("[") or " [" in v:         # advisor_mode reads like "[none] scan-time"
+    if "[" in v and "]" in v:
         v = v[v.index("[") + 1:v.index("]")]
     return v
 
 
 def _write(name: str, value) -> None:
-    fd = os.open(_path(name), os.O_WRONLY)
+    """Write one knob with a single write(2), so the kernel's errno comes back as OSError."""
+    if isinstance(value, bool):
+        value = int(value)
+    data = str(value).encode()
+    path = _path(name)
     try:
-        os.write(fd, str(value).encode())
+        fd = os.open(path, os.O_WRONLY)
+    except OSError as e:
+        raise OSError(e.errno, f"cannot open {path} for writing: {e.strerror}", path) from None
+    try:
+        os.write(fd, data)
+    except OSError as e:
+        hint = ""
+        if e.errno == errno.EBUSY and name in NEED_UNMERGED:
+            hint = " (only changeable while no page is merged: unmerge first)"
+        elif e.errno == errno.EINVAL and name == "pages_to_scan" and os.path.exists(_path("advisor_mode")) \
+                and read_knob("advisor_mode") != "none":
+            hint = " (pages_to_scan is read-only while advisor_mode is not none)"
+        raise OSError(e.errno, f"writing {data.decode()!r} to {path}: {e.strerror}{hint}", path) from None
     finally:
         os.close(fd)
 
 
+def writable_knobs() -> list[str]:
+    """Names of the writable files of /sys/kernel/mm/ksm, by their mode bits (root may write anything)."""
+    out = []
+    for name in sorted(os.listdir(KSM_SYSFS)):
+        st = os.stat(_path(name))
+        if st.st_mode & 0o222:
+            out.append(name)
+    return out
+
+
+def read_knobs() -> dict[str, str]:
+    """Every writable knob and its current value (as read_knob gives it)."""
+    return {k: read_knob(k) for k in writable_knobs()}
+
+
+def _counters() -> dict[str, int]:
+    out = {}
+    for k in COUNTERS:
+        try:
+            out[k] = int(read_knob(k))
+        except FileNotFoundError:          # an older kernel without this counter
+            pass
+    return out
+
+
 def available() -> tuple[bool, str]:
-    """(True, "") if this process may drive the kernel's KSM, else (False, why)."""
+    """(True, "") if this process may drive the kernel's KSM, else (False, why).  Changes nothing."""
+    if not sys.platform.startswith("linux"):
+        return False, f"not Linux ({sys.platform}): no kernel KSM"
     if not os.path.isdir(KSM_SYSFS):
         return False, f"{KSM_SYSFS} does not exist (kernel built without CONFIG_KSM?)"
-    try:
-        run = _read("run")
-        _write("run", run)              # writing the current value changes nothing
-    except OSError as e:
-        return False, f"{_path('run')} is not writable ({e.strerror}; not root?)"
     if not hasattr(mmap, "MADV_MERGEABLE"):
-        return False, "this Python has no mmap.MADV_MERGEABLE"
+        return False, "this Python's mmap module has no MADV_MERGEABLE"
+    run = _path("run")
+    try:
+        cur = read_knob("run")
+    except OSError as e:
+        return False, f"{run} is not readable ({e.strerror})"
+    try:
+        fd = os.open(run, os.O_WRONLY)
+    except OSError as e:
+        why = "not root?" if e.errno in (errno.EACCES, errno.EPERM) else e.strerror
+        return False, f"{run} is not writable ({why})"
+    try:
+        os.write(fd, cur.encode())          # the value it has: the kernel changes nothing
+    except OSError as e:
+        return False, f"writing the current value {cur!r} back to {run} failed ({e.strerror})"
+    finally:
+        os.close(fd)
+    if not os.path.exists("/proc/self/ksm_stat"):
+        return False, "/proc/<pid>/ksm_stat is missing (kernel older than 6.1?): no per-process counters"
     return True, ""
 
 
-class KernelKSM:
-    """Drive /sys/kernel/mm/ksm; every knob is put back and run left at 0 on exit."""
+def ksm_stat(pid: int | str = "self") -> dict[str, int]:
+    """/proc/<pid>/ksm_stat as ints: ksm_rmap_items, ksm_zero_pages, ksm_merging_pages, ksm_process_profit."""
+    out = {}
+    with open(f"/proc/{pid}/ksm_stat") as f:
+        for line in f:
+            k, _, v = line.partition(" ")
+            k, v = k.rstrip(":"), v.strip()
+            if v.lstrip("-").isdigit():
+                out[k] = int(v)
+    return out
 
+
+def other_ksm_processes(exclude=()) -> dict[int, dict[str, int]]:
+    """Processes (other than `exclude` and this one) that ksmd is tracking: they share the global counters."""
+    skip = {os.getpid(), *exclude}
+    out = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit() or int(d) in skip:
+            continue
+        try:
+            with open(f"/proc/{d}/ksm_stat") as f:
+                text = f.read()
+        except OSError:
+            continue
+        st = {}
+        for line in text.splitlines():
+            k, _, v = line.partition(" ")
+            if v.strip().lstrip("-").isdigit():
+                st[k.rstrip(":")] = int(v)
+        if st.get("ksm_rmap_items") or st.get("ksm_merging_pages") or st.get("ksm_zero_pages") \
+                or "ksm_mergeable: yes" in text:
+            out[int(d)] = st
+    return out
+
+
+# ---------------------------------------------------------------------------- the lock
+class _MachineLock:
+    """One driver of /sys/kernel/mm/ksm on this machine at a time: flock, re-entrant inside a process."""
+
+    def __init__(self):
+        self._rlock = threading.RLock()
+        self._depth = 0
+        self.fd: int | None = None
+
+    @staticmethod
+    def path() -> str:
+        d = "/run/lock" if os.path.isdir("/run/lock") and os.access("/run/lock", os.W_OK) else tempfile.gettempdir()
+        return os.path.join(d, _LOCK_NAME)
+
+    def acquire(self, timeout: float) -> None:
+        if not self._rlock.acquire(timeout=max(0.0, timeout)):
+            raise TimeoutError(f"another thread of this process drives kernel KSM; waited {timeout}s")
+        if self._depth:
+            self._depth += 1
+            return
+        try:
+            path = self.path()
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        holder = os.pread(fd, 64, 0).decode(errors="replace").strip()
+                        os.close(fd)
+                        raise TimeoutError(f"kernel KSM is being driven by another process (pid {holder or '?'}, "
+                                           f"lock {path}); waited {timeout}s") from None
+                    time.sleep(0.05)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            self.fd = fd
+            self._depth = 1
+        except BaseException:
+            self._rlock.release()
+            raise
+
+    def release(self) -> None:
+        self._depth -= 1
+        if self._depth == 0 and self.fd is not None:
+            fd, self.fd = self.fd, None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            finally:
+                os.close(fd)
+        self._rlock.release()
+
+
+_LOCK = _MachineLock()
+
+
+@contextlib.contextmanager
+def _sigint_deferred():
+    """Hold Ctrl-C while knobs are being put back; re-deliver it afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    got = []
+    try:
+        old = signal.signal(signal.SIGINT, lambda s, f: got.append(s))
+    except (ValueError, OSError):
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+        if got:
+            if callable(old):
+                old(signal.SIGINT, None)
+            elif old != signal.SIG_IGN:
+                raise KeyboardInterrupt
+
+
+# ---------------------------------------------------------------------------- KernelKSM
+class KernelKSM:
+    """Drive /sys/kernel/mm/ksm.  On exit every knob is put back and run is left at 0.
+
+        with KernelKSM() as k:
+            k.set(pages_to_scan=100000, sleep_millisecs=0, run=1)
+            k.wait_full_scans(3, timeout=10)
+            print(k.stats())
+    """
+
+    def __init__(self, lock_timeout: float = 300.0, restore_timeout: float = 60.0):
+        self.lock_timeout = lock_timeout
+        self.restore_timeout = restore_timeout
+        self.saved: dict[str, str] | None = None
+
+    # -- context
     def __enter__(self) -> "KernelKSM":
-        self.saved = {}
-        for k in KNOB_FILES:
-            if os.path.exists(_path(k)):
-                self.saved[k] = _read(k)
-        self.saved_run = _read("run")
+        _LOCK.acquire(self.lock_timeout)
+        try:
+            self.saved = read_knobs()
+        except BaseException:
+            _LOCK.release()
+            raise
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.restore()
-
-    def restore(self) -> None:
+    def __exit__(self, et, ev, tb) -> bool:
         try:
-            _write("run", 0)
+            with _sigint_deferred():
+                problems = self.restore()
         finally:
-            for k in ("advisor_mode",):          # pages_to_scan is EINVAL while the advisor is on
-                if k in self.saved and _read(k) != "none":
-                    _write(k, "none")
-            busy = any(k in self.saved and _read(k) != self.saved[k] for k in ("max_page_sharing",
-                                                                              "merge_across_nodes"))
-            if busy and int(_read("pages_shared")):
-                self.unmerge_all()
-            for k, v in self.saved.items():
-                if _read(k) != v:
-                    try:
-                        _write(k, v)
-                    except OSError:
-                        pass
-            _write("run", 0)
+            self.saved = None
+            _LOCK.release()
+        if problems:
+            msg = "kernel KSM knobs not restored: " + "; ".join(problems)
+            if ev is None:
+                raise RuntimeError(msg)
+            if hasattr(ev, "add_note"):
+                ev.add_note(msg)
+            else:
+                print(msg, file=sys.stderr)
+        return False
 
+    def restore(self) -> list[str]:
+        """Put every saved knob back, in an order the kernel accepts; run ends 0.  Returns the failures."""
+        if self.saved is None:
+            raise RuntimeError("KernelKSM.restore() outside its with block")
+        saved = self.saved
+        problems: list[str] = []
+
+        def put(name, value):
+            try:
+                if read_knob(name) != value:
+                    _write(name, value)
+            except OSError as e:
+                problems.append(f"{name}={value!r}: {e}")
+
+        put("run", "0")                                  # first: ksmd stops
+        if "advisor_mode" in saved:
+            put("advisor_mode", "none")                  # pages_to_scan is EINVAL while the advisor runs
+        busy = [k for k in NEED_UNMERGED if k in saved and read_knob(k) != saved[k]]
+        if busy:
+            deadline = time.monotonic() + self.restore_timeout
+            while True:
+                try:
+                    if _counters().get("pages_shared"):
+                        self.unmerge_all(max(1.0, deadline - time.monotonic()))
+                    for k in busy:
+                        if read_knob(k) != saved[k]:
+                            _write(k, saved[k])
+                    break
+                except (OSError, TimeoutError) as e:
+                    if time.monotonic() > deadline:
+                        problems.append(f"{busy}: {e}")
+                        break
+                    time.sleep(0.01)
+        for k, v in saved.items():
+            if k not in ("run", "advisor_mode", *NEED_UNMERGED):
+                put(k, v)
+        if saved.get("advisor_mode", "none") != "none":
+            put("advisor_mode", saved["advisor_mode"])   # last: it sets pages_to_scan itself
+        try:
+            _write("run", 0)                             # always: never left merging
+        except OSError as e:
+            problems.append(f"run=0: {e}")
+        for k, v in saved.items():                       # check
+            if k == "run" or (k == "pages_to_scan" and saved.get("advisor_mode", "none") != "none"):
+                continue
+            try:
+                now = read_knob(k)
+            except OSError as e:
+                now = f"unreadable ({e})"
+            if now != v and not any(p.startswith(f"{k}=") for p in problems):
+                problems.append(f"{k} is {now!r}, was {v!r}")
+        return problems
+
+    # -- knobs and counters
     def set(self, **knobs) -> None:
+        """Write knobs in the order given; OSError (with the kernel's errno) on the first failure."""
+        if self.saved is None:
+            raise RuntimeError("KernelKSM.set() outside its with block: nothing would put the knobs back")
         for k, v in knobs.items():
-            if k not in KNOB_FILES and k != "run":
-                raise OSError(errno.EINVAL, f"unknown knob {k!r}")
+            if k not in self.saved:
+                raise OSError(errno.ENOENT, f"{_path(k)} is not a writable KSM knob "
+                                            f"(writable: {', '.join(self.saved)})", _path(k))
             _write(k, v)
+
+    def get(self, name: str) -> str:
+        return read_knob(name)
 
     @staticmethod
     def stats() -> dict[str, int]:
-        return {k: int(_read(k)) for k in COUNTER_FILES}
+        """Every KSM counter file as an int."""
+        return _counters()
 
-    def wait_full_scans(self, n: int, timeout: float) -> dict:
-        start = int(_read("full_scans"))
+    def wait_full_scans(self, n: int, timeout: float) -> dict[str, int]:
+        """Wait until full_scans has advanced by at least n from now; returns stats() then."""
+        prev = int(read_knob("full_scans"))
+        advanced = 0
         deadline = time.monotonic() + timeout
-        while int(_read("full_scans")) < start + n:
+        while advanced < n:
             if time.monotonic() > deadline:
-                raise TimeoutError(f"kernel full_scans stayed at {_read('full_scans')} for {timeout}s: {self.stats()}")
-            time.sleep(0.002)
+                raise TimeoutError(f"kernel ksmd did {advanced} of {n} full scans in {timeout:.3g}s "
+                                   f"(run={read_knob('run')}): {self.stats()}")
+            time.sleep(POLL_S)
+            cur = int(read_knob("full_scans"))
+            advanced += cur - prev if cur >= prev else cur      # run=2 resets it to 0
+            prev = cur
         return self.stats()
 
-    def wait_stable(self, timeout: float, keys=("pages_shared", "pages_sharing", "pages_unshared",
-                                                  "stable_node_dups", "ksm_zero_pages")) -> dict:
+    def wait_stable(self, timeout: float, keys=STABLE_KEYS) -> dict[str, int]:
+        """Wait a full scan at a time until `keys` are equal after two consecutive full scans."""
         deadline = time.monotonic() + timeout
         last = None
+        history = []
         while True:
-            s = self.wait_full_scans(1, max(0.1, deadline - time.monotonic()))
-            cur = tuple(s[k] for k in keys)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"kernel KSM counters did not settle in {timeout:.3g}s; "
+                                   f"last values of {keys}: {history[-5:]}")
+            s = self.wait_full_scans(1, left)
+            cur = tuple(s[k] for k in keys if k in s)
+            history.append(cur)
             if cur == last:
                 return s
             last = cur
 
     def unmerge_all(self, timeout: float = 60) -> None:
+        """run=2 (break every KSM page, drop every rmap item), wait for the counters to be 0, then run=0."""
         _write("run", 2)
         deadline = time.monotonic() + timeout
         while True:
             s = self.stats()
-            if not (s["pages_shared"] or s["pages_sharing"] or s["ksm_zero_pages"]):
+            if not (s.get("pages_shared") or s.get("pages_sharing") or s.get("ksm_zero_pages")):
                 break
             if time.monotonic() > deadline:
-                raise TimeoutError(f"run=2 did not unmerge within {timeout}s: {s}")
-            time.sleep(0.005)
+                _write("run", 0)
+                raise TimeoutError(f"run=2 did not unmerge everything within {timeout}s: {s}")
+            time.sleep(POLL_S)
         _write("run", 0)
 
 
+# ---------------------------------------------------------------------------- memory
+def _as_pages(pages: np.ndarray, npages: int | None = None) -> np.ndarray:
+    a = np.asarray(pages)
+    if a.dtype != np.uint8 or a.ndim != 2 or a.shape[1] != PAGE:
+        raise ValueError(f"pages must be a numpy uint8 array shaped (npages, {PAGE}), not {a.dtype} {a.shape}")
+    if npages is not None and a.shape[0] != npages:
+        raise ValueError(f"expected {npages} pages, got {a.shape[0]}")
+    return np.ascontiguousarray(a)
+
+
+class KernelRegion:
+    """One anonymous private mapping of `npages` pages of this process (no THP unless huge=True)."""
+
+    def __init__(self, npages: int, huge: bool = False):
+        if npages < 1:
+            raise ValueError(f"a region needs at least one page, not {npages}")
+        self.npages = int(npages)
+        self.nbytes = self.npages * PAGE
+        self.mmap = mmap.mmap(-1, self.nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
+                              prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        if not huge and hasattr(mmap, "MADV_NOHUGEPAGE"):
+            self.mmap.madvise(mmap.MADV_NOHUGEPAGE)    # 4 KiB pages, as ksm-proto models them
+
+    def fill(self, pages: np.ndarray) -> None:
+        src = _as_pages(pages, self.npages).reshape(-1)
+        with memoryview(self.mmap) as mv:
+            mv[:] = src
+
+    def madvise_mergeable(self) -> None:
+        self.mmap.madvise(mmap.MADV_MERGEABLE)
+
+    def madvise_unmergeable(self) -> None:
+        self.mmap.madvise(mmap.MADV_UNMERGEABLE)
+
+    def close(self) -> None:
+        if not self.mmap.closed:
+            self.mmap.close()
+
+    def __enter__(self) -> "KernelRegion":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 class KernelVM:
-    """A child process holding one anonymous mapping with the given pages, advised mergeable."""
+    """A forked child process that maps one KernelRegion, fills it, advises it mergeable, then waits.
 
-    _open_go: set[int] = set()       # write ends held for live children: a new child must not keep them
+    The parent keeps the write end of a pipe; closing it (or the parent dying) makes
+    the child exit.  `rewrite` > 0: the child keeps stamping a new counter into its
+    first `rewrite` pages (pages that never stay the same for a scan).
+    """
 
-    def __init__(self, pages: np.ndarray, rewrite: int = 0):
-        """`rewrite`: the child keeps stamping a new counter into its first `rewrite` pages."""
+    _go_fds: set[int] = set()          # write ends held for live children: a new child closes them all
+
+    def __init__(self, pages: np.ndarray, rewrite: int = 0, ready_timeout: float = 60.0):
+        pages = _as_pages(pages)
         self.npages = len(pages)
+        self.pid: int | None = None
         r_ready, w_ready = os.pipe()
         r_go, w_go = os.pipe()
         pid = os.fork()
-        if pid == 0:                                   # the child: map, fill, advise, wait
-            code = 0
-            try:
-                os.close(r_ready)
-                os.close(w_go)
-                for fd in KernelVM._open_go:         # else an earlier child never sees its EOF
-                    os.close(fd)
-                m = mmap.mmap(-1, max(1, len(pages)) * PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-                m[:len(pages) * PAGE] = pages.tobytes()
-                m.madvise(mmap.MADV_MERGEABLE)
-                os.write(w_ready, b"r")
-                n = 0
-                while rewrite and not select.select([r_go], [], [], 0.0005)[0]:
-                    n += 1
-                    for i in range(rewrite):           # volatile pages: new bytes all the time
-                        m[i * PAGE:i * PAGE + 16] = n.to_bytes(8, "little") + i.to_bytes(8, "little")
-                os.read(r_go, 1)                       # until the parent closes its end
-            except BaseException:
-                code = 1
-            finally:
-                os._exit(code)
+        if pid == 0:
+            self._child(pages, rewrite, r_ready, w_ready, r_go, w_go)      # never returns
         os.close(w_ready)
         os.close(r_go)
         self.pid = pid
         self._go = w_go
-        KernelVM._open_go.add(w_go)
-        ready, _, _ = select.select([r_ready], [], [], 60)
-        ok = ready and os.read(r_ready, 1) == b"r"
-        os.close(r_ready)
-        if not ok:
+        KernelVM._go_fds.add(w_go)
+        try:
+            msg = b""
+            deadline = time.monotonic() + ready_timeout
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"kernel VM child {pid} ({self.npages} pages) not ready in {ready_timeout}s")
+                if select.select([r_ready], [], [], left)[0]:
+                    chunk = os.read(r_ready, 65536)
+                    msg += chunk
+                    if not chunk or msg.startswith(b"r"):
+                        break
+            if not msg.startswith(b"r"):
+                why = msg[1:].decode(errors="replace").strip() or "exited without a word"
+                raise RuntimeError(f"kernel VM child {pid} failed: {why}")
+        except BaseException:
             self.close()
-            raise RuntimeError(f"kernel VM child {pid} did not get ready")
+            raise
+        finally:
+            os.close(r_ready)
+
+    @staticmethod
+    def _child(pages, rewrite, r_ready, w_ready, r_go, w_go) -> None:
+        code = 1
+        try:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)       # the parent decides when we go
+            os.close(r_ready)
+            os.close(w_go)
+            for fd in list(KernelVM._go_fds) + ([_LOCK.fd] if _LOCK.fd is not None else []):
+                with contextlib.suppress(OSError):
+                    os.close(fd)                                # else a sibling never sees its EOF
+            try:
+                region = KernelRegion(len(pages))
+                region.fill(pages)
+                region.madvise_mergeable()
+            except BaseException:
+                os.write(w_ready, b"e" + traceback.format_exc(limit=3).encode()[-4000:])
+                raise
+            os.write(w_ready, b"r")
+            os.close(w_ready)
+            n = 0
+            with memoryview(region.mmap) as mv:
+                while rewrite and not select.select([r_go], [], [], 0.0005)[0]:
+                    n += 1
+                    stamp = n.to_bytes(8, "little")
+                    for i in range(rewrite):                    # new bytes all the time
+                        mv[i * PAGE:i * PAGE + 16] = stamp + i.to_bytes(8, "little")
+            os.read(r_go, 1)                                    # b"" when the parent closes its end
+            code = 0
+        except BaseException:
+            code = 1
+        finally:
+            os._exit(code)
 
     def ksm_stat(self) -> dict[str, int]:
-        out = {}
-        with open(f"/proc/{self.pid}/ksm_stat") as f:
-            for line in f:
-                k, _, v = line.partition(" ")
-                if v.strip().lstrip("-").isdigit():
-                    out[k] = int(v)
-        return out
+        if self.pid is None:
+            raise RuntimeError("kernel VM child already ended")
+        return ksm_stat(self.pid)
 
-    def close(self) -> None:
+    def close(self, timeout: float = 10.0) -> None:
+        """End the child: EOF on its pipe, then SIGKILL (by its pid) if it has not exited in `timeout`."""
         if self.pid is None:
             return
+        pid, self.pid = self.pid, None
+        with contextlib.suppress(OSError):
+            os.close(self._go)
+        KernelVM._go_fds.discard(self._go)
+        if _reap(pid, timeout):
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        if not _reap(pid, 10.0):
+            raise RuntimeError(f"kernel VM child {pid} survived SIGKILL for 10s")
+
+    def __enter__(self) -> "KernelVM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _reap(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while True:
         try:
-            os.close(self._go)                         # EOF: the child exits
-        except OSError:
-            pass
-        KernelVM._open_go.discard(self._go)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            done, _ = os.waitpid(self.pid, os.WNOHANG)
-            if done:
-                break
-            time.sleep(0.005)
-        else:
-            os.kill(self.pid, 9)                       # ours, by pid
-            os.waitpid(self.pid, 0)
-        self.pid = None
+            done, _ = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            return True
+        if done:
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(POLL_S)
 
 
+def _end_all(vms: list[KernelVM]) -> list[str]:
+    problems = []
+    for vm in vms:                  # EOF to all first, so they exit in parallel
+        with contextlib.suppress(OSError):
+            os.close(vm._go)
+    for vm in vms:
+        try:
+            vm.close()
+        except Exception as e:      # noqa: BLE001 - every child gets its turn
+            problems.append(str(e))
+    return problems
+
+
+def _start(k: KernelKSM, knobs: dict, timeout: float) -> None:
+    """Stop ksmd, unmerge everything (counters from 0, EBUSY knobs writable), then set knobs."""
+    k.set(run=0)
+    k.unmerge_all(timeout)
+    knobs = dict(knobs)
+    if "advisor_mode" in knobs:                         # it resets pages_to_scan: write it first
+        k.set(advisor_mode=knobs.pop("advisor_mode"))
+    elif "advisor_mode" in (k.saved or {}) and read_knob("advisor_mode") != "none":
+        k.set(advisor_mode="none")
+    k.set(**knobs)
+
+
+# ---------------------------------------------------------------------------- measurements
 def merge_counts(layouts: list[np.ndarray], knobs: dict, full_scans: int = 3, timeout: float = 60,
                  rewrite: list[int] | None = None) -> dict:
-    """The oracle: put each layout in its own process, let ksmd merge, return the counters.
+    """The oracle: each layout in a process of its own, ksmd merges, the counters come back.
 
-    rewrite[i] leading pages of layout i are rewritten continuously (never stable).
+    layouts: one uint8 array (npages, 4096) per "VM".  knobs: any /sys/kernel/mm/ksm
+    knob except run (pages_to_scan defaults to 100000, sleep_millisecs to 0).
+    rewrite[i]: that many leading pages of layout i keep changing.  Waits `full_scans`
+    full scans after every region is advised, then one more at a time until the
+    counters are the same after two consecutive scans.  Returns {"ksm": stats(),
+    "procs": [ksm_stat of each child], "others": {pid: ksm_stat} of any other process
+    ksmd tracks (their pages count in "ksm" too)}.
     """
+    if "run" in knobs:
+        raise ValueError("merge_counts drives run itself; do not pass it in knobs")
+    rewrite = list(rewrite or [0] * len(layouts))
+    if len(rewrite) != len(layouts):
+        raise ValueError(f"rewrite has {len(rewrite)} entries for {len(layouts)} layouts")
+    layouts = [_as_pages(a) for a in layouts]
     knobs = {"pages_to_scan": 100000, "sleep_millisecs": 0, **knobs}
+    deadline = time.monotonic() + timeout
+
+    def left() -> float:
+        t = deadline - time.monotonic()
+        if t <= 0:
+            raise TimeoutError(f"merge_counts ran out of its {timeout}s")
+        return t
+
     vms: list[KernelVM] = []
     with KernelKSM() as k:
         try:
-            k.set(run=0)
-            k.unmerge_all()
-            k.set(**knobs)
-            for i, lay in enumerate(layouts):
-                vms.append(KernelVM(lay, (rewrite or [0] * len(layouts))[i]))
+            _start(k, knobs, left())
+            for lay, rw in zip(layouts, rewrite):
+                vms.append(KernelVM(lay, rw, ready_timeout=left()))
             k.set(run=1)
-            k.wait_full_scans(full_scans, timeout)
-            s = k.wait_stable(timeout)
-            _write("run", 0)
+            k.wait_full_scans(full_scans, left())
+            k.wait_stable(left())
+            k.set(run=0)                                # a still snapshot: ksmd stops between batches
+            stats = k.stats()
             procs = [vm.ksm_stat() for vm in vms]
-            s = k.stats()
-            return {"ksm": s, "procs": procs}
+            others = other_ksm_processes(exclude=[vm.pid for vm in vms])
+            return {"ksm": stats, "procs": procs, "others": others}
         finally:
             _write("run", 0)
-            for vm in vms:
-                vm.close()
-            k.unmerge_all()
+            problems = _end_all(vms)                    # their pages go with them: nothing to copy
+            k.unmerge_all(max(10.0, deadline - time.monotonic()))
+            if problems:
+                raise RuntimeError("; ".join(problems))
 
 
 def ksmd_throughput(pages: np.ndarray, timeout: float = 600) -> dict:
-    """The kernel's ksmd at full speed on these bytes: time to merge everything, pages/s."""
+    """The real ksmd at full speed (pages_to_scan 100000, sleep_millisecs 0) on these bytes, in one region.
+
+    merge_seconds: from run=1 until pages_shared + pages_sharing reached the value it
+    then kept for two more full scans.  pages_per_s: pages_scanned delta over the time
+    from run=1 to the end of the last full scan seen.
+    """
+    pages = _as_pages(pages)
+    deadline = time.monotonic() + timeout
     with KernelKSM() as k:
-        vm = None
+        region = None
         try:
-            k.set(run=0)
-            k.unmerge_all()
-            k.set(pages_to_scan=100000, sleep_millisecs=0, smart_scan=1)
-            vm = KernelVM(pages)
+            _start(k, {"pages_to_scan": 100000, "sleep_millisecs": 0}, timeout)
+            region = KernelRegion(len(pages))
+            region.fill(pages)
+            region.madvise_mergeable()
             s0 = k.stats()
-            t0 = time.monotonic()
+            t0 = time.perf_counter()
             k.set(run=1)
-            last, same, t_merged = None, 0, None
-            deadline = t0 + timeout
+            merged0 = s0["pages_shared"] + s0["pages_sharing"]
+            last, t_change, scans_at_change = merged0, t0, 0
             while True:
-                s = k.wait_full_scans(1, max(0.1, deadline - time.monotonic()))
-                cur = (s["pages_shared"], s["pages_sharing"])
-                if cur != last:
-                    t_merged = time.monotonic()
-                same = same + 1 if cur == last else 0
-                last = cur
-                if same >= 2 and s["full_scans"] - s0["full_scans"] >= 2:
+                time.sleep(POLL_S)
+                now = time.perf_counter()
+                s = k.stats()
+                scans = s["full_scans"] - s0["full_scans"]
+                merged = s["pages_shared"] + s["pages_sharing"]
+                if merged != last:
+                    last, t_change, scans_at_change = merged, now, scans
+                if scans >= 2 and scans - scans_at_change >= 2:
                     break
-            elapsed = time.monotonic() - t0
-            _write("run", 0)
-            return {"pages_per_s": round((s["pages_scanned"] - s0["pages_scanned"]) / elapsed),
-                    "merge_seconds": round(t_merged - t0, 3), "full_scans": s["full_scans"] - s0["full_scans"],
-                    "pages_shared": s["pages_shared"], "pages_sharing": s["pages_sharing"]}
-        finally:
-            _write("run", 0)
-            if vm:
-                vm.close()
-            k.unmerge_all()
-
-
-def kernel_cow_us(npages: int = 4096) -> dict:
-    """The kernel's own COW of a KSM page: write one byte into each of npages merged pages."""
-    with KernelKSM() as k:
-        m = None
-        try:
-            k.set(run=0)
-            k.unmerge_all()
-            k.set(pages_to_scan=100000, sleep_millisecs=0)
-            m = mmap.mmap(-1, npages * PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-            m[:] = b"\x05" * (npages * PAGE)
-            m.madvise(mmap.MADV_MERGEABLE)
-            k.set(run=1)
-            deadline = time.monotonic() + 60
-            while sum(k.stats()[c] for c in ("pages_shared", "pages_sharing")) < npages:
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"kernel did not merge {npages} pages: {k.stats()}")
-                time.sleep(0.005)
-            _write("run", 0)                          # stop, keep merged
-            view = memoryview(m)
-            ts = np.empty(npages)
-            pc = time.perf_counter_ns
-            for i in range(npages):
-                t = pc()
-                view[i * PAGE] = 6                    # a COW fault on a KSM page
-                ts[i] = pc() - t
-            ts2 = np.empty(npages)
-            for i in range(npages):
-                t = pc()
-                view[i * PAGE] = 7                    # now private and writable
-                ts2[i] = pc() - t
-            view.release()
-            return {"cow_p50_us": round(float(np.median(ts)) / 1000, 2),
-                    "cow_mean_us": round(float(ts.mean()) / 1000, 2),
-                    "unmerged_p50_us": round(float(np.median(ts2)) / 1000, 3)}
+                    raise TimeoutError(f"ksmd_throughput: {scans} full scans of {len(pages)} pages, not settled "
+                                       f"in {timeout}s: {s}")
+            k.set(run=0)
+            elapsed = now - t0
+            return {"pages_per_s": round((s["pages_scanned"] - s0["pages_scanned"]) / elapsed),
+                    "merge_seconds": round(t_change - t0, 4), "full_scans": scans,
+                    "pages_shared": s["pages_shared"], "pages_sharing": s["pages_sharing"],
+                    "pages": len(pages), "seconds": round(elapsed, 4)}
         finally:
             _write("run", 0)
-            if m is not None:
-                m.close()
-            k.unmerge_all()
+            if region is not None:
+                region.close()
+            k.unmerge_all(max(10.0, deadline - time.monotonic()))
+
+
+def kernel_cow_us(npages: int = 4096, timeout: float = 60) -> dict:
+    """The kernel's own COW of a KSM page: write one byte into each of npages merged pages.
+
+    All pages hold the same bytes; ksmd merges them all (with max_page_sharing M that
+    is ceil(npages/M) KSM pages), is stopped (run=0 keeps them merged), then each page
+    takes one write fault, timed alone.  The same writes again, to the now private
+    pages, are the "unmerged" baseline.
+    """
+    deadline = time.monotonic() + timeout
+    with KernelKSM() as k:
+        region = None
+        try:
+            _start(k, {"pages_to_scan": 100000, "sleep_millisecs": 0, "use_zero_pages": 0}, timeout)
+            region = KernelRegion(npages)
+            region.fill(np.full((npages, PAGE), 0x5A, dtype=np.uint8))
+            region.madvise_mergeable()
+            k.set(run=1)
+            while ksm_stat()["ksm_merging_pages"] < npages:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"kernel_cow_us: ksmd merged {ksm_stat()['ksm_merging_pages']} of "
+                                       f"{npages} pages in {timeout}s: {k.stats()}")
+                time.sleep(POLL_S)
+            k.set(run=0)                                 # stopped; the pages stay merged
+            merged = k.stats()
+            pc = time.perf_counter_ns
+            cow = [0] * npages
+            plain = [0] * npages
+            with memoryview(region.mmap) as mv:
+                for i in range(npages):
+                    off = i * PAGE
+                    t = pc()
+                    mv[off] = 6                          # write fault on a KSM page: copy it
+                    cow[i] = pc() - t
+                after = ksm_stat()["ksm_merging_pages"]
+                for i in range(npages):
+                    off = i * PAGE
+                    t = pc()
+                    mv[off] = 7                          # private and writable now
+                    plain[i] = pc() - t
+            if after != 0:
+                raise RuntimeError(f"kernel_cow_us: {after} pages still merged after a write to each")
+            c, p = np.array(cow) / 1000.0, np.array(plain) / 1000.0
+            return {"cow_p50_us": round(float(np.median(c)), 3), "cow_mean_us": round(float(c.mean()), 3),
+                    "cow_p99_us": round(float(np.percentile(c, 99)), 3),
+                    "unmerged_p50_us": round(float(np.median(p)), 3), "pages": npages,
+                    "pages_shared": merged["pages_shared"], "pages_sharing": merged["pages_sharing"]}
+        finally:
+            _write("run", 0)
+            if region is not None:
+                region.close()
+            k.unmerge_all(max(10.0, deadline - time.monotonic()))

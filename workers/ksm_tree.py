@@ -137,14 +137,18 @@ class StableTree:
             d = int(self.next[d])
         return out
 
-    def insert(self, key: int) -> int:
-        """stable_tree_insert of a new KSM page with this content: a new node, or a new dup at the head."""
+    def insert(self, key: int, head: int | None = None) -> int:
+        """stable_tree_insert of a new KSM page with this content: a new node, or a new dup at the head.
+
+        `head`, when given, is the index's current entry for key (saves a lookup).
+        """
         d = self._alloc()
         self.key[d] = key
         self.kpfn[d] = -1
         self.count[d] = 0
         self.live[d] = 1
-        head = int(self.index.get(key))
+        if head is None:
+            head = int(self.index.get(key))
         if head >= 0:
             if not self.chain[head]:
                 self.chain[head] = 1
@@ -196,14 +200,30 @@ class StableTree:
             self.chains -= 1
             self.dups -= 1
 
-    def candidate(self, key: int, max_sharing: int, alive) -> int:
+    def candidate(self, key: int, max_sharing: int, alive, head: int | None = None) -> int:
         """stable_node_dup: the first dup (head first) with 0 < count < max_sharing, or -1.
 
         `alive(d)` says whether d's KSM frame still exists; dead dups met on the way are
-        returned through `self.stale` for the caller to tear down.
+        returned through `self.stale` for the caller to tear down.  `head`, when given, is
+        the index's current entry for key (saves a lookup).
         """
+        if head is None:
+            head = int(self.index.get(key))
+        if head < 0:
+            return -1
+        if self.next[head] < 0 and not self.chain[head]:      # a plain node: the common case
+            if not alive(head):
+                self.stale.append(head)
+                self.remove(head)
+                return -1
+            return head if 0 < self.count[head] < max_sharing else -1
+        dups = []
+        d = head
+        while d >= 0:
+            dups.append(d)
+            d = int(self.next[d])
         best = -1
-        for d in self.dups_of(key):
+        for d in dups:
             if not alive(d):
                 self.stale.append(d)
                 self.remove(d)

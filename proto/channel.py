@@ -17,7 +17,7 @@ import struct
 import threading
 import time
 
-from .messages import HEADER, HEADER_SIZE, MAGIC, MAX_FRAME, Frame, Msg, ProtocolError, decode, encode
+from .messages import HEADER_SIZE, MAGIC, MAX_FRAME, Frame, Msg, ProtocolError, decode, encode
 
 log = logging.getLogger("ksm_proto.channel")
 _MAGIC_BYTES = struct.pack("<H", MAGIC)

@@ -14,9 +14,7 @@ import os
 import signal
 import sys
 
-import numpy as np
-
-from proto.layout import (FrameTable, MMView, PAGE_SIZE, Segment, StatsView, frame_lock_name, ptl_name,
+from proto.layout import (FrameTable, MMView, Segment, StatsView, frame_lock_name, ptl_name,
                           seg_name)
 
 from .frames import FrameAllocator, ShmLock
@@ -90,15 +88,8 @@ class RunMemory:
         mm = MMView(Segment.attach(seg_name(self.run, f"mm.{mm_id}")))
         return mm, ShmLock(ptl_name(self.run, mm_id), mm.ptl_owner)
 
-    def frame(self, pfn: int) -> np.ndarray:
-        return self.pages[pfn]
-
     def close(self) -> None:
         self.frame_lock.close()
         for s in (self.frames_seg, self.ft_seg, self.stats_seg):
             s.close()
 
-
-def frame_bytes(mem: np.ndarray, pfn: int) -> memoryview:
-    off = pfn * PAGE_SIZE
-    return memoryview(mem)[off:off + PAGE_SIZE]

@@ -35,7 +35,7 @@ from proto.messages import FAULT_UNSHARE, FAULT_WRITE, Frame, Msg, call_payload,
 from proto.trace import Tracer
 
 from .actor import RunMemory, actor_args, run_actor, setup
-from .frames import OutOfFrames, ksm_zero_pages_add
+from .frames import ksm_zero_pages_add
 from .notifier import MMUNotifier
 
 log = logging.getLogger("ksm_proto.faultd")
@@ -56,13 +56,12 @@ async def lock_ptl(ptl, timeout: float) -> None:
         await asyncio.sleep(0 if spins < 50 else 0.0005)
 
 
-def vma_mask(mm, idx: np.ndarray, need_flags: int = 0) -> np.ndarray:
-    """Which page indices fall inside a VMA (having all of need_flags)."""
+def vma_mask(mm, idx: np.ndarray) -> np.ndarray:
+    """Which page indices fall inside a VMA."""
     ok = np.zeros(len(idx), dtype=bool)
     addrs = USER_BASE + (idx.astype(np.int64) << PAGE_SHIFT)
-    for start, end, flags in mm.vma_list():
-        if flags & need_flags == need_flags:
-            ok |= (addrs >= start) & (addrs < end)
+    for start, end, _ in mm.vma_list():
+        ok |= (addrs >= start) & (addrs < end)
     return ok
 
 

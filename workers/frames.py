@@ -201,9 +201,6 @@ class FrameAllocator:
                 return True
         return False
 
-    def is_ksm(self, pfn: int) -> bool:
-        return bool(self.ft.flags[pfn] & FRAME_KSM)
-
 
 def ksm_zero_pages_add(lock: ShmLock, stats, mm_id: int, n: int) -> None:
     """ksm_zero_pages is changed by whoever maps or unmaps a KSM zero page: keep it exact."""

@@ -720,13 +720,18 @@ def ksmd_throughput(pages: np.ndarray, timeout: float = 600, knobs: dict | None 
                     "pages_shared": s["pages_shared"], "pages_sharing": s["pages_sharing"],
                     "pages": len(pages), "seconds": round(elapsed, 4)}
         finally:
-            with _sigint_deferred():
-                try:
-                    _write("run", 0)
-                finally:
-                    if region is not None:
-                        region.close()
-                    k.unmerge_all(max(10.0, deadline - time.monotonic()))
+            _stop_close_unmerge(k, region, deadline)
+
+
+def _stop_close_unmerge(k: "KernelKSM", region, deadline: float) -> None:
+    """Cleanup shared by the measurements: run=0, drop the region, unmerge what is left (Ctrl-C held)."""
+    with _sigint_deferred():
+        try:
+            _write("run", 0)
+        finally:
+            if region is not None:
+                region.close()
+            k.unmerge_all(max(10.0, deadline - time.monotonic()))
 
 
 def kernel_cow_us(npages: int = 4096, timeout: float = 60) -> dict:
@@ -773,10 +778,4 @@ def kernel_cow_us(npages: int = 4096, timeout: float = 60) -> dict:
                     "unmerged_p50_us": round(float(np.median(p)), 3), "pages": npages,
                     "pages_shared": merged["pages_shared"], "pages_sharing": merged["pages_sharing"]}
         finally:
-            with _sigint_deferred():
-                try:
-                    _write("run", 0)
-                finally:
-                    if region is not None:
-                        region.close()
-                    k.unmerge_all(max(10.0, deadline - time.monotonic()))
+            _stop_close_unmerge(k, region, deadline)

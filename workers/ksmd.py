@@ -38,7 +38,7 @@ import mmh3
 import numpy as np
 
 from proto.channel import Channel, abstract_listener
-from proto.knobs import ADVISOR_MODES, BUSY_WHEN_MERGED, DEFAULTS, check_knob
+from proto.knobs import BUSY_WHEN_MERGED, DEFAULTS, check_knob
 from proto.layout import (COUNTERS, FRAME_ANON, FRAME_KSM, KNOBS, MM_STATS, MMF_VM_MERGEABLE, MMH_FLAGS,
                           MMH_NODE, PAGE_SHIFT, PAGE_SIZE, PTE_DIRTY, PTE_PRESENT, PTE_SPECIAL, PTE_WRITE,
                           PTE_YOUNG, USER_BASE, VM_MERGEABLE, ZERO_PFN)
@@ -122,10 +122,6 @@ class Ksmd:
         self.scan_errors = 0
 
     # ------------------------------------------------------------------ helpers
-    def page(self, pfn: int) -> memoryview:
-        o = int(pfn) * PAGE_SIZE
-        return self.memory[o:o + PAGE_SIZE]
-
     def page_bytes(self, pfn: int) -> bytes:
         """A page's bytes (memcmp of two bytes objects is ~8x faster than comparing memoryviews)."""
         o = int(pfn) * PAGE_SIZE

@@ -35,7 +35,6 @@ from proto.layout import (COUNTERS, KNOBS, MAX_MMS, MM_STATS, MMH_ID, MMH_NODE, 
                           PAGE_SHIFT, PAGE_SIZE, PTE_PRESENT, FrameTable, MMView, Segment, StatsView,
                           frame_lock_name, new_run_name, ptl_name, run_owner_pid, seg_name)
 from proto.messages import Msg, call_payload, decode
-from proto.channel import FrameSplitter
 
 from .frames import FrameAllocator, ShmLock, _alive
 from .notifier import MODES
@@ -341,8 +340,7 @@ class Machine:
     def _start_reaper(self) -> None:
         r, w = os.pipe()
         self.reaper = subprocess.Popen(
-            [sys.executable, "-m", "workers.reaper", "--run", self.run, "--fd", str(r),
-             *(["--trace-dir", self.trace_dir] if self.trace_dir else [])],
+            [sys.executable, "-m", "workers.reaper", "--run", self.run, "--fd", str(r)],
             pass_fds=[r], start_new_session=True,
             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         os.close(r)

@@ -11,8 +11,6 @@ Teardown closes every Machine and asserts that nothing of its run is left in
 """
 from __future__ import annotations
 
-import os
-
 import pytest
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import signal
 import time
 
@@ -19,7 +18,6 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--run", required=True)
     p.add_argument("--fd", type=int, required=True)
-    p.add_argument("--trace-dir", default=None)
     a = p.parse_args()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     while True:

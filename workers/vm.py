@@ -25,10 +25,10 @@ import time
 
 import numpy as np
 
-from proto.channel import Channel, ChannelClosed, abstract_connect
+from proto.channel import Channel, abstract_connect
 from proto.layout import (FRAME_KSM, MMF_VM_MERGEABLE, MMH_FLAGS, PAGE_SHIFT, PAGE_SIZE, PTE_PRESENT,
                           PTE_SPECIAL, PTE_WRITE, PTE_YOUNG, SUB_ACTIVE, SUB_CHANGE_PTE, USER_BASE, VM_KSM_IGNORED, VM_MERGEABLE,
-                          VM_READ, VM_WRITE, ZERO_PFN, MAX_VMAS)
+                          VM_READ, VM_WRITE, MAX_VMAS)
 from proto.messages import FAULT_UNSHARE, FAULT_WRITE, Frame, Msg, NOTIFIER_TYPES, call_payload, encode
 from proto import MADV_MERGEABLE, MADV_UNMERGEABLE
 from proto.trace import Tracer

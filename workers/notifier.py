@@ -1,95 +1,82 @@
-"""The mmu_notifier core (mm/mmu_notifier.c of the seeds) as seen from a notifying actor.
+"""Running protocol cores in an actor: effects against shared memory, locks and notifier channels.
 
-ksmd and the fault handler change primary PTEs of an mm; every secondary MMU
-registered on that mm (the subscriber table in the mm segment) must hear of it
-and acknowledge before the change counts as done: the kernel's callbacks are
-synchronous.  `MMUNotifier` sends one frame per subscriber and waits for all
-acks, with a timeout; a subscriber that does not answer in time is released
-(marked inactive), never waited on forever.
+The cores (workers/core/) yield effects; `Driver.run` performs them for a notifying
+actor (ksmd, the fault handler) on asyncio/uvloop:
 
-`set_ptes_notify` is the one place that knows the three notifier modes:
+  * memory effects: `core.effects.apply_mem` on the run's shared memory;
+  * TryLock / Lock / Unlock: the page-table locks (Lock polls with a backoff and
+    throws TimeoutError into the core after its timeout, whose finally blocks then
+    release what it held);
+  * Notify: one frame per subscriber on the mm's channel to this actor (`MMUNotifier`),
+    corked until the next wait so back-to-back messages leave in one write;
+  * WaitAcks: every ack, with a timeout; a subscriber that does not answer in time is
+    released (unregistered), never waited on forever;
+  * Reply: the caller's callback (the fault handler's FAULT_REPLY).
 
-    change_pte  (2.6.32-3.6)  set PTEs; CHANGE_PTE (or INVALIDATE_PAGE for a
-                              subscriber without change_pte)
-    wrapped     (3.7-6.9)     START; set PTEs; CHANGE_PTE; END
-    invalidate  (6.10-)       START; set PTEs; END
+An exception from a memory effect (out of frames, an accounting error) is thrown into
+the core at the effect that caused it, so the core's own cleanup runs.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
-import numpy as np
-
-from proto.layout import MMH_RELEASED, SUB_ACTIVE, SUB_CHANGE_PTE, MMView
 from proto.channel import expire_after
+from proto.layout import MMH_RELEASED, SUB_ACTIVE, MMView
 from proto.messages import Msg, encode
+
+from .core.effects import MEM_EFFECTS, Lock, Memory, Notify, Reply, TryLock, Unlock, WaitAcks, apply_mem
+from .core.notify import MODES
 
 log = logging.getLogger("ksm_proto.notifier")
 
-MODES = ("change_pte", "wrapped", "invalidate")
+__all__ = ["MODES", "MMUNotifier", "Driver", "lock_ptl"]
+
+
+async def lock_ptl(ptl, timeout: float) -> None:
+    """Take a page-table lock without blocking the event loop: trylock, then back off up to 1 ms."""
+    if ptl.try_acquire():
+        return
+    deadline = time.monotonic() + timeout
+    delay = 0.00002
+    while not ptl.try_acquire():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"page-table lock {ptl.name} busy for {timeout:.1f}s")
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 0.001)
 
 
 class MMUNotifier:
-    """Notifies the secondary MMUs of one mm over that mm's channel to this actor."""
+    """The channel from this actor to one mm's secondary MMUs (they live in the VM worker)."""
 
-    def __init__(self, actor: str, peer: str, mm: MMView, channel, mode: str, tracer=None,
-                 timeout: float = 5.0):
-        if mode not in MODES:
-            raise ValueError(f"notifier mode {mode!r} is not one of {MODES}")
+    def __init__(self, actor: str, peer: str, mm: MMView, channel, tracer=None, timeout: float = 5.0):
         self.actor = actor
         self.peer = peer
         self.mm = mm
         self.mm_id = mm.id
         self.ch = channel
-        self.mode = mode
         self.tr = tracer
         self.timeout = timeout
         self.sent = {m: 0 for m in (Msg.START, Msg.END, Msg.CHANGE_PTE, Msg.INVALIDATE_PAGE, Msg.CLEAR_YOUNG)}
 
-    def subscribers(self) -> list[tuple[int, bool]]:
-        return [(s, bool(row[SUB_CHANGE_PTE])) for s, row in enumerate(self.mm.subs.tolist()) if row[SUB_ACTIVE]]
-
-    def _send(self, type: Msg, entries: np.ndarray, subs: list[int]) -> list:
-        """Send one frame per subscriber; returns what _wait needs."""
-        if not subs or self.ch is None or self.ch.closed:
+    def send(self, type: Msg, entries, subs) -> list:
+        """One frame per subscriber; returns the handles WaitAcks needs."""
+        ch = self.ch
+        if not subs or ch is None or ch.closed:
             return []
+        ch.cork()
         sent = []
         addr0 = int(entries[0, 0]) if len(entries) else 0
         for s in subs:
-            corr = self.ch.next_corr()
+            corr = ch.next_corr()
             if self.tr:
                 self.tr.send(self.peer, type.name, self.mm_id, s, addr0, len(entries), 0,
                              int(entries[0, 1]) if len(entries) else 0, corr)
-            sent.append((type, s, corr, addr0, self.ch.request(corr, encode(type, sub=s, mm=self.mm_id, corr=corr,
-                                                                           addr=addr0, entries=entries))))
+            sent.append((self, type, s, corr, addr0, ch.request(corr, encode(type, sub=s, mm=self.mm_id, corr=corr,
+                                                                               addr=addr0, entries=entries))))
         self.sent[type] += len(entries) * len(subs)
         return sent
-
-    async def _wait(self, sent: list) -> list:
-        """Wait for the acks of frames sent; a subscriber that does not answer in time is released."""
-        if not sent:
-            return []
-        timer = expire_after([f for *_, f in sent], self.timeout, "no ack")
-        acks = []
-        try:
-            for type, s, corr, addr0, f in sent:
-                try:
-                    ack = await f
-                except (asyncio.TimeoutError, ConnectionError):
-                    if self.ch is not None:
-                        self.ch.pending.pop(corr, None)
-                    self.release(s, f"no ack to {type.name} within {self.timeout:.1f}s")
-                    continue
-                if self.tr:
-                    self.tr.recv(self.peer, "ACK", self.mm_id, s, addr0, 0, 0, 0, corr)
-                acks.append(ack)
-        finally:
-            timer.cancel()
-        return acks
-
-    async def _broadcast(self, type: Msg, entries: np.ndarray, subs: list[int]) -> list:
-        return await self._wait(self._send(type, entries, subs))
 
     def release(self, sub: int, why: str) -> None:
         """Unregister a subscriber that stopped answering (the mm's other subscribers go on)."""
@@ -98,53 +85,81 @@ class MMUNotifier:
             self.mm.subs[sub, SUB_ACTIVE] = 0
             self.mm.hdr[MMH_RELEASED] = 1
 
-    async def invalidate_range_start(self, entries):
-        await self._broadcast(Msg.START, entries, [s for s, _ in self.subscribers()])
 
-    async def invalidate_range_end(self, entries):
-        await self._broadcast(Msg.END, entries, [s for s, _ in self.subscribers()])
+async def wait_acks(sent: list) -> list[int]:
+    """The ack flags of every frame sent; a subscriber that does not answer in time is released."""
+    if not sent:
+        return []
+    for n in {h[0] for h in sent}:
+        if n.ch is not None:
+            n.ch.uncork()
+    timer = expire_after([h[-1] for h in sent], max(h[0].timeout for h in sent), "no ack")
+    acks = []
+    try:
+        for n, type, s, corr, addr0, f in sent:
+            try:
+                ack = await f
+            except (asyncio.TimeoutError, ConnectionError):
+                if n.ch is not None:
+                    n.ch.pending.pop(corr, None)
+                n.release(s, f"no ack to {type.name} within {n.timeout:.1f}s")
+                continue
+            if n.tr:
+                n.tr.recv(n.peer, "ACK", n.mm_id, s, addr0, 0, 0, 0, corr)
+            acks.append(ack.flags)
+    finally:
+        timer.cancel()
+    return acks
 
-    async def change_pte(self, entries, fallback: bool):
-        subs = self.subscribers()
-        await self._broadcast(Msg.CHANGE_PTE, entries, [s for s, c in subs if c])
-        if fallback:
-            await self._broadcast(Msg.INVALIDATE_PAGE, entries, [s for s, c in subs if not c])
 
-    async def clear_flush_young(self, entries) -> bool:
-        acks = await self._broadcast(Msg.CLEAR_YOUNG, entries, [s for s, _ in self.subscribers()])
-        return any(a.flags for a in acks)
+class Driver:
+    """Performs a core generator's effects for one actor (see the module docstring)."""
 
-    async def set_ptes_notify(self, idx: np.ndarray, new_ptes: np.ndarray, addrs: np.ndarray,
-                              early=None) -> None:
-        """Set mm.pte[idx] = new_ptes and tell every secondary MMU, in this Machine's mode.
+    def __init__(self, mem: Memory, ptls: dict, notifiers: dict, lock_timeout: float):
+        self.mem = mem
+        self.ptls = ptls                # mm id -> page-table lock
+        self.notifiers = notifiers      # mm id -> MMUNotifier (absent: nobody to notify yet)
+        self.lock_timeout = lock_timeout
 
-        The caller holds the mm's page-table lock and keeps it until this returns (all acks
-        in).  `early`, if given, is called once the last notification is on its way, before
-        the acks: the fault handler sends its FAULT_REPLY there, which reaches the faulting
-        VM after the notifications on the same channel.
-        """
-        entries = np.empty((len(idx), 2), dtype=np.uint64)
-        entries[:, 0] = addrs
-        entries[:, 1] = new_ptes
-        subs = self.subscribers()
-        with_cp = [s for s, c in subs if c]
-        if self.mode != "change_pte":
-            await self._broadcast(Msg.START, entries, [s for s, _ in subs])
-            subs = self.subscribers()
-        ch = self.ch
-        if ch is not None:
-            ch.cork()
+    async def run(self, gen, reply=None):
+        """Drive gen to its end; returns its value (its exception propagates)."""
+        send, exc = None, None
+        corked: set = set()
         try:
-            self.mm.pte[idx] = new_ptes
-            if self.mode == "change_pte":
-                sent = self._send(Msg.CHANGE_PTE, entries, with_cp)
-                sent += self._send(Msg.INVALIDATE_PAGE, entries, [s for s, c in subs if not c])
-            else:
-                sent = self._send(Msg.CHANGE_PTE, entries, with_cp) if self.mode == "wrapped" else []
-                sent += self._send(Msg.END, entries, [s for s, _ in subs])
-            if early is not None:
-                early()
+            while True:
+                try:
+                    e = gen.throw(exc) if exc is not None else gen.send(send)
+                except StopIteration as s:
+                    return s.value
+                send, exc = None, None
+                c = e.__class__
+                if c in MEM_EFFECTS:
+                    try:
+                        send = apply_mem(self.mem, e)
+                    except Exception as x:      # thrown into the core: its cleanup runs
+                        exc = x
+                elif c is Notify:
+                    n = self.notifiers.get(e.mm)
+                    send = n.send(e.type, e.entries, e.subs) if n is not None else []
+                    if n is not None and n.ch is not None:
+                        corked.add(n.ch)
+                elif c is WaitAcks:
+                    corked.clear()
+                    send = await wait_acks([h for hs in e.handles for h in hs])
+                elif c is TryLock:
+                    send = self.ptls[e.key[1]].try_acquire()
+                elif c is Lock:
+                    try:
+                        await lock_ptl(self.ptls[e.key[1]], self.lock_timeout)
+                    except TimeoutError as x:
+                        exc = x
+                elif c is Unlock:
+                    self.ptls[e.key[1]].release()
+                elif c is Reply:
+                    if reply is not None:
+                        reply(e)
+                else:
+                    exc = TypeError(f"effect {e!r} has no driver here")
         finally:
-            if ch is not None:
+            for ch in corked:
                 ch.uncork()
-        await self._wait(sent)

@@ -16,7 +16,6 @@ is never held up by this process waiting for a lock (DESIGN.md, "Locks").
 from __future__ import annotations
 
 import asyncio
-import collections
 import errno
 import logging
 import random
@@ -27,82 +26,22 @@ import numpy as np
 
 from proto.channel import Channel, abstract_connect
 from proto.layout import (FRAME_KSM, MMF_VM_MERGEABLE, MMH_FLAGS, PAGE_SHIFT, PAGE_SIZE, PTE_PRESENT,
-                          PTE_SPECIAL, PTE_WRITE, PTE_YOUNG, SUB_ACTIVE, SUB_CHANGE_PTE, USER_BASE, VM_KSM_IGNORED, VM_MERGEABLE,
+                          PTE_SPECIAL, SUB_ACTIVE, SUB_CHANGE_PTE, USER_BASE, VM_KSM_IGNORED, VM_MERGEABLE,
                           VM_READ, VM_WRITE, MAX_VMAS)
-from proto.messages import FAULT_UNSHARE, FAULT_WRITE, Frame, Msg, NOTIFIER_TYPES, call_payload, encode
+from proto.messages import FAULT_UNSHARE, Frame, Msg, NOTIFIER_TYPES, call_payload, encode
 from proto import MADV_MERGEABLE, MADV_UNMERGEABLE
 from proto.trace import Tracer
 
 from .actor import RunMemory, actor_args, run_actor, setup
-from .faultd import lock_ptl
+from .core.access import FaultCall, Touch, WaitIdle, touch, vm_access
+from .core.effects import Load
+from .core.notify import SecondaryMMU
+from .notifier import lock_ptl
 from .frames import ksm_zero_pages_add
 
 log = logging.getLogger("ksm_proto.vm")
 U64 = np.uint64
 FAULT_BATCH = 4096
-OK, NEED_PRIMARY, WAIT = 0, 1, 2
-LOG_LEN = 4096
-
-
-class SecondaryMMU:
-    """A shadow page table: sptes, invalidate sequence/in-progress count, message counts."""
-
-    def __init__(self, sub: int, name: str, npages: int, has_change_pte: bool):
-        self.sub = sub
-        self.name = name
-        self.has_change_pte = has_change_pte
-        self.spte = np.zeros(npages, dtype=U64)
-        self.seq = 0
-        self.in_progress = 0
-        self.idle = asyncio.Event()
-        self.idle.set()
-        self.released = False
-        self.faults = 0
-        self.msgs = {m.name: 0 for m in NOTIFIER_TYPES}
-        self.log: collections.deque = collections.deque(maxlen=LOG_LEN)   # message types, in order
-
-    def apply(self, f: Frame) -> int:
-        """Apply one notifier message; returns the ack flags (young for CLEAR_YOUNG)."""
-        t = f.type
-        n = f.n
-        name = Msg(t).name
-        self.msgs[name] += n if t not in (Msg.REGISTER, Msg.RELEASE) else 1
-        self.log.append(name)
-        idx = ((f.entries[:, 0].astype(np.int64) - USER_BASE) >> PAGE_SHIFT) if n else None
-        if idx is not None and (idx.min() < 0 or idx.max() >= len(self.spte)):
-            raise ValueError(f"{Msg(t).name} for an address outside the mm")
-        if t == Msg.START:
-            self.in_progress += 1
-            self.idle.clear()
-            self.spte[idx] = 0
-        elif t == Msg.END:
-            if self.in_progress <= 0:
-                raise ValueError("END without START")
-            self.in_progress -= 1
-            self.seq += 1
-            if not self.in_progress:
-                self.idle.set()
-        elif t == Msg.CHANGE_PTE:
-            # like kvm_set_spte_hva: only translations that exist are changed, in place
-            live = self.spte[idx] != 0
-            self.spte[idx[live]] = f.entries[live, 1]
-            self.seq += 1
-        elif t == Msg.INVALIDATE_PAGE:
-            self.spte[idx] = 0
-            self.seq += 1
-        elif t == Msg.CLEAR_YOUNG:
-            young = bool((self.spte[idx] & U64(PTE_YOUNG)).any())
-            self.spte[idx] &= ~U64(PTE_YOUNG)
-            return int(young)
-        elif t == Msg.RELEASE:
-            self.release()
-        return 0
-
-    def release(self) -> None:
-        self.released = True
-        self.spte[:] = 0
-        self.in_progress = 0
-        self.idle.set()
 
 
 class VMWorker:
@@ -118,6 +57,9 @@ class VMWorker:
         self.subs: dict[int, SecondaryMMU] = {0: self.kvm}
         if args.device:
             self.subs[1] = SecondaryMMU(1, "dev", self.mm.npages, False)
+        self.idle = {s: asyncio.Event() for s in self.subs}
+        for ev in self.idle.values():
+            ev.set()
         self.cow_faults = 0
         self.primary_faults = 0
         self.cow_ns: list[int] = []
@@ -140,46 +82,17 @@ class VMWorker:
         if sub is None:
             log.error("%s: %s for unknown secondary MMU %d", self.name, Msg(f.type).name, f.sub)
         else:
-            flags = sub.apply(f)
+            flags = sub.apply(f.type, f.entries)
+            idle = self.idle[f.sub]
+            if sub.in_progress:
+                idle.clear()
+            else:
+                idle.set()
         if self.tr:
             self.tr.send(peer, "ACK", self.mm_id, f.sub, f.addr, 0, 0, 0, f.corr)
         ch.send(encode(Msg.ACK, sub=f.sub, flags=flags, mm=self.mm_id, corr=f.corr))
 
     # ------------------------------------------------------------------ memory access
-    def secondary_fault(self, sub: SecondaryMMU, i: int, write: bool) -> int:
-        """Install a translation from the primary PTE, read without its lock (KVM's scheme)."""
-        if sub.in_progress:
-            return WAIT
-        seq = sub.seq
-        pte = int(self.mm.pte[i])
-        if not pte & PTE_PRESENT or (write and not pte & PTE_WRITE):
-            return NEED_PRIMARY
-        if sub.in_progress or sub.seq != seq:   # an invalidation ran meanwhile: retry
-            return WAIT
-        sub.spte[i] = pte
-        sub.faults += 1
-        return OK
-
-    async def primary_fault(self, first: int, last: int, write: bool, flags: int = 0) -> None:
-        """Send the pages in [first, last] that the primary PTEs cannot serve to the fault handler."""
-        if first == last:      # one page: no numpy batch (this is the COW latency path)
-            pte = int(self.mm.pte[first])
-            if pte & PTE_PRESENT and (not write or pte & PTE_WRITE):
-                return
-            cow = 1 if write and pte & PTE_PRESENT else 0
-            return await self.fault_call(np.array([first]), (FAULT_WRITE if write else 0) | flags, cow)
-        pte = self.mm.pte[first:last + 1]
-        need = (pte & U64(PTE_PRESENT)) == 0
-        cow = np.zeros_like(need)
-        if write:
-            cow = ~need & ((pte & U64(PTE_WRITE)) == 0)
-            need = need | cow
-        idx = np.flatnonzero(need)[:FAULT_BATCH] + first
-        if not len(idx):
-            return   # raced with another fault that already fixed them: just retry
-        ncow = int(cow[idx - first].sum())
-        await self.fault_call(idx, (FAULT_WRITE if write else 0) | flags, ncow)
-
     async def fault_call(self, idx: np.ndarray, flags: int, ncow: int = 0) -> None:
         entries = np.zeros((len(idx), 2), dtype=U64)
         entries[:, 0] = (USER_BASE + (idx.astype(np.int64) << PAGE_SHIFT)).astype(U64)
@@ -208,56 +121,46 @@ class VMWorker:
             raise OSError(rep.flags, rep.json().get("error") or errno.errorcode.get(rep.flags, "fault failed"))
 
     async def access(self, addr: int, length: int, write: bool, data=None, sub: SecondaryMMU | None = None):
-        """Read or write guest memory through a secondary MMU, faulting as needed."""
+        """Read or write guest memory through a secondary MMU, faulting as needed (core.access)."""
         sub = sub or self.kvm
         if not sub.released and not self.mm.subs[sub.sub, SUB_ACTIVE]:
             # a notifier gave up waiting for our ack and unregistered us: our translations are stale
             log.error("%s: secondary MMU %s was released by a notifier; dropping its translations",
                       self.name, sub.name)
             sub.release()
-        if sub.released:
-            raise OSError(errno.EFAULT, f"secondary MMU {sub.name} of {self.name} was released")
-        if length < 0 or addr < USER_BASE or addr + length > USER_BASE + len(sub.spte) * PAGE_SIZE:
-            raise OSError(errno.EFAULT, f"access {addr:#x}+{length} outside the address space")
-        out = None if write else bytearray(length)
-        mem = self.memory
-        spte = sub.spte
-        need = PTE_PRESENT | (PTE_WRITE if write else 0)
-        pos = 0
-        i = (addr - USER_BASE) >> PAGE_SHIFT
-        off = (addr - USER_BASE) & (PAGE_SIZE - 1)
-        last = (addr + length - 1 - USER_BASE) >> PAGE_SHIFT
-        while pos < length:
-            chunk = min(PAGE_SIZE - off, length - pos)
-            s = int(spte[i])
-            if s & need == need:
-                if not s & PTE_YOUNG:        # the accessed bit, as the MMU sets it
-                    spte[i] = s | PTE_YOUNG
-                base = (s >> PAGE_SHIFT) * PAGE_SIZE + off
-                if write:
-                    mem[base:base + chunk] = data[pos:pos + chunk]
+        buf = data if write else bytearray(length)
+        gen = vm_access(self.mm_id, sub, addr, length, write, buf)
+        memory, pte, tr = self.memory, self.mm.pte, self.tr
+        send = None
+        t0 = 0
+        while True:
+            try:
+                e = gen.send(send)
+            except StopIteration:
+                return None if write else buf
+            c = e.__class__
+            if c is Touch:
+                send = touch(sub, e, memory)
+                if send and t0:
+                    tr.span("secondary_fault", t0, time.monotonic_ns(), mm=self.mm_id, sub=sub.sub,
+                            addr=USER_BASE + (e.i << PAGE_SHIFT))
+                    t0 = 0
+            elif c is Load:
+                if np.ndim(e.idx) == 0:
+                    send = int(pte[e.idx])
+                    if tr:
+                        t0 = time.monotonic_ns()
                 else:
-                    out[pos:pos + chunk] = mem[base:base + chunk]
-                pos += chunk
-                i += 1
-                off = 0
-                continue
-            if self.tr:
-                t0 = time.monotonic_ns()
-            r = self.secondary_fault(sub, i, write)
-            if r == OK:
-                if self.tr:
-                    self.tr.span("secondary_fault", t0, time.monotonic_ns(), mm=self.mm_id, sub=sub.sub,
-                                 addr=USER_BASE + (i << PAGE_SHIFT))
-                continue
-            if r == WAIT:
+                    send = pte[e.idx].copy()
+            elif c is WaitIdle:
                 try:
-                    await asyncio.wait_for(sub.idle.wait(), self.args.ack_timeout * 2)
+                    await asyncio.wait_for(self.idle[sub.sub].wait(), self.args.ack_timeout * 2)
                 except asyncio.TimeoutError:
                     raise OSError(errno.EAGAIN, f"invalidation on {self.name} never ended") from None
-                continue
-            await self.primary_fault(i, last, write)
-        return out
+                send = None
+            elif c is FaultCall:
+                await self.fault_call(e.idx, e.flags, e.ncow)
+                send = None
 
     # ------------------------------------------------------------------ address space
     async def take_ptl(self) -> None:
@@ -328,8 +231,7 @@ class VMWorker:
             present = (pte & U64(PTE_PRESENT)) != 0
             # zap_page_range: our own secondary MMUs drop the range first
             for sub in self.subs.values():
-                sub.spte[i0:i1] = 0
-                sub.seq += 1
+                sub.zap(i0, i1)
             self.mm.pte[i0:i1] = 0
             self._set_vmas(vmas)
             self.mem.alloc.put((pte[present] >> U64(PAGE_SHIFT)).astype(np.int64))
@@ -537,11 +439,11 @@ class VMWorker:
         finally:
             self.ptl.release()
         if not s.released:
-            s.msgs["RELEASE"] += 1
-            s.log.append("RELEASE")
+            s.note("RELEASE")
             if self.tr:
                 self.tr.recv(self.name, "RELEASE", self.mm_id, sub, 0, 0, 0, 0, 0)
             s.release()
+            self.idle[sub].set()
 
     async def exit_mmap_release(self) -> None:
         """mmu_notifier_release at exit: every secondary MMU is released before frames are freed."""
@@ -564,8 +466,10 @@ class VMWorker:
             lambda: Channel(f"{self.name}->faultd", self.on_notify), sock=abstract_connect(f"{run}.faultd"))
         _, self.ksmd_ch = await loop.create_unix_connection(
             lambda: Channel(f"{self.name}->ksmd", self.on_notify), sock=abstract_connect(f"{run}.ksmd"))
-        for ch in (self.fault_ch, self.ksmd_ch):
-            ch.send(encode(Msg.HELLO, mm=self.mm_id, payload=call_payload({"name": self.name})))
+        for ch in (self.fault_ch, self.ksmd_ch):      # both know this mm before any subscriber registers
+            corr = ch.next_corr()
+            await ch.call(corr, encode(Msg.HELLO, mm=self.mm_id, corr=corr, payload=call_payload({"name": self.name})),
+                          self.args.ack_timeout * 2)
         await self.register()
         ctl_sock = socket.socket(fileno=self.args.ctl_fd)
         _, ctl = await loop.create_connection(

@@ -1,0 +1,625 @@
+"""The KSM world of `ksm-proto check`: the real protocol cores, in one process, one effect a step.
+
+Nothing here is a second model of the protocol.  ksmd's scan and merges
+(core.scan, core.merge), the fault handler's handle_mm_fault (core.fault), the
+notifier steps (core.notify) and the VMs' accesses (core.access) run as generators
+over the same FrameTable / MMView / FrameAllocator classes the actors use, backed by
+plain arrays instead of POSIX shared memory.  The world performs their effects and
+moves their messages; workers/explore.py decides the order.
+
+Scheduling points:
+  * each effect a core yields (a load, a store, a trylock, an alloc, a memcmp, one
+    notifier message sent, an access through an spte, a wait);
+  * each message delivered, one at a time, per channel in FIFO order (ksmd->vm,
+    faultd->vm, vm->faultd FAULTs, acks and replies back);
+  * with the `pid-takeover-lock` break, each step of the old lock algorithm
+    (sem_trywait, each read of the owner field, the owner store).
+
+Invariants, after every step (`violations`):
+  * a read returns the last value this VM wrote to the page (checked by the writer);
+  * no PTE maps a frame whose mapcount does not count it; no free frame is mapped by a
+    PTE or an spte; no double free (FrameAccountingError in any actor);
+  * a secondary MMU never maps a frame (or a write permission) its primary PTE no longer
+    gives it, unless a notification for that page is on its way to it;
+  * each secondary MMU's messages follow the notifier grammar;
+  * at ksmd's batch boundaries pages_shared / pages_sharing agree with the stable tree;
+  * a page-table lock has at most one holder.
+At the end (`final_violations`): every frame's mapcount equals its mappings, the free
+stack is exact, every VM reads back its record, and the counters equal what the PTEs show.
+"""
+from __future__ import annotations
+
+import collections
+import hashlib
+
+import numpy as np
+
+from proto.knobs import DEFAULTS
+from proto.layout import (FRAME_FREE, FRAME_KSM, MMF_VM_MERGEABLE, MMH_FLAGS, MMH_ID, MMH_NPAGES, PAGE_SHIFT,
+                          PAGE_SIZE, PTE_PRESENT, PTE_WRITE, SUB_ACTIVE, SUB_CHANGE_PTE, USER_BASE, VM_MERGEABLE,
+                          VM_READ, VM_WRITE, ZERO_PFN, FrameTable, MMView, StatsView)
+from proto.messages import Msg
+
+from .core.access import FaultCall, Touch, WaitIdle, touch, vm_access, zap_pte_range
+from .core.effects import (MEM_EFFECTS, Effect, Load, Lock, Memory, Notify, Reply, TryLock, Unlock, WaitAcks,
+                           apply_mem)
+from .core.fault import handle_mm_fault
+from .core.notify import EXPECT, FAILED, GRAMMAR, INIT, MODES, SecondaryMMU, grammar_why
+from .core.scan import KsmScan
+from .frames import FrameAllocator
+
+BREAKS = {
+    "no-write-protect": "ksmd compares and replaces without write-protecting the page first",
+    "no-recheck-pte": "ksmd replaces a page without re-checking, under ptl, that its PTE still maps the "
+                      "frame it checksummed and compared",
+    "cow-reply-before-acks": "the fault handler answers a COW fault and drops ptl before the secondary MMUs acked",
+    "free-before-acks": "the old frame is freed (COW and merge) before the secondary MMUs dropped it",
+    "pid-takeover-lock": "page-table locks are the old semaphore + owner pid, taken over when the owner "
+                         "'looks dead' (reads owner twice)",
+}
+
+
+class ArraySegment:
+    """A Segment lookalike over a bytearray: the checker's stand-in for POSIX shared memory."""
+
+    def __init__(self, size: int):
+        self.buf = bytearray(size)
+        self.size = size
+
+    def view(self, dtype, offset: int, count: int) -> np.ndarray:
+        return np.frombuffer(self.buf, dtype=dtype, count=count, offset=offset)
+
+
+class NullLock:
+    """The frame lock under the checker: allocator effects are single steps already."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+class Step:
+    __slots__ = ("actor", "label", "footprint", "run")
+
+    def __init__(self, actor, label, footprint, run):
+        self.actor, self.label, self.footprint, self.run = actor, label, frozenset(footprint), run
+
+
+class _AwaitReply(Effect):
+    __slots__ = ("corr",)
+
+    def __init__(self, corr):
+        self.corr = corr
+
+    def __repr__(self):
+        return f"wait FAULT_REPLY {self.corr}"
+
+
+class Thread:
+    """One running core generator (a stack of them while the old lock algorithm runs)."""
+
+    def __init__(self, name: str, actor: str, gen, vm=None):
+        self.name, self.actor, self.vm = name, actor, vm
+        self.stack = [gen]
+        self.pending = None
+        self.done = False
+        self.result = None
+
+
+class VMState:
+    def __init__(self, mm_id: int, name: str, npages: int, device: bool):
+        self.id, self.name = mm_id, name
+        self.subs = {0: SecondaryMMU(0, "kvm", npages, True)}
+        if device:
+            self.subs[1] = SecondaryMMU(1, "dev", npages, False)
+        self.grammar = {s: INIT for s in self.subs}
+        self.record: dict[int, int] = {}
+        self.replies: dict[int, tuple] = {}
+
+
+class KsmWorld:
+    """A small machine: nvms VMs of npages pages (all alike at first), one writer each, ksmd, faultd."""
+
+    def __init__(self, mode: str, brk: str | None = None, nvms: int = 2, npages: int = 2,
+                 writes: tuple = (((0, 2), (1, -1), (1, 1)), ((1, 2), (1, 1))), device: bool = False, max_page_sharing: int = 256,
+                 use_zero_pages: int = 0, settle_scans: int = 2, nframes: int = 16):
+        if mode not in MODES:
+            raise ValueError(f"mode {mode!r} is not one of {MODES}")
+        self.mode, self.brk = mode, frozenset([brk] if brk else [])
+        self.nframes = nframes
+        ftseg = ArraySegment(FrameTable.size_for(nframes))
+        self.ft = FrameTable(ftseg, nframes)
+        self.frames = np.zeros(nframes * PAGE_SIZE, dtype=np.uint8)
+        self.alloc = FrameAllocator(self.ft, self.frames, NullLock())
+        self.alloc.format()
+        self.stats = StatsView(ArraySegment(StatsView.size_for()))
+        self.mem = Memory(self.alloc, self.stats)
+        self.vms: list[VMState] = []
+        self.threads: list[Thread] = []
+        self.queues: dict[tuple, collections.deque] = {}
+        self.locks: dict[tuple, str | None] = {}       # lock key -> holder thread name
+        self.old_lock: dict[tuple, list] = {}           # pid-takeover-lock: key -> [sem, owner]
+        self.acks: dict[int, list] = {}                 # handle id -> [outstanding, flags...]
+        self.next_id = 1
+        self.violations_found: list[str] = []
+        self.clock_steps = 0
+        self.writers_left = nvms
+        self.settle_scans = settle_scans
+        self.scan = KsmScan(self.ft, mode, lambda: self.clock_steps / 1000.0, self.brk)
+        self.scan.knobs.update(dict(DEFAULTS, run=1, pages_to_scan=nvms * npages, sleep_millisecs=0,
+                                    max_page_sharing=max_page_sharing, use_zero_pages=use_zero_pages))
+        for v in range(nvms):
+            self._make_vm(v, npages, device and v == 0)
+        self.threads.append(Thread("ksmd", "ksmd", self.ksmd_main()))
+        for v in self.vms:
+            self.threads.append(Thread(f"{v.name}/writer", v.name, self.writer(v, npages, writes), vm=v))
+        for t in self.threads:
+            self._advance(t, None)
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        """ksmd alone until its first full scan ends: every page has a checksum, the next scan merges."""
+        ksmd = self.threads[0]
+        while self.scan.c["full_scans"] < 1:
+            self._run_thread(ksmd, {})
+        self.violations_found += self._frame_violations()
+
+    # ---------------------------------------------------------------- set-up
+    def _make_vm(self, mm_id: int, npages: int, device: bool) -> None:
+        seg = ArraySegment(MMView.size_for(npages))
+        mm = MMView(seg)
+        mm.hdr[MMH_ID] = mm_id
+        mm.hdr[MMH_NPAGES] = npages
+        start = USER_BASE
+        mm.vmas[0] = (start, start + npages * PAGE_SIZE, VM_READ | VM_WRITE | VM_MERGEABLE)
+        mm.hdr[MMH_FLAGS] |= MMF_VM_MERGEABLE
+        pfns = self.alloc.alloc(npages, 1, zero=True)
+        self.alloc.pages[pfns] = 1
+        mm.pte[:] = (pfns.astype(np.uint64) << np.uint64(PAGE_SHIFT)) | np.uint64(PTE_PRESENT | PTE_WRITE)
+        v = VMState(mm_id, f"vm{mm_id}", npages, device)
+        for s, sub in v.subs.items():
+            mm.subs[s, SUB_ACTIVE] = 1
+            mm.subs[s, SUB_CHANGE_PTE] = int(sub.has_change_pte)
+            v.grammar[s] = GRAMMAR[(INIT, "REGISTER")]
+            sub.note("REGISTER")
+        for p in range(npages):
+            v.record[p] = 1
+        self.mem.mms[mm_id] = mm
+        self.scan.add_mm(mm_id, mm)
+        for q in (("ksmd", mm_id), ("faultd", mm_id), (mm_id, "faultd"), (mm_id, "ksmd.ack"), (mm_id, "faultd.ack")):
+            self.queues[q] = collections.deque()
+        self.locks[("ptl", mm_id)] = None
+        self.old_lock[("ptl", mm_id)] = [1, 0]
+        self.vms.append(v)
+
+    # ---------------------------------------------------------------- the programs
+    def ksmd_main(self):
+        """ksmd: full scans while any writer runs, then settle_scans more."""
+        settle = self.settle_scans
+        while self.writers_left or settle > 0:
+            if not self.writers_left:
+                settle -= 1
+            ended = False
+            while not ended:
+                _, _, ended = yield from self.scan.ksm_do_scan(self.scan.knobs["pages_to_scan"])
+                self._check_counters()
+
+    def writer(self, v: VMState, npages: int, writes):
+        """Read every page (installing sptes), then write each (page, byte) of `writes` and read it back
+        at once (byte -1: MADV_DONTNEED the page: it reads as zero); at the end read every page back."""
+        sub = v.subs[0]
+        for page in range(npages):
+            yield from vm_access(v.id, sub, USER_BASE + page * PAGE_SIZE, 8, False, bytearray(8))
+        for page, val in writes[v.id % len(writes)]:
+            page %= npages
+            addr = USER_BASE + page * PAGE_SIZE
+            if val < 0:
+                yield from zap_pte_range(v.id, v.subs.values(), page, page + 1)
+                val = 0
+            else:
+                yield from vm_access(v.id, sub, addr, PAGE_SIZE, True, bytes([val]) * PAGE_SIZE)
+            v.record[page] = val
+            got = bytearray(PAGE_SIZE)
+            yield from vm_access(v.id, sub, addr, PAGE_SIZE, False, got)
+            self._check_read(v, page, got, "read back after its write")
+        self.writers_left -= 1
+        for page in range(npages):
+            got = bytearray(PAGE_SIZE)
+            yield from vm_access(v.id, sub, USER_BASE + page * PAGE_SIZE, PAGE_SIZE, False, got)
+            self._check_read(v, page, got, "final read")
+
+    def _check_read(self, v: VMState, page: int, got: bytearray, when: str) -> None:
+        want = v.record[page]
+        if got != bytes([want]) * PAGE_SIZE:
+            bad = next(k for k in range(PAGE_SIZE) if got[k] != want)
+            self.violations_found.append(f"lost write: {v.name} page {page} {when}: byte {bad} is {got[bad]}, "
+                                         f"the last value written was {want}")
+
+    # ---------------------------------------------------------------- running threads
+    def _advance(self, t: Thread, result, exc=None) -> None:
+        """Resume t's generator with result (or exc) until it yields its next effect."""
+        while True:
+            gen = t.stack[-1]
+            try:
+                e = gen.throw(exc) if exc is not None else gen.send(result)
+            except StopIteration as s:
+                t.stack.pop()
+                if not t.stack:
+                    t.done, t.pending, t.result = True, None, s.value
+                    return
+                result, exc = s.value, None
+                continue
+            except Exception as x:
+                t.stack.pop()
+                if not t.stack:
+                    t.done, t.pending = True, None
+                    if t.actor == "faultd" and isinstance(x, OSError):    # an error reply, as faultd sends it
+                        self._reply(t, x.errno, str(x))
+                    else:
+                        self.violations_found.append(f"{t.name} failed: {type(x).__name__}: {x}")
+                    return
+                result, exc = None, x
+                continue
+            if "pid-takeover-lock" in self.brk and isinstance(e, TryLock) and e.key[0] == "ptl":
+                t.stack.append(self._old_lock_algo(t, e))
+                result, exc = None, None
+                continue
+            t.pending = e
+            return
+
+    def _old_lock_algo(self, t: Thread, e):
+        """The old ShmLock: a semaphore plus an owner pid read without the semaphore (the bug)."""
+        st = self.old_lock[e.key]
+        me = hash(t.name) & 0xFFFF or 1
+        if isinstance(e, Unlock):
+            yield _Micro("store owner 0", lambda: st.__setitem__(1, 0), e.key)
+            yield _Micro("sem_post", lambda: self._old_post(e.key, t), e.key)
+            return None
+        blocking = isinstance(e, Lock)
+        while True:
+            ok = yield _Micro("sem_trywait", lambda: self._old_trywait(e.key, t), e.key,
+                              enabled=(lambda: st[0] > 0) if blocking else None)
+            if ok:
+                yield _Micro("store owner", lambda: st.__setitem__(1, me), e.key)
+                return True
+            if blocking:
+                continue
+            o = yield _Micro("read owner", lambda: st[1], e.key)
+            if o == 0 or o not in self._live_pids():      # "not alive" (pid 0 is never alive)
+                o2 = yield _Micro("read owner again", lambda: st[1], e.key)
+                if o2 != 0:
+                    yield _Micro("take over: store owner", lambda: self._old_take_over(e.key, t, me), e.key)
+                    return True
+            return False
+
+    def _live_pids(self):
+        return {hash(t.name) & 0xFFFF or 1 for t in self.threads if not t.done}
+
+    def _old_trywait(self, key, t) -> bool:
+        st = self.old_lock[key]
+        if st[0] > 0:
+            st[0] -= 1
+            self._hold(key, t)
+            return True
+        return False
+
+    def _old_post(self, key, t) -> None:
+        self.old_lock[key][0] += 1
+        if self.locks[key] == t.name:
+            self.locks[key] = None
+
+    def _old_take_over(self, key, t, me) -> None:
+        self.old_lock[key][1] = me
+        self._hold(key, t)
+
+    def _hold(self, key, t) -> None:
+        if self.locks[key] is not None and self.locks[key] != t.name:
+            self.violations_found.append(f"{_lname(key)} has two holders: {self.locks[key]} and {t.name}")
+        self.locks[key] = t.name
+
+    # ---------------------------------------------------------------- the World interface
+    def enabled(self) -> list[Step]:
+        steps = []
+        for t in self.threads:
+            if t.done or not self._runnable(t):
+                continue
+            steps.append(Step(t.actor, f"{t.name}: {t.pending!r}", self._footprint(t), t))
+        for q, dq in self.queues.items():
+            if dq:
+                steps.append(Step(self._queue_actor(q), f"deliver {dq[0][0]}", (((("chan",) + q), "w"),)
+                                  + self._delivery_footprint(q), q))
+        return steps
+
+    def take(self, i: int) -> dict:
+        step = self.enabled()[i]
+        self.clock_steps += 1
+        rec = {"actor": step.actor, "label": step.label, "args": {}}
+        if isinstance(step.run, Thread):
+            self._run_thread(step.run, rec)
+        else:
+            self._deliver(step.run, rec)
+        return rec
+
+    def violations(self) -> list[str]:
+        out = list(self.violations_found)
+        self.violations_found.clear()
+        out += self._frame_violations()
+        return out
+
+    def finished(self) -> bool:
+        return all(t.done for t in self.threads) and not any(self.queues.values())
+
+    def final_violations(self) -> list[str]:
+        out = self._frame_violations(final=True)
+        maps = self._mappings()
+        mc = self.ft.mapcount.astype(np.int64)
+        for p in range(1, self.nframes):
+            if mc[p] != maps[p]:
+                out.append(f"frame {p}: mapcount {mc[p]} but {maps[p]} PTEs map it")
+        c = self.scan.c
+        ksm = [p for p in range(1, self.nframes) if self.ft.flags[p] & FRAME_KSM and maps[p]]
+        if c["pages_shared"] != len(ksm) or c["pages_shared"] + c["pages_sharing"] != int(sum(maps[p] for p in ksm)):
+            out.append(f"counters pages_shared {c['pages_shared']} pages_sharing {c['pages_sharing']}, but "
+                       f"{len(ksm)} KSM frames are mapped {int(sum(maps[p] for p in ksm))} times")
+        return out
+
+    def state_key(self):
+        return None
+
+    # ---------------------------------------------------------------- steps
+    def _runnable(self, t: Thread) -> bool:
+        e = t.pending
+        c = e.__class__
+        if c is Lock:
+            return self.locks[e.key] is None
+        if c is WaitAcks:
+            return all(self.acks[h][0] == 0 for hs in e.handles for h in hs)
+        if c is WaitIdle:
+            return e.sub.in_progress == 0 or e.sub.released
+        if c is _AwaitReply:
+            return e.corr in t.vm.replies
+        if c is _Micro and e.enabled is not None:
+            return e.enabled()
+        return True
+
+    def _footprint(self, t: Thread) -> tuple:
+        e = t.pending
+        fp = tuple(e.footprint())
+        c = e.__class__
+        if t.vm is not None:
+            fp += ((("vm", t.vm.id), "w"),)
+        if t.actor == "ksmd":
+            fp += ((("ft",), "r"),)
+        if c is WaitAcks:
+            fp += ((("acks", t.actor), "r"),)
+        elif c is Notify:
+            fp += (((("chan", t.actor.split("/")[0], e.mm)), "w"),)
+        elif c is FaultCall:
+            fp += ((("chan", t.vm.id, "faultd"), "w"),)
+        elif c is Reply:
+            fp += ((("chan", "faultd", t.mm), "w"),)
+        return fp
+
+    def _queue_actor(self, q) -> str:
+        src, dst = q
+        if isinstance(dst, int):
+            return self.vms[dst].name
+        return dst.split(".")[0]
+
+    def _delivery_footprint(self, q) -> tuple:
+        src, dst = q
+        if isinstance(dst, int):
+            return ((("vm", dst), "w"),)
+        if dst.endswith(".ack"):
+            return ((("acks", dst.split(".")[0]), "w"),)
+        return ()
+
+    def _run_thread(self, t: Thread, rec: dict) -> None:
+        e = t.pending
+        c = e.__class__
+        result, exc = None, None
+        try:
+            if c in MEM_EFFECTS:
+                result = apply_mem(self.mem, e)
+            elif c is Touch:
+                result = touch(e.sub, e, memoryview(self.frames))
+            elif c is TryLock:
+                result = self.locks[e.key] is None
+                if result:
+                    self._hold(e.key, t)
+            elif c is Lock:
+                self._hold(e.key, t)
+            elif c is Unlock:
+                if self.locks[e.key] != t.name:
+                    self.violations_found.append(f"{t.name} unlocks {_lname(e.key)} held by {self.locks[e.key]}")
+                self.locks[e.key] = None
+            elif c is Notify:
+                result = self._notify(t, e, rec)
+            elif c is WaitAcks:
+                flags = []
+                for hs in e.handles:
+                    for h in hs:
+                        flags += self.acks.pop(h)[1:]
+                result = flags
+            elif c is WaitIdle:
+                result = None
+            elif c is FaultCall:
+                corr = self._new_id()
+                self.queues[(t.vm.id, "faultd")].append(("FAULT", corr, e.idx, e.flags))
+                rec["flow_out"] = corr
+                t.pending = _AwaitReply(corr)
+                return
+            elif c is _AwaitReply:
+                err, msg = t.vm.replies.pop(e.corr)
+                if err:
+                    exc = OSError(err, msg)
+            elif c is Reply:
+                self._reply(t, e.err, e.msg)
+            elif c is _Micro:
+                result = e.run()
+            else:
+                exc = TypeError(f"no driver for {e!r}")
+        except Exception as x:
+            exc = x
+        self._advance(t, result, exc)
+        if t.done and t.actor == "faultd":
+            err = 0
+            self._reply(t, err, "")
+
+    def _notify(self, t: Thread, e: Notify, rec: dict) -> list:
+        src = t.actor
+        hs = []
+        for s in e.subs:
+            h = self._new_id()
+            self.acks[h] = [1]
+            self.queues[(src, e.mm)].append((e.type.name, h, s, e.entries.copy()))
+            hs.append(h)
+        if hs:
+            rec["flow_out"] = hs[0]
+        return hs
+
+    def _reply(self, t: Thread, err: int, msg: str) -> None:
+        if getattr(t, "replied", False):
+            return
+        t.replied = True
+        self.queues[("faultd", t.mm)].append(("FAULT_REPLY", t.corr, err, msg))
+
+    def _deliver(self, q, rec: dict) -> None:
+        src, dst = q
+        item = self.queues[q].popleft()
+        kind = item[0]
+        rec["flow_in"] = item[1]
+        if kind == "FAULT":          # a new handle_mm_fault task in the fault handler
+            _, corr, idx, flags = item
+            mm = src
+            t = Thread(f"faultd/{corr}", "faultd", handle_mm_fault(mm, self.mem.mms[mm].npages, idx, flags,
+                                                                     self.mode, brk=self.brk))
+            t.mm, t.corr = mm, corr
+            self.threads.append(t)
+            self._advance(t, None)
+            if t.done:
+                self._reply(t, 0, "")
+            return
+        if kind == "FAULT_REPLY":
+            _, corr, err, msg = item
+            self.vms[dst].replies[corr] = (err, msg)
+            return
+        if kind == "ACK":
+            _, h, flags = item
+            a = self.acks.get(h)
+            if a is not None:
+                a[0] -= 1
+                a.append(flags)
+            return
+        v = self.vms[dst]                    # a notifier message to one secondary MMU
+        _, h, s, entries = item
+        sub = v.subs[s]
+        t = Msg[kind]
+        st = v.grammar[s]
+        nxt = GRAMMAR.get((st, kind))
+        if nxt is None and st != FAILED:
+            self.violations_found.append(f"{v.name} {sub.name}: {grammar_why(st, kind)}: got {kind}, "
+                                         f"expected {EXPECT.get(st)}")
+            nxt = FAILED
+        v.grammar[s] = nxt
+        flags = sub.apply(t, entries)
+        self.queues[(dst, f"{src}.ack")].append(("ACK", h, flags))
+
+    def _new_id(self) -> int:
+        self.next_id += 1
+        return self.next_id
+
+    # ---------------------------------------------------------------- invariants
+    def _mappings(self) -> np.ndarray:
+        maps = np.zeros(self.nframes, dtype=np.int64)
+        for mm in self.mem.mms.values():
+            pte = mm.pte
+            pfn = (pte[(pte & np.uint64(PTE_PRESENT)) != 0] >> np.uint64(PAGE_SHIFT)).astype(np.int64)
+            maps += np.bincount(pfn, minlength=self.nframes)
+        maps[ZERO_PFN] = 0
+        return maps
+
+    def _in_flight(self, mm: int, s: int, i: int) -> bool:
+        addr = USER_BASE + (i << PAGE_SHIFT)
+        for src in ("ksmd", "faultd"):
+            for item in self.queues[(src, mm)]:
+                if item[0] not in ("FAULT_REPLY",) and item[2] == s and (item[3][:, 0] == addr).any():
+                    return True
+        return False
+
+    def _frame_violations(self, final: bool = False) -> list[str]:
+        out = []
+        maps = self._mappings()
+        mc = self.ft.mapcount
+        free = self.ft.flags == FRAME_FREE
+        for p in np.flatnonzero(maps > np.maximum(mc, 0)).tolist():
+            out.append(f"frame {p}: {maps[p]} PTEs map it but its mapcount is {mc[p]}")
+        for p in np.flatnonzero(free & (maps > 0)).tolist():
+            out.append(f"frame {p} is free but a PTE maps it")
+        for v in self.vms:
+            pte = self.mem.mms[v.id].pte
+            for s, sub in v.subs.items():
+                for i in np.flatnonzero(sub.spte).tolist():
+                    sp, pp = int(sub.spte[i]), int(pte[i])
+                    spfn = sp >> PAGE_SHIFT
+                    if free[spfn] and spfn != ZERO_PFN:
+                        out.append(f"{v.name} {sub.name} page {i} maps frame {spfn}, which is free")
+                        continue
+                    stale = (not pp & PTE_PRESENT or (pp >> PAGE_SHIFT) != spfn
+                             or (sp & PTE_WRITE and not pp & PTE_WRITE))
+                    if stale and self.locks[("ptl", v.id)] is None and not self._in_flight(v.id, s, i):
+                        out.append(f"{v.name} {sub.name} page {i} maps frame {spfn}"
+                                   f"{' writable' if sp & PTE_WRITE else ''} but its PTE maps "
+                                   f"{pp >> PAGE_SHIFT if pp & PTE_PRESENT else 'nothing'}"
+                                   f"{' writable' if pp & PTE_WRITE else ''}, and no notification is on its way")
+        if final:
+            top = int(self.ft.hdr[1])
+            stack = self.ft.free_stack[:top].tolist()
+            if len(set(stack)) != len(stack) or set(stack) != set(np.flatnonzero(free).tolist()):
+                out.append("the free stack does not hold each free frame exactly once")
+        return out
+
+    def _check_counters(self) -> None:
+        """At a batch boundary: the sharing counters agree with the stable tree."""
+        tree, c = self.scan.tree, self.scan.c
+        live = np.flatnonzero(tree.live[:tree.top])
+        cnt = tree.count[live]
+        if c["pages_shared"] != int((cnt > 0).sum()) or c["pages_shared"] + c["pages_sharing"] != int(cnt.sum()):
+            self.violations_found.append(f"pages_shared {c['pages_shared']} pages_sharing {c['pages_sharing']} "
+                                         f"disagree with the stable tree ({int((cnt > 0).sum())} nodes in use, "
+                                         f"{int(cnt.sum())} rmap items)")
+
+    def digest(self) -> str:
+        """A hash of the whole shared state (for tests comparing two runs)."""
+        h = hashlib.sha256(self.frames.tobytes())
+        h.update(self.ft.seg.buf)
+        for mm in self.mem.mms.values():
+            h.update(mm.seg.buf)
+        return h.hexdigest()
+
+
+class _Micro(Effect):
+    """One step of the old lock algorithm (pid-takeover-lock)."""
+    __slots__ = ("what", "run", "key", "enabled")
+
+    def __init__(self, what, run, key, enabled=None):
+        self.what, self.run, self.key, self.enabled = what, run, key, enabled
+
+    def footprint(self):
+        return ((self.key, "w"),)
+
+    def __repr__(self):
+        return f"{_lname(self.key)}: {self.what}"
+
+
+def _lname(key) -> str:
+    return f"ptl(mm{key[1]})" if key[0] == "ptl" else "frame_lock"
+
+
+def world_factory(mode: str, brk: str | None = None, **config):
+    """A callable that builds a fresh, identical KsmWorld (the explorer replays by rebuilding)."""
+    if brk is not None and brk not in BREAKS:
+        raise ValueError(f"unknown break {brk!r}; one of: {', '.join(BREAKS)}")
+    return lambda: KsmWorld(mode, brk, **config)

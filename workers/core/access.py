@@ -1,0 +1,149 @@
+"""A VM's memory access through a secondary MMU, IO-free: the guest's side of the protocol.
+
+A VM touches frame bytes only through a secondary MMU's spte (`Touch`: look up the
+spte and copy the bytes in one step, as one event-loop turn does in the VM worker).
+A miss is a secondary fault: snapshot the invalidate sequence, read the primary PTE
+without the page-table lock, install it only if no invalidation started or ended
+meanwhile (KVM's mmu_invalidate_seq / in_progress scheme, `secondary_fault_check`).
+A miss the primary PTE cannot serve (not present, or a write to a read-only page) is
+a FAULT to the fault handler (`FaultCall`), after which the access retries.
+"""
+from __future__ import annotations
+
+import errno
+
+import numpy as np
+
+from proto.layout import PAGE_SHIFT, PAGE_SIZE, PTE_PRESENT, PTE_SPECIAL, PTE_WRITE, PTE_YOUNG, USER_BASE
+from proto.messages import FAULT_WRITE
+
+from .effects import PTE, Effect, Load, Lock, Put, Store, Unlock, ZeroPagesAdd, bytes_footprint, ptl
+from .notify import NEED_PRIMARY, OK, SecondaryMMU, secondary_fault_check
+
+U64 = np.uint64
+FAULT_BATCH = 4096
+
+
+class Touch(Effect):
+    """Access page i at off through sub's spte: copy chunk bytes data[pos:] -> frame (write) or
+    frame -> out[pos:] (read).  True if the spte served it, False on a miss."""
+    __slots__ = ("sub", "i", "off", "pos", "chunk", "write", "buf")
+
+    def __init__(self, sub, i, off, pos, chunk, write, buf):
+        self.sub, self.i, self.off, self.pos, self.chunk, self.write, self.buf = sub, i, off, pos, chunk, write, buf
+
+    def footprint(self):
+        s = int(self.sub.spte[self.i])
+        return bytes_footprint([s >> PAGE_SHIFT], "w" if self.write else "r") if s else ()
+
+    def __repr__(self):
+        return f"{'write' if self.write else 'read'} page {self.i} +{self.off} x{self.chunk} via {self.sub.name}"
+
+
+class WaitIdle(Effect):
+    """Wait until no invalidation is in progress on sub (the driver bounds the wait: EAGAIN)."""
+    __slots__ = ("sub",)
+
+    def __init__(self, sub):
+        self.sub = sub
+
+    def __repr__(self):
+        return f"wait {self.sub.name} idle"
+
+
+class FaultCall(Effect):
+    """Send FAULT for page indices idx and wait for the reply (an error reply raises OSError)."""
+    __slots__ = ("idx", "flags", "ncow")
+
+    def __init__(self, idx, flags, ncow):
+        self.idx, self.flags, self.ncow = idx, flags, ncow
+
+    def __repr__(self):
+        return f"fault {self.idx.tolist()} flags {self.flags}"
+
+
+def touch(sub: SecondaryMMU, e: Touch, memory) -> bool:
+    """Run a Touch against frame memory (a writable memoryview of all frames)."""
+    s = int(sub.spte[e.i])
+    need = PTE_PRESENT | (PTE_WRITE if e.write else 0)
+    if s & need != need:
+        return False
+    if not s & PTE_YOUNG:        # the accessed bit, as the MMU sets it
+        sub.spte[e.i] = s | PTE_YOUNG
+    base = (s >> PAGE_SHIFT) * PAGE_SIZE + e.off
+    if e.write:
+        memory[base:base + e.chunk] = e.buf[e.pos:e.pos + e.chunk]
+    else:
+        e.buf[e.pos:e.pos + e.chunk] = memory[base:base + e.chunk]
+    return True
+
+
+def vm_access(mm: int, sub: SecondaryMMU, addr: int, length: int, write: bool, buf):
+    """Read (into buf) or write (from buf) [addr, addr+length) through sub, faulting as needed."""
+    if length < 0 or addr < USER_BASE or addr + length > USER_BASE + len(sub.spte) * PAGE_SIZE:
+        raise OSError(errno.EFAULT, f"access {addr:#x}+{length} outside the address space")
+    need = PTE_PRESENT | (PTE_WRITE if write else 0)
+    pos = 0
+    i = (addr - USER_BASE) >> PAGE_SHIFT
+    off = (addr - USER_BASE) & (PAGE_SIZE - 1)
+    last = (addr + length - 1 - USER_BASE) >> PAGE_SHIFT
+    while pos < length:
+        if sub.released:
+            raise OSError(errno.EFAULT, f"secondary MMU {sub.name} was released")
+        chunk = min(PAGE_SIZE - off, length - pos)
+        if (yield Touch(sub, i, off, pos, chunk, write, buf)):
+            pos += chunk
+            i += 1
+            off = 0
+            continue
+        if sub.in_progress:
+            yield WaitIdle(sub)
+            continue
+        seq = sub.seq
+        pte = yield Load(PTE, mm, i)
+        r = secondary_fault_check(sub, seq, i, pte, need)
+        if r == OK:
+            continue
+        if r != NEED_PRIMARY:
+            yield WaitIdle(sub)
+            continue
+        yield from primary_fault(mm, i, last, write)
+
+
+def primary_fault(mm: int, first: int, last: int, write: bool, flags: int = 0):
+    """FAULT the pages in [first, last] that the primary PTEs cannot serve (at most FAULT_BATCH)."""
+    pte = yield Load(PTE, mm, np.arange(first, min(last, first + FAULT_BATCH - 1) + 1))
+    need = (pte & U64(PTE_PRESENT)) == 0
+    cow = np.zeros_like(need)
+    if write:
+        cow = ~need & ((pte & U64(PTE_WRITE)) == 0)
+        need = need | cow
+    idx = np.flatnonzero(need) + first
+    if not len(idx):
+        return   # raced with another fault that already fixed them: just retry
+    yield FaultCall(idx, (FAULT_WRITE if write else 0) | flags, int(cow[idx - first].sum()))
+
+
+def zap_pte_range(mm: int, subs, i0: int, i1: int):
+    """MADV_DONTNEED / munmap by the VM itself: its own secondary MMUs drop [i0, i1) first, then
+    the PTEs are cleared and the frames put, under ptl (the VM's secondary MMUs live in its own
+    process: zapping them is a local call, as zap_page_range's notifier is for KVM)."""
+    yield Lock(ptl(mm))
+    try:
+        idx = np.arange(i0, i1, dtype=np.int64)
+        pte = yield Load(PTE, mm, idx)
+        for sub in subs:
+            sub.zap(i0, i1)
+        present = (pte & U64(PTE_PRESENT)) != 0
+        yield Store(PTE, mm, idx, np.zeros(len(idx), dtype=U64))
+        if present.any():
+            yield Put((pte[present] >> U64(PAGE_SHIFT)).astype(np.int64))
+        nzero = int((present & ((pte & U64(PTE_SPECIAL)) != 0)).sum())
+        if nzero:
+            yield ZeroPagesAdd(mm, -nzero)
+    except GeneratorExit:           # abandoned (a checker run cut short): nothing to release
+        raise
+    except BaseException:
+        yield Unlock(ptl(mm))
+        raise
+    yield Unlock(ptl(mm))

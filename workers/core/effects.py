@@ -1,0 +1,410 @@
+"""Effects: what a protocol core asks its driver to do, as plain data.
+
+A core generator yields one effect at a time and receives its result:
+
+    pte = yield Load(PTE, mm, i)          # read a shared field
+    yield Store(PTE, mm, i, new)          # write it
+    ok = yield TryLock(ptl(mm))           # page-table lock, as ksmd takes it
+    h = yield Notify(mm, Msg.CHANGE_PTE, subs, entries)   # one message per subscriber
+    acks = yield WaitAcks(h)              # block until each subscriber acked (or was released)
+
+Every effect is one scheduling point of the interleaving checker, so the core's
+granularity *is* the checked granularity: a field loaded twice is two steps.
+
+The memory effects are executed by one function, `apply_mem`, for the real actors
+(shared-memory views) and the checker (plain arrays) alike; locks, messages and
+waits are the driver's (asyncio in an actor, queues in the checker).  Each effect
+names its `footprint` (resources read or written) for the checker's partial-order
+reduction.
+"""
+from __future__ import annotations
+
+import mmh3
+import numpy as np
+
+from proto.layout import PAGE_SIZE
+
+# shared regions a Load/Store can name
+PTE, VMAS, SUBS, FLAGS, MAPCOUNT, STABLE = "pte", "vmas", "subs", "flags", "mapcount", "stable"
+FRAME_REGIONS = (FLAGS, MAPCOUNT, STABLE)
+
+_digest = mmh3.mmh3_x64_128_stupledigest
+
+
+def page_key(buf) -> int:
+    """The scanner's 64-bit content key of one page (mmh3 x64-128, first half)."""
+    return _digest(buf)[0]
+
+
+ZERO_KEY = page_key(bytes(PAGE_SIZE))
+
+
+def ptl(mm: int) -> tuple:
+    return ("ptl", mm)
+
+
+FRAME_LOCK = ("frame",)
+
+
+class Effect:
+    __slots__ = ()
+
+    def footprint(self):      # default: touches nothing shared
+        return ()
+
+
+class Load(Effect):
+    """Read region[mm][idx] (idx an int or an index array; mm ignored for frame regions; VMAS: the live list)."""
+    __slots__ = ("region", "mm", "idx")
+
+    def __init__(self, region, mm, idx=None):
+        self.region, self.mm, self.idx = region, mm, idx
+
+    def footprint(self):
+        return _keys(self.region, self.mm, self.idx, "r")
+
+    def __repr__(self):
+        return f"load {_where(self.region, self.mm, self.idx)}"
+
+
+class Store(Effect):
+    __slots__ = ("region", "mm", "idx", "value")
+
+    def __init__(self, region, mm, idx, value):
+        self.region, self.mm, self.idx, self.value = region, mm, idx, value
+
+    def footprint(self):
+        return _keys(self.region, self.mm, self.idx, "w")
+
+    def __repr__(self):
+        return f"store {_where(self.region, self.mm, self.idx)} <- {_short(self.value)}"
+
+
+class TryLock(Effect):
+    """Take the lock if free; True/False.  (ksmd's trylock of a ptl.)"""
+    __slots__ = ("key",)
+
+    def __init__(self, key):
+        self.key = key
+
+    def footprint(self):
+        return ((self.key, "w"),)
+
+    def __repr__(self):
+        return f"trylock {_lname(self.key)}"
+
+
+class Lock(TryLock):
+    """Take the lock, waiting while it is held (the driver bounds the wait: TimeoutError)."""
+    __slots__ = ()
+
+    def __repr__(self):
+        return f"lock {_lname(self.key)}"
+
+
+class Unlock(TryLock):
+    __slots__ = ()
+
+    def __repr__(self):
+        return f"unlock {_lname(self.key)}"
+
+
+class Alloc(Effect):
+    """n new frames (mapcount 1) under the frame lock; OutOfFrames if not enough are free."""
+    __slots__ = ("n", "flags", "zero")
+
+    def __init__(self, n, flags, zero):
+        self.n, self.flags, self.zero = n, flags, zero
+
+    def footprint(self):
+        return (FT_W, ALL_BYTES_W)
+
+    def __repr__(self):
+        return f"alloc {self.n} frame(s)"
+
+
+class Put(Effect):
+    """Drop one mapping of each frame; frames reaching 0 are freed (a free frame: FrameAccountingError)."""
+    __slots__ = ("pfns",)
+
+    def __init__(self, pfns):
+        self.pfns = pfns
+
+    def footprint(self):
+        return (FT_W,)
+
+    def __repr__(self):
+        return f"put pfn {_short(self.pfns)}"
+
+
+class Get(Put):
+    """Add one mapping to each frame (a KSM page gaining a sharer)."""
+    __slots__ = ()
+
+    def __repr__(self):
+        return f"get pfn {_short(self.pfns)}"
+
+
+class PinKsm(Effect):
+    """get_ksm_page: a reference on KSM frame pfn if it is still stable node d's page; True/False."""
+    __slots__ = ("pfn", "d")
+
+    def __init__(self, pfn, d):
+        self.pfn, self.d = pfn, d
+
+    def footprint(self):
+        return (FT_W,)
+
+    def __repr__(self):
+        return f"pin ksm pfn {self.pfn} (node {self.d})"
+
+
+class ZeroPagesAdd(Effect):
+    """ksm_zero_pages += n, machine-wide and for mm (whoever maps or unmaps a KSM zero page)."""
+    __slots__ = ("mm", "n")
+
+    def __init__(self, mm, n):
+        self.mm, self.n = mm, n
+
+    def footprint(self):
+        return (("zero_pages", "w"),)
+
+    def __repr__(self):
+        return f"ksm_zero_pages {self.n:+d} (mm {self.mm})"
+
+
+class SetFrame(Effect):
+    """Make frame pfn the KSM page of stable node d (flags KSM, stable d)."""
+    __slots__ = ("pfn", "flags", "d")
+
+    def __init__(self, pfn, flags, d):
+        self.pfn, self.flags, self.d = pfn, flags, d
+
+    def footprint(self):
+        return (FT_W,)
+
+    def __repr__(self):
+        return f"frame {self.pfn} <- flags {self.flags} node {self.d}"
+
+
+class CopyPages(Effect):
+    """Copy frame bytes src -> dst (arrays of pfns)."""
+    __slots__ = ("dst", "src")
+
+    def __init__(self, dst, src):
+        self.dst, self.src = dst, src
+
+    def footprint(self):
+        return bytes_footprint(self.src, "r") + bytes_footprint(self.dst, "w")
+
+    def __repr__(self):
+        return f"copy {_short(self.src)} -> {_short(self.dst)}"
+
+
+class Compare(Effect):
+    """memcmp of two frames (b None: with a zero page); True when equal."""
+    __slots__ = ("a", "b")
+
+    def __init__(self, a, b):
+        self.a, self.b = a, b
+
+    def footprint(self):
+        return bytes_footprint([self.a] if self.b is None else [self.a, self.b], "r")
+
+    def __repr__(self):
+        return f"memcmp {self.a} {'zero' if self.b is None else self.b}"
+
+
+class Checksum(Effect):
+    """The content keys of frames (calc_checksum), int64 array."""
+    __slots__ = ("pfns",)
+
+    def __init__(self, pfns):
+        self.pfns = pfns
+
+    def footprint(self):
+        return bytes_footprint(self.pfns, "r")
+
+    def __repr__(self):
+        return f"checksum {_short(self.pfns)}"
+
+
+class Notify(Effect):
+    """Send notifier message `type` with `entries` (n x (addr, pte)) to each subscriber in subs of mm.
+
+    Returns a handle for WaitAcks.  Sending never blocks.
+    """
+    __slots__ = ("mm", "type", "subs", "entries")
+
+    def __init__(self, mm, type, subs, entries):
+        self.mm, self.type, self.subs, self.entries = mm, type, subs, entries
+
+    def footprint(self):
+        return ((("chan", self.mm), "w"),)
+
+    def __repr__(self):
+        return f"send {self.type.name} x{len(self.entries)} to mm {self.mm} subs {list(self.subs)}"
+
+
+class WaitAcks(Effect):
+    """Wait for the acks of the given Notify handles: a list of ack flags (a subscriber that did
+    not answer in time is released by the driver and contributes nothing)."""
+    __slots__ = ("handles",)
+
+    def __init__(self, handles):
+        self.handles = handles
+
+    def __repr__(self):
+        return "wait acks"
+
+
+class Reply(Effect):
+    """The fault handler answers the faulting VM now (before the operation's end: early reply)."""
+    __slots__ = ("err", "msg", "entries")
+
+    def __init__(self, err=0, msg="", entries=None):
+        self.err, self.msg, self.entries = err, msg, entries
+
+    def footprint(self):
+        return ((("reply",), "w"),)
+
+    def __repr__(self):
+        return f"reply err={self.err}"
+
+
+# ---------------------------------------------------------------- the shared memory
+class Memory:
+    """The shared state the memory effects act on: frames, frame table, stats, the mms.
+
+    `alloc` is a workers.frames.FrameAllocator; `mms` maps mm id -> MMView.  Backed by
+    POSIX shared memory in an actor, by plain arrays under the checker.
+    """
+
+    def __init__(self, alloc, stats, mms=None):
+        self.alloc = alloc
+        self.ft = alloc.ft
+        self.pages = alloc.pages
+        self.stats = stats
+        self.mms = {} if mms is None else mms
+        self.memory = memoryview(alloc.mem)
+
+    def page_bytes(self, pfn: int) -> bytes:
+        o = int(pfn) * PAGE_SIZE
+        return self.memory[o:o + PAGE_SIZE].tobytes()
+
+    def zero_pages_add(self, mm_id: int, n: int) -> None:
+        if not n:
+            return
+        from proto.layout import COUNTERS, MM_STATS
+        with self.alloc.lock:
+            self.stats.counters[COUNTERS.index("ksm_zero_pages")] += n
+            self.stats.mm[mm_id, MM_STATS.index("ksm_zero_pages")] += n
+
+
+def apply_mem(m: Memory, e):
+    """Run one memory effect against `m`; returns its result."""
+    c = e.__class__
+    if c is Load:
+        r = e.region
+        if r == VMAS:
+            return m.mms[e.mm].vma_list()
+        if r == SUBS:
+            return [(s, bool(row[1])) for s, row in enumerate(m.mms[e.mm].subs.tolist()) if row[0]]
+        a = m.mms[e.mm].pte if r == PTE else getattr(m.ft, r)
+        v = a if e.idx is None else a[e.idx]
+        return int(v) if np.ndim(v) == 0 else v.copy()
+    if c is Store:
+        r = e.region
+        if r == PTE:
+            m.mms[e.mm].pte[e.idx] = e.value
+        elif r == SUBS:
+            m.mms[e.mm].subs[e.idx] = e.value
+        else:
+            getattr(m.ft, r)[e.idx] = e.value
+        return None
+    if c is Alloc:
+        if e.n == 1 and not e.zero:
+            return np.array([m.alloc.alloc_one(e.flags)], dtype=np.int64)
+        return m.alloc.alloc(e.n, e.flags, zero=e.zero)
+    if c is Put:
+        if np.ndim(e.pfns) == 0:
+            m.alloc.put_one(int(e.pfns))
+        else:
+            m.alloc.put(e.pfns)
+        return None
+    if c is Get:
+        m.alloc.get(np.atleast_1d(e.pfns))
+        return None
+    if c is PinKsm:
+        return m.alloc.pin_ksm(int(e.pfn), int(e.d))
+    if c is ZeroPagesAdd:
+        m.zero_pages_add(e.mm, e.n)
+        return None
+    if c is SetFrame:
+        m.ft.flags[e.pfn] = e.flags
+        m.ft.stable[e.pfn] = e.d
+        return None
+    if c is CopyPages:
+        m.pages[e.dst] = m.pages[e.src]
+        return None
+    if c is Compare:
+        a = m.page_bytes(e.a)
+        return a == (bytes(PAGE_SIZE) if e.b is None else m.page_bytes(e.b))
+    if c is Checksum:
+        mem = m.memory
+        pf = np.atleast_1d(e.pfns)
+        return np.fromiter((_digest(mem[o:o + PAGE_SIZE])[0] for o in (pf * PAGE_SIZE).tolist()),
+                           dtype=np.int64, count=len(pf))
+    raise TypeError(f"not a memory effect: {e!r}")
+
+
+MEM_EFFECTS = frozenset({Load, Store, Alloc, Put, Get, PinKsm, ZeroPagesAdd, SetFrame, CopyPages, Compare, Checksum})
+
+
+def drive_sync(gen, m: Memory):
+    """Run a core generator that yields memory effects only (plus locks held by the caller)."""
+    try:
+        e = next(gen)
+        while True:
+            e = gen.send(apply_mem(m, e))
+    except StopIteration as s:
+        return s.value
+
+
+# ---------------------------------------------------------------- footprint helpers
+# The frame table (flags, mapcount, stable, the allocator) is one resource; frame bytes are
+# one resource per frame, and allocating (which may zero any free frame) conflicts with all.
+FT_W = (("ft",), "w")
+ALL_BYTES_W = (("bytes*",), "w")
+_ALL_BYTES_R = (("bytes*",), "r")
+
+
+def bytes_footprint(pfns, rw) -> tuple:
+    return tuple((("bytes", int(p)), rw) for p in np.atleast_1d(pfns)) + (_ALL_BYTES_R,)
+
+
+def _keys(region, mm, idx, rw):
+    if region in FRAME_REGIONS:
+        return ((("ft",), rw),)
+    if region in (VMAS, SUBS):
+        return (((region, mm), rw),)
+    if idx is None:
+        return (((region, mm, "*"), rw),)
+    return tuple(((region, mm, int(i)), rw) for i in np.atleast_1d(idx))
+
+
+def _short(v) -> str:
+    if isinstance(v, np.ndarray):
+        v = v.tolist()
+    s = repr(v)
+    return s if len(s) < 60 else s[:57] + "..."
+
+
+def _where(region, mm, idx) -> str:
+    if region in FRAME_REGIONS:
+        return f"{region}[{_short(idx)}]"
+    return f"{region} mm{mm}" + ("" if idx is None else f"[{_short(idx)}]")
+
+
+def _lname(key) -> str:
+    return f"ptl(mm{key[1]})" if key[0] == "ptl" else "frame_lock"

@@ -1,0 +1,161 @@
+"""handle_mm_fault, IO-free: do_anonymous_page, do_wp_page (reuse or wp_page_copy), break_ksm.
+
+One fault request names a batch of pages of one mm.  Under the mm's page-table lock:
+
+  * a not-present page gets a new zeroed frame on a write, the shared zero page
+    (read-only) on a read (do_anonymous_page);
+  * a write to a read-only page breaks COW (do_wp_page): a KSM frame, the zero page
+    or a frame with mapcount > 1 is copied into a new frame and the PTE set with
+    set_pte_at_notify (every secondary MMU hears of it and acks); an anonymous frame
+    with mapcount 1 is made writable in place (wp_page_reuse);
+  * FAULT_UNSHARE copies KSM and zero pages without making them writable (break_ksm,
+    for MADV_UNMERGEABLE and run=2).
+
+The old frame is put only after every secondary MMU acked the new PTE: before that a
+secondary MMU may still map it (the checker's `free-before-acks` break shows why).
+The lock is dropped only after the acks: messages on the fault handler's channel and
+on ksmd's are not ordered with each other, and ptl is what orders them
+(`cow-reply-before-acks`).  Any exception (out of frames, a bad address) leaves the
+page table as it was and the lock released.
+"""
+from __future__ import annotations
+
+import errno
+
+import numpy as np
+
+from proto.layout import (FRAME_ANON, FRAME_KSM, FRAME_ZERO, PAGE_SHIFT, PTE_DIRTY, PTE_PRESENT, PTE_SPECIAL,
+                          PTE_WRITE, PTE_YOUNG, USER_BASE, ZERO_PFN)
+from proto.messages import FAULT_UNSHARE, FAULT_WRITE
+
+from .effects import (FLAGS, MAPCOUNT, PTE, VMAS, Alloc, CopyPages, Load, Lock, Put, Reply, Store, Unlock,
+                      WaitAcks, ZeroPagesAdd, ptl)
+from .notify import set_pte_at_notify
+from .pte import vma_mask
+
+U64 = np.uint64
+ANON_RW = PTE_PRESENT | PTE_WRITE | PTE_DIRTY | PTE_YOUNG
+ZERO_RO = (ZERO_PFN << PAGE_SHIFT) | PTE_PRESENT | PTE_YOUNG
+
+
+def handle_mm_fault(mm: int, npages: int, idx: np.ndarray, flags: int, mode: str, early_reply: bool = False,
+                    brk=frozenset()):
+    """Serve one fault request; returns (cow copies, reuses).  Raises OSError (EFAULT, ENOMEM)."""
+    idx = np.asarray(idx, dtype=np.int64)
+    if len(idx) == 0:
+        raise OSError(errno.EINVAL, f"fault request for mm {mm} names no page")
+    if idx.min() < 0 or idx.max() >= npages:
+        raise OSError(errno.EFAULT, f"fault address outside the address space of mm {mm}")
+    yield Lock(ptl(mm))
+    unlocked = False
+    try:
+        vmas = yield Load(VMAS, mm)
+        inside = vma_mask(vmas, idx)
+        if not inside.all():
+            bad = USER_BASE + (int(idx[~inside][0]) << PAGE_SHIFT)
+            raise OSError(errno.EFAULT, f"segfault: {bad:#x} is not in any VMA of mm {mm}")
+        write = bool(flags & FAULT_WRITE)
+        pte = yield Load(PTE, mm, idx)
+        present = (pte & U64(PTE_PRESENT)) != 0
+        if not present.all():
+            yield from do_anonymous_page(mm, idx[~present], write)
+        if not (write or flags & FAULT_UNSHARE) or not present.any():
+            return 0, 0
+        result = yield from do_wp_page(mm, idx[present], pte[present], write, mode, early_reply, brk)
+        unlocked = "cow-reply-before-acks" in brk and result[2]   # the break dropped the lock itself
+        return result[:2]
+    except GeneratorExit:           # abandoned (a checker run cut short): nothing to release
+        unlocked = True
+        raise
+    finally:
+        if not unlocked:
+            yield Unlock(ptl(mm))
+
+
+def do_anonymous_page(mm: int, idx: np.ndarray, write: bool):
+    if write:
+        pfns = yield Alloc(len(idx), FRAME_ANON, True)
+        yield Store(PTE, mm, idx, (pfns.astype(U64) << U64(PAGE_SHIFT)) | U64(ANON_RW))
+    else:
+        yield Store(PTE, mm, idx, np.full(len(idx), ZERO_RO, dtype=U64))
+
+
+def do_wp_page(mm: int, idx: np.ndarray, pte: np.ndarray, write: bool, mode: str, early_reply: bool, brk):
+    """Break COW (write) or unshare KSM pages (no write) for present pages; (copies, reuses, broke)."""
+    pfn = (pte >> U64(PAGE_SHIFT)).astype(np.int64)
+    fflags = yield Load(FLAGS, None, pfn)
+    shared = ((fflags & (FRAME_KSM | FRAME_ZERO)) != 0) | ((pte & U64(PTE_SPECIAL)) != 0)
+    if write:
+        need = (pte & U64(PTE_WRITE)) == 0
+        if not need.any():
+            return 0, 0, False
+        mapcount = yield Load(MAPCOUNT, None, pfn)
+        reuse = need & ~shared & (mapcount == 1)
+        copy = need & ~reuse
+    else:
+        reuse = np.zeros(len(idx), dtype=bool)
+        copy = shared
+    if reuse.any():     # wp_page_reuse: writable in place, no notification (no translation was writable)
+        yield Store(PTE, mm, idx[reuse], pte[reuse] | U64(PTE_WRITE | PTE_DIRTY | PTE_YOUNG))
+    if not copy.any():
+        return 0, int(reuse.sum()), False
+    broke = yield from wp_page_copy(mm, idx[copy], pfn[copy], (pte[copy] & U64(PTE_SPECIAL)) != 0, write, mode,
+                                    early_reply, brk)
+    return int(copy.sum()), int(reuse.sum()), broke
+
+
+def wp_page_copy(mm: int, idx: np.ndarray, old: np.ndarray, special: np.ndarray, writable: bool, mode: str,
+                 early_reply: bool = False, brk=frozenset()):
+    """Copy each frame, set the PTEs with notification, put the old frames after the acks.
+
+    The caller holds ptl(mm).  Out of frames: nothing changed.  Returns True when the
+    `cow-reply-before-acks` break released ptl itself.
+    """
+    new = yield Alloc(len(idx), FRAME_ANON, False)
+    yield CopyPages(new, old)
+    bits = PTE_PRESENT | PTE_DIRTY | PTE_YOUNG | (PTE_WRITE if writable else 0)
+    new_ptes = (new.astype(U64) << U64(PAGE_SHIFT)) | U64(bits)
+    nz = int(special.sum())
+    if nz:      # counted as the PTE changes, before the faulting VM hears back
+        yield ZeroPagesAdd(mm, -nz)
+    handles = yield from set_pte_at_notify([(mm, idx, new_ptes)], mode, wait=False,
+                                           wait_start="free-before-acks" not in brk)
+    if "free-before-acks" in brk:
+        yield Put(old)
+        old = None
+    if "cow-reply-before-acks" in brk:
+        yield Reply()
+        yield Unlock(ptl(mm))
+        if handles:
+            yield WaitAcks(handles)
+        yield Put(old)
+        return True
+    if early_reply:
+        yield Reply()
+    if handles:
+        yield WaitAcks(handles)
+    if old is not None:
+        yield Put(old)
+    return False
+
+
+def unmerge_ksm_pages(mm: int, mode: str, chunk: int = 4096):
+    """run=2 for one mm: every KSM page and KSM zero page becomes a private copy (break_ksm)."""
+    yield Lock(ptl(mm))
+    try:
+        pte = yield Load(PTE, mm, None)
+        present = (pte & U64(PTE_PRESENT)) != 0
+        pfn = (pte >> U64(PAGE_SHIFT)).astype(np.int64)
+        special = present & ((pte & U64(PTE_SPECIAL)) != 0)
+        fl = yield Load(FLAGS, None, pfn)
+        idx = np.flatnonzero((present & ((fl & FRAME_KSM) != 0)) | special)
+        for k in range(0, len(idx), chunk):
+            part = idx[k:k + chunk]
+            yield from wp_page_copy(mm, part, pfn[part], special[part], False, mode)
+    except GeneratorExit:
+        raise
+    except BaseException:
+        yield Unlock(ptl(mm))
+        raise
+    yield Unlock(ptl(mm))
+    return len(idx)

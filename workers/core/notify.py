@@ -1,0 +1,201 @@
+"""The mmu_notifier protocol, IO-free: the notifying side's steps, the secondary MMU, the grammar.
+
+Notifying side (mm/mmu_notifier.c of the seeds, as ksmd and the fault handler use it):
+`set_pte_at_notify` sets primary PTEs and tells every secondary MMU registered on the mm,
+in the Machine's notifier mode, waiting for every ack before it returns:
+
+    change_pte  (2.6.32-3.6)  store PTEs; CHANGE_PTE (INVALIDATE_PAGE to a subscriber
+                              registered without change_pte)
+    wrapped     (3.7-6.9)     START, acks; store PTEs; CHANGE_PTE; END; acks
+    invalidate  (6.10-)       START, acks; store PTEs; END; acks
+
+Receiving side: `SecondaryMMU` is a KVM-like shadow page table: sptes, the
+invalidate sequence number and in-progress count of KVM's mmu_invalidate scheme.
+`secondary_fault_check` is the validation half of a secondary fault (snapshot
+seq, read the primary PTE without its lock, install only if nothing moved).
+
+`GRAMMAR` is the order of messages each secondary MMU must see:
+REGISTER ( START [CHANGE_PTE] END | CHANGE_PTE | INVALIDATE_PAGE | CLEAR_YOUNG )* RELEASE.
+"""
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+
+from proto.layout import PAGE_SHIFT, PTE_YOUNG, USER_BASE
+from proto.messages import Msg, NOTIFIER_TYPES
+
+from .effects import PTE, SUBS, Load, Notify, Store, WaitAcks
+
+MODES = ("change_pte", "wrapped", "invalidate")
+U64 = np.uint64
+LOG_LEN = 4096
+
+
+def entries_for(idx, ptes) -> np.ndarray:
+    """n x (addr, pte) notifier entries for page indices idx."""
+    idx = np.atleast_1d(np.asarray(idx, dtype=np.int64))
+    e = np.empty((len(idx), 2), dtype=U64)
+    e[:, 0] = (USER_BASE + (idx << PAGE_SHIFT)).astype(U64)
+    e[:, 1] = ptes
+    return e
+
+
+def set_pte_at_notify(jobs, mode: str, wait: bool = True, wait_start: bool = True):
+    """Store PTEs and notify the secondary MMUs of each mm, in `mode`; returns Notify handles.
+
+    jobs: [(mm, idx, new_ptes)], one per mm (ksmd batches several mms, the fault handler
+    one).  The caller holds each ptl(mm) throughout.  With wait (the kernel's synchronous
+    callbacks) this returns only when every subscriber acked; wait=False returns the
+    handles of the last messages, still unacknowledged, for the caller to WaitAcks
+    (wait_start=False leaves the START acks to the caller too: the checker's breaks).
+    """
+    jobs = [(mm, idx, new, entries_for(idx, new)) for mm, idx, new in jobs]
+    subs = {}
+    for mm, *_ in jobs:
+        subs[mm] = yield Load(SUBS, mm)
+    handles = []
+    if mode != "change_pte":
+        starts = []
+        for mm, _, _, entries in jobs:
+            if subs[mm]:
+                starts.append((yield Notify(mm, Msg.START, [s for s, _ in subs[mm]], entries)))
+        if starts and wait_start:
+            yield WaitAcks(starts)
+            for mm, *_ in jobs:
+                subs[mm] = yield Load(SUBS, mm)
+        elif starts:
+            handles += starts
+    for mm, idx, new, entries in jobs:
+        yield Store(PTE, mm, idx, new)
+        with_cp = [s for s, c in subs[mm] if c]
+        if mode == "change_pte":
+            without = [s for s, c in subs[mm] if not c]
+            if with_cp:
+                handles.append((yield Notify(mm, Msg.CHANGE_PTE, with_cp, entries)))
+            if without:
+                handles.append((yield Notify(mm, Msg.INVALIDATE_PAGE, without, entries)))
+        elif subs[mm]:
+            if mode == "wrapped" and with_cp:
+                handles.append((yield Notify(mm, Msg.CHANGE_PTE, with_cp, entries)))
+            handles.append((yield Notify(mm, Msg.END, [s for s, _ in subs[mm]], entries)))
+    if wait and handles:
+        yield WaitAcks(handles)
+        return []
+    return handles
+
+
+def clear_flush_young(mm: int, entries):
+    """Ask every secondary MMU to test-and-clear young for entries; True if any was young."""
+    subs = yield Load(SUBS, mm)
+    if not subs:
+        return False
+    h = yield Notify(mm, Msg.CLEAR_YOUNG, [s for s, _ in subs], entries)
+    acks = yield WaitAcks([h])
+    return any(acks)
+
+
+class SecondaryMMU:
+    """A shadow page table: sptes, invalidate sequence / in-progress count, message counts."""
+
+    def __init__(self, sub: int, name: str, npages: int, has_change_pte: bool):
+        self.sub = sub
+        self.name = name
+        self.has_change_pte = has_change_pte
+        self.spte = np.zeros(npages, dtype=U64)
+        self.seq = 0
+        self.in_progress = 0
+        self.released = False
+        self.faults = 0
+        self.msgs = {m.name: 0 for m in NOTIFIER_TYPES}
+        self.log: collections.deque = collections.deque(maxlen=LOG_LEN)   # message types, in order
+
+    def note(self, name: str, n: int = 1) -> None:
+        self.msgs[name] += n
+        self.log.append(name)
+
+    def apply(self, t: int, entries: np.ndarray) -> int:
+        """Apply one notifier message; returns the ack flags (young, for CLEAR_YOUNG)."""
+        n = len(entries)
+        self.note(Msg(t).name, n if t not in (Msg.REGISTER, Msg.RELEASE) else 1)
+        idx = ((entries[:, 0].astype(np.int64) - USER_BASE) >> PAGE_SHIFT) if n else None
+        if idx is not None and (idx.min() < 0 or idx.max() >= len(self.spte)):
+            raise ValueError(f"{Msg(t).name} for an address outside the mm")
+        if t == Msg.START:
+            self.in_progress += 1
+            self.spte[idx] = 0
+        elif t == Msg.END:
+            if self.in_progress <= 0:
+                raise ValueError("END without START")
+            self.in_progress -= 1
+            self.seq += 1
+        elif t == Msg.CHANGE_PTE:
+            # like kvm_set_spte_hva: only translations that exist are changed, in place
+            live = self.spte[idx] != 0
+            self.spte[idx[live]] = entries[live, 1]
+            self.seq += 1
+        elif t == Msg.INVALIDATE_PAGE:
+            self.spte[idx] = 0
+            self.seq += 1
+        elif t == Msg.CLEAR_YOUNG:
+            young = bool((self.spte[idx] & U64(PTE_YOUNG)).any())
+            self.spte[idx] &= ~U64(PTE_YOUNG)
+            return int(young)
+        elif t == Msg.RELEASE:
+            self.release()
+        return 0
+
+    def zap(self, i0: int, i1: int) -> None:
+        """Drop translations [i0, i1) (the owner's own munmap: zap_page_range)."""
+        self.spte[i0:i1] = 0
+        self.seq += 1
+
+    def release(self) -> None:
+        self.released = True
+        self.spte[:] = 0
+        self.in_progress = 0
+
+
+# secondary fault results
+OK, NEED_PRIMARY, WAIT = 0, 1, 2
+
+
+def secondary_fault_check(sub: SecondaryMMU, seq: int, i: int, pte: int, need: int) -> int:
+    """The install half of a secondary fault: `pte` was read without the lock after `seq` was
+    snapshotted; install it only if it serves the access and no invalidation ran meanwhile."""
+    if pte & need != need:
+        return NEED_PRIMARY
+    if sub.in_progress or sub.seq != seq:
+        return WAIT
+    sub.spte[i] = pte
+    sub.faults += 1
+    return OK
+
+
+# ---------------------------------------------------------------- the grammar, as a transition table
+INIT, IDLE, IN_START, IN_START_CP, DONE, FAILED = range(6)
+EXPECT = {INIT: "REGISTER", IDLE: "START, CHANGE_PTE, INVALIDATE_PAGE, CLEAR_YOUNG or RELEASE",
+          IN_START: "CHANGE_PTE or END", IN_START_CP: "END", DONE: "nothing after RELEASE"}
+GRAMMAR = {(INIT, "REGISTER"): IDLE,
+           (IDLE, "START"): IN_START, (IDLE, "CHANGE_PTE"): IDLE, (IDLE, "INVALIDATE_PAGE"): IDLE,
+           (IDLE, "CLEAR_YOUNG"): IDLE, (IDLE, "RELEASE"): DONE,
+           (IN_START, "CHANGE_PTE"): IN_START_CP, (IN_START, "END"): IDLE, (IN_START_CP, "END"): IDLE}
+
+
+def grammar_why(state: int, typ: str) -> str:
+    if state == INIT:
+        return f"{typ} before REGISTER"
+    if state == DONE:
+        return f"{typ} after RELEASE"
+    if typ == "START":
+        return "START inside START..END (nested START)"
+    if typ == "END":
+        return "END without START"
+    if typ == "REGISTER":
+        return "second REGISTER"
+    if typ == "CHANGE_PTE" and state == IN_START_CP:
+        return "second CHANGE_PTE inside START..END"
+    if typ == "RELEASE":
+        return "RELEASE inside START..END"
+    return f"{typ} inside START..END"

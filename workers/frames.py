@@ -6,6 +6,11 @@ the exclusion and drops a lock when its holder dies (kill -9 included); nobody
 reads a pid to decide who holds a lock.  Any actor may allocate or free frames
 while holding the frame lock for a few microseconds; nobody holds it across a
 wait for an ack, so blocking on it (with a timeout) cannot deadlock.
+
+The allocator (`FrameAllocator`) validates before it modifies: freeing a free
+frame, dropping more references than a frame has, mapping a free frame, or a
+free-stack entry that is not free raises `FrameAccountingError` and leaves the
+frame table as it was.
 """
 from __future__ import annotations
 
@@ -26,6 +31,10 @@ from proto.layout import (FRAME_ANON, FRAME_FREE, FRAME_KSM, FRAME_LOCK_BYTE, FR
 class OutOfFrames(OSError):
     def __init__(self, want: int, free: int):
         super().__init__(errno.ENOMEM, f"out of frames: wanted {want}, {free} free")
+
+
+class FrameAccountingError(RuntimeError):
+    """A put, get or alloc that would corrupt the frame table (double free, negative mapcount...)."""
 
 
 def _flock(l_type: int, start: int) -> bytes:
@@ -174,6 +183,27 @@ class FrameAllocator:
     def nr_free(self) -> int:
         return int(self.ft.hdr[FTH_FREE_TOP])
 
+    def _out_of_range(self, pfns: np.ndarray, lowest: int) -> None:
+        bad = pfns[(pfns < lowest) | (pfns >= self.ft.nframes)]
+        if len(bad):
+            raise FrameAccountingError(f"pfn(s) {bad[:5].tolist()} out of range [{lowest}, {self.ft.nframes})")
+
+    def _frames(self, pfns) -> str:
+        """pfn, mapcount and flags of (up to 5 of) pfns, for an error message."""
+        ft = self.ft
+        return ", ".join(f"pfn {p} (mapcount {ft.mapcount[p]}, flags {ft.flags[p]:#x})" for p in list(pfns)[:5])
+
+    def _check_popped(self, pfns: np.ndarray) -> None:
+        """Frames taken off the free stack must be free, and each there once."""
+        self._out_of_range(pfns, ZERO_PFN + 1)
+        ft = self.ft
+        used = (ft.flags[pfns] != FRAME_FREE) | (ft.mapcount[pfns] != 0)
+        if used.any():
+            raise FrameAccountingError(f"free stack holds frames in use: {self._frames(pfns[used])}")
+        if len(pfns) > 1 and len(np.unique(pfns)) != len(pfns):
+            u, k = np.unique(pfns, return_counts=True)
+            raise FrameAccountingError(f"free stack holds pfn(s) {u[k > 1][:5].tolist()} more than once")
+
     def alloc(self, n: int, flags: int = FRAME_ANON, zero: bool = True) -> np.ndarray:
         """n new frames with mapcount 1; OutOfFrames (ENOMEM) if not enough are free."""
         if n == 0:
@@ -184,6 +214,7 @@ class FrameAllocator:
             if top < n:
                 raise OutOfFrames(n, top)
             pfns = ft.free_stack[top - n:top][::-1].astype(np.int64)
+            self._check_popped(pfns)
             ft.hdr[FTH_FREE_TOP] = top - n
             ft.mapcount[pfns] = 1
             ft.flags[pfns] = flags
@@ -199,50 +230,76 @@ class FrameAllocator:
             if top < 1:
                 raise OutOfFrames(1, 0)
             pfn = int(ft.free_stack[top - 1])
+            self._out_of_range(np.array([pfn]), ZERO_PFN + 1)
+            if ft.flags[pfn] != FRAME_FREE or ft.mapcount[pfn] != 0:
+                raise FrameAccountingError(f"free stack holds a frame in use: {self._frames([pfn])}")
             ft.hdr[FTH_FREE_TOP] = top - 1
             ft.mapcount[pfn] = 1
             ft.flags[pfn] = flags
         return pfn
 
     def put_one(self, pfn: int) -> None:
+        """Drop one mapping of frame pfn; free it when none is left."""
         if pfn == ZERO_PFN:
             return
         ft = self.ft
+        if not ZERO_PFN < pfn < ft.nframes:
+            raise FrameAccountingError(f"put of pfn {pfn}, out of range [1, {ft.nframes})")
         with self.lock:
             c = int(ft.mapcount[pfn]) - 1
+            if c < 0 or ft.flags[pfn] == FRAME_FREE:
+                raise FrameAccountingError(f"put of a frame with no mapping left: {self._frames([pfn])}")
             if c > 0:
                 ft.mapcount[pfn] = c
                 return
+            top = int(ft.hdr[FTH_FREE_TOP])
+            if top >= ft.nframes:
+                raise FrameAccountingError(f"freeing {self._frames([pfn])}: the free stack is full")
             ft.mapcount[pfn] = 0
             ft.flags[pfn] = FRAME_FREE
-            top = int(ft.hdr[FTH_FREE_TOP])
             ft.free_stack[top] = pfn
             ft.hdr[FTH_FREE_TOP] = top + 1
 
     def put(self, pfns: np.ndarray) -> int:
-        """Drop one mapping of each frame; frames reaching mapcount 0 are freed. Returns how many."""
+        """Drop one mapping of each frame; frames reaching mapcount 0 are freed. Returns how many.
+
+        All or nothing: if any frame has fewer mappings than are dropped (a free frame
+        included), FrameAccountingError and the table is left as it was.
+        """
         pfns = np.asarray(pfns, dtype=np.int64)
         pfns = pfns[pfns != ZERO_PFN]
         if not len(pfns):
             return 0
+        u, k = np.unique(pfns, return_counts=True)
+        self._out_of_range(u, ZERO_PFN + 1)
         ft = self.ft
         with self.lock:
-            np.subtract.at(ft.mapcount, pfns, 1)
-            dead = np.unique(pfns[ft.mapcount[pfns] <= 0])
+            left = ft.mapcount[u] - k
+            bad = (left < 0) | (ft.flags[u] == FRAME_FREE)
+            if bad.any():
+                raise FrameAccountingError(
+                    "put drops more mappings than frames have: " + ", ".join(
+                        f"{self._frames([p])} dropped {n}x" for p, n in zip(u[bad][:5].tolist(), k[bad][:5].tolist())))
+            dead = u[left == 0]
+            top = int(ft.hdr[FTH_FREE_TOP])
+            if top + len(dead) > ft.nframes:
+                raise FrameAccountingError(f"freeing {len(dead)} frames: the free stack holds {top} of {ft.nframes}")
+            ft.mapcount[u] = left
             if len(dead):
-                if (ft.flags[dead] == FRAME_FREE).any():
-                    raise RuntimeError(f"frame accounting broken: freeing free frame(s) {dead[ft.flags[dead] == FRAME_FREE][:5]}")
-                ft.mapcount[dead] = 0
                 ft.flags[dead] = FRAME_FREE
-                top = int(ft.hdr[FTH_FREE_TOP])
                 ft.free_stack[top:top + len(dead)] = dead
                 ft.hdr[FTH_FREE_TOP] = top + len(dead)
         return len(dead)
 
     def get(self, pfns: np.ndarray) -> None:
-        """Add one mapping to each frame (KSM frames gaining a sharer)."""
+        """Add one mapping to each frame (KSM frames gaining a sharer); a free frame cannot gain one."""
+        pfns = np.asarray(pfns, dtype=np.int64)
+        self._out_of_range(pfns, ZERO_PFN)
         with self.lock:
-            np.add.at(self.ft.mapcount, np.asarray(pfns, dtype=np.int64), 1)
+            free = self.ft.flags[pfns] == FRAME_FREE
+            if free.any():
+                raise FrameAccountingError(f"get of free frame(s): {self._frames(pfns[free])}")
+            np.add.at(self.ft.mapcount, pfns, 1)
 
     def pin_ksm(self, pfn: int, node: int) -> bool:
         """Take a reference on KSM frame pfn if it is still the KSM page of stable node `node`.

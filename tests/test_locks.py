@@ -26,7 +26,7 @@ from workers.machine import run_entries
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # slots of the counters segment
-STOP, STATE, SAVED, CTR, OWNER, VIOLATIONS, ROLLBACKS, HOLDERS = range(8)
+STOP, STATE, SAVED, CTR, OWNER, VIOLATIONS, ROLLBACKS, HOLDERS, PARK = range(9)
 
 PRELUDE = """
 import os, sys, numpy as np
@@ -34,17 +34,19 @@ from proto.layout import Segment, seg_name
 from workers.frames import ShmLock
 run, kind = sys.argv[1], sys.argv[2]
 seg = Segment.attach(seg_name(run, "counters"))
-c = seg.view(np.int64, 0, 8)
+c = seg.view(np.int64, 0, 9)
 lk = ShmLock.frame_lock(run) if kind == "frame_lock" else ShmLock.ptl(run, 0)
 me = os.getpid()
-STOP, STATE, SAVED, CTR, OWNER, VIOLATIONS, ROLLBACKS, HOLDERS = range(8)
+STOP, STATE, SAVED, CTR, OWNER, VIOLATIONS, ROLLBACKS, HOLDERS, PARK = range(9)
 """
 
 # A critical section that a SIGKILL can cut anywhere and that the next holder repairs
 # (as the supervisor repairs what a dead actor left): STATE is 2 x completed sections,
-# plus 1 while one is in progress; a holder that finds it odd rolls CTR back to SAVED.
+# plus 1 while one is in progress; a holder that finds it odd rolls CTR back to SAVED
+# (ROLLBACKS counted first: a repair cut short is counted again, never missed).
 # Inside, OWNER is a canary: a second holder overwrites it, and the first one sees it.
 # CTR is incremented by non-atomic read-modify-write steps: two holders lose increments.
+# PARK == -1 asks the holder to stop halfway, lock held, and say so (PARK = its pid).
 HAMMER = PRELUDE + """
 import random, time
 steps = int(sys.argv[3])
@@ -52,17 +54,21 @@ rng = random.Random(me)
 while not c[STOP]:
     lk.acquire(60)
     if c[STATE] & 1:
+        c[ROLLBACKS] += 1
         c[CTR] = c[SAVED]
         c[STATE] -= 1
-        c[ROLLBACKS] += 1
     c[SAVED] = c[CTR]
     c[STATE] += 1
     c[OWNER] = me
-    for _ in range(steps):
+    for i in range(steps):
         v = c[CTR]
         if c[OWNER] != me:
             c[VIOLATIONS] += 1
         c[CTR] = v + 1
+        if i == steps // 2 and c[PARK] == -1:
+            c[PARK] = me
+            while True:
+                time.sleep(0.01)
     if c[OWNER] != me:
         c[VIOLATIONS] += 1
     c[STATE] += 1
@@ -96,7 +102,7 @@ def run():
 @pytest.fixture
 def counters(run):
     seg = Segment.attach(seg_name(run, "counters"))
-    yield seg.view(np.int64, 0, 8)
+    yield seg.view(np.int64, 0, 9)
     seg.close()
 
 
@@ -163,18 +169,25 @@ def own_lock(run: str, kind: str) -> ShmLock:
 
 @pytest.mark.parametrize("kind,seed", [("frame_lock", 1), ("ptl", 2)])
 def test_sigkill_hammer_never_lets_two_holders_in(run, counters, procs, kind, seed):
+    """Kill -9 workers at random moments, and every third time a holder halfway through."""
     workers, kills, steps = 4, 12, 1500
     rng = random.Random(seed)
     c = counters
     live = [procs.start(HAMMER, run, kind, steps) for _ in range(workers)]
-    for _ in range(kills):
+    parked = 0
+    for k in range(kills):
         done = int(c[STATE]) // 2
         wait_for(lambda: int(c[STATE]) // 2 >= done + 2, what="two more critical sections")
-        pause, holder, anyone = rng.uniform(0, 0.02), rng.random() < 0.75, rng.choice(live)
-        time.sleep(pause)                                # a random moment
-        owner = int(c[OWNER])                            # mostly the holder, sometimes anyone
-        victim = owner if holder and owner in live else anyone
+        if k % 3 == 0:
+            c[PARK] = -1
+            wait_for(lambda: int(c[PARK]) in live, what="a holder to stop halfway")
+            victim = int(c[PARK])
+            parked += 1
+        else:
+            pause, victim = rng.uniform(0, 0.02), rng.choice(live)
+            time.sleep(pause)                            # a random moment
         procs.kill(victim)
+        c[PARK] = 0
         live.remove(victim)
         live.append(procs.start(HAMMER, run, kind, steps))
     c[STOP] = 1
@@ -184,14 +197,14 @@ def test_sigkill_hammer_never_lets_two_holders_in(run, counters, procs, kind, se
     try:
         lk.acquire(5)                   # not stuck, although holders were killed while holding
         if c[STATE] & 1:                # the last section was cut and nobody came after it
+            c[ROLLBACKS] += 1
             c[CTR] = c[SAVED]
             c[STATE] -= 1
-            c[ROLLBACKS] += 1
         completed = int(c[STATE]) // 2
         assert int(c[VIOLATIONS]) == 0
         assert int(c[CTR]) == steps * completed
         assert completed >= 2 * kills
-        assert int(c[ROLLBACKS]) >= 1   # holders did die inside their sections
+        assert int(c[ROLLBACKS]) >= parked == kills // 3     # each holder killed halfway was rolled back
         lk.release()
         assert lk.try_acquire()
         lk.release()

@@ -1,8 +1,8 @@
 """The shared-memory layout of one run: segment names, PTE bits, frame and VMA flags.
 
 Everything an actor needs to find and read another actor's memory is defined
-here, and only here.  The supervisor creates every segment (mode 0600) and is
-the only one to unlink them; the other actors attach and close.
+here, and only here.  The supervisor creates every segment and the lock file
+(mode 0600) and is the only one to unlink them; the other actors attach and close.
 
     /dev/shm/<run>.frames      the "physical memory"
     +--------+--------+--------+----     ----+------------+
@@ -25,8 +25,12 @@ the only one to unlink them; the other actors attach and close.
     +----------+--------------------+----------------------+-------------------+
 
     /dev/shm/<run>.stats       KSM knobs, KSM counters, per-mm ksm_stat rows
-    sem.<run>.ptl.<id>         the page-table lock of mm <id>
-    sem.<run>.frame_lock       the allocator / shared-mapcount lock
+
+    /dev/shm/<run>.locks       one byte per lock, taken with OFD record locks
+    +------------+----------+----------+----     ----+--------------+
+    | byte 0     | byte 1   | byte 2   |    ...      | byte MAX_MMS |   (never written:
+    | frame lock | ptl mm 0 | ptl mm 1 |             | ptl mm 255   |    the file stays empty)
+    +------------+----------+----------+----     ----+--------------+
 
 Virtual addresses of every mm start at USER_BASE; page index i of an mm is at
 USER_BASE + i * PAGE_SIZE.
@@ -79,11 +83,11 @@ MAX_VMAS = 64
 MAX_SUBS = 4
 MM_HDR = 16
 # header slots of an mm segment
-MMH_ID, MMH_NPAGES, MMH_FLAGS, MMH_NODE, MMH_OWNER_PID, MMH_RELEASED, MMH_PTL_OWNER = range(7)
+MMH_ID, MMH_NPAGES, MMH_FLAGS, MMH_NODE, MMH_OWNER_PID, MMH_RELEASED = range(6)
 SUB_ACTIVE, SUB_CHANGE_PTE = 0, 1
 
 # --- frametab header slots ---
-FTH_NFRAMES, FTH_FREE_TOP, FTH_NODES, FTH_LOCK_OWNER = range(4)
+FTH_NFRAMES, FTH_FREE_TOP, FTH_NODES = range(3)
 
 # --- stats segment: knobs, counters, per-mm rows ---
 MAX_MMS = 256
@@ -102,6 +106,7 @@ COUNTERS = (
 MM_STATS = ("ksm_rmap_items", "ksm_zero_pages", "ksm_merging_pages")
 
 RUN_PREFIX = "ksmp"
+SHM_DIR = "/dev/shm"
 
 
 def new_run_name() -> str:
@@ -111,8 +116,7 @@ def new_run_name() -> str:
 
 def run_owner_pid(name: str) -> int | None:
     """The supervisor pid encoded in a /dev/shm entry of a run, or None if not ours."""
-    base = name[4:] if name.startswith("sem.") else name
-    parts = base.split(".")
+    parts = name.split(".")
     if len(parts) < 3 or parts[0] != RUN_PREFIX or not parts[1].isdigit():
         return None
     return int(parts[1])
@@ -186,7 +190,6 @@ class FrameTable:
         off = (off + 7) & ~7
         self.free_stack = seg.view(np.int32, off, n); off += 4 * n
         self.stable = seg.view(np.int32, off, n)
-        self.lock_owner = hdr[FTH_LOCK_OWNER:FTH_LOCK_OWNER + 1]
 
 
 class MMView:
@@ -204,7 +207,6 @@ class MMView:
         self.subs = seg.view(np.int64, off, 2 * MAX_SUBS).reshape(MAX_SUBS, 2); off += 16 * MAX_SUBS
         self.npages = (seg.size - off) // 8
         self.pte = seg.view(np.uint64, off, self.npages)
-        self.ptl_owner = self.hdr[MMH_PTL_OWNER:MMH_PTL_OWNER + 1]
 
     @property
     def id(self) -> int:
@@ -237,12 +239,28 @@ class StatsView:
         return {n: int(v) for n, v in zip(COUNTERS, self.counters.tolist())}
 
 
-def ptl_name(run: str, mm_id: int) -> str:
-    return f"/{run}.ptl.{mm_id}"
+FRAME_LOCK_BYTE = 0
 
 
-def frame_lock_name(run: str) -> str:
-    return f"/{run}.frame_lock"
+def lock_file(run: str) -> str:
+    """The run's lock file: one byte per lock (workers.frames.ShmLock)."""
+    return os.path.join(SHM_DIR, f"{run}.locks")
+
+
+def create_lock_file(run: str) -> None:
+    os.close(os.open(lock_file(run), os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
+
+
+def unlink_lock_file(run: str) -> None:
+    try:
+        os.unlink(lock_file(run))
+    except FileNotFoundError:
+        pass
+
+
+def ptl_lock_byte(mm_id: int) -> int:
+    """The byte of the lock file that is the page-table lock of mm mm_id."""
+    return FRAME_LOCK_BYTE + 1 + mm_id
 
 
 def vaddr(index):

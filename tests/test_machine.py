@@ -4,6 +4,7 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import stat
 import subprocess
 import sys
 import textwrap
@@ -12,7 +13,8 @@ import time
 import pytest
 
 from proto import (MADV_MERGEABLE, MADV_UNMERGEABLE, PAGE_SIZE, VM_HUGETLB, VM_IO, VM_PFNMAP, VM_SHARED)
-from proto.layout import MMF_VM_MERGEABLE, MMH_FLAGS, VM_MERGEABLE, MMView
+from proto.layout import MMF_VM_MERGEABLE, MMH_FLAGS, VM_MERGEABLE, MMView, create_lock_file, lock_file
+from workers.frames import ShmLock
 from workers.machine import run_entries
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -190,7 +192,7 @@ def test_sigkill_of_a_worker_frees_its_frames(ksm_machine):
         time.sleep(0.02)
     assert m.dead_vms == ["a"]
     assert m.alloc.nr_free == free0
-    assert not [n for n in run_entries(m.run) if n.endswith(f".mm.{a.mm_id}") or n.endswith(f".ptl.{a.mm_id}")]
+    assert not [n for n in run_entries(m.run) if n.endswith(f".mm.{a.mm_id}")]
     x = b.mmap(PAGE_SIZE)                       # the rest keeps running
     b.write(x, b"fine")
     assert b.read(x, 4) == b"fine"
@@ -241,7 +243,7 @@ def test_nothing_left_behind(how):
     line = proc.stdout.readline().split()
     assert line, proc.stderr.read()
     run, pids = line[0], [int(x) for x in line[1:]]
-    assert run_entries(run)                      # the run is live: its segments exist
+    assert {f"{run}.{what}" for what in ("frames", "frametab", "stats", "mm.0", "locks")} <= set(run_entries(run))
     if how == "sigterm":
         proc.send_signal(signal.SIGTERM)
     elif how == "sigint":
@@ -258,12 +260,31 @@ def test_nothing_left_behind(how):
     assert run_entries(run) == []
 
 
+def test_lock_file_is_private_to_the_run_and_goes_with_it(ksm_machine_factory):
+    m = ksm_machine_factory(frames=64)
+    vm = m.spawn_vm("a")
+    st = os.stat(lock_file(m.run))
+    assert stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600 and st.st_uid == os.getuid()
+    a = vm.mmap(PAGE_SIZE)
+    vm.write(a, b"locked")                     # faultd takes the ptl and the frame lock
+    assert vm.read(a, 6) == b"locked"
+    ptl = ShmLock.ptl(m.run, vm.mm_id)         # the parent's own lock object: nobody holds it now
+    try:
+        assert ptl.try_acquire()
+        ptl.release()
+    finally:
+        ptl.close()
+    m.close()
+    assert run_entries(m.run) == []
+
+
 def test_new_machine_sweeps_segments_of_dead_runs(ksm_machine_factory):
     import posix_ipc
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    stale = f"/ksmp.{dead.pid}.deadbeef0000.frames"
-    posix_ipc.SharedMemory(stale, posix_ipc.O_CREX, size=4096).close_fd()
-    assert stale[1:] in os.listdir("/dev/shm")
+    stale = f"ksmp.{dead.pid}.deadbeef0000"
+    posix_ipc.SharedMemory(f"/{stale}.frames", posix_ipc.O_CREX, size=4096).close_fd()
+    create_lock_file(stale)
+    assert sorted(run_entries(stale)) == [f"{stale}.frames", f"{stale}.locks"]
     ksm_machine_factory(frames=64)
-    assert stale[1:] not in os.listdir("/dev/shm")
+    assert run_entries(stale) == []

@@ -14,8 +14,7 @@ import os
 import signal
 import sys
 
-from proto.layout import (FrameTable, MMView, Segment, StatsView, frame_lock_name, ptl_name,
-                          seg_name)
+from proto.layout import FrameTable, MMView, Segment, StatsView, seg_name
 
 from .frames import FrameAllocator, ShmLock
 
@@ -70,7 +69,7 @@ def run_actor(kind: str, main) -> None:
 
 
 class RunMemory:
-    """The run-wide segments an actor attaches: frames, frame table, stats, frame lock."""
+    """The run-wide segments an actor attaches: frames, frame table, stats; the frame lock."""
 
     def __init__(self, run: str):
         self.run = run
@@ -80,13 +79,13 @@ class RunMemory:
         self.ft = FrameTable(self.ft_seg)
         self.stats = StatsView(self.stats_seg)
         self.mem = self.frames_seg.buf
-        self.frame_lock = ShmLock(frame_lock_name(run), self.ft.lock_owner)
+        self.frame_lock = ShmLock.frame_lock(run)
         self.alloc = FrameAllocator(self.ft, self.mem, self.frame_lock)
         self.pages = self.alloc.pages
 
     def attach_mm(self, mm_id: int) -> tuple[MMView, ShmLock]:
         mm = MMView(Segment.attach(seg_name(self.run, f"mm.{mm_id}")))
-        return mm, ShmLock(ptl_name(self.run, mm_id), mm.ptl_owner)
+        return mm, ShmLock.ptl(self.run, mm_id)
 
     def close(self) -> None:
         self.frame_lock.close()

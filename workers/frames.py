@@ -1,21 +1,31 @@
 """Physical frames: the allocator, mapcounts, and the locks that guard shared state.
 
-Pure logic over the shared frame table (no I/O besides the semaphores).  Any
-actor may allocate or free frames while holding the frame lock for a few
-microseconds; nobody holds it across a wait for an ack, so blocking on it (with
-a timeout) cannot deadlock.  A lock whose holder died (kill -9) is taken over
-after its timeout: the owner pid is kept in shared memory next to it.
+The locks (`ShmLock`): the frame lock and one page-table lock (ptl) per mm, each
+one byte of the run's lock file, taken with an OFD record lock.  The kernel gives
+the exclusion and drops a lock when its holder dies (kill -9 included); nobody
+reads a pid to decide who holds a lock.  Any actor may allocate or free frames
+while holding the frame lock for a few microseconds; nobody holds it across a
+wait for an ack, so blocking on it (with a timeout) cannot deadlock.
+
+The allocator (`FrameAllocator`) validates before it modifies: freeing a free
+frame, dropping more references than a frame has, mapping a free frame, or a
+free-stack entry that is not free raises `FrameAccountingError` and leaves the
+frame table as it was.
 """
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
+import struct
+import threading
 import time
+import weakref
 
 import numpy as np
-import posix_ipc
 
-from proto.layout import FRAME_ANON, FRAME_FREE, FRAME_KSM, FRAME_ZERO, FTH_FREE_TOP, PAGE_SIZE, ZERO_PFN, FrameTable
+from proto.layout import (FRAME_ANON, FRAME_FREE, FRAME_KSM, FRAME_LOCK_BYTE, FRAME_ZERO, FTH_FREE_TOP, PAGE_SIZE,
+                          ZERO_PFN, FrameTable, lock_file, ptl_lock_byte)
 
 
 class OutOfFrames(OSError):
@@ -23,62 +33,104 @@ class OutOfFrames(OSError):
         super().__init__(errno.ENOMEM, f"out of frames: wanted {want}, {free} free")
 
 
-def _alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+class FrameAccountingError(RuntimeError):
+    """A put, get or alloc that would corrupt the frame table (double free, negative mapcount...)."""
+
+
+def _flock(l_type: int, start: int) -> bytes:
+    # struct flock: l_type, l_whence, l_start, l_len, l_pid (0: OFD locks require it), padding
+    return struct.pack("hhqqi4x", l_type, os.SEEK_SET, start, 1, 0)
+
+
+_BUSY = (errno.EAGAIN, errno.EACCES)
+_BACKOFF_MIN, _BACKOFF_MAX = 20e-6, 2e-3     # seconds between two tries of a blocking acquire
+_live: "weakref.WeakSet[ShmLock]" = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for lk in list(_live):
+        lk._reopen()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class ShmLock:
-    """A posix semaphore used as a mutex, with its owner pid in shared memory.
+    """A mutex across processes and threads: one byte of the run's lock file, OFD-locked.
 
-    `owner` is a 1-element int64 view.  acquire() blocks up to `timeout`; if
-    the recorded owner is dead, the lock is taken over (the semaphore stays at 0,
-    which is right: it is still held, now by us).
+    OFD record locks (fcntl F_OFD_SETLK) belong to an open file description and the
+    kernel drops them when its last fd closes, so a holder killed with SIGKILL
+    releases its locks and no second holder ever exists.  Each lock object opens the
+    file itself: two objects never share a lock, even in one process, and a forked
+    child reopens it (an inherited fd would share its parent's locks).  An OFD lock
+    never conflicts with itself, so a threading.Lock makes the threads that share
+    one object exclude each other too.  Not reentrant.
     """
 
-    def __init__(self, name: str, owner: np.ndarray, create: bool = False):
-        flags = posix_ipc.O_CREX if create else 0
-        self.sem = posix_ipc.Semaphore(name, flags, mode=0o600, initial_value=1) if create else posix_ipc.Semaphore(name)
+    def __init__(self, path: str, byte: int, name: str):
+        self.path = path
+        self.byte = byte
         self.name = name
-        self.owner = owner
-        self.pid = os.getpid()
+        self._lock = _flock(fcntl.F_WRLCK, byte)
+        self._unlock = _flock(fcntl.F_UNLCK, byte)
+        self._threads = threading.Lock()
+        self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        _live.add(self)
 
-    def try_acquire(self) -> bool:
+    @classmethod
+    def frame_lock(cls, run: str) -> "ShmLock":
+        return cls(lock_file(run), FRAME_LOCK_BYTE, "frame_lock")
+
+    @classmethod
+    def ptl(cls, run: str, mm_id: int) -> "ShmLock":
+        return cls(lock_file(run), ptl_lock_byte(mm_id), f"ptl.{mm_id}")
+
+    def _try_record(self) -> bool:
         try:
-            self.sem.acquire(0)
-        except posix_ipc.BusyError:
-            if not _alive(int(self.owner[0])) and int(self.owner[0]) != 0:
-                self.owner[0] = self.pid  # holder died with it held: take it over
-                return True
-            return False
-        self.owner[0] = self.pid
+            fcntl.fcntl(self.fd, fcntl.F_OFD_SETLK, self._lock)
+        except OSError as e:
+            if e.errno in _BUSY:
+                return False
+            raise
         return True
 
+    def try_acquire(self) -> bool:
+        if not self._threads.acquire(blocking=False):
+            return False
+        try:
+            if self._try_record():
+                return True
+        except BaseException:
+            self._threads.release()
+            raise
+        self._threads.release()
+        return False
+
     def acquire(self, timeout: float = 5.0) -> None:
+        """Take the lock, polling with a growing backoff; TimeoutError after `timeout` seconds."""
+        if self.try_acquire():
+            return
         deadline = time.monotonic() + timeout
-        while True:
-            try:
-                self.sem.acquire(min(0.05, max(0.0, deadline - time.monotonic())))
-                self.owner[0] = self.pid
-                return
-            except posix_ipc.BusyError:
-                owner = int(self.owner[0])
-                if owner and not _alive(owner):
-                    self.owner[0] = self.pid
-                    return
-                if time.monotonic() >= deadline:
-                    raise TimeoutError(f"lock {self.name} held by pid {owner} for over {timeout:.1f}s")
+        if not self._threads.acquire(timeout=max(0.0, timeout)):
+            raise self._timeout(timeout)
+        try:
+            delay = _BACKOFF_MIN
+            while not self._try_record():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise self._timeout(timeout)
+                time.sleep(min(delay, left))
+                delay = min(2 * delay, _BACKOFF_MAX)
+        except BaseException:
+            self._threads.release()
+            raise
+
+    def _timeout(self, timeout: float) -> TimeoutError:
+        return TimeoutError(f"lock {self.name} (byte {self.byte} of {self.path}) busy for over {timeout:.1f}s")
 
     def release(self) -> None:
-        self.owner[0] = 0
-        self.sem.release()
+        fcntl.fcntl(self.fd, fcntl.F_OFD_SETLK, self._unlock)
+        self._threads.release()
 
     def __enter__(self):
         self.acquire()
@@ -88,10 +140,23 @@ class ShmLock:
         self.release()
 
     def close(self) -> None:
+        """Close the file (which drops the lock if this object holds it)."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        _live.discard(self)
+
+    def _reopen(self) -> None:
+        # In a forked child: the inherited fd shares the parent's open file description, so
+        # its locks; closing it leaves them to the parent.  The child holds nothing.
+        self._threads = threading.Lock()
+        if self.fd < 0:
+            return
+        os.close(self.fd)
         try:
-            self.sem.close()
-        except posix_ipc.ExistentialError:
-            pass
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
+        except OSError:
+            self.fd = -1      # the run is gone: using this lock in the child fails with EBADF
 
 
 class FrameAllocator:
@@ -118,6 +183,27 @@ class FrameAllocator:
     def nr_free(self) -> int:
         return int(self.ft.hdr[FTH_FREE_TOP])
 
+    def _out_of_range(self, pfns: np.ndarray, lowest: int) -> None:
+        bad = pfns[(pfns < lowest) | (pfns >= self.ft.nframes)]
+        if len(bad):
+            raise FrameAccountingError(f"pfn(s) {bad[:5].tolist()} out of range [{lowest}, {self.ft.nframes})")
+
+    def _frames(self, pfns) -> str:
+        """pfn, mapcount and flags of (up to 5 of) pfns, for an error message."""
+        ft = self.ft
+        return ", ".join(f"pfn {p} (mapcount {ft.mapcount[p]}, flags {ft.flags[p]:#x})" for p in list(pfns)[:5])
+
+    def _check_popped(self, pfns: np.ndarray) -> None:
+        """Frames taken off the free stack must be free, and each there once."""
+        self._out_of_range(pfns, ZERO_PFN + 1)
+        ft = self.ft
+        used = (ft.flags[pfns] != FRAME_FREE) | (ft.mapcount[pfns] != 0)
+        if used.any():
+            raise FrameAccountingError(f"free stack holds frames in use: {self._frames(pfns[used])}")
+        if len(pfns) > 1 and len(np.unique(pfns)) != len(pfns):
+            u, k = np.unique(pfns, return_counts=True)
+            raise FrameAccountingError(f"free stack holds pfn(s) {u[k > 1][:5].tolist()} more than once")
+
     def alloc(self, n: int, flags: int = FRAME_ANON, zero: bool = True) -> np.ndarray:
         """n new frames with mapcount 1; OutOfFrames (ENOMEM) if not enough are free."""
         if n == 0:
@@ -128,6 +214,7 @@ class FrameAllocator:
             if top < n:
                 raise OutOfFrames(n, top)
             pfns = ft.free_stack[top - n:top][::-1].astype(np.int64)
+            self._check_popped(pfns)
             ft.hdr[FTH_FREE_TOP] = top - n
             ft.mapcount[pfns] = 1
             ft.flags[pfns] = flags
@@ -143,50 +230,76 @@ class FrameAllocator:
             if top < 1:
                 raise OutOfFrames(1, 0)
             pfn = int(ft.free_stack[top - 1])
+            self._out_of_range(np.array([pfn]), ZERO_PFN + 1)
+            if ft.flags[pfn] != FRAME_FREE or ft.mapcount[pfn] != 0:
+                raise FrameAccountingError(f"free stack holds a frame in use: {self._frames([pfn])}")
             ft.hdr[FTH_FREE_TOP] = top - 1
             ft.mapcount[pfn] = 1
             ft.flags[pfn] = flags
         return pfn
 
     def put_one(self, pfn: int) -> None:
+        """Drop one mapping of frame pfn; free it when none is left."""
         if pfn == ZERO_PFN:
             return
         ft = self.ft
+        if not ZERO_PFN < pfn < ft.nframes:
+            raise FrameAccountingError(f"put of pfn {pfn}, out of range [1, {ft.nframes})")
         with self.lock:
             c = int(ft.mapcount[pfn]) - 1
+            if c < 0 or ft.flags[pfn] == FRAME_FREE:
+                raise FrameAccountingError(f"put of a frame with no mapping left: {self._frames([pfn])}")
             if c > 0:
                 ft.mapcount[pfn] = c
                 return
+            top = int(ft.hdr[FTH_FREE_TOP])
+            if top >= ft.nframes:
+                raise FrameAccountingError(f"freeing {self._frames([pfn])}: the free stack is full")
             ft.mapcount[pfn] = 0
             ft.flags[pfn] = FRAME_FREE
-            top = int(ft.hdr[FTH_FREE_TOP])
             ft.free_stack[top] = pfn
             ft.hdr[FTH_FREE_TOP] = top + 1
 
     def put(self, pfns: np.ndarray) -> int:
-        """Drop one mapping of each frame; frames reaching mapcount 0 are freed. Returns how many."""
+        """Drop one mapping of each frame; frames reaching mapcount 0 are freed. Returns how many.
+
+        All or nothing: if any frame has fewer mappings than are dropped (a free frame
+        included), FrameAccountingError and the table is left as it was.
+        """
         pfns = np.asarray(pfns, dtype=np.int64)
         pfns = pfns[pfns != ZERO_PFN]
         if not len(pfns):
             return 0
+        u, k = np.unique(pfns, return_counts=True)
+        self._out_of_range(u, ZERO_PFN + 1)
         ft = self.ft
         with self.lock:
-            np.subtract.at(ft.mapcount, pfns, 1)
-            dead = np.unique(pfns[ft.mapcount[pfns] <= 0])
+            left = ft.mapcount[u] - k
+            bad = (left < 0) | (ft.flags[u] == FRAME_FREE)
+            if bad.any():
+                raise FrameAccountingError(
+                    "put drops more mappings than frames have: " + ", ".join(
+                        f"{self._frames([p])} dropped {n}x" for p, n in zip(u[bad][:5].tolist(), k[bad][:5].tolist())))
+            dead = u[left == 0]
+            top = int(ft.hdr[FTH_FREE_TOP])
+            if top + len(dead) > ft.nframes:
+                raise FrameAccountingError(f"freeing {len(dead)} frames: the free stack holds {top} of {ft.nframes}")
+            ft.mapcount[u] = left
             if len(dead):
-                if (ft.flags[dead] == FRAME_FREE).any():
-                    raise RuntimeError(f"frame accounting broken: freeing free frame(s) {dead[ft.flags[dead] == FRAME_FREE][:5]}")
-                ft.mapcount[dead] = 0
                 ft.flags[dead] = FRAME_FREE
-                top = int(ft.hdr[FTH_FREE_TOP])
                 ft.free_stack[top:top + len(dead)] = dead
                 ft.hdr[FTH_FREE_TOP] = top + len(dead)
         return len(dead)
 
     def get(self, pfns: np.ndarray) -> None:
-        """Add one mapping to each frame (KSM frames gaining a sharer)."""
+        """Add one mapping to each frame (KSM frames gaining a sharer); a free frame cannot gain one."""
+        pfns = np.asarray(pfns, dtype=np.int64)
+        self._out_of_range(pfns, ZERO_PFN)
         with self.lock:
-            np.add.at(self.ft.mapcount, np.asarray(pfns, dtype=np.int64), 1)
+            free = self.ft.flags[pfns] == FRAME_FREE
+            if free.any():
+                raise FrameAccountingError(f"get of free frame(s): {self._frames(pfns[free])}")
+            np.add.at(self.ft.mapcount, pfns, 1)
 
     def pin_ksm(self, pfn: int, node: int) -> bool:
         """Take a reference on KSM frame pfn if it is still the KSM page of stable node `node`.

@@ -1,7 +1,7 @@
 """The supervisor: `Machine` creates the run's shared memory, starts and watches every actor.
 
 It is the only creator and the only unlinker of the run's POSIX segments and
-semaphores (named after the run, mode 0600).  It starts ksmd, the fault handler
+lock file (named after the run, mode 0600).  It starts ksmd, the fault handler
 and one worker per VM as separate processes, gives the parent a handle on each
 (`VM`, `KSMControl`), notices a worker that dies (its frames are freed, the
 others go on), and tears everything down on exit, exception, Ctrl-C or SIGTERM.
@@ -27,20 +27,30 @@ import threading
 import time
 
 import numpy as np
-import posix_ipc
 
 from proto.channel import BlockingChannel, ChannelClosed
 from proto.knobs import DEFAULTS, check_knob
 from proto.layout import (COUNTERS, KNOBS, MAX_MMS, MM_STATS, MMH_ID, MMH_NODE, MMH_NPAGES, MMH_OWNER_PID,
-                          PAGE_SHIFT, PAGE_SIZE, PTE_PRESENT, FrameTable, MMView, Segment, StatsView,
-                          frame_lock_name, new_run_name, ptl_name, run_owner_pid, seg_name)
+                          PAGE_SHIFT, PAGE_SIZE, PTE_PRESENT, SHM_DIR, FrameTable, MMView, Segment, StatsView,
+                          create_lock_file, new_run_name, run_owner_pid, seg_name, unlink_lock_file)
 from proto.messages import Msg, call_payload, decode
 
-from .frames import FrameAllocator, ShmLock, _alive
+from .frames import FrameAllocator, ShmLock
 from .notifier import MODES
 
 log = logging.getLogger("ksm_proto.machine")
-SHM_DIR = "/dev/shm"
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def sweep_stale_runs() -> list[str]:
@@ -64,7 +74,7 @@ def sweep_stale_runs() -> list[str]:
 
 def run_entries(run: str) -> list[str]:
     try:
-        return [n for n in os.listdir(SHM_DIR) if n.startswith(run + ".") or n.startswith(f"sem.{run}.")]
+        return [n for n in os.listdir(SHM_DIR) if n.startswith(run + ".")]
     except OSError:
         return []
 
@@ -307,7 +317,8 @@ class Machine:
             self.stats = StatsView(self.stats_seg)
             for k, v in DEFAULTS.items():
                 self.stats.knobs[KNOBS.index(k)] = v
-            self.frame_lock = ShmLock(frame_lock_name(run), self.ft.lock_owner, create=True)
+            create_lock_file(run)
+            self.frame_lock = ShmLock.frame_lock(run)
             self.alloc = FrameAllocator(self.ft, self.frames_seg.buf, self.frame_lock)
             self.alloc.format()
             common = ["--mode", self.mode, "--ack-timeout", str(self.ack_timeout)]
@@ -382,7 +393,7 @@ class Machine:
             mm.hdr[MMH_ID] = mm_id
             mm.hdr[MMH_NPAGES] = pages
             mm.hdr[MMH_NODE] = node
-            ptl = ShmLock(ptl_name(self.run, mm_id), mm.ptl_owner, create=True)
+            ptl = ShmLock.ptl(self.run, mm_id)
             self.mm_segs[mm_id] = (seg, ptl)
         args = ["--mode", self.mode, "--ack-timeout", str(self.ack_timeout), "--mm", str(mm_id), "--name", name,
                 "--ksm", str(int(self.ksm_enabled))]
@@ -472,7 +483,7 @@ class Machine:
         self._free_mm(vm.mm_id)
 
     def _free_mm(self, mm_id: int) -> None:
-        """exit_mmap: drop every frame the mm maps, then unlink its segment and lock."""
+        """exit_mmap: drop every frame the mm maps, then unlink its segment and drop its ptl."""
         seg, ptl = self.mm_segs.pop(mm_id)
         mm = MMView(seg)
         try:     # a fault still finishing on this mm completes (PTE set, old frame dropped) first
@@ -497,10 +508,6 @@ class Machine:
         seg.close()
         Segment.unlink(seg.name)
         ptl.close()
-        try:
-            posix_ipc.unlink_semaphore(ptl.name)
-        except posix_ipc.ExistentialError:
-            pass
 
     def close(self) -> None:
         if self.closed:
@@ -543,11 +550,8 @@ class Machine:
                 Segment.unlink(seg.name)
         if getattr(self, "frame_lock", None) is not None:
             self.frame_lock.close()
-            try:
-                posix_ipc.unlink_semaphore(self.frame_lock.name)
-            except posix_ipc.ExistentialError:
-                pass
         if self.run:
+            unlink_lock_file(self.run)
             for name in run_entries(self.run):   # anything an actor left behind
                 try:
                     os.unlink(os.path.join(SHM_DIR, name))

@@ -30,7 +30,7 @@ def main() -> None:
             break
     time.sleep(0.2)
     for name in os.listdir("/dev/shm"):
-        if name.startswith(a.run + ".") or name.startswith(f"sem.{a.run}."):
+        if name.startswith(a.run + "."):
             try:
                 os.unlink(os.path.join("/dev/shm", name))
             except OSError:

@@ -1,0 +1,141 @@
+"""The frame allocator's guards: an accounting slip is a clear error, and the table is left as it was."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from proto.layout import (FRAME_ANON, FRAME_FREE, FRAME_KSM, FTH_FREE_TOP, PAGE_SIZE, ZERO_PFN, FrameTable,
+                          Segment, create_lock_file, new_run_name, seg_name, unlink_lock_file)
+from workers.frames import FrameAccountingError, FrameAllocator, OutOfFrames, ShmLock
+from workers.machine import run_entries
+
+NFRAMES = 16
+
+
+@pytest.fixture
+def alloc():
+    run = new_run_name()
+    create_lock_file(run)
+    seg = Segment.create(seg_name(run, "frametab"), FrameTable.size_for(NFRAMES))
+    lock = ShmLock.frame_lock(run)
+    a = FrameAllocator(FrameTable(seg, NFRAMES), np.zeros(NFRAMES * PAGE_SIZE, dtype=np.uint8), lock)
+    a.format()
+    yield a
+    lock.close()
+    del a
+    seg.close()
+    Segment.unlink(seg.name)
+    unlink_lock_file(run)
+    assert run_entries(run) == []
+
+
+def table(a: FrameAllocator) -> tuple:
+    ft = a.ft
+    return tuple(x.copy() for x in (ft.hdr, ft.mapcount, ft.flags, ft.free_stack, ft.stable))
+
+
+def assert_same(before: tuple, after: tuple) -> None:
+    for x, y in zip(before, after):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_alloc_put_get_round_trip(alloc):
+    free0 = alloc.nr_free
+    assert free0 == NFRAMES - 1
+    pfns = alloc.alloc(3)
+    assert pfns.tolist() == [1, 2, 3] and alloc.nr_free == free0 - 3
+    assert alloc.ft.mapcount[pfns].tolist() == [1, 1, 1]
+    alloc.get(pfns[:1])
+    assert alloc.put(np.array([1, 1, 2, ZERO_PFN])) == 2       # 1 loses both mappings, 2 its only one
+    assert alloc.ft.flags[[1, 2, 3]].tolist() == [FRAME_FREE, FRAME_FREE, FRAME_ANON]
+    one = alloc.alloc_one()
+    assert one == 2                                             # freed last, popped first
+    alloc.put_one(one)
+    alloc.put_one(ZERO_PFN)
+    assert alloc.put(pfns[2:]) == 1 and alloc.nr_free == free0
+
+
+def test_double_free_is_refused(alloc):
+    pfn = alloc.alloc_one()
+    alloc.put_one(pfn)
+    before = table(alloc)
+    with pytest.raises(FrameAccountingError, match=rf"put of a frame with no mapping left: pfn {pfn} "
+                                                   r"\(mapcount 0, flags 0x0\)"):
+        alloc.put_one(pfn)
+    assert_same(before, table(alloc))
+    with pytest.raises(FrameAccountingError, match=rf"put drops more mappings than frames have: pfn {pfn} "
+                                                   r"\(mapcount 0, flags 0x0\) dropped 1x"):
+        alloc.put(np.array([pfn]))
+    assert_same(before, table(alloc))
+
+
+def test_over_put_is_refused_and_nothing_is_dropped(alloc):
+    a, b = alloc.alloc(2).tolist()
+    alloc.get(np.array([a]))                                    # a: mapcount 2, b: 1
+    before = table(alloc)
+    with pytest.raises(FrameAccountingError, match=rf"pfn {a} \(mapcount 2, flags 0x1\) dropped 3x$"):
+        alloc.put(np.array([a, a, a, b]))
+    assert_same(before, table(alloc))
+    with pytest.raises(FrameAccountingError, match=rf"pfn {b} \(mapcount 1, flags 0x1\) dropped 2x$"):
+        alloc.put(np.array([a, b, b]))                          # a would be fine: it is not touched either
+    assert_same(before, table(alloc))
+
+
+def test_out_of_range_pfns_are_refused(alloc):
+    alloc.alloc(2)
+    before = table(alloc)
+    for bad in (-1, NFRAMES):
+        with pytest.raises(FrameAccountingError, match=rf"pfn\(s\) \[{bad}\] out of range"):
+            alloc.put(np.array([1, bad]))
+        with pytest.raises(FrameAccountingError, match="out of range"):
+            alloc.put_one(bad)
+        with pytest.raises(FrameAccountingError, match="out of range"):
+            alloc.get(np.array([bad]))
+    assert_same(before, table(alloc))
+
+
+def test_get_of_a_free_frame_is_refused(alloc):
+    a = alloc.alloc_one()
+    free = a + 1
+    before = table(alloc)
+    with pytest.raises(FrameAccountingError, match=rf"get of free frame\(s\): pfn {free} \(mapcount 0"):
+        alloc.get(np.array([a, free]))
+    assert_same(before, table(alloc))
+
+
+def test_a_frame_on_the_free_stack_twice_is_never_handed_out_twice(alloc):
+    ft = alloc.ft
+    top = int(ft.hdr[FTH_FREE_TOP])
+    ft.free_stack[top] = ft.free_stack[top - 1]                 # a slip: frame 1 pushed a second time
+    ft.hdr[FTH_FREE_TOP] = top + 1
+    before = table(alloc)
+    with pytest.raises(FrameAccountingError, match=r"free stack holds pfn\(s\) \[1\] more than once"):
+        alloc.alloc(3)
+    assert_same(before, table(alloc))
+    assert alloc.alloc_one() == 1
+    before = table(alloc)
+    with pytest.raises(FrameAccountingError, match=r"free stack holds a frame in use: pfn 1 \(mapcount 1, flags 0x1\)"):
+        alloc.alloc_one()
+    assert_same(before, table(alloc))
+    with pytest.raises(FrameAccountingError, match=r"free stack holds frames in use: pfn 1 \(mapcount 1"):
+        alloc.alloc(2)
+    assert_same(before, table(alloc))
+
+
+def test_out_of_frames_is_still_enomem(alloc):
+    alloc.alloc(NFRAMES - 1)
+    before = table(alloc)
+    with pytest.raises(OutOfFrames, match="out of frames: wanted 1, 0 free"):
+        alloc.alloc_one()
+    with pytest.raises(OutOfFrames, match="out of frames: wanted 2, 0 free"):
+        alloc.alloc(2)
+    assert_same(before, table(alloc))
+
+
+def test_pin_ksm_takes_a_reference_only_on_the_live_ksm_page(alloc):
+    k = alloc.alloc_one(FRAME_KSM)
+    alloc.ft.stable[k] = 7
+    assert alloc.pin_ksm(k, 7) and alloc.ft.mapcount[k] == 2
+    assert not alloc.pin_ksm(k, 8)
+    assert alloc.put(np.array([k, k])) == 1
+    assert not alloc.pin_ksm(k, 7)                              # freed: no reference on a free frame

@@ -41,7 +41,7 @@ from proto.layout import (FRAME_FREE, FRAME_KSM, MMF_VM_MERGEABLE, MMH_FLAGS, MM
 from proto.messages import Msg
 
 from .core.access import FaultCall, Touch, WaitIdle, touch, vm_access, zap_pte_range
-from .core.effects import (MEM_EFFECTS, Effect, Load, Lock, Memory, Notify, Reply, TryLock, Unlock, WaitAcks,
+from .core.effects import (MEM_EFFECTS, Effect, Lock, Memory, Notify, Reply, TryLock, Unlock, WaitAcks,
                            apply_mem)
 from .core.fault import handle_mm_fault
 from .core.notify import EXPECT, FAILED, GRAMMAR, INIT, MODES, SecondaryMMU, grammar_why
@@ -52,7 +52,6 @@ BREAKS = {
     "no-write-protect": "ksmd compares and replaces without write-protecting the page first",
     "no-recheck-pte": "ksmd replaces a page without re-checking, under ptl, that its PTE still maps the "
                       "frame it checksummed and compared",
-    "cow-reply-before-acks": "the fault handler answers a COW fault and drops ptl before the secondary MMUs acked",
     "free-before-acks": "the old frame is freed (COW and merge) before the secondary MMUs dropped it",
     "pid-takeover-lock": "page-table locks are the old semaphore + owner pid, taken over when the owner "
                          "'looks dead' (reads owner twice)",
@@ -97,6 +96,17 @@ class _AwaitReply(Effect):
         return f"wait FAULT_REPLY {self.corr}"
 
 
+class _AwaitScan(Effect):
+    """The world's pacing of a writer: wait until ksmd has ended n full scans."""
+    __slots__ = ("n",)
+
+    def __init__(self, n):
+        self.n = n
+
+    def __repr__(self):
+        return f"wait for full scan {self.n}"
+
+
 class Thread:
     """One running core generator (a stack of them while the old lock algorithm runs)."""
 
@@ -124,7 +134,8 @@ class KsmWorld:
 
     def __init__(self, mode: str, brk: str | None = None, nvms: int = 2, npages: int = 2,
                  writes: tuple = (((0, 2), (1, -1), (1, 1)), ((1, 2), (1, 1))), device: bool = False, max_page_sharing: int = 256,
-                 use_zero_pages: int = 0, settle_scans: int = 2, nframes: int = 16):
+                 use_zero_pages: int = 0, settle_scans: int = 2, nframes: int = 16, pace: bool = True,
+                 early_reply: bool = True):
         if mode not in MODES:
             raise ValueError(f"mode {mode!r} is not one of {MODES}")
         self.mode, self.brk = mode, frozenset([brk] if brk else [])
@@ -147,6 +158,9 @@ class KsmWorld:
         self.clock_steps = 0
         self.writers_left = nvms
         self.settle_scans = settle_scans
+        self.pace = pace
+        self.early_reply = early_reply
+        self._enabled = None
         self.scan = KsmScan(self.ft, mode, lambda: self.clock_steps / 1000.0, self.brk)
         self.scan.knobs.update(dict(DEFAULTS, run=1, pages_to_scan=nvms * npages, sleep_millisecs=0,
                                     max_page_sharing=max_page_sharing, use_zero_pages=use_zero_pages))
@@ -212,7 +226,9 @@ class KsmWorld:
         sub = v.subs[0]
         for page in range(npages):
             yield from vm_access(v.id, sub, USER_BASE + page * PAGE_SIZE, 8, False, bytearray(8))
-        for page, val in writes[v.id % len(writes)]:
+        for k, (page, val) in enumerate(writes[v.id % len(writes)]):
+            if self.pace:       # pace the writer: ksmd has scanned (and merged) since its last write
+                yield _AwaitScan(1 + k)
             page %= npages
             addr = USER_BASE + page * PAGE_SIZE
             if val < 0:
@@ -321,7 +337,9 @@ class KsmWorld:
 
     # ---------------------------------------------------------------- the World interface
     def enabled(self) -> list[Step]:
-        steps = []
+        if self._enabled is not None:
+            return self._enabled
+        steps = self._enabled = []
         for t in self.threads:
             if t.done or not self._runnable(t):
                 continue
@@ -334,6 +352,7 @@ class KsmWorld:
 
     def take(self, i: int) -> dict:
         step = self.enabled()[i]
+        self._enabled = None
         self.clock_steps += 1
         rec = {"actor": step.actor, "label": step.label, "args": {}}
         if isinstance(step.run, Thread):
@@ -354,7 +373,7 @@ class KsmWorld:
     def final_violations(self) -> list[str]:
         out = self._frame_violations(final=True)
         maps = self._mappings()
-        mc = self.ft.mapcount.astype(np.int64)
+        mc = self.ft.mapcount.tolist()
         for p in range(1, self.nframes):
             if mc[p] != maps[p]:
                 out.append(f"frame {p}: mapcount {mc[p]} but {maps[p]} PTEs map it")
@@ -380,6 +399,8 @@ class KsmWorld:
             return e.sub.in_progress == 0 or e.sub.released
         if c is _AwaitReply:
             return e.corr in t.vm.replies
+        if c is _AwaitScan:
+            return self.scan.c["full_scans"] >= e.n
         if c is _Micro and e.enabled is not None:
             return e.enabled()
         return True
@@ -391,7 +412,9 @@ class KsmWorld:
         if t.vm is not None:
             fp += ((("vm", t.vm.id), "w"),)
         if t.actor == "ksmd":
-            fp += ((("ft",), "r"),)
+            fp += ((("ft",), "r"), (("scans",), "w"))
+        if c is _AwaitScan:
+            fp += ((("scans",), "r"),)
         if c is WaitAcks:
             fp += ((("acks", t.actor), "r"),)
         elif c is Notify:
@@ -443,7 +466,7 @@ class KsmWorld:
                     for h in hs:
                         flags += self.acks.pop(h)[1:]
                 result = flags
-            elif c is WaitIdle:
+            elif c is WaitIdle or c is _AwaitScan:
                 result = None
             elif c is FaultCall:
                 corr = self._new_id()
@@ -495,7 +518,7 @@ class KsmWorld:
             _, corr, idx, flags = item
             mm = src
             t = Thread(f"faultd/{corr}", "faultd", handle_mm_fault(mm, self.mem.mms[mm].npages, idx, flags,
-                                                                     self.mode, brk=self.brk))
+                                                                     self.mode, self.early_reply, self.brk))
             t.mm, t.corr = mm, corr
             self.threads.append(t)
             self._advance(t, None)
@@ -532,12 +555,13 @@ class KsmWorld:
         return self.next_id
 
     # ---------------------------------------------------------------- invariants
-    def _mappings(self) -> np.ndarray:
-        maps = np.zeros(self.nframes, dtype=np.int64)
+    def _mappings(self) -> list[int]:
+        """How many PTEs map each frame (the zero page not counted).  Plain Python: the arrays are tiny."""
+        maps = [0] * self.nframes
         for mm in self.mem.mms.values():
-            pte = mm.pte
-            pfn = (pte[(pte & np.uint64(PTE_PRESENT)) != 0] >> np.uint64(PAGE_SHIFT)).astype(np.int64)
-            maps += np.bincount(pfn, minlength=self.nframes)
+            for pte in mm.pte.tolist():
+                if pte & PTE_PRESENT:
+                    maps[pte >> PAGE_SHIFT] += 1
         maps[ZERO_PFN] = 0
         return maps
 
@@ -545,26 +569,29 @@ class KsmWorld:
         addr = USER_BASE + (i << PAGE_SHIFT)
         for src in ("ksmd", "faultd"):
             for item in self.queues[(src, mm)]:
-                if item[0] not in ("FAULT_REPLY",) and item[2] == s and (item[3][:, 0] == addr).any():
+                if item[0] != "FAULT_REPLY" and item[2] == s and (item[3][:, 0] == addr).any():
                     return True
         return False
 
     def _frame_violations(self, final: bool = False) -> list[str]:
         out = []
         maps = self._mappings()
-        mc = self.ft.mapcount
-        free = self.ft.flags == FRAME_FREE
-        for p in np.flatnonzero(maps > np.maximum(mc, 0)).tolist():
-            out.append(f"frame {p}: {maps[p]} PTEs map it but its mapcount is {mc[p]}")
-        for p in np.flatnonzero(free & (maps > 0)).tolist():
-            out.append(f"frame {p} is free but a PTE maps it")
+        mc = self.ft.mapcount.tolist()
+        flags = self.ft.flags.tolist()
+        for p, n in enumerate(maps):
+            if n > max(mc[p], 0):
+                out.append(f"frame {p}: {n} PTEs map it but its mapcount is {mc[p]}")
+            if n and flags[p] == FRAME_FREE:
+                out.append(f"frame {p} is free but a PTE maps it")
         for v in self.vms:
-            pte = self.mem.mms[v.id].pte
+            pte = self.mem.mms[v.id].pte.tolist()
             for s, sub in v.subs.items():
-                for i in np.flatnonzero(sub.spte).tolist():
-                    sp, pp = int(sub.spte[i]), int(pte[i])
+                for i, sp in enumerate(sub.spte.tolist()):
+                    if not sp:
+                        continue
+                    pp = pte[i]
                     spfn = sp >> PAGE_SHIFT
-                    if free[spfn] and spfn != ZERO_PFN:
+                    if flags[spfn] == FRAME_FREE and spfn != ZERO_PFN:
                         out.append(f"{v.name} {sub.name} page {i} maps frame {spfn}, which is free")
                         continue
                     stale = (not pp & PTE_PRESENT or (pp >> PAGE_SHIFT) != spfn
@@ -577,7 +604,8 @@ class KsmWorld:
         if final:
             top = int(self.ft.hdr[1])
             stack = self.ft.free_stack[:top].tolist()
-            if len(set(stack)) != len(stack) or set(stack) != set(np.flatnonzero(free).tolist()):
+            free = {p for p, f in enumerate(flags) if f == FRAME_FREE}
+            if len(set(stack)) != len(stack) or set(stack) != free:
                 out.append("the free stack does not hold each free frame exactly once")
         return out
 

@@ -3,6 +3,9 @@
     ksm-proto run [SCENARIO.toml] [--json] [--trace FILE] [--until-stable] [--notifier-mode M]
     ksm-proto trace summary FILE | trace check FILE
     ksm-proto bench [--quick] [--cores N] [--trace-overhead] ...
+    ksm-proto check [--mode M|all] [--seed S] [--runs N] [--exhaustive [--depth D]] [--break STEP]
+                    [--list-breaks] [--trace FILE] [--replay SCHEDULE.json] [--save-schedule FILE]
+                    [--max-steps N] [--world ksm|toy]
 
 On a terminal `run` shows a progress bar while loading and live counters
 (rich); piped, it prints plain lines; with --json exactly one JSON object goes
@@ -223,12 +226,97 @@ def cmd_trace(a) -> int:
     return 0
 
 
+CHECK_MODES = ("change_pte", "wrapped", "invalidate")
+
+
+def _check_world(name: str):
+    if name == "toy":
+        from . import toyworld
+        return toyworld.world_factory, toyworld.BREAKS
+    from .check_world import BREAKS, world_factory
+    return world_factory, BREAKS
+
+
+def cmd_check(a) -> int:
+    """Explore interleavings (workers/explore.py); 0 nothing found, 1 a violation, 2 a usage error."""
+    from . import explore
+    doc = None
+    if a.replay:
+        try:
+            with open(a.replay) as f:
+                doc = explore.load_schedule(f.read())
+            if doc.get("world") not in ("ksm", "toy"):
+                raise ValueError(f"unknown world {doc.get('world')!r}")
+        except (OSError, ValueError) as e:
+            print(f"ksm-proto: {a.replay}: not a schedule: {e}", file=sys.stderr)
+            return 2
+        a.world, a.mode, a.brk, a.max_steps = doc["world"], doc.get("mode"), doc.get("break"), doc.get("max_steps")
+    world_factory, breaks = _check_world(a.world)
+    if a.list_breaks:
+        print("\n".join(breaks))
+        return 0
+    if a.brk is not None and a.brk not in breaks:
+        names = "".join(f"\n  {n:24s} {d}" for n, d in breaks.items())
+        print(f"ksm-proto check: unknown --break {a.brk!r}; the {a.world} world has:{names}", file=sys.stderr)
+        return 2
+    for mode in CHECK_MODES if a.mode == "all" else (a.mode,):
+        try:
+            factory = world_factory(mode, a.brk)
+        except ValueError as e:
+            print(f"ksm-proto check: {e}", file=sys.stderr)
+            return 2
+        if doc is None:
+            if a.exhaustive:
+                res = explore.exhaustive(factory, a.depth, a.max_steps)
+            else:
+                res = explore.random_runs(factory, a.seed, a.runs, a.max_steps)
+            print(explore.summary(mode, res), flush=True)
+            if res.found is None:
+                continue
+            schedule, found_by = res.found.schedule, res.found.found_by
+        else:
+            schedule, found_by = doc["steps"], doc.get("found_by", {})
+        try:
+            tr = explore.replay(factory, schedule)
+        except explore.ReplayError as e:
+            print(f"ksm-proto: {a.replay}: does not replay on this code: {e}", file=sys.stderr)
+            return 2
+        meta = {"world": a.world, "mode": mode, "break": a.brk, "max_steps": a.max_steps}
+        return _check_report(explore, tr, meta, found_by, a)
+    return 0
+
+
+def _check_report(explore, tr, meta: dict, found_by: dict, a) -> int:
+    """Print a replayed schedule, write its trace and schedule files: 1 if it violates, else 0."""
+    if tr.violations:
+        print(f"schedule, {len(tr.steps)} steps ({explore.describe(found_by)}):")
+        print(explore.format_steps(tr))
+    else:
+        print(f"replayed {len(tr.steps)} steps: no violation")
+    if a.trace:
+        with open(a.trace, "w") as f:
+            f.write(explore.trace_json(tr, meta))
+        print(f"trace written to {a.trace} (open it in ui.perfetto.dev)")
+    if a.save_schedule and tr.violations:
+        with open(a.save_schedule, "w") as f:
+            f.write(explore.schedule_json(tr, meta, found_by))
+        print(f"schedule saved to {a.save_schedule} (ksm-proto check --replay {a.save_schedule})")
+    return 1 if tr.violations else 0
+
+
 def cmd_bench(a, rest) -> int:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     if root not in sys.path:
         sys.path.insert(0, root)
     from bench import run as bench_run
     return bench_run.main(rest)
+
+
+def _positive(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {n}")
+    return n
 
 
 def main(argv=None) -> int:
@@ -246,11 +334,29 @@ def main(argv=None) -> int:
     t.add_argument("what", choices=["summary", "check"])
     t.add_argument("file")
     sub.add_parser("bench", help="measure the project beside its anchors (see bench/)", add_help=False)
+    c = sub.add_parser("check", help="explore interleavings of the protocol and check its invariants")
+    c.add_argument("--mode", choices=[*CHECK_MODES, "all"], default="all", help="notifier mode (default: all)")
+    c.add_argument("--seed", type=int, default=0, help="seed of the random schedules (default 0)")
+    c.add_argument("--runs", type=_positive, default=1000, help="random schedules per mode (default 1000)")
+    c.add_argument("--exhaustive", action="store_true", help="search every schedule up to --depth choices")
+    c.add_argument("--depth", type=_positive, help="exhaustive search depth (default 20)")
+    c.add_argument("--break", dest="brk", metavar="STEP", help="remove one protocol step (see --list-breaks)")
+    c.add_argument("--list-breaks", action="store_true", help="print the --break names, one per line")
+    c.add_argument("--trace", metavar="FILE", help="write the violating schedule as a Perfetto trace")
+    c.add_argument("--replay", metavar="SCHEDULE.json", help="replay a schedule saved by --save-schedule")
+    c.add_argument("--save-schedule", metavar="FILE", help="save the violating schedule as JSON")
+    c.add_argument("--max-steps", type=_positive, default=10_000, help="step budget of one run (default 10000)")
+    c.add_argument("--world", choices=["ksm", "toy"], default="ksm", help="ksm (default), or the explorer's toy")
     args, rest = p.parse_known_args(argv)
     if args.cmd == "bench":
         return cmd_bench(args, rest)
     if rest:
         p.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.cmd == "check":
+        if args.depth is not None and not args.exhaustive:
+            c.error("--depth needs --exhaustive")
+        args.depth = args.depth or 20
+        return cmd_check(args)
     return cmd_run(args) if args.cmd == "run" else cmd_trace(args)
 
 

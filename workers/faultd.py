@@ -33,9 +33,10 @@ from .notifier import Driver, MMUNotifier, lock_ptl
 
 log = logging.getLogger("ksm_proto.faultd")
 U64 = np.uint64
-# Reply once the notifications are sent, before their acks (the lock is still held until they
-# are in): `ksm-proto check` finds no violation with it in any mode.
-EARLY_REPLY = os.environ.get("KSM_PROTO_EARLY_REPLY", "0") == "1"
+# Reply once the notifications are sent, before their acks (ptl is still held until they are
+# in, and the reply follows the notifications on the VM's FIFO channel): `ksm-proto check`
+# runs with it and finds no violation in any mode.  KSM_PROTO_EARLY_REPLY=0 turns it off.
+EARLY_REPLY = os.environ.get("KSM_PROTO_EARLY_REPLY", "1") == "1"
 
 
 class FaultHandler:

@@ -14,8 +14,9 @@ One fault request names a batch of pages of one mm.  Under the mm's page-table l
 The old frame is put only after every secondary MMU acked the new PTE: before that a
 secondary MMU may still map it (the checker's `free-before-acks` break shows why).
 The lock is dropped only after the acks: messages on the fault handler's channel and
-on ksmd's are not ordered with each other, and ptl is what orders them
-(`cow-reply-before-acks`).  Any exception (out of frames, a bad address) leaves the
+on ksmd's are not ordered with each other, and ptl is what orders them.  The early
+reply (FAULT_REPLY sent once the notifications are, before their acks) is safe: it
+follows them on the same FIFO channel, and ptl is still held.  Any exception (out of frames, a bad address) leaves the
 page table as it was and the lock released.
 """
 from __future__ import annotations
@@ -47,7 +48,7 @@ def handle_mm_fault(mm: int, npages: int, idx: np.ndarray, flags: int, mode: str
     if idx.min() < 0 or idx.max() >= npages:
         raise OSError(errno.EFAULT, f"fault address outside the address space of mm {mm}")
     yield Lock(ptl(mm))
-    unlocked = False
+    abandoned = False
     try:
         vmas = yield Load(VMAS, mm)
         inside = vma_mask(vmas, idx)
@@ -61,14 +62,12 @@ def handle_mm_fault(mm: int, npages: int, idx: np.ndarray, flags: int, mode: str
             yield from do_anonymous_page(mm, idx[~present], write)
         if not (write or flags & FAULT_UNSHARE) or not present.any():
             return 0, 0
-        result = yield from do_wp_page(mm, idx[present], pte[present], write, mode, early_reply, brk)
-        unlocked = "cow-reply-before-acks" in brk and result[2]   # the break dropped the lock itself
-        return result[:2]
+        return (yield from do_wp_page(mm, idx[present], pte[present], write, mode, early_reply, brk))
     except GeneratorExit:           # abandoned (a checker run cut short): nothing to release
-        unlocked = True
+        abandoned = True
         raise
     finally:
-        if not unlocked:
+        if not abandoned:
             yield Unlock(ptl(mm))
 
 
@@ -81,14 +80,14 @@ def do_anonymous_page(mm: int, idx: np.ndarray, write: bool):
 
 
 def do_wp_page(mm: int, idx: np.ndarray, pte: np.ndarray, write: bool, mode: str, early_reply: bool, brk):
-    """Break COW (write) or unshare KSM pages (no write) for present pages; (copies, reuses, broke)."""
+    """Break COW (write) or unshare KSM pages (no write) for present pages; (copies, reuses)."""
     pfn = (pte >> U64(PAGE_SHIFT)).astype(np.int64)
     fflags = yield Load(FLAGS, None, pfn)
     shared = ((fflags & (FRAME_KSM | FRAME_ZERO)) != 0) | ((pte & U64(PTE_SPECIAL)) != 0)
     if write:
         need = (pte & U64(PTE_WRITE)) == 0
         if not need.any():
-            return 0, 0, False
+            return 0, 0
         mapcount = yield Load(MAPCOUNT, None, pfn)
         reuse = need & ~shared & (mapcount == 1)
         copy = need & ~reuse
@@ -98,18 +97,17 @@ def do_wp_page(mm: int, idx: np.ndarray, pte: np.ndarray, write: bool, mode: str
     if reuse.any():     # wp_page_reuse: writable in place, no notification (no translation was writable)
         yield Store(PTE, mm, idx[reuse], pte[reuse] | U64(PTE_WRITE | PTE_DIRTY | PTE_YOUNG))
     if not copy.any():
-        return 0, int(reuse.sum()), False
-    broke = yield from wp_page_copy(mm, idx[copy], pfn[copy], (pte[copy] & U64(PTE_SPECIAL)) != 0, write, mode,
-                                    early_reply, brk)
-    return int(copy.sum()), int(reuse.sum()), broke
+        return 0, int(reuse.sum())
+    yield from wp_page_copy(mm, idx[copy], pfn[copy], (pte[copy] & U64(PTE_SPECIAL)) != 0, write, mode,
+                            early_reply, brk)
+    return int(copy.sum()), int(reuse.sum())
 
 
 def wp_page_copy(mm: int, idx: np.ndarray, old: np.ndarray, special: np.ndarray, writable: bool, mode: str,
                  early_reply: bool = False, brk=frozenset()):
     """Copy each frame, set the PTEs with notification, put the old frames after the acks.
 
-    The caller holds ptl(mm).  Out of frames: nothing changed.  Returns True when the
-    `cow-reply-before-acks` break released ptl itself.
+    The caller holds ptl(mm).  Out of frames: nothing changed.
     """
     new = yield Alloc(len(idx), FRAME_ANON, False)
     yield CopyPages(new, old)
@@ -123,20 +121,12 @@ def wp_page_copy(mm: int, idx: np.ndarray, old: np.ndarray, special: np.ndarray,
     if "free-before-acks" in brk:
         yield Put(old)
         old = None
-    if "cow-reply-before-acks" in brk:
-        yield Reply()
-        yield Unlock(ptl(mm))
-        if handles:
-            yield WaitAcks(handles)
-        yield Put(old)
-        return True
     if early_reply:
         yield Reply()
     if handles:
         yield WaitAcks(handles)
     if old is not None:
         yield Put(old)
-    return False
 
 
 def unmerge_ksm_pages(mm: int, mode: str, chunk: int = 4096):

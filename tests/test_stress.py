@@ -50,3 +50,38 @@ def test_ksm_page_churn_keeps_frame_accounting(ksm_machine_factory, mode):
     assert r["mismatches"] == 0, r["mismatch_examples"]
     assert r["frame_problems"] == []
     assert lost(r) == 0, (r["errors"], r["exit_frame_problems"], r["unmerge"])
+
+
+def test_a_lost_write_is_found(ksm_machine_factory):
+    """A write the record does not know of (as if the one it recorded were lost) is reported."""
+    m = ksm_machine_factory(frames=4096)
+
+    def lose(vms, addrs):
+        vms[1].write(addrs[1] + 3 * 4096 + 100, b"\xee" * 10)         # a thread's page
+        vms[0].write(addrs[0] + (2 * 8 + 40) * 4096, b"\xee" * 4096)   # a worker's page
+
+    r = no_lost_writes(m, nvms=2, threads_per_vm=2, thread_pages=8, thread_writes=20, workers_per_vm=2,
+                       worker_pages=32, worker_writes=100, round_writes=100, seed=3, before_check=lose,
+                       unmerge_check=False)
+    assert r["mismatches"] == 2 and lost(r) == 2
+    assert any("stress1 page 3 (thread 0 slice): 10 bytes differ in [100, 109]" in e for e in r["mismatch_examples"])
+    assert any("stress0 page 56 (worker 1 slice): 4096 bytes differ" in e for e in r["mismatch_examples"])
+    assert r["frame_problems"] == []
+
+
+def test_bench_exits_1_on_a_lost_write(monkeypatch, tmp_path):
+    import bench.run as bench
+
+    def fake(writes, cow, modes, progress):
+        r = {"mode": "wrapped", "writes": writes, "writes_requested": writes, "extra_writes": 0, "thread_writes": 0,
+             "worker_writes": writes, "mismatches": 1, "read_mismatches": 0, "cow_faults_merged": cow,
+             "frame_problems": [], "exit_frame_problems": [], "errors": [], "scan_errors": 0, "seconds": 1.0,
+             "writes_per_s": 1.0, "cow_faults_merged_per_s": 1.0, "mismatch_examples": ["page 7 got 1 want 2"]}
+        r["lost"] = lost(r)
+        return {"modes": {"wrapped": r}, "writes": writes, "mismatches": 1, "cow_faults_merged": cow, "lost": 1,
+                "writes_requested": writes, "min_cow_faults": cow, "cow_goal_met": True}
+
+    monkeypatch.setattr(bench, "run_modes", fake)
+    assert bench.main(["--only", "stress", "--out", str(tmp_path), "--stress-writes", "10",
+                       "--stress-cow", "1"]) == 1
+    assert "| 10 / 1 / 1 |" in (tmp_path / "latest.md").read_text()

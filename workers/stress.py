@@ -127,7 +127,8 @@ def no_lost_writes(m, nvms: int = 3, threads_per_vm: int = 2, workers_per_vm: in
                    whole_page_share: float = 0.4, stamp_share: float = 0.1, check_every: int = 64,
                    round_writes: int = 0, scans_between: int = 3, min_cow_faults: int = 0,
                    max_page_sharing: int = 3, use_zero_pages: int = 1,
-                   unmerge_check: bool = True, seed: int = 0, timeout: float = 600.0, progress=None) -> dict:
+                   unmerge_check: bool = True, seed: int = 0, timeout: float = 600.0, progress=None,
+                   before_check=None) -> dict:
     """Run the stress on a started Machine (nothing merged yet); returns counts and findings.
 
     thread_writes / worker_writes are per writer (a list gives one count per VM, each split
@@ -135,7 +136,8 @@ def no_lost_writes(m, nvms: int = 3, threads_per_vm: int = 2, workers_per_vm: in
     min_cow_faults > 0: once they are done, more in-worker rounds (`extra_writes`, short ones)
     until that many COW faults of merged pages have happened.
     progress(writes_done, writes_asked, cow_faults_merged), when given, is called about twice a
-    second from this thread.
+    second from this thread.  before_check(vms, addrs), when given, runs after the writers and
+    before the checks (the tests use it to lose a write on purpose).
     """
     def per_vm(x, n):
         xs = list(x) if isinstance(x, (list, tuple)) else [x * n] * nvms
@@ -360,6 +362,8 @@ def no_lost_writes(m, nvms: int = 3, threads_per_vm: int = 2, workers_per_vm: in
                                     f"[{bad[0]}, {bad[-1]}], got {g[bad[0]]} want {w[bad[0]]}")
         return bad_pages
 
+    if before_check:
+        before_check(vms, addrs)
     examples: list[str] = list(read["examples"])
     mismatches = verify("end", examples)
     frame_problems = m.check_frames()
@@ -439,7 +443,7 @@ def lost(r: dict) -> int:
             + (r["writes"] != r["writes_requested"] + r["extra_writes"]))
 
 
-def run_modes(writes: int, min_cow_faults: int = 0, modes=MODES, nvms: int = 4, thread_share: float = 0.03,
+def run_modes(writes: int, min_cow_faults: int = 0, modes=MODES, nvms: int = 4, thread_share: float = 0.05,
               seed: int = 42, timeout: float | None = None, progress=None, **kw) -> dict:
     """The stress in each notifier mode, on a Machine of its own: `writes` and `min_cow_faults` in all.
 
@@ -459,6 +463,7 @@ def run_modes(writes: int, min_cow_faults: int = 0, modes=MODES, nvms: int = 4, 
         # generous: about 20x the time this machine needs on 2 busy cores
         limit = timeout or max(600.0, w / 500 + cow_mode[mode] / 50)
         cb = (lambda d, n, c, mode=mode: progress(mode, d, n, c)) if progress else None
+        t0 = time.monotonic()
         with Machine(frames=8192, notifier_mode=mode) as m:
             try:
                 r = no_lost_writes(m, nvms=nvms, thread_writes=t_vm, worker_writes=w_vm,
@@ -470,6 +475,7 @@ def run_modes(writes: int, min_cow_faults: int = 0, modes=MODES, nvms: int = 4, 
                      "extra_writes": 0, "mismatches": 0, "read_mismatches": 0, "frame_problems": [],
                      "exit_frame_problems": [], "scan_errors": 0, "cow_faults_merged": 0, "seconds": 0}
         r["lost"] = lost(r)
+        r["wall_seconds"] = round(time.monotonic() - t0, 1)     # with start-up, merging and checks
         out["modes"][mode] = r
     rs = list(out["modes"].values())
     for k in ("writes", "extra_writes", "mismatches", "read_mismatches", "cow_faults_merged", "lost"):
@@ -481,6 +487,7 @@ def run_modes(writes: int, min_cow_faults: int = 0, modes=MODES, nvms: int = 4, 
                              + (r.get("unmerge") or {}).get("frame_problems", [])]
     out["errors"] = [f"{r['mode']}: {e}" for r in rs for e in r["errors"]]
     out["seconds"] = round(sum(r["seconds"] for r in rs), 1)
+    out["wall_seconds"] = round(sum(r["wall_seconds"] for r in rs), 1)
     out["writes_requested"] = writes
     out["min_cow_faults"] = min_cow_faults
     out["cow_goal_met"] = out["cow_faults_merged"] >= min_cow_faults

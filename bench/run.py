@@ -1,6 +1,7 @@
 """make bench: ksm-proto beside its anchors, measured in one run, reported as ratios.
 
-    ksm-proto bench [--quick] [--cores N] [--out DIR] [--gib G] [--stress-writes W] [--only PART ...]
+    ksm-proto bench [--quick] [--cores N] [--out DIR] [--gib G] [--only PART ...]
+                    [--stress-writes W] [--stress-cow C] [--stress-modes MODE ...]
 
 Parts (each measured beside its anchor in the same run):
   scan     scanner pages/s and time to merge ~1 GiB of 4x duplicates and of unique pages,
@@ -10,7 +11,9 @@ Parts (each measured beside its anchor in the same run):
   modes    after merging N mapped pages: re-read time, secondary faults and messages per page
   scaling  1, 2, 4 ... --cores VM workers doing COW-heavy work with ksmd running
   trace    the same workload with tracing on beside off
-  stress   the no-lost-writes stress at full size (>= 1M writes by default)
+  stress   no lost writes: 10M writes and >= 1M COW faults of merged pages across the three
+           notifier modes (workers/stress.py), every byte checked, frames checked; the exit
+           status is 1 on any lost write, frame problem or stress error
 
 Results: bench/results/latest.json, a dated copy named after the host, latest.md (the
 table printed at the end) and PNG plots.  Where /sys/kernel/mm/ksm is not writable the
@@ -38,7 +41,7 @@ if ROOT not in sys.path:
 from proto import MADV_MERGEABLE, PAGE_SIZE  # noqa: E402
 from workers import kernel_ksm  # noqa: E402
 from workers.machine import Machine  # noqa: E402
-from workers.stress import no_lost_writes  # noqa: E402
+from workers.stress import run_modes  # noqa: E402
 
 PARTS = ("scan", "cow", "modes", "scaling", "trace", "stress")
 MODES = ("change_pte", "wrapped", "invalidate")
@@ -424,7 +427,18 @@ def table(res: dict) -> str:
                     f"{f(t['ratio'])}x slower | <= 1.10x |")
     st = res.get("stress")
     if st:
-        rows.append(f"| no lost writes: writes / mismatches | {st['writes']:,} / {st['mismatches']} | | | 0 |")
+        for mode, r in st["modes"].items():
+            if not r.get("seconds"):
+                rows.append(f"| stress, {mode}: failed | {'; '.join(r['errors'])[:200]} | | | |")
+                continue
+            rows.append(f"| stress, {mode}: writes (thread / in-worker), COW faults of merged pages, s | "
+                        f"{r['writes']:,} ({r['thread_writes']:,} / {r['worker_writes']:,}), "
+                        f"{r['cow_faults_merged']:,}, {r['seconds']:,.0f} | | | |")
+            rows.append(f"| stress, {mode}: writes/s, COW faults of merged pages/s | {f(r['writes_per_s'])}, "
+                        f"{f(r['cow_faults_merged_per_s'])} | | | |")
+        rows.append(f"| no lost writes: writes / COW faults of merged pages / lost (pages, frame problems, "
+                    f"errors) | {st['writes']:,} / {st['cow_faults_merged']:,} / {st['lost']} | | | "
+                    f">= {st['writes_requested']:,} / >= {st['min_cow_faults']:,} / 0 |")
     return "\n".join(rows)
 
 
@@ -472,13 +486,20 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="small sizes (a smoke run of every part)")
     ap.add_argument("--cores", type=int, default=os.cpu_count(), help="most VM workers in the scaling part")
     ap.add_argument("--gib", type=float, default=1.0, help="size of the 4x-duplicates scan, GiB (default 1)")
-    ap.add_argument("--stress-writes", type=int, default=1_000_000)
+    ap.add_argument("--stress-writes", type=int, default=10_000_000,
+                    help="stress: writes in all, split over the modes (default 10,000,000)")
+    ap.add_argument("--stress-cow", type=int, default=1_000_000,
+                    help="stress: at least this many COW faults of merged pages in all (default 1,000,000)")
+    ap.add_argument("--stress-modes", nargs="+", choices=MODES, default=list(MODES),
+                    help="stress: the notifier modes to run (default all three)")
     ap.add_argument("--only", nargs="+", choices=PARTS, help="run only these parts")
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results"))
     ap.add_argument("--trace", metavar="FILE", help="keep the trace of the traced run of the trace part here")
     a = ap.parse_args(argv)
     if a.cores < 1:
         ap.error(f"--cores must be >= 1, not {a.cores}")
+    if a.stress_writes < 1 or a.stress_cow < 0:
+        ap.error("--stress-writes must be >= 1 and --stress-cow >= 0")
     parts = a.only or list(PARTS)
     q = a.quick
     scan_pages = 8192 if q else int(a.gib * (1 << 30) / PAGE_SIZE)
@@ -486,6 +507,7 @@ def main(argv=None) -> int:
     mode_pages = 256 if q else 4096
     seconds = 1.0 if q else 4.0
     stress_writes = 20_000 if q else a.stress_writes
+    stress_cow = 0 if q else a.stress_cow
     kernel_ok, why = kernel_ksm.available()
     if not kernel_ok:
         why = f"kernel KSM not measured: {why}"
@@ -518,15 +540,24 @@ def main(argv=None) -> int:
                 res["trace"] = bench_trace(256 if q else 1024, prog, keep=a.trace)
                 res["trace_overhead_ratio"] = res["trace"]["ratio"]
             elif part == "stress":
-                prog(f"stress: {stress_writes:,} writes")
-                nv = 4
-                per_vm = stress_writes // nv
-                with Machine(frames=8192) as m:
-                    r = no_lost_writes(m, nvms=nv, pages=256, thread_writes=min(2000, per_vm // 10),
-                                       worker_writes=per_vm - min(2000, per_vm // 10), values=3, seed=42,
-                                       timeout=3600)
-                r.pop("mismatch_examples", None) if not r["mismatches"] else None
-                res["stress"] = r
+                prog(f"stress: {stress_writes:,} writes, >= {stress_cow:,} COW faults of merged pages")
+                bar = progress.add_task("stress", total=stress_writes)
+                base, shown = {"mode": None, "off": 0, "last": 0}, [0.0]
+
+                def sprog(mode, done, asked, cow):
+                    if base["mode"] != mode:
+                        base["off"] += base["last"]
+                        base["mode"] = mode
+                    base["last"] = done
+                    progress.update(bar, completed=base["off"] + done,
+                                    description=f"stress {mode}: {done:,}/{asked:,} writes, {cow:,} COW")
+                    if not console.is_terminal and time.monotonic() - shown[0] > 30:
+                        shown[0] = time.monotonic()
+                        print(f"bench: stress {mode}: {done:,}/{asked:,} writes, {cow:,} COW faults of "
+                              f"merged pages", file=sys.stderr, flush=True)
+
+                res["stress"] = run_modes(stress_writes, stress_cow, modes=a.stress_modes, progress=sprog)
+                progress.remove_task(bar)
             progress.advance(task)
     os.makedirs(a.out, exist_ok=True)
     made = plots(res, a.out)
@@ -546,7 +577,19 @@ def main(argv=None) -> int:
     print(md)
     print(f"\nresults: {os.path.join(a.out, 'latest.json')} (+ latest.md, {', '.join(res['plots'])})")
     st = res.get("stress")
-    return 1 if st and st["mismatches"] else 0
+    if st and st["lost"]:
+        for r in st["modes"].values():
+            if r["lost"]:
+                print(f"stress, {r['mode']}: {r['lost']} problem(s): {r['mismatches']} pages lost writes, "
+                      f"{r.get('read_mismatches', 0)} bad read-backs", file=sys.stderr)
+                for line in (r.get("mismatch_examples", []) + r["frame_problems"] + r["exit_frame_problems"]
+                             + (r.get("unmerge") or {}).get("frame_problems", []) + r["errors"]):
+                    print(f"  {line}", file=sys.stderr)
+        return 1
+    if st and not st["cow_goal_met"]:
+        print(f"stress: only {st['cow_faults_merged']:,} COW faults of merged pages, "
+              f"wanted {st['min_cow_faults']:,}", file=sys.stderr)
+    return 0
 
 
 if __name__ == "__main__":

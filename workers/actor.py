@@ -14,7 +14,7 @@ import os
 import signal
 import sys
 
-from proto.layout import FrameTable, MMView, Segment, StatsView, seg_name
+from proto.layout import FrameTable, MMView, RmapView, Segment, StatsView, seg_name
 
 from .frames import FrameAllocator, ShmLock
 
@@ -86,6 +86,10 @@ class RunMemory:
     def attach_mm(self, mm_id: int) -> tuple[MMView, ShmLock]:
         mm = MMView(Segment.attach(seg_name(self.run, f"mm.{mm_id}")))
         return mm, ShmLock.ptl(self.run, mm_id)
+
+    def attach_rmap(self, mm_id: int, npages: int) -> RmapView:
+        """The scanners' shared rmap items of an mm (the supervisor created them with the mm)."""
+        return RmapView(Segment.attach(seg_name(self.run, f"rmap.{mm_id}")), npages)
 
     def close(self) -> None:
         self.frame_lock.close()

@@ -1,10 +1,14 @@
 """The fault handler process: handle_mm_fault for every VM (do_anonymous_page, do_wp_page).
 
 A VM worker whose access cannot be served by its secondary MMU or by the primary PTE
-sends a FAULT for a batch of pages of its mm.  Each FAULT runs the core
-`core.fault.handle_mm_fault` (do_anonymous_page, wp_page_reuse, wp_page_copy with
-set_pte_at_notify, break_ksm) as its own task, driven against the run's shared memory
-and the VM's notifier channel (workers/notifier.py); the FAULT_REPLY follows.  This
+sends a FAULT for a batch of pages of its mm.  The FAULTs of one mm are served in
+order by one task: the core `core.fault.handle_mm_fault` (do_anonymous_page,
+wp_page_reuse, wp_page_copy with set_pte_at_notify, break_ksm) driven against the
+run's shared memory and the VM's notifier channel (workers/notifier.py); the
+FAULT_REPLY follows.  FAULTs of an mm that queued up meanwhile (a VM with several
+faults in flight) are served together, as one batch: one hold of ptl, one
+notification per step, one ack wait (a batch that fails is served again one FAULT at
+a time, so each VM hears of its own error).  This
 process also answers page_referenced calls with clear_flush_young.
 
 Out of frames, the fault fails with ENOMEM to the writer; nothing is changed.
@@ -12,6 +16,7 @@ Out of frames, the fault fails with ENOMEM to the writer; nothing is changed.
 from __future__ import annotations
 
 import asyncio
+import collections
 import errno
 import logging
 import os
@@ -33,17 +38,22 @@ from .notifier import Driver, MMUNotifier, lock_ptl
 
 log = logging.getLogger("ksm_proto.faultd")
 U64 = np.uint64
+FAULT_BATCH = 4096          # most pages one batch of queued FAULTs takes
 # Reply once the notifications are sent, before their acks (ptl is still held until they are
 # in, and the reply follows the notifications on the VM's FIFO channel): `ksm-proto check`
 # runs with it and finds no violation in any mode.  KSM_PROTO_EARLY_REPLY=0 turns it off.
 EARLY_REPLY = os.environ.get("KSM_PROTO_EARLY_REPLY", "1") == "1"
 
 
-class FaultHandler:
-    name = "faultd"
+def listener_name(run: str, shard: int) -> str:
+    """Where fault handler `shard` takes its VMs' channels."""
+    return f"{run}.faultd" if shard == 0 else f"{run}.faultd.{shard}"
 
+
+class FaultHandler:
     def __init__(self, args):
         self.args = args
+        self.name = "faultd" if args.shard == 0 else f"faultd{args.shard}"
         self.mem = RunMemory(args.run)
         self.memory = Memory(self.mem.alloc, self.mem.stats)
         self.ptls: dict = {}
@@ -53,8 +63,10 @@ class FaultHandler:
         self.mode = args.mode
         self.tr = Tracer.open(args.trace, self.name)
         self.faults = 0
+        self.batches = 0
         self.cow_copies = 0
         self.reuses = 0
+        self.pending: dict[int, collections.deque] = {}     # mm -> FAULTs waiting for its task
 
     # ---- channels ----
     def on_vm_frame(self, ch: Channel, f: Frame) -> None:
@@ -71,7 +83,11 @@ class FaultHandler:
         elif f.type == Msg.FAULT:
             if self.tr:
                 self.tr.recv(self.peers.get(f.mm, f"vm:{f.mm}"), "FAULT", f.mm, -1, f.addr, f.n, 0, 0, f.corr)
-            asyncio.get_running_loop().create_task(self.fault(ch, f))
+            q = self.pending.get(f.mm)
+            if q is None:
+                q = self.pending[f.mm] = collections.deque()
+                asyncio.get_running_loop().create_task(self.serve(f.mm, q))
+            q.append((ch, f))
         else:
             log.error("faultd: unexpected %s from vm channel", Msg(f.type).name)
 
@@ -80,43 +96,72 @@ class FaultHandler:
         if n is not None and n.ch is ch:
             n.ch = None
 
-    async def fault(self, ch: Channel, f: Frame) -> None:
+    async def serve(self, mm_id: int, q: collections.deque) -> None:
+        """The FAULTs of one mm, in order; those that queued up meanwhile (same kind) as one batch."""
+        try:
+            while q:
+                batch = [q.popleft()]
+                n = batch[0][1].n
+                while q and q[0][1].flags == batch[0][1].flags and n + q[0][1].n <= FAULT_BATCH:
+                    n += q[0][1].n
+                    batch.append(q.popleft())
+                if not await self.fault(batch, len(batch) == 1):
+                    for one in batch:
+                        await self.fault([one], True)
+        finally:
+            del self.pending[mm_id]
+
+    async def fault(self, batch: list, final: bool) -> bool:
+        """handle_mm_fault for the pages of the FAULTs in batch (one mm, same flags); replies to each.
+
+        False, with nothing changed and nobody answered, if a batch of several failed (not final)."""
         replied = False
+        f0 = batch[0][1]
 
         def reply(err: int = 0, msg: str = "") -> None:
-            """FAULT_REPLY, once (early: as soon as the notifications are sent)."""
+            """FAULT_REPLY to each, once (early: as soon as the notifications are sent)."""
             nonlocal replied
             if replied:
                 return
             replied = True
-            if self.tr:
-                self.tr.send(self.peers.get(f.mm, f"vm:{f.mm}"), "FAULT_REPLY", f.mm, -1, f.addr, f.n, 0, 0, f.corr)
-            if not ch.closed:
-                ch.send(encode(Msg.FAULT_REPLY, flags=err, mm=f.mm, corr=f.corr, addr=f.addr,
-                               payload=call_payload({"error": msg}) if err else b""))
+            for ch, f in batch:
+                if self.tr:
+                    self.tr.send(self.peers.get(f.mm, f"vm:{f.mm}"), "FAULT_REPLY", f.mm, -1, f.addr, f.n, 0, 0,
+                                 f.corr)
+                if not ch.closed:
+                    ch.send(encode(Msg.FAULT_REPLY, flags=err, mm=f.mm, corr=f.corr, addr=f.addr,
+                                   payload=call_payload({"error": msg}) if err else b""))
 
         t0 = time.monotonic_ns()
         try:
-            mm = self.memory.mms[f.mm]
-            idx = (f.entries[:, 0].astype(np.int64) - USER_BASE) >> PAGE_SHIFT
-            self.faults += 1
+            mm = self.memory.mms[f0.mm]
+            idx = np.concatenate([(f.entries[:, 0].astype(np.int64) - USER_BASE) >> PAGE_SHIFT for _, f in batch])
+            if len(batch) > 1:
+                idx = np.unique(idx)
             copies, reuses = await self.driver.run(
-                handle_mm_fault(f.mm, mm.npages, idx, f.flags, self.mode, EARLY_REPLY),
+                handle_mm_fault(f0.mm, mm.npages, idx, f0.flags, self.mode, EARLY_REPLY),
                 (lambda e: reply()) if EARLY_REPLY else None)
+            self.faults += len(batch)
+            self.batches += 1
             self.cow_copies += copies
             self.reuses += reuses
             reply()
-        except OSError as e:
-            reply(e.errno or errno.EIO, e.strerror or str(e))
-        except TimeoutError as e:
-            reply(errno.EAGAIN, str(e))
-        except KeyError:
-            reply(errno.EFAULT, f"unknown mm {f.mm}")
+        except (OSError, TimeoutError, KeyError) as e:
+            if not final and not replied:
+                return False
+            if isinstance(e, KeyError):
+                reply(errno.EFAULT, f"unknown mm {f0.mm}")
+            elif isinstance(e, TimeoutError) and not e.errno:
+                reply(errno.EAGAIN, str(e))
+            else:
+                reply(e.errno or errno.EIO, e.strerror or str(e))
         except Exception as e:       # a bug: the VM hears of it, this process goes on
-            log.exception("faultd: fault on mm %d failed", f.mm)
+            log.exception("%s: fault on mm %d failed", self.name, f0.mm)
             reply(errno.EIO, f"fault handler error: {e!r}")
         if self.tr:
-            self.tr.span("handle_mm_fault", t0, time.monotonic_ns(), mm=f.mm, pages=f.n, write=int(f.flags & 1))
+            self.tr.span("handle_mm_fault", t0, time.monotonic_ns(), mm=f0.mm, pages=int(sum(f.n for _, f in batch)),
+                         write=int(f0.flags & 1), faults=len(batch))
+        return True
 
     async def page_referenced(self, mm_id: int, addr: int, npages: int) -> int:
         """Test and clear the young bit of each page, primary and secondary (clear_flush_young)."""
@@ -154,7 +199,8 @@ class FaultHandler:
             elif op == "page_referenced":
                 reply["referenced"] = await self.page_referenced(req["mm"], req["addr"], req["npages"])
             elif op == "stats":
-                reply = {"faults": self.faults, "cow_copies": self.cow_copies, "reuses": self.reuses}
+                reply = {"faults": self.faults, "batches": self.batches, "cow_copies": self.cow_copies,
+                         "reuses": self.reuses}
             elif op == "ping":
                 pass
             else:
@@ -167,10 +213,11 @@ class FaultHandler:
         loop = asyncio.get_running_loop()
         done = loop.create_future()
         server = await loop.create_unix_server(
-            lambda: Channel("faultd<-vm", self.on_vm_frame, self.on_vm_close), sock=abstract_listener(f"{self.args.run}.faultd"))
+            lambda: Channel(f"{self.name}<-vm", self.on_vm_frame, self.on_vm_close),
+            sock=abstract_listener(listener_name(self.args.run, self.args.shard)))
         ctl_sock = socket.socket(fileno=self.args.ctl_fd)
         _, ctl = await loop.create_connection(
-            lambda: Channel("faultd<-ctl", lambda ch, f: loop.create_task(self.on_ctl(ch, f)),
+            lambda: Channel(f"{self.name}<-ctl", lambda ch, f: loop.create_task(self.on_ctl(ch, f)),
                             lambda ch: done.done() or done.set_result(None)), sock=ctl_sock)
         ctl.send(encode(Msg.REPLY, corr=0, payload=call_payload({"ready": True})))
         await done
@@ -180,8 +227,11 @@ class FaultHandler:
 
 
 def main() -> None:
-    setup("faultd")
-    args = actor_args()
+    def extra(p):
+        p.add_argument("--shard", type=int, default=0, help="this fault handler's number")
+        p.add_argument("--handlers", type=int, default=1, help="how many fault handlers share the VMs")
+    args = actor_args(extra)
+    setup("faultd" if args.shard == 0 else f"faultd{args.shard}")
     run_actor("faultd", FaultHandler(args).main)
 
 

@@ -1,9 +1,10 @@
 """The supervisor: `Machine` creates the run's shared memory, starts and watches every actor.
 
 It is the only creator and the only unlinker of the run's POSIX segments and
-lock file (named after the run, mode 0600).  It starts ksmd, the fault handler
-and one worker per VM as separate processes, gives the parent a handle on each
-(`VM`, `KSMControl`), notices a worker that dies (its frames are freed, the
+lock file (named after the run, mode 0600).  It starts the scanners (ksmd:
+`scanners` of them, joined by socketpairs), the fault handlers (`fault_handlers`
+of them) and one worker per VM as separate processes, gives the parent a handle on
+each (`VM`, `KSMControl`), notices a worker that dies (its frames are freed, the
 others go on), and tears everything down on exit, exception, Ctrl-C or SIGTERM.
 
 A small reaper process (started in its own session) holds a pipe to the
@@ -29,10 +30,10 @@ import time
 import numpy as np
 
 from proto.channel import BlockingChannel, ChannelClosed
-from proto.knobs import DEFAULTS, check_knob
+from proto.knobs import DEFAULTS, OWN, check_knob
 from proto.layout import (COUNTERS, KNOBS, MAX_MMS, MM_STATS, MMH_ID, MMH_NODE, MMH_NPAGES, MMH_OWNER_PID,
-                          PAGE_SHIFT, PAGE_SIZE, PTE_PRESENT, SHM_DIR, FrameTable, MMView, Segment, StatsView,
-                          create_lock_file, new_run_name, run_owner_pid, seg_name, unlink_lock_file)
+                          PAGE_SHIFT, PAGE_SIZE, PTE_PRESENT, SHM_DIR, FrameTable, MMView, RmapView, Segment,
+                          StatsView, create_lock_file, new_run_name, run_owner_pid, seg_name, unlink_lock_file)
 from proto.messages import Msg, call_payload, decode
 
 from .frames import FrameAllocator, ShmLock
@@ -82,11 +83,11 @@ def run_entries(run: str) -> list[str]:
 class ActorProcess:
     """One child actor: its Popen and its control channel."""
 
-    def __init__(self, name: str, module: str, run: str, args: list[str], env=None):
+    def __init__(self, name: str, module: str, run: str, args: list[str], env=None, fds: tuple = ()):
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         cmd = [sys.executable, "-m", module, "--run", run, "--ctl-fd", str(child.fileno()), *args]
         self.name = name
-        self.proc = subprocess.Popen(cmd, pass_fds=[child.fileno()], env=env,
+        self.proc = subprocess.Popen(cmd, pass_fds=[child.fileno(), *fds], env=env,
                                      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         child.close()
         self.ch = BlockingChannel(parent, name)
@@ -247,8 +248,9 @@ class KSMControl:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"full_scans went {start} -> {int(self.m.stats.counters[i])} in {timeout}s, "
                                    f"wanted +{n} (is run=1?)")
-            if self.m.ksmd.proc.poll() is not None:
-                raise RuntimeError("ksmd has died")
+            dead = [a.name for a in self.m.scanner_procs if a.proc.poll() is not None]
+            if dead:
+                raise RuntimeError(f"{', '.join(dead)} died")
             time.sleep(0.001)
         return self.stats()
 
@@ -271,7 +273,8 @@ class Machine:
 
     def __init__(self, frames: int = 65536, notifier_mode: str = "change_pte", trace: str | None = None,
                  ksm_enabled: bool = True, ack_timeout: float = 10.0, call_timeout: float = 60.0,
-                 knobs: dict | None = None, nodes: int = 1):
+                 knobs: dict | None = None, nodes: int = 1, scanners: int | None = None,
+                 fault_handlers: int | None = None):
         if notifier_mode not in MODES:
             raise ValueError(f"notifier_mode {notifier_mode!r} is not one of {', '.join(MODES)}")
         if frames < 16:
@@ -283,9 +286,15 @@ class Machine:
         self.ack_timeout = ack_timeout
         self.call_timeout = call_timeout
         self.nodes = nodes
-        self.initial_knobs = knobs or {}
+        self.initial_knobs = dict(knobs or {})
         for k, v in self.initial_knobs.items():
             check_knob(k, v)
+        own = {"scanners": scanners, "fault_handlers": fault_handlers}
+        for k in OWN:       # ksm-proto's own knobs: how many processes to start
+            v = own[k] if own[k] is not None else self.initial_knobs.get(k, DEFAULTS[k])
+            own[k] = check_knob(k, v)
+            self.initial_knobs.pop(k, None)
+        self.scanners, self.fault_handlers = own["scanners"], own["fault_handlers"]
         self.run = None
         self.vms: dict[str, VM] = {}
         self.mm_segs: dict[int, tuple[Segment, ShmLock]] = {}
@@ -317,6 +326,8 @@ class Machine:
             self.stats = StatsView(self.stats_seg)
             for k, v in DEFAULTS.items():
                 self.stats.knobs[KNOBS.index(k)] = v
+            self.stats.knobs[KNOBS.index("scanners")] = self.scanners
+            self.stats.knobs[KNOBS.index("fault_handlers")] = self.fault_handlers
             create_lock_file(run)
             self.frame_lock = ShmLock.frame_lock(run)
             self.alloc = FrameAllocator(self.ft, self.frames_seg.buf, self.frame_lock)
@@ -324,10 +335,14 @@ class Machine:
             common = ["--mode", self.mode, "--ack-timeout", str(self.ack_timeout)]
             if self.trace_dir:
                 common += ["--trace", self.trace_dir]
-            self.faultd = ActorProcess("faultd", "workers.faultd", run, common)
-            self.ksmd = ActorProcess("ksmd", "workers.ksmd", run, common)
-            self.faultd.wait_ready(30)
-            self.ksmd.wait_ready(30)
+            self.faultds = [ActorProcess("faultd" if k == 0 else f"faultd{k}", "workers.faultd", run,
+                                         common + ["--shard", str(k), "--handlers", str(self.fault_handlers)])
+                            for k in range(self.fault_handlers)]
+            self.faultd = self.faultds[0]
+            self.scanner_procs = self._start_scanners(run, common)
+            self.ksmd = self.scanner_procs[0]
+            for a in self.faultds + self.scanner_procs:
+                a.wait_ready(30)
             self._started = True
             if self.initial_knobs:
                 self.ksm.set(**self.initial_knobs)
@@ -338,6 +353,27 @@ class Machine:
             self.close()
             raise
         return self
+
+    def _start_scanners(self, run: str, common: list) -> list:
+        """N scanner processes, each pair joined by a socketpair (the mesh of workers/core/shard.py)."""
+        n = self.scanners
+        ends: dict[int, dict[int, socket.socket]] = {k: {} for k in range(n)}
+        for a in range(n):
+            for b in range(a + 1, n):
+                x, y = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+                ends[a][b], ends[b][a] = x, y
+        procs = []
+        try:
+            for k in range(n):
+                peers = [f"--peer={j}:{s.fileno()}" for j, s in ends[k].items()]
+                procs.append(ActorProcess("ksmd" if k == 0 else f"ksmd{k}", "workers.ksmd", run,
+                                          common + ["--shard", str(k), "--scanners", str(n), *peers],
+                                          fds=tuple(s.fileno() for s in ends[k].values())))
+        finally:
+            for d in ends.values():
+                for s in d.values():
+                    s.close()
+        return procs
 
     def _install_sigterm(self) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -369,7 +405,7 @@ class Machine:
                     except Exception:
                         log.exception("tearing down dead VM %s", vm.name)
                     self.dead_vms.append(vm.name)
-            for a in (self.ksmd, self.faultd):
+            for a in self.scanner_procs + self.faultds:
                 if a.proc.poll() is not None and not a.expected_exit:
                     log.error("%s (pid %d) died with status %s", a.name, a.pid, a.proc.returncode)
                     a.expected_exit = True
@@ -393,6 +429,7 @@ class Machine:
             mm.hdr[MMH_ID] = mm_id
             mm.hdr[MMH_NPAGES] = pages
             mm.hdr[MMH_NODE] = node
+            self._create_rmap(mm_id, mm.npages)
             ptl = ShmLock.ptl(self.run, mm_id)
             self.mm_segs[mm_id] = (seg, ptl)
         args = ["--mode", self.mode, "--ack-timeout", str(self.ack_timeout), "--mm", str(mm_id), "--name", name,
@@ -413,9 +450,20 @@ class Machine:
         self.vms[name] = vm
         return vm
 
+    def _create_rmap(self, mm_id: int, npages: int) -> None:
+        """The scanners' rmap items of a new mm: one segment all of them map (core/shard.py)."""
+        seg = Segment.create(seg_name(self.run, f"rmap.{mm_id}"), RmapView.size_for(npages))
+        RmapView(seg, npages).format()
+        seg.close()
+
+    def faultd_of(self, mm_id: int) -> ActorProcess:
+        """The fault handler that serves mm mm_id."""
+        return self.faultds[mm_id % len(self.faultds)]
+
     def page_referenced(self, vm: VM, addr: int, npages: int = 1) -> int:
         """page_referenced for a range: primary young bits and clear_flush_young of secondary MMUs."""
-        return self.faultd.call("page_referenced", mm=vm.mm_id, addr=addr, npages=npages)[0]["referenced"]
+        return self.faultd_of(vm.mm_id).call("page_referenced", mm=vm.mm_id, addr=addr,
+                                             npages=npages)[0]["referenced"]
 
     def check_frames(self) -> list[str]:
         """Frame accounting invariants (call when quiet: run=0, no access in flight).
@@ -474,7 +522,7 @@ class Machine:
             if not vm.alive:
                 return
             vm.alive = False
-        for a in (self.ksmd, self.faultd):
+        for a in (self.ksmd, self.faultd_of(vm.mm_id)):    # the leader has every scanner drop it
             if a.proc.poll() is None:
                 try:
                     a.call("mm_exit", timeout=self.ack_timeout * 4, mm=vm.mm_id)
@@ -507,6 +555,7 @@ class Machine:
         del mm, pte, present
         seg.close()
         Segment.unlink(seg.name)
+        Segment.unlink(seg_name(self.run, f"rmap.{mm_id}"))
         ptl.close()
 
     def close(self) -> None:
@@ -520,10 +569,8 @@ class Machine:
                         self.exit_vm(vm)
                     except Exception as e:   # keep tearing down
                         log.error("closing VM %s: %s", vm.name, e)
-            for a in ("ksmd", "faultd"):
-                actor = getattr(self, a, None)
-                if actor is not None:
-                    actor.stop(5)
+            for actor in getattr(self, "scanner_procs", []) + getattr(self, "faultds", []):
+                actor.stop(5)
         finally:
             self._unlink_all()
             if self.trace_dir:

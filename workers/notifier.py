@@ -11,7 +11,9 @@ actor (ksmd, the fault handler) on asyncio/uvloop:
     corked until the next wait so back-to-back messages leave in one write;
   * WaitAcks: every ack, with a timeout; a subscriber that does not answer in time is
     released (unregistered), never waited on forever;
-  * Reply: the caller's callback (the fault handler's FAULT_REPLY).
+  * Reply: the caller's callback (the fault handler's FAULT_REPLY);
+  * ShardSend / ShardRecv: messages to and from the other scanners (`shards`, the
+    scanner's mesh: ksmd.py), every wait bounded.
 
 An exception from a memory effect (out of frames, an accounting error) is thrown into
 the core at the effect that caused it, so the core's own cleanup runs.
@@ -26,7 +28,8 @@ from proto.channel import expire_after
 from proto.layout import MMH_RELEASED, SUB_ACTIVE, MMView
 from proto.messages import Msg, encode
 
-from .core.effects import MEM_EFFECTS, Lock, Memory, Notify, Reply, TryLock, Unlock, WaitAcks, apply_mem
+from .core.effects import (MEM_EFFECTS, Lock, Memory, Notify, Reply, ShardRecv, ShardSend, TryLock, Unlock, WaitAcks,
+                           apply_mem)
 from .core.notify import MODES
 
 log = logging.getLogger("ksm_proto.notifier")
@@ -35,7 +38,7 @@ __all__ = ["MODES", "MMUNotifier", "Driver", "lock_ptl"]
 
 
 async def lock_ptl(ptl, timeout: float) -> None:
-    """Take a page-table lock without blocking the event loop: trylock, then back off up to 1 ms."""
+    """Take a page-table (or ksm) lock without blocking the event loop: trylock, then back off up to 1 ms."""
     if ptl.try_acquire():
         return
     deadline = time.monotonic() + timeout
@@ -115,11 +118,17 @@ async def wait_acks(sent: list) -> list[int]:
 class Driver:
     """Performs a core generator's effects for one actor (see the module docstring)."""
 
-    def __init__(self, mem: Memory, ptls: dict, notifiers: dict, lock_timeout: float):
+    def __init__(self, mem: Memory, ptls: dict, notifiers: dict, lock_timeout: float, ksm_locks: dict | None = None,
+                 shards=None):
         self.mem = mem
         self.ptls = ptls                # mm id -> page-table lock
         self.notifiers = notifiers      # mm id -> MMUNotifier (absent: nobody to notify yet)
         self.lock_timeout = lock_timeout
+        self.ksm_locks = {} if ksm_locks is None else ksm_locks    # mm id -> the scanners' ksm lock
+        self.shards = shards            # the scanner mesh: send(dst, kind, msg), async recv(kind, srcs, seq)
+
+    def lock(self, key):
+        return self.ptls[key[1]] if key[0] == "ptl" else self.ksm_locks[key[1]]
 
     async def run(self, gen, reply=None):
         """Drive gen to its end; returns its value (its exception propagates)."""
@@ -147,14 +156,21 @@ class Driver:
                     corked.clear()
                     send = await wait_acks([h for hs in e.handles for h in hs])
                 elif c is TryLock:
-                    send = self.ptls[e.key[1]].try_acquire()
+                    send = self.lock(e.key).try_acquire()
                 elif c is Lock:
                     try:
-                        await lock_ptl(self.ptls[e.key[1]], self.lock_timeout)
+                        await lock_ptl(self.lock(e.key), self.lock_timeout)
                     except TimeoutError as x:
                         exc = x
                 elif c is Unlock:
-                    self.ptls[e.key[1]].release()
+                    self.lock(e.key).release()
+                elif c is ShardSend:
+                    self.shards.send(e.dst, e.kind, e.msg)
+                elif c is ShardRecv:
+                    try:
+                        send = await self.shards.recv(e.kind, e.srcs, e.seq)
+                    except TimeoutError as x:
+                        exc = x
                 elif c is Reply:
                     if reply is not None:
                         reply(e)

@@ -65,6 +65,7 @@ class VMWorker:
         self.cow_ns: list[int] = []
         self.fault_ch: Channel | None = None
         self.ksmd_ch: Channel | None = None
+        self.peer_of: dict = {}         # notifier channel -> the actor at its other end (for tracing)
         self.writers: dict[int, dict] = {}
         self.exiting = False
 
@@ -73,7 +74,7 @@ class VMWorker:
         if f.type not in NOTIFIER_TYPES:
             log.error("%s: unexpected %s on a notifier channel", self.name, Msg(f.type).name)
             return
-        peer = "ksmd" if ch is self.ksmd_ch else "faultd"
+        peer = self.peer_of.get(ch, "faultd")
         if self.tr:
             self.tr.recv(peer, Msg(f.type).name, self.mm_id, f.sub, f.addr, f.n, 0,
                          int(f.entries[0, 1]) if f.n else 0, f.corr)
@@ -462,11 +463,23 @@ class VMWorker:
             if not self.done.done():
                 self.done.set_result(None)
 
+        knob = self.mem.stats.knob
+        fk = self.mm_id % max(1, knob("fault_handlers"))      # the fault handler serving this mm
+        fname = "faultd" if fk == 0 else f"faultd{fk}"
         _, self.fault_ch = await loop.create_unix_connection(
-            lambda: Channel(f"{self.name}->faultd", self.on_notify), sock=abstract_connect(f"{run}.faultd"))
-        _, self.ksmd_ch = await loop.create_unix_connection(
-            lambda: Channel(f"{self.name}->ksmd", self.on_notify), sock=abstract_connect(f"{run}.ksmd"))
-        for ch in (self.fault_ch, self.ksmd_ch):      # both know this mm before any subscriber registers
+            lambda: Channel(f"{self.name}->{fname}", self.on_notify),
+            sock=abstract_connect(f"{run}.faultd" if fk == 0 else f"{run}.faultd.{fk}"))
+        self.peer_of[self.fault_ch] = fname
+        scanner_chs = []
+        for k in range(max(1, knob("scanners"))):             # every scanner may notify us
+            name = "ksmd" if k == 0 else f"ksmd{k}"
+            _, ch = await loop.create_unix_connection(
+                lambda name=name: Channel(f"{self.name}->{name}", self.on_notify),
+                sock=abstract_connect(f"{run}.ksmd" if k == 0 else f"{run}.ksmd.{k}"))
+            self.peer_of[ch] = name
+            scanner_chs.append(ch)
+        self.ksmd_ch = scanner_chs[0]
+        for ch in [self.fault_ch] + scanner_chs:      # all know this mm before any subscriber registers
             corr = ch.next_corr()
             await ch.call(corr, encode(Msg.HELLO, mm=self.mm_id, corr=corr, payload=call_payload({"name": self.name})),
                           self.args.ack_timeout * 2)

@@ -7,6 +7,15 @@ over the same FrameTable / MMView / FrameAllocator classes the actors use, backe
 plain arrays instead of POSIX shared memory.  The world performs their effects and
 moves their messages; workers/explore.py decides the order.
 
+With scanners=2 (`SHARDED`, `ksm-proto check --scanners 2`) two scanners run the
+round protocol of core/shard.py: the leader `ksmd` and `ksmd1`, each owning the
+contents of one shard, on shared rmap items.  Every page holds a content of one
+shard or the other, and each content is in both VMs, so in every round each
+scanner visits pages whose content the other owns, both owners merge into both mms
+at once (their ksm locks and ptl trylocks interleave), and each merges pages the
+other visited into its stable node, while the VMs write pages over with the other
+shard's content (COW of one node's KSM page, then a merge into the other's).
+
 Scheduling points:
   * each effect a core yields (a load, a store, a trylock, an alloc, a memcmp, one
     notifier message sent, an access through an spte, a wait);
@@ -22,10 +31,15 @@ Invariants, after every step (`violations`):
   * a secondary MMU never maps a frame (or a write permission) its primary PTE no longer
     gives it, unless a notification for that page is on its way to it;
   * each secondary MMU's messages follow the notifier grammar;
-  * at ksmd's batch boundaries pages_shared / pages_sharing agree with the stable tree;
-  * a page-table lock has at most one holder.
+  * at ksmd's batch boundaries pages_shared / pages_sharing agree with the stable tree
+    (with two scanners: their sums with both trees, when both are between rounds);
+  * a page-table lock has at most one holder;
+  * with two scanners, a scanner's trylock of a ptl never fails because the other holds
+    it (a second scanner must not make merges fail that one scanner would do).
 At the end (`final_violations`): every frame's mapcount equals its mappings, the free
-stack is exact, every VM reads back its record, and the counters equal what the PTEs show.
+stack is exact, every VM reads back its record, and the counters equal what the PTEs show;
+with two scanners also the merge is complete, as one scanner's would be: each content
+that two or more candidate pages hold is one KSM page.
 """
 from __future__ import annotations
 
@@ -41,12 +55,14 @@ from proto.layout import (FRAME_FREE, FRAME_KSM, MMF_VM_MERGEABLE, MMH_FLAGS, MM
 from proto.messages import Msg
 
 from .core.access import FaultCall, Touch, WaitIdle, touch, vm_access, zap_pte_range
-from .core.effects import (MEM_EFFECTS, Effect, Lock, Memory, Notify, Reply, TryLock, Unlock, WaitAcks,
-                           apply_mem)
+from .core.effects import (MEM_EFFECTS, CopyPages, Effect, Lock, Memory, Notify, Reply, ShardRecv, ShardSend,
+                           TryLock, Unlock, WaitAcks, apply_mem)
 from .core.fault import handle_mm_fault
 from .core.notify import EXPECT, FAILED, GRAMMAR, INIT, MODES, SecondaryMMU, grammar_why
-from .core.scan import KsmScan
+from .core.scan import SUMMED, KsmScan
+from .core.shard import LEAD
 from .frames import FrameAllocator
+from .ksm_tree import RmapItems
 
 BREAKS = {
     "no-write-protect": "ksmd compares and replaces without write-protecting the page first",
@@ -55,7 +71,21 @@ BREAKS = {
     "free-before-acks": "the old frame is freed (COW and merge) before the secondary MMUs dropped it",
     "pid-takeover-lock": "page-table locks are the old semaphore + owner pid, taken over when the owner "
                          "'looks dead' (reads owner twice)",
+    "no-round-barrier": "two scanners: the leader starts a round's visits before the other scanner has finished "
+                        "the last round's merges (its DONE is collected a round late)",
+    "no-shard-routing": "two scanners: each plans the pages it visited in its own trees, instead of routing each "
+                        "page to the owner of its content",
+    "no-ksm-lock": "two scanners: an owner tries an mm's page-table lock without first taking the scanners' "
+                   "ksm lock of that mm",
 }
+SHARD_BREAKS = ("no-round-barrier", "no-shard-routing", "no-ksm-lock")
+# the two-scanner configuration: page 0 of each VM holds a content of shard 0 (byte 2), page 1 one of
+# shard 1 (byte 1).  The first writes race the first merges (vm0 zaps page 1 with MADV_DONTNEED, vm1
+# rewrites what its page 1 holds); the next ones copy contents across shards: COW of one owner's KSM
+# page, then a merge into the other owner's node.  A round is a full scan (pages_to_scan above the
+# pages): the next round's visits follow the merges at once
+SHARDED = dict(scanners=2, fill=(2, 1), writes=(((1, -1), (0, 1), (1, 2)), ((1, 1), (1, 2), (0, 1))),
+               smart_scan=0, complete=True, pages_to_scan=1000)
 
 
 class ArraySegment:
@@ -135,7 +165,8 @@ class KsmWorld:
     def __init__(self, mode: str, brk: str | None = None, nvms: int = 2, npages: int = 2,
                  writes: tuple = (((0, 2), (1, -1), (1, 1)), ((1, 2), (1, 1))), device: bool = False, max_page_sharing: int = 256,
                  use_zero_pages: int = 0, settle_scans: int = 2, nframes: int = 16, pace: bool = True,
-                 early_reply: bool = True):
+                 early_reply: bool = True, scanners: int = 1, fill: tuple = (1,), smart_scan: int = 1,
+                 complete: bool = False, pages_to_scan: int | None = None):
         if mode not in MODES:
             raise ValueError(f"mode {mode!r} is not one of {MODES}")
         self.mode, self.brk = mode, frozenset([brk] if brk else [])
@@ -160,13 +191,24 @@ class KsmWorld:
         self.settle_scans = settle_scans
         self.pace = pace
         self.early_reply = early_reply
+        self.complete = complete
+        self.fill = fill
+        self.coverage = collections.Counter()     # what a run exercised (tests look at it)
         self._enabled = None
-        self.scan = KsmScan(self.ft, mode, lambda: self.clock_steps / 1000.0, self.brk)
-        self.scan.knobs.update(dict(DEFAULTS, run=1, pages_to_scan=nvms * npages, sleep_millisecs=0,
-                                    max_page_sharing=max_page_sharing, use_zero_pages=use_zero_pages))
+        clock = lambda: self.clock_steps / 1000.0      # noqa: E731
+        self.scans = [KsmScan(self.ft, mode, clock, self.brk, k, scanners) for k in range(scanners)]
+        self.scan = self.scans[0]
+        self.scanner_names = ["ksmd" if k == 0 else f"ksmd{k}" for k in range(scanners)]
+        self.shardq: dict[tuple, collections.deque] = collections.defaultdict(collections.deque)
+        self.scan.knobs.update(dict(DEFAULTS, run=1, pages_to_scan=pages_to_scan or nvms * npages, sleep_millisecs=0,
+                                    max_page_sharing=max_page_sharing, use_zero_pages=use_zero_pages,
+                                    smart_scan=smart_scan, scanners=scanners))
         for v in range(nvms):
             self._make_vm(v, npages, device and v == 0)
         self.threads.append(Thread("ksmd", "ksmd", self.ksmd_main()))
+        for k in range(1, scanners):
+            name = self.scanner_names[k]
+            self.threads.append(Thread(name, name, self.follower_main(self.scans[k])))
         for v in self.vms:
             self.threads.append(Thread(f"{v.name}/writer", v.name, self.writer(v, npages, writes), vm=v))
         for t in self.threads:
@@ -174,10 +216,12 @@ class KsmWorld:
         self._warm_up()
 
     def _warm_up(self) -> None:
-        """ksmd alone until its first full scan ends: every page has a checksum, the next scan merges."""
-        ksmd = self.threads[0]
+        """The scanners alone until the first full scan ends: every page has a checksum, the next scan merges."""
+        scanners = [t for t in self.threads if t.actor in self.scanner_names]
         while self.scan.c["full_scans"] < 1:
-            self._run_thread(ksmd, {})
+            for t in scanners:
+                if not t.done and self._runnable(t):
+                    self._run_thread(t, {})
         self.violations_found += self._frame_violations()
 
     # ---------------------------------------------------------------- set-up
@@ -190,7 +234,8 @@ class KsmWorld:
         mm.vmas[0] = (start, start + npages * PAGE_SIZE, VM_READ | VM_WRITE | VM_MERGEABLE)
         mm.hdr[MMH_FLAGS] |= MMF_VM_MERGEABLE
         pfns = self.alloc.alloc(npages, 1, zero=True)
-        self.alloc.pages[pfns] = 1
+        for p in range(npages):
+            self.alloc.pages[pfns[p]] = self.fill[p % len(self.fill)]
         mm.pte[:] = (pfns.astype(np.uint64) << np.uint64(PAGE_SHIFT)) | np.uint64(PTE_PRESENT | PTE_WRITE)
         v = VMState(mm_id, f"vm{mm_id}", npages, device)
         for s, sub in v.subs.items():
@@ -199,26 +244,44 @@ class KsmWorld:
             v.grammar[s] = GRAMMAR[(INIT, "REGISTER")]
             sub.note("REGISTER")
         for p in range(npages):
-            v.record[p] = 1
+            v.record[p] = self.fill[p % len(self.fill)]
         self.mem.mms[mm_id] = mm
-        self.scan.add_mm(mm_id, mm)
-        for q in (("ksmd", mm_id), ("faultd", mm_id), (mm_id, "faultd"), (mm_id, "ksmd.ack"), (mm_id, "faultd.ack")):
+        items = RmapItems.fixed_size(npages)       # shared by the scanners, as the rmap segment is
+        for sc in self.scans:
+            sc.add_mm(mm_id, mm, items)
+        for q in (("faultd", mm_id), (mm_id, "faultd"), (mm_id, "faultd.ack")):
             self.queues[q] = collections.deque()
+        for name in self.scanner_names:
+            self.queues[(name, mm_id)] = collections.deque()
+            self.queues[(mm_id, f"{name}.ack")] = collections.deque()
         self.locks[("ptl", mm_id)] = None
+        self.locks[("ksm", mm_id)] = None
         self.old_lock[("ptl", mm_id)] = [1, 0]
         self.vms.append(v)
 
     # ---------------------------------------------------------------- the programs
     def ksmd_main(self):
-        """ksmd: full scans while any writer runs, then settle_scans more."""
+        """ksmd (the leader): full scans while any writer runs, then settle_scans more; then the others stop."""
         settle = self.settle_scans
         while self.writers_left or settle > 0:
-            if not self.writers_left:
+            if not self.writers_left and not (self.complete and self._faults_running()):
                 settle -= 1
             ended = False
             while not ended:
                 _, _, ended = yield from self.scan.ksm_do_scan(self.scan.knobs["pages_to_scan"])
                 self._check_counters()
+        yield from self.scan.stop_followers()
+
+    def _faults_running(self) -> bool:
+        """A fault handler task still at work (an early reply leaves it holding ptl until its acks)."""
+        return any(t.actor == "faultd" and not t.done for t in self.threads)
+
+    def follower_main(self, scan: KsmScan):
+        """Another scanner: the leader's rounds until it says stop."""
+        while True:
+            op, _ = yield from scan.follow_one()
+            if op == "stop":
+                return
 
     def writer(self, v: VMState, npages: int, writes):
         """Read every page (installing sptes), then write each (page, byte) of `writes` and read it back
@@ -240,11 +303,14 @@ class KsmWorld:
             got = bytearray(PAGE_SIZE)
             yield from vm_access(v.id, sub, addr, PAGE_SIZE, False, got)
             self._check_read(v, page, got, "read back after its write")
-        self.writers_left -= 1
+        if not self.complete:
+            self.writers_left -= 1
         for page in range(npages):
             got = bytearray(PAGE_SIZE)
             yield from vm_access(v.id, sub, USER_BASE + page * PAGE_SIZE, PAGE_SIZE, False, got)
             self._check_read(v, page, got, "final read")
+        if self.complete:       # the scans that settle start once no VM touches memory any more
+            self.writers_left -= 1
 
     def _check_read(self, v: VMState, page: int, got: bytearray, when: str) -> None:
         want = v.record[page]
@@ -368,7 +434,7 @@ class KsmWorld:
         return out
 
     def finished(self) -> bool:
-        return all(t.done for t in self.threads) and not any(self.queues.values())
+        return all(t.done for t in self.threads) and not any(self.queues.values()) and not any(self.shardq.values())
 
     def final_violations(self) -> list[str]:
         out = self._frame_violations(final=True)
@@ -377,11 +443,35 @@ class KsmWorld:
         for p in range(1, self.nframes):
             if mc[p] != maps[p]:
                 out.append(f"frame {p}: mapcount {mc[p]} but {maps[p]} PTEs map it")
-        c = self.scan.c
+        c = self.totals()
         ksm = [p for p in range(1, self.nframes) if self.ft.flags[p] & FRAME_KSM and maps[p]]
         if c["pages_shared"] != len(ksm) or c["pages_shared"] + c["pages_sharing"] != int(sum(maps[p] for p in ksm)):
             out.append(f"counters pages_shared {c['pages_shared']} pages_sharing {c['pages_sharing']}, but "
                        f"{len(ksm)} KSM frames are mapped {int(sum(maps[p] for p in ksm))} times")
+        if self.complete:
+            out += self._incomplete()
+        return out
+
+    def totals(self) -> dict:
+        """The counters as the leader publishes them: every scanner's summed."""
+        return {k: sum(sc.c[k] for sc in self.scans) for k in SUMMED}
+
+    def _incomplete(self) -> list[str]:
+        """The merge one scanner would reach: each content held by two or more candidate pages is one
+        KSM page (max_page_sharing is never reached here)."""
+        frames_of: dict[bytes, set] = {}
+        for mm in self.mem.mms.values():
+            for pte in mm.pte.tolist():
+                pfn = pte >> PAGE_SHIFT
+                if pte & PTE_PRESENT and pfn != ZERO_PFN:
+                    frames_of.setdefault(bytes(self.alloc.pages[pfn]), set()).add(pfn)
+        out = []
+        for data, pfns in frames_of.items():
+            mapped = sum(1 for mm in self.mem.mms.values() for pte in mm.pte.tolist()
+                         if pte & PTE_PRESENT and (pte >> PAGE_SHIFT) in pfns)
+            if mapped >= 2 and len(pfns) > 1:
+                out.append(f"merge incomplete: {mapped} pages holding byte {data[0]} are in {len(pfns)} frames "
+                           f"{sorted(pfns)}, one scanner merges them into one KSM page")
         return out
 
     def state_key(self):
@@ -392,7 +482,10 @@ class KsmWorld:
         e = t.pending
         c = e.__class__
         if c is Lock:
-            return self.locks[e.key] is None
+            held = self.locks[e.key]
+            if e.key[0] == "ksm" and held is not None and held != t.name:
+                self.coverage["waited for the other scanner's ksm lock"] += 1
+            return held is None
         if c is WaitAcks:
             return all(self.acks[h][0] == 0 for hs in e.handles for h in hs)
         if c is WaitIdle:
@@ -403,7 +496,19 @@ class KsmWorld:
             return self.scan.c["full_scans"] >= e.n
         if c is _Micro and e.enabled is not None:
             return e.enabled()
+        if c is ShardRecv:
+            return all(self._shard_head(src, t.actor, e) is not None for src in e.srcs)
         return True
+
+    def _scanner_no(self, name: str) -> int:
+        return self.scanner_names.index(name)
+
+    def _shard_head(self, src: int, me: str, e: ShardRecv):
+        """The message e would take from scanner src (older rounds' dropped first), or None."""
+        q = self.shardq[(src, self._scanner_no(me), e.kind)]
+        while q and e.seq is not None and q[0].seq < e.seq:
+            q.popleft()
+        return q[0] if q else None
 
     def _footprint(self, t: Thread) -> tuple:
         e = t.pending
@@ -411,8 +516,10 @@ class KsmWorld:
         c = e.__class__
         if t.vm is not None:
             fp += ((("vm", t.vm.id), "w"),)
-        if t.actor == "ksmd":
-            fp += ((("ft",), "r"), (("scans",), "w"))
+        if t.actor in self.scanner_names:
+            fp += ((("ft",), "r"), (("scans",), "w"), (("rmap",), "w"))
+        if c is ShardRecv:
+            fp += ((("shardq", self._scanner_no(t.actor)), "w"),)
         if c is _AwaitScan:
             fp += ((("scans",), "r"),)
         if c is WaitAcks:
@@ -445,6 +552,8 @@ class KsmWorld:
         result, exc = None, None
         try:
             if c in MEM_EFFECTS:
+                if c is CopyPages and (self.ft.flags[np.atleast_1d(e.src)] & FRAME_KSM).any():
+                    self.coverage["cow of a KSM page"] += 1
                 result = apply_mem(self.mem, e)
             elif c is Touch:
                 result = touch(e.sub, e, memoryview(self.frames))
@@ -452,7 +561,14 @@ class KsmWorld:
                 result = self.locks[e.key] is None
                 if result:
                     self._hold(e.key, t)
+                elif t.actor in self.scanner_names and self.locks[e.key] in self.scanner_names:
+                    self.violations_found.append(
+                        f"{t.name}'s trylock of {_lname(e.key)} failed: {self.locks[e.key]} holds it (another "
+                        f"scanner made merges fail that one scanner would have done)")
             elif c is Lock:
+                if e.key[0] == "ksm" and any(h in self.scanner_names and h != t.name
+                                             for k, h in self.locks.items() if k[0] == "ksm"):
+                    self.coverage["merge while the other scanner merges"] += 1
                 self._hold(e.key, t)
             elif c is Unlock:
                 if self.locks[e.key] != t.name:
@@ -482,6 +598,13 @@ class KsmWorld:
                 self._reply(t, e.err, e.msg)
             elif c is _Micro:
                 result = e.run()
+            elif c is ShardSend:
+                self.shardq[(self._scanner_no(t.actor), e.dst, e.kind)].append(e.msg)
+            elif c is ShardRecv:
+                result = []
+                for src in e.srcs:
+                    self._shard_head(src, t.actor, e)
+                    result.append(self.shardq[(src, self._scanner_no(t.actor), e.kind)].popleft())
             else:
                 exc = TypeError(f"no driver for {e!r}")
         except Exception as x:
@@ -567,7 +690,7 @@ class KsmWorld:
 
     def _in_flight(self, mm: int, s: int, i: int) -> bool:
         addr = USER_BASE + (i << PAGE_SHIFT)
-        for src in ("ksmd", "faultd"):
+        for src in self.scanner_names + ["faultd"]:
             for item in self.queues[(src, mm)]:
                 if item[0] != "FAULT_REPLY" and item[2] == s and (item[3][:, 0] == addr).any():
                     return True
@@ -610,14 +733,18 @@ class KsmWorld:
         return out
 
     def _check_counters(self) -> None:
-        """At a batch boundary: the sharing counters agree with the stable tree."""
-        tree, c = self.scan.tree, self.scan.c
-        live = np.flatnonzero(tree.live[:tree.top])
-        cnt = tree.count[live]
+        """At a round boundary (every scanner between rounds): the sharing counters agree with the stable trees."""
+        for t in self.threads[1:]:
+            if t.actor in self.scanner_names and not t.done and not (
+                    isinstance(t.pending, ShardRecv) and t.pending.kind == LEAD
+                    and not self.shardq[(0, self._scanner_no(t.actor), LEAD)]):
+                return          # (that scanner is inside a round: its counters move)
+        c = self.totals()
+        cnt = np.concatenate([sc.tree.count[np.flatnonzero(sc.tree.live[:sc.tree.top])] for sc in self.scans])
         if c["pages_shared"] != int((cnt > 0).sum()) or c["pages_shared"] + c["pages_sharing"] != int(cnt.sum()):
             self.violations_found.append(f"pages_shared {c['pages_shared']} pages_sharing {c['pages_sharing']} "
-                                         f"disagree with the stable tree ({int((cnt > 0).sum())} nodes in use, "
-                                         f"{int(cnt.sum())} rmap items)")
+                                         f"disagree with the stable tree{'s' if len(self.scans) > 1 else ''} "
+                                         f"({int((cnt > 0).sum())} nodes in use, {int(cnt.sum())} rmap items)")
 
     def digest(self) -> str:
         """A hash of the whole shared state (for tests comparing two runs)."""
@@ -643,11 +770,22 @@ class _Micro(Effect):
 
 
 def _lname(key) -> str:
-    return f"ptl(mm{key[1]})" if key[0] == "ptl" else "frame_lock"
+    return f"{key[0]}(mm{key[1]})" if key[0] in ("ptl", "ksm") else "frame_lock"
 
 
-def world_factory(mode: str, brk: str | None = None, **config):
-    """A callable that builds a fresh, identical KsmWorld (the explorer replays by rebuilding)."""
+def world_factory(mode: str, brk: str | None = None, scanners: int | None = None, **config):
+    """A callable that builds a fresh, identical KsmWorld (the explorer replays by rebuilding).
+
+    scanners=2 is the two-scanner configuration (SHARDED); None: 2 for a break of the
+    scanners' protocol (SHARD_BREAKS), else 1."""
     if brk is not None and brk not in BREAKS:
         raise ValueError(f"unknown break {brk!r}; one of: {', '.join(BREAKS)}")
+    if scanners is None:
+        scanners = 2 if brk in SHARD_BREAKS else 1
+    if scanners not in (1, 2):
+        raise ValueError(f"the KSM world runs 1 or 2 scanners, not {scanners}")
+    if brk in SHARD_BREAKS and scanners < 2:
+        raise ValueError(f"break {brk} is a step of the scanners' protocol: it needs 2 scanners")
+    if scanners == 2:
+        config = {**SHARDED, **config}
     return lambda: KsmWorld(mode, brk, **config)

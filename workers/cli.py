@@ -3,7 +3,7 @@
     ksm-proto run [SCENARIO.toml] [--json] [--trace FILE] [--until-stable] [--notifier-mode M]
     ksm-proto trace summary FILE | trace check FILE
     ksm-proto bench [--quick] [--cores N] [--trace-overhead] ...
-    ksm-proto check [--mode M|all] [--seed S] [--runs N] [--exhaustive [--depth D]] [--break STEP]
+    ksm-proto check [--mode M|all] [--seed S] [--runs N] [--exhaustive [--depth D]] [--break STEP] [--scanners 2]
                     [--list-breaks] [--trace FILE] [--replay SCHEDULE.json] [--save-schedule FILE]
                     [--max-steps N] [--world ksm|toy]
 
@@ -251,6 +251,7 @@ def cmd_check(a) -> int:
             print(f"ksm-proto: {a.replay}: not a schedule: {e}", file=sys.stderr)
             return 2
         a.world, a.mode, a.brk, a.max_steps = doc["world"], doc.get("mode"), doc.get("break"), doc.get("max_steps")
+        a.scanners = doc.get("scanners")
     world_factory, breaks = _check_world(a.world)
     if a.list_breaks:
         print("\n".join(breaks))
@@ -261,7 +262,7 @@ def cmd_check(a) -> int:
         return 2
     for mode in CHECK_MODES if a.mode == "all" else (a.mode,):
         try:
-            factory = world_factory(mode, a.brk)
+            factory = world_factory(mode, a.brk, **({"scanners": a.scanners} if a.world == "ksm" else {}))
         except ValueError as e:
             print(f"ksm-proto check: {e}", file=sys.stderr)
             return 2
@@ -281,7 +282,7 @@ def cmd_check(a) -> int:
         except explore.ReplayError as e:
             print(f"ksm-proto: {a.replay}: does not replay on this code: {e}", file=sys.stderr)
             return 2
-        meta = {"world": a.world, "mode": mode, "break": a.brk, "max_steps": a.max_steps}
+        meta = {"world": a.world, "mode": mode, "break": a.brk, "max_steps": a.max_steps, "scanners": a.scanners}
         return _check_report(explore, tr, meta, found_by, a)
     return 0
 
@@ -347,6 +348,9 @@ def main(argv=None) -> int:
     c.add_argument("--save-schedule", metavar="FILE", help="save the violating schedule as JSON")
     c.add_argument("--max-steps", type=_positive, default=10_000, help="step budget of one run (default 10000)")
     c.add_argument("--world", choices=["ksm", "toy"], default="ksm", help="ksm (default), or the explorer's toy")
+    c.add_argument("--scanners", type=int, choices=[1, 2],
+                   help="scanners in the KSM world (default 1; 2 for a break of the scanners' protocol): 2 runs "
+                        "two scanners merging into each other's stable nodes while the VMs write")
     args, rest = p.parse_known_args(argv)
     if args.cmd == "bench":
         return cmd_bench(args, rest)

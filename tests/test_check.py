@@ -91,8 +91,8 @@ def test_two_scanners_merge_each_others_pages_into_one_node_while_vms_write():
     """What the two-scanner world covers: in every run both scanners merge, each into stable nodes
     holding pages of both VMs (the visit is split by VM: each node holds pages the other scanner
     visited), and end with the counters one scanner reaches; over a few runs the two merge at once
-    (one waits for the ksm lock of an mm the other is merging into) and VMs write merged pages (COW of
-    a KSM page) while the scanners go on merging."""
+    (one finds the ksm lock of an mm the other is merging into taken) and VMs write merged pages (COW
+    of a KSM page) while the scanners go on merging."""
     seen = collections.Counter()
     for r in range(40):
         w = world_factory("change_pte", scanners=2)()
@@ -104,7 +104,7 @@ def test_two_scanners_merge_each_others_pages_into_one_node_while_vms_write():
                 assert holders == {0, 1}, (sc.shard, d, holders)
         assert (w.totals()["pages_shared"], w.totals()["pages_sharing"]) == (2, 2)
         seen.update(w.coverage)
-    assert seen["cow of a KSM page"] > 0 and seen["waited for the other scanner's ksm lock"] > 0, seen
+    assert seen["cow of a KSM page"] > 0 and seen["the other scanner was merging into the same mm"] > 0, seen
 
 
 def test_shard_breaks_need_two_scanners():

@@ -484,7 +484,7 @@ class KsmWorld:
         if c is Lock:
             held = self.locks[e.key]
             if e.key[0] == "ksm" and held is not None and held != t.name:
-                self.coverage["waited for the other scanner's ksm lock"] += 1
+                self.coverage["the other scanner was merging into the same mm"] += 1
             return held is None
         if c is WaitAcks:
             return all(self.acks[h][0] == 0 for hs in e.handles for h in hs)
@@ -561,6 +561,8 @@ class KsmWorld:
                 result = self.locks[e.key] is None
                 if result:
                     self._hold(e.key, t)
+                elif e.key[0] == "ksm":
+                    self.coverage["the other scanner was merging into the same mm"] += 1
                 elif t.actor in self.scanner_names and self.locks[e.key] in self.scanner_names:
                     self.violations_found.append(
                         f"{t.name}'s trylock of {_lname(e.key)} failed: {self.locks[e.key]} holds it (another "

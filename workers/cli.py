@@ -20,6 +20,7 @@ import sys
 import time
 
 from proto import MADV_MERGEABLE, PAGE_SIZE
+from proto.knobs import OWN
 from proto.layout import COUNTERS
 
 from .scenario import Scenario, ScenarioError, demo, load
@@ -101,7 +102,8 @@ def run_scenario(sc: Scenario, mode: str | None, trace: str | None, until_stable
     mode = mode or sc.notifier_mode or "change_pte"
     frames = sc.frames or int(sc.pages * 1.25) + 4096
     t0 = time.monotonic()
-    with Machine(frames=frames, notifier_mode=mode, trace=trace, nodes=1 + max(v.node for v in sc.vms)) as m:
+    own = {k: v for k, v in sc.ksm.items() if k in OWN}     # scanners, fault_handlers: chosen at start
+    with Machine(frames=frames, notifier_mode=mode, trace=trace, nodes=1 + max(v.node for v in sc.vms), **own) as m:
         layout = load_vms(m, sc, rep)
         loaded = time.monotonic()
         writers = []
@@ -110,7 +112,7 @@ def run_scenario(sc: Scenario, mode: str | None, trace: str | None, until_stable
                 if r.writer:
                     w = r.writer
                     writers.append((vm, vm.writer_start(addr, w.pages, w.seed, 0, w.values, w.period_ms), addr, r))
-        knobs = {"pages_to_scan": 100000, "sleep_millisecs": 0, **sc.ksm}
+        knobs = {"pages_to_scan": 100000, "sleep_millisecs": 0, **{k: v for k, v in sc.ksm.items() if k not in OWN}}
         knobs.setdefault("run", 1)
         m.ksm.set(**{k: v for k, v in knobs.items() if k != "run"})
         m.ksm.set(run=knobs["run"])

@@ -12,6 +12,8 @@ it wakes every `sleep_millisecs` to scan `pages_to_scan` pages (in rounds every
 scanner works on), applies knobs (run=2 unmerges everything), publishes the
 machine-wide counters in the stats segment and serves the supervisor's control calls.
 The others serve the leader's rounds.  Every VM has a notifier channel to each scanner.
+Scanners run at nice 5, as the kernel's ksmd does (ksm_scan_thread: set_user_nice(current, 5)):
+on a busy machine they yield to the VMs as ksmd yields to applications.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import asyncio
 import collections
 import errno
 import logging
+import os
 import socket
 import time
 
@@ -38,11 +41,16 @@ from .ksm_tree import RmapItems
 from .notifier import Driver, MMUNotifier
 
 log = logging.getLogger("ksm_proto.ksmd")
+KSMD_NICE = 5               # the kernel's ksmd: set_user_nice(current, 5)
 
 
 def listener_name(run: str, shard: int) -> str:
     """Where scanner `shard` takes the VMs' notifier channels."""
     return f"{run}.ksmd" if shard == 0 else f"{run}.ksmd.{shard}"
+
+
+class PeerGone(TimeoutError):
+    """Another scanner closed its end (it exited): nobody will answer."""
 
 
 class Mesh:
@@ -58,8 +66,9 @@ class Mesh:
     async def connect(self, peer_fds: dict[int, int]) -> None:
         loop = asyncio.get_running_loop()
         for k, fd in peer_fds.items():
-            _, ch = await loop.create_connection(lambda k=k: Channel(f"{self.name}<->scanner{k}", self.on_frame),
-                                                 sock=socket.socket(fileno=fd))
+            _, ch = await loop.create_connection(
+                lambda k=k: Channel(f"{self.name}<->scanner{k}", self.on_frame, lambda ch: self.arrived.set()),
+                sock=socket.socket(fileno=fd))
             ch.peer = k
             self.peers[k] = ch
 
@@ -90,7 +99,7 @@ class Mesh:
                     out.append(q.popleft())
                     break
                 if src in self.peers and self.peers[src].closed:
-                    raise TimeoutError(f"{self.name}: scanner {src} is gone")
+                    raise PeerGone(f"{self.name}: scanner {src} is gone")
                 self.arrived.clear()
                 try:
                     if deadline is None:
@@ -288,6 +297,9 @@ class Ksmd:
         while True:
             try:
                 op, mm = await self.driver.run(self.scan.follow_one())
+            except PeerGone:
+                log.info("%s: the leader is gone; stopping", self.name)
+                return
             except Exception:
                 log.exception("%s: round failed", self.name)
                 self.scan_errors += 1
@@ -339,6 +351,7 @@ def main() -> None:
                        help="a socketpair end connected to scanner K")
     args = actor_args(extra)
     setup("ksmd" if args.shard == 0 else f"ksmd{args.shard}")
+    os.nice(KSMD_NICE)
     run_actor("ksmd", Ksmd(args).main)
 
 

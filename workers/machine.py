@@ -569,8 +569,8 @@ class Machine:
                         self.exit_vm(vm)
                     except Exception as e:   # keep tearing down
                         log.error("closing VM %s: %s", vm.name, e)
-            for actor in getattr(self, "scanner_procs", []) + getattr(self, "faultds", []):
-                actor.stop(5)
+            for actor in getattr(self, "scanner_procs", [])[::-1] + getattr(self, "faultds", []):
+                actor.stop(5)       # (the leader last: the others serve it)
         finally:
             self._unlink_all()
             if self.trace_dir:

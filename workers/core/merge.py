@@ -85,7 +85,9 @@ def _unlock_unpin(locked, held):
 
 def merge_in_groups(scan, ops):
     """Several scanners: the batch one set of mms at a time (pairs first: later merges compare with the
-    KSM pages they make), each under the ksm lock of its mms; a lock not had in time fails the set."""
+    KSM pages they make), each under the ksm lock of its mms.  A set another scanner is merging into
+    (a ksm lock busy) waits at the back while others go; when only such sets are left, the first is
+    waited for, its locks taken in mm order holding none.  A lock not had in time fails the set."""
     pair = ops.kind == PAIR_OP
     for first in (True, False):
         rows = np.flatnonzero(pair == first)
@@ -96,16 +98,30 @@ def merge_in_groups(scan, ops):
         sets, which = np.unique(np.stack([lo, hi], axis=1), axis=0, return_inverse=True)
         which = which.reshape(-1)
         n = len(sets)
-        for j in [(scan.shard + x) % n for x in range(n)]:      # owners start apart: less waiting
+        start = scan.shard * n // max(1, scan.nshards)           # owners start apart
+        queue = [(start + x) % n for x in range(n)]
+        deferred: set = set()
+        while queue:
+            j = queue.pop(0)
             m = rows[which == j]
             mms = sorted({int(sets[j][0]), int(sets[j][1])})
             sub = ops.select(m)
             taken = []
             try:
                 if "no-ksm-lock" not in scan.brk:
+                    wait = j in deferred or not queue
                     for mm in mms:
-                        yield Lock(ksm_lock(mm))
+                        if wait:
+                            yield Lock(ksm_lock(mm))
+                        elif not (yield TryLock(ksm_lock(mm))):
+                            break
                         taken.append(mm)
+                    if len(taken) < len(mms):          # busy: the other sets first
+                        for mm in reversed(taken):
+                            yield Unlock(ksm_lock(mm))
+                        deferred.add(j)
+                        queue.append(j)
+                        continue
                 yield from try_to_merge_pages(scan, sub)
             except TimeoutError:         # another scanner held an mm too long: these merges wait a scan
                 sub.ok[:] = False

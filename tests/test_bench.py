@@ -27,7 +27,8 @@ def test_bench_quick_writes_every_key(tmp_path):
         assert [r["procs" if part == "ceiling" else "scanners" if part == "scan" else "vms"] for r in rows] == \
             list(range(1, os.cpu_count() + 1))
         assert rows[0]["speedup"] == 1.0 and all(r["speedup_spread"]["n"] == 2 for r in rows)
-    assert res["trace"]["ratio_spread"]["n"] == 2 and res["cow"]["ratio_vs_pipe_spread"]["n"] == 3
+    assert res["trace"]["ratio_spread"]["n"] == 2 and res["trace"]["wall_ratio_spread"]["n"] == 2
+    assert res["trace"]["cpu_seconds_on"] > 0 and res["cow"]["ratio_vs_pipe_spread"]["n"] == 3
     for key in ("p50_us", "p99_us", "pipe_p50_us", "ratio_vs_pipe", "kernel_us"):
         assert key in res["cow"]
     for mode in ("change_pte", "wrapped", "invalidate"):

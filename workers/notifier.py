@@ -130,8 +130,9 @@ class Driver:
     def lock(self, key):
         return self.ptls[key[1]] if key[0] == "ptl" else self.ksm_locks[key[1]]
 
-    async def run(self, gen, reply=None):
-        """Drive gen to its end; returns its value (its exception propagates)."""
+    async def run(self, gen, reply=None, observe=None):
+        """Drive gen to its end; returns its value (its exception propagates).  observe(effect), if
+        given, sees each effect before it runs (tracing)."""
         send, exc = None, None
         corked: set = set()
         try:
@@ -142,6 +143,8 @@ class Driver:
                     return s.value
                 send, exc = None, None
                 c = e.__class__
+                if observe is not None:
+                    observe(e)
                 if c in MEM_EFFECTS:
                     try:
                         send = apply_mem(self.mem, e)

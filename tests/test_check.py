@@ -17,10 +17,12 @@ from workers.check_world import BREAKS, world_factory
 MODES = ("change_pte", "wrapped", "invalidate")
 # what each break must produce: a word of the violation the checker reports
 EXPECTED = {
-    "no-write-protect": "lost write",
-    "no-recheck-pte": "FrameAccountingError",
-    "free-before-acks": "which is free",
-    "pid-takeover-lock": "two holders",
+    "no-write-protect": ("lost write",),
+    "no-recheck-pte": ("FrameAccountingError",),
+    "free-before-acks": ("which is free",),
+    "pid-takeover-lock": ("two holders",),
+    # messages of the fault handler and of ksmd to one VM overtake each other once ptl is let go early
+    "cow-reply-before-acks": ("which is free", "nested START", "no notification is on its way", "lost write"),
 }
 
 
@@ -47,7 +49,7 @@ def test_exhaustive_small_configuration_finds_nothing(mode):
 def test_each_break_is_caught(mode, brk):
     res = explore.random_runs(world_factory(mode, brk), seed=0, runs=600, max_steps=4000, shrink=False)
     assert res.found is not None, f"{brk} not caught in {mode}"
-    assert any(EXPECTED[brk] in v for v in res.found.violations), res.found.violations
+    assert any(w in v for v in res.found.violations for w in EXPECTED[brk]), res.found.violations
 
 
 def test_replay_gives_the_same_trace_bytes():

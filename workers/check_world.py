@@ -49,6 +49,8 @@ from .core.scan import KsmScan
 from .frames import FrameAllocator
 
 BREAKS = {
+    "cow-reply-before-acks": "the fault handler answers a COW fault and lets go of ptl before the secondary "
+                             "MMUs acked the new PTE",
     "no-write-protect": "ksmd compares and replaces without write-protecting the page first",
     "no-recheck-pte": "ksmd replaces a page without re-checking, under ptl, that its PTE still maps the "
                       "frame it checksummed and compared",
@@ -133,7 +135,7 @@ class KsmWorld:
     """A small machine: nvms VMs of npages pages (all alike at first), one writer each, ksmd, faultd."""
 
     def __init__(self, mode: str, brk: str | None = None, nvms: int = 2, npages: int = 2,
-                 writes: tuple = (((0, 2), (1, -1), (1, 1)), ((1, 2), (1, 1))), device: bool = False, max_page_sharing: int = 256,
+                 writes: tuple = (((0, 2), (1, 2), (1, -1), (1, 1)), ((1, 2), (1, 1))), device: bool = False, max_page_sharing: int = 256,
                  use_zero_pages: int = 0, settle_scans: int = 2, nframes: int = 16, pace: bool = True,
                  early_reply: bool = True):
         if mode not in MODES:
@@ -228,7 +230,7 @@ class KsmWorld:
             yield from vm_access(v.id, sub, USER_BASE + page * PAGE_SIZE, 8, False, bytearray(8))
         for k, (page, val) in enumerate(writes[v.id % len(writes)]):
             if self.pace:       # pace the writer: ksmd has scanned (and merged) since its last write
-                yield _AwaitScan(1 + k)
+                yield _AwaitScan(2 + k)
             page %= npages
             addr = USER_BASE + page * PAGE_SIZE
             if val < 0:
@@ -426,10 +428,11 @@ class KsmWorld:
         return fp
 
     def _queue_actor(self, q) -> str:
+        """Each channel delivers on its own track, so a scheduler can hold one back and not another."""
         src, dst = q
         if isinstance(dst, int):
-            return self.vms[dst].name
-        return dst.split(".")[0]
+            return f"{self.vms[dst].name}/from-{src}"
+        return f"{dst.split('.')[0]}/from-{self.vms[src].name}"
 
     def _delivery_footprint(self, q) -> tuple:
         src, dst = q

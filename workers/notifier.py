@@ -121,8 +121,9 @@ class Driver:
         self.notifiers = notifiers      # mm id -> MMUNotifier (absent: nobody to notify yet)
         self.lock_timeout = lock_timeout
 
-    async def run(self, gen, reply=None):
-        """Drive gen to its end; returns its value (its exception propagates)."""
+    async def run(self, gen, reply=None, observe=None):
+        """Drive gen to its end; returns its value (its exception propagates).  observe(effect), if
+        given, sees each effect before it runs (tracing)."""
         send, exc = None, None
         corked: set = set()
         try:
@@ -133,6 +134,8 @@ class Driver:
                     return s.value
                 send, exc = None, None
                 c = e.__class__
+                if observe is not None:
+                    observe(e)
                 if c in MEM_EFFECTS:
                     try:
                         send = apply_mem(self.mem, e)

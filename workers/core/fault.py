@@ -121,6 +121,14 @@ def wp_page_copy(mm: int, idx: np.ndarray, old: np.ndarray, special: np.ndarray,
     if "free-before-acks" in brk:
         yield Put(old)
         old = None
+    if "cow-reply-before-acks" in brk:      # reply, and let go of ptl, before the acks
+        yield Reply()
+        yield Unlock(ptl(mm))
+        if handles:
+            yield WaitAcks(handles)
+        yield Put(old)
+        yield Lock(ptl(mm))                 # (taken again for handle_mm_fault's unlock)
+        return
     if early_reply:
         yield Reply()
     if handles:

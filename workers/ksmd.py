@@ -57,8 +57,7 @@ U64 = np.uint64
 BATCH = 16384
 GID_SHIFT = 32
 NODE_MIX = np.int64(-7046029254386353131)   # 0x9E3779B97F4A7C15 as int64: separates per-node trees
-_digest = mmh3.mmh3_x64_128_stupledigest
-ZERO_KEY = _digest(bytes(PAGE_SIZE))[0]
+from .pagehash import ZERO_KEY, _digest  # noqa: E402 - the page digest, shared with the estimate
 
 
 class MMSlot:

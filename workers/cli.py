@@ -3,6 +3,8 @@
     ksm-proto run [SCENARIO.toml] [--json] [--trace FILE] [--until-stable] [--notifier-mode M]
     ksm-proto trace summary FILE | trace check FILE
     ksm-proto bench [--quick] [--cores N] [--trace-overhead] ...
+    ksm-proto estimate [--pid PID...] [--all-pids] [--file PATH...] [--dir DIR...] [--json] [--plot FILE]
+                       [--max-page-sharing N] [--use-zero-pages 0|1] [--merge-across-nodes 0|1] [--verify-kernel]
 
 On a terminal `run` shows a progress bar while loading and live counters
 (rich); piped, it prints plain lines; with --json exactly one JSON object goes
@@ -246,9 +248,17 @@ def main(argv=None) -> int:
     t.add_argument("what", choices=["summary", "check"])
     t.add_argument("file")
     sub.add_parser("bench", help="measure the project beside its anchors (see bench/)", add_help=False)
+    from . import estimate
+    estimate.add_arguments(sub.add_parser(
+        "estimate", help="how much KSM would save on processes, files or images (see workers/estimate.py)",
+        description="What KSM would reach at stability on real pages, with the scanner's hashing and tree rules. "
+                    "Exit status: 0 done, 1 some input could not be read (the rest counted), 2 bad usage or "
+                    "nothing readable, 3 --verify-kernel failed or the kernel's counters differ."))
     args, rest = p.parse_known_args(argv)
     if args.cmd == "bench":
         return cmd_bench(args, rest)
+    if args.cmd == "estimate" and not rest:
+        return estimate.cli(args)
     if rest:
         p.error(f"unrecognized arguments: {' '.join(rest)}")
     return cmd_run(args) if args.cmd == "run" else cmd_trace(args)

@@ -47,7 +47,9 @@ Counting, and the choices an estimate has to make
   ordinary zero pages; a process's pages that map the shared zero page are not
   scanned by ksmd and are not counted (see memsource.py).
 - Pages shared by fork (one frame mapped in two processes) are counted once per
-  mapping, as ksmd's counters count them once the frame is a KSM page.
+  mapping: ksmd's counters do the same once that frame is merged with a third copy,
+  but a content held only by one fork-shared frame is left alone by the kernel (it is
+  one frame already), which the estimate, keeping no frame numbers, cannot tell.
 """
 from __future__ import annotations
 
@@ -70,7 +72,7 @@ from .memsource import FileSource, NodeMap, PidSource, Source, SourceError, all_
 from .pagehash import _digest, default_threads, start_page_digests
 
 SIZEOF_RMAP_ITEM = 64          # sizeof(struct ksm_rmap_item) on 64-bit Linux
-BUF_PAGES = 2048               # pages per read buffer (8 MiB); two buffers in flight
+BUF_PAGES = 1024               # pages per read buffer or file window (4 MiB); two in flight
 KNOB_NAMES = ("max_page_sharing", "use_zero_pages", "merge_across_nodes")
 EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, EXIT_KERNEL = 0, 1, 2, 3
 KERNEL_EXACT = ("pages_shared", "pages_sharing", "pages_unshared", "stable_node_chains", "stable_node_dups",
@@ -200,7 +202,7 @@ class Estimator:
     bytes per page) and walks the duplicated contents a chunk at a time.
     """
 
-    CHUNK = 1 << 18               # pages of duplicated contents handled at once in result()
+    CHUNK = 1 << 16               # pages handled at once in result() (bounds its temporaries)
 
     def __init__(self, knobs: dict, threads: int | None = None, keep_pages: bool = False,
                  track_nodes: bool = False, expected_pages: int = 0):
@@ -624,7 +626,8 @@ def estimate(sources: list[Source], knobs: dict, threads: int | None = None, pro
             for piece in s.read(est.get_buffer):
                 est.feed(sid, piece, progress)
         except SourceError as e:
-            s.problems.append(str(e))
+            if not (getattr(s, "quiet_gone", False) and "gone" in str(e)):     # --all-pids: it just ended
+                s.problems.append(str(e))
     read_s = time.perf_counter() - t0
     res = est.result(top=top)
     el = time.perf_counter() - t0
@@ -727,14 +730,13 @@ def render(res: dict, console, top_sources: int = 20) -> None:
         t.add_row(s["name"], f"{s['pages']:,}", f"{s['ksm_merging_pages']:,}", f"{s['ksm_zero_pages']:,}",
                   f"{s['ksm_rmap_items']:,}", _mib(s["ksm_process_profit"]))
     console.print(t)
-    pairs = [p for p in res["sharing"] if p[0] != p[1]][:10]
+    pairs = _pairs_both_ways(res["sharing"])[:10]
     if pairs:
-        t = Table(title="who shares with whom (merged pages of A whose content B also holds)")
-        t.add_column("A")
-        t.add_column("B")
-        t.add_column("pages", justify="right")
-        for a, b, n in pairs:
-            t.add_row(res["sources"][a]["name"], res["sources"][b]["name"], f"{n:,}")
+        t = Table(title="who shares with whom: merged pages of one whose content the other holds")
+        for c, j in (("A", "left"), ("B", "left"), ("A's pages", "right"), ("B's pages", "right")):
+            t.add_column(c, justify=j)
+        for a, b, ab, ba in pairs:
+            t.add_row(res["sources"][a]["name"], res["sources"][b]["name"], f"{ab:,}", f"{ba:,}")
         console.print(t)
     if res["top_contents"]:
         t = Table(title="most duplicated contents")
@@ -743,6 +745,15 @@ def render(res: dict, console, top_sources: int = 20) -> None:
         for c in res["top_contents"]:
             t.add_row(f"{c['copies']:,}", f"{c['pages_saved']:,}", str(c["sources"]), c["description"])
         console.print(t)
+
+
+def _pairs_both_ways(sharing: list) -> list:
+    """[(a, b, cell a->b, cell b->a)] for a < b, the most shared first."""
+    cell = {(a, b): n for a, b, n in sharing if a != b}
+    both = {(min(a, b), max(a, b)) for a, b in cell}
+    out = [(a, b, cell.get((a, b), 0), cell.get((b, a), 0)) for a, b in both]
+    out.sort(key=lambda x: (-(x[2] + x[3]), x[0], x[1]))
+    return out
 
 
 def render_plain(res: dict, out=sys.stdout) -> None:
@@ -761,6 +772,8 @@ def render_plain(res: dict, out=sys.stdout) -> None:
     for s in sorted(res["sources"], key=lambda s: -s["ksm_process_profit"])[:20]:
         p(f"  {s['name']}: pages={s['pages']} merging={s['ksm_merging_pages']} zero={s['ksm_zero_pages']} "
           f"rmap_items={s['ksm_rmap_items']} ksm_process_profit={s['ksm_process_profit']}")
+    for a, b, ab, ba in _pairs_both_ways(res["sharing"])[:10]:
+        p(f"  shared: {res['sources'][a]['name']} ({ab} pages) <-> {res['sources'][b]['name']} ({ba} pages)")
     for c in res["top_contents"]:
         p(f"  {c['copies']} copies, {c['pages_saved']} pages saved, {c['sources']} sources: {c['description']}")
 
@@ -774,11 +787,13 @@ def plot(res: dict, path: str, top_sources: int = 15) -> None:
             from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.colors import LogNorm
+    from matplotlib.colors import LogNorm, Normalize
     srcs = res["sources"]
     by_profit = sorted(range(len(srcs)), key=lambda i: -srcs[i]["ksm_process_profit"])[:top_sources]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(15, max(4.5, 0.38 * len(by_profit) + 2)),
-                                   gridspec_kw={"width_ratios": [1, 1.1]})
+    pick = [i for i in sorted(range(len(srcs)), key=lambda i: -srcs[i]["ksm_merging_pages"])[:top_sources]
+            if srcs[i]["ksm_merging_pages"] > 0]
+    side = max(4.5, 0.45 * max(len(by_profit), len(pick)) + 2.5)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(7 + side, side), gridspec_kw={"width_ratios": [7, side]})
     names = [_short(srcs[i]["name"]) for i in by_profit][::-1]
     vals = [srcs[i]["ksm_process_profit"] / 2**20 for i in by_profit][::-1]
     zero = [srcs[i]["ksm_zero_pages"] * PAGE_SIZE / 2**20 for i in by_profit][::-1]
@@ -786,30 +801,34 @@ def plot(res: dict, path: str, top_sources: int = 15) -> None:
     if any(zero):
         ax1.barh(names, zero, color="#9cd", label="of which zero pages")
         ax1.legend(loc="lower right")
-    ax1.set_xlabel("MiB")
+    ax1.set_xlabel("ksm_process_profit (MiB)")
     ax1.set_title(f"savings by source (top {len(by_profit)} of {len(srcs)})")
     ax1.grid(axis="x", alpha=.3)
-    pick = [i for i in sorted(range(len(srcs)), key=lambda i: -srcs[i]["ksm_merging_pages"])[:top_sources]
-            if srcs[i]["ksm_merging_pages"] > 0]
     if pick:
         pos = {s: j for j, s in enumerate(pick)}
         mat = np.zeros((len(pick), len(pick)))
         for a, b, n in res["sharing"]:
             if a in pos and b in pos:
                 mat[pos[a], pos[b]] = n
-        im = ax2.imshow(np.where(mat > 0, mat, np.nan), cmap="viridis",
-                        norm=LogNorm(vmin=max(1, np.nanmin(mat[mat > 0])) if (mat > 0).any() else 1,
-                                     vmax=max(2, mat.max())))
-        labels = [_short(srcs[i]["name"]) for i in pick]
-        ax2.set_xticks(range(len(pick)), labels, rotation=60, ha="right", fontsize=8)
+        nz = mat[mat > 0]
+        lo, hi = (nz.min(), nz.max()) if len(nz) else (1, 2)
+        norm = LogNorm(vmin=max(1, lo), vmax=max(hi, lo + 1)) if hi / max(lo, 1) > 100 else Normalize(0, hi)
+        im = ax2.imshow(np.where(mat > 0, mat, np.nan), cmap="viridis", norm=norm)
+        if len(pick) <= 12:
+            for (r, c), v in np.ndenumerate(mat):
+                if v:
+                    ax2.text(c, r, f"{v / 1000:.1f}k" if v >= 1000 else f"{int(v)}", ha="center", va="center",
+                             fontsize=7, color="w" if norm(v) < 0.6 else "k")
+        labels = [_short(srcs[i]["name"], 26) for i in pick]
+        ax2.set_xticks(range(len(pick)), labels, rotation=45, ha="right", fontsize=8)
         ax2.set_yticks(range(len(pick)), labels, fontsize=8)
-        ax2.set_xlabel("B (also holds the content)")
-        ax2.set_ylabel("A (merged pages)")
-        fig.colorbar(im, ax=ax2, label="merged pages of A whose content B holds")
+        ax2.set_xlabel("B: also has the content merged")
+        ax2.set_ylabel("A: its merged pages")
+        fig.colorbar(im, ax=ax2, shrink=0.8, label="pages")
     else:
         ax2.text(0.5, 0.5, "nothing merged", ha="center", va="center")
         ax2.set_axis_off()
-    ax2.set_title("who shares with whom")
+    ax2.set_title("who shares with whom (merged pages of A whose content B holds)", fontsize=10)
     fig.suptitle(f"KSM estimate: {_mib(res['bytes_saved'])} of {_mib(res['pages_scanned'] * PAGE_SIZE)} saved "
                  f"({100 * res['saved_share']:.1f}%), max_page_sharing={res['knobs']['max_page_sharing']}, "
                  f"use_zero_pages={res['knobs']['use_zero_pages']}")

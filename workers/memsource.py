@@ -539,7 +539,7 @@ class FileSource(Source):
             out.append(("data", at, npg - at))
         return out
 
-    def read(self, get_buffer, window: int = 2048) -> Iterator[Piece]:
+    def read(self, get_buffer, window: int = 1024) -> Iterator[Piece]:
         """Yield pieces.  Data is mapped (mmap, `window` pages at a time, no copy) where the kernel lets
         us, else read into the buffer `get_buffer()` hands out."""
         try:

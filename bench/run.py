@@ -429,8 +429,7 @@ def bench_estimate(npages: int, kernel_ok: bool, why: str, prog, scan: dict | No
                      "hash_threads": mid["hash_threads"]}
     if scan and scan.get("pages") == npages:
         det = scan["detail"]
-        anchors = {"proto": det["dup4"]["proto"], "kernel": det["dup4"]["kernel"],
-                   "proto_unique": det["unique"]["proto"], "kernel_unique": det["unique"]["kernel"], "from": "scan part"}
+        anchors = {"proto": det["dup4"]["proto"], "kernel": det["dup4"]["kernel"], "from": "scan part"}
     else:
         pages = dup_pages(npages, 4)
         prog("estimate: the scanner on the same bytes")

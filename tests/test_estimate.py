@@ -523,3 +523,23 @@ def test_scenario_pid_source(children):
     assert ran["pages_loaded"] == est["pages_scanned"]      # the same pages (an idle process)...
     for k in COUNTERS:                                       # ...merged live as estimated
         assert ran["ksm"][k] == est[k], (k, ran["ksm"][k], est[k])
+
+
+@root_only
+def test_merge_across_nodes_0_keeps_nodes_apart(children):
+    """With a two-node map (here: every other page of a run on node 1), pages only merge within a node."""
+    from workers.memsource import NodeMap
+
+    class EveryOther(NodeMap):
+        def __init__(self):
+            pass
+
+        def node_of(self, pfns):
+            return (np.arange(len(pfns)) % 2).astype(np.int16)
+
+    c = children("c", pages((5, 8), (6, 3), (0, 4)))
+    for man, want in ((0, (5, 9, 1)), (1, (3, 12, 0))):
+        src = PidSource(c.pid, only_mergeable=True, node_map=EveryOther() if not man else None).open()
+        res, _ = E.estimate([src], {"max_page_sharing": 256, "use_zero_pages": 0, "merge_across_nodes": man})
+        # nodes 0/1 -- 5: 4/4 copies, 6: 2/1, zero: 2/2; on one node: 8, 3, 4
+        assert (res["pages_shared"], res["pages_sharing"], res["pages_unshared"]) == want, (man, res)

@@ -165,7 +165,8 @@ def _region(where: str, r: dict) -> Region:
         if pages is None:
             raise _err(f"{where}.pages", "is required for a zero region")
     else:
-        raise _err(f"{where}.source", f"unknown kind {source!r} (expected \"file:PATH\", \"pid:PID\", \"zero\" or \"random:SEED\")")
+        raise _err(f"{where}.source",
+                   f"unknown kind {source!r} (expected \"file:PATH\", \"pid:PID\", \"zero\" or \"random:SEED\")")
     mergeable = _typed(where, r, "mergeable", bool, True)
     w = r.get("writer")
     writer = None

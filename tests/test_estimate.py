@@ -227,8 +227,8 @@ def test_content_outcome_is_the_page_by_page_replay(m):
 
 
 def test_page_digest_is_the_scanners():
-    from workers import ksmd
-    assert ksmd.ZERO_KEY == ZERO_KEY and ksmd._digest is not None
+    from workers.core import effects as ksmd     # the scanner's Checksum effect hashes with this digest
+    assert ksmd.ZERO_KEY == ZERO_KEY and ksmd.page_key is page_key
     lay = pages(("r9", 600), (0, 5), (3, 2), ("r8", 1))
     lay[10, :8] = 0                                          # zero first word, not a zero page
     for threads in (1, 2, 3):

@@ -30,24 +30,38 @@ def test_every_break_has_an_expectation():
     assert set(BREAKS) == set(EXPECTED)
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_random_schedules_find_nothing(mode):
-    res = explore.random_runs(world_factory(mode), seed=1, runs=150, max_steps=4000)
-    assert res.found is None, explore.format_steps(explore.replay(world_factory(mode), res.found.schedule))
-    assert res.schedules == 151          # the round-robin run, then 150 random ones
+def check(*args, timeout=900):
+    return subprocess.run([sys.executable, "-m", "workers.cli", "check", *args], capture_output=True, text=True,
+                          timeout=timeout)
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_exhaustive_small_configuration_finds_nothing(mode):
-    res = explore.exhaustive(world_factory(mode), depth=10, max_steps=4000)
-    assert res.found is None
-    assert res.schedules > 20
+def test_2000_random_schedules_find_nothing_in_any_mode():
+    p = check("--runs", "2000", "--seed", "7")
+    assert p.returncode == 0, p.stdout + p.stderr
+    lines = p.stdout.splitlines()
+    assert [ln.split(":")[0] for ln in lines] == list(MODES)
+    assert all("2,001 schedules" in ln and ln.endswith("no violation") for ln in lines), p.stdout
+
+
+def test_exhaustive_small_configuration_finds_nothing_in_any_mode():
+    p = check("--exhaustive", "--depth", "10")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert len(p.stdout.splitlines()) == 3 and all(ln.endswith("no violation") for ln in p.stdout.splitlines())
+
+
+def test_parallel_jobs_find_what_one_finds():
+    f = world_factory("change_pte", "pid-takeover-lock")
+    one = explore.random_runs(f, seed=0, runs=100, max_steps=4000, shrink=False)
+    two = explore.parallel_random_runs(f, seed=0, runs=100, max_steps=4000, shrink=False, jobs=2)
+    assert one.found is not None and two.found is not None
+    assert (one.found.schedule, one.found.violations) == (two.found.schedule, two.found.violations)
 
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("brk", sorted(EXPECTED))
 def test_each_break_is_caught(mode, brk):
-    res = explore.random_runs(world_factory(mode, brk), seed=0, runs=600, max_steps=4000, shrink=False)
+    res = explore.parallel_random_runs(world_factory(mode, brk), seed=0, runs=800, max_steps=4000, shrink=False,
+                                       jobs=2)
     assert res.found is not None, f"{brk} not caught in {mode}"
     assert any(w in v for v in res.found.violations for w in EXPECTED[brk]), res.found.violations
 
@@ -81,13 +95,10 @@ def test_unknown_break_is_a_usage_error():
 
 def test_cli_finds_a_break_and_writes_its_trace(tmp_path):
     out = tmp_path / "t.json"
-    p = subprocess.run([sys.executable, "-m", "workers.cli", "check", "--mode", "change_pte", "--runs", "200",
-                        "--break", "pid-takeover-lock", "--trace", str(out)], capture_output=True, text=True,
-                       timeout=300)
+    p = check("--mode", "change_pte", "--runs", "200", "--break", "pid-takeover-lock", "--trace", str(out))
     assert p.returncode == 1, p.stdout + p.stderr
     assert "two holders" in p.stdout
     doc = json.loads(out.read_text())
     assert doc["traceEvents"]
-    p = subprocess.run([sys.executable, "-m", "workers.cli", "check", "--list-breaks"], capture_output=True,
-                       text=True, timeout=60)
+    p = check("--list-breaks")
     assert p.returncode == 0 and p.stdout.split() == list(BREAKS)

@@ -41,7 +41,7 @@ from proto.layout import (FRAME_FREE, FRAME_KSM, MMF_VM_MERGEABLE, MMH_FLAGS, MM
 from proto.messages import Msg
 
 from .core.access import FaultCall, Touch, WaitIdle, touch, vm_access, zap_pte_range
-from .core.effects import (MEM_EFFECTS, Effect, Lock, Memory, Notify, Reply, TryLock, Unlock, WaitAcks,
+from .core.effects import (MEM_EFFECTS, Checksum, Compare, Effect, Load, Lock, Memory, Notify, Reply, TryLock, Unlock, WaitAcks,
                            apply_mem)
 from .core.fault import handle_mm_fault
 from .core.notify import EXPECT, FAILED, GRAMMAR, INIT, MODES, SecondaryMMU, grammar_why
@@ -163,6 +163,7 @@ class KsmWorld:
         self.pace = pace
         self.early_reply = early_reply
         self._enabled = None
+        self._dirty = True
         self.scan = KsmScan(self.ft, mode, lambda: self.clock_steps / 1000.0, self.brk)
         self.scan.knobs.update(dict(DEFAULTS, run=1, pages_to_scan=nvms * npages, sleep_millisecs=0,
                                     max_page_sharing=max_page_sharing, use_zero_pages=use_zero_pages))
@@ -366,7 +367,9 @@ class KsmWorld:
     def violations(self) -> list[str]:
         out = list(self.violations_found)
         self.violations_found.clear()
-        out += self._frame_violations()
+        if self._dirty:         # a step that only read leaves the frame invariants as they were
+            self._dirty = False
+            out += self._frame_violations()
         return out
 
     def finished(self) -> bool:
@@ -445,6 +448,8 @@ class KsmWorld:
     def _run_thread(self, t: Thread, rec: dict) -> None:
         e = t.pending
         c = e.__class__
+        if c not in _READ_ONLY:
+            self._dirty = True
         result, exc = None, None
         try:
             if c in MEM_EFFECTS:
@@ -513,6 +518,7 @@ class KsmWorld:
         self.queues[("faultd", t.mm)].append(("FAULT_REPLY", t.corr, err, msg))
 
     def _deliver(self, q, rec: dict) -> None:
+        self._dirty = True
         src, dst = q
         item = self.queues[q].popleft()
         kind = item[0]
@@ -582,10 +588,11 @@ class KsmWorld:
         mc = self.ft.mapcount.tolist()
         flags = self.ft.flags.tolist()
         for p, n in enumerate(maps):
-            if n > max(mc[p], 0):
-                out.append(f"frame {p}: {n} PTEs map it but its mapcount is {mc[p]}")
-            if n and flags[p] == FRAME_FREE:
-                out.append(f"frame {p} is free but a PTE maps it")
+            if n and (n > mc[p] or flags[p] == FRAME_FREE):
+                if n > mc[p]:
+                    out.append(f"frame {p}: {n} PTEs map it but its mapcount is {mc[p]}")
+                if flags[p] == FRAME_FREE:
+                    out.append(f"frame {p} is free but a PTE maps it")
         for v in self.vms:
             pte = self.mem.mms[v.id].pte.tolist()
             for s, sub in v.subs.items():
@@ -643,6 +650,9 @@ class _Micro(Effect):
 
     def __repr__(self):
         return f"{_lname(self.key)}: {self.what}"
+
+
+_READ_ONLY = frozenset({Load, Checksum, Compare, WaitAcks, WaitIdle, _AwaitScan, _AwaitReply, Reply, Notify})
 
 
 def _lname(key) -> str:

@@ -271,7 +271,7 @@ def cmd_check(a) -> int:
             if a.exhaustive:
                 res = explore.exhaustive(factory, a.depth, a.max_steps)
             else:
-                res = explore.random_runs(factory, a.seed, a.runs, a.max_steps)
+                res = explore.parallel_random_runs(factory, a.seed, a.runs, a.max_steps, jobs=a.jobs)
             print(explore.summary(mode, res), flush=True)
             if res.found is None:
                 continue
@@ -348,6 +348,8 @@ def main(argv=None) -> int:
     c.add_argument("--replay", metavar="SCHEDULE.json", help="replay a schedule saved by --save-schedule")
     c.add_argument("--save-schedule", metavar="FILE", help="save the violating schedule as JSON")
     c.add_argument("--max-steps", type=_positive, default=10_000, help="step budget of one run (default 10000)")
+    c.add_argument("--jobs", type=_positive, default=os.cpu_count() or 1,
+                   help="processes sharing the random runs (default: every core); same verdict as one")
     c.add_argument("--world", choices=["ksm", "toy"], default="ksm", help="ksm (default), or the explorer's toy")
     from . import estimate
     estimate.add_arguments(sub.add_parser(

@@ -11,6 +11,8 @@ Parts (each measured beside its anchor in the same run):
   modes    after merging N mapped pages: re-read time, secondary faults and messages per page
   scaling  1, 2, 4 ... --cores VM workers doing COW-heavy work with ksmd running
   trace    the same workload with tracing on beside off
+  check    `ksm-proto check` at bench size: 5000 random schedules per mode, schedules/s, and
+           each --break caught in every mode (the exit status is 1 otherwise)
   stress   no lost writes: 10M writes and >= 1M COW faults of merged pages across the three
            notifier modes (workers/stress.py), every byte checked, frames checked; the exit
            status is 1 on any lost write, frame problem or stress error
@@ -46,7 +48,7 @@ from workers import kernel_ksm  # noqa: E402
 from workers.machine import Machine  # noqa: E402
 from workers.stress import run_modes  # noqa: E402
 
-PARTS = ("scan", "cow", "modes", "scaling", "trace", "stress", "estimate")
+PARTS = ("scan", "cow", "modes", "scaling", "trace", "stress", "estimate", "check")
 MODES = ("change_pte", "wrapped", "invalidate")
 
 
@@ -456,6 +458,24 @@ def bench_estimate(npages: int, kernel_ok: bool, why: str, prog, scan: dict | No
 
 
 # ---------------------------------------------------------------------------- report
+def bench_check(runs: int, prog, jobs: int) -> dict:
+    """`ksm-proto check` at bench size: random schedules in each mode, and every --break caught."""
+    from workers import explore
+    from workers.check_world import BREAKS, world_factory
+    out = {"runs": runs, "jobs": jobs, "modes": {}, "breaks": {}}
+    for mode in MODES:
+        prog(f"check: {runs:,} schedules, {mode}")
+        r = explore.parallel_random_runs(world_factory(mode), seed=20261125, runs=runs, max_steps=4000, jobs=jobs)
+        out["modes"][mode] = {"schedules": r.schedules, "steps": r.steps, "seconds": round(r.seconds, 2),
+                              "schedules_per_s": round(r.schedules / r.seconds, 1),
+                              "steps_per_s": round(r.steps / r.seconds), "violation": r.found and r.found.violations}
+        for brk in BREAKS:
+            b = explore.parallel_random_runs(world_factory(mode, brk), seed=0, runs=2000, max_steps=4000,
+                                             shrink=False, jobs=jobs)
+            out["breaks"].setdefault(brk, {})[mode] = b.found.found_by.get("run") if b.found else None
+    return out
+
+
 def table(res: dict) -> str:
     def f(v, unit=""):
         return "n/a" if v is None else (f"{v:,.1f}{unit}" if isinstance(v, float) else f"{v:,}{unit}")
@@ -491,6 +511,15 @@ def table(res: dict) -> str:
         t = res["trace"]
         rows.append(f"| tracing on vs off: {t['work']} (s) | {f(t['seconds_on'])} | off {f(t['seconds_off'])} | "
                     f"{f(t['ratio'])}x slower | <= 1.10x |")
+    ck = res.get("check")
+    if ck:
+        for mode, r in ck["modes"].items():
+            rows.append(f"| check, {mode}: {r['schedules']:,} random schedules ({ck['jobs']} jobs) | "
+                        f"{'VIOLATION' if r['violation'] else 'no violation'}, {f(r['schedules_per_s'])} schedules/s, "
+                        f"{r['steps_per_s']:,} steps/s | | | none |")
+        caught = {b: all(v is not None for v in m.values()) for b, m in ck["breaks"].items()}
+        rows.append(f"| check --break caught in every mode | "
+                    f"{', '.join(b + ('' if c else ' (MISSED)') for b, c in caught.items())} | | | all |")
     st = res.get("stress")
     if st:
         for mode, r in st["modes"].items():
@@ -636,6 +665,8 @@ def main(argv=None) -> int:
 
                 res["stress"] = run_modes(stress_writes, stress_cow, modes=a.stress_modes, progress=sprog)
                 progress.remove_task(bar)
+            elif part == "check":
+                res["check"] = bench_check(300 if q else 5000, prog, a.cores)
             elif part == "estimate":
                 res["estimate"] = bench_estimate(scan_pages, kernel_ok, why, prog, res.get("scan"),
                                                  rounds=1 if q else 3)
@@ -670,6 +701,13 @@ def main(argv=None) -> int:
     if st and not st["cow_goal_met"]:
         print(f"stress: only {st['cow_faults_merged']:,} COW faults of merged pages, "
               f"wanted {st['min_cow_faults']:,}", file=sys.stderr)
+    ck = res.get("check")
+    if ck:
+        bad = [f"{m}: {r['violation']}" for m, r in ck["modes"].items() if r["violation"]]
+        bad += [f"--break {b} missed in {m}" for b, ms in ck["breaks"].items() for m, v in ms.items() if v is None]
+        if bad:
+            print("check: " + "; ".join(bad), file=sys.stderr)
+            return 1
     return 0
 
 

@@ -18,7 +18,7 @@ MODES = ("change_pte", "wrapped", "invalidate")
 # what each break must produce: a word of the violation the checker reports
 EXPECTED = {
     "no-write-protect": ("lost write",),
-    "no-recheck-pte": ("FrameAccountingError",),
+    "no-recheck-pte": ("FrameAccountingError", "free stack does not hold each free frame exactly once"),
     "free-before-acks": ("which is free",),
     "pid-takeover-lock": ("two holders",),
     # messages of the fault handler and of ksmd to one VM overtake each other once ptl is let go early

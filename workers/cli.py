@@ -5,7 +5,7 @@
     ksm-proto bench [--quick] [--cores N] [--trace-overhead] ...
     ksm-proto check [--mode M|all] [--seed S] [--runs N] [--exhaustive [--depth D]] [--break STEP]
                     [--list-breaks] [--trace FILE] [--replay SCHEDULE.json] [--save-schedule FILE]
-                    [--max-steps N] [--world ksm|toy]
+                    [--max-steps N] [--world ksm|toy] [--kill ksmd|faultd]
 
 On a terminal `run` shows a progress bar while loading and live counters
 (rich); piped, it prints plain lines; with --json exactly one JSON object goes
@@ -251,6 +251,7 @@ def cmd_check(a) -> int:
             print(f"ksm-proto: {a.replay}: not a schedule: {e}", file=sys.stderr)
             return 2
         a.world, a.mode, a.brk, a.max_steps = doc["world"], doc.get("mode"), doc.get("break"), doc.get("max_steps")
+        a.kill = doc.get("kill")
     world_factory, breaks = _check_world(a.world)
     if a.list_breaks:
         print("\n".join(breaks))
@@ -259,9 +260,12 @@ def cmd_check(a) -> int:
         names = "".join(f"\n  {n:24s} {d}" for n, d in breaks.items())
         print(f"ksm-proto check: unknown --break {a.brk!r}; the {a.world} world has:{names}", file=sys.stderr)
         return 2
+    if a.kill and a.world != "ksm":
+        print("ksm-proto check: --kill needs the ksm world", file=sys.stderr)
+        return 2
     for mode in CHECK_MODES if a.mode == "all" else (a.mode,):
         try:
-            factory = world_factory(mode, a.brk)
+            factory = world_factory(mode, a.brk, **({"kill": a.kill} if a.kill else {}))
         except ValueError as e:
             print(f"ksm-proto check: {e}", file=sys.stderr)
             return 2
@@ -282,6 +286,8 @@ def cmd_check(a) -> int:
             print(f"ksm-proto: {a.replay}: does not replay on this code: {e}", file=sys.stderr)
             return 2
         meta = {"world": a.world, "mode": mode, "break": a.brk, "max_steps": a.max_steps}
+        if a.kill:
+            meta["kill"] = a.kill
         return _check_report(explore, tr, meta, found_by, a)
     return 0
 
@@ -347,6 +353,8 @@ def main(argv=None) -> int:
     c.add_argument("--save-schedule", metavar="FILE", help="save the violating schedule as JSON")
     c.add_argument("--max-steps", type=_positive, default=10_000, help="step budget of one run (default 10000)")
     c.add_argument("--world", choices=["ksm", "toy"], default="ksm", help="ksm (default), or the explorer's toy")
+    c.add_argument("--kill", choices=["ksmd", "faultd"],
+                   help="kill -9 that actor at a point the schedule picks, then recover as the supervisor does")
     args, rest = p.parse_known_args(argv)
     if args.cmd == "bench":
         return cmd_bench(args, rest)

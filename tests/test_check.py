@@ -139,6 +139,7 @@ def test_cli_finds_a_break_and_writes_its_trace(tmp_path):
     assert "two holders" in p.stdout
     doc = json.loads(out.read_text())
     assert doc["traceEvents"]
+    assert out.stat().st_mode & 0o777 == 0o600            # addresses and frame numbers: private
     p = subprocess.run([sys.executable, "-m", "workers.cli", "check", "--list-breaks"], capture_output=True,
                        text=True, timeout=60)
     assert p.returncode == 0 and p.stdout.split() == list(BREAKS)

@@ -85,6 +85,16 @@ name = "two"
     ("[[vm]]\n[[vm.region]]\npages = 4\nwriter = { pages = 9 }\n", "vm[0].region[0].writer.pages"),
     ("[[vm]]\ncolour = 'red'\n[[vm.region]]\npages = 1\n", "vm[0].colour"),
     ("this is = not toml [", "not valid TOML"),
+    ("[machine]\ncolour = 'red'\n[[vm]]\n[[vm.region]]\npages = 1\n", "machine.colour"),
+    ("[[vm]]\n[[vm.region]]\npages = 4\nwriter = { period_ms = nan }\n", "writer.period_ms"),
+    ("[[vm]]\n[[vm.region]]\npages = 4\nwriter = { period_ms = inf }\n", "writer.period_ms"),
+    ("[[vm]]\n[[vm.region]]\npages = 4\nwriter = { period_ms = -inf }\n", "writer.period_ms"),
+    ("[[vm]]\n[[vm.region]]\nsource = 'random:-5'\npages = 1\n", "vm[0].region[0].source"),
+    ("[[vm]]\n[[vm.region]]\nsource = 'file:/'\n", "vm[0].region[0].source"),
+    ("[[vm]]\n[[vm.region]]\nsource = 'file:/dev/null'\n", "vm[0].region[0].source"),
+    ("[[vm]]\n[[vm.region]]\nsource = 'zero'\npages = 10000000000\n", "vm[0].region[0].pages"),
+    ("[[vm]]\nname = ''\n[[vm.region]]\npages = 1\n", "vm[0].name"),
+    ('[[vm]]\nname = "a\\u0007b"\n[[vm.region]]\npages = 1\n', "vm[0].name"),
 ])
 def test_bad_scenarios_name_the_field(tmp_path, body, field):
     sc = tmp_path / "bad.toml"

@@ -686,18 +686,7 @@ class Machine:
             with self.lock:
                 if name in self.vms:
                     raise ValueError(f"a VM named {name!r} already exists")
-                if self.next_mm >= MAX_MMS:
-                    raise OSError(errno.EAGAIN, f"at most {MAX_MMS} VMs per machine")
-                mm_id = self.next_mm
-                self.next_mm += 1
-                with self.mm_lock:
-                    seg = Segment.create(seg_name(self.run, f"mm.{mm_id}"), MMView.size_for(pages))
-                    mm = MMView(seg)
-                    mm.hdr[MMH_ID] = mm_id
-                    mm.hdr[MMH_NPAGES] = pages
-                    mm.hdr[MMH_NODE] = node
-                    ptl = ShmLock.ptl(self.run, mm_id)
-                    self.mm_segs[mm_id] = (seg, ptl)
+                mm_id, mm = self._new_mm(pages, node)
             ends = []
             actor = None
             try:
@@ -727,6 +716,23 @@ class Machine:
             vm = VM(self, name, mm_id, actor, pages)
             self.vms[name] = vm
         return vm
+
+    def _new_mm(self, pages: int, node: int = 0) -> tuple[int, MMView]:
+        """A new mm segment and its ptl (ids are never reused)."""
+        with self.lock:
+            if self.next_mm >= MAX_MMS:
+                raise OSError(errno.EAGAIN, f"at most {MAX_MMS} VMs per machine")
+            mm_id = self.next_mm
+            self.next_mm += 1
+            with self.mm_lock:
+                seg = Segment.create(seg_name(self.run, f"mm.{mm_id}"), MMView.size_for(pages))
+                mm = MMView(seg)
+                mm.hdr[MMH_ID] = mm_id
+                mm.hdr[MMH_NPAGES] = pages
+                mm.hdr[MMH_NODE] = node
+                ptl = ShmLock.ptl(self.run, mm_id)
+                self.mm_segs[mm_id] = (seg, ptl)
+        return mm_id, mm
 
     def page_referenced(self, vm: VM, addr: int, npages: int = 1) -> int:
         """page_referenced for a range: primary young bits and clear_flush_young of secondary MMUs."""

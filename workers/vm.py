@@ -214,6 +214,7 @@ class VMWorker:
             log.error("%s: secondary MMU %s was released by a notifier; dropping its translations",
                       self.name, sub.name)
             sub.release()
+        check_range("access", addr, length, self.task_size)     # before a buffer of `length` bytes exists
         buf = data if write else bytearray(length)
         gen = vm_access(self.mm_id, sub, addr, length, write, buf)
         memory, pte, tr = self.memory, self.mm.pte, self.tr

@@ -71,7 +71,7 @@ def test_kill_and_recovery_find_nothing(mode, kill):
 
 @pytest.mark.parametrize("kill", ["ksmd", "faultd"])
 def test_kill_exhaustive_small_configuration_finds_nothing(kill):
-    res = explore.exhaustive(world_factory("change_pte", kill=kill), depth=8, max_steps=4000)
+    res = explore.exhaustive(world_factory("change_pte", kill=kill), depth=6, max_steps=4000)
     assert res.found is None
     assert res.schedules > 20
 

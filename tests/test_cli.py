@@ -16,12 +16,22 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def ksm_proto(*args, timeout=120):
-    return subprocess.run([sys.executable, "-m", "workers.cli", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout)
+    p = subprocess.Popen([sys.executable, "-m", "workers.cli", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = p.communicate(timeout=timeout)
+    finally:
+        if p.poll() is None:
+            p.kill()                # by pid: the one started here
+            p.wait(10)
+    r = subprocess.CompletedProcess(p.args, p.returncode, out, err)
+    r.pid = p.pid
+    return r
 
 
-def shm_runs():
-    return {n for n in os.listdir(SHM_DIR) if "ksmp." in n}
+def left_behind(r) -> list[str]:
+    """What the run of that ksm-proto process left in /dev/shm (other users' runs come and go)."""
+    return [n for n in os.listdir(SHM_DIR) if n.startswith(f"ksmp.{r.pid}.")]
 
 
 def test_run_scenario_json_exact(tmp_path):
@@ -54,7 +64,6 @@ name = "two"
   source = "random:8"
   pages = 5
 """)
-    before = shm_runs()
     r = ksm_proto("run", str(sc), "--json", "--until-stable")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)                 # exactly one JSON object
@@ -67,7 +76,7 @@ name = "two"
     assert out["vms"]["one"]["ksm_stat"]["ksm_rmap_items"] == 14       # the unmergeable region has none
     assert out["vms"]["two"]["ksm_stat"]["ksm_merging_pages"] == 4
     assert out["readback_mismatches"] == 0
-    assert shm_runs() == before
+    assert left_behind(r) == []
 
 
 @pytest.mark.parametrize("body, field", [
@@ -112,7 +121,6 @@ def test_parse_errors_are_scenario_errors():
 
 
 def test_demo_runs_and_cleans_up():
-    before = shm_runs()
     r = ksm_proto("run", "--json", timeout=300)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
@@ -127,7 +135,7 @@ def test_demo_runs_and_cleans_up():
     assert k["pages_shared"] + k["pages_sharing"] + k["pages_unshared"] + k["pages_volatile"] == \
         sum(v["ksm_stat"]["ksm_rmap_items"] for v in out["vms"].values())
     assert sum(v["writers"][0]["done"] for v in out["vms"].values()) > 0
-    assert shm_runs() == before
+    assert left_behind(r) == []
 
 
 def test_trace_commands_reject_missing_file(tmp_path):

@@ -9,32 +9,29 @@ import sys
 import pytest
 
 from proto import PAGE_SIZE
-from proto.layout import run_owner_pid
 from workers.machine import SHM_DIR
 from workers.scenario import ScenarioError, parse
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-_STARTED: set[int] = {os.getpid()}      # the processes whose runs are this test session's
-
-
 def ksm_proto(*args, timeout=120):
-    with subprocess.Popen([sys.executable, "-m", "workers.cli", *args], cwd=ROOT, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True) as p:
-        _STARTED.add(p.pid)
-        try:
-            out, err = p.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            p.kill()            # by its pid: one we started
-            raise
-    return subprocess.CompletedProcess(p.args, p.returncode, out, err)
+    p = subprocess.Popen([sys.executable, "-m", "workers.cli", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = p.communicate(timeout=timeout)
+    finally:
+        if p.poll() is None:
+            p.kill()                # by pid: the one started here
+            p.wait(10)
+    r = subprocess.CompletedProcess(p.args, p.returncode, out, err)
+    r.pid = p.pid
+    return r
 
 
-def shm_runs():
-    """Run entries in /dev/shm made by this session or the CLI processes it started (other sessions'
-    runs on the machine are not ours to judge)."""
-    return {n for n in os.listdir(SHM_DIR) if run_owner_pid(n) in _STARTED}
+def left_behind(r) -> list[str]:
+    """What the run of that ksm-proto process left in /dev/shm (other users' runs come and go)."""
+    return [n for n in os.listdir(SHM_DIR) if n.startswith(f"ksmp.{r.pid}.")]
 
 
 def test_run_scenario_json_exact(tmp_path):
@@ -67,7 +64,6 @@ name = "two"
   source = "random:8"
   pages = 5
 """)
-    before = shm_runs()
     r = ksm_proto("run", str(sc), "--json", "--until-stable")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)                 # exactly one JSON object
@@ -80,7 +76,7 @@ name = "two"
     assert out["vms"]["one"]["ksm_stat"]["ksm_rmap_items"] == 14       # the unmergeable region has none
     assert out["vms"]["two"]["ksm_stat"]["ksm_merging_pages"] == 4
     assert out["readback_mismatches"] == 0
-    assert shm_runs() == before
+    assert left_behind(r) == []
 
 
 @pytest.mark.parametrize("body, field", [
@@ -98,6 +94,16 @@ name = "two"
     ("[[vm]]\n[[vm.region]]\npages = 4\nwriter = { pages = 9 }\n", "vm[0].region[0].writer.pages"),
     ("[[vm]]\ncolour = 'red'\n[[vm.region]]\npages = 1\n", "vm[0].colour"),
     ("this is = not toml [", "not valid TOML"),
+    ("[machine]\ncolour = 'red'\n[[vm]]\n[[vm.region]]\npages = 1\n", "machine.colour"),
+    ("[[vm]]\n[[vm.region]]\npages = 4\nwriter = { period_ms = nan }\n", "writer.period_ms"),
+    ("[[vm]]\n[[vm.region]]\npages = 4\nwriter = { period_ms = inf }\n", "writer.period_ms"),
+    ("[[vm]]\n[[vm.region]]\npages = 4\nwriter = { period_ms = -inf }\n", "writer.period_ms"),
+    ("[[vm]]\n[[vm.region]]\nsource = 'random:-5'\npages = 1\n", "vm[0].region[0].source"),
+    ("[[vm]]\n[[vm.region]]\nsource = 'file:/'\n", "vm[0].region[0].source"),
+    ("[[vm]]\n[[vm.region]]\nsource = 'file:/dev/null'\n", "vm[0].region[0].source"),
+    ("[[vm]]\n[[vm.region]]\nsource = 'zero'\npages = 10000000000\n", "vm[0].region[0].pages"),
+    ("[[vm]]\nname = ''\n[[vm.region]]\npages = 1\n", "vm[0].name"),
+    ('[[vm]]\nname = "a\\u0007b"\n[[vm.region]]\npages = 1\n', "vm[0].name"),
 ])
 def test_bad_scenarios_name_the_field(tmp_path, body, field):
     sc = tmp_path / "bad.toml"
@@ -115,7 +121,6 @@ def test_parse_errors_are_scenario_errors():
 
 
 def test_demo_runs_and_cleans_up():
-    before = shm_runs()
     r = ksm_proto("run", "--json", timeout=300)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
@@ -130,7 +135,7 @@ def test_demo_runs_and_cleans_up():
     assert k["pages_shared"] + k["pages_sharing"] + k["pages_unshared"] + k["pages_volatile"] == \
         sum(v["ksm_stat"]["ksm_rmap_items"] for v in out["vms"].values())
     assert sum(v["writers"][0]["done"] for v in out["vms"].values()) > 0
-    assert shm_runs() == before
+    assert left_behind(r) == []
 
 
 def test_trace_commands_reject_missing_file(tmp_path):

@@ -13,15 +13,24 @@ Scheduling points:
   * each message delivered, one at a time, per channel in FIFO order (ksmd->vm,
     faultd->vm, vm->faultd FAULTs, acks and replies back);
   * with the `pid-takeover-lock` break, each step of the old lock algorithm
-    (sem_trywait, each read of the owner field, the owner store).
+    (sem_trywait, each read of the owner field, the owner store);
+  * with `kill="ksmd"` or `kill="faultd"`, the supervisor's program: kill -9 of that
+    actor at any point (its generators are abandoned mid-step, its locks dropped as the
+    kernel drops OFD locks, FAULTs not yet read are lost), ksmd frozen at a batch
+    boundary (a fault handler died), each VM's notifier_lost once the dead actor's
+    messages are drained, repair_frames (core.repair) under every ptl, the restart (a new
+    ksmd rebuilds its state with KsmScan.restore; lost FAULTs are sent again), thaw.
 
 Invariants, after every step (`violations`):
   * a read returns the last value this VM wrote to the page (checked by the writer);
   * no PTE maps a frame whose mapcount does not count it; no free frame is mapped by a
     PTE or an spte; no double free (FrameAccountingError in any actor);
   * a secondary MMU never maps a frame (or a write permission) its primary PTE no longer
-    gives it, unless a notification for that page is on its way to it;
-  * each secondary MMU's messages follow the notifier grammar;
+    gives it, unless a notification for that page is on its way to it (or the death of
+    the notifier that would have sent it);
+  * each secondary MMU's messages follow the notifier grammar (with a kill: the messages
+    of each notifier do; a dead notifier's open START may overlap its successor's or the
+    other notifier's until the VM has noticed the death);
   * at ksmd's batch boundaries pages_shared / pages_sharing agree with the stable tree;
   * a page-table lock has at most one holder.
 At the end (`final_violations`): every frame's mapcount equals its mappings, the free
@@ -45,6 +54,7 @@ from .core.effects import (MEM_EFFECTS, Checksum, Compare, Effect, Load, Lock, M
                            apply_mem)
 from .core.fault import handle_mm_fault
 from .core.notify import EXPECT, FAILED, GRAMMAR, INIT, MODES, SecondaryMMU, grammar_why
+from .core.repair import repair_frames
 from .core.scan import KsmScan
 from .frames import FrameAllocator
 
@@ -57,7 +67,13 @@ BREAKS = {
     "free-before-acks": "the old frame is freed (COW and merge) before the secondary MMUs dropped it",
     "pid-takeover-lock": "page-table locks are the old semaphore + owner pid, taken over when the owner "
                          "'looks dead' (reads owner twice)",
+    "no-repair": "after a kill -9 of the fault handler the supervisor restarts it without repairing the frame "
+                 "table from the PTEs (runs with kill='faultd')",
+    "no-spte-flush": "a VM keeps its secondary translations when ksmd dies, trusting what it was told "
+                     "(runs with kill='ksmd')",
 }
+KILLS = ("ksmd", "faultd")
+BREAK_KILLS = {"no-repair": "faultd", "no-spte-flush": "ksmd"}
 
 
 class ArraySegment:
@@ -89,10 +105,10 @@ class Step:
 
 
 class _AwaitReply(Effect):
-    __slots__ = ("corr",)
+    __slots__ = ("corr", "idx", "flags")
 
-    def __init__(self, corr):
-        self.corr = corr
+    def __init__(self, corr, idx=None, flags=0):
+        self.corr, self.idx, self.flags = corr, idx, flags
 
     def __repr__(self):
         return f"wait FAULT_REPLY {self.corr}"
@@ -107,6 +123,63 @@ class _AwaitScan(Effect):
 
     def __repr__(self):
         return f"wait for full scan {self.n}"
+
+
+class _Kill(Effect):
+    """kill -9 of an actor (the supervisor's first step: the schedule picks when)."""
+    __slots__ = ("target",)
+
+    def __init__(self, target):
+        self.target = target
+
+    def __repr__(self):
+        return f"kill -9 {self.target}"
+
+
+class _Freeze(Effect):
+    __slots__ = ()
+
+    def __repr__(self):
+        return "freeze ksmd at a batch boundary"
+
+
+class _Thaw(Effect):
+    __slots__ = ()
+
+    def __repr__(self):
+        return "thaw ksmd"
+
+
+class _Boundary(Effect):
+    """ksmd between two batches (where a freeze holds it)."""
+    __slots__ = ()
+
+    def __repr__(self):
+        return "batch boundary"
+
+
+class _NotifierLost(Effect):
+    """VM v learns that `target` died (its messages drained): SecondaryMMU.notifier_lost."""
+    __slots__ = ("v", "target")
+
+    def __init__(self, v, target):
+        self.v, self.target = v, target
+
+    def footprint(self):
+        return ((("vm", self.v.id), "w"),)
+
+    def __repr__(self):
+        return f"{self.v.name}: {self.target} lost"
+
+
+class _Restart(Effect):
+    __slots__ = ("target",)
+
+    def __init__(self, target):
+        self.target = target
+
+    def __repr__(self):
+        return f"restart {self.target}"
 
 
 class Thread:
@@ -137,9 +210,16 @@ class KsmWorld:
     def __init__(self, mode: str, brk: str | None = None, nvms: int = 2, npages: int = 2,
                  writes: tuple = (((0, 2), (1, 2), (1, -1), (1, 1)), ((1, 2), (1, 1))), device: bool = False, max_page_sharing: int = 256,
                  use_zero_pages: int = 0, settle_scans: int = 2, nframes: int = 16, pace: bool = True,
-                 early_reply: bool = True):
+                 early_reply: bool = True, kill: str | None = None):
         if mode not in MODES:
             raise ValueError(f"mode {mode!r} is not one of {MODES}")
+        if kill is not None and kill not in KILLS:
+            raise ValueError(f"kill {kill!r} is not one of {KILLS}")
+        self.kill = kill
+        self.up = {a: True for a in KILLS}          # False from the kill to the restart
+        self.open_starts: dict[tuple, int] = {}     # (notifier, mm, sub) -> STARTs without their END
+        self.lost: set[int] = set()                 # FAULT corrs the dead fault handler never answered
+        self.frozen = False
         self.mode, self.brk = mode, frozenset([brk] if brk else [])
         self.nframes = nframes
         ftseg = ArraySegment(FrameTable.size_for(nframes))
@@ -169,9 +249,12 @@ class KsmWorld:
                                     max_page_sharing=max_page_sharing, use_zero_pages=use_zero_pages))
         for v in range(nvms):
             self._make_vm(v, npages, device and v == 0)
+        self.pending_loss = {v.id: set() for v in self.vms}   # dead notifiers this VM has not noticed yet
         self.threads.append(Thread("ksmd", "ksmd", self.ksmd_main()))
         for v in self.vms:
             self.threads.append(Thread(f"{v.name}/writer", v.name, self.writer(v, npages, writes), vm=v))
+        if kill:
+            self.threads.append(Thread("supervisor", "supervisor", self.supervisor(kill)))
         for t in self.threads:
             self._advance(t, None)
         self._warm_up()
@@ -220,8 +303,29 @@ class KsmWorld:
                 settle -= 1
             ended = False
             while not ended:
+                if self.kill:
+                    yield _Boundary()
                 _, _, ended = yield from self.scan.ksm_do_scan(self.scan.knobs["pages_to_scan"])
                 self._check_counters()
+
+    def supervisor(self, target: str):
+        """kill -9 of `target` at a point the schedule picks, then Machine._recover's steps."""
+        yield _Kill(target)
+        if target == "faultd":
+            yield _Freeze()
+        for v in self.vms:
+            yield _NotifierLost(v, target)
+        if "no-repair" not in self.brk:
+            yield from repair_frames([v.id for v in self.vms], self.nframes)
+        yield _Restart(target)
+        if target == "faultd":
+            yield _Thaw()
+
+    def restarted_ksmd(self):
+        """A new ksmd: its state from shared memory (KsmScan.restore), then the scan goes on."""
+        yield from self.scan.restore()
+        self._check_counters()
+        yield from self.ksmd_main()
 
     def writer(self, v: VMState, npages: int, writes):
         """Read every page (installing sptes), then write each (page, byte) of `writes` and read it back
@@ -403,11 +507,19 @@ class KsmWorld:
         if c is WaitIdle:
             return e.sub.in_progress == 0 or e.sub.released
         if c is _AwaitReply:
-            return e.corr in t.vm.replies
+            return e.corr in t.vm.replies or (e.corr in self.lost and self.up["faultd"]
+                                              and "faultd" not in self.pending_loss[t.vm.id])
         if c is _AwaitScan:
             return self.scan.c["full_scans"] >= e.n
         if c is _Micro and e.enabled is not None:
             return e.enabled()
+        if c is _Boundary:
+            return not self.frozen
+        if c is _Freeze:
+            k = self._ksmd_thread()
+            return k is None or k.done or isinstance(k.pending, _Boundary)
+        if c is _NotifierLost:
+            return not self.queues[(e.target, e.v.id)]
         return True
 
     def _footprint(self, t: Thread) -> tuple:
@@ -428,6 +540,12 @@ class KsmWorld:
             fp += ((("chan", t.vm.id, "faultd"), "w"),)
         elif c is Reply:
             fp += ((("chan", "faultd", t.mm), "w"),)
+        elif c is _AwaitReply:
+            fp += ((("chan", t.vm.id, "faultd"), "w"), (("up",), "r"))
+        elif c in (_Kill, _Restart, _Freeze, _Thaw, _Boundary):    # the kill and restart touch everything
+            fp += ((("up",), "w"), (("ft",), "w"), (("scans",), "w"), (("frozen",), "w")) + tuple(
+                (k, "w") for k in self.locks) + tuple(((("chan",) + q), "w") for q in self.queues) + tuple(
+                (("vm", v.id), "w") for v in self.vms) + tuple((("acks", a), "w") for a in KILLS)
         return fp
 
     def _queue_actor(self, q) -> str:
@@ -480,12 +598,31 @@ class KsmWorld:
                 corr = self._new_id()
                 self.queues[(t.vm.id, "faultd")].append(("FAULT", corr, e.idx, e.flags))
                 rec["flow_out"] = corr
-                t.pending = _AwaitReply(corr)
+                t.pending = _AwaitReply(corr, e.idx, e.flags)
                 return
             elif c is _AwaitReply:
+                if e.corr not in t.vm.replies:       # lost with the dead fault handler: sent again
+                    self.lost.discard(e.corr)
+                    corr = self._new_id()
+                    self.queues[(t.vm.id, "faultd")].append(("FAULT", corr, e.idx, e.flags))
+                    rec["flow_out"] = corr
+                    t.pending = _AwaitReply(corr, e.idx, e.flags)
+                    return
                 err, msg = t.vm.replies.pop(e.corr)
                 if err:
                     exc = OSError(err, msg)
+            elif c is _Kill:
+                self._kill(e.target)
+            elif c is _Freeze:
+                self.frozen = True
+            elif c is _Thaw:
+                self.frozen = False
+            elif c is _Boundary:
+                result = None
+            elif c is _NotifierLost:
+                self._notifier_lost(e.v, e.target)
+            elif c is _Restart:
+                self._restart(e.target)
             elif c is Reply:
                 self._reply(t, e.err, e.msg)
             elif c is _Micro:
@@ -526,6 +663,9 @@ class KsmWorld:
         if kind == "FAULT":          # a new handle_mm_fault task in the fault handler
             _, corr, idx, flags = item
             mm = src
+            if not self.up["faultd"]:       # written to a dead fault handler's channel: lost
+                self.lost.add(corr)
+                return
             t = Thread(f"faultd/{corr}", "faultd", handle_mm_fault(mm, self.mem.mms[mm].npages, idx, flags,
                                                                      self.mode, self.early_reply, self.brk))
             t.mm, t.corr = mm, corr
@@ -549,15 +689,78 @@ class KsmWorld:
         _, h, s, entries = item
         sub = v.subs[s]
         t = Msg[kind]
-        st = v.grammar[s]
+        gk = (src, s) if self.kill else s
+        st = v.grammar.setdefault(gk, GRAMMAR[(INIT, "REGISTER")])
         nxt = GRAMMAR.get((st, kind))
         if nxt is None and st != FAILED:
             self.violations_found.append(f"{v.name} {sub.name}: {grammar_why(st, kind)}: got {kind}, "
                                          f"expected {EXPECT.get(st)}")
             nxt = FAILED
-        v.grammar[s] = nxt
+        v.grammar[gk] = nxt
+        if t in (Msg.START, Msg.END):
+            k = (src, dst, s)
+            self.open_starts[k] = self.open_starts.get(k, 0) + (1 if t == Msg.START else -1)
         flags = sub.apply(t, entries)
         self.queues[(dst, f"{src}.ack")].append(("ACK", h, flags))
+
+    # ---------------------------------------------------------------- kill -9 and recovery
+    def _ksmd_thread(self) -> Thread | None:
+        for t in self.threads:
+            if t.actor == "ksmd" and not t.done:
+                return t
+        return None
+
+    def _kill(self, target: str) -> None:
+        """The process dies between two steps: generators abandoned, locks dropped by the kernel."""
+        self.up[target] = False
+        for t in self.threads:
+            if t.actor != target or t.done:
+                continue
+            for gen in reversed(t.stack):
+                gen.close()
+            t.stack, t.done, t.pending = [], True, None
+            if target == "faultd" and not getattr(t, "replied", False):
+                self.lost.add(t.corr)
+            for key, holder in self.locks.items():
+                if holder == t.name:
+                    self.locks[key] = None
+        for v in self.vms:
+            self.pending_loss[v.id].add(target)
+            if target == "faultd":      # FAULTs not read yet die with the socket
+                for item in self.queues[(v.id, "faultd")]:
+                    self.lost.add(item[1])
+                self.queues[(v.id, "faultd")].clear()
+            self.queues[(v.id, f"{target}.ack")].clear()
+
+    def _notifier_lost(self, v: VMState, target: str) -> None:
+        for s, sub in v.subs.items():
+            n = self.open_starts.pop((target, v.id, s), 0)
+            if "no-spte-flush" in self.brk:
+                ended = max(0, min(n, sub.in_progress))
+                sub.in_progress -= ended
+                for _ in range(ended):
+                    sub.note("END")
+            else:
+                ended = sub.notifier_lost(n)
+            gk = (target, s)
+            for _ in range(ended):
+                v.grammar[gk] = GRAMMAR.get((v.grammar.get(gk, GRAMMAR[(INIT, "REGISTER")]), "END"), FAILED)
+        self.pending_loss[v.id].discard(target)
+
+    def _restart(self, target: str) -> None:
+        self.up[target] = True
+        if target != "ksmd":
+            return
+        old = self.scan
+        self.scan = KsmScan(self.ft, self.mode, old.clock, self.brk)
+        self.scan.knobs.update(old.knobs)
+        for k in ("pages_scanned", "pages_skipped", "full_scans"):
+            self.scan.c[k] = old.c[k]
+        for v in self.vms:
+            self.scan.add_mm(v.id, self.mem.mms[v.id])
+        t = Thread("ksmd'", "ksmd", self.restarted_ksmd())
+        self.threads.append(t)
+        self._advance(t, None)
 
     def _new_id(self) -> int:
         self.next_id += 1
@@ -606,7 +809,8 @@ class KsmWorld:
                         continue
                     stale = (not pp & PTE_PRESENT or (pp >> PAGE_SHIFT) != spfn
                              or (sp & PTE_WRITE and not pp & PTE_WRITE))
-                    if stale and self.locks[("ptl", v.id)] is None and not self._in_flight(v.id, s, i):
+                    if stale and self.locks[("ptl", v.id)] is None and not self._in_flight(v.id, s, i) \
+                            and not self.pending_loss[v.id]:
                         out.append(f"{v.name} {sub.name} page {i} maps frame {spfn}"
                                    f"{' writable' if sp & PTE_WRITE else ''} but its PTE maps "
                                    f"{pp >> PAGE_SHIFT if pp & PTE_PRESENT else 'nothing'}"
@@ -660,7 +864,12 @@ def _lname(key) -> str:
 
 
 def world_factory(mode: str, brk: str | None = None, **config):
-    """A callable that builds a fresh, identical KsmWorld (the explorer replays by rebuilding)."""
+    """A callable that builds a fresh, identical KsmWorld (the explorer replays by rebuilding).
+
+    The breaks of the recovery (no-repair, no-spte-flush) need a kill: theirs unless `kill` says.
+    """
     if brk is not None and brk not in BREAKS:
         raise ValueError(f"unknown break {brk!r}; one of: {', '.join(BREAKS)}")
+    if brk in BREAK_KILLS and config.get("kill") is None:
+        config["kill"] = BREAK_KILLS[brk]
     return lambda: KsmWorld(mode, brk, **config)

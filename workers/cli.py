@@ -5,7 +5,7 @@
     ksm-proto bench [--quick] [--cores N] [--trace-overhead] ...
     ksm-proto check [--mode M|all] [--seed S] [--runs N] [--exhaustive [--depth D]] [--break STEP]
                     [--list-breaks] [--trace FILE] [--replay SCHEDULE.json] [--save-schedule FILE]
-                    [--max-steps N] [--world ksm|toy]
+                    [--max-steps N] [--world ksm|toy] [--kill ksmd|faultd]
     ksm-proto estimate [--pid PID...] [--all-pids] [--file PATH...] [--dir DIR...] [--json] [--plot FILE]
                        [--max-page-sharing N] [--use-zero-pages 0|1] [--merge-across-nodes 0|1] [--verify-kernel]
 
@@ -17,14 +17,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
 
 from proto import MADV_MERGEABLE, PAGE_SIZE
 from proto.layout import COUNTERS
+from proto.trace import open_private
 
-from .scenario import Scenario, ScenarioError, demo, load
+from .scenario import Scenario, ScenarioError, check_fits, demo, load
 
 SYSFS_COUNTERS = [c for c in COUNTERS if c not in ("ksm_rmap_items", "metadata_bytes")]
 CHUNK = 1 << 20
@@ -97,11 +99,16 @@ class _null:
         return False
 
 
+def scenario_frames(sc: Scenario) -> int:
+    """The machine's frames for a scenario: its own [machine] frames, or room for its pages and a margin."""
+    return sc.frames or int(sc.pages * 1.25) + 4096
+
+
 def run_scenario(sc: Scenario, mode: str | None, trace: str | None, until_stable: bool, scans: int,
                  rep: Reporter, timeout: float) -> dict:
     from .machine import Machine
     mode = mode or sc.notifier_mode or "change_pte"
-    frames = sc.frames or int(sc.pages * 1.25) + 4096
+    frames = scenario_frames(sc)
     t0 = time.monotonic()
     with Machine(frames=frames, notifier_mode=mode, trace=trace, nodes=1 + max(v.node for v in sc.vms)) as m:
         layout = load_vms(m, sc, rep)
@@ -177,6 +184,7 @@ def run_scenario(sc: Scenario, mode: str | None, trace: str | None, until_stable
 def cmd_run(a) -> int:
     try:
         sc = load(a.scenario) if a.scenario else demo()
+        check_fits(sc, scenario_frames(sc))
     except ScenarioError as e:
         print(f"ksm-proto: bad scenario: {e}", file=sys.stderr)
         return 2
@@ -253,6 +261,7 @@ def cmd_check(a) -> int:
             print(f"ksm-proto: {a.replay}: not a schedule: {e}", file=sys.stderr)
             return 2
         a.world, a.mode, a.brk, a.max_steps = doc["world"], doc.get("mode"), doc.get("break"), doc.get("max_steps")
+        a.kill = doc.get("kill")
     world_factory, breaks = _check_world(a.world)
     if a.list_breaks:
         print("\n".join(breaks))
@@ -261,9 +270,12 @@ def cmd_check(a) -> int:
         names = "".join(f"\n  {n:24s} {d}" for n, d in breaks.items())
         print(f"ksm-proto check: unknown --break {a.brk!r}; the {a.world} world has:{names}", file=sys.stderr)
         return 2
+    if a.kill and a.world != "ksm":
+        print("ksm-proto check: --kill needs the ksm world", file=sys.stderr)
+        return 2
     for mode in CHECK_MODES if a.mode == "all" else (a.mode,):
         try:
-            factory = world_factory(mode, a.brk)
+            factory = world_factory(mode, a.brk, **({"kill": a.kill} if a.kill else {}))
         except ValueError as e:
             print(f"ksm-proto check: {e}", file=sys.stderr)
             return 2
@@ -284,6 +296,8 @@ def cmd_check(a) -> int:
             print(f"ksm-proto: {a.replay}: does not replay on this code: {e}", file=sys.stderr)
             return 2
         meta = {"world": a.world, "mode": mode, "break": a.brk, "max_steps": a.max_steps}
+        if a.kill:
+            meta["kill"] = a.kill
         return _check_report(explore, tr, meta, found_by, a)
     return 0
 
@@ -296,11 +310,11 @@ def _check_report(explore, tr, meta: dict, found_by: dict, a) -> int:
     else:
         print(f"replayed {len(tr.steps)} steps: no violation")
     if a.trace:
-        with open(a.trace, "w") as f:
+        with open_private(a.trace) as f:
             f.write(explore.trace_json(tr, meta))
         print(f"trace written to {a.trace} (open it in ui.perfetto.dev)")
     if a.save_schedule and tr.violations:
-        with open(a.save_schedule, "w") as f:
+        with open_private(a.save_schedule) as f:
             f.write(explore.schedule_json(tr, meta, found_by))
         print(f"schedule saved to {a.save_schedule} (ksm-proto check --replay {a.save_schedule})")
     return 1 if tr.violations else 0
@@ -321,6 +335,16 @@ def _positive(text: str) -> int:
     return n
 
 
+def _seconds(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(v) or not 0 < v <= 86400:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds in (0, 86400], not {text}")
+    return v
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="ksm-proto", description="A multiprocess prototype of Linux KSM and mmu_notifiers")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -330,8 +354,8 @@ def main(argv=None) -> int:
     r.add_argument("--trace", metavar="FILE", help="write a Chrome/Perfetto trace of every message")
     r.add_argument("--until-stable", action="store_true", help="stop once counters stay put for two full scans")
     r.add_argument("--notifier-mode", choices=["change_pte", "wrapped", "invalidate"])
-    r.add_argument("--scans", type=int, default=4, help="full scans to run without --until-stable (default 4)")
-    r.add_argument("--timeout", type=float, default=120.0, help="give up after this many seconds")
+    r.add_argument("--scans", type=_positive, default=4, help="full scans to run without --until-stable (default 4)")
+    r.add_argument("--timeout", type=_seconds, default=120.0, help="give up after this many seconds")
     t = sub.add_parser("trace", help="look at a trace file")
     t.add_argument("what", choices=["summary", "check"])
     t.add_argument("file")
@@ -357,10 +381,21 @@ def main(argv=None) -> int:
         description="What KSM would reach at stability on real pages, with the scanner's hashing and tree rules. "
                     "Exit status: 0 done, 1 some input could not be read (the rest counted), 2 bad usage or "
                     "nothing readable, 3 --verify-kernel failed or the kernel's counters differ."))
+    c.add_argument("--kill", choices=["ksmd", "faultd"],
+                   help="kill -9 that actor at a point the schedule picks, then recover as the supervisor does")
     args, rest = p.parse_known_args(argv)
+    try:
+        return _main(p, c, args, rest)
+    except KeyboardInterrupt:       # the Machine has torn itself down on the way out
+        print("ksm-proto: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(p, c, args, rest) -> int:
     if args.cmd == "bench":
         return cmd_bench(args, rest)
     if args.cmd == "estimate" and not rest:
+        from . import estimate
         return estimate.cli(args)
     if rest:
         p.error(f"unrecognized arguments: {' '.join(rest)}")

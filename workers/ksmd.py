@@ -6,23 +6,33 @@ it drives their effects against the run's shared memory and the VMs' notifier
 channels (workers/notifier.py), wakes every `sleep_millisecs` to scan
 `pages_to_scan` pages, applies knobs (run=2 unmerges everything), publishes the
 counters in the stats segment and serves the supervisor's control calls.
+
+Each VM's channel is a socketpair end the supervisor passes (`attach_mm`), bound to
+that VM's mm once; a HELLO naming another mm, a second HELLO, or any other frame a VM
+sends is refused and logged.  ksmd keeps its knobs and cumulative counters in the
+stats segment, so a ksmd the supervisor restarted after a crash starts from them and
+rebuilds its stable tree and the rmap items of merged pages from the frame table and
+the PTEs (`restore`, core.scan.KsmScan.restore).  `freeze` holds the scanner between
+two batches (no lock, no pinned frame held) while the supervisor repairs what a dead
+fault handler left; `thaw` lets it go on.
 """
 from __future__ import annotations
 
 import asyncio
 import errno
 import logging
+import os
 import socket
 import time
 
 
-from proto.channel import Channel, abstract_listener
+from proto.channel import Channel
 from proto.knobs import BUSY_WHEN_MERGED, check_knob
-from proto.layout import COUNTERS, KNOBS, MM_STATS
+from proto.layout import COUNTERS, KNOBS, MAX_MMS, MM_STATS
 from proto.messages import Frame, Msg, call_payload, encode
 from proto.trace import Tracer
 
-from .actor import RunMemory, actor_args, run_actor, setup
+from .actor import RunMemory, actor_args, receive_fd, req_int, run_actor, setup
 from .core.effects import Memory, TryLock
 from .core.fault import unmerge_ksm_pages
 from .core.scan import BATCH, KsmScan
@@ -50,6 +60,17 @@ class Ksmd:
         self.wake = asyncio.Event()
         self.batch_lock = asyncio.Lock()
         self.scan_errors = 0
+        self.refused = 0
+        self.bound: set[int] = set()
+        self.frozen = None             # the timer that thaws a freeze the supervisor forgot
+        self.restored = asyncio.Event()
+        # knobs and cumulative counters live in the stats segment: a restarted ksmd goes on from them
+        for k in KNOBS:
+            self.knobs[k] = self.stats.knob(k)
+        for k in ("pages_scanned", "pages_skipped", "full_scans"):
+            self.scan.c[k] = int(self.stats.counters[COUNTERS.index(k)])
+        if not args.restarted:
+            self.restored.set()
 
     async def ksm_do_scan(self, budget: int) -> tuple[int, bool]:
         """One batch of the scan, its merges included; returns (pages scanned, full scan ended)."""
@@ -110,6 +131,8 @@ class Ksmd:
         self.stats.knobs[KNOBS.index(name)] = v
 
     async def set_knobs(self, knobs: dict) -> None:
+        for name, value in knobs.items():      # all or nothing: a bad knob changes none
+            check_knob(name, value)
         for name, value in knobs.items():
             v = check_knob(name, value)
             if name in BUSY_WHEN_MERGED and v != self.knobs[name]:
@@ -134,47 +157,122 @@ class Ksmd:
         self.wake.set()
 
     # ------------------------------------------------------------------ channels and main loop
+    async def attach_mm(self, mm_id: int, name: str, fd: int) -> None:
+        """Bind a channel end the supervisor passed to mm mm_id: once, ever (mm ids are not reused)."""
+        if mm_id in self.bound:
+            os.close(fd)
+            self.refuse(f"a second channel for mm {mm_id} ({name})")
+            raise OSError(errno.EBUSY, f"mm {mm_id} already has a channel to ksmd")
+        if mm_id not in self.memory.mms:
+            try:
+                mm, ptl = self.mem.attach_mm(mm_id)
+            except BaseException:
+                os.close(fd)
+                raise
+            self.memory.mms[mm_id] = mm
+            self.ptls[mm_id] = ptl
+            self.scan.add_mm(mm_id, mm)
+        self.bound.add(mm_id)
+        sock = socket.socket(fileno=fd)
+        sock.setblocking(False)
+        _, ch = await asyncio.get_running_loop().create_connection(
+            lambda: Channel(f"ksmd<-{name}", self.on_vm_frame), sock=sock)
+        ch.peer, ch.hello = mm_id, False
+        self.notifiers[mm_id] = MMUNotifier(self.name, name, self.memory.mms[mm_id], ch, self.tr,
+                                            self.args.ack_timeout)
+
+    def refuse(self, what: str) -> None:
+        self.refused += 1
+        log.error("ksmd: refused %s", what)
+
     def on_vm_frame(self, ch: Channel, f: Frame) -> None:
-        if f.type != Msg.HELLO:
-            log.error("ksmd: unexpected %s on a vm channel", Msg(f.type).name)
+        if f.type != Msg.HELLO or ch.hello or f.mm != ch.peer:
+            why = ("a second HELLO" if ch.hello else f"HELLO for mm {f.mm}") if f.type == Msg.HELLO \
+                else f"message type {f.type}"
+            self.refuse(f"{why} on the channel of mm {ch.peer}")
+            if f.type == Msg.HELLO:
+                ch.send(encode(Msg.REPLY, mm=f.mm, corr=f.corr, payload=call_payload(
+                    {"errno": errno.EPERM, "error": f"{why} on the channel of mm {ch.peer}: refused"})))
             return
-        if f.mm not in self.memory.mms:
-            mm, ptl = self.mem.attach_mm(f.mm)
-            self.memory.mms[f.mm] = mm
-            self.ptls[f.mm] = ptl
-            self.scan.add_mm(f.mm, mm)
-        peer = f.json().get("name", f"vm:{f.mm}") if f.payload else f"vm:{f.mm}"
-        self.notifiers[f.mm] = MMUNotifier(self.name, peer, self.memory.mms[f.mm], ch, self.tr, self.args.ack_timeout)
-        ch.peer = f.mm
+        ch.hello = True
         ch.send(encode(Msg.ACK, mm=f.mm, corr=f.corr))     # the VM registers its secondary MMUs after this
+
+    def _thaw(self, why: str) -> None:
+        if self.frozen is not None:
+            if why:
+                log.error("ksmd: %s", why)
+            self.frozen.cancel()
+            self.frozen = None
+            self.batch_lock.release()
+
+    async def restore(self) -> None:
+        """After a restart: the stable tree and merged pages' rmap items from shared memory."""
+        async with self.batch_lock:
+            n = await self.driver.run(self.scan.restore())
+            log.warning("ksmd: restarted; %d KSM pages and their rmap items rebuilt from shared memory", n)
+            if self.knobs["run"] == 2:      # the dead ksmd may have been unmerging: finish it
+                try:
+                    await self.unmerge_all()
+                except (OutOfFrames, TimeoutError) as e:
+                    log.error("ksmd: run=2 could not unmerge everything after the restart: %s", e)
+            self.publish()
+        self.restored.set()
+        self.wake.set()
 
     async def on_ctl(self, ch: Channel, f: Frame) -> None:
         reply: dict = {}
         try:
             req = f.json()
             op = req.get("op")
-            async with self.batch_lock:
-                if op == "set_knobs":
-                    await self.set_knobs(req["knobs"])
-                elif op == "mm_exit":
-                    self.mm_exit(int(req["mm"]))
-                elif op == "info":
-                    sc = self.scan
-                    reply = {"metadata_bytes": sc.metadata_bytes(), "merges": sc.merges,
-                             "merge_failures": sc.merge_failures, "scan_errors": self.scan_errors,
-                             "slots": len(sc.slots), "tree_bytes": sc.tree.nbytes, "unstable_bytes": sc.unstable.nbytes,
-                             "rmap_bytes": sum(s.items.nbytes for s in sc.slots.values())}
-                elif op == "ping":
-                    pass
-                else:
-                    raise OSError(errno.EINVAL, f"unknown ksmd op {op!r}")
+            if op == "freeze":        # outside batch_lock: freeze takes it and keeps it until thaw
+                if self.frozen is None:
+                    await self.batch_lock.acquire()
+                    self.frozen = asyncio.get_running_loop().call_later(
+                        float(req_int(req, "for_s", 60, 1, 3600)), self._thaw,
+                        "thawed: the supervisor did not thaw within the freeze timeout")
+            elif op == "thaw":
+                self._thaw("")
+            elif op == "restore":
+                await self.restore()
+            else:
+                await self.on_ctl_locked(req, op, reply)
         except OSError as e:
             reply = {"errno": e.errno or errno.EINVAL, "error": e.strerror or str(e)}
-        except (KeyError, ValueError, TypeError) as e:
+        except (KeyError, ValueError, TypeError, AttributeError) as e:
             reply = {"errno": errno.EINVAL, "error": f"bad request: {e!r}"}
-        ch.send(encode(Msg.REPLY, corr=f.corr, payload=call_payload(reply)))
+        except Exception as e:      # a bug: the supervisor hears of it, ksmd goes on
+            log.exception("ksmd: control request failed")
+            reply = {"errno": errno.EIO, "error": f"ksmd: internal error: {e!r}"}
+        if not ch.closed:
+            ch.send(encode(Msg.REPLY, corr=f.corr, payload=call_payload(reply)))
+
+    async def on_ctl_locked(self, req: dict, op, reply: dict) -> None:
+        async with self.batch_lock:
+            if op == "attach_mm":
+                mm_id = req_int(req, "mm", None, 0, MAX_MMS - 1)
+                name = str(req.get("name", f"vm:{mm_id}"))
+                await self.attach_mm(mm_id, name, receive_fd(self.fd_sock, req_int(req, "seq"), f"mm {mm_id}"))
+            elif op == "set_knobs":
+                knobs = req["knobs"]
+                if not isinstance(knobs, dict):
+                    raise OSError(errno.EINVAL, f"knobs must be an object, not {knobs!r}")
+                await self.set_knobs(knobs)
+            elif op == "mm_exit":
+                self.mm_exit(req_int(req, "mm"))
+            elif op == "info":
+                sc = self.scan
+                info = {"metadata_bytes": sc.metadata_bytes(), "merges": sc.merges,
+                         "merge_failures": sc.merge_failures, "scan_errors": self.scan_errors,
+                         "slots": len(sc.slots), "tree_bytes": sc.tree.nbytes, "unstable_bytes": sc.unstable.nbytes,
+                         "rmap_bytes": sum(s.items.nbytes for s in sc.slots.values()), "refused": self.refused}
+                reply.update(info)
+            elif op == "ping":
+                pass
+            else:
+                raise OSError(errno.EINVAL, f"unknown ksmd op {op!r}")
 
     async def scan_loop(self) -> None:
+        await self.restored.wait()
         while True:
             if self.knobs["run"] != 1:
                 await self.sleep(0.5)
@@ -205,8 +303,7 @@ class Ksmd:
     async def main(self) -> None:
         loop = asyncio.get_running_loop()
         done = loop.create_future()
-        server = await loop.create_unix_server(lambda: Channel("ksmd<-vm", self.on_vm_frame),
-                                               sock=abstract_listener(f"{self.args.run}.ksmd"))
+        self.fd_sock = socket.socket(fileno=self.args.fd_sock)
         ctl_sock = socket.socket(fileno=self.args.ctl_fd)
         _, ctl = await loop.create_connection(
             lambda: Channel("ksmd<-ctl", lambda ch, f: loop.create_task(self.on_ctl(ch, f)),
@@ -216,14 +313,13 @@ class Ksmd:
         scanner = loop.create_task(self.scan_loop())
         await done
         scanner.cancel()
-        server.close()
         if self.tr:
             self.tr.close()
 
 
 def main() -> None:
     setup("ksmd")
-    args = actor_args()
+    args = actor_args(lambda p: p.add_argument("--restarted", action="store_true"))
     run_actor("ksmd", Ksmd(args).main)
 
 

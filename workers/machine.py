@@ -6,6 +6,23 @@ and one worker per VM as separate processes, gives the parent a handle on each
 (`VM`, `KSMControl`), notices a worker that dies (its frames are freed, the
 others go on), and tears everything down on exit, exception, Ctrl-C or SIGTERM.
 
+Every channel between two actors is a socketpair it makes and hands out: a VM gets
+its ends at spawn, ksmd and the fault handler get theirs passed over their fd
+socket, bound to that VM's mm (`attach_mm`).  Nothing listens on a name, so no other
+process, of this uid or another, can reach a channel.
+
+When ksmd or the fault handler dies (kill -9 included), the supervisor replaces it
+(`_recover`): ksmd is frozen between batches if it still runs, every VM ends what the
+dead notifier had started and drops its secondary translations, the frame table is
+repaired from the PTEs under every page-table lock (core.repair), a new process is
+started and handed fresh channels to every VM, and a new ksmd rebuilds its stable
+tree from shared memory.  Faults in flight are sent again by the VMs; calls on the
+dead actor wait for its successor, and fail with a clear error only once it is
+really gone (it kept dying: more than MAX_RESTARTS restarts within RESTART_WINDOW s).
+
+Sizes are checked before anything is allocated: a machine or a VM that needs more
+shared memory than /dev/shm has free (or the machine has available) is refused.
+
 A small reaper process (started in its own session) holds a pipe to the
 supervisor: if the supervisor itself is killed with SIGKILL, the reaper unlinks
 what the run left in /dev/shm.  Each actor dies with its parent
@@ -28,17 +45,70 @@ import time
 
 import numpy as np
 
-from proto.channel import BlockingChannel, ChannelClosed
+from proto.channel import BlockingChannel, ChannelClosed, send_fd
 from proto.knobs import DEFAULTS, check_knob
 from proto.layout import (COUNTERS, KNOBS, MAX_MMS, MM_STATS, MMH_ID, MMH_NODE, MMH_NPAGES, MMH_OWNER_PID,
                           PAGE_SHIFT, PAGE_SIZE, PTE_PRESENT, SHM_DIR, FrameTable, MMView, Segment, StatsView,
                           create_lock_file, new_run_name, run_owner_pid, seg_name, unlink_lock_file)
-from proto.messages import Msg, call_payload, decode
+from proto.messages import MAX_DATA, Msg, ProtocolError, call_payload, decode
 
+from .core.effects import MEM_EFFECTS, Lock, Memory, Unlock, apply_mem
+from .core.pte import check_range, task_size
+from .core.repair import repair_frames
 from .frames import FrameAllocator, ShmLock
 from .notifier import MODES
 
 log = logging.getLogger("ksm_proto.machine")
+MAX_FRAMES = 1 << 32            # pfns are int32 in the frame table
+MAX_VM_PAGES = 1 << 32          # 16 TiB of address space per VM
+MAX_RESTARTS, RESTART_WINDOW = 20, 60.0
+VM_NAME_MAX = 64
+
+
+def shm_capacity() -> tuple[int, int]:
+    """(bytes /dev/shm can still hold, bytes of memory the machine has available)."""
+    try:
+        st = os.statvfs(SHM_DIR)
+        shm = st.f_bavail * st.f_frsize
+    except OSError:
+        shm = 0
+    avail = shm
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    avail = int(line.split()[1]) * 1024
+                    break
+    except (OSError, ValueError, IndexError):
+        pass
+    return shm, avail
+
+
+def check_capacity(what: str, nbytes: int) -> None:
+    """OSError(ENOMEM) naming `what` if nbytes of shared memory cannot be had now."""
+    shm, avail = shm_capacity()
+    room = min(shm, avail)
+    if nbytes > room:
+        raise OSError(errno.ENOMEM, f"{what} needs {_size(nbytes)} of shared memory, but {SHM_DIR} has "
+                                    f"{_size(shm)} free and the machine {_size(avail)} available")
+
+
+def _size(n: int) -> str:
+    for unit, k in (("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << k:
+            return f"{n / (1 << k):.1f} {unit}"
+    return f"{n} bytes"
+
+
+def machine_bytes(frames: int) -> int:
+    """The shared memory a machine of `frames` frames maps (frames, frame table, stats)."""
+    return frames * PAGE_SIZE + FrameTable.size_for(frames) + StatsView.size_for()
+
+
+def check_vm_name(name) -> str:
+    if not isinstance(name, str) or not 0 < len(name) <= VM_NAME_MAX or not name.isprintable():
+        raise ValueError(f"VM name {name!r} must be 1 to {VM_NAME_MAX} printable characters")
+    return name
 
 
 def _alive(pid: int) -> bool:
@@ -82,14 +152,26 @@ def run_entries(run: str) -> list[str]:
 class ActorProcess:
     """One child actor: its Popen and its control channel."""
 
-    def __init__(self, name: str, module: str, run: str, args: list[str], env=None):
+    def __init__(self, name: str, module: str, run: str, args: list[str], env=None, pass_fds=()):
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        cmd = [sys.executable, "-m", module, "--run", run, "--ctl-fd", str(child.fileno()), *args]
+        fd_parent, fd_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        cmd = [sys.executable, "-m", module, "--run", run, "--ctl-fd", str(child.fileno()),
+               "--fd-sock", str(fd_child.fileno()), *args]
         self.name = name
-        self.proc = subprocess.Popen(cmd, pass_fds=[child.fileno()], env=env,
-                                     cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        child.close()
+        try:
+            self.proc = subprocess.Popen(cmd, pass_fds=[child.fileno(), fd_child.fileno(), *pass_fds], env=env,
+                                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        except BaseException:
+            for sk in (parent, fd_parent):
+                sk.close()
+            raise
+        finally:
+            child.close()
+            fd_child.close()
         self.ch = BlockingChannel(parent, name)
+        self.fd_sock = fd_parent
+        self.fd_seq = 0
+        self.fd_lock = threading.Lock()
         self.expected_exit = False
 
     @property
@@ -113,7 +195,20 @@ class ActorProcess:
                 continue
             if not data:
                 raise RuntimeError(f"{self.name} exited during start-up (exit code {self.proc.wait(5)})")
-            self.ch.ready.extend(self.ch.splitter.feed(data))
+            try:
+                self.ch.feed(data)
+            except ChannelClosed as e:
+                raise RuntimeError(f"{self.name} did not start: {e}") from None
+
+    def hand_fd(self, op: str, fd: int, timeout: float = 30.0, **kw) -> tuple[dict, bytes]:
+        """Pass fd over the actor's fd socket, then the control request `op` that takes it."""
+        with self.fd_lock:
+            self.fd_seq += 1
+            try:
+                send_fd(self.fd_sock, fd, {"seq": self.fd_seq})
+            except OSError as e:
+                raise ChannelClosed(f"{self.name}: cannot pass an fd: {e.strerror}") from None
+            return self.call(op, timeout, seq=self.fd_seq, **kw)
 
     def call(self, op: str, timeout: float = 30.0, data: bytes = b"", **kw) -> tuple[dict, bytes]:
         f = self.ch.call(Msg.CALL, call_payload({"op": op, **kw}, data), timeout=timeout)
@@ -125,6 +220,7 @@ class ActorProcess:
     def stop(self, timeout: float = 5.0) -> None:
         self.expected_exit = True
         self.ch.close()
+        self.fd_sock.close()
         try:
             self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -165,14 +261,31 @@ class VM:
         self._call("madvise", addr=addr, length=length, advice=advice)
 
     def write(self, addr: int, data) -> None:
-        self._call("write", data=bytes(data), addr=addr)
+        """Write data at addr, in frames of at most MAX_DATA bytes (a write of any size works)."""
+        mv = memoryview(data).cast("B")
+        if len(mv) <= MAX_DATA:
+            self._call("write", data=bytes(mv), addr=addr)
+            return
+        check_range("access", addr, len(mv), task_size(self.npages))
+        for off in range(0, len(mv), MAX_DATA):
+            self._call("write", data=bytes(mv[off:off + MAX_DATA]), addr=addr + off)
 
     def read(self, addr: int, n: int) -> bytes:
-        return self._call("read", addr=addr, length=n)[1]
+        """Read n bytes at addr, in frames of at most MAX_DATA bytes (a read of any size works)."""
+        return self._read("read", addr, n)
 
     def dma_read(self, addr: int, n: int) -> bytes:
         """Read through the device secondary MMU (a subscriber without change_pte)."""
-        return self._call("dma_read", addr=addr, length=n)[1]
+        return self._read("dma_read", addr, n)
+
+    def _read(self, op: str, addr: int, n: int) -> bytes:
+        if not isinstance(n, int) or n <= MAX_DATA:
+            return self._call(op, addr=addr, length=n)[1]
+        check_range("access", addr, n, task_size(self.npages))
+        out = bytearray()
+        for off in range(0, n, MAX_DATA):
+            out += self._call(op, addr=addr + off, length=min(MAX_DATA, n - off))[1]
+        return bytes(out)
 
     def stats(self) -> dict:
         return self._call("stats")[0]
@@ -222,7 +335,8 @@ class KSMControl:
     def set(self, **knobs) -> None:
         for k, v in knobs.items():
             check_knob(k, v)        # EINVAL early, naming the knob
-        rep, _ = self.m.ksmd.call("set_knobs", timeout=max(60.0, self.m.call_timeout), knobs=knobs)
+        # (setting knobs is idempotent: if ksmd dies meanwhile, its successor gets the same call)
+        self.m.actor_call("ksmd", "set_knobs", timeout=max(60.0, self.m.call_timeout), knobs=knobs)
 
     def get(self, name: str):
         v = self.m.stats.knob(name)
@@ -246,11 +360,19 @@ class KSMControl:
         while int(self.m.stats.counters[i]) < target:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"full_scans went {start} -> {int(self.m.stats.counters[i])} in {timeout}s, "
-                                   f"wanted +{n} (is run=1?)")
-            if self.m.ksmd.proc.poll() is not None:
-                raise RuntimeError("ksmd has died")
+                                   f"wanted +{n}{self._why_no_scan()}")
+            if "ksmd" in self.m.gone:
+                raise RuntimeError(f"ksmd is gone: {self.m.gone['ksmd']}")
             time.sleep(0.001)
         return self.stats()
+
+    def _why_no_scan(self) -> str:
+        run, pts = self.get("run"), self.get("pages_to_scan")
+        if run != 1:
+            return f" (run is {run}, not 1)"
+        if pts == 0:
+            return " (pages_to_scan is 0)"
+        return ""
 
     def wait_stable(self, timeout: float = 60.0, scans: int = 2) -> dict:
         """Wait until the counters have not moved for `scans` full scans."""
@@ -274,8 +396,12 @@ class Machine:
                  knobs: dict | None = None, nodes: int = 1):
         if notifier_mode not in MODES:
             raise ValueError(f"notifier_mode {notifier_mode!r} is not one of {', '.join(MODES)}")
-        if frames < 16:
-            raise ValueError(f"frames={frames}: a machine needs at least 16 frames")
+        if isinstance(frames, bool) or not isinstance(frames, int) or not 16 <= frames <= MAX_FRAMES:
+            raise ValueError(f"frames={frames!r}: a machine has 16 to {MAX_FRAMES} frames")
+        for name, v in (("ack_timeout", ack_timeout), ("call_timeout", call_timeout)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 3600:
+                raise ValueError(f"{name}={v!r} must be a number of seconds in (0, 3600]")
+        check_capacity(f"a machine of {frames} frames", machine_bytes(frames))
         self.nframes = frames
         self.mode = notifier_mode
         self.trace_path = trace
@@ -295,6 +421,13 @@ class Machine:
         self.dead_vms: list[str] = []
         self.ksm = KSMControl(self)
         self._started = False
+        self.ready = {"ksmd": threading.Event(), "faultd": threading.Event()}   # set while the actor is up
+        self.gone: dict[str, str] = {}          # actors that kept dying: why they are not restarted
+        self.restarts: dict[str, list[float]] = {"ksmd": [], "faultd": []}
+        self.repairs: list[dict] = []           # what each repair after a death found and fixed
+        self.recover_lock = threading.RLock()   # one recovery at a time; spawn_vm waits for it
+        self.watch_stop = threading.Event()
+        self.mm_lock = threading.RLock()        # the mm table: repair vs. tearing an mm down
 
     # ------------------------------------------------------------------ lifecycle
     def __enter__(self) -> "Machine":
@@ -324,10 +457,13 @@ class Machine:
             common = ["--mode", self.mode, "--ack-timeout", str(self.ack_timeout)]
             if self.trace_dir:
                 common += ["--trace", self.trace_dir]
+            self.common_args = common
             self.faultd = ActorProcess("faultd", "workers.faultd", run, common)
             self.ksmd = ActorProcess("ksmd", "workers.ksmd", run, common)
             self.faultd.wait_ready(30)
             self.ksmd.wait_ready(30)
+            for ev in self.ready.values():
+                ev.set()
             self._started = True
             if self.initial_knobs:
                 self.ksm.set(**self.initial_knobs)
@@ -358,8 +494,14 @@ class Machine:
         self.reaper_fd = w
 
     def _watch(self) -> None:
-        """Notice actors that die: a dead VM's mm is torn down, the rest keeps running."""
-        while not self.closed:
+        """Notice actors that die: a dead VM's mm is torn down, a dead ksmd or fault handler replaced.
+
+        (It lives until close() has stopped every actor: the actors it restarted die with the
+        thread that started them, PR_SET_PDEATHSIG.)
+        """
+        while not self.watch_stop.wait(0.05):
+            if self.closed:
+                continue
             for vm in list(self.vms.values()):
                 if vm.alive and vm.actor.proc.poll() is not None and not vm.actor.expected_exit:
                     log.error("VM %s (pid %d) died with status %s: freeing its frames", vm.name, vm.pid,
@@ -369,53 +511,233 @@ class Machine:
                     except Exception:
                         log.exception("tearing down dead VM %s", vm.name)
                     self.dead_vms.append(vm.name)
-            for a in (self.ksmd, self.faultd):
-                if a.proc.poll() is not None and not a.expected_exit:
-                    log.error("%s (pid %d) died with status %s", a.name, a.pid, a.proc.returncode)
-                    a.expected_exit = True
-            time.sleep(0.05)
+            dead = [n for n in ("ksmd", "faultd")
+                    if getattr(self, n).proc.poll() is not None and not getattr(self, n).expected_exit]
+            if dead and not self.closed:
+                try:
+                    self._recover(dead)
+                except Exception:
+                    log.exception("recovering from the death of %s", " and ".join(dead))
+
+    # ------------------------------------------------------------------ dying actors
+    def actor_call(self, name: str, op: str, timeout: float | None = None, **kw) -> tuple[dict, bytes]:
+        """A control call on ksmd or the fault handler that outlives their deaths.
+
+        A call that finds the actor dead waits for the supervisor to replace it and is sent
+        again to the successor (every such call is idempotent); OSError(EIO) once the actor
+        is really gone, TimeoutError if it is not back within the timeout.
+        """
+        timeout = timeout or self.call_timeout
+        deadline = time.monotonic() + timeout
+        while True:
+            if name in self.gone:
+                raise OSError(errno.EIO, f"{name} is gone: {self.gone[name]}")
+            if self.closed and not self.ready[name].is_set():
+                raise OSError(errno.ESRCH, "machine is closed")
+            left = deadline - time.monotonic()
+            if left <= 0 or not self.ready[name].wait(left):
+                raise TimeoutError(f"{name} was not back within {timeout:.0f}s")
+            actor = getattr(self, name)
+            try:
+                return actor.call(op, max(0.1, deadline - time.monotonic()), **kw)
+            except ChannelClosed:
+                if self.closed:
+                    raise OSError(errno.ESRCH, "machine is closed") from None
+                log.warning("%s died during %s: waiting for its successor", name, op)
+                while getattr(self, name) is actor and self.ready[name].is_set() and time.monotonic() < deadline \
+                        and name not in self.gone and not self.closed:
+                    time.sleep(0.01)        # until the watcher has seen the death
+
+    def _recover(self, dead: list[str]) -> None:
+        """Replace dead ksmd / fault handler processes, repairing what they left half done."""
+        with self.recover_lock:
+            now = time.monotonic()
+            for name in dead:
+                self.ready[name].clear()
+                a = getattr(self, name)
+                a.expected_exit = True
+                log.error("%s (pid %d) died with status %s: replacing it", name, a.pid, a.proc.returncode)
+                a.stop(1)
+                recent = [t for t in self.restarts[name] if now - t < RESTART_WINDOW] + [now]
+                self.restarts[name] = recent
+                if len(recent) > MAX_RESTARTS:
+                    self.gone[name] = f"died {len(recent)} times within {RESTART_WINDOW:.0f}s; not restarted"
+                    log.error("%s %s", name, self.gone[name])
+            frozen = False
+            if "ksmd" not in dead and "ksmd" not in self.gone:
+                try:                # ksmd between two batches: no ptl, no pinned frame held
+                    self.ksmd.call("freeze", self.ack_timeout * 4, for_s=int(self.ack_timeout * 6) + 1)
+                    frozen = True
+                except (OSError, TimeoutError, ChannelClosed) as e:
+                    log.error("could not freeze ksmd for the repair: %s", e)
+            live = [vm for vm in list(self.vms.values()) if vm.alive]
+            for vm in live:         # nothing a dead notifier may have changed stays mapped by a secondary MMU
+                for name in dead:
+                    try:
+                        vm.actor.call("notifier_lost", self.ack_timeout * 2, peer=name)
+                    except (OSError, TimeoutError, ChannelClosed) as e:
+                        log.error("VM %s did not drop what %s had mapped: %s", vm.name, name, e)
+            try:
+                self.repair()
+            except Exception:          # e.g. a ptl held by a hung actor: logged; the run goes on
+                log.exception("repair after the death of %s failed", " and ".join(dead))
+            try:
+                for name in dead:
+                    if name not in self.gone and not self.closed:
+                        self._respawn(name)
+            finally:
+                if frozen:
+                    try:
+                        self.ksmd.call("thaw", self.ack_timeout * 2)
+                    except (OSError, TimeoutError, ChannelClosed) as e:
+                        log.error("could not thaw ksmd: %s", e)
+
+    def _respawn(self, name: str) -> None:
+        module = {"ksmd": "workers.ksmd", "faultd": "workers.faultd"}[name]
+        a = ActorProcess(name, module, self.run, self.common_args + (["--restarted"] if name == "ksmd" else []))
+        try:
+            a.wait_ready(30)
+        except Exception as e:
+            a.stop(1)
+            log.error("%s did not restart: %s", name, e)
+            return              # the watcher sees it dead again and tries again (or gives up)
+        setattr(self, name, a)
+        for vm in [vm for vm in list(self.vms.values()) if vm.alive]:
+            try:
+                theirs = self._bind(name, vm.mm_id, vm.name)
+                try:
+                    vm.actor.hand_fd("reconnect", theirs.fileno(), self.ack_timeout * 4, peer=name)
+                finally:
+                    theirs.close()
+            except (OSError, TimeoutError, ChannelClosed) as e:
+                log.error("VM %s could not reconnect to the new %s: %s", vm.name, name, e)
+        if name == "ksmd":
+            try:
+                a.call("restore", max(60.0, self.call_timeout))
+            except (OSError, TimeoutError, ChannelClosed) as e:
+                log.error("the new ksmd could not restore its state: %s", e)
+        log.warning("%s restarted as pid %d", name, a.pid)
+        self.ready[name].set()
+
+    def _bind(self, name: str, mm_id: int, vm_name: str) -> socket.socket:
+        """A new channel between actor `name` and mm mm_id: its end is passed to the actor and bound
+        there to the mm; the other end is returned (for the VM)."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            getattr(self, name).hand_fd("attach_mm", ours.fileno(), self.ack_timeout * 4, mm=mm_id,
+                                        name=f"vm:{vm_name}")
+        except BaseException:
+            theirs.close()
+            raise
+        finally:
+            ours.close()
+        return theirs
+
+    def repair(self) -> dict:
+        """Make the frame table and zero-page counters agree with the PTEs (core.repair).
+
+        Safe only while no actor holds a frame reference outside a page-table lock (the
+        recovery freezes ksmd first); callable on a quiet machine to check nothing is off.
+        """
+        with self.mm_lock:
+            mms = {mm_id: MMView(seg) for mm_id, (seg, _) in self.mm_segs.items()}
+            ptls = {mm_id: ptl for mm_id, (_, ptl) in self.mm_segs.items()}
+            mem = Memory(self.alloc, self.stats, mms)
+            gen = repair_frames(list(mms), self.nframes)
+            send, exc = None, None
+            while True:
+                try:
+                    e = gen.throw(exc) if exc is not None else gen.send(send)
+                except StopIteration as st:
+                    done = st.value or {}
+                    break
+                send, exc = None, None
+                c = e.__class__
+                try:
+                    if c is Lock:
+                        ptls[e.key[1]].acquire(self.ack_timeout * 4)
+                    elif c is Unlock:
+                        ptls[e.key[1]].release()
+                    elif c in MEM_EFFECTS:
+                        send = apply_mem(mem, e)
+                    else:
+                        exc = TypeError(f"effect {e!r} has no driver in the supervisor")
+                except Exception as x:
+                    exc = x
+        self.repairs.append(done)
+        if any(done.values()):
+            log.warning("repair after an actor's death: %s", done)
+        return done
 
     def spawn_vm(self, name: str, pages: int = 16384, device: bool = False, node: int = 0) -> VM:
         """Start a VM worker with an address space of `pages` pages (and a device TLB if asked)."""
         if not self._started or self.closed:
             raise RuntimeError("machine is not running")
+        check_vm_name(name)
+        if isinstance(pages, bool) or not isinstance(pages, int) or not 1 <= pages <= MAX_VM_PAGES:
+            raise ValueError(f"pages={pages!r}: a VM has 1 to {MAX_VM_PAGES} pages")
+        if isinstance(node, bool) or not isinstance(node, int) or not 0 <= node < max(1, self.nodes):
+            raise ValueError(f"node {node!r} out of range: this machine has {self.nodes} node(s)")
+        check_capacity(f"VM {name!r} of {pages} pages", MMView.size_for(pages))
+        with self.recover_lock:      # not while ksmd or the fault handler is being replaced
+            for a in ("ksmd", "faultd"):
+                if a in self.gone:
+                    raise OSError(errno.EIO, f"{a} is gone: {self.gone[a]}")
+            with self.lock:
+                if name in self.vms:
+                    raise ValueError(f"a VM named {name!r} already exists")
+                mm_id, mm = self._new_mm(pages, node)
+            ends = []
+            actor = None
+            try:
+                for a in ("faultd", "ksmd"):
+                    ends.append(self._bind(a, mm_id, name))
+                args = ["--mode", self.mode, "--ack-timeout", str(self.ack_timeout), "--mm", str(mm_id),
+                        f"--name={name}", "--ksm", str(int(self.ksm_enabled)),
+                        "--fault-fd", str(ends[0].fileno()), "--ksmd-fd", str(ends[1].fileno())]
+                if device:
+                    args.append("--device")
+                if self.trace_dir:
+                    args += ["--trace", self.trace_dir]
+                actor = ActorProcess(f"vm:{name}", "workers.vm", self.run, args,
+                                     pass_fds=[e.fileno() for e in ends])
+                for e in ends:
+                    e.close()
+                mm.hdr[MMH_OWNER_PID] = actor.pid
+                actor.wait_ready(30)
+            except BaseException:
+                for e in ends:
+                    e.close()
+                if actor is not None:
+                    actor.stop(2)
+                self._drop_mm(mm_id)
+                self._free_mm(mm_id)
+                raise
+            vm = VM(self, name, mm_id, actor, pages)
+            self.vms[name] = vm
+        return vm
+
+    def _new_mm(self, pages: int, node: int = 0) -> tuple[int, MMView]:
+        """A new mm segment and its ptl (ids are never reused)."""
         with self.lock:
-            if name in self.vms:
-                raise ValueError(f"a VM named {name!r} already exists")
             if self.next_mm >= MAX_MMS:
                 raise OSError(errno.EAGAIN, f"at most {MAX_MMS} VMs per machine")
-            if not 0 <= node < max(1, self.nodes):
-                raise ValueError(f"node {node} out of range: this machine has {self.nodes} node(s)")
             mm_id = self.next_mm
             self.next_mm += 1
-            seg = Segment.create(seg_name(self.run, f"mm.{mm_id}"), MMView.size_for(pages))
-            mm = MMView(seg)
-            mm.hdr[MMH_ID] = mm_id
-            mm.hdr[MMH_NPAGES] = pages
-            mm.hdr[MMH_NODE] = node
-            ptl = ShmLock.ptl(self.run, mm_id)
-            self.mm_segs[mm_id] = (seg, ptl)
-        args = ["--mode", self.mode, "--ack-timeout", str(self.ack_timeout), "--mm", str(mm_id), "--name", name,
-                "--ksm", str(int(self.ksm_enabled))]
-        if device:
-            args.append("--device")
-        if self.trace_dir:
-            args += ["--trace", self.trace_dir]
-        actor = ActorProcess(f"vm:{name}", "workers.vm", self.run, args)
-        mm.hdr[MMH_OWNER_PID] = actor.pid
-        try:
-            actor.wait_ready(30)
-        except BaseException:
-            actor.stop(2)
-            self._free_mm(mm_id)
-            raise
-        vm = VM(self, name, mm_id, actor, pages)
-        self.vms[name] = vm
-        return vm
+            with self.mm_lock:
+                seg = Segment.create(seg_name(self.run, f"mm.{mm_id}"), MMView.size_for(pages))
+                mm = MMView(seg)
+                mm.hdr[MMH_ID] = mm_id
+                mm.hdr[MMH_NPAGES] = pages
+                mm.hdr[MMH_NODE] = node
+                ptl = ShmLock.ptl(self.run, mm_id)
+                self.mm_segs[mm_id] = (seg, ptl)
+        return mm_id, mm
 
     def page_referenced(self, vm: VM, addr: int, npages: int = 1) -> int:
         """page_referenced for a range: primary young bits and clear_flush_young of secondary MMUs."""
-        return self.faultd.call("page_referenced", mm=vm.mm_id, addr=addr, npages=npages)[0]["referenced"]
+        return self.actor_call("faultd", "page_referenced", mm=vm.mm_id, addr=addr,
+                               npages=npages)[0]["referenced"]
 
     def check_frames(self) -> list[str]:
         """Frame accounting invariants (call when quiet: run=0, no access in flight).
@@ -474,16 +796,25 @@ class Machine:
             if not vm.alive:
                 return
             vm.alive = False
-        for a in (self.ksmd, self.faultd):
-            if a.proc.poll() is None:
-                try:
-                    a.call("mm_exit", timeout=self.ack_timeout * 4, mm=vm.mm_id)
-                except (OSError, TimeoutError, ChannelClosed) as e:
-                    log.error("%s did not drop mm %d: %s", a.name, vm.mm_id, e)
+        self._drop_mm(vm.mm_id)
         self._free_mm(vm.mm_id)
+
+    def _drop_mm(self, mm_id: int) -> None:
+        """ksmd and the fault handler forget mm mm_id (a restarting one never knew it)."""
+        for a in ("ksmd", "faultd"):
+            if a in self.gone:
+                continue
+            try:
+                self.actor_call(a, "mm_exit", timeout=self.ack_timeout * 4, mm=mm_id)
+            except (OSError, TimeoutError, ChannelClosed) as e:
+                log.error("%s did not drop mm %d: %s", a, mm_id, e)
 
     def _free_mm(self, mm_id: int) -> None:
         """exit_mmap: drop every frame the mm maps, then unlink its segment and drop its ptl."""
+        with self.mm_lock:
+            self._free_mm_locked(mm_id)
+
+    def _free_mm_locked(self, mm_id: int) -> None:
         seg, ptl = self.mm_segs.pop(mm_id)
         mm = MMView(seg)
         try:     # a fault still finishing on this mm completes (PTE set, old frame dropped) first
@@ -513,7 +844,11 @@ class Machine:
         if self.closed:
             return
         self.closed = True
+        main = threading.current_thread() is threading.main_thread()
+        old_int = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None   # a 2nd Ctrl-C waits for us
         try:
+            if self.recover_lock.acquire(timeout=max(60.0, self.ack_timeout * 8)):   # a recovery finishes first
+                self.recover_lock.release()
             for vm in list(self.vms.values()):
                 if vm.alive:
                     try:
@@ -525,11 +860,14 @@ class Machine:
                 if actor is not None:
                     actor.stop(5)
         finally:
+            self.watch_stop.set()
             self._unlink_all()
             if self.trace_dir:
                 self._merge_trace()
-            if getattr(self, "_old_term", None) is not None and threading.current_thread() is threading.main_thread():
+            if getattr(self, "_old_term", None) is not None and main:
                 signal.signal(signal.SIGTERM, self._old_term)
+            if old_int is not None:
+                signal.signal(signal.SIGINT, old_int)
 
     def _merge_trace(self) -> None:
         from .tracetool import merge

@@ -25,7 +25,9 @@ Format (see README):
 from __future__ import annotations
 
 import glob
+import math
 import os
+import stat
 import sys
 from dataclasses import dataclass, field
 
@@ -40,6 +42,10 @@ except ImportError:  # pragma: no cover - python < 3.11
     import tomli as tomllib
 
 MODES = ("change_pte", "wrapped", "invalidate")
+MAX_SCENARIO_BYTES = 1 << 20        # a scenario is a small text file
+MAX_PAGES = 1 << 32                 # pages of one region (the capacity check comes on top)
+MAX_PERIOD_MS = 3_600_000
+VM_NAME_MAX = 64
 
 
 class ScenarioError(ValueError):
@@ -134,20 +140,21 @@ def _region(where: str, r: dict) -> Region:
     pages = _typed(where, r, "pages", int)
     if pages is not None and pages <= 0:
         raise _err(f"{where}.pages", f"must be positive, not {pages}")
+    if pages is not None and pages > MAX_PAGES:
+        raise _err(f"{where}.pages", f"must be at most {MAX_PAGES}, not {pages}")
     kind, _, arg = source.partition(":")
     if kind == "file":
         if not arg:
             raise _err(f"{where}.source", "file: needs a path (\"file:PATH\")")
-        if not os.path.isfile(arg):
-            raise _err(f"{where}.source", f"file {arg!r} does not exist")
-        size = os.path.getsize(arg)
+        size = _readable_file(f"{where}.source", arg, "file")
         if size == 0:
             raise _err(f"{where}.source", f"file {arg!r} is empty")
         fp = (size + PAGE_SIZE - 1) // PAGE_SIZE
         pages = min(pages, fp) if pages else fp
     elif kind == "random":
-        if not arg.lstrip("-").isdigit():
-            raise _err(f"{where}.source", f"random: needs an integer seed (\"random:SEED\"), not {arg!r}")
+        if not arg.isdigit():
+            raise _err(f"{where}.source", f"random: needs a non-negative integer seed (\"random:SEED\"), "
+                                          f"not {arg!r}")
         if pages is None:
             raise _err(f"{where}.pages", "is required for a random region")
     elif kind == "pid":
@@ -181,8 +188,8 @@ def _region(where: str, r: dict) -> Region:
         if not 0 < wp <= pages:
             raise _err(f"{ww}.pages", f"must be in 1..{pages} (the region's pages), not {wp}")
         period = float(_typed(ww, w, "period_ms", (int, float), 5.0))
-        if period < 0:
-            raise _err(f"{ww}.period_ms", f"must be >= 0, not {period}")
+        if not math.isfinite(period) or not 0 <= period <= MAX_PERIOD_MS:
+            raise _err(f"{ww}.period_ms", f"must be a finite number in [0, {MAX_PERIOD_MS}], not {period}")
         values = _typed(ww, w, "values", int, 4)
         if not 1 <= values <= 255:
             raise _err(f"{ww}.values", f"must be in 1..255, not {values}")
@@ -197,6 +204,9 @@ def parse(doc: dict, name: str = "scenario") -> Scenario:
     m = doc.get("machine", {})
     if not isinstance(m, dict):
         raise _err(f"{name}: machine", "must be a table")
+    unknown = set(m) - {"frames", "notifier_mode"}
+    if unknown:
+        raise _err(f"{name}: machine.{sorted(unknown)[0]}", "unknown field (expected frames, notifier_mode)")
     frames = _typed(f"{name}: machine", m, "frames", int)
     if frames is not None and frames < 16:
         raise _err(f"{name}: machine.frames", f"must be at least 16, not {frames}")
@@ -223,6 +233,8 @@ def parse(doc: dict, name: str = "scenario") -> Scenario:
         if unknown:
             raise _err(f"{where}.{sorted(unknown)[0]}", "unknown field (expected name, region, device, node)")
         vname = _typed(where, v, "name", str, f"vm{i}")
+        if not 0 < len(vname) <= VM_NAME_MAX or not vname.isprintable():
+            raise _err(f"{where}.name", f"must be 1 to {VM_NAME_MAX} printable characters, not {vname!r}")
         if vname in names:
             raise _err(f"{where}.name", f"duplicate VM name {vname!r}")
         names.add(vname)
@@ -237,16 +249,53 @@ def parse(doc: dict, name: str = "scenario") -> Scenario:
     return Scenario(name, vms, dict(ksm), frames, mode)
 
 
+def _readable_file(where: str, path: str, what: str) -> int:
+    """The size of path, a readable regular file; ScenarioError naming `where` otherwise."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise _err(where, f"{what} {path!r} does not exist") from None
+    except OSError as e:
+        raise _err(where, f"{what} {path!r}: {e.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+        raise _err(where, f"{what} {path!r} is {kind}")
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as e:
+        raise _err(where, f"{what} {path!r} cannot be read: {e.strerror}") from None
+    return st.st_size
+
+
 def load(path: str) -> Scenario:
-    name = os.path.basename(path)
+    name = os.path.basename(path) or path
+    size = _readable_file(path, path, "scenario file")
+    if size > MAX_SCENARIO_BYTES:
+        raise ScenarioError(f"{path}: a scenario file of {size} bytes is too big (at most {MAX_SCENARIO_BYTES})")
     try:
         with open(path, "rb") as f:
-            doc = tomllib.load(f)
-    except FileNotFoundError:
-        raise ScenarioError(f"{path}: no such scenario file") from None
+            text = f.read(MAX_SCENARIO_BYTES + 1).decode("utf-8")
+        doc = tomllib.loads(text)
+    except OSError as e:
+        raise ScenarioError(f"{path}: cannot read the scenario file: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise ScenarioError(f"{name}: not valid TOML: not UTF-8 text (byte {e.start})") from None
     except tomllib.TOMLDecodeError as e:
         raise ScenarioError(f"{name}: not valid TOML: {e}") from None
     return parse(doc, name)
+
+
+def check_fits(sc: Scenario, frames: int) -> None:
+    """ScenarioError if this machine cannot hold the scenario's memory (before anything is allocated)."""
+    from .machine import check_capacity, machine_bytes
+    try:
+        check_capacity(f"{sc.name}: {sc.pages} pages in {len(sc.vms)} VM(s), a machine of {frames} frames",
+                       machine_bytes(frames) + 8 * sum(v.pages + 64 for v in sc.vms))
+    except OSError as e:
+        raise ScenarioError(e.strerror) from None
+    if sc.frames is not None and sc.frames < sc.pages:
+        raise ScenarioError(f"{sc.name}: machine.frames = {sc.frames} cannot hold the scenario's {sc.pages} pages")
 
 
 def demo_files(limit_pages: int = 2500) -> list[str]:

@@ -28,7 +28,7 @@ import os
 from collections import defaultdict, deque
 from json.encoder import encode_basestring_ascii as _esc
 
-from proto.trace import KINDS, NOTIFIER_TYPES, REPLY_TYPES
+from proto.trace import KINDS, NOTIFIER_TYPES, REPLY_TYPES, open_private
 
 from .core.notify import DONE, EXPECT, FAILED, INIT, grammar_why
 from .core.notify import GRAMMAR as _GRAMMAR_TABLE
@@ -325,7 +325,7 @@ def merge(trace_dir: str, out_path: str) -> dict:
     os.makedirs(d, exist_ok=True)
     tmp = os.path.join(d, f".{os.path.basename(out_path)}.{os.getpid()}.tmp")
     try:
-        with open(tmp, "w") as f:
+        with open_private(tmp) as f:
             f.write('{"traceEvents":[\n')
             texts = meta + [e[1] for e in events]
             for k in range(0, len(texts), 8192):

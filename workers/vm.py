@@ -12,6 +12,14 @@ write to a read-only page) is sent to the fault handler as a FAULT.
 Notifier messages from ksmd and the fault handler are applied to the named
 secondary MMU and acknowledged at once; the event loop never blocks, so an ack
 is never held up by this process waiting for a lock (DESIGN.md, "Locks").
+
+Its channels to ksmd and the fault handler are socketpair ends the supervisor
+handed it (at spawn, and again when it restarts one of them): only frames for
+this mm are accepted on them.  When a notifier dies (its channel closes, or the
+supervisor says so), the invalidations it had started are ended and every
+secondary translation is dropped, since it may have changed PTEs it never told
+us about (`SecondaryMMU.notifier_lost`); a fault in flight is sent again once the
+supervisor has handed over the restarted fault handler's channel.
 """
 from __future__ import annotations
 
@@ -24,18 +32,19 @@ import time
 
 import numpy as np
 
-from proto.channel import Channel, abstract_connect
+from proto.channel import Channel
 from proto.layout import (FRAME_KSM, MMF_VM_MERGEABLE, MMH_FLAGS, PAGE_SHIFT, PAGE_SIZE, PTE_PRESENT,
                           PTE_SPECIAL, SUB_ACTIVE, SUB_CHANGE_PTE, USER_BASE, VM_KSM_IGNORED, VM_MERGEABLE,
                           VM_READ, VM_WRITE, MAX_VMAS)
-from proto.messages import FAULT_UNSHARE, Frame, Msg, NOTIFIER_TYPES, call_payload, encode
+from proto.messages import FAULT_UNSHARE, MAX_DATA, Frame, Msg, NOTIFIER_TYPES, call_payload, encode
 from proto import MADV_MERGEABLE, MADV_UNMERGEABLE
 from proto.trace import Tracer
 
-from .actor import RunMemory, actor_args, run_actor, setup
+from .actor import RunMemory, actor_args, receive_fd, req_int, run_actor, setup
 from .core.access import FaultCall, Touch, WaitIdle, touch, vm_access
 from .core.effects import Load
 from .core.notify import SecondaryMMU
+from .core.pte import check_range, task_size
 from .notifier import lock_ptl
 from .frames import ksm_zero_pages_add
 
@@ -65,15 +74,21 @@ class VMWorker:
         self.cow_ns: list[int] = []
         self.fault_ch: Channel | None = None
         self.ksmd_ch: Channel | None = None
+        self.fault_ready = asyncio.Event()   # set while fault_ch is a live channel to the fault handler
+        self.notifier_losses = {"ksmd": 0, "faultd": 0}
+        self.refused = 0                     # frames refused on a notifier channel (wrong mm or type)
+        self.fault_retries = 0
         self.writers: dict[int, dict] = {}
         self.exiting = False
 
     # ------------------------------------------------------------------ notifier side
     def on_notify(self, ch: Channel, f: Frame) -> None:
-        if f.type not in NOTIFIER_TYPES:
-            log.error("%s: unexpected %s on a notifier channel", self.name, Msg(f.type).name)
+        if f.type not in NOTIFIER_TYPES or f.type in (Msg.REGISTER, Msg.RELEASE) or f.mm != self.mm_id:
+            self.refused += 1
+            log.error("%s: refused %s for mm %d on the %s channel (this is mm %d)", self.name, Msg(f.type).name,
+                      f.mm, ch.peer, self.mm_id)
             return
-        peer = "ksmd" if ch is self.ksmd_ch else "faultd"
+        peer = ch.peer
         if self.tr:
             self.tr.recv(peer, Msg(f.type).name, self.mm_id, f.sub, f.addr, f.n, 0,
                          int(f.entries[0, 1]) if f.n else 0, f.corr)
@@ -82,7 +97,17 @@ class VMWorker:
         if sub is None:
             log.error("%s: %s for unknown secondary MMU %d", self.name, Msg(f.type).name, f.sub)
         else:
-            flags = sub.apply(f.type, f.entries)
+            try:
+                flags = sub.apply(f.type, f.entries)
+            except ValueError as e:       # an address outside the mm, END without START: not applied
+                self.refused += 1
+                log.error("%s: refused %s from %s: %s", self.name, Msg(f.type).name, peer, e)
+            else:
+                opened = ch.open_starts
+                if f.type == Msg.START:
+                    opened[f.sub] = opened.get(f.sub, 0) + 1
+                elif f.type == Msg.END:
+                    opened[f.sub] = opened.get(f.sub, 0) - 1
             idle = self.idle[f.sub]
             if sub.in_progress:
                 idle.clear()
@@ -90,23 +115,84 @@ class VMWorker:
                 idle.set()
         if self.tr:
             self.tr.send(peer, "ACK", self.mm_id, f.sub, f.addr, 0, 0, 0, f.corr)
-        ch.send(encode(Msg.ACK, sub=f.sub, flags=flags, mm=self.mm_id, corr=f.corr))
+        if not ch.closed:
+            ch.send(encode(Msg.ACK, sub=f.sub, flags=flags, mm=self.mm_id, corr=f.corr))
+
+    def notifier_lost(self, ch: Channel) -> None:
+        """A notifier's channel is gone (it died, or is being replaced): once per channel, end the
+        invalidations it started and drop every secondary translation (core.notify)."""
+        if ch.lost_done:
+            return
+        ch.lost_done = True
+        self.notifier_losses[ch.peer] += 1
+        log.warning("%s: lost the %s channel: ending %d open invalidation(s), dropping all translations",
+                    self.name, ch.peer, sum(ch.open_starts.values()))
+        for s, sub in self.subs.items():
+            ended = sub.notifier_lost(ch.open_starts.get(s, 0))
+            if self.tr:
+                for _ in range(ended):
+                    self.tr.recv(ch.peer, "END", self.mm_id, s, 0, 0, 0, 0, 0)
+            if not sub.in_progress:
+                self.idle[s].set()
+        ch.open_starts.clear()
+        if ch is self.fault_ch:
+            self.fault_ready.clear()
+        ch.close()
+
+    def _notifier_channel(self, peer: str, fd: int) -> Channel:
+        def lost(ch):
+            self.notifier_lost(ch)
+        ch = Channel(f"{self.name}->{peer}", self.on_notify, lost)
+        ch.peer, ch.open_starts, ch.lost_done = peer, {}, False
+        return ch
+
+    async def connect(self, peer: str, fd: int) -> None:
+        """Take the channel end the supervisor handed us for `peer` and introduce this mm on it."""
+        loop = asyncio.get_running_loop()
+        old = self.fault_ch if peer == "faultd" else self.ksmd_ch
+        if old is not None:
+            self.notifier_lost(old)
+        sock = socket.socket(fileno=fd)
+        sock.setblocking(False)
+        _, ch = await loop.create_connection(lambda: self._notifier_channel(peer, fd), sock=sock)
+        if peer == "faultd":
+            self.fault_ch = ch
+        else:
+            self.ksmd_ch = ch
+        corr = ch.next_corr()
+        rep = await ch.call(corr, encode(Msg.HELLO, mm=self.mm_id, corr=corr,
+                                         payload=call_payload({"name": self.name})), self.args.ack_timeout * 2)
+        if rep.type != Msg.ACK:
+            raise OSError(errno.EPROTO, f"{peer} refused HELLO: {rep.json().get('error')}")
+        if peer == "faultd":
+            self.fault_ready.set()
 
     # ------------------------------------------------------------------ memory access
     async def fault_call(self, idx: np.ndarray, flags: int, ncow: int = 0) -> None:
         entries = np.zeros((len(idx), 2), dtype=U64)
         entries[:, 0] = (USER_BASE + (idx.astype(np.int64) << PAGE_SHIFT)).astype(U64)
-        corr = Channel.next_corr()
         addr0 = int(entries[0, 0])
         t0 = time.monotonic_ns()
-        if self.tr:
-            self.tr.send("faultd", "FAULT", self.mm_id, -1, addr0, len(idx), 0, 0, corr)
-        try:
-            rep = await self.fault_ch.call(corr, encode(Msg.FAULT, flags=flags, mm=self.mm_id, corr=corr,
-                                                         addr=addr0, entries=entries),
-                                           self.args.ack_timeout * 4)
-        except (asyncio.TimeoutError, ConnectionError) as e:
-            raise OSError(errno.EFAULT, f"fault handler did not answer: {e!r}") from None
+        while True:      # a fault the dead fault handler did not answer is sent again to its successor
+            if not self.fault_ready.is_set():
+                try:
+                    await asyncio.wait_for(self.fault_ready.wait(), self.args.restart_timeout)
+                except asyncio.TimeoutError:
+                    raise OSError(errno.EIO, f"the fault handler is gone (not back within "
+                                             f"{self.args.restart_timeout:.0f}s)") from None
+            ch = self.fault_ch
+            corr = Channel.next_corr()
+            if self.tr:
+                self.tr.send("faultd", "FAULT", self.mm_id, -1, addr0, len(idx), 0, 0, corr)
+            try:
+                rep = await ch.call(corr, encode(Msg.FAULT, flags=flags, mm=self.mm_id, corr=corr,
+                                                 addr=addr0, entries=entries), self.args.ack_timeout * 4)
+                break
+            except ConnectionError:
+                self.notifier_lost(ch)
+                self.fault_retries += 1
+            except asyncio.TimeoutError as e:
+                raise OSError(errno.EFAULT, f"fault handler did not answer: {e!r}") from None
         t1 = time.monotonic_ns()
         if self.tr:
             self.tr.recv("faultd", "FAULT_REPLY", self.mm_id, -1, addr0, len(idx), 0, 0, corr)
@@ -128,6 +214,7 @@ class VMWorker:
             log.error("%s: secondary MMU %s was released by a notifier; dropping its translations",
                       self.name, sub.name)
             sub.release()
+        check_range("access", addr, length, self.task_size)     # before a buffer of `length` bytes exists
         buf = data if write else bytearray(length)
         gen = vm_access(self.mm_id, sub, addr, length, write, buf)
         memory, pte, tr = self.memory, self.mm.pte, self.tr
@@ -167,9 +254,7 @@ class VMWorker:
         await lock_ptl(self.ptl, self.args.ack_timeout * 2)
 
     async def mmap(self, length: int, vm_flags: int = 0) -> int:
-        if length <= 0:
-            raise OSError(errno.EINVAL, f"mmap length {length} must be positive")
-        npages = (length + PAGE_SIZE - 1) >> PAGE_SHIFT
+        npages = check_range("mmap", 0, length, self.task_size)[1] >> PAGE_SHIFT
         await self.take_ptl()
         try:
             vmas = self.mm.vma_list()
@@ -202,18 +287,12 @@ class VMWorker:
         for k, v in enumerate(merged):
             table[k] = v
 
-    @staticmethod
-    def _check_range(addr: int, length: int) -> int:
-        if addr & (PAGE_SIZE - 1):
-            raise OSError(errno.EINVAL, f"start address {addr:#x} is not page aligned")
-        if length < 0:
-            raise OSError(errno.EINVAL, f"length {length} is negative")
-        return addr + ((length + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1))
+    @property
+    def task_size(self) -> int:
+        return task_size(self.mm.npages)
 
     async def munmap(self, addr: int, length: int) -> None:
-        end = self._check_range(addr, length)
-        if end == addr:
-            raise OSError(errno.EINVAL, "munmap of zero length")
+        addr, end = check_range("munmap", addr, length, self.task_size)
         await self.take_ptl()
         try:
             vmas = []
@@ -246,9 +325,10 @@ class VMWorker:
             raise OSError(errno.EINVAL, f"advice {advice} is not MADV_MERGEABLE or MADV_UNMERGEABLE")
         if not self.args.ksm:
             raise OSError(errno.EINVAL, "KSM is not enabled in this machine (CONFIG_KSM=n)")
-        end = self._check_range(addr, length)
-        if end == addr:
+        rng = check_range("madvise", addr, length, self.task_size)
+        if rng is None:
             return
+        addr, end = rng
         unmapped = False
         unshare: list[tuple[int, int]] = []
         await self.take_ptl()
@@ -346,29 +426,38 @@ class VMWorker:
             "msgs": msgs,
             "subs": {s.name: {"secondary_faults": s.faults, "msgs": dict(s.msgs), "released": s.released,
                               "change_pte": s.has_change_pte} for s in self.subs.values()},
+            "notifier_losses": dict(self.notifier_losses),
+            "refused": self.refused,
+            "fault_retries": self.fault_retries,
         }
 
     async def on_call(self, ch: Channel, f: Frame) -> None:
+        """One control request from the supervisor; always answered (an errno for a bad one)."""
+        data = b""
         try:
             req = f.json()
             op = req.get("op")
-            data = b""
             reply: dict = {}
-            if op == "read":
-                data = bytes(await self.access(int(req["addr"]), int(req["length"]), False))
-            elif op == "dma_read":
-                if 1 not in self.subs:
-                    raise OSError(errno.ENODEV, f"{self.name} has no device secondary MMU")
-                data = bytes(await self.access(int(req["addr"]), int(req["length"]), False, sub=self.subs[1]))
+            if op in ("read", "dma_read"):
+                n = req_int(req, "length")
+                if n > MAX_DATA:
+                    raise OSError(errno.EINVAL, f"a read of {n} bytes is more than one reply carries "
+                                                f"({MAX_DATA}); VM.read splits larger reads")
+                sub = self.kvm
+                if op == "dma_read":
+                    if 1 not in self.subs:
+                        raise OSError(errno.ENODEV, f"{self.name} has no device secondary MMU")
+                    sub = self.subs[1]
+                data = bytes(await self.access(req_int(req, "addr"), n, False, sub=sub) or b"")
             elif op == "write":
                 payload = f.data()
-                await self.access(int(req["addr"]), len(payload), True, memoryview(payload))
+                await self.access(req_int(req, "addr"), len(payload), True, memoryview(payload))
             elif op == "mmap":
-                reply["addr"] = await self.mmap(int(req["length"]), int(req.get("vm_flags", 0)))
+                reply["addr"] = await self.mmap(req_int(req, "length"), req_int(req, "vm_flags", 0, 0, 2**63 - 1))
             elif op == "munmap":
-                await self.munmap(int(req["addr"]), int(req["length"]))
+                await self.munmap(req_int(req, "addr"), req_int(req, "length"))
             elif op == "madvise":
-                await self.madvise(int(req["addr"]), int(req["length"]), int(req["advice"]))
+                await self.madvise(req_int(req, "addr"), req_int(req, "length"), req_int(req, "advice"))
             elif op == "stats":
                 reply = self.stats()
             elif op == "msg_log":
@@ -380,22 +469,40 @@ class VMWorker:
                 reply["ns"] = self.cow_ns
                 self.cow_ns = []
             elif op == "writer_start":
+                addr, npages = req_int(req, "addr"), req_int(req, "npages", None, 1, self.mm.npages)
+                check_range("access", addr, npages * PAGE_SIZE, self.task_size)
+                seed, count = req_int(req, "seed"), req_int(req, "count", 0, 0, 2**63 - 1)
+                values = req_int(req, "values", 4, -255, 255)
+                period = req.get("period_ms", 0)
+                if isinstance(period, bool) or not isinstance(period, (int, float)) or not 0 <= period <= 3.6e6:
+                    raise OSError(errno.EINVAL, f"period_ms must be a number in [0, 3600000], not {period!r}")
                 wid = len(self.writers)
                 self.writers[wid] = {"stop": False, "done": 0, "error": None}
                 self.writers[wid]["task"] = asyncio.get_running_loop().create_task(self.writer(
-                    wid, int(req["addr"]), int(req["npages"]), int(req["seed"]), int(req.get("count", 0)),
-                    int(req.get("values", 4)), float(req.get("period_ms", 0))))
+                    wid, addr, npages, seed, count, values, float(period)))
                 reply["id"] = wid
             elif op == "writer_peek":
-                st = self.writers[int(req["id"])]
+                st = self.writers[req_int(req, "id")]
                 reply = {"done": st["done"], "finished": st["task"].done(), "error": st["error"]}
             elif op == "writer_stop":
-                st = self.writers[int(req["id"])]
+                st = self.writers[req_int(req, "id")]
                 st["stop"] = True
                 await asyncio.wait_for(st["task"], self.args.ack_timeout * 4)
                 reply = {"done": st["done"], "error": st["error"]}
             elif op == "unregister":
-                await self.unregister(int(req["sub"]))
+                await self.unregister(req_int(req, "sub"))
+            elif op == "reconnect":          # the supervisor restarted a notifier: its new channel end
+                peer = req.get("peer")
+                if peer not in ("ksmd", "faultd"):
+                    raise OSError(errno.EINVAL, f"reconnect to {peer!r}: not ksmd or faultd")
+                await self.connect(peer, receive_fd(self.fd_sock, req_int(req, "seq"), peer))
+            elif op == "notifier_lost":      # the supervisor saw a notifier die: nothing of it stays mapped
+                peer = req.get("peer")
+                if peer not in ("ksmd", "faultd"):
+                    raise OSError(errno.EINVAL, f"notifier_lost of {peer!r}: not ksmd or faultd")
+                gone = self.ksmd_ch if peer == "ksmd" else self.fault_ch
+                if gone is not None:
+                    self.notifier_lost(gone)
             elif op == "exit":
                 await self.exit_mmap_release()
                 reply["bye"] = True
@@ -409,6 +516,9 @@ class VMWorker:
             reply, data = {"errno": errno.EINVAL, "error": f"bad request: {e!r}"}, b""
         except asyncio.TimeoutError:
             reply, data = {"errno": errno.ETIMEDOUT, "error": "timed out"}, b""
+        except Exception as e:          # a bug: the caller hears of it, this VM goes on
+            log.exception("%s: control request failed", self.name)
+            reply, data = {"errno": errno.EIO, "error": f"{self.name}: internal error: {e!r}"}, b""
         if not ch.closed:
             ch.send(encode(Msg.REPLY, corr=f.corr, payload=call_payload(reply, data)))
         if reply.get("bye"):
@@ -456,20 +566,15 @@ class VMWorker:
     async def main(self) -> None:
         loop = asyncio.get_running_loop()
         self.done = loop.create_future()
-        run = self.args.run
+        self.fd_sock = socket.socket(fileno=self.args.fd_sock)
 
         def lost(ch):
             if not self.done.done():
                 self.done.set_result(None)
 
-        _, self.fault_ch = await loop.create_unix_connection(
-            lambda: Channel(f"{self.name}->faultd", self.on_notify), sock=abstract_connect(f"{run}.faultd"))
-        _, self.ksmd_ch = await loop.create_unix_connection(
-            lambda: Channel(f"{self.name}->ksmd", self.on_notify), sock=abstract_connect(f"{run}.ksmd"))
-        for ch in (self.fault_ch, self.ksmd_ch):      # both know this mm before any subscriber registers
-            corr = ch.next_corr()
-            await ch.call(corr, encode(Msg.HELLO, mm=self.mm_id, corr=corr, payload=call_payload({"name": self.name})),
-                          self.args.ack_timeout * 2)
+        # both know this mm (the supervisor bound our channel ends to it) before any subscriber registers
+        await self.connect("faultd", self.args.fault_fd)
+        await self.connect("ksmd", self.args.ksmd_fd)
         await self.register()
         ctl_sock = socket.socket(fileno=self.args.ctl_fd)
         _, ctl = await loop.create_connection(
@@ -484,6 +589,8 @@ class VMWorker:
 def main() -> None:
     def extra(p):
         p.add_argument("--mm", type=int, required=True)
+        p.add_argument("--fault-fd", type=int, required=True)
+        p.add_argument("--ksmd-fd", type=int, required=True)
         p.add_argument("--name", required=True)
         p.add_argument("--device", action="store_true")
         p.add_argument("--ksm", type=int, default=1)

@@ -19,6 +19,7 @@ from proto.messages import FAULT_WRITE
 
 from .effects import PTE, Effect, Load, Lock, Put, Store, Unlock, ZeroPagesAdd, bytes_footprint, ptl
 from .notify import NEED_PRIMARY, OK, SecondaryMMU, secondary_fault_check
+from .pte import check_range, task_size
 
 U64 = np.uint64
 FAULT_BATCH = 4096
@@ -80,8 +81,8 @@ def touch(sub: SecondaryMMU, e: Touch, memory) -> bool:
 
 def vm_access(mm: int, sub: SecondaryMMU, addr: int, length: int, write: bool, buf):
     """Read (into buf) or write (from buf) [addr, addr+length) through sub, faulting as needed."""
-    if length < 0 or addr < USER_BASE or addr + length > USER_BASE + len(sub.spte) * PAGE_SIZE:
-        raise OSError(errno.EFAULT, f"access {addr:#x}+{length} outside the address space")
+    if check_range("access", addr, length, task_size(len(sub.spte))) is None:
+        return
     need = PTE_PRESENT | (PTE_WRITE if write else 0)
     pos = 0
     i = (addr - USER_BASE) >> PAGE_SHIFT

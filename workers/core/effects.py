@@ -262,6 +262,21 @@ class Reply(Effect):
         return f"reply err={self.err}"
 
 
+class Fsck(Effect):
+    """Rebuild the frame table from `maps` (PTE mappings per frame) and set each mm's
+    ksm_zero_pages to `zero[mm]` (FrameAllocator.rebuild); returns what it changed."""
+    __slots__ = ("maps", "zero")
+
+    def __init__(self, maps, zero):
+        self.maps, self.zero = maps, zero
+
+    def footprint(self):
+        return (FT_W, (("zero_pages",), "w"))
+
+    def __repr__(self):
+        return f"fsck frames ({int((self.maps > 0).sum())} mapped)"
+
+
 # ---------------------------------------------------------------- the shared memory
 class Memory:
     """The shared state the memory effects act on: frames, frame table, stats, the mms.
@@ -281,6 +296,22 @@ class Memory:
     def page_bytes(self, pfn: int) -> bytes:
         o = int(pfn) * PAGE_SIZE
         return self.memory[o:o + PAGE_SIZE].tobytes()
+
+    def fsck(self, maps, zero: dict) -> dict:
+        """The frame table from the mappings, and ksm_zero_pages from the PTEs (Fsck)."""
+        from proto.layout import COUNTERS, MM_STATS
+        done = self.alloc.rebuild(maps)
+        zi, ci = MM_STATS.index("ksm_zero_pages"), COUNTERS.index("ksm_zero_pages")
+        with self.alloc.lock:
+            fixed = 0
+            for mm_id, n in zero.items():
+                fixed += int(self.stats.mm[mm_id, zi]) != n
+                self.stats.mm[mm_id, zi] = n
+            total = int(self.stats.mm[:, zi].sum())
+            fixed += int(self.stats.counters[ci]) != total
+            self.stats.counters[ci] = total
+        done["zero_pages_fixed"] = fixed
+        return done
 
     def zero_pages_add(self, mm_id: int, n: int) -> None:
         if not n:
@@ -340,6 +371,8 @@ def apply_mem(m: Memory, e):
     if c is Compare:
         a = m.page_bytes(e.a)
         return a == (bytes(PAGE_SIZE) if e.b is None else m.page_bytes(e.b))
+    if c is Fsck:
+        return m.fsck(e.maps, e.zero)
     if c is Checksum:
         mem = m.memory
         pf = np.atleast_1d(e.pfns)
@@ -348,7 +381,8 @@ def apply_mem(m: Memory, e):
     raise TypeError(f"not a memory effect: {e!r}")
 
 
-MEM_EFFECTS = frozenset({Load, Store, Alloc, Put, Get, PinKsm, ZeroPagesAdd, SetFrame, CopyPages, Compare, Checksum})
+MEM_EFFECTS = frozenset({Load, Store, Alloc, Put, Get, PinKsm, ZeroPagesAdd, SetFrame, CopyPages, Compare, Checksum,
+                         Fsck})
 
 
 def drive_sync(gen, m: Memory):

@@ -146,6 +146,19 @@ class SecondaryMMU:
             self.release()
         return 0
 
+    def notifier_lost(self, open_starts: int) -> int:
+        """A notifier died (or its channel broke) with `open_starts` invalidate_range_start
+        without their end: end them, and drop every translation, for it may have changed
+        PTEs it never told us about.  Returns how many were ended (each noted as an END, so
+        the grammar holds for what the successor sends)."""
+        ended = max(0, min(open_starts, self.in_progress))
+        self.in_progress -= ended
+        for _ in range(ended):
+            self.note("END")
+        self.spte[:] = 0
+        self.seq += 1
+        return ended
+
     def zap(self, i0: int, i1: int) -> None:
         """Drop translations [i0, i1) (the owner's own munmap: zap_page_range)."""
         self.spte[i0:i1] = 0

@@ -36,7 +36,7 @@ from proto.layout import (FRAME_ANON, FRAME_KSM, MMF_VM_MERGEABLE, MMH_FLAGS, MM
 
 from ..hashtab import HashIndex
 from ..ksm_tree import HAS, STABLE, UNSTABLE, RmapItems, StableTree, should_skip
-from .effects import FLAGS, PTE, VMAS, ZERO_KEY, Checksum, Load
+from .effects import FLAGS, PTE, STABLE as STABLE_OF, VMAS, ZERO_KEY, Checksum, Load
 from .merge import try_to_merge_pages
 from .pte import mergeable_ranges
 
@@ -448,6 +448,51 @@ class KsmScan:
         for k in ("pages_shared", "pages_sharing", "pages_unshared", "full_scans"):
             self.c[k] = 0
         self.pos, self.cur = 0, None
+
+    def restore(self):
+        """A restarted ksmd: rebuild what the dead one knew of merged pages, from shared memory.
+
+        Every KSM frame a PTE maps is the page of stable node ft.stable[pfn] (node ids are
+        kept, so get_ksm_page's check still holds), keyed by its content; every PTE mapping
+        it gets an rmap item on that node, and pages_shared / pages_sharing follow from the
+        counts.  Unstable-tree state is not kept: those pages need two scans again.  The
+        reads are advisory, as the scan's are (a page COWed meanwhile is an item the cursor
+        drops); the supervisor has repaired the frame table before.  Returns the KSM pages found.
+        """
+        frames: dict[int, list] = {}
+        for slot in list(self.slots.values()):
+            pte = yield Load(PTE, slot.id, None)
+            idx = np.flatnonzero(((pte & U64(PTE_PRESENT)) != 0) & ((pte & U64(PTE_SPECIAL)) == 0))
+            if not len(idx):
+                continue
+            pfn = (pte[idx] >> U64(PAGE_SHIFT)).astype(np.int64)
+            ksm = ((yield Load(FLAGS, None, pfn)) & FRAME_KSM) != 0
+            for i, p in zip(idx[ksm].tolist(), pfn[ksm].tolist()):
+                frames.setdefault(p, []).append((slot, i))
+        if not frames:
+            return 0
+        pfns = np.array(sorted(frames), dtype=np.int64)
+        keys = yield Checksum(pfns)
+        owners = yield Load(STABLE_OF, None, pfns)
+        for p, key, d in zip(pfns.tolist(), keys.tolist(), owners.tolist()):
+            maps = frames[p]
+            if d < 0 or (d < self.tree.top and self.tree.live[d]):
+                continue       # no node, or one restored already: the cursor sorts it out
+            tk = int(self.tree_keys(np.array([key], dtype=np.int64), maps[0][0].node)[0])
+            self.tree.restore(d, tk, p, len(maps))
+            self.c["pages_shared"] += 1
+            self.c["pages_sharing"] += len(maps) - 1
+            per: dict[int, list] = {}
+            for slot, i in maps:
+                per.setdefault(slot.id, []).append(i)
+            for sid, lst in per.items():
+                slot = self.slots[sid]
+                ix = np.array(lst, dtype=np.int64)
+                slot.items.ensure(int(ix.max()) + 1)
+                slot.items.new_items(ix)
+                slot.items.cs[ix] = key
+                self.stable_tree_append(slot, ix, d)
+        return len(frames)
 
     def mm_exit(self, mm_id: int) -> MMSlot | None:
         slot = self.slots.pop(mm_id, None)

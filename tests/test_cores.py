@@ -132,7 +132,7 @@ def test_out_of_frames_changes_nothing():
     w.alloc.alloc(free, 1, zero=False)            # take every free frame
     before = (w.mem.mms[0].pte.copy(), w.ft.mapcount.copy())
     with pytest.raises(OutOfFrames):
-        n, send = 0, None
+        send = None
         held = set()
         while True:
             try:

@@ -18,7 +18,7 @@ import textwrap
 
 import pytest
 
-from proto import MADV_MERGEABLE, PAGE_SIZE, USER_BASE
+from proto import MADV_MERGEABLE, PAGE_SIZE
 
 NOBODY = 65534
 as_root = pytest.mark.skipif(os.geteuid() != 0, reason="the attacker runs as uid 65534: needs root to drop to it")

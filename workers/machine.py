@@ -50,7 +50,7 @@ from proto.knobs import DEFAULTS, check_knob
 from proto.layout import (COUNTERS, KNOBS, MAX_MMS, MM_STATS, MMH_ID, MMH_NODE, MMH_NPAGES, MMH_OWNER_PID,
                           PAGE_SHIFT, PAGE_SIZE, PTE_PRESENT, SHM_DIR, FrameTable, MMView, Segment, StatsView,
                           create_lock_file, new_run_name, run_owner_pid, seg_name, unlink_lock_file)
-from proto.messages import MAX_DATA, Msg, ProtocolError, call_payload, decode
+from proto.messages import MAX_DATA, Msg, call_payload, decode
 
 from .core.effects import MEM_EFFECTS, Lock, Memory, Unlock, apply_mem
 from .core.pte import check_range, task_size

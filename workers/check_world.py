@@ -74,6 +74,8 @@ BREAKS = {
 }
 KILLS = ("ksmd", "faultd")
 BREAK_KILLS = {"no-repair": "faultd", "no-spte-flush": "ksmd"}
+# the configuration a break shows itself in soonest: unpaced writers keep their sptes writable while ksmd dies
+BREAK_CONFIG = {"no-spte-flush": {"pace": False}}
 
 
 class ArraySegment:
@@ -872,4 +874,5 @@ def world_factory(mode: str, brk: str | None = None, **config):
         raise ValueError(f"unknown break {brk!r}; one of: {', '.join(BREAKS)}")
     if brk in BREAK_KILLS and config.get("kill") is None:
         config["kill"] = BREAK_KILLS[brk]
+    config = {**BREAK_CONFIG.get(brk, {}), **config}
     return lambda: KsmWorld(mode, brk, **config)

@@ -12,15 +12,21 @@ import sys
 import pytest
 
 from workers import explore
-from workers.check_world import BREAKS, world_factory
+from workers.check_world import BREAK_SCENARIO, BREAKS, SCENARIOS, world_factory
 
 MODES = ("change_pte", "wrapped", "invalidate")
-# what each break must produce: a word of the violation the checker reports
+# what each break must produce: words of the violation the checker reports (any one of them)
 EXPECTED = {
-    "no-write-protect": "lost write",
-    "no-recheck-pte": "FrameAccountingError",
-    "free-before-acks": "which is free",
-    "pid-takeover-lock": "two holders",
+    "no-write-protect": ("lost write", "is COW-shared"),   # (a KSM frame mapped writable: caught before the write)
+    "no-recheck-pte": ("FrameAccountingError",),
+    "free-before-acks": ("which is free",),
+    "pid-takeover-lock": ("two holders",),
+    # the parent's PTE stays writable on a frame the child maps too
+    "fork-no-write-protect": ("is COW-shared", "lost write"),
+    # the zapped page stays in the secondary MMU: a freed frame, or a frame its PTE no longer maps
+    "dontneed-no-notify": ("which is free", "no notification is on its way"),
+    # the secondary MMU keeps a translation the new protection forbids
+    "mprotect-no-notify": ("which its VMA does not allow", "forbids succeeded"),
 }
 
 
@@ -28,16 +34,19 @@ def test_every_break_has_an_expectation():
     assert set(BREAKS) == set(EXPECTED)
 
 
+@pytest.mark.parametrize("scenario", sorted(SCENARIOS))
 @pytest.mark.parametrize("mode", MODES)
-def test_random_schedules_find_nothing(mode):
-    res = explore.random_runs(world_factory(mode), seed=1, runs=150, max_steps=4000)
-    assert res.found is None, explore.format_steps(explore.replay(world_factory(mode), res.found.schedule))
+def test_random_schedules_find_nothing(mode, scenario):
+    f = world_factory(mode, scenario=scenario)
+    res = explore.random_runs(f, seed=1, runs=150, max_steps=4000)
+    assert res.found is None, explore.format_steps(explore.replay(f, res.found.schedule))
     assert res.schedules == 151          # the round-robin run, then 150 random ones
 
 
+@pytest.mark.parametrize("scenario", sorted(SCENARIOS))
 @pytest.mark.parametrize("mode", MODES)
-def test_exhaustive_small_configuration_finds_nothing(mode):
-    res = explore.exhaustive(world_factory(mode), depth=10, max_steps=4000)
+def test_exhaustive_small_configuration_finds_nothing(mode, scenario):
+    res = explore.exhaustive(world_factory(mode, scenario=scenario), depth=10, max_steps=4000)
     assert res.found is None
     assert res.schedules > 20
 
@@ -47,7 +56,44 @@ def test_exhaustive_small_configuration_finds_nothing(mode):
 def test_each_break_is_caught(mode, brk):
     res = explore.random_runs(world_factory(mode, brk), seed=0, runs=600, max_steps=4000, shrink=False)
     assert res.found is not None, f"{brk} not caught in {mode}"
-    assert any(EXPECTED[brk] in v for v in res.found.violations), res.found.violations
+    assert any(w in v for v in res.found.violations for w in EXPECTED[brk]), res.found.violations
+
+
+def test_each_break_has_a_scenario_that_shows_it():
+    assert set(BREAK_SCENARIO) <= set(BREAKS) and set(BREAK_SCENARIO.values()) <= set(SCENARIOS)
+    assert world_factory("wrapped", "fork-no-write-protect").scenario == "fork"
+    assert world_factory("wrapped", "no-write-protect").scenario == "base"
+
+
+def _labels(world, seed):
+    """Run one random schedule to its end; every step label, and the world at the end."""
+    import random
+    rng = random.Random(seed)
+    labels = []
+    while True:
+        en = world.enabled()
+        if not en:
+            break
+        labels.append(world.take(rng.randrange(len(en)))["label"])
+        assert not world.violations()
+    return labels
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_fork_scenario_forks_discards_protects_and_unmerges_under_ksmd(mode):
+    """The fork world really does what it claims, racing ksmd: a child appears with the parent's
+    pages COW-shared and its own secondary MMU; DONTNEED, mprotect and fork's write-protect are
+    local START/END pairs; a write to a read-only page fails; merge-any off unshares via faultd."""
+    w = world_factory(mode, scenario="fork")()
+    labels = _labels(w, 3)
+    assert w.finished() and not w.final_violations()
+    assert [v.name for v in w.vms] == ["vm0", "vm1", "vm2"]
+    assert sum("local START" in x for x in labels) == sum("local END" in x for x in labels) == 5
+    assert any("vm0/writer: get pfn" in x for x in labels)              # fork: the frames gain a mapping
+    assert any("vm2/writer: store mmflags" in x for x in labels)        # the child's prctl merge-any
+    assert any(x.startswith("vm0/writer: store vmas mm2") for x in labels)
+    assert w.vms[2].subs[0].log[0] == "REGISTER"
+    assert sum(x.startswith("vm2/writer: fault") for x in labels) >= 2  # its COW and its unshare
 
 
 def test_replay_gives_the_same_trace_bytes():
@@ -89,3 +135,13 @@ def test_cli_finds_a_break_and_writes_its_trace(tmp_path):
     p = subprocess.run([sys.executable, "-m", "workers.cli", "check", "--list-breaks"], capture_output=True,
                        text=True, timeout=60)
     assert p.returncode == 0 and p.stdout.split() == list(BREAKS)
+
+
+def test_cli_checks_every_scenario_by_default_and_names_them():
+    p = subprocess.run([sys.executable, "-m", "workers.cli", "check", "--mode", "invalidate", "--runs", "3"],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert [line.split(":")[0] for line in p.stdout.splitlines()] == ["invalidate base", "invalidate fork"]
+    p = subprocess.run([sys.executable, "-m", "workers.cli", "check", "--scenario", "nope"], capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == 2 and "unknown --scenario 'nope'" in p.stderr

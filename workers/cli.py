@@ -3,7 +3,7 @@
     ksm-proto run [SCENARIO.toml] [--json] [--trace FILE] [--until-stable] [--notifier-mode M]
     ksm-proto trace summary FILE | trace check FILE
     ksm-proto bench [--quick] [--cores N] [--trace-overhead] ...
-    ksm-proto check [--mode M|all] [--seed S] [--runs N] [--exhaustive [--depth D]] [--break STEP]
+    ksm-proto check [--mode M|all] [--scenario S|all] [--seed S] [--runs N] [--exhaustive [--depth D]] [--break STEP]
                     [--list-breaks] [--trace FILE] [--replay SCHEDULE.json] [--save-schedule FILE]
                     [--max-steps N] [--world ksm|toy]
 
@@ -230,11 +230,12 @@ CHECK_MODES = ("change_pte", "wrapped", "invalidate")
 
 
 def _check_world(name: str):
+    """(world_factory, BREAKS, scenario names) of a check world."""
     if name == "toy":
         from . import toyworld
-        return toyworld.world_factory, toyworld.BREAKS
-    from .check_world import BREAKS, world_factory
-    return world_factory, BREAKS
+        return (lambda mode, brk, scenario=None: toyworld.world_factory(mode, brk)), toyworld.BREAKS, ("toy",)
+    from .check_world import BREAKS, SCENARIOS, world_factory
+    return world_factory, BREAKS, tuple(SCENARIOS)
 
 
 def cmd_check(a) -> int:
@@ -251,7 +252,8 @@ def cmd_check(a) -> int:
             print(f"ksm-proto: {a.replay}: not a schedule: {e}", file=sys.stderr)
             return 2
         a.world, a.mode, a.brk, a.max_steps = doc["world"], doc.get("mode"), doc.get("break"), doc.get("max_steps")
-    world_factory, breaks = _check_world(a.world)
+        a.scenario = doc.get("scenario")
+    world_factory, breaks, scenarios = _check_world(a.world)
     if a.list_breaks:
         print("\n".join(breaks))
         return 0
@@ -259,18 +261,28 @@ def cmd_check(a) -> int:
         names = "".join(f"\n  {n:24s} {d}" for n, d in breaks.items())
         print(f"ksm-proto check: unknown --break {a.brk!r}; the {a.world} world has:{names}", file=sys.stderr)
         return 2
-    for mode in CHECK_MODES if a.mode == "all" else (a.mode,):
+    if a.scenario not in (None, "all") and a.scenario not in scenarios:
+        print(f"ksm-proto check: unknown --scenario {a.scenario!r}; the {a.world} world has: "
+              f"{', '.join(scenarios)}", file=sys.stderr)
+        return 2
+    if a.scenario == "all" or (a.scenario is None and a.brk is None and doc is None):
+        runs = scenarios                    # every scenario (a break alone: the one it shows in)
+    else:
+        runs = (a.scenario,)
+    for mode, scenario in [(m, sc) for m in (CHECK_MODES if a.mode == "all" else (a.mode,)) for sc in runs]:
         try:
-            factory = world_factory(mode, a.brk)
+            factory = world_factory(mode, a.brk, scenario=scenario)
         except ValueError as e:
             print(f"ksm-proto check: {e}", file=sys.stderr)
             return 2
+        scenario = getattr(factory, "scenario", scenario)
+        name = mode if len(scenarios) == 1 else f"{mode} {scenario}"
         if doc is None:
             if a.exhaustive:
                 res = explore.exhaustive(factory, a.depth, a.max_steps)
             else:
                 res = explore.random_runs(factory, a.seed, a.runs, a.max_steps)
-            print(explore.summary(mode, res), flush=True)
+            print(explore.summary(name, res), flush=True)
             if res.found is None:
                 continue
             schedule, found_by = res.found.schedule, res.found.found_by
@@ -281,7 +293,7 @@ def cmd_check(a) -> int:
         except explore.ReplayError as e:
             print(f"ksm-proto: {a.replay}: does not replay on this code: {e}", file=sys.stderr)
             return 2
-        meta = {"world": a.world, "mode": mode, "break": a.brk, "max_steps": a.max_steps}
+        meta = {"world": a.world, "mode": mode, "break": a.brk, "scenario": scenario, "max_steps": a.max_steps}
         return _check_report(explore, tr, meta, found_by, a)
     return 0
 
@@ -340,6 +352,8 @@ def main(argv=None) -> int:
     c.add_argument("--runs", type=_positive, default=1000, help="random schedules per mode (default 1000)")
     c.add_argument("--exhaustive", action="store_true", help="search every schedule up to --depth choices")
     c.add_argument("--depth", type=_positive, help="exhaustive search depth (default 20)")
+    c.add_argument("--scenario", metavar="S", help="ksm world: base, fork or all (default: all; with --break, "
+                                                   "the break's own)")
     c.add_argument("--break", dest="brk", metavar="STEP", help="remove one protocol step (see --list-breaks)")
     c.add_argument("--list-breaks", action="store_true", help="print the --break names, one per line")
     c.add_argument("--trace", metavar="FILE", help="write the violating schedule as a Perfetto trace")

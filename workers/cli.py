@@ -14,12 +14,13 @@ to stdout.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
 import time
 
-from proto import MADV_MERGEABLE, PAGE_SIZE
+from proto import MADV_MERGEABLE, MADV_UNMERGEABLE, PAGE_SIZE, PR_SET_MEMORY_MERGE, PROT_NONE, PROT_READ
 from proto.layout import COUNTERS
 
 from .scenario import Scenario, ScenarioError, demo, load
@@ -63,15 +64,22 @@ class Reporter:
 
 
 def load_vms(m, sc: Scenario, rep: Reporter) -> dict:
-    """Spawn each VM, map and fill its regions, madvise the mergeable ones. Returns what was written."""
+    """Spawn (or fork) each VM, map and fill its regions, mprotect and madvise them as asked.
+    Returns what was written: {name: (vm, [(addr, region, bytes)])}."""
     layout = {}
     prog, task = rep.loading(sc.pages)
     ctx = prog if prog is not None else _null()
     with ctx:
         for spec in sc.vms:
-            vm = m.spawn_vm(spec.name, pages=max(1024, spec.pages + 2 * len(spec.regions) + 64), device=spec.device,
-                            node=spec.node)
-            regions = []
+            if spec.fork_of:
+                parent, inherited = layout[spec.fork_of]
+                vm = parent.fork(spec.name, device=spec.device)
+                regions = [(addr, dataclasses.replace(r, writer=None), data) for addr, r, data in inherited]
+            else:
+                vm = m.spawn_vm(spec.name, pages=sc.address_space(spec), device=spec.device, node=spec.node)
+                regions = []
+            if spec.merge_any:
+                vm.prctl(PR_SET_MEMORY_MERGE, 1)
             for r in spec.regions:
                 data = r.content()
                 addr = vm.mmap(len(data))
@@ -79,11 +87,16 @@ def load_vms(m, sc: Scenario, rep: Reporter) -> dict:
                     vm.write(addr + off, data[off:off + CHUNK])
                     if prog is not None:
                         prog.advance(task, min(CHUNK, len(data) - off) // PAGE_SIZE)
+                if r.prot != "rw":
+                    vm.mprotect(addr, len(data), PROT_READ if r.prot == "r" else PROT_NONE)
                 if r.mergeable:
                     vm.madvise(addr, len(data), MADV_MERGEABLE)
+                elif spec.merge_any:
+                    vm.madvise(addr, len(data), MADV_UNMERGEABLE)
                 regions.append((addr, r, data))
             layout[spec.name] = (vm, regions)
-            rep.line(f"loaded {spec.name}: {spec.pages} pages in {len(spec.regions)} regions")
+            how = f"fork of {spec.fork_of}, " if spec.fork_of else ""
+            rep.line(f"loaded {spec.name}: {how}{spec.pages} pages in {len(spec.regions)} regions")
     return layout
 
 
@@ -152,6 +165,8 @@ def run_scenario(sc: Scenario, mode: str | None, trace: str | None, until_stable
         for name, (vm, regions) in layout.items():
             for addr, r, data in regions:
                 skip = r.writer.pages * PAGE_SIZE if r.writer else 0
+                if r.prot == "none":
+                    continue              # no access at all (EFAULT), as in a PROT_NONE mapping
                 for off in range(skip, len(data), CHUNK):
                     got = vm.read(addr + off, min(CHUNK, len(data) - off))
                     if got != data[off:off + len(got)]:

@@ -9,19 +9,32 @@ import sys
 import pytest
 
 from proto import PAGE_SIZE
+from proto.layout import run_owner_pid
 from workers.machine import SHM_DIR
 from workers.scenario import ScenarioError, parse
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+_STARTED: set[int] = {os.getpid()}      # the processes whose runs are this test session's
+
+
 def ksm_proto(*args, timeout=120):
-    return subprocess.run([sys.executable, "-m", "workers.cli", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout)
+    with subprocess.Popen([sys.executable, "-m", "workers.cli", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True) as p:
+        _STARTED.add(p.pid)
+        try:
+            out, err = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()            # by its pid: one we started
+            raise
+    return subprocess.CompletedProcess(p.args, p.returncode, out, err)
 
 
 def shm_runs():
-    return {n for n in os.listdir(SHM_DIR) if "ksmp." in n}
+    """Run entries in /dev/shm made by this session or the CLI processes it started (other sessions'
+    runs on the machine are not ours to judge)."""
+    return {n for n in os.listdir(SHM_DIR) if run_owner_pid(n) in _STARTED}
 
 
 def test_run_scenario_json_exact(tmp_path):

@@ -56,8 +56,8 @@ from proto.layout import (COUNTERS, FRAME_FREE, FRAME_KSM, MM_STATS, MMF_VM_MERG
 from proto.messages import Msg
 
 from .core.access import FaultCall, Touch, WaitIdle, touch, vm_access
-from .core.effects import (MEM_EFFECTS, Effect, Lock, Memory, Notify, Reply, TryLock, Unlock, WaitAcks,
-                           apply_mem)
+from .core.effects import (MEM_EFFECTS, Checksum, Compare, Effect, Load, Lock, Memory, Notify, Reply, TryLock, Unlock,
+                           WaitAcks, apply_mem)
 from .core.fault import handle_mm_fault
 from .core.mm import do_mprotect, dup_mmap, ksm_disable_merge_any, ksm_enable_merge_any, madvise_dontneed
 from .core.notify import EXPECT, FAILED, GRAMMAR, INIT, MODES, LocalNotify, SecondaryMMU, grammar_why
@@ -66,6 +66,8 @@ from .core.scan import KsmScan
 from .frames import FrameAllocator
 
 BREAKS = {
+    "cow-reply-before-acks": "the fault handler answers a COW fault and lets go of ptl before the secondary "
+                             "MMUs acked the new PTE",
     "no-write-protect": "ksmd compares and replaces without write-protecting the page first",
     "no-recheck-pte": "ksmd replaces a page without re-checking, under ptl, that its PTE still maps the "
                       "frame it checksummed and compared",
@@ -83,12 +85,15 @@ BREAKS = {
 # The writers' programs.  An op is (page, byte) to write and read back, (page, -1) for
 # MADV_DONTNEED (the page reads as zero), ("fork", ops) to fork a child running ops,
 # ("prot", page, VM_READ|VM_WRITE bits) for mprotect, ("efault", page, write) for an access
-# that must fail with EFAULT, ("merge_any", 0|1) for prctl(PR_SET_MEMORY_MERGE).
+# that must fail with EFAULT, ("merge_any", 0|1) for prctl(PR_SET_MEMORY_MERGE), ("read", page)
+# to read it (installing its spte).  "read" and "efault" follow the op before them at once; every
+# other op waits for one more full scan of ksmd.
 _CHILD = ((0, 5), ("merge_any", 1), ("merge_any", 0), (1, -1))
 SCENARIOS = {
     "base": {},
     "fork": dict(writes=(((0, 0), ("fork", _CHILD), (1, 3), (0, -1)),
-                         (("prot", 1, VM_READ), ("efault", 1, True), ("prot", 1, VM_READ | VM_WRITE), (1, 4))),
+                         (("read", 1), ("prot", 1, 0), ("efault", 1, False), ("prot", 1, VM_READ),
+                          ("efault", 1, True), ("prot", 1, VM_READ | VM_WRITE), (1, 4))),
                  use_zero_pages=1),
 }
 # the scenario in which each break shows (a break not listed: "base")
@@ -171,7 +176,7 @@ class KsmWorld:
     """A small machine: nvms VMs of npages pages (all alike at first), one writer each, ksmd, faultd."""
 
     def __init__(self, mode: str, brk: str | None = None, nvms: int = 2, npages: int = 2,
-                 writes: tuple = (((0, 2), (1, -1), (1, 1)), ((1, 2), (1, 1))), device: bool = False, max_page_sharing: int = 256,
+                 writes: tuple = (((0, 2), (1, 2), (1, -1), (1, 1)), ((1, 2), (1, 1))), device: bool = False, max_page_sharing: int = 256,
                  use_zero_pages: int = 0, settle_scans: int = 2, nframes: int = 16, pace: bool = True,
                  early_reply: bool = True):
         if mode not in MODES:
@@ -199,6 +204,7 @@ class KsmWorld:
         self.pace = pace
         self.early_reply = early_reply
         self._enabled = None
+        self._dirty = True
         self.scan = KsmScan(self.ft, mode, lambda: self.clock_steps / 1000.0, self.brk)
         self.scan.knobs.update(dict(DEFAULTS, run=1, pages_to_scan=nvms * npages, sleep_millisecs=0,
                                     max_page_sharing=max_page_sharing, use_zero_pages=use_zero_pages))
@@ -267,17 +273,20 @@ class KsmWorld:
                 _, _, ended = yield from self.scan.ksm_do_scan(self.scan.knobs["pages_to_scan"])
                 self._check_counters()
 
-    def writer(self, v: VMState, npages: int, ops, first_scan: int = 0):
-        """Read every page (installing sptes), then run each op of the program, paced by ksmd's full
-        scans (see SCENARIOS), reading back what it wrote; at the end read every page back."""
+    def writer(self, v: VMState, npages: int, ops, first_scan: int = 2):
+        """Read every page (installing sptes), then run each op of the program, op k once ksmd has ended
+        first_scan + k full scans (see SCENARIOS), reading back what it wrote; at the end read every
+        page back."""
         sub = v.subs[0]
         for page in range(npages):
             got = bytearray(8)
             yield from vm_access(v.id, sub, USER_BASE + page * PAGE_SIZE, 8, False, got)
             self._check_read(v, page, got + bytes([v.record[page]]) * (PAGE_SIZE - 8), "first read")
-        for k, op in enumerate(ops):
-            if self.pace:       # pace the writer: ksmd has scanned (and merged) since its last op
-                yield _AwaitScan(first_scan + 1 + k)
+        k = 0
+        for op in ops:
+            if self.pace and op[0] not in ("read", "efault"):   # ksmd has scanned (and merged) since
+                yield _AwaitScan(first_scan + k)
+                k += 1
             yield from self._op(v, npages, op)
         self.writers_left -= 1
         for page in range(npages):
@@ -296,6 +305,11 @@ class KsmWorld:
             return
         page = op[1] % npages if kind != "write" else op[0] % npages
         addr = USER_BASE + page * PAGE_SIZE
+        if kind == "read":
+            got = bytearray(PAGE_SIZE)
+            yield from vm_access(v.id, sub, addr, PAGE_SIZE, False, got)
+            self._check_read(v, page, got, "read")
+            return
         if kind == "prot":
             yield from do_mprotect(v.id, subs, addr, addr + PAGE_SIZE, op[2], self.brk)
             return
@@ -333,7 +347,7 @@ class KsmWorld:
         self.vms.append(child)
         self.scan.add_mm(cid, mm)
         self.writers_left += 1
-        t = Thread(f"{child.name}/writer", child.name, self.writer(child, npages, ops, self.scan.c["full_scans"]),
+        t = Thread(f"{child.name}/writer", child.name, self.writer(child, npages, ops, self.scan.c["full_scans"] + 1),
                    vm=child)
         self.threads.append(t)
         self._advance(t, None)
@@ -456,7 +470,9 @@ class KsmWorld:
     def violations(self) -> list[str]:
         out = list(self.violations_found)
         self.violations_found.clear()
-        out += self._frame_violations()
+        if self._dirty:         # a step that only read leaves the frame invariants as they were
+            self._dirty = False
+            out += self._frame_violations()
         return out
 
     def finished(self) -> bool:
@@ -541,10 +557,11 @@ class KsmWorld:
         return fp
 
     def _queue_actor(self, q) -> str:
+        """Each channel delivers on its own track, so a scheduler can hold one back and not another."""
         src, dst = q
         if isinstance(dst, int):
-            return self.vms[dst].name
-        return dst.split(".")[0]
+            return f"{self.vms[dst].name}/from-{src}"
+        return f"{dst.split('.')[0]}/from-{self.vms[src].name}"
 
     def _delivery_footprint(self, q) -> tuple:
         src, dst = q
@@ -557,6 +574,8 @@ class KsmWorld:
     def _run_thread(self, t: Thread, rec: dict) -> None:
         e = t.pending
         c = e.__class__
+        if c not in _READ_ONLY:
+            self._dirty = True
         result, exc = None, None
         try:
             if c in MEM_EFFECTS:
@@ -642,6 +661,7 @@ class KsmWorld:
         self.queues[("faultd", t.mm)].append(("FAULT_REPLY", t.corr, err, msg))
 
     def _deliver(self, q, rec: dict) -> None:
+        self._dirty = True
         src, dst = q
         item = self.queues[q].popleft()
         kind = item[0]
@@ -704,10 +724,11 @@ class KsmWorld:
         mc = self.ft.mapcount.tolist()
         flags = self.ft.flags.tolist()
         for p, n in enumerate(maps):
-            if n > max(mc[p], 0):
-                out.append(f"frame {p}: {n} PTEs map it but its mapcount is {mc[p]}")
-            if n and flags[p] == FRAME_FREE:
-                out.append(f"frame {p} is free but a PTE maps it")
+            if n and (n > mc[p] or flags[p] == FRAME_FREE):
+                if n > mc[p]:
+                    out.append(f"frame {p}: {n} PTEs map it but its mapcount is {mc[p]}")
+                if flags[p] == FRAME_FREE:
+                    out.append(f"frame {p} is free but a PTE maps it")
         for v in self.vms:
             mm = self.mem.mms[v.id]
             pte = mm.pte.tolist()
@@ -777,6 +798,9 @@ class _Micro(Effect):
 
     def __repr__(self):
         return f"{_lname(self.key)}: {self.what}"
+
+
+_READ_ONLY = frozenset({Load, Checksum, Compare, WaitAcks, WaitIdle, _AwaitScan, _AwaitReply, Reply, Notify})
 
 
 def _lname(key) -> str:

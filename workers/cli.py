@@ -6,6 +6,8 @@
     ksm-proto check [--mode M|all] [--scenario S|all] [--seed S] [--runs N] [--exhaustive [--depth D]] [--break STEP]
                     [--list-breaks] [--trace FILE] [--replay SCHEDULE.json] [--save-schedule FILE]
                     [--max-steps N] [--world ksm|toy]
+    ksm-proto estimate [--pid PID...] [--all-pids] [--file PATH...] [--dir DIR...] [--json] [--plot FILE]
+                       [--max-page-sharing N] [--use-zero-pages 0|1] [--merge-across-nodes 0|1] [--verify-kernel]
 
 On a terminal `run` shows a progress bar while loading and live counters
 (rich); piped, it prints plain lines; with --json exactly one JSON object goes
@@ -296,7 +298,7 @@ def cmd_check(a) -> int:
             if a.exhaustive:
                 res = explore.exhaustive(factory, a.depth, a.max_steps)
             else:
-                res = explore.random_runs(factory, a.seed, a.runs, a.max_steps)
+                res = explore.parallel_random_runs(factory, a.seed, a.runs, a.max_steps, jobs=a.jobs)
             print(explore.summary(name, res), flush=True)
             if res.found is None:
                 continue
@@ -375,10 +377,20 @@ def main(argv=None) -> int:
     c.add_argument("--replay", metavar="SCHEDULE.json", help="replay a schedule saved by --save-schedule")
     c.add_argument("--save-schedule", metavar="FILE", help="save the violating schedule as JSON")
     c.add_argument("--max-steps", type=_positive, default=10_000, help="step budget of one run (default 10000)")
+    c.add_argument("--jobs", type=_positive, default=os.cpu_count() or 1,
+                   help="processes sharing the random runs (default: every core); same verdict as one")
     c.add_argument("--world", choices=["ksm", "toy"], default="ksm", help="ksm (default), or the explorer's toy")
+    from . import estimate
+    estimate.add_arguments(sub.add_parser(
+        "estimate", help="how much KSM would save on processes, files or images (see workers/estimate.py)",
+        description="What KSM would reach at stability on real pages, with the scanner's hashing and tree rules. "
+                    "Exit status: 0 done, 1 some input could not be read (the rest counted), 2 bad usage or "
+                    "nothing readable, 3 --verify-kernel failed or the kernel's counters differ."))
     args, rest = p.parse_known_args(argv)
     if args.cmd == "bench":
         return cmd_bench(args, rest)
+    if args.cmd == "estimate" and not rest:
+        return estimate.cli(args)
     if rest:
         p.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.cmd == "check":

@@ -23,7 +23,7 @@ from proto.messages import Frame, Msg, call_payload, encode
 from proto.trace import Tracer
 
 from .actor import RunMemory, actor_args, run_actor, setup
-from .core.effects import Memory
+from .core.effects import Memory, TryLock
 from .core.fault import unmerge_ksm_pages
 from .core.scan import BATCH, KsmScan
 from .frames import OutOfFrames
@@ -55,12 +55,21 @@ class Ksmd:
         """One batch of the scan, its merges included; returns (pages scanned, full scan ended)."""
         t0 = time.monotonic_ns()
         pts = self.knobs["pages_to_scan"]
-        scanned, nops, ended = await self.driver.run(self.scan.ksm_do_scan(budget))
+        merge_t0 = []
+
+        def observe(e):     # the merge starts with its first trylock
+            if not merge_t0 and e.__class__ is TryLock:
+                merge_t0.append(time.monotonic_ns())
+
+        scanned, nops, ended = await self.driver.run(self.scan.ksm_do_scan(budget), observe=observe if self.tr else None)
         if self.knobs["pages_to_scan"] != pts:      # the advisor changed it
             self.stats.knobs[KNOBS.index("pages_to_scan")] = self.knobs["pages_to_scan"]
         self.publish()
         if self.tr:
-            self.tr.span("scan_batch", t0, time.monotonic_ns(), pages=scanned, merges=nops)
+            t1 = time.monotonic_ns()
+            if merge_t0:
+                self.tr.span("merge", merge_t0[0], t1, ops=nops)
+            self.tr.span("scan_batch", t0, t1, pages=scanned, merges=nops)
         return scanned, ended
 
     # ------------------------------------------------------------------ unmerge (run = 2), mm exit

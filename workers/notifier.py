@@ -123,11 +123,10 @@ class Driver:
         self.notifiers = notifiers      # mm id -> MMUNotifier (absent: nobody to notify yet)
         self.lock_timeout = lock_timeout
 
-    async def run(self, gen, reply=None, other=None):
-        """Drive gen to its end; returns its value (its exception propagates).
-
-        other: an async callable for effects this driver does not know (its result is sent
-        back, its exception thrown into the core)."""
+    async def run(self, gen, reply=None, observe=None, other=None):
+        """Drive gen to its end; returns its value (its exception propagates).  observe(effect), if
+        given, sees each effect before it runs (tracing).  other: an async callable for effects
+        this driver does not know (its result is sent back, its exception thrown into the core)."""
         send, exc = None, None
         corked: set = set()
         try:
@@ -138,6 +137,8 @@ class Driver:
                     return s.value
                 send, exc = None, None
                 c = e.__class__
+                if observe is not None:
+                    observe(e)
                 if c in MEM_EFFECTS:
                     try:
                         send = apply_mem(self.mem, e)

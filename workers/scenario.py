@@ -3,7 +3,7 @@
 Pure logic (reads files, starts nothing).  A malformed scenario raises
 ScenarioError with one line naming the field and the problem, e.g.
 
-    demo.toml: vm[1].region[0].source: unknown kind 'disk:x' (expected "file:PATH", "zero" or "random:SEED")
+    demo.toml: vm[1].region[0].source: unknown kind 'disk:x' (expected "file:PATH", "pid:PID", "zero" or "random:SEED")
 
 Format (see README):
 
@@ -19,8 +19,8 @@ Format (see README):
     merge_any = false              # prctl(PR_SET_MEMORY_MERGE, 1) first: every region mergeable
     fork_of = "vmX"                # optional: start as fork(2) of an earlier VM (its regions, COW-shared)
     [[vm.region]]
-    source = "file:/usr/lib/x86_64-linux-gnu/libc.so.6"   # or "zero", "random:SEED"
-    pages = 16                     # required for zero/random; caps a file
+    source = "file:/usr/lib/x86_64-linux-gnu/libc.so.6"   # or "pid:PID", "zero", "random:SEED"
+    pages = 16                     # required for zero/random; caps a file or a process
     mergeable = true
     prot = "rw"                    # mprotect after loading: "rw", "r" or "none"
     writer = { pages = 8, period_ms = 5, values = 4, seed = 1 }   # optional workload (rw regions only)
@@ -76,6 +76,13 @@ class Region:
             return bytes(n)
         if kind == "random":
             return np.random.default_rng(int(arg)).integers(0, 256, n, dtype=np.uint8).tobytes()
+        if kind == "pid":
+            from .memsource import PidSource, SourceError
+            try:
+                data = PidSource(int(arg)).open().read_all(self.pages)
+            except SourceError as e:
+                raise ScenarioError(f"source {self.source}: {e}") from None
+            return data + bytes(n - len(data))
         with open(arg, "rb") as f:
             data = f.read(n)
         return data + bytes(n - len(data))
@@ -163,11 +170,23 @@ def _region(where: str, r: dict) -> Region:
             raise _err(f"{where}.source", f"random: needs an integer seed (\"random:SEED\"), not {arg!r}")
         if pages is None:
             raise _err(f"{where}.pages", "is required for a random region")
+    elif kind == "pid":
+        if not arg.isdigit():
+            raise _err(f"{where}.source", f"pid: needs a process id (\"pid:PID\"), not {arg!r}")
+        from .memsource import PidSource, SourceError
+        try:
+            fp = PidSource(int(arg)).open().count_pages()
+        except SourceError as e:
+            raise _err(f"{where}.source", str(e)) from None
+        if fp == 0:
+            raise _err(f"{where}.source", f"process {arg} has no anonymous pages to load")
+        pages = min(pages, fp) if pages else fp
     elif kind == "zero" and not arg:
         if pages is None:
             raise _err(f"{where}.pages", "is required for a zero region")
     else:
-        raise _err(f"{where}.source", f"unknown kind {source!r} (expected \"file:PATH\", \"zero\" or \"random:SEED\")")
+        raise _err(f"{where}.source",
+                   f"unknown kind {source!r} (expected \"file:PATH\", \"pid:PID\", \"zero\" or \"random:SEED\")")
     mergeable = _typed(where, r, "mergeable", bool, True)
     w = r.get("writer")
     writer = None

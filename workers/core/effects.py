@@ -19,26 +19,16 @@ reduction.
 """
 from __future__ import annotations
 
-import mmh3
 import numpy as np
 
 from proto.layout import MMH_FLAGS, PAGE_SIZE
+
+from ..pagehash import ZERO_KEY, _digest, page_key  # noqa: F401 - the scanner's content key, one definition
 
 # shared regions a Load/Store can name (MMFLAGS: the mm's MMF_* word; VMAS: the VMA list, stored whole)
 PTE, VMAS, SUBS, FLAGS, MAPCOUNT, STABLE = "pte", "vmas", "subs", "flags", "mapcount", "stable"
 MMFLAGS = "mmflags"
 FRAME_REGIONS = (FLAGS, MAPCOUNT, STABLE)
-
-_digest = mmh3.mmh3_x64_128_stupledigest
-
-
-def page_key(buf) -> int:
-    """The scanner's 64-bit content key of one page (mmh3 x64-128, first half)."""
-    return _digest(buf)[0]
-
-
-ZERO_KEY = page_key(bytes(PAGE_SIZE))
-
 
 def ptl(mm: int) -> tuple:
     return ("ptl", mm)

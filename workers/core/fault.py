@@ -87,7 +87,13 @@ def handle_mm_fault(mm: int, npages: int, idx: np.ndarray, flags: int, mode: str
 def do_anonymous_page(mm: int, idx: np.ndarray, write: bool):
     if write:
         pfns = yield Alloc(len(idx), FRAME_ANON, True)
-        yield Store(PTE, mm, idx, (pfns.astype(U64) << U64(PAGE_SHIFT)) | U64(ANON_RW))
+        try:
+            yield Store(PTE, mm, idx, (pfns.astype(U64) << U64(PAGE_SHIFT)) | U64(ANON_RW))
+        except GeneratorExit:
+            raise
+        except BaseException:
+            yield from put_uninstalled(mm, idx, pfns)
+            raise
     else:
         yield Store(PTE, mm, idx, np.full(len(idx), ZERO_RO, dtype=U64))
 
@@ -123,23 +129,45 @@ def wp_page_copy(mm: int, idx: np.ndarray, old: np.ndarray, special: np.ndarray,
     The caller holds ptl(mm).  Out of frames: nothing changed.
     """
     new = yield Alloc(len(idx), FRAME_ANON, False)
-    yield CopyPages(new, old)
-    bits = PTE_PRESENT | PTE_DIRTY | PTE_YOUNG | (PTE_WRITE if writable else 0)
-    new_ptes = (new.astype(U64) << U64(PAGE_SHIFT)) | U64(bits)
+    try:
+        yield CopyPages(new, old)
+        bits = PTE_PRESENT | PTE_DIRTY | PTE_YOUNG | (PTE_WRITE if writable else 0)
+        new_ptes = (new.astype(U64) << U64(PAGE_SHIFT)) | U64(bits)
+        handles = yield from set_pte_at_notify([(mm, idx, new_ptes)], mode, wait=False,
+                                               wait_start="free-before-acks" not in brk)
+    except GeneratorExit:
+        raise
+    except BaseException:       # the new frames no PTE took are freed; the old mapping stays
+        yield from put_uninstalled(mm, idx, new)
+        raise
     nz = int(special.sum())
     if nz:      # counted as the PTE changes, before the faulting VM hears back
         yield ZeroPagesAdd(mm, -nz)
-    handles = yield from set_pte_at_notify([(mm, idx, new_ptes)], mode, wait=False,
-                                           wait_start="free-before-acks" not in brk)
     if "free-before-acks" in brk:
         yield Put(old)
         old = None
+    if "cow-reply-before-acks" in brk:      # reply, and let go of ptl, before the acks
+        yield Reply()
+        yield Unlock(ptl(mm))
+        if handles:
+            yield WaitAcks(handles)
+        yield Put(old)
+        yield Lock(ptl(mm))                 # (taken again for handle_mm_fault's unlock)
+        return
     if early_reply:
         yield Reply()
     if handles:
         yield WaitAcks(handles)
     if old is not None:
         yield Put(old)
+
+
+def put_uninstalled(mm: int, idx: np.ndarray, new: np.ndarray):
+    """After a failure: put each new frame that its PTE does not map (the operation did not get that far)."""
+    pte = yield Load(PTE, mm, idx)
+    lost = new[((pte & U64(PTE_PRESENT)) == 0) | ((pte >> U64(PAGE_SHIFT)).astype(np.int64) != new)]
+    if len(lost):
+        yield Put(lost)
 
 
 def unmerge_ksm_pages(mm: int, mode: str, chunk: int = 4096):

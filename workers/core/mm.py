@@ -27,7 +27,9 @@ once (ksm_might_unmap_zero_page); the child of a fork inherits the parent's KSM 
 (ksm_fork adds them to the global count) but none of its rmap items or merging pages: those
 are ksmd's, and change when ksmd next walks the mm.
 
-Each `brk` name removes one step, for the checker to show why it is there:
+Whatever effect fails (a lock timeout, the allocator), ptl is released, an open START gets its
+END and references a child did not take go back (tests/test_cores.py).  Each `brk` name removes
+one step, for the checker to show why it is there:
 `fork-no-write-protect`, `dontneed-no-notify`, `mprotect-no-notify`.
 """
 from __future__ import annotations
@@ -51,6 +53,10 @@ U64 = np.uint64
 _FORK_FLAGS = MMF_VM_MERGEABLE | MMF_VM_MERGE_ANY     # what a child's mm inherits (ksm_fork, MMF_INIT_MASK)
 
 
+def _store(region, mm, idx, value):
+    yield Store(region, mm, idx, value)
+
+
 def _locked(mm: int, body):
     """Run generator body under ptl(mm); the lock is released on every path (not when abandoned)."""
     yield Lock(ptl(mm))
@@ -65,6 +71,24 @@ def _locked(mm: int, body):
     return result
 
 
+def _invalidated(mm: int, subs, entries, body, notify: bool = True):
+    """Run generator body between invalidate_range_start and _end to subs: END comes on every path
+    (a secondary MMU left 'in progress' would make the VM wait on it forever)."""
+    if notify:
+        yield LocalNotify(mm, Msg.START, subs, entries)
+    try:
+        result = yield from body
+    except GeneratorExit:           # abandoned (a checker run cut short)
+        raise
+    except BaseException:
+        if notify:
+            yield LocalNotify(mm, Msg.END, subs, entries)
+        raise
+    if notify:
+        yield LocalNotify(mm, Msg.END, subs, entries)
+    return result
+
+
 # ---------------------------------------------------------------- zap: MADV_DONTNEED, munmap
 def zap_page_range(mm: int, subs, i0: int, i1: int, brk=frozenset()):
     """Clear the PTEs of pages [i0, i1) and put their frames, inside START..END.  Caller holds ptl(mm).
@@ -75,20 +99,18 @@ def zap_page_range(mm: int, subs, i0: int, i1: int, brk=frozenset()):
     idx = np.arange(i0, i1, dtype=np.int64)
     if not len(idx):
         return
-    notify = "dontneed-no-notify" not in brk
-    entries = entries_for(idx, np.zeros(len(idx), dtype=U64))
-    if notify:
-        yield LocalNotify(mm, Msg.START, subs, entries)
-    pte = yield Load(PTE, mm, idx)
-    present = (pte & U64(PTE_PRESENT)) != 0
-    if present.any():
-        yield Store(PTE, mm, idx[present], np.zeros(int(present.sum()), dtype=U64))
-        yield Put((pte[present] >> U64(PAGE_SHIFT)).astype(np.int64))
-        nzero = int((present & ((pte & U64(PTE_SPECIAL)) != 0)).sum())
-        if nzero:
-            yield ZeroPagesAdd(mm, -nzero)
-    if notify:
-        yield LocalNotify(mm, Msg.END, subs, entries)
+
+    def body():
+        pte = yield Load(PTE, mm, idx)
+        present = (pte & U64(PTE_PRESENT)) != 0
+        if present.any():
+            yield Store(PTE, mm, idx[present], np.zeros(int(present.sum()), dtype=U64))
+            yield Put((pte[present] >> U64(PAGE_SHIFT)).astype(np.int64))
+            nzero = int((present & ((pte & U64(PTE_SPECIAL)) != 0)).sum())
+            if nzero:
+                yield ZeroPagesAdd(mm, -nzero)
+    yield from _invalidated(mm, subs, entries_for(idx, np.zeros(len(idx), dtype=U64)), body(),
+                            "dontneed-no-notify" not in brk)
 
 
 def madvise_dontneed(mm: int, subs, start: int, end: int, brk=frozenset()):
@@ -173,15 +195,12 @@ def change_protection(mm: int, subs, i0: int, i1: int, old: int, new: int, brk=f
         up = (present & ((pte & U64(PTE_SPECIAL)) == 0) & (pfn != ZERO_PFN) & ((fl & FRAME_ANON) != 0)
               & ((fl & (FRAME_KSM | FRAME_ZERO)) == 0) & (mc == 1))
         want[up] |= U64(PTE_WRITE)
-    notify = "mprotect-no-notify" not in brk
-    entries = entries_for(idx, want)
-    if notify:
-        yield LocalNotify(mm, Msg.START, subs, entries)
     diff = want != pte
-    if diff.any():
-        yield Store(PTE, mm, idx[diff], want[diff])
-    if notify:
-        yield LocalNotify(mm, Msg.END, subs, entries)
+
+    def body():
+        if diff.any():
+            yield Store(PTE, mm, idx[diff], want[diff])
+    yield from _invalidated(mm, subs, entries_for(idx, want), body(), "mprotect-no-notify" not in brk)
 
 
 # ---------------------------------------------------------------- fork
@@ -210,23 +229,28 @@ def dup_mmap(parent: int, child: int, subs, brk=frozenset()):
             i0, i1 = page_range(s, e)
             if not present[i0:i1].any():
                 continue            # never faulted in (no anon_vma): nothing to copy, nothing to notify
-            idx = np.arange(i0, i1, dtype=np.int64)
-            ch = writable[i0:i1]
             if not wp:
                 continue
-            entries = entries_for(idx, new[i0:i1])
-            yield LocalNotify(parent, Msg.START, subs, entries)
-            if ch.any():
-                yield Store(PTE, parent, idx[ch], new[i0:i1][ch])
-            yield LocalNotify(parent, Msg.END, subs, entries)
+            idx = np.arange(i0, i1, dtype=np.int64)
+            ch = writable[i0:i1]        # (none writable: the range is notified all the same, as in the kernel)
+            body = _store(PTE, parent, idx[ch], new[i0:i1][ch]) if ch.any() else iter(())
+            yield from _invalidated(parent, subs, entries_for(idx, new[i0:i1]), body)
         cidx = np.flatnonzero(present)
         pfn = (new[cidx] >> U64(PAGE_SHIFT)).astype(np.int64)
-        if (pfn != ZERO_PFN).any():
-            yield Get(pfn[pfn != ZERO_PFN])
-        yield Store(VMAS, child, None, vma_table(vmas))
-        yield Store(MMFLAGS, child, None, mmflags & _FORK_FLAGS)
-        if len(cidx):
-            yield Store(PTE, child, cidx, new[cidx] & ~U64(PTE_WRITE | PTE_YOUNG))
+        got = pfn[pfn != ZERO_PFN]
+        if len(got):
+            yield Get(got)
+        try:
+            yield Store(VMAS, child, None, vma_table(vmas))
+            yield Store(MMFLAGS, child, None, mmflags & _FORK_FLAGS)
+            if len(cidx):
+                yield Store(PTE, child, cidx, new[cidx] & ~U64(PTE_WRITE | PTE_YOUNG))
+        except GeneratorExit:
+            raise
+        except BaseException:       # the child maps nothing: the references it took go back
+            if len(got):
+                yield Put(got)
+            raise
         nzero = int(((new[cidx] & U64(PTE_SPECIAL)) != 0).sum())
         if nzero:
             yield ZeroPagesAdd(child, nzero)

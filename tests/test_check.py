@@ -12,12 +12,12 @@ import sys
 import pytest
 
 from workers import explore
-from workers.check_world import BREAKS, world_factory
+from workers.check_world import BREAK_SCENARIO, BREAKS, SCENARIOS, world_factory
 
 MODES = ("change_pte", "wrapped", "invalidate")
-# what each break must produce: a word of the violation the checker reports
+# what each break must produce: words of the violation the checker reports (any one of them)
 EXPECTED = {
-    "no-write-protect": ("lost write",),
+    "no-write-protect": ("lost write", "is COW-shared"),   # (a KSM frame mapped writable: caught before the write)
     "no-recheck-pte": ("FrameAccountingError", "free stack does not hold each free frame exactly once"),
     "free-before-acks": ("which is free",),
     "pid-takeover-lock": ("two holders",),
@@ -25,6 +25,12 @@ EXPECTED = {
     "cow-reply-before-acks": ("which is free", "nested START", "no notification is on its way", "lost write"),
     "no-repair": ("PTEs map it",),              # frame N: mapcount M but K PTEs map it
     "no-spte-flush": ("writable but its PTE",),
+    # the parent's PTE stays writable on a frame the child maps too
+    "fork-no-write-protect": ("is COW-shared", "lost write"),
+    # the zapped page stays in the secondary MMU: a freed frame, or a frame its PTE no longer maps
+    "dontneed-no-notify": ("which is free", "no notification is on its way"),
+    # the secondary MMU keeps a translation the new protection forbids
+    "mprotect-no-notify": ("which its VMA does not allow", "forbids succeeded"),
 }
 # only change_pte mode needs the flush: in the other modes invalidate_range_start has zapped
 # the secondary translation before the dead notifier changed any PTE
@@ -41,23 +47,35 @@ def check(*args, timeout=900):
 
 
 def test_2000_random_schedules_find_nothing_in_any_mode():
-    p = check("--runs", "2000", "--seed", "7")
+    p = check("--runs", "2000", "--seed", "7", "--scenario", "base")
     assert p.returncode == 0, p.stdout + p.stderr
     lines = p.stdout.splitlines()
-    assert [ln.split(":")[0] for ln in lines] == list(MODES)
+    assert [ln.split(":")[0] for ln in lines] == [f"{m} base" for m in MODES]
     assert all("2,001 schedules" in ln and ln.endswith("no violation") for ln in lines), p.stdout
+
+
+def test_300_random_fork_schedules_find_nothing_in_any_mode():
+    """The fork scenario (fork, COW on both sides, DONTNEED, mprotect, merge-any, racing ksmd and faultd)
+    has about twice the steps of the base one: fewer schedules, the same verdict expected."""
+    p = check("--runs", "300", "--seed", "7", "--scenario", "fork")
+    assert p.returncode == 0, p.stdout + p.stderr
+    lines = p.stdout.splitlines()
+    assert [ln.split(":")[0] for ln in lines] == [f"{m} fork" for m in MODES]
+    assert all("301 schedules" in ln and ln.endswith("no violation") for ln in lines), p.stdout
 
 
 def test_exhaustive_small_configuration_finds_nothing_in_any_mode():
     p = check("--exhaustive", "--depth", "10")
     assert p.returncode == 0, p.stdout + p.stderr
-    assert len(p.stdout.splitlines()) == 3 and all(ln.endswith("no violation") for ln in p.stdout.splitlines())
+    lines = p.stdout.splitlines()
+    assert [ln.split(":")[0] for ln in lines] == [f"{m} {sc}" for m in MODES for sc in ("base", "fork")]
+    assert all(ln.endswith("no violation") for ln in lines), p.stdout
 
 
 def test_parallel_jobs_find_what_one_finds():
     f = world_factory("change_pte", "pid-takeover-lock")
-    one = explore.random_runs(f, seed=0, runs=100, max_steps=4000, shrink=False)
-    two = explore.parallel_random_runs(f, seed=0, runs=100, max_steps=4000, shrink=False, jobs=2)
+    one = explore.random_runs(f, seed=0, runs=300, max_steps=4000, shrink=False)        # (found at run 184)
+    two = explore.parallel_random_runs(f, seed=0, runs=300, max_steps=4000, shrink=False, jobs=2)
     assert one.found is not None and two.found is not None
     assert (one.found.schedule, one.found.violations) == (two.found.schedule, two.found.violations)
 
@@ -119,6 +137,43 @@ def test_kill_happens_and_is_repaired():
     assert w.final_violations() == []
 
 
+def test_each_break_has_a_scenario_that_shows_it():
+    assert set(BREAK_SCENARIO) <= set(BREAKS) and set(BREAK_SCENARIO.values()) <= set(SCENARIOS)
+    assert world_factory("wrapped", "fork-no-write-protect").scenario == "fork"
+    assert world_factory("wrapped", "no-write-protect").scenario == "base"
+
+
+def _labels(world, seed):
+    """Run one random schedule to its end; every step label, and the world at the end."""
+    import random
+    rng = random.Random(seed)
+    labels = []
+    while True:
+        en = world.enabled()
+        if not en:
+            break
+        labels.append(world.take(rng.randrange(len(en)))["label"])
+        assert not world.violations()
+    return labels
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_fork_scenario_forks_discards_protects_and_unmerges_under_ksmd(mode):
+    """The fork world really does what it claims, racing ksmd: a child appears with the parent's
+    pages COW-shared and its own secondary MMU; DONTNEED, mprotect and fork's write-protect are
+    local START/END pairs; a write to a read-only page fails; merge-any off unshares via faultd."""
+    w = world_factory(mode, scenario="fork")()
+    labels = _labels(w, 3)
+    assert w.finished() and not w.final_violations()
+    assert [v.name for v in w.vms] == ["vm0", "vm1", "vm2"]
+    assert sum("local START" in x for x in labels) == sum("local END" in x for x in labels) == 6   # fork, 2 DONTNEED, 3 mprotect
+    assert any("vm0/writer: get pfn" in x for x in labels)              # fork: the frames gain a mapping
+    assert any("vm2/writer: store mmflags" in x for x in labels)        # the child's prctl merge-any
+    assert any(x.startswith("vm0/writer: store vmas mm2") for x in labels)
+    assert w.vms[2].subs[0].log[0] == "REGISTER"
+    assert sum(x.startswith("vm2/writer: fault") for x in labels) >= 2  # its COW and its unshare
+
+
 def test_replay_gives_the_same_trace_bytes():
     f = world_factory("wrapped", "free-before-acks")
     res = explore.random_runs(f, seed=0, runs=300, max_steps=4000, shrink=False)
@@ -156,3 +211,13 @@ def test_cli_finds_a_break_and_writes_its_trace(tmp_path):
     assert out.stat().st_mode & 0o777 == 0o600            # addresses and frame numbers: private
     p = check("--list-breaks")
     assert p.returncode == 0 and p.stdout.split() == list(BREAKS)
+
+
+def test_cli_checks_every_scenario_by_default_and_names_them():
+    p = subprocess.run([sys.executable, "-m", "workers.cli", "check", "--mode", "invalidate", "--runs", "3"],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert [line.split(":")[0] for line in p.stdout.splitlines()] == ["invalidate base", "invalidate fork"]
+    p = subprocess.run([sys.executable, "-m", "workers.cli", "check", "--scenario", "nope"], capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == 2 and "unknown --scenario 'nope'" in p.stderr

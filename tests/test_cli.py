@@ -93,6 +93,11 @@ name = "two"
     ("[[vm]]\nname = 'a'\n[[vm.region]]\npages = 1\n[[vm]]\nname = 'a'\n[[vm.region]]\npages = 1\n", "vm[1].name"),
     ("[[vm]]\n[[vm.region]]\npages = 4\nwriter = { pages = 9 }\n", "vm[0].region[0].writer.pages"),
     ("[[vm]]\ncolour = 'red'\n[[vm.region]]\npages = 1\n", "vm[0].colour"),
+    ("[[vm]]\n[[vm.region]]\npages = 1\nprot = 'wx'\n", "vm[0].region[0].prot"),
+    ("[[vm]]\n[[vm.region]]\npages = 4\nprot = 'r'\nwriter = { pages = 2 }\n", "vm[0].region[0].writer"),
+    ("[[vm]]\nname = 'b'\nfork_of = 'a'\n", "vm[0].fork_of"),
+    ("[[vm]]\nname = 'a'\n[[vm.region]]\npages = 1\n[[vm]]\nfork_of = 'a'\nnode = 1\n", "vm[1].node"),
+    ("[[vm]]\nmerge_any = 1\n[[vm.region]]\npages = 1\n", "vm[0].merge_any"),
     ("this is = not toml [", "not valid TOML"),
     ("[machine]\ncolour = 'red'\n[[vm]]\n[[vm.region]]\npages = 1\n", "machine.colour"),
     ("[[vm]]\n[[vm.region]]\npages = 4\nwriter = { period_ms = nan }\n", "writer.period_ms"),
@@ -113,6 +118,49 @@ def test_bad_scenarios_name_the_field(tmp_path, body, field):
     assert r.stdout == ""
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and field in lines[0], r.stderr
+
+
+def test_run_scenario_with_fork_prot_and_merge_any(tmp_path):
+    """fork_of maps the parent's regions COW-shared in the child (no KSM page for a forked page),
+    merge_any makes the child's new regions mergeable unless mergeable = false, prot applies."""
+    sc = tmp_path / "f.toml"
+    sc.write_text("""
+[ksm]
+use_zero_pages = 1
+smart_scan = 0
+[[vm]]
+name = "a"
+  [[vm.region]]
+  source = "random:1"
+  pages = 16
+  [[vm.region]]
+  source = "zero"
+  pages = 8
+  prot = "none"
+[[vm]]
+name = "b"
+fork_of = "a"
+merge_any = true
+  [[vm.region]]
+  source = "random:1"
+  pages = 16
+  mergeable = false
+  [[vm.region]]
+  source = "random:2"
+  pages = 4
+  prot = "r"
+""")
+    r = ksm_proto("run", str(sc), "--json", "--until-stable")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    k = out["ksm"]
+    # a's 16 pages are b's too (the same frames: not merged); b's own copy of them is unmergeable
+    assert (k["pages_shared"], k["pages_sharing"], k["pages_unshared"], k["pages_volatile"]) == (0, 0, 20, 16)
+    assert k["ksm_zero_pages"] == 16                       # a's PROT_NONE zero pages, and b's inherited ones
+    a, b = out["vms"]["a"]["ksm_stat"], out["vms"]["b"]["ksm_stat"]
+    assert (a["ksm_rmap_items"], a["ksm_zero_pages"], a["ksm_merge_any"]) == (16, 8, False)
+    assert (b["ksm_rmap_items"], b["ksm_zero_pages"], b["ksm_merge_any"]) == (20, 8, True)
+    assert out["readback_mismatches"] == 0
 
 
 def test_parse_errors_are_scenario_errors():

@@ -11,12 +11,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from proto.layout import FRAME_FREE, FRAME_KSM, PAGE_SHIFT, PTE_PRESENT, USER_BASE
+from proto.layout import FRAME_FREE, FRAME_KSM, PAGE_SHIFT, PAGE_SIZE, PTE_PRESENT, USER_BASE, VM_READ
 from proto.messages import FAULT_WRITE
 from workers.check_world import KsmWorld
 from workers.core.effects import (MEM_EFFECTS, Alloc, Checksum, Compare, CopyPages, Get, Load, Lock, Notify, PinKsm,
                                   Reply, Store, TryLock, Unlock, WaitAcks, apply_mem)
 from workers.core.fault import handle_mm_fault
+from workers.core.mm import do_mprotect, dup_mmap, ksm_enable_merge_any, madvise_dontneed
+from workers.core.notify import LocalNotify
 from workers.frames import OutOfFrames
 
 
@@ -64,6 +66,9 @@ def drive(w: KsmWorld, gen, throw_at: int = -1):
             send = []
         elif c in (WaitAcks, Reply):
             send = [] if c is WaitAcks else None
+        elif c is LocalNotify:
+            for sub in e.subs:
+                sub.apply(e.type, e.entries)
         else:
             raise AssertionError(f"unexpected effect {e!r}")
 
@@ -154,3 +159,31 @@ def test_out_of_frames_changes_nothing():
     assert not held
     assert (w.mem.mms[0].pte == before[0]).all() and (w.ft.mapcount == before[1]).all()
     assert int(w.mem.mms[0].pte[0]) & PTE_PRESENT and USER_BASE and FRAME_FREE == 0
+
+
+def _own_op(mode, which):
+    """A merged world and one of the VM's own operations on vm0 (core/mm.py)."""
+    w, gen = merging_scan(mode)
+    drive(w, gen)
+    v, subs = w.vms[0], list(w.vms[0].subs.values())
+    if which == "fork":
+        w._new_mm(len(w.vms), w.mem.mms[0].npages)
+        return w, dup_mmap(0, len(w.vms), subs)
+    if which == "dontneed":
+        return w, madvise_dontneed(0, subs, USER_BASE, USER_BASE + 2 * PAGE_SIZE)
+    if which == "mprotect":
+        return w, do_mprotect(0, subs, USER_BASE, USER_BASE + PAGE_SIZE, VM_READ)
+    return w, ksm_enable_merge_any(0)
+
+
+@pytest.mark.parametrize("which", ["fork", "dontneed", "mprotect", "merge-any"])
+def test_the_vms_own_operations_release_ptl_and_references_whatever_fails(which):
+    w, gen = _own_op("wrapped", which)
+    total, held, _ = drive(w, gen)
+    assert not held and not leaks(w) and total > 0
+    for k in range(total):
+        w, gen = _own_op("wrapped", which)
+        _, held, _ = drive(w, gen, throw_at=k)
+        assert not held, f"effect {k}: ptl left held"
+        assert not leaks(w), f"effect {k}: frames {leaks(w)} have references no PTE accounts for"
+        assert all(s.in_progress == 0 for v in w.vms for s in v.subs.values()), f"effect {k}: START without END"

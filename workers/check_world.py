@@ -21,39 +21,56 @@ Scheduling points:
     messages are drained, repair_frames (core.repair) under every ptl, the restart (a new
     ksmd rebuilds its state with KsmScan.restore; lost FAULTs are sent again), thaw.
 
+Scenarios (`SCENARIOS`): "base" (two VMs writing, one MADV_DONTNEED) and "fork" (a VM
+forks mid-run and parent and child write the COW-shared pages, discard some and unmerge;
+another VM makes a page read-only and writes it, expecting EFAULT; KSM zero pages on).
+The VMs' own address-space changes (core.mm: MADV_DONTNEED, mprotect, fork's dup_mmap,
+merge-any) run in the VM's writer thread, their START/END local to its secondary MMUs.
+
 Invariants, after every step (`violations`):
-  * a read returns the last value this VM wrote to the page (checked by the writer);
+  * a read returns the last value this VM wrote to the page (checked by the writer): a
+    child of fork reads what its parent had at the fork, whatever the parent writes later;
+  * an access the VMA forbids fails with EFAULT, and nothing else does;
   * no PTE maps a frame whose mapcount does not count it; no free frame is mapped by a
     PTE or an spte; no double free (FrameAccountingError in any actor);
   * a secondary MMU never maps a frame (or a write permission) its primary PTE no longer
     gives it, unless a notification for that page is on its way to it (or the death of
-    the notifier that would have sent it);
+    the notifier that would have sent it), nor a page its VMA forbids (PROT_NONE, or
+    writable in a read-only area), once the mm's ptl is free;
+  * a writable PTE maps a frame no other PTE maps (COW: shared frames are read-only), once
+    the mm's ptl is free;
   * each secondary MMU's messages follow the notifier grammar (with a kill: the messages
     of each notifier do; a dead notifier's open START may overlap its successor's or the
     other notifier's until the VM has noticed the death);
   * at ksmd's batch boundaries pages_shared / pages_sharing agree with the stable tree;
   * a page-table lock has at most one holder.
 At the end (`final_violations`): every frame's mapcount equals its mappings, the free
-stack is exact, every VM reads back its record, and the counters equal what the PTEs show.
+stack is exact, every VM reads back its record, and the counters equal what the PTEs show
+(pages_shared / pages_sharing; each mm's ksm_merging_pages and ksm_zero_pages, and the
+machine's ksm_zero_pages).
 """
 from __future__ import annotations
 
 import collections
+import errno
 import hashlib
 
 import numpy as np
 
 from proto.knobs import DEFAULTS
-from proto.layout import (FRAME_FREE, FRAME_KSM, MMF_VM_MERGEABLE, MMH_FLAGS, MMH_ID, MMH_NPAGES, PAGE_SHIFT,
-                          PAGE_SIZE, PTE_PRESENT, PTE_WRITE, SUB_ACTIVE, SUB_CHANGE_PTE, USER_BASE, VM_MERGEABLE,
-                          VM_READ, VM_WRITE, ZERO_PFN, FrameTable, MMView, StatsView)
+from proto.layout import (COUNTERS, FRAME_FREE, FRAME_KSM, MM_STATS, MMF_VM_MERGEABLE, MMH_FLAGS, MMH_ID,
+                          MMH_NPAGES, PAGE_SHIFT, PAGE_SIZE, PTE_PRESENT, PTE_SPECIAL, PTE_WRITE, SUB_ACTIVE,
+                          SUB_CHANGE_PTE, USER_BASE, VM_MERGEABLE, VM_READ, VM_WRITE, ZERO_PFN, FrameTable, MMView,
+                          StatsView)
 from proto.messages import Msg
 
-from .core.access import FaultCall, Touch, WaitIdle, touch, vm_access, zap_pte_range
-from .core.effects import (MEM_EFFECTS, Checksum, Compare, Effect, Load, Lock, Memory, Notify, Reply, TryLock, Unlock, WaitAcks,
-                           apply_mem)
+from .core.access import FaultCall, Touch, WaitIdle, touch, vm_access
+from .core.effects import (MEM_EFFECTS, Checksum, Compare, Effect, Load, Lock, Memory, Notify, Reply, TryLock, Unlock,
+                           WaitAcks, apply_mem)
 from .core.fault import handle_mm_fault
-from .core.notify import EXPECT, FAILED, GRAMMAR, INIT, MODES, SecondaryMMU, grammar_why
+from .core.mm import do_mprotect, dup_mmap, ksm_disable_merge_any, ksm_enable_merge_any, madvise_dontneed
+from .core.notify import EXPECT, FAILED, GRAMMAR, INIT, MODES, LocalNotify, SecondaryMMU, grammar_why
+from .core.pte import may_access, mergeable_ranges, vma_flags_at
 from .core.repair import repair_frames
 from .core.scan import KsmScan
 from .frames import FrameAllocator
@@ -71,11 +88,34 @@ BREAKS = {
                  "table from the PTEs (runs with kill='faultd')",
     "no-spte-flush": "a VM keeps its secondary translations when ksmd dies, trusting what it was told "
                      "(runs with kill='ksmd')",
+    "fork-no-write-protect": "fork leaves the parent's PTEs (and its secondary MMUs' translations) writable "
+                             "while the child maps the same frames",
+    "dontneed-no-notify": "MADV_DONTNEED clears PTEs and frees frames without invalidate_range_start/end "
+                          "to the VM's secondary MMUs",
+    "mprotect-no-notify": "mprotect changes the VMA and the PTEs without invalidate_range_start/end to the "
+                          "VM's secondary MMUs",
 }
 KILLS = ("ksmd", "faultd")
 BREAK_KILLS = {"no-repair": "faultd", "no-spte-flush": "ksmd"}
 # the configuration a break shows itself in soonest: unpaced writers keep their sptes writable while ksmd dies
 BREAK_CONFIG = {"no-spte-flush": {"pace": False}}
+
+# The writers' programs.  An op is (page, byte) to write and read back, (page, -1) for
+# MADV_DONTNEED (the page reads as zero), ("fork", ops) to fork a child running ops,
+# ("prot", page, VM_READ|VM_WRITE bits) for mprotect, ("efault", page, write) for an access
+# that must fail with EFAULT, ("merge_any", 0|1) for prctl(PR_SET_MEMORY_MERGE), ("read", page)
+# to read it (installing its spte).  "read" and "efault" follow the op before them at once; every
+# other op waits for one more full scan of ksmd.
+_CHILD = ((0, 5), ("merge_any", 1), ("merge_any", 0), (1, -1))
+SCENARIOS = {
+    "base": {},
+    "fork": dict(writes=(((0, 0), ("fork", _CHILD), (1, 3), (0, -1)),
+                         (("read", 1), ("prot", 1, 0), ("efault", 1, False), ("prot", 1, VM_READ),
+                          ("efault", 1, True), ("prot", 1, VM_READ | VM_WRITE), (1, 4))),
+                 use_zero_pages=1),
+}
+# the scenario in which each break shows (a break not listed: "base")
+BREAK_SCENARIO = {"fork-no-write-protect": "fork", "mprotect-no-notify": "fork"}
 
 
 class ArraySegment:
@@ -204,6 +244,7 @@ class VMState:
         self.grammar = {s: INIT for s in self.subs}
         self.record: dict[int, int] = {}
         self.replies: dict[int, tuple] = {}
+        self.efault_expected = False
 
 
 class KsmWorld:
@@ -254,7 +295,8 @@ class KsmWorld:
         self.pending_loss = {v.id: set() for v in self.vms}   # dead notifiers this VM has not noticed yet
         self.threads.append(Thread("ksmd", "ksmd", self.ksmd_main()))
         for v in self.vms:
-            self.threads.append(Thread(f"{v.name}/writer", v.name, self.writer(v, npages, writes), vm=v))
+            self.threads.append(Thread(f"{v.name}/writer", v.name, self.writer(v, npages, writes[v.id % len(writes)]),
+                                       vm=v))
         if kill:
             self.threads.append(Thread("supervisor", "supervisor", self.supervisor(kill)))
         for t in self.threads:
@@ -269,11 +311,28 @@ class KsmWorld:
         self.violations_found += self._frame_violations()
 
     # ---------------------------------------------------------------- set-up
-    def _make_vm(self, mm_id: int, npages: int, device: bool) -> None:
-        seg = ArraySegment(MMView.size_for(npages))
-        mm = MMView(seg)
+    def _new_mm(self, mm_id: int, npages: int) -> MMView:
+        """An empty mm, its channels and its ptl (ksmd learns of it separately: scan.add_mm)."""
+        mm = MMView(ArraySegment(MMView.size_for(npages)))
         mm.hdr[MMH_ID] = mm_id
         mm.hdr[MMH_NPAGES] = npages
+        self.mem.mms[mm_id] = mm
+        for q in (("ksmd", mm_id), ("faultd", mm_id), (mm_id, "faultd"), (mm_id, "ksmd.ack"), (mm_id, "faultd.ack")):
+            self.queues[q] = collections.deque()
+        self.locks[("ptl", mm_id)] = None
+        self.old_lock[("ptl", mm_id)] = [1, 0]
+        return mm
+
+    @staticmethod
+    def _register(v: VMState, mm: MMView) -> None:
+        for s, sub in v.subs.items():
+            mm.subs[s, SUB_ACTIVE] = 1
+            mm.subs[s, SUB_CHANGE_PTE] = int(sub.has_change_pte)
+            v.grammar[s] = GRAMMAR[(INIT, "REGISTER")]
+            sub.note("REGISTER")
+
+    def _make_vm(self, mm_id: int, npages: int, device: bool) -> None:
+        mm = self._new_mm(mm_id, npages)
         start = USER_BASE
         mm.vmas[0] = (start, start + npages * PAGE_SIZE, VM_READ | VM_WRITE | VM_MERGEABLE)
         mm.hdr[MMH_FLAGS] |= MMF_VM_MERGEABLE
@@ -281,19 +340,10 @@ class KsmWorld:
         self.alloc.pages[pfns] = 1
         mm.pte[:] = (pfns.astype(np.uint64) << np.uint64(PAGE_SHIFT)) | np.uint64(PTE_PRESENT | PTE_WRITE)
         v = VMState(mm_id, f"vm{mm_id}", npages, device)
-        for s, sub in v.subs.items():
-            mm.subs[s, SUB_ACTIVE] = 1
-            mm.subs[s, SUB_CHANGE_PTE] = int(sub.has_change_pte)
-            v.grammar[s] = GRAMMAR[(INIT, "REGISTER")]
-            sub.note("REGISTER")
+        self._register(v, mm)
         for p in range(npages):
             v.record[p] = 1
-        self.mem.mms[mm_id] = mm
         self.scan.add_mm(mm_id, mm)
-        for q in (("ksmd", mm_id), ("faultd", mm_id), (mm_id, "faultd"), (mm_id, "ksmd.ack"), (mm_id, "faultd.ack")):
-            self.queues[q] = collections.deque()
-        self.locks[("ptl", mm_id)] = None
-        self.old_lock[("ptl", mm_id)] = [1, 0]
         self.vms.append(v)
 
     # ---------------------------------------------------------------- the programs
@@ -329,31 +379,84 @@ class KsmWorld:
         self._check_counters()
         yield from self.ksmd_main()
 
-    def writer(self, v: VMState, npages: int, writes):
-        """Read every page (installing sptes), then write each (page, byte) of `writes` and read it back
-        at once (byte -1: MADV_DONTNEED the page: it reads as zero); at the end read every page back."""
+    def writer(self, v: VMState, npages: int, ops, first_scan: int = 2):
+        """Read every page (installing sptes), then run each op of the program, op k once ksmd has ended
+        first_scan + k full scans (see SCENARIOS), reading back what it wrote; at the end read every
+        page back."""
         sub = v.subs[0]
         for page in range(npages):
-            yield from vm_access(v.id, sub, USER_BASE + page * PAGE_SIZE, 8, False, bytearray(8))
-        for k, (page, val) in enumerate(writes[v.id % len(writes)]):
-            if self.pace:       # pace the writer: ksmd has scanned (and merged) since its last write
-                yield _AwaitScan(2 + k)
-            page %= npages
-            addr = USER_BASE + page * PAGE_SIZE
-            if val < 0:
-                yield from zap_pte_range(v.id, v.subs.values(), page, page + 1)
-                val = 0
-            else:
-                yield from vm_access(v.id, sub, addr, PAGE_SIZE, True, bytes([val]) * PAGE_SIZE)
-            v.record[page] = val
-            got = bytearray(PAGE_SIZE)
-            yield from vm_access(v.id, sub, addr, PAGE_SIZE, False, got)
-            self._check_read(v, page, got, "read back after its write")
+            got = bytearray(8)
+            yield from vm_access(v.id, sub, USER_BASE + page * PAGE_SIZE, 8, False, got)
+            self._check_read(v, page, got + bytes([v.record[page]]) * (PAGE_SIZE - 8), "first read")
+        k = 0
+        for op in ops:
+            if self.pace and op[0] not in ("read", "efault"):   # ksmd has scanned (and merged) since
+                yield _AwaitScan(first_scan + k)
+                k += 1
+            yield from self._op(v, npages, op)
         self.writers_left -= 1
         for page in range(npages):
             got = bytearray(PAGE_SIZE)
             yield from vm_access(v.id, sub, USER_BASE + page * PAGE_SIZE, PAGE_SIZE, False, got)
             self._check_read(v, page, got, "final read")
+
+    def _op(self, v: VMState, npages: int, op):
+        sub, subs = v.subs[0], list(v.subs.values())
+        kind = op[0] if isinstance(op[0], str) else "write"
+        if kind == "fork":
+            yield from self._fork(v, npages, op[1])
+            return
+        if kind == "merge_any":
+            yield from (ksm_enable_merge_any(v.id) if op[1] else ksm_disable_merge_any(v.id))
+            return
+        page = op[1] % npages if kind != "write" else op[0] % npages
+        addr = USER_BASE + page * PAGE_SIZE
+        if kind == "read":
+            got = bytearray(PAGE_SIZE)
+            yield from vm_access(v.id, sub, addr, PAGE_SIZE, False, got)
+            self._check_read(v, page, got, "read")
+            return
+        if kind == "prot":
+            yield from do_mprotect(v.id, subs, addr, addr + PAGE_SIZE, op[2], self.brk)
+            return
+        if kind == "efault":
+            try:
+                yield from vm_access(v.id, sub, addr, 8, op[2], bytearray(8))
+            except OSError as e:
+                if e.errno != errno.EFAULT:
+                    self.violations_found.append(f"{v.name} page {page}: a forbidden access failed with "
+                                                 f"{errno.errorcode.get(e.errno)}, not EFAULT")
+                return
+            self.violations_found.append(f"{v.name} page {page}: a {'write' if op[2] else 'read'} its VMA "
+                                         f"forbids succeeded")
+            return
+        val = op[1]
+        if val < 0:
+            yield from madvise_dontneed(v.id, subs, addr, addr + PAGE_SIZE, self.brk)
+            val = 0
+        else:
+            yield from vm_access(v.id, sub, addr, PAGE_SIZE, True, bytes([val]) * PAGE_SIZE)
+        v.record[page] = val
+        got = bytearray(PAGE_SIZE)
+        yield from vm_access(v.id, sub, addr, PAGE_SIZE, False, got)
+        self._check_read(v, page, got, "read back after its write")
+
+    def _fork(self, v: VMState, npages: int, ops):
+        """fork: dup_mmap into a new mm, then the child (its own secondary MMU, its record a copy of the
+        parent's) is known to ksmd (ksm_fork) and starts its program."""
+        cid = len(self.vms)
+        mm = self._new_mm(cid, npages)
+        yield from dup_mmap(v.id, cid, list(v.subs.values()), self.brk)
+        child = VMState(cid, f"vm{cid}", npages, False)
+        self._register(child, mm)
+        child.record = dict(v.record)
+        self.vms.append(child)
+        self.scan.add_mm(cid, mm)
+        self.writers_left += 1
+        t = Thread(f"{child.name}/writer", child.name, self.writer(child, npages, ops, self.scan.c["full_scans"] + 1),
+                   vm=child)
+        self.threads.append(t)
+        self._advance(t, None)
 
     def _check_read(self, v: VMState, page: int, got: bytearray, when: str) -> None:
         want = v.record[page]
@@ -493,6 +596,29 @@ class KsmWorld:
         if c["pages_shared"] != len(ksm) or c["pages_shared"] + c["pages_sharing"] != int(sum(maps[p] for p in ksm)):
             out.append(f"counters pages_shared {c['pages_shared']} pages_sharing {c['pages_sharing']}, but "
                        f"{len(ksm)} KSM frames are mapped {int(sum(maps[p] for p in ksm))} times")
+        zi = MM_STATS.index("ksm_zero_pages")
+        total = 0
+        for v in self.vms:
+            mm = self.mem.mms[v.id]
+            pte = mm.pte
+            present = (pte & np.uint64(PTE_PRESENT)) != 0
+            nzero = int((present & ((pte & np.uint64(PTE_SPECIAL)) != 0)).sum())
+            total += nzero
+            if int(self.stats.mm[v.id, zi]) != nzero:
+                out.append(f"{v.name}: ksm_zero_pages {int(self.stats.mm[v.id, zi])}, but {nzero} PTEs map the "
+                           f"KSM zero page")
+            slot = self.scan.slots.get(v.id)
+            pfn = (pte >> np.uint64(PAGE_SHIFT)).astype(np.int64)
+            inside = np.zeros(len(pte), dtype=bool)
+            for a, b in mergeable_ranges(mm.vma_list()):
+                inside[a:b] = True
+            nksm = int((present & inside & ((self.ft.flags[pfn] & FRAME_KSM) != 0)).sum())
+            merging = slot.items.merging if slot is not None else 0
+            if merging != nksm:
+                out.append(f"{v.name}: ksm_merging_pages {merging}, but {nksm} of its PTEs map KSM pages")
+        if int(self.stats.counters[COUNTERS.index("ksm_zero_pages")]) != total:
+            out.append(f"ksm_zero_pages {int(self.stats.counters[COUNTERS.index('ksm_zero_pages')])}, but {total} "
+                       f"PTEs map the KSM zero page")
         return out
 
     def state_key(self):
@@ -588,6 +714,8 @@ class KsmWorld:
                 self.locks[e.key] = None
             elif c is Notify:
                 result = self._notify(t, e, rec)
+            elif c is LocalNotify:
+                self._local_notify(self.vms[e.mm], e)
             elif c is WaitAcks:
                 flags = []
                 for hs in e.handles:
@@ -650,6 +778,24 @@ class KsmWorld:
             rec["flow_out"] = hs[0]
         return hs
 
+    def _local_notify(self, v: VMState, e: LocalNotify) -> None:
+        """invalidate_range_start/end from the VM itself: applied to each secondary MMU in this step."""
+        for sub in e.subs:
+            self._grammar(v, sub.sub, e.type.name)
+            sub.apply(e.type, e.entries)
+
+    def _grammar(self, v: VMState, s: int, kind: str, src="local") -> None:
+        """Advance secondary MMU s of v through the notifier grammar by a `kind` message from src
+        (with a kill, each notifier's messages, and the VM's own, follow the grammar apart)."""
+        gk = (src, s) if self.kill else s
+        st = v.grammar.setdefault(gk, GRAMMAR[(INIT, "REGISTER")])
+        nxt = GRAMMAR.get((st, kind))
+        if nxt is None and st != FAILED:
+            self.violations_found.append(f"{v.name} {v.subs[s].name}: {grammar_why(st, kind)}: got {kind}, "
+                                         f"expected {EXPECT.get(st)}")
+            nxt = FAILED
+        v.grammar[gk] = nxt
+
     def _reply(self, t: Thread, err: int, msg: str) -> None:
         if getattr(t, "replied", False):
             return
@@ -691,14 +837,7 @@ class KsmWorld:
         _, h, s, entries = item
         sub = v.subs[s]
         t = Msg[kind]
-        gk = (src, s) if self.kill else s
-        st = v.grammar.setdefault(gk, GRAMMAR[(INIT, "REGISTER")])
-        nxt = GRAMMAR.get((st, kind))
-        if nxt is None and st != FAILED:
-            self.violations_found.append(f"{v.name} {sub.name}: {grammar_why(st, kind)}: got {kind}, "
-                                         f"expected {EXPECT.get(st)}")
-            nxt = FAILED
-        v.grammar[gk] = nxt
+        self._grammar(v, s, kind, src)
         if t in (Msg.START, Msg.END):
             k = (src, dst, s)
             self.open_starts[k] = self.open_starts.get(k, 0) + (1 if t == Msg.START else -1)
@@ -799,7 +938,15 @@ class KsmWorld:
                 if flags[p] == FRAME_FREE:
                     out.append(f"frame {p} is free but a PTE maps it")
         for v in self.vms:
-            pte = self.mem.mms[v.id].pte.tolist()
+            mm = self.mem.mms[v.id]
+            pte = mm.pte.tolist()
+            free_ptl = self.locks[("ptl", v.id)] is None
+            vflags = vma_flags_at(mm.vma_list(), np.arange(len(pte))).tolist() if free_ptl else None
+            if free_ptl:
+                for i, pp in enumerate(pte):
+                    if pp & PTE_PRESENT and pp & PTE_WRITE and mc[pp >> PAGE_SHIFT] > 1:
+                        out.append(f"{v.name} page {i} is writable but its frame {pp >> PAGE_SHIFT} is COW-shared "
+                                   f"(mapcount {mc[pp >> PAGE_SHIFT]})")
             for s, sub in v.subs.items():
                 for i, sp in enumerate(sub.spte.tolist()):
                     if not sp:
@@ -808,6 +955,10 @@ class KsmWorld:
                     spfn = sp >> PAGE_SHIFT
                     if flags[spfn] == FRAME_FREE and spfn != ZERO_PFN:
                         out.append(f"{v.name} {sub.name} page {i} maps frame {spfn}, which is free")
+                        continue
+                    if free_ptl and not may_access(vflags[i], bool(sp & PTE_WRITE)):
+                        out.append(f"{v.name} {sub.name} page {i} maps frame {spfn}"
+                                   f"{' writable' if sp & PTE_WRITE else ''}, which its VMA does not allow")
                         continue
                     stale = (not pp & PTE_PRESENT or (pp >> PAGE_SHIFT) != spfn
                              or (sp & PTE_WRITE and not pp & PTE_WRITE))
@@ -865,14 +1016,21 @@ def _lname(key) -> str:
     return f"ptl(mm{key[1]})" if key[0] == "ptl" else "frame_lock"
 
 
-def world_factory(mode: str, brk: str | None = None, **config):
+def world_factory(mode: str, brk: str | None = None, scenario: str | None = None, **config):
     """A callable that builds a fresh, identical KsmWorld (the explorer replays by rebuilding).
 
-    The breaks of the recovery (no-repair, no-spte-flush) need a kill: theirs unless `kill` says.
-    """
+    scenario: a name of SCENARIOS (default: the break's, else "base"); config overrides it.
+    The breaks of the recovery (no-repair, no-spte-flush) need a kill: theirs unless `kill` says."""
     if brk is not None and brk not in BREAKS:
         raise ValueError(f"unknown break {brk!r}; one of: {', '.join(BREAKS)}")
+    scenario = scenario or BREAK_SCENARIO.get(brk, "base")
+    if scenario not in SCENARIOS:
+        raise ValueError(f"unknown scenario {scenario!r}; one of: {', '.join(SCENARIOS)}")
     if brk in BREAK_KILLS and config.get("kill") is None:
         config["kill"] = BREAK_KILLS[brk]
-    config = {**BREAK_CONFIG.get(brk, {}), **config}
-    return lambda: KsmWorld(mode, brk, **config)
+    config = {**SCENARIOS[scenario], **BREAK_CONFIG.get(brk, {}), **config}
+
+    def factory():
+        return KsmWorld(mode, brk, **config)
+    factory.scenario = scenario
+    return factory

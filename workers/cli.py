@@ -3,7 +3,7 @@
     ksm-proto run [SCENARIO.toml] [--json] [--trace FILE] [--until-stable] [--notifier-mode M]
     ksm-proto trace summary FILE | trace check FILE
     ksm-proto bench [--quick] [--cores N] [--trace-overhead] ...
-    ksm-proto check [--mode M|all] [--seed S] [--runs N] [--exhaustive [--depth D]] [--break STEP]
+    ksm-proto check [--mode M|all] [--scenario S|all] [--seed S] [--runs N] [--exhaustive [--depth D]] [--break STEP]
                     [--list-breaks] [--trace FILE] [--replay SCHEDULE.json] [--save-schedule FILE]
                     [--max-steps N] [--world ksm|toy] [--kill ksmd|faultd]
     ksm-proto estimate [--pid PID...] [--all-pids] [--file PATH...] [--dir DIR...] [--json] [--plot FILE]
@@ -16,13 +16,14 @@ to stdout.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
 import sys
 import time
 
-from proto import MADV_MERGEABLE, PAGE_SIZE
+from proto import MADV_MERGEABLE, MADV_UNMERGEABLE, PAGE_SIZE, PR_SET_MEMORY_MERGE, PROT_NONE, PROT_READ
 from proto.layout import COUNTERS
 from proto.trace import open_private
 
@@ -67,15 +68,22 @@ class Reporter:
 
 
 def load_vms(m, sc: Scenario, rep: Reporter) -> dict:
-    """Spawn each VM, map and fill its regions, madvise the mergeable ones. Returns what was written."""
+    """Spawn (or fork) each VM, map and fill its regions, mprotect and madvise them as asked.
+    Returns what was written: {name: (vm, [(addr, region, bytes)])}."""
     layout = {}
     prog, task = rep.loading(sc.pages)
     ctx = prog if prog is not None else _null()
     with ctx:
         for spec in sc.vms:
-            vm = m.spawn_vm(spec.name, pages=max(1024, spec.pages + 2 * len(spec.regions) + 64), device=spec.device,
-                            node=spec.node)
-            regions = []
+            if spec.fork_of:
+                parent, inherited = layout[spec.fork_of]
+                vm = parent.fork(spec.name, device=spec.device)
+                regions = [(addr, dataclasses.replace(r, writer=None), data) for addr, r, data in inherited]
+            else:
+                vm = m.spawn_vm(spec.name, pages=sc.address_space(spec), device=spec.device, node=spec.node)
+                regions = []
+            if spec.merge_any:
+                vm.prctl(PR_SET_MEMORY_MERGE, 1)
             for r in spec.regions:
                 data = r.content()
                 addr = vm.mmap(len(data))
@@ -83,11 +91,16 @@ def load_vms(m, sc: Scenario, rep: Reporter) -> dict:
                     vm.write(addr + off, data[off:off + CHUNK])
                     if prog is not None:
                         prog.advance(task, min(CHUNK, len(data) - off) // PAGE_SIZE)
+                if r.prot != "rw":
+                    vm.mprotect(addr, len(data), PROT_READ if r.prot == "r" else PROT_NONE)
                 if r.mergeable:
                     vm.madvise(addr, len(data), MADV_MERGEABLE)
+                elif spec.merge_any:
+                    vm.madvise(addr, len(data), MADV_UNMERGEABLE)
                 regions.append((addr, r, data))
             layout[spec.name] = (vm, regions)
-            rep.line(f"loaded {spec.name}: {spec.pages} pages in {len(spec.regions)} regions")
+            how = f"fork of {spec.fork_of}, " if spec.fork_of else ""
+            rep.line(f"loaded {spec.name}: {how}{spec.pages} pages in {len(spec.regions)} regions")
     return layout
 
 
@@ -161,6 +174,8 @@ def run_scenario(sc: Scenario, mode: str | None, trace: str | None, until_stable
         for name, (vm, regions) in layout.items():
             for addr, r, data in regions:
                 skip = r.writer.pages * PAGE_SIZE if r.writer else 0
+                if r.prot == "none":
+                    continue              # no access at all (EFAULT), as in a PROT_NONE mapping
                 for off in range(skip, len(data), CHUNK):
                     got = vm.read(addr + off, min(CHUNK, len(data) - off))
                     if got != data[off:off + len(got)]:
@@ -240,11 +255,12 @@ CHECK_MODES = ("change_pte", "wrapped", "invalidate")
 
 
 def _check_world(name: str):
+    """(world_factory, BREAKS, scenario names) of a check world."""
     if name == "toy":
         from . import toyworld
-        return toyworld.world_factory, toyworld.BREAKS
-    from .check_world import BREAKS, world_factory
-    return world_factory, BREAKS
+        return (lambda mode, brk, scenario=None: toyworld.world_factory(mode, brk)), toyworld.BREAKS, ("toy",)
+    from .check_world import BREAKS, SCENARIOS, world_factory
+    return world_factory, BREAKS, tuple(SCENARIOS)
 
 
 def cmd_check(a) -> int:
@@ -262,7 +278,8 @@ def cmd_check(a) -> int:
             return 2
         a.world, a.mode, a.brk, a.max_steps = doc["world"], doc.get("mode"), doc.get("break"), doc.get("max_steps")
         a.kill = doc.get("kill")
-    world_factory, breaks = _check_world(a.world)
+        a.scenario = doc.get("scenario")
+    world_factory, breaks, scenarios = _check_world(a.world)
     if a.list_breaks:
         print("\n".join(breaks))
         return 0
@@ -273,18 +290,28 @@ def cmd_check(a) -> int:
     if a.kill and a.world != "ksm":
         print("ksm-proto check: --kill needs the ksm world", file=sys.stderr)
         return 2
-    for mode in CHECK_MODES if a.mode == "all" else (a.mode,):
+    if a.scenario not in (None, "all") and a.scenario not in scenarios:
+        print(f"ksm-proto check: unknown --scenario {a.scenario!r}; the {a.world} world has: "
+              f"{', '.join(scenarios)}", file=sys.stderr)
+        return 2
+    if a.scenario == "all" or (a.scenario is None and a.brk is None and doc is None):
+        runs = scenarios                    # every scenario (a break alone: the one it shows in)
+    else:
+        runs = (a.scenario,)
+    for mode, scenario in [(m, sc) for m in (CHECK_MODES if a.mode == "all" else (a.mode,)) for sc in runs]:
         try:
-            factory = world_factory(mode, a.brk, **({"kill": a.kill} if a.kill else {}))
+            factory = world_factory(mode, a.brk, scenario=scenario, **({"kill": a.kill} if a.kill else {}))
         except ValueError as e:
             print(f"ksm-proto check: {e}", file=sys.stderr)
             return 2
+        scenario = getattr(factory, "scenario", scenario)
+        name = mode if len(scenarios) == 1 else f"{mode} {scenario}"
         if doc is None:
             if a.exhaustive:
                 res = explore.exhaustive(factory, a.depth, a.max_steps)
             else:
                 res = explore.parallel_random_runs(factory, a.seed, a.runs, a.max_steps, jobs=a.jobs)
-            print(explore.summary(mode, res), flush=True)
+            print(explore.summary(name, res), flush=True)
             if res.found is None:
                 continue
             schedule, found_by = res.found.schedule, res.found.found_by
@@ -295,7 +322,7 @@ def cmd_check(a) -> int:
         except explore.ReplayError as e:
             print(f"ksm-proto: {a.replay}: does not replay on this code: {e}", file=sys.stderr)
             return 2
-        meta = {"world": a.world, "mode": mode, "break": a.brk, "max_steps": a.max_steps}
+        meta = {"world": a.world, "mode": mode, "break": a.brk, "scenario": scenario, "max_steps": a.max_steps}
         if a.kill:
             meta["kill"] = a.kill
         return _check_report(explore, tr, meta, found_by, a)
@@ -366,6 +393,8 @@ def main(argv=None) -> int:
     c.add_argument("--runs", type=_positive, default=1000, help="random schedules per mode (default 1000)")
     c.add_argument("--exhaustive", action="store_true", help="search every schedule up to --depth choices")
     c.add_argument("--depth", type=_positive, help="exhaustive search depth (default 20)")
+    c.add_argument("--scenario", metavar="S", help="ksm world: base, fork or all (default: all; with --break, "
+                                                   "the break's own)")
     c.add_argument("--break", dest="brk", metavar="STEP", help="remove one protocol step (see --list-breaks)")
     c.add_argument("--list-breaks", action="store_true", help="print the --break names, one per line")
     c.add_argument("--trace", metavar="FILE", help="write the violating schedule as a Perfetto trace")

@@ -47,9 +47,10 @@ import numpy as np
 
 from proto.channel import BlockingChannel, ChannelClosed, send_fd
 from proto.knobs import DEFAULTS, check_knob
-from proto.layout import (COUNTERS, KNOBS, MAX_MMS, MM_STATS, MMH_ID, MMH_NODE, MMH_NPAGES, MMH_OWNER_PID,
-                          PAGE_SHIFT, PAGE_SIZE, PTE_PRESENT, SHM_DIR, FrameTable, MMView, Segment, StatsView,
-                          create_lock_file, new_run_name, run_owner_pid, seg_name, unlink_lock_file)
+from proto.layout import (COUNTERS, KNOBS, MAX_MMS, MM_STATS, MMF_VM_MERGE_ANY, MMH_FLAGS, MMH_ID, MMH_NODE,
+                          MMH_NPAGES, MMH_OWNER_PID, PAGE_SHIFT, PAGE_SIZE, PTE_PRESENT, SHM_DIR, USER_BASE,
+                          VM_MERGEABLE, FrameTable, MMView, Segment, StatsView, create_lock_file, new_run_name,
+                          run_owner_pid, seg_name, unlink_lock_file)
 from proto.messages import MAX_DATA, Msg, call_payload, decode
 
 from .core.effects import MEM_EFFECTS, Lock, Memory, Unlock, apply_mem
@@ -238,6 +239,7 @@ class VM:
         self.actor = actor
         self.npages = npages
         self.alive = True
+        self.node, self.device = 0, False
 
     @property
     def pid(self) -> int:
@@ -258,7 +260,45 @@ class VM:
         self._call("munmap", addr=addr, length=length)
 
     def madvise(self, addr: int, length: int, advice: int) -> None:
+        """MADV_DONTNEED, MADV_MERGEABLE or MADV_UNMERGEABLE; OSError with the kernel's errno."""
         self._call("madvise", addr=addr, length=length, advice=advice)
+
+    def mprotect(self, addr: int, length: int, prot: int) -> None:
+        """PROT_NONE, PROT_READ, PROT_READ | PROT_WRITE (PROT_EXEC accepted); OSError with the kernel's errno."""
+        self._call("mprotect", addr=addr, length=length, prot=prot)
+
+    def prctl(self, option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 0) -> int:
+        """PR_SET_MEMORY_MERGE (1: merge-any, 0: off and unmerge) or PR_GET_MEMORY_MERGE; EINVAL otherwise."""
+        return self._call("prctl", args=[option, arg2, arg3, arg4, arg5])[0]["ret"]
+
+    def fork(self, name: str, device: bool | None = None) -> "VM":
+        """fork(2): a new VM worker whose address space is a COW copy of this one (device: like the parent)."""
+        return self.machine.spawn_vm(name, pages=self.npages, device=self.device if device is None else device,
+                                     node=self.node, fork_from=self)
+
+    def pagemap(self, addr: int, npages: int) -> list[int | None]:
+        """/proc/<pid>/pagemap: the frame number each page from addr maps (None: nothing present there;
+        the shared zero page is frame 0).  A snapshot read without the page-table lock, as the kernel's."""
+        if addr & (PAGE_SIZE - 1) or npages < 0:
+            raise OSError(errno.EINVAL, f"pagemap({addr:#x}, {npages}): unaligned address or negative count")
+        seg = self._segment()
+        pte = MMView(seg).pte
+        i0 = (addr - USER_BASE) >> PAGE_SHIFT
+        out: list[int | None] = [None] * npages
+        lo, hi = max(i0, 0), min(i0 + npages, len(pte))
+        if lo < hi:
+            p = pte[lo:hi].copy()
+            present = (p & np.uint64(PTE_PRESENT)) != 0
+            pfn = (p >> np.uint64(PAGE_SHIFT)).astype(np.int64).tolist()
+            for k, (ok, f) in enumerate(zip(present.tolist(), pfn)):
+                if ok:
+                    out[lo - i0 + k] = f
+        return out
+
+    def _segment(self) -> Segment:
+        if not self.alive or self.mm_id not in self.machine.mm_segs:
+            raise OSError(errno.ESRCH, f"VM {self.name} is not running")
+        return self.machine.mm_segs[self.mm_id][0]
 
     def write(self, addr: int, data) -> None:
         """Write data at addr, in frames of at most MAX_DATA bytes (a write of any size works)."""
@@ -312,11 +352,15 @@ class VM:
         return self._call("writer_stop", id=wid)[0]
 
     def ksm_stat(self) -> dict:
-        """/proc/<pid>/ksm_stat of this mm."""
+        """/proc/<pid>/ksm_stat of this mm: the counters as ints, ksm_merge_any (prctl merge-any) and
+        ksm_mergeable (some VMA is VM_MERGEABLE) as bools, as this machine's kernel prints them."""
+        mm = MMView(self._segment())
         row = self.machine.stats.mm[self.mm_id]
         d = {k: int(v) for k, v in zip(MM_STATS, row.tolist())}
         d["ksm_process_profit"] = (d["ksm_merging_pages"] + d["ksm_zero_pages"]) * PAGE_SIZE \
             - d["ksm_rmap_items"] * self.machine.rmap_item_bytes()
+        d["ksm_merge_any"] = bool(int(mm.hdr[MMH_FLAGS]) & MMF_VM_MERGE_ANY)
+        d["ksm_mergeable"] = any(f & VM_MERGEABLE for _, _, f in mm.vma_list())
         return d
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
@@ -669,8 +713,11 @@ class Machine:
             log.warning("repair after an actor's death: %s", done)
         return done
 
-    def spawn_vm(self, name: str, pages: int = 16384, device: bool = False, node: int = 0) -> VM:
-        """Start a VM worker with an address space of `pages` pages (and a device TLB if asked)."""
+    def spawn_vm(self, name: str, pages: int = 16384, device: bool = False, node: int = 0,
+                 fork_from: VM | None = None) -> VM:
+        """Start a VM worker with an address space of `pages` pages (and a device TLB if asked).
+
+        fork_from: the new mm is first filled by that VM's fork (VM.fork), before its worker starts."""
         if not self._started or self.closed:
             raise RuntimeError("machine is not running")
         check_vm_name(name)
@@ -687,6 +734,12 @@ class Machine:
                 if name in self.vms:
                     raise ValueError(f"a VM named {name!r} already exists")
                 mm_id, mm = self._new_mm(pages, node)
+            if fork_from is not None:       # dup_mmap fills the new mm before its worker starts
+                try:
+                    fork_from._call("fork", child=mm_id)
+                except BaseException:
+                    self._free_mm(mm_id)
+                    raise
             ends = []
             actor = None
             try:
@@ -714,6 +767,7 @@ class Machine:
                 self._free_mm(mm_id)
                 raise
             vm = VM(self, name, mm_id, actor, pages)
+            vm.node, vm.device = node, device
             self.vms[name] = vm
         return vm
 

@@ -16,11 +16,14 @@ Format (see README):
     name = "vm0"
     device = false                 # attach a device TLB (a secondary MMU without change_pte)
     node = 0                       # simulated NUMA node
+    merge_any = false              # prctl(PR_SET_MEMORY_MERGE, 1) first: every region mergeable
+    fork_of = "vmX"                # optional: start as fork(2) of an earlier VM (its regions, COW-shared)
     [[vm.region]]
     source = "file:/usr/lib/x86_64-linux-gnu/libc.so.6"   # or "pid:PID", "zero", "random:SEED"
     pages = 16                     # required for zero/random; caps a file or a process
     mergeable = true
-    writer = { pages = 8, period_ms = 5, values = 4, seed = 1 }   # optional workload
+    prot = "rw"                    # mprotect after loading: "rw", "r" or "none"
+    writer = { pages = 8, period_ms = 5, values = 4, seed = 1 }   # optional workload (rw regions only)
 """
 from __future__ import annotations
 
@@ -60,12 +63,16 @@ class Writer:
     seed: int = 1
 
 
+PROTS = ("rw", "r", "none")
+
+
 @dataclass
 class Region:
     source: str
     pages: int
     mergeable: bool = True
     writer: Writer | None = None
+    prot: str = "rw"
 
     def content(self) -> bytes:
         """The region's bytes, zero-padded to whole pages."""
@@ -93,6 +100,8 @@ class VMSpec:
     regions: list[Region] = field(default_factory=list)
     device: bool = False
     node: int = 0
+    merge_any: bool = False
+    fork_of: str | None = None
 
     @property
     def pages(self) -> int:
@@ -110,6 +119,12 @@ class Scenario:
     @property
     def pages(self) -> int:
         return sum(v.pages for v in self.vms)
+
+    def address_space(self, spec: VMSpec) -> int:
+        """Pages of address space for a VM: its regions and those of every VM forked from it (a
+        fork has its parent's address space), with room for guard pages."""
+        own = spec.pages + 2 * len(spec.regions) + 64
+        return max(1024, own + sum(self.address_space(k) for k in self.vms if k.fork_of == spec.name))
 
 
 def _err(where: str, msg: str) -> ScenarioError:
@@ -133,9 +148,14 @@ def _typed(where, d, key, types, default=None, required=False):
 def _region(where: str, r: dict) -> Region:
     if not isinstance(r, dict):
         raise _err(where, "must be a table")
-    unknown = set(r) - {"source", "pages", "mergeable", "writer"}
+    unknown = set(r) - {"source", "pages", "mergeable", "writer", "prot"}
     if unknown:
-        raise _err(f"{where}.{sorted(unknown)[0]}", "unknown field (expected source, pages, mergeable, writer)")
+        raise _err(f"{where}.{sorted(unknown)[0]}", "unknown field (expected source, pages, mergeable, prot, writer)")
+    prot = _typed(where, r, "prot", str, "rw")
+    if prot not in PROTS:
+        raise _err(f"{where}.prot", f"{prot!r} is not one of {', '.join(PROTS)}")
+    if prot != "rw" and r.get("writer") is not None:
+        raise _err(f"{where}.writer", f"a writer needs a writable region, not prot {prot!r}")
     source = _typed(where, r, "source", str, "zero")
     pages = _typed(where, r, "pages", int)
     if pages is not None and pages <= 0:
@@ -194,7 +214,7 @@ def _region(where: str, r: dict) -> Region:
         if not 1 <= values <= 255:
             raise _err(f"{ww}.values", f"must be in 1..255, not {values}")
         writer = Writer(wp, period, values, _typed(ww, w, "seed", int, 1))
-    return Region(source, pages, mergeable, writer)
+    return Region(source, pages, mergeable, writer, prot)
 
 
 def parse(doc: dict, name: str = "scenario") -> Scenario:
@@ -229,23 +249,31 @@ def parse(doc: dict, name: str = "scenario") -> Scenario:
         where = f"{name}: vm[{i}]"
         if not isinstance(v, dict):
             raise _err(where, "must be a table")
-        unknown = set(v) - {"name", "region", "device", "node"}
+        unknown = set(v) - {"name", "region", "device", "node", "merge_any", "fork_of"}
         if unknown:
-            raise _err(f"{where}.{sorted(unknown)[0]}", "unknown field (expected name, region, device, node)")
+            raise _err(f"{where}.{sorted(unknown)[0]}",
+                       "unknown field (expected name, region, device, node, merge_any, fork_of)")
         vname = _typed(where, v, "name", str, f"vm{i}")
         if not 0 < len(vname) <= VM_NAME_MAX or not vname.isprintable():
             raise _err(f"{where}.name", f"must be 1 to {VM_NAME_MAX} printable characters, not {vname!r}")
         if vname in names:
             raise _err(f"{where}.name", f"duplicate VM name {vname!r}")
         names.add(vname)
-        regs = v.get("region")
-        if not regs or not isinstance(regs, list):
-            raise _err(f"{where}.region", "at least one [[vm.region]] is required")
-        node = _typed(where, v, "node", int, 0)
+        fork_of = _typed(where, v, "fork_of", str)
+        parent = next((x for x in vms if x.name == fork_of), None)
+        if fork_of is not None and parent is None:
+            raise _err(f"{where}.fork_of", f"{fork_of!r} is not the name of an earlier VM")
+        regs = v.get("region", [] if parent else None)
+        if not isinstance(regs, list) or not (regs or parent):
+            raise _err(f"{where}.region", "at least one [[vm.region]] is required (unless the VM is a fork_of)")
+        node = _typed(where, v, "node", int, parent.node if parent else 0)
         if not 0 <= node < 64:
             raise _err(f"{where}.node", f"must be in 0..63, not {node}")
+        if parent and node != parent.node:
+            raise _err(f"{where}.node", f"a fork lives on its parent's node ({parent.node})")
         vms.append(VMSpec(vname, [_region(f"{where}.region[{j}]", r) for j, r in enumerate(regs)],
-                          _typed(where, v, "device", bool, False), node))
+                          _typed(where, v, "device", bool, False), node, _typed(where, v, "merge_any", bool, False),
+                          fork_of))
     return Scenario(name, vms, dict(ksm), frames, mode)
 
 

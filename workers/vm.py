@@ -20,6 +20,11 @@ supervisor says so), the invalidations it had started are ended and every
 secondary translation is dropped, since it may have changed PTEs it never told
 us about (`SecondaryMMU.notifier_lost`); a fault in flight is sent again once the
 supervisor has handed over the restarted fault handler's channel.
+
+The worker's own changes to its address space (MADV_DONTNEED, munmap, mprotect,
+fork, prctl PR_SET_MEMORY_MERGE) are the core generators of core/mm.py, driven here:
+memory and the ptl through notifier.Driver, their invalidate_range_start/end to this
+process's secondary MMUs as local calls (`LocalNotify`), unmerge faults as FAULTs.
 """
 from __future__ import annotations
 
@@ -33,24 +38,26 @@ import time
 import numpy as np
 
 from proto.channel import Channel
-from proto.layout import (FRAME_KSM, MMF_VM_MERGEABLE, MMH_FLAGS, PAGE_SHIFT, PAGE_SIZE, PTE_PRESENT,
-                          PTE_SPECIAL, SUB_ACTIVE, SUB_CHANGE_PTE, USER_BASE, VM_KSM_IGNORED, VM_MERGEABLE,
-                          VM_READ, VM_WRITE, MAX_VMAS)
-from proto.messages import FAULT_UNSHARE, MAX_DATA, Frame, Msg, NOTIFIER_TYPES, call_payload, encode
-from proto import MADV_MERGEABLE, MADV_UNMERGEABLE
+from proto.layout import (MMF_VM_MERGE_ANY, MMF_VM_MERGEABLE, MMH_FLAGS, PAGE_SHIFT, PAGE_SIZE, SUB_ACTIVE,
+                          SUB_CHANGE_PTE, USER_BASE, VM_EXEC, VM_KSM_IGNORED, VM_MERGEABLE, VM_READ, VM_WRITE,
+                          MMView, Segment, seg_name)
+from proto.messages import MAX_DATA, Frame, Msg, NOTIFIER_TYPES, call_payload, encode
+from proto import (MADV_DONTNEED, MADV_MERGEABLE, MADV_UNMERGEABLE, PR_GET_MEMORY_MERGE, PR_SET_MEMORY_MERGE,
+                   PROT_EXEC, PROT_READ, PROT_WRITE)
 from proto.trace import Tracer
 
 from .actor import RunMemory, actor_args, receive_fd, req_int, run_actor, setup
 from .core.access import FaultCall, Touch, WaitIdle, touch, vm_access
-from .core.effects import Load
-from .core.notify import SecondaryMMU
-from .core.pte import check_range, task_size
-from .notifier import lock_ptl
-from .frames import ksm_zero_pages_add
+from .core.effects import VMAS, Load, Memory
+from .core.mm import (break_ksm_range, do_mprotect, do_munmap, dup_mmap, ksm_disable_merge_any,
+                      ksm_enable_merge_any, madvise_dontneed, mmap_flags)
+from .core.notify import LocalNotify, SecondaryMMU
+from .core.pte import check_range, page_range, task_size, vma_table
+from .notifier import Driver, lock_ptl
 
 log = logging.getLogger("ksm_proto.vm")
 U64 = np.uint64
-FAULT_BATCH = 4096
+PROT_SEM = 0x8              # accepted and ignored, as on x86
 
 
 class VMWorker:
@@ -61,7 +68,7 @@ class VMWorker:
         self.mm, self.ptl = self.mem.attach_mm(args.mm)
         self.mm_id = args.mm
         self.tr = Tracer.open(args.trace, self.name)
-        self.memory = memoryview(self.mem.mem)   # all frames, as bytes
+        self.memory = memoryview(self.mem.mem)   # all frames, as bytes (Touch)
         self.kvm = SecondaryMMU(0, "kvm", self.mm.npages, True)
         self.subs: dict[int, SecondaryMMU] = {0: self.kvm}
         if args.device:
@@ -80,6 +87,10 @@ class VMWorker:
         self.fault_retries = 0
         self.writers: dict[int, dict] = {}
         self.exiting = False
+        self.shared = Memory(self.mem.alloc, self.mem.stats, {self.mm_id: self.mm})
+        self.driver = Driver(self.shared, {self.mm_id: self.ptl}, {}, args.ack_timeout * 2)
+        self._vmas_key: bytes | None = None
+        self._vmas: list = []
 
     # ------------------------------------------------------------------ notifier side
     def on_notify(self, ch: Channel, f: Frame) -> None:
@@ -233,7 +244,9 @@ class VMWorker:
                             addr=USER_BASE + (e.i << PAGE_SHIFT))
                     t0 = 0
             elif c is Load:
-                if np.ndim(e.idx) == 0:
+                if e.region == VMAS:
+                    send = self.vma_list()
+                elif np.ndim(e.idx) == 0:
                     send = int(pte[e.idx])
                     if tr:
                         t0 = time.monotonic_ns()
@@ -253,6 +266,45 @@ class VMWorker:
     async def take_ptl(self) -> None:
         await lock_ptl(self.ptl, self.args.ack_timeout * 2)
 
+    def vma_list(self) -> list:
+        """This mm's VMAs (only this process writes them: re-read when the table's bytes change)."""
+        key = self.mm.vmas.tobytes()
+        if key != self._vmas_key:
+            self._vmas_key, self._vmas = key, self.mm.vma_list()
+        return self._vmas
+
+    def subs_list(self) -> list[SecondaryMMU]:
+        return list(self.subs.values())
+
+    async def drive(self, gen):
+        """Run a core/mm.py generator: memory and ptl through the Driver, LocalNotify and FaultCall here."""
+        return await self.driver.run(gen, other=self._local_effect)
+
+    async def _local_effect(self, e):
+        if e.__class__ is LocalNotify:
+            self.local_notify(e)
+            return None
+        if e.__class__ is FaultCall:
+            await self.fault_call(e.idx, e.flags, e.ncow)
+            return None
+        raise TypeError(f"effect {e!r} has no driver in a VM worker")
+
+    def local_notify(self, e: LocalNotify) -> None:
+        """invalidate_range_start/end from this process: each secondary MMU applies it now."""
+        name = Msg(e.type).name
+        n = len(e.entries)
+        addr0, pte0 = (int(e.entries[0, 0]), int(e.entries[0, 1])) if n else (0, 0)
+        for sub in e.subs:
+            if sub.released:
+                continue
+            if self.tr:
+                self.tr.recv(self.name, name, self.mm_id, sub.sub, addr0, n, 0, pte0, 0)
+            sub.apply(e.type, e.entries)
+            if sub.in_progress:
+                self.idle[sub.sub].clear()
+            else:
+                self.idle[sub.sub].set()
+
     async def mmap(self, length: int, vm_flags: int = 0) -> int:
         npages = check_range("mmap", 0, length, self.task_size)[1] >> PAGE_SHIFT
         await self.take_ptl()
@@ -266,22 +318,17 @@ class VMWorker:
             end = start + npages * PAGE_SIZE
             if end > USER_BASE + self.mm.npages * PAGE_SIZE:
                 raise OSError(errno.ENOMEM, f"no room for {length} bytes in the address space of {self.name}")
-            self._set_vmas(vmas + [(start, end, VM_READ | VM_WRITE | vm_flags)])
+            flags = mmap_flags(int(self.mm.hdr[MMH_FLAGS]), VM_READ | VM_WRITE | vm_flags)
+            self._set_vmas(vmas + [(start, end, flags)])
+            if flags & VM_MERGEABLE:
+                self.mm.hdr[MMH_FLAGS] |= MMF_VM_MERGEABLE       # ksm_enter (merge-any: the mm rejoins ksmd's list)
             return start
         finally:
             self.ptl.release()
 
     def _set_vmas(self, vmas: list[tuple[int, int, int]]) -> None:
         """Write the VMA table (merging neighbours with equal flags); caller holds ptl."""
-        vmas = sorted(v for v in vmas if v[1] > v[0])
-        merged: list[list[int]] = []
-        for s, e, f in vmas:
-            if merged and merged[-1][1] == s and merged[-1][2] == f:
-                merged[-1][1] = e
-            else:
-                merged.append([s, e, f])
-        if len(merged) > MAX_VMAS:
-            raise OSError(errno.ENOMEM, f"more than {MAX_VMAS} VMAs")
+        merged = vma_table(vmas)
         table = self.mm.vmas
         table[:] = 0
         for k, v in enumerate(merged):
@@ -293,40 +340,20 @@ class VMWorker:
 
     async def munmap(self, addr: int, length: int) -> None:
         addr, end = check_range("munmap", addr, length, self.task_size)
-        await self.take_ptl()
-        try:
-            vmas = []
-            for s, e, f in self.mm.vma_list():
-                if e <= addr or s >= end:
-                    vmas.append((s, e, f))
-                    continue
-                if s < addr:
-                    vmas.append((s, addr, f))
-                if e > end:
-                    vmas.append((end, e, f))
-            i0 = max(0, (addr - USER_BASE) >> PAGE_SHIFT)
-            i1 = min(self.mm.npages, (end - USER_BASE) >> PAGE_SHIFT)
-            pte = self.mm.pte[i0:i1].copy()
-            present = (pte & U64(PTE_PRESENT)) != 0
-            # zap_page_range: our own secondary MMUs drop the range first
-            for sub in self.subs.values():
-                sub.zap(i0, i1)
-            self.mm.pte[i0:i1] = 0
-            self._set_vmas(vmas)
-            self.mem.alloc.put((pte[present] >> U64(PAGE_SHIFT)).astype(np.int64))
-            nzero = int((present & ((pte & U64(PTE_SPECIAL)) != 0)).sum())
-            ksm_zero_pages_add(self.mem.frame_lock, self.mem.stats, self.mm_id, -nzero)
-        finally:
-            self.ptl.release()
+        await self.drive(do_munmap(self.mm_id, self.subs_list(), self.mm.npages, addr, end))
 
     async def madvise(self, addr: int, length: int, advice: int) -> None:
-        """ksm_madvise with the kernel's errno rules (see DESIGN.md, KSM semantics)."""
-        if advice not in (MADV_MERGEABLE, MADV_UNMERGEABLE):
-            raise OSError(errno.EINVAL, f"advice {advice} is not MADV_MERGEABLE or MADV_UNMERGEABLE")
-        if not self.args.ksm:
+        """madvise with the kernel's errno rules (see DESIGN.md, KSM semantics): MADV_DONTNEED
+        (core.mm.madvise_dontneed), and ksm_madvise for MADV_MERGEABLE / MADV_UNMERGEABLE."""
+        if advice not in (MADV_DONTNEED, MADV_MERGEABLE, MADV_UNMERGEABLE):
+            raise OSError(errno.EINVAL, f"advice {advice} is not MADV_DONTNEED, MADV_MERGEABLE or MADV_UNMERGEABLE")
+        if advice != MADV_DONTNEED and not self.args.ksm:
             raise OSError(errno.EINVAL, "KSM is not enabled in this machine (CONFIG_KSM=n)")
         rng = check_range("madvise", addr, length, self.task_size)
         if rng is None:
+            return
+        if advice == MADV_DONTNEED:
+            await self.drive(madvise_dontneed(self.mm_id, self.subs_list(), *rng))
             return
         addr, end = rng
         unmapped = False
@@ -364,18 +391,61 @@ class VMWorker:
             raise OSError(errno.ENOMEM, f"part of [{addr:#x}, {end:#x}) is not mapped (advice applied to the rest)")
 
     async def unmerge_range(self, lo: int, hi: int) -> None:
-        i0, i1 = (lo - USER_BASE) >> PAGE_SHIFT, (hi - USER_BASE) >> PAGE_SHIFT
-        pfn = (self.mm.pte[i0:i1] >> U64(PAGE_SHIFT)).astype(np.int64)
-        present = (self.mm.pte[i0:i1] & U64(PTE_PRESENT)) != 0
-        ksm = present & (((self.mem.ft.flags[pfn] & FRAME_KSM) != 0) | ((self.mm.pte[i0:i1] & U64(PTE_SPECIAL)) != 0))
-        idx = np.flatnonzero(ksm) + i0
-        for k in range(0, len(idx), FAULT_BATCH):
+        """unmerge_ksm_pages of [lo, hi) (core.mm.break_ksm_range); out of memory is EAGAIN, as madvise says."""
+        try:
+            await self.drive(break_ksm_range(self.mm_id, *page_range(lo, hi)))
+        except OSError as e:
+            if e.errno == errno.ENOMEM:
+                raise OSError(errno.EAGAIN, f"out of memory while unmerging: {e.strerror}") from None
+            raise
+
+    async def mprotect(self, addr: int, length: int, prot: int) -> None:
+        """mprotect with the kernel's errno rules (do_mprotect_pkey): EINVAL for an unaligned start or
+        unknown prot bits, 0 for length 0, ENOMEM for a range that wraps or is not all mapped (the
+        part before the hole changed).  The work is core.mm.do_mprotect."""
+        rng = check_range("mprotect", addr, length, self.task_size)
+        if rng is None:
+            return
+        addr, end = rng
+        if isinstance(prot, bool) or not isinstance(prot, int) or prot & ~(PROT_READ | PROT_WRITE | PROT_EXEC | PROT_SEM):
+            raise OSError(errno.EINVAL, f"prot {prot!r} has bits other than PROT_READ|PROT_WRITE|PROT_EXEC")
+        vm_prot = ((VM_READ if prot & PROT_READ else 0) | (VM_WRITE if prot & PROT_WRITE else 0)
+                   | (VM_EXEC if prot & PROT_EXEC else 0))
+        await self.drive(do_mprotect(self.mm_id, self.subs_list(), addr, end, vm_prot))
+
+    async def prctl(self, option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 0) -> int:
+        """PR_SET_MEMORY_MERGE (arg2 non-zero: merge-any on; 0: off, unmerging) and PR_GET_MEMORY_MERGE,
+        with the kernel's EINVAL for unused arguments that are not 0, other options, or no KSM."""
+        if not self.args.ksm or option not in (PR_SET_MEMORY_MERGE, PR_GET_MEMORY_MERGE):
+            raise OSError(errno.EINVAL, f"prctl option {option} is not supported here")
+        if option == PR_GET_MEMORY_MERGE:
+            if arg2 or arg3 or arg4 or arg5:
+                raise OSError(errno.EINVAL, "PR_GET_MEMORY_MERGE takes no arguments")
+            return int(bool(int(self.mm.hdr[MMH_FLAGS]) & MMF_VM_MERGE_ANY))
+        if arg3 or arg4 or arg5:
+            raise OSError(errno.EINVAL, "PR_SET_MEMORY_MERGE takes one argument")
+        if arg2:
+            await self.drive(ksm_enable_merge_any(self.mm_id))
+        else:
+            await self.drive(ksm_disable_merge_any(self.mm_id))
+        return 0
+
+    async def fork(self, child: int) -> int:
+        """Copy this address space into mm `child` (made by the supervisor, known to nobody else yet):
+        core.mm.dup_mmap under this mm's ptl.  Returns how many pages the child maps."""
+        seg = Segment.attach(seg_name(self.args.run, f"mm.{child}"))
+        try:
+            cmm = MMView(seg)
+            if cmm.npages != self.mm.npages:
+                raise OSError(errno.EINVAL, f"fork: mm {child} has {cmm.npages} pages, not {self.mm.npages}")
+            self.shared.mms[child] = cmm
             try:
-                await self.fault_call(idx[k:k + FAULT_BATCH], FAULT_UNSHARE)
-            except OSError as e:
-                if e.errno == errno.ENOMEM:
-                    raise OSError(errno.EAGAIN, f"out of memory while unmerging: {e.strerror}") from None
-                raise
+                return await self.drive(dup_mmap(self.mm_id, child, self.subs_list()))
+            finally:
+                del self.shared.mms[child]
+                del cmm
+        finally:
+            seg.close()
 
     # ------------------------------------------------------------------ workloads
     async def writer(self, wid: int, addr: int, npages: int, seed: int, count: int, values: int,
@@ -458,6 +528,16 @@ class VMWorker:
                 await self.munmap(req_int(req, "addr"), req_int(req, "length"))
             elif op == "madvise":
                 await self.madvise(req_int(req, "addr"), req_int(req, "length"), req_int(req, "advice"))
+            elif op == "mprotect":
+                await self.mprotect(req_int(req, "addr"), req_int(req, "length"), req_int(req, "prot"))
+            elif op == "prctl":
+                args = req["args"]
+                if (not isinstance(args, list) or not 1 <= len(args) <= 5
+                        or any(isinstance(a, bool) or not isinstance(a, int) for a in args)):
+                    raise OSError(errno.EINVAL, f"prctl args must be 1 to 5 integers, not {args!r}")
+                reply["ret"] = await self.prctl(*args)
+            elif op == "fork":
+                reply["pages"] = await self.fork(req_int(req, "child", lo=0))
             elif op == "stats":
                 reply = self.stats()
             elif op == "msg_log":

@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from proto.layout import PAGE_SIZE
+from proto.layout import MMH_FLAGS, PAGE_SIZE
 
 from ..pagehash import ZERO_KEY, _digest, page_key  # noqa: F401 - the scanner's content key, one definition
 
-# shared regions a Load/Store can name
+# shared regions a Load/Store can name (MMFLAGS: the mm's MMF_* word; VMAS: the VMA list, stored whole)
 PTE, VMAS, SUBS, FLAGS, MAPCOUNT, STABLE = "pte", "vmas", "subs", "flags", "mapcount", "stable"
+MMFLAGS = "mmflags"
 FRAME_REGIONS = (FLAGS, MAPCOUNT, STABLE)
 
 def ptl(mm: int) -> tuple:
@@ -331,6 +332,8 @@ def apply_mem(m: Memory, e):
             return m.mms[e.mm].vma_list()
         if r == SUBS:
             return [(s, bool(row[1])) for s, row in enumerate(m.mms[e.mm].subs.tolist()) if row[0]]
+        if r == MMFLAGS:
+            return int(m.mms[e.mm].hdr[MMH_FLAGS])
         a = m.mms[e.mm].pte if r == PTE else getattr(m.ft, r)
         v = a if e.idx is None else a[e.idx]
         return int(v) if np.ndim(v) == 0 else v.copy()
@@ -338,6 +341,13 @@ def apply_mem(m: Memory, e):
         r = e.region
         if r == PTE:
             m.mms[e.mm].pte[e.idx] = e.value
+        elif r == VMAS:         # a normalized list (core.pte.vma_table): the whole table is rewritten
+            table = m.mms[e.mm].vmas
+            table[:] = 0
+            if e.value:
+                table[:len(e.value)] = e.value
+        elif r == MMFLAGS:
+            m.mms[e.mm].hdr[MMH_FLAGS] = e.value
         elif r == SUBS:
             m.mms[e.mm].subs[e.idx] = e.value
         else:
@@ -410,7 +420,7 @@ def bytes_footprint(pfns, rw) -> tuple:
 def _keys(region, mm, idx, rw):
     if region in FRAME_REGIONS:
         return ((("ft",), rw),)
-    if region in (VMAS, SUBS):
+    if region in (VMAS, SUBS, MMFLAGS):
         return (((region, mm), rw),)
     if idx is None:
         return (((region, mm, "*"), rw),)

@@ -12,7 +12,9 @@ page, `pages_to_scan` pages per wake-up.  For each present anonymous page
   5. a page equal to a KSM page in the stable tree is merged into it (a dup with
      room, max_page_sharing);
   6. otherwise it is looked up in the unstable tree: a match makes both pages one
-     new KSM page (a stable node); no match inserts it.
+     new KSM page (a stable node); no match inserts it.  A match that is the very same
+     frame (a page shared with a fork child) is no match and the page goes in no tree
+     (unstable_tree_search_insert: "don't substitute a ksm page for a forked page").
 
 The unstable tree is emptied at the start of every full scan.  Both trees are
 hash-indexed (ksm_tree.py).  Work is done in batches: `plan` takes the decisions
@@ -371,11 +373,13 @@ class KsmScan:
                     continue
                 t = ulocal[tk] if tk in ulocal else uh
                 if t >= 0:
-                    ulocal[tk] = -1
                     ts = self.slots.get(t >> GID_SHIFT)
                     ti = t & ((1 << GID_SHIFT) - 1)
                     if ts is not None and ts.alive and (ts.items.flags[ti] & UNSTABLE) and (ts is not slot or ti != i):
                         tpte = yield Load(PTE, ts.id, ti)
+                        if tpte & PTE_PRESENT and tpte >> PAGE_SHIFT == p:
+                            continue    # the tree page is this very frame (fork): no KSM page for a forked page
+                        ulocal[tk] = -1
                         ts.items.flags[ti] &= ~np.uint8(UNSTABLE)
                         self.c["pages_unshared"] -= 1
                         d = tree.insert(tk, None if tk in filling else hd)

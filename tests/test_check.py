@@ -47,7 +47,7 @@ def check(*args, timeout=900):
 
 
 def test_2000_random_schedules_find_nothing_in_any_mode():
-    p = check("--runs", "2000", "--seed", "7", "--scenario", "base")
+    p = check("--runs", "2000", "--seed", "7", "--scenario", "base", "--jobs", "2")
     assert p.returncode == 0, p.stdout + p.stderr
     lines = p.stdout.splitlines()
     assert [ln.split(":")[0] for ln in lines] == [f"{m} base" for m in MODES]
@@ -57,7 +57,7 @@ def test_2000_random_schedules_find_nothing_in_any_mode():
 def test_300_random_fork_schedules_find_nothing_in_any_mode():
     """The fork scenario (fork, COW on both sides, DONTNEED, mprotect, merge-any, racing ksmd and faultd)
     has about twice the steps of the base one: fewer schedules, the same verdict expected."""
-    p = check("--runs", "300", "--seed", "7", "--scenario", "fork")
+    p = check("--runs", "300", "--seed", "7", "--scenario", "fork", "--jobs", "2")
     assert p.returncode == 0, p.stdout + p.stderr
     lines = p.stdout.splitlines()
     assert [ln.split(":")[0] for ln in lines] == [f"{m} fork" for m in MODES]

@@ -38,7 +38,8 @@ from proto.layout import (FRAME_ANON, FRAME_KSM, MMF_VM_MERGEABLE, MMH_FLAGS, MM
 
 from ..hashtab import HashIndex
 from ..ksm_tree import HAS, STABLE, UNSTABLE, RmapItems, StableTree, should_skip
-from .effects import FLAGS, PTE, STABLE as STABLE_OF, VMAS, ZERO_KEY, Checksum, Load
+from .effects import (FLAGS, MMFLAGS, PTE, STABLE as STABLE_OF, VMAS, ZERO_KEY, Checksum, Load, Lock, Store, Unlock,
+                      ptl)
 from .merge import try_to_merge_pages
 from .pte import mergeable_ranges
 
@@ -187,6 +188,28 @@ class KsmScan:
                     self.order.insert(self.pos, slot.id)
                     self.pos += 1
 
+    def ksm_leave(self, slot: MMSlot):
+        """The mm has no mergeable area left: clear its MMF_VM_MERGEABLE under its ptl, where the VM
+        sets it (mmap, madvise, prctl), after looking again: a VMA made mergeable since the cursor
+        read the list keeps the mm listed.  True if the slot left the list."""
+        yield Lock(ptl(slot.id))
+        try:
+            if mergeable_ranges((yield Load(VMAS, slot.id))):
+                left = False
+            else:
+                flags = yield Load(MMFLAGS, slot.id)
+                yield Store(MMFLAGS, slot.id, None, flags & ~MMF_VM_MERGEABLE)
+                left = True
+        except GeneratorExit:           # abandoned (a checker run cut short, a kill): nothing to release
+            raise
+        except BaseException:
+            yield Unlock(ptl(slot.id))
+            raise
+        yield Unlock(ptl(slot.id))
+        if left:
+            slot.listed = False
+        return left
+
     def next_chunk(self, want: int):
         """The next (slot, page indices) to visit, or None at the end of a full scan."""
         while True:
@@ -208,10 +231,8 @@ class KsmScan:
             if r >= len(ranges):
                 self.cur = None
                 self.pos += 1
-                if not ranges:        # no mergeable area left: the slot leaves the list
-                    slot.listed = False
-                    slot.mm.hdr[MMH_FLAGS] &= ~MMF_VM_MERGEABLE
-                    self.order.remove(slot.id)
+                if not ranges and (yield from self.ksm_leave(slot)):
+                    self.order.remove(slot.id)      # no mergeable area left: the slot leaves the list
                     self.pos -= 1
                 continue
             a, b = ranges[r]

@@ -15,12 +15,17 @@ Parts (each measured beside its anchor in the same run):
            faults per second with that many VMs, each with several faults in flight, a fault
            handler each; parallel efficiency against linear, CPU use, interleaved repetitions
   trace    the same workload with tracing on beside off, interleaved repetitions
-
-Every ratio is given with its spread: the median of the per-repetition ratios and their range
-(min-max) over the interleaved repetitions (each repetition measures both sides).
+  check    `ksm-proto check` at bench size: 5000 random schedules per mode, schedules/s, and
+           each --break caught in every mode (the exit status is 1 otherwise)
   stress   no lost writes: 10M writes and >= 1M COW faults of merged pages across the three
            notifier modes (workers/stress.py), every byte checked, frames checked; the exit
            status is 1 on any lost write, frame problem or stress error
+  estimate `ksm-proto estimate` on the scan part's bytes (as a file): pages/s beside the scanner's
+           and ksmd's on the same bytes, its peak memory per input page, and its counters beside
+           the scanner's at stability
+
+Every ratio is given with its spread: the median of the per-repetition ratios and their range
+(min-max) over the interleaved repetitions (each repetition measures both sides).
 
 Results: bench/results/latest.json, a dated copy named after the host, latest.md (the
 table printed at the end) and PNG plots.  Where /sys/kernel/mm/ksm is not writable the
@@ -50,7 +55,7 @@ from workers import kernel_ksm  # noqa: E402
 from workers.machine import Machine  # noqa: E402
 from workers.stress import run_modes  # noqa: E402
 
-PARTS = ("scan", "cow", "modes", "scaling", "trace", "stress")
+PARTS = ("scan", "cow", "modes", "scaling", "trace", "stress", "estimate", "check")
 MODES = ("change_pte", "wrapped", "invalidate")
 
 
@@ -545,12 +550,94 @@ def bench_trace(npages: int, prog, reps: int = 5, keep: str | None = None) -> di
             "work": f"3 rounds x (merge {2 * npages} pages + {2 * npages} COW faults)", "trace_bytes": size}
 
 
+# ---------------------------------------------------------------------------- 7. estimate
+def estimate_run(path: str) -> dict:
+    """`ksm-proto estimate --file path --json` in a process of its own (its peak memory is its own)."""
+    import subprocess
+    r = subprocess.run([sys.executable, "-m", "workers.cli", "estimate", "--file", path, "--json",
+                        "--max-page-sharing", "256", "--use-zero-pages", "0"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=1800)
+    if r.returncode != 0:
+        raise RuntimeError(f"ksm-proto estimate failed ({r.returncode}): {r.stderr.strip()[-500:]}")
+    return json.loads(r.stdout)
+
+
+def bench_estimate(npages: int, kernel_ok: bool, why: str, prog, scan: dict | None, rounds: int = 3) -> dict:
+    """The estimate on the scan part's bytes, written to a file; the scanner and ksmd on the same bytes.
+
+    The scanner's and ksmd's figures come from the scan part when it ran in this invocation on
+    the same pages, else they are measured here (4x duplicates only).  The estimate's pages/s
+    and CPU seconds are the median of `rounds` runs, interleaved over both contents.
+    """
+    out: dict = {"pages": npages}
+    with tempfile.TemporaryDirectory(prefix="ksmp-estimate-") as d:
+        paths = {}
+        for name, dup in (("dup4", 4), ("unique", 1)):
+            paths[name] = os.path.join(d, f"{name}.img")
+            dup_pages(npages, dup).tofile(paths[name])
+        runs: dict = {name: [] for name in paths}
+        for r in range(rounds):
+            for name, path in paths.items():
+                prog(f"estimate: {name}, round {r + 1}")
+                runs[name].append(estimate_run(path))
+    for name, rs in runs.items():
+        mid = sorted(rs, key=lambda x: x["pages_per_s"])[len(rs) // 2]
+        out[name] = {"pages_per_s": mid["pages_per_s"], "seconds": mid["seconds"],
+                     "cpu_seconds": statistics.median(x["cpu_seconds"] for x in rs),
+                     "peak_memory_bytes": max(x["peak_memory_bytes"] for x in rs),
+                     "memory_bytes_per_page": max(x["memory_bytes_per_page"] for x in rs),
+                     "pages_shared": mid["pages_shared"], "pages_sharing": mid["pages_sharing"],
+                     "hash_threads": mid["hash_threads"]}
+    if scan and scan.get("pages") == npages:
+        det = scan["detail"]
+        anchors = {"proto": det["dup4"]["proto"], "kernel": det["dup4"]["kernel"], "from": "scan part"}
+    else:
+        pages = dup_pages(npages, 4)
+        prog("estimate: the scanner on the same bytes")
+        anchors = {"proto": proto_scan(pages), "kernel": {"skipped": why}, "from": "measured here"}
+        if kernel_ok:
+            prog("estimate: kernel ksmd on the same bytes")
+            anchors["kernel"] = kernel_ksm.ksmd_throughput(pages, timeout=600)
+        del pages
+    out["scanner_pages_per_s"] = anchors["proto"]["pages_per_s"]
+    out["ksmd_pages_per_s"] = anchors["kernel"].get("pages_per_s")
+    out["anchors_from"] = anchors["from"]
+    out["ratio_vs_scanner"] = round(out["dup4"]["pages_per_s"] / out["scanner_pages_per_s"], 2)
+    out["ratio_vs_ksmd"] = (round(out["dup4"]["pages_per_s"] / out["ksmd_pages_per_s"], 2)
+                            if out["ksmd_pages_per_s"] else None)
+    # the estimate's answer beside the scanner's at stability, on the same bytes
+    out["same_as_scanner"] = (out["dup4"]["pages_shared"], out["dup4"]["pages_sharing"]) == \
+        (anchors["proto"]["pages_shared"], anchors["proto"]["pages_sharing"])
+    if not kernel_ok:
+        out["kernel_note"] = why
+    return out
+
+
 # ---------------------------------------------------------------------------- report
 def fs(sp: dict | None, unit: str = "x") -> str:
     """A spread as 'median unit (min-max)'."""
     if not sp or sp.get("median") is None:
         return "n/a"
     return f"{sp['median']:.2f}{unit} ({sp['min']:.2f}-{sp['max']:.2f}, n={sp['n']})"
+
+
+def bench_check(runs: int, prog, jobs: int, breaks: bool = True) -> dict:
+    """`ksm-proto check` at bench size: random schedules in each mode, and every --break caught
+    (tests/test_check.py catches them too; --quick leaves them to it)."""
+    from workers import explore
+    from workers.check_world import BREAKS, world_factory
+    out = {"runs": runs, "jobs": jobs, "modes": {}, "breaks": {}}
+    for mode in MODES:
+        prog(f"check: {runs:,} schedules, {mode}")
+        r = explore.parallel_random_runs(world_factory(mode), seed=20261125, runs=runs, max_steps=4000, jobs=jobs)
+        out["modes"][mode] = {"schedules": r.schedules, "steps": r.steps, "seconds": round(r.seconds, 2),
+                              "schedules_per_s": round(r.schedules / r.seconds, 1),
+                              "steps_per_s": round(r.steps / r.seconds), "violation": r.found and r.found.violations}
+        for brk in BREAKS if breaks else ():
+            b = explore.parallel_random_runs(world_factory(mode, brk), seed=0, runs=2000, max_steps=4000,
+                                             shrink=False, jobs=jobs)
+            out["breaks"].setdefault(brk, {})[mode] = b.found.found_by.get("run") if b.found else None
+    return out
 
 
 def table(res: dict) -> str:
@@ -612,6 +699,16 @@ def table(res: dict) -> str:
                     f"<= 1.10x |")
         rows.append(f"| the same, wall seconds (other load on the machine moves these) | {f(t['seconds_on'])} | "
                     f"off {f(t['seconds_off'])} | {fs(t.get('wall_ratio_spread'))} | |")
+    ck = res.get("check")
+    if ck:
+        for mode, r in ck["modes"].items():
+            rows.append(f"| check, {mode}: {r['schedules']:,} random schedules ({ck['jobs']} jobs) | "
+                        f"{'VIOLATION' if r['violation'] else 'no violation'}, {f(r['schedules_per_s'])} schedules/s, "
+                        f"{r['steps_per_s']:,} steps/s | | | none |")
+        caught = {b: all(v is not None for v in m.values()) for b, m in ck["breaks"].items()}
+        if caught:
+            rows.append(f"| check --break caught in every mode | "
+                        f"{', '.join(b + ('' if c else ' (MISSED)') for b, c in caught.items())} | | | all |")
     st = res.get("stress")
     if st:
         for mode, r in st["modes"].items():
@@ -626,6 +723,18 @@ def table(res: dict) -> str:
         rows.append(f"| no lost writes: writes / COW faults of merged pages / lost (pages, frame problems, "
                     f"errors) | {st['writes']:,} / {st['cow_faults_merged']:,} / {st['lost']} | | | "
                     f">= {st['writes_requested']:,} / >= {st['min_cow_faults']:,} / 0 |")
+    e = res.get("estimate")
+    if e:
+        rows.append(f"| estimate, {e['pages']:,} pages of 4x duplicates (pages/s) | {f(e['dup4']['pages_per_s'])} | "
+                    f"scanner {f(e['scanner_pages_per_s'])}, ksmd {f(e['ksmd_pages_per_s'])} | "
+                    f"{f(e['ratio_vs_scanner'])}x | >= 1.0x |")
+        rows.append(f"| estimate, unique pages (pages/s; CPU s) | {f(e['unique']['pages_per_s'])}; "
+                    f"{e['unique']['cpu_seconds']} | | | |")
+        rows.append(f"| estimate peak memory (bytes per input page) | {e['dup4']['memory_bytes_per_page']} / "
+                    f"{e['unique']['memory_bytes_per_page']} (dup4 / unique) | kernel rmap_item 64 | | |")
+        rows.append(f"| estimate = scanner at stability (pages_shared, pages_sharing) | "
+                    f"{e['dup4']['pages_shared']:,}, {e['dup4']['pages_sharing']:,} | "
+                    f"{'same' if e['same_as_scanner'] else 'DIFFERENT'} | | |")
     return "\n".join(rows)
 
 
@@ -775,6 +884,11 @@ def main(argv=None) -> int:
 
                 res["stress"] = run_modes(stress_writes, stress_cow, modes=a.stress_modes, progress=sprog)
                 progress.remove_task(bar)
+            elif part == "check":
+                res["check"] = bench_check(100 if q else 5000, prog, a.cores, breaks=not q)
+            elif part == "estimate":
+                res["estimate"] = bench_estimate(scan_pages, kernel_ok, why, prog, res.get("scan"),
+                                                 rounds=1 if q else 3)
             progress.advance(task)
     os.makedirs(a.out, exist_ok=True)
     made = plots(res, a.out)
@@ -806,6 +920,13 @@ def main(argv=None) -> int:
     if st and not st["cow_goal_met"]:
         print(f"stress: only {st['cow_faults_merged']:,} COW faults of merged pages, "
               f"wanted {st['min_cow_faults']:,}", file=sys.stderr)
+    ck = res.get("check")
+    if ck:
+        bad = [f"{m}: {r['violation']}" for m, r in ck["modes"].items() if r["violation"]]
+        bad += [f"--break {b} missed in {m}" for b, ms in ck["breaks"].items() for m, v in ms.items() if v is None]
+        if bad:
+            print("check: " + "; ".join(bad), file=sys.stderr)
+            return 1
     return 0
 
 

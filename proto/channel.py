@@ -1,17 +1,31 @@
 """Channel framing: moving whole frames over a stream socket, apart from handling them.
 
-`FrameSplitter` cuts a byte stream into frames and resynchronises on the magic
-after garbage.  `Channel` is an asyncio Protocol (used on uvloop) that hands
-each decoded frame to a handler and matches replies to pending calls by their
-correlation id; `BlockingChannel` is the same for plain threads (the parent's
-VM handles).  A malformed frame is logged and dropped: the channel keeps
-working.  Every call has a timeout.
+Every channel is one end of a socketpair the supervisor made and handed to the two
+actors it joins (at spawn, or later as an fd passed with `send_fd` / `recv_fd`): there
+is no listening socket, no name anyone could connect to, so only the run's own
+processes hold a channel, and the supervisor decides which mm a channel speaks for.
+
+`FrameSplitter` cuts a byte stream into length-delimited frames.  Framing that does
+not add up (a bad magic, a length below the header or above MAX_FRAME) means the
+stream can no longer be trusted: the splitter raises ProtocolError and stays broken,
+and the channel closes the stream.  It never skips ahead looking for the next magic:
+bytes of a payload (guest data) are never read as a frame.  The sender checks the
+same limit (`encode`), and the API splits large reads and writes into frames.
+
+`Channel` is an asyncio Protocol (used on uvloop) that hands each decoded frame to a
+handler and matches replies to pending calls by their correlation id;
+`BlockingChannel` is the same for plain threads (the parent's handles).  A frame that
+does not decode closes the channel too; a well-formed request the handler rejects is
+answered with an error by the handler.  Every call has a timeout, and a closed
+channel fails its pending calls at once (ChannelClosed).
 """
 from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import logging
+import os
 import socket
 import struct
 import threading
@@ -20,7 +34,6 @@ import time
 from .messages import HEADER_SIZE, MAGIC, MAX_FRAME, Frame, Msg, ProtocolError, decode, encode
 
 log = logging.getLogger("ksm_proto.channel")
-_MAGIC_BYTES = struct.pack("<H", MAGIC)
 _REPLY_TYPES = frozenset({Msg.ACK, Msg.REPLY, Msg.FAULT_REPLY})
 
 
@@ -28,45 +41,54 @@ class ChannelClosed(ConnectionError):
     pass
 
 
-def abstract_listener(name: str) -> socket.socket:
-    """A listening Unix socket in the abstract namespace: nothing to unlink, gone with the process."""
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.bind("\0" + name)
-    s.listen(256)
-    s.setblocking(False)
-    return s
+FD_MSG_MAX = 4096
 
 
-def abstract_connect(name: str, timeout: float = 10.0) -> socket.socket:
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(timeout)
-    s.connect("\0" + name)
-    s.setblocking(False)
-    return s
+def send_fd(sock: socket.socket, fd: int, info: dict) -> None:
+    """Pass one fd (a channel end) with a small JSON note over a SOCK_SEQPACKET socket."""
+    socket.send_fds(sock, [json.dumps(info).encode()], [fd])
+
+
+def recv_fd(sock: socket.socket) -> tuple[dict, int]:
+    """The next (note, fd) sent with send_fd, without blocking; OSError(EAGAIN) if none is queued.
+
+    Anything else than one fd with a JSON object (extra fds included, which are closed)
+    is a ProtocolError.
+    """
+    msg, fds, flags, _ = socket.recv_fds(sock, FD_MSG_MAX, 4, socket.MSG_DONTWAIT)
+    try:
+        info = json.loads(msg)
+        if len(fds) != 1 or not isinstance(info, dict) or flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+            raise ProtocolError(f"fd message with {len(fds)} fds, flags {flags:#x}")
+    except (ValueError, ProtocolError):
+        for fd in fds:
+            os.close(fd)
+        raise ProtocolError("malformed fd message") from None
+    return info, fds[0]
 
 
 class FrameSplitter:
-    """Cuts a stream into frames; counts and skips garbage up to the next magic."""
+    """Cuts a stream into length-delimited frames; broken framing raises ProtocolError, for good."""
 
     def __init__(self):
         self.buf = bytearray()
-        self.garbage = 0
+        self.broken: str | None = None
 
     def feed(self, data: bytes) -> list[bytes]:
+        if self.broken:
+            raise ProtocolError(f"stream already broken: {self.broken}")
         buf = self.buf
         buf += data
         out = []
         pos = 0
         n = len(buf)
-        while n - pos >= HEADER_SIZE:
+        while n - pos >= 6:
             magic, total = struct.unpack_from("<HI", buf, pos)
             if magic != MAGIC or total < HEADER_SIZE or total > MAX_FRAME:
-                nxt = buf.find(_MAGIC_BYTES, pos + 1)
-                skip_to = nxt if nxt >= 0 else n - 1
-                self.garbage += skip_to - pos
-                log.error("channel: %d bytes of garbage skipped (bad magic or length)", skip_to - pos)
-                pos = skip_to
-                continue
+                self.broken = (f"bad magic {magic:#06x}" if magic != MAGIC else
+                               f"frame length {total} outside [{HEADER_SIZE}, {MAX_FRAME}]")
+                self.buf = bytearray()
+                raise ProtocolError(self.broken)
             if n - pos < total:
                 break
             out.append(bytes(buf[pos:pos + total]))
@@ -98,13 +120,16 @@ class Channel(asyncio.Protocol):
         self.transport = transport
 
     def data_received(self, data):
-        for raw in self.splitter.feed(data):
-            try:
-                f = decode(raw)
-            except ProtocolError as e:
-                self.bad_frames += 1
-                log.error("%s: malformed frame rejected: %s", self.name, e)
-                continue
+        if self.closed:
+            return
+        try:
+            frames = [decode(raw) for raw in self.splitter.feed(data)]
+        except ProtocolError as e:
+            self.broken(e)
+            return
+        for f in frames:
+            if self.closed:
+                return
             if f.type in _REPLY_TYPES:
                 fut = self.pending.pop(f.corr, None)
                 if fut is not None:
@@ -119,7 +144,20 @@ class Channel(asyncio.Protocol):
             except Exception:
                 log.exception("%s: handler failed on %s", self.name, _tname(f.type))
 
+    def broken(self, e: Exception) -> None:
+        """The stream's framing cannot be trusted any more: count, log, close (never resync)."""
+        self.bad_frames += 1
+        log.error("%s: closing the channel, its framing is broken: %s", self.name, e)
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort()
+        else:
+            self.connection_lost(None)
+
     def connection_lost(self, exc):
+        if getattr(self, "_lost", False):
+            return
+        self._lost = True
         self.closed = True
         for fut in self.pending.values():
             if not fut.done():
@@ -205,17 +243,25 @@ class BlockingChannel:
         self._corr = itertools.count(1)
 
     def call(self, type: int, payload: bytes = b"", timeout: float = 30.0, mm: int = 0) -> Frame:
+        """Send one request and wait for its answer; ChannelClosed if the peer is gone or broke
+        the framing (the socket is then closed), TimeoutError after `timeout` seconds."""
         with self.lock:
             corr = next(self._corr)
-            self.sock.sendall(encode(type, mm=mm, corr=corr, payload=payload))
+            data = encode(type, mm=mm, corr=corr, payload=payload)
+            try:
+                self.sock.settimeout(timeout)
+                self.sock.sendall(data)
+            except socket.timeout:
+                raise TimeoutError(f"{self.name}: could not send within {timeout:.1f}s") from None
+            except OSError as e:       # EPIPE, ECONNRESET: the peer is gone
+                raise ChannelClosed(f"{self.name}: peer closed the channel ({e.strerror})") from None
             deadline = time.monotonic() + timeout
             while True:
                 while self.ready:
                     try:
                         f = decode(self.ready.pop(0))
                     except ProtocolError as e:
-                        log.error("%s: malformed reply rejected: %s", self.name, e)
-                        continue
+                        self._broken(e)
                     if f.corr == corr and f.type in _REPLY_TYPES:
                         return f
                 left = deadline - time.monotonic()
@@ -226,9 +272,24 @@ class BlockingChannel:
                     data = self.sock.recv(1 << 20)
                 except socket.timeout:
                     raise TimeoutError(f"{self.name}: no reply within {timeout:.1f}s") from None
+                except OSError as e:
+                    raise ChannelClosed(f"{self.name}: peer closed the channel ({e.strerror})") from None
                 if not data:
                     raise ChannelClosed(f"{self.name}: peer closed the channel")
-                self.ready.extend(self.splitter.feed(data))
+                self.feed(data)
+
+    def feed(self, data: bytes) -> None:
+        """Queue the frames in data; broken framing closes the channel (ChannelClosed)."""
+        try:
+            self.ready.extend(self.splitter.feed(data))
+        except ProtocolError as e:
+            self._broken(e)
+
+    def _broken(self, e: Exception):
+        log.error("%s: closing the channel, its framing is broken: %s", self.name, e)
+        self.ready.clear()
+        self.close()
+        raise ChannelClosed(f"{self.name}: framing broken: {e}")
 
     def close(self):
         try:

@@ -74,6 +74,7 @@ ZERO_PFN = 0
 # --- VMA flags (the kernel's names) ---
 VM_READ = 1 << 0
 VM_WRITE = 1 << 1
+VM_EXEC = 1 << 2
 VM_SHARED = 1 << 3
 VM_MAYSHARE = 1 << 7
 VM_PFNMAP = 1 << 10
@@ -85,6 +86,7 @@ VM_MERGEABLE = 1 << 31
 VM_KSM_IGNORED = VM_SHARED | VM_MAYSHARE | VM_PFNMAP | VM_IO | VM_DONTEXPAND | VM_HUGETLB | VM_MIXEDMAP
 
 MMF_VM_MERGEABLE = 1 << 16
+MMF_VM_MERGE_ANY = 1 << 30     # prctl(PR_SET_MEMORY_MERGE): every compatible VMA, now and later, is mergeable
 
 # --- mm segment geometry ---
 MAX_VMAS = 64

@@ -24,7 +24,8 @@ import numpy as np
 MAGIC = 0x534B  # b"KS" little-endian
 HEADER = struct.Struct("<HIBbhiqQII")
 HEADER_SIZE = HEADER.size
-MAX_FRAME = 64 << 20
+MAX_FRAME = 64 << 20          # the largest frame either end sends or accepts (header included)
+MAX_DATA = 16 << 20           # raw bytes one CALL/REPLY carries: the API splits larger reads and writes
 
 
 class Msg(IntEnum):
@@ -84,7 +85,7 @@ class Frame:
             jl = int.from_bytes(self.payload[:4], "little")
             try:
                 self._json = json.loads(self.payload[4:4 + jl])
-            except ValueError as e:
+            except (ValueError, RecursionError) as e:
                 raise ProtocolError(f"{Msg(self.type).name} payload is not JSON: {e}") from None
             if not isinstance(self._json, dict):
                 raise ProtocolError(f"{Msg(self.type).name} payload JSON is not an object")
@@ -92,6 +93,8 @@ class Frame:
 
     def data(self) -> bytes:
         """The raw-bytes part of a CALL/REPLY payload."""
+        if len(self.payload) < 4:
+            return b""
         jl = int.from_bytes(self.payload[:4], "little")
         return self.payload[4 + jl:]
 
@@ -106,6 +109,8 @@ def encode(type: int, sub: int = 0, flags: int = 0, mm: int = 0, corr: int = 0,
     eb = b"" if entries is None else np.ascontiguousarray(entries, dtype=np.uint64).tobytes()
     n = len(eb) // 16
     total = HEADER_SIZE + len(eb) + len(payload)
+    if total > MAX_FRAME:       # the sender's side of the limit: the receiver would close the stream
+        raise ProtocolError(f"a frame (type {type}) of {total} bytes exceeds the {MAX_FRAME}-byte limit")
     return HEADER.pack(MAGIC, total, type, sub, flags, mm, corr, addr, n, len(payload)) + eb + payload
 
 
@@ -120,6 +125,8 @@ def decode(buf: bytes | memoryview) -> Frame:
     magic, total, type, sub, flags, mm, corr, addr, n, plen = HEADER.unpack_from(buf, 0)
     if magic != MAGIC:
         raise ProtocolError(f"bad magic {magic:#06x}")
+    if total > MAX_FRAME:
+        raise ProtocolError(f"frame of {total} bytes exceeds the {MAX_FRAME}-byte limit")
     if total != len(buf) or total != HEADER_SIZE + 16 * n + plen:
         raise ProtocolError(f"length {total} does not match header (n={n}, plen={plen}, got {len(buf)})")
     if type not in _VALID_TYPES:

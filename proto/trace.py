@@ -32,7 +32,8 @@ import time
 import weakref
 from json.encoder import encode_basestring_ascii as _esc
 
-__all__ = ["Tracer", "FLUSH_RECORDS", "FLUSH_INTERVAL_NS", "KINDS", "NOTIFIER_TYPES", "REPLY_TYPES", "file_name"]
+__all__ = ["Tracer", "FLUSH_RECORDS", "FLUSH_INTERVAL_NS", "KINDS", "NOTIFIER_TYPES", "REPLY_TYPES", "file_name",
+           "open_private"]
 
 FLUSH_RECORDS = 2048
 FLUSH_INTERVAL_NS = 250_000_000
@@ -57,6 +58,17 @@ def _default(o):
 
 
 _enc = json.JSONEncoder(separators=(",", ":"), check_circular=False, default=_default).encode
+
+
+def open_private(path: str, mode: str = "w"):
+    """Open a trace (or any file holding a run's addresses and frame numbers) for writing, mode 0600:
+    created so, and an existing file made so before anything is written."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+    except OSError:
+        pass
+    return os.fdopen(fd, mode)
 
 
 def file_name(actor: str, pid: int) -> str:
@@ -118,11 +130,11 @@ class Tracer:
 
     def __init__(self, trace_dir: str, actor: str, flush_records: int = FLUSH_RECORDS,
                  flush_interval_s: float = FLUSH_INTERVAL_NS / 1e9):
-        os.makedirs(trace_dir, exist_ok=True)
+        os.makedirs(trace_dir, mode=0o700, exist_ok=True)
         self.actor = actor
         self.pid = os.getpid()
         self.path = os.path.join(trace_dir, file_name(actor, self.pid))
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
         self._limit = max(1, int(flush_records))
         self._interval = int(flush_interval_s * 1e9)
         self.closed = False

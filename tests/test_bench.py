@@ -36,7 +36,13 @@ def test_bench_quick_writes_every_key(tmp_path):
     assert res["modes"]["change_pte"]["secondary_faults_per_merged_page"] == 0
     assert res["modes"]["wrapped"]["secondary_faults_per_merged_page"] == 1
     assert res["trace_overhead_ratio"] > 0 and res["scanner_bytes_per_page"] > 0
-    assert res["stress"]["writes"] == 20000 and res["stress"]["mismatches"] == 0
+    assert res["stress"]["writes"] == 20000 and res["stress"]["lost"] == 0
+    for mode in ("change_pte", "wrapped", "invalidate"):
+        ck = res["check"]["modes"][mode]
+        assert ck["violation"] is None and ck["schedules"] == 101 and ck["schedules_per_s"] > 0
+    e = res["estimate"]
+    assert e["same_as_scanner"] and e["dup4"]["pages_per_s"] > 0 and e["scanner_pages_per_s"] > 0
+    assert e["dup4"]["memory_bytes_per_page"] > 0 and "ratio_vs_scanner" in e
     assert {"cores", "cpu", "kernel"} <= set(res["machine"])
     assert (tmp_path / "latest.md").exists() and (tmp_path / "scaling.png").exists()
     assert len([p for p in os.listdir(tmp_path) if p.endswith(".json") and p != "latest.json"

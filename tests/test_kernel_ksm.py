@@ -133,7 +133,8 @@ def test_one_vm_64_identical_pages_one_ksm_page():
     # profit = sharing pages * 4096 - rmap items * sizeof(struct ksm_rmap_item) (64 bytes on 64-bit)
     assert s["general_profit"] == 63 * 4096 - 64 * 64 == 253952
     assert res["procs"] == [{"ksm_rmap_items": 64, "ksm_zero_pages": 0, "ksm_merging_pages": 64,
-                             "ksm_process_profit": 64 * 4096 - 64 * 64}]
+                             "ksm_process_profit": 64 * 4096 - 64 * 64, "ksm_merge_any": False,
+                             "ksm_mergeable": True}]
 
 
 def test_two_vms_600_identical_pages_chain_of_three_dups():
@@ -150,7 +151,8 @@ def test_two_vms_600_identical_pages_chain_of_three_dups():
     assert (s["pages_shared"], s["pages_sharing"], s["pages_unshared"], s["pages_volatile"]) == (3, 597, 0, 0)
     assert s["general_profit"] == 597 * 4096 - 600 * 64 == 2406912
     assert res["procs"] == [{"ksm_rmap_items": 300, "ksm_zero_pages": 0, "ksm_merging_pages": 300,
-                             "ksm_process_profit": 300 * 4096 - 300 * 64}] * 2
+                             "ksm_process_profit": 300 * 4096 - 300 * 64, "ksm_merge_any": False,
+                             "ksm_mergeable": True}] * 2
 
 
 def test_128_zero_pages_with_use_zero_pages_map_the_zero_page():
@@ -165,7 +167,7 @@ def test_128_zero_pages_with_use_zero_pages_map_the_zero_page():
     assert (s["stable_node_chains"], s["stable_node_dups"]) == (0, 0)
     assert s["general_profit"] == 128 * 4096
     assert res["procs"] == [{"ksm_rmap_items": 0, "ksm_zero_pages": 128, "ksm_merging_pages": 0,
-                             "ksm_process_profit": 128 * 4096}]
+                             "ksm_process_profit": 128 * 4096, "ksm_merge_any": False, "ksm_mergeable": True}]
 
 
 # ---------------------------------------------------------------------------- (e) bad values
@@ -258,3 +260,37 @@ def test_ctrl_c_while_restoring_is_delivered_after_it():
                     return real_restore()
                 k.restore = restore_hit_by_ctrl_c
         assert read_knobs() == before
+
+
+def test_kernel_proc_calls_errnos_fork_and_close():
+    """KernelProc: the VM handle's calls on a real process; errors are errnos and it goes on; its fork
+    is a helper of its own on the same (COW-shared) frames; close() leaves no process behind."""
+    with kk.KernelProc("t") as p:
+        x = p.mmap(4 * PAGE)
+        p.write(x + PAGE, b"a" * PAGE)
+        assert p.read(x + PAGE, 2) == b"aa"
+        pm = p.pagemap(x, 4)
+        assert pm[0] is None and pm[1] and pm[2:] == [None, None]
+        for call, args, err in ((p.madvise, (x + 1, PAGE, 4), errno.EINVAL),
+                                (p.mprotect, (x, PAGE, 0x10), errno.EINVAL),
+                                (p.prctl, (kk.PR_GET_MEMORY_MERGE, 1), errno.EINVAL),
+                                (p.read, (PAGE, 1), errno.EFAULT)):
+            with pytest.raises(OSError) as ei:
+                call(*args)
+            assert ei.value.errno == err, (call, args)
+        p.mprotect(x + PAGE, PAGE, 0)
+        with pytest.raises(OSError) as ei:
+            p.read(x + PAGE, 1)
+        assert ei.value.errno == errno.EFAULT
+        c = p.fork("c")
+        assert c.pid != p.pid and c.pagemap(x + PAGE, 1) == pm[1:2]       # the same frame, COW-shared
+        c.mprotect(x + PAGE, PAGE, 3)
+        c.write(x + PAGE, b"b")
+        assert c.read(x + PAGE, 2) == b"ba" and c.pagemap(x + PAGE, 1) != pm[1:2]
+        assert p.ksm_stat() == {"ksm_rmap_items": 0, "ksm_zero_pages": 0, "ksm_merging_pages": 0,
+                                "ksm_process_profit": 0, "ksm_merge_any": False, "ksm_mergeable": False}
+        cpid, ppid = c.pid, p.pid
+        c.close()
+        assert not kk._exists(cpid)
+        assert ppid in children()
+    assert ppid not in children()

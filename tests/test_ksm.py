@@ -252,3 +252,21 @@ def test_scanners_and_fault_handlers_are_fixed_at_start(ksm_machine_factory):
     assert [fd.call("stats")[0]["cow_copies"] for fd in m.faultds] == [1, 1]
     info = m.ksmd.call("info")[0]
     assert info["scanners"] == 2 and info["scan_errors"] == 0
+
+
+def test_a_page_shared_with_a_fork_child_is_not_merged_with_itself(ksm_machine):
+    """unstable_tree_search_insert: the tree page being this very frame (COW-shared by fork) is no
+    match: no KSM page is made of it, and the page stays out of both trees (volatile), as in the kernel."""
+    m = ksm_machine
+    m.ksm.set(smart_scan=0, **FAST)
+    a = m.spawn_vm("a", pages=256)
+    x = a.mmap(8 * PAGE_SIZE)
+    a.write(x, os.urandom(8 * PAGE_SIZE))
+    a.madvise(x, 8 * PAGE_SIZE, MADV_MERGEABLE)
+    b = a.fork("b")
+    m.ksm.set(run=1)
+    s = m.ksm.wait_full_scans(3)
+    m.ksm.set(run=0)
+    assert (s["pages_shared"], s["pages_sharing"], s["pages_unshared"], s["pages_volatile"]) == (0, 0, 8, 8)
+    assert a.ksm_stat()["ksm_merging_pages"] == b.ksm_stat()["ksm_merging_pages"] == 0
+    assert a.pagemap(x, 8) == b.pagemap(x, 8)

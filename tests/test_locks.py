@@ -19,7 +19,7 @@ import time
 import numpy as np
 import pytest
 
-from proto.layout import Segment, create_lock_file, lock_file, new_run_name, seg_name, unlink_lock_file
+from proto.layout import Segment, create_lock_file, new_run_name, seg_name, unlink_lock_file
 from workers.frames import ShmLock
 from workers.machine import run_entries
 

@@ -172,11 +172,36 @@ def test_malformed_requests_keep_the_vm_running(ksm_machine):
     with pytest.raises(OSError) as ei:
         vm._call("mmap")                          # missing field
     assert ei.value.errno == errno.EINVAL and "length" in str(ei.value)
-    # garbage straight onto the control socket: logged, skipped, channel still works
-    vm.actor.ch.sock.sendall(b"\x00garbage-bytes-that-are-no-frame" * 3)
+    for bad in ({"length": float("inf")}, {"length": "4096"}, {"length": True}, {"length": 4096, "vm_flags": -1}):
+        with pytest.raises(OSError) as ei:
+            vm._call("mmap", **bad)
+        assert ei.value.errno == errno.EINVAL, bad
     a = vm.mmap(PAGE_SIZE)
     vm.write(a, b"still alive")
     assert vm.read(a, 11) == b"still alive"
+
+
+def test_broken_framing_closes_the_channel_not_resynced(ksm_machine):
+    """Garbage on a control channel: the VM closes it (never skips to the next magic) and exits;
+    the caller hears at once, the dead VM's frames are freed, the others go on."""
+    m = ksm_machine
+    vm, other = m.spawn_vm("a"), m.spawn_vm("b")
+    x = other.mmap(PAGE_SIZE)
+    other.write(x, b"unharmed")
+    free0 = m.alloc.nr_free
+    a = vm.mmap(2 * PAGE_SIZE)
+    vm.write(a, b"q" * 2 * PAGE_SIZE)
+    vm.actor.ch.sock.sendall(b"\x00garbage-bytes-that-are-no-frame" * 3)
+    t0 = time.monotonic()
+    with pytest.raises(OSError) as ei:
+        vm.read(a, 1)
+    assert ei.value.errno == errno.ESRCH and time.monotonic() - t0 < 10
+    deadline = time.monotonic() + 10
+    while m.dead_vms != ["a"] and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert m.dead_vms == ["a"] and m.alloc.nr_free == free0
+    assert other.read(x, 8) == b"unharmed"
+    assert m.check_frames() == []
 
 
 def test_sigkill_of_a_worker_frees_its_frames(ksm_machine):

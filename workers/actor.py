@@ -1,18 +1,28 @@
 """Plumbing shared by every actor process: start-up, attaching the run's memory, logging.
 
 An actor is started by the supervisor as `python -m workers.<actor> --run NAME
---ctl-fd FD ...`.  It dies with its parent (PR_SET_PDEATHSIG), attaches the
-run's segments (never creates or unlinks them), and serves its control socket.
+--ctl-fd FD --fd-sock FD ...`.  It dies with its parent (PR_SET_PDEATHSIG), attaches
+the run's segments (never creates or unlinks them), and serves its control socket.
+Channels to other actors are socketpair ends the supervisor passes over the fd
+socket (`receive_fd`), each announced by a control request carrying the same
+sequence number: no actor listens on a name anybody could connect to.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
 import ctypes
+import errno
 import logging
 import os
 import signal
+import socket
 import sys
+
+import posix_ipc
+
+from proto.channel import recv_fd
+from proto.messages import ProtocolError
 
 from proto.layout import FrameTable, MMView, RmapView, Segment, StatsView, seg_name
 
@@ -33,12 +43,46 @@ def actor_args(extra=None) -> argparse.Namespace:
     p = argparse.ArgumentParser()
     p.add_argument("--run", required=True)
     p.add_argument("--ctl-fd", type=int, required=True)
+    p.add_argument("--fd-sock", type=int, required=True)
+    p.add_argument("--restart-timeout", type=float, default=30.0)
     p.add_argument("--mode", default="change_pte")
     p.add_argument("--trace", default=None)
     p.add_argument("--ack-timeout", type=float, default=10.0)
     if extra:
         extra(p)
     return p.parse_args()
+
+
+def receive_fd(fd_sock: socket.socket, seq: int, what: str) -> int:
+    """The fd the supervisor sent with sequence number seq just before its control request.
+
+    Fds of earlier requests that failed before taking theirs are closed on the way.
+    OSError(EPROTO) if the announced one is not queued.
+    """
+    while True:
+        try:
+            info, fd = recv_fd(fd_sock)
+        except BlockingIOError:
+            raise OSError(errno.EPROTO, f"no fd was passed for {what}") from None
+        except ProtocolError as e:
+            raise OSError(errno.EPROTO, f"fd for {what}: {e}") from None
+        got = info.get("seq")
+        if got == seq:
+            return fd
+        os.close(fd)
+        if not isinstance(got, int) or got > seq:
+            raise OSError(errno.EPROTO, f"fd for {what}: sequence {got!r}, expected {seq}")
+
+
+def req_int(req: dict, key: str, default=None, lo: int | None = None, hi: int | None = None) -> int:
+    """An integer field of a control request (KeyError when missing without a default;
+    OSError(EINVAL) for a non-integer, a boolean or a value outside [lo, hi])."""
+    v = req[key] if default is None else req.get(key, default)
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise OSError(errno.EINVAL, f"{key} must be an integer, not {v!r}")
+    if (lo is not None and v < lo) or (hi is not None and v > hi):
+        raise OSError(errno.EINVAL, f"{key}={v} out of range [{lo}, {hi}]")
+    return v
 
 
 def setup(actor: str) -> None:
@@ -84,7 +128,10 @@ class RunMemory:
         self.pages = self.alloc.pages
 
     def attach_mm(self, mm_id: int) -> tuple[MMView, ShmLock]:
-        mm = MMView(Segment.attach(seg_name(self.run, f"mm.{mm_id}")))
+        try:
+            mm = MMView(Segment.attach(seg_name(self.run, f"mm.{mm_id}")))
+        except posix_ipc.ExistentialError:
+            raise OSError(errno.ENOENT, f"mm {mm_id} does not exist") from None
         return mm, ShmLock.ptl(self.run, mm_id)
 
     def attach_rmap(self, mm_id: int, npages: int) -> RmapView:

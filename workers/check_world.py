@@ -22,49 +22,81 @@ Scheduling points:
   * each message delivered, one at a time, per channel in FIFO order (ksmd->vm,
     faultd->vm, vm->faultd FAULTs, acks and replies back);
   * with the `pid-takeover-lock` break, each step of the old lock algorithm
-    (sem_trywait, each read of the owner field, the owner store).
+    (sem_trywait, each read of the owner field, the owner store);
+  * with `kill="ksmd"` or `kill="faultd"`, the supervisor's program: kill -9 of that
+    actor at any point (its generators are abandoned mid-step, its locks dropped as the
+    kernel drops OFD locks, FAULTs not yet read are lost), ksmd frozen at a batch
+    boundary (a fault handler died), each VM's notifier_lost once the dead actor's
+    messages are drained, repair_frames (core.repair) under every ptl, the restart (a new
+    ksmd rebuilds its state with KsmScan.restore; lost FAULTs are sent again), thaw.
+
+Scenarios (`SCENARIOS`): "base" (two VMs writing, one MADV_DONTNEED) and "fork" (a VM
+forks mid-run and parent and child write the COW-shared pages, discard some and unmerge;
+another VM makes a page read-only and writes it, expecting EFAULT; KSM zero pages on).
+The VMs' own address-space changes (core.mm: MADV_DONTNEED, mprotect, fork's dup_mmap,
+merge-any) run in the VM's writer thread, their START/END local to its secondary MMUs.
 
 Invariants, after every step (`violations`):
-  * a read returns the last value this VM wrote to the page (checked by the writer);
+  * a read returns the last value this VM wrote to the page (checked by the writer): a
+    child of fork reads what its parent had at the fork, whatever the parent writes later;
+  * an access the VMA forbids fails with EFAULT, and nothing else does;
   * no PTE maps a frame whose mapcount does not count it; no free frame is mapped by a
     PTE or an spte; no double free (FrameAccountingError in any actor);
   * a secondary MMU never maps a frame (or a write permission) its primary PTE no longer
-    gives it, unless a notification for that page is on its way to it;
-  * each secondary MMU's messages follow the notifier grammar;
+    gives it, unless a notification for that page is on its way to it (or the death of
+    the notifier that would have sent it), nor a page its VMA forbids (PROT_NONE, or
+    writable in a read-only area), once the mm's ptl is free;
+  * a writable PTE maps a frame no other PTE maps (COW: shared frames are read-only), once
+    the mm's ptl is free;
+  * each secondary MMU's messages follow the notifier grammar (with a kill: the messages
+    of each notifier do; a dead notifier's open START may overlap its successor's or the
+    other notifier's until the VM has noticed the death);
   * at ksmd's batch boundaries pages_shared / pages_sharing agree with the stable tree
     (with two scanners: their sums with both trees, when both are between rounds);
   * a page-table lock has at most one holder;
   * with two scanners, a scanner's trylock of a ptl never fails because the other holds
     it (a second scanner must not make merges fail that one scanner would do).
 At the end (`final_violations`): every frame's mapcount equals its mappings, the free
-stack is exact, every VM reads back its record, and the counters equal what the PTEs show;
-with two scanners also the merge is complete, as one scanner's would be: each content
-that two or more candidate pages hold is one KSM page.
+stack is exact, every VM reads back its record, and the counters equal what the PTEs show
+(pages_shared / pages_sharing; each mm's ksm_merging_pages and ksm_zero_pages, and the
+machine's ksm_zero_pages); with two scanners also the merge is complete, as one
+scanner's would be: each content that two or more candidate pages hold is one KSM page.
+
+With a kill of ksmd and two scanners, both scanners die and are restarted (as the
+supervisor does: any scanner's death restarts them all), the followers' shards
+restored before the leader's first round.
 """
 from __future__ import annotations
 
 import collections
+import errno
 import hashlib
 
 import numpy as np
 
 from proto.knobs import DEFAULTS
-from proto.layout import (FRAME_FREE, FRAME_KSM, MMF_VM_MERGEABLE, MMH_FLAGS, MMH_ID, MMH_NPAGES, PAGE_SHIFT,
-                          PAGE_SIZE, PTE_PRESENT, PTE_WRITE, SUB_ACTIVE, SUB_CHANGE_PTE, USER_BASE, VM_MERGEABLE,
-                          VM_READ, VM_WRITE, ZERO_PFN, FrameTable, MMView, StatsView)
+from proto.layout import (COUNTERS, FRAME_FREE, FRAME_KSM, MM_STATS, MMF_VM_MERGEABLE, MMH_FLAGS, MMH_ID,
+                          MMH_NPAGES, PAGE_SHIFT, PAGE_SIZE, PTE_PRESENT, PTE_SPECIAL, PTE_WRITE, SUB_ACTIVE,
+                          SUB_CHANGE_PTE, USER_BASE, VM_MERGEABLE, VM_READ, VM_WRITE, ZERO_PFN, FrameTable, MMView,
+                          StatsView)
 from proto.messages import Msg
 
-from .core.access import FaultCall, Touch, WaitIdle, touch, vm_access, zap_pte_range
-from .core.effects import (MEM_EFFECTS, CopyPages, Effect, Lock, Memory, Notify, Reply, ShardRecv, ShardSend,
-                           TryLock, Unlock, WaitAcks, apply_mem)
+from .core.access import FaultCall, Touch, WaitIdle, touch, vm_access
+from .core.effects import (MEM_EFFECTS, Checksum, Compare, CopyPages, Effect, Load, Lock, Memory, Notify, Reply,
+                           ShardRecv, ShardSend, TryLock, Unlock, WaitAcks, apply_mem)
 from .core.fault import handle_mm_fault
-from .core.notify import EXPECT, FAILED, GRAMMAR, INIT, MODES, SecondaryMMU, grammar_why
+from .core.mm import do_mprotect, dup_mmap, ksm_disable_merge_any, ksm_enable_merge_any, madvise_dontneed
+from .core.notify import EXPECT, FAILED, GRAMMAR, INIT, MODES, LocalNotify, SecondaryMMU, grammar_why
+from .core.pte import may_access, mergeable_ranges, vma_flags_at
+from .core.repair import repair_frames
 from .core.scan import SUMMED, KsmScan
 from .core.shard import LEAD
 from .frames import FrameAllocator
 from .ksm_tree import RmapItems
 
 BREAKS = {
+    "cow-reply-before-acks": "the fault handler answers a COW fault and lets go of ptl before the secondary "
+                             "MMUs acked the new PTE",
     "no-write-protect": "ksmd compares and replaces without write-protecting the page first",
     "no-recheck-pte": "ksmd replaces a page without re-checking, under ptl, that its PTE still maps the "
                       "frame it checksummed and compared",
@@ -77,6 +109,16 @@ BREAKS = {
                         "page to the owner of its content",
     "no-ksm-lock": "two scanners: an owner tries an mm's page-table lock without first taking the scanners' "
                    "ksm lock of that mm",
+    "no-repair": "after a kill -9 of the fault handler the supervisor restarts it without repairing the frame "
+                 "table from the PTEs (runs with kill='faultd')",
+    "no-spte-flush": "a VM keeps its secondary translations when ksmd dies, trusting what it was told "
+                     "(runs with kill='ksmd')",
+    "fork-no-write-protect": "fork leaves the parent's PTEs (and its secondary MMUs' translations) writable "
+                             "while the child maps the same frames",
+    "dontneed-no-notify": "MADV_DONTNEED clears PTEs and frees frames without invalidate_range_start/end "
+                          "to the VM's secondary MMUs",
+    "mprotect-no-notify": "mprotect changes the VMA and the PTEs without invalidate_range_start/end to the "
+                          "VM's secondary MMUs",
 }
 SHARD_BREAKS = ("no-round-barrier", "no-shard-routing", "no-ksm-lock")
 # the two-scanner configuration: page 0 of each VM holds a content of shard 0 (byte 2), page 1 one of
@@ -85,7 +127,28 @@ SHARD_BREAKS = ("no-round-barrier", "no-shard-routing", "no-ksm-lock")
 # page, then a merge into the other owner's node.  A round is a full scan (pages_to_scan above the
 # pages): the next round's visits follow the merges at once
 SHARDED = dict(scanners=2, fill=(2, 1), writes=(((1, -1), (0, 1), (1, 2)), ((1, 1), (1, 2), (0, 1))),
-               smart_scan=0, complete=True, pages_to_scan=1000)
+               smart_scan=0, complete=True, pages_to_scan=1000, first_scan=1)
+KILLS = ("ksmd", "faultd")
+BREAK_KILLS = {"no-repair": "faultd", "no-spte-flush": "ksmd"}
+# the configuration a break shows itself in soonest: unpaced writers keep their sptes writable while ksmd dies
+BREAK_CONFIG = {"no-spte-flush": {"pace": False}}
+
+# The writers' programs.  An op is (page, byte) to write and read back, (page, -1) for
+# MADV_DONTNEED (the page reads as zero), ("fork", ops) to fork a child running ops,
+# ("prot", page, VM_READ|VM_WRITE bits) for mprotect, ("efault", page, write) for an access
+# that must fail with EFAULT, ("merge_any", 0|1) for prctl(PR_SET_MEMORY_MERGE), ("read", page)
+# to read it (installing its spte).  "read" and "efault" follow the op before them at once; every
+# other op waits for one more full scan of ksmd.
+_CHILD = ((0, 5), ("merge_any", 1), ("merge_any", 0), (1, -1))
+SCENARIOS = {
+    "base": {},
+    "fork": dict(writes=(((0, 0), ("fork", _CHILD), (1, 3), (0, -1)),
+                         (("read", 1), ("prot", 1, 0), ("efault", 1, False), ("prot", 1, VM_READ),
+                          ("efault", 1, True), ("prot", 1, VM_READ | VM_WRITE), (1, 4))),
+                 use_zero_pages=1),
+}
+# the scenario in which each break shows (a break not listed: "base")
+BREAK_SCENARIO = {"fork-no-write-protect": "fork", "mprotect-no-notify": "fork"}
 
 
 class ArraySegment:
@@ -117,10 +180,10 @@ class Step:
 
 
 class _AwaitReply(Effect):
-    __slots__ = ("corr",)
+    __slots__ = ("corr", "idx", "flags")
 
-    def __init__(self, corr):
-        self.corr = corr
+    def __init__(self, corr, idx=None, flags=0):
+        self.corr, self.idx, self.flags = corr, idx, flags
 
     def __repr__(self):
         return f"wait FAULT_REPLY {self.corr}"
@@ -135,6 +198,63 @@ class _AwaitScan(Effect):
 
     def __repr__(self):
         return f"wait for full scan {self.n}"
+
+
+class _Kill(Effect):
+    """kill -9 of an actor (the supervisor's first step: the schedule picks when)."""
+    __slots__ = ("target",)
+
+    def __init__(self, target):
+        self.target = target
+
+    def __repr__(self):
+        return f"kill -9 {self.target}"
+
+
+class _Freeze(Effect):
+    __slots__ = ()
+
+    def __repr__(self):
+        return "freeze ksmd at a batch boundary"
+
+
+class _Thaw(Effect):
+    __slots__ = ()
+
+    def __repr__(self):
+        return "thaw ksmd"
+
+
+class _Boundary(Effect):
+    """ksmd between two batches (where a freeze holds it)."""
+    __slots__ = ()
+
+    def __repr__(self):
+        return "batch boundary"
+
+
+class _NotifierLost(Effect):
+    """VM v learns that `target` died (its messages drained): SecondaryMMU.notifier_lost."""
+    __slots__ = ("v", "target")
+
+    def __init__(self, v, target):
+        self.v, self.target = v, target
+
+    def footprint(self):
+        return ((("vm", self.v.id), "w"),)
+
+    def __repr__(self):
+        return f"{self.v.name}: {self.target} lost"
+
+
+class _Restart(Effect):
+    __slots__ = ("target",)
+
+    def __init__(self, target):
+        self.target = target
+
+    def __repr__(self):
+        return f"restart {self.target}"
 
 
 class Thread:
@@ -157,18 +277,28 @@ class VMState:
         self.grammar = {s: INIT for s in self.subs}
         self.record: dict[int, int] = {}
         self.replies: dict[int, tuple] = {}
+        self.efault_expected = False
 
 
 class KsmWorld:
     """A small machine: nvms VMs of npages pages (all alike at first), one writer each, ksmd, faultd."""
 
     def __init__(self, mode: str, brk: str | None = None, nvms: int = 2, npages: int = 2,
-                 writes: tuple = (((0, 2), (1, -1), (1, 1)), ((1, 2), (1, 1))), device: bool = False, max_page_sharing: int = 256,
+                 writes: tuple = (((0, 2), (1, 2), (1, -1), (1, 1)), ((1, 2), (1, 1))), device: bool = False, max_page_sharing: int = 256,
                  use_zero_pages: int = 0, settle_scans: int = 2, nframes: int = 16, pace: bool = True,
                  early_reply: bool = True, scanners: int = 1, fill: tuple = (1,), smart_scan: int = 1,
-                 complete: bool = False, pages_to_scan: int | None = None):
+                 complete: bool = False, pages_to_scan: int | None = None, first_scan: int = 2,
+                 kill: str | None = None):
         if mode not in MODES:
             raise ValueError(f"mode {mode!r} is not one of {MODES}")
+        if kill is not None and kill not in KILLS:
+            raise ValueError(f"kill {kill!r} is not one of {KILLS}")
+        self.kill = kill
+        self.up = {a: True for a in KILLS}          # False from the kill to the restart
+        self.open_starts: dict[tuple, int] = {}     # (notifier, mm, sub) -> STARTs without their END
+        self.lost: set[int] = set()                 # FAULT corrs the dead fault handler never answered
+        self.frozen = False
+        self.restoring = 0                          # restarted followers that have not restored yet
         self.mode, self.brk = mode, frozenset([brk] if brk else [])
         self.nframes = nframes
         ftseg = ArraySegment(FrameTable.size_for(nframes))
@@ -195,22 +325,29 @@ class KsmWorld:
         self.fill = fill
         self.coverage = collections.Counter()     # what a run exercised (tests look at it)
         self._enabled = None
+        self._dirty = True
         clock = lambda: self.clock_steps / 1000.0      # noqa: E731
         self.scans = [KsmScan(self.ft, mode, clock, self.brk, k, scanners) for k in range(scanners)]
         self.scan = self.scans[0]
         self.scanner_names = ["ksmd" if k == 0 else f"ksmd{k}" for k in range(scanners)]
         self.shardq: dict[tuple, collections.deque] = collections.defaultdict(collections.deque)
+        self.rmaps: dict[int, RmapItems] = {}
+        self.first_scan = first_scan
         self.scan.knobs.update(dict(DEFAULTS, run=1, pages_to_scan=pages_to_scan or nvms * npages, sleep_millisecs=0,
                                     max_page_sharing=max_page_sharing, use_zero_pages=use_zero_pages,
                                     smart_scan=smart_scan, scanners=scanners))
         for v in range(nvms):
             self._make_vm(v, npages, device and v == 0)
+        self.pending_loss = {v.id: set() for v in self.vms}   # dead notifiers this VM has not noticed yet
         self.threads.append(Thread("ksmd", "ksmd", self.ksmd_main()))
         for k in range(1, scanners):
             name = self.scanner_names[k]
             self.threads.append(Thread(name, name, self.follower_main(self.scans[k])))
         for v in self.vms:
-            self.threads.append(Thread(f"{v.name}/writer", v.name, self.writer(v, npages, writes), vm=v))
+            self.threads.append(Thread(f"{v.name}/writer", v.name, self.writer(v, npages, writes[v.id % len(writes)]),
+                                       vm=v))
+        if kill:
+            self.threads.append(Thread("supervisor", "supervisor", self.supervisor(kill)))
         for t in self.threads:
             self._advance(t, None)
         self._warm_up()
@@ -225,30 +362,12 @@ class KsmWorld:
         self.violations_found += self._frame_violations()
 
     # ---------------------------------------------------------------- set-up
-    def _make_vm(self, mm_id: int, npages: int, device: bool) -> None:
-        seg = ArraySegment(MMView.size_for(npages))
-        mm = MMView(seg)
+    def _new_mm(self, mm_id: int, npages: int) -> MMView:
+        """An empty mm, its channels and its ptl (ksmd learns of it separately: scan.add_mm)."""
+        mm = MMView(ArraySegment(MMView.size_for(npages)))
         mm.hdr[MMH_ID] = mm_id
         mm.hdr[MMH_NPAGES] = npages
-        start = USER_BASE
-        mm.vmas[0] = (start, start + npages * PAGE_SIZE, VM_READ | VM_WRITE | VM_MERGEABLE)
-        mm.hdr[MMH_FLAGS] |= MMF_VM_MERGEABLE
-        pfns = self.alloc.alloc(npages, 1, zero=True)
-        for p in range(npages):
-            self.alloc.pages[pfns[p]] = self.fill[p % len(self.fill)]
-        mm.pte[:] = (pfns.astype(np.uint64) << np.uint64(PAGE_SHIFT)) | np.uint64(PTE_PRESENT | PTE_WRITE)
-        v = VMState(mm_id, f"vm{mm_id}", npages, device)
-        for s, sub in v.subs.items():
-            mm.subs[s, SUB_ACTIVE] = 1
-            mm.subs[s, SUB_CHANGE_PTE] = int(sub.has_change_pte)
-            v.grammar[s] = GRAMMAR[(INIT, "REGISTER")]
-            sub.note("REGISTER")
-        for p in range(npages):
-            v.record[p] = self.fill[p % len(self.fill)]
         self.mem.mms[mm_id] = mm
-        items = RmapItems.fixed_size(npages)       # shared by the scanners, as the rmap segment is
-        for sc in self.scans:
-            sc.add_mm(mm_id, mm, items)
         for q in (("faultd", mm_id), (mm_id, "faultd"), (mm_id, "faultd.ack")):
             self.queues[q] = collections.deque()
         for name in self.scanner_names:
@@ -257,6 +376,37 @@ class KsmWorld:
         self.locks[("ptl", mm_id)] = None
         self.locks[("ksm", mm_id)] = None
         self.old_lock[("ptl", mm_id)] = [1, 0]
+        return mm
+
+    def _add_to_scanners(self, mm_id: int, mm: MMView) -> None:
+        """Every scanner learns of the mm, on rmap items they share (as the rmap segment is shared)."""
+        items = RmapItems.fixed_size(mm.npages)
+        self.rmaps[mm_id] = items
+        for sc in self.scans:
+            sc.add_mm(mm_id, mm, items)
+
+    @staticmethod
+    def _register(v: VMState, mm: MMView) -> None:
+        for s, sub in v.subs.items():
+            mm.subs[s, SUB_ACTIVE] = 1
+            mm.subs[s, SUB_CHANGE_PTE] = int(sub.has_change_pte)
+            v.grammar[s] = GRAMMAR[(INIT, "REGISTER")]
+            sub.note("REGISTER")
+
+    def _make_vm(self, mm_id: int, npages: int, device: bool) -> None:
+        mm = self._new_mm(mm_id, npages)
+        start = USER_BASE
+        mm.vmas[0] = (start, start + npages * PAGE_SIZE, VM_READ | VM_WRITE | VM_MERGEABLE)
+        mm.hdr[MMH_FLAGS] |= MMF_VM_MERGEABLE
+        pfns = self.alloc.alloc(npages, 1, zero=True)
+        for p in range(npages):
+            self.alloc.pages[pfns[p]] = self.fill[p % len(self.fill)]
+        mm.pte[:] = (pfns.astype(np.uint64) << np.uint64(PAGE_SHIFT)) | np.uint64(PTE_PRESENT | PTE_WRITE)
+        v = VMState(mm_id, f"vm{mm_id}", npages, device)
+        self._register(v, mm)
+        for p in range(npages):
+            v.record[p] = self.fill[p % len(self.fill)]
+        self._add_to_scanners(mm_id, mm)
         self.vms.append(v)
 
     # ---------------------------------------------------------------- the programs
@@ -268,6 +418,8 @@ class KsmWorld:
                 settle -= 1
             ended = False
             while not ended:
+                if self.kill:
+                    yield _Boundary()
                 _, _, ended = yield from self.scan.ksm_do_scan(self.scan.knobs["pages_to_scan"])
                 self._check_counters()
         yield from self.scan.stop_followers()
@@ -283,26 +435,51 @@ class KsmWorld:
             if op == "stop":
                 return
 
-    def writer(self, v: VMState, npages: int, writes):
-        """Read every page (installing sptes), then write each (page, byte) of `writes` and read it back
-        at once (byte -1: MADV_DONTNEED the page: it reads as zero); at the end read every page back."""
+    def supervisor(self, target: str):
+        """kill -9 of `target` at a point the schedule picks, then Machine._recover's steps."""
+        yield _Kill(target)
+        if target == "faultd":
+            yield _Freeze()
+        for v in self.vms:
+            yield _NotifierLost(v, target)
+        if "no-repair" not in self.brk:
+            yield from repair_frames([v.id for v in self.vms], self.nframes)
+        yield _Restart(target)
+        if target == "faultd":
+            yield _Thaw()
+
+    def restarted_ksmd(self):
+        """A new ksmd: its state from shared memory (KsmScan.restore), then the scan goes on.  With two
+        scanners the leader restores once the other has (the supervisor restores the followers first)."""
+        if len(self.scans) > 1:
+            yield _AwaitRestore()
+        yield from self.scan.restore()
+        self._check_counters()
+        yield from self.ksmd_main()
+
+    def restarted_follower(self, scan: KsmScan):
+        """A new follower: its shard from shared memory, then the leader's rounds."""
+        yield from scan.restore()
+        self.restoring -= 1
+        yield from self.follower_main(scan)
+
+    def writer(self, v: VMState, npages: int, ops, first_scan: int | None = None):
+        """Read every page (installing sptes), then run each op of the program, op k once ksmd has ended
+        first_scan + k full scans (see SCENARIOS; default: the world's first_scan), reading back what it
+        wrote; at the end read every page back."""
         sub = v.subs[0]
+        if first_scan is None:
+            first_scan = self.first_scan
         for page in range(npages):
-            yield from vm_access(v.id, sub, USER_BASE + page * PAGE_SIZE, 8, False, bytearray(8))
-        for k, (page, val) in enumerate(writes[v.id % len(writes)]):
-            if self.pace:       # pace the writer: ksmd has scanned (and merged) since its last write
-                yield _AwaitScan(1 + k)
-            page %= npages
-            addr = USER_BASE + page * PAGE_SIZE
-            if val < 0:
-                yield from zap_pte_range(v.id, v.subs.values(), page, page + 1)
-                val = 0
-            else:
-                yield from vm_access(v.id, sub, addr, PAGE_SIZE, True, bytes([val]) * PAGE_SIZE)
-            v.record[page] = val
-            got = bytearray(PAGE_SIZE)
-            yield from vm_access(v.id, sub, addr, PAGE_SIZE, False, got)
-            self._check_read(v, page, got, "read back after its write")
+            got = bytearray(8)
+            yield from vm_access(v.id, sub, USER_BASE + page * PAGE_SIZE, 8, False, got)
+            self._check_read(v, page, got + bytes([v.record[page]]) * (PAGE_SIZE - 8), "first read")
+        k = 0
+        for op in ops:
+            if self.pace and op[0] not in ("read", "efault"):   # ksmd has scanned (and merged) since
+                yield _AwaitScan(first_scan + k)
+                k += 1
+            yield from self._op(v, npages, op)
         if not self.complete:
             self.writers_left -= 1
         for page in range(npages):
@@ -311,6 +488,64 @@ class KsmWorld:
             self._check_read(v, page, got, "final read")
         if self.complete:       # the scans that settle start once no VM touches memory any more
             self.writers_left -= 1
+
+    def _op(self, v: VMState, npages: int, op):
+        sub, subs = v.subs[0], list(v.subs.values())
+        kind = op[0] if isinstance(op[0], str) else "write"
+        if kind == "fork":
+            yield from self._fork(v, npages, op[1])
+            return
+        if kind == "merge_any":
+            yield from (ksm_enable_merge_any(v.id) if op[1] else ksm_disable_merge_any(v.id))
+            return
+        page = op[1] % npages if kind != "write" else op[0] % npages
+        addr = USER_BASE + page * PAGE_SIZE
+        if kind == "read":
+            got = bytearray(PAGE_SIZE)
+            yield from vm_access(v.id, sub, addr, PAGE_SIZE, False, got)
+            self._check_read(v, page, got, "read")
+            return
+        if kind == "prot":
+            yield from do_mprotect(v.id, subs, addr, addr + PAGE_SIZE, op[2], self.brk)
+            return
+        if kind == "efault":
+            try:
+                yield from vm_access(v.id, sub, addr, 8, op[2], bytearray(8))
+            except OSError as e:
+                if e.errno != errno.EFAULT:
+                    self.violations_found.append(f"{v.name} page {page}: a forbidden access failed with "
+                                                 f"{errno.errorcode.get(e.errno)}, not EFAULT")
+                return
+            self.violations_found.append(f"{v.name} page {page}: a {'write' if op[2] else 'read'} its VMA "
+                                         f"forbids succeeded")
+            return
+        val = op[1]
+        if val < 0:
+            yield from madvise_dontneed(v.id, subs, addr, addr + PAGE_SIZE, self.brk)
+            val = 0
+        else:
+            yield from vm_access(v.id, sub, addr, PAGE_SIZE, True, bytes([val]) * PAGE_SIZE)
+        v.record[page] = val
+        got = bytearray(PAGE_SIZE)
+        yield from vm_access(v.id, sub, addr, PAGE_SIZE, False, got)
+        self._check_read(v, page, got, "read back after its write")
+
+    def _fork(self, v: VMState, npages: int, ops):
+        """fork: dup_mmap into a new mm, then the child (its own secondary MMU, its record a copy of the
+        parent's) is known to ksmd (ksm_fork) and starts its program."""
+        cid = len(self.vms)
+        mm = self._new_mm(cid, npages)
+        yield from dup_mmap(v.id, cid, list(v.subs.values()), self.brk)
+        child = VMState(cid, f"vm{cid}", npages, False)
+        self._register(child, mm)
+        child.record = dict(v.record)
+        self.vms.append(child)
+        self._add_to_scanners(cid, mm)
+        self.writers_left += 1
+        t = Thread(f"{child.name}/writer", child.name, self.writer(child, npages, ops, self.scan.c["full_scans"] + 1),
+                   vm=child)
+        self.threads.append(t)
+        self._advance(t, None)
 
     def _check_read(self, v: VMState, page: int, got: bytearray, when: str) -> None:
         want = v.record[page]
@@ -430,7 +665,9 @@ class KsmWorld:
     def violations(self) -> list[str]:
         out = list(self.violations_found)
         self.violations_found.clear()
-        out += self._frame_violations()
+        if self._dirty:         # a step that only read leaves the frame invariants as they were
+            self._dirty = False
+            out += self._frame_violations()
         return out
 
     def finished(self) -> bool:
@@ -448,6 +685,29 @@ class KsmWorld:
         if c["pages_shared"] != len(ksm) or c["pages_shared"] + c["pages_sharing"] != int(sum(maps[p] for p in ksm)):
             out.append(f"counters pages_shared {c['pages_shared']} pages_sharing {c['pages_sharing']}, but "
                        f"{len(ksm)} KSM frames are mapped {int(sum(maps[p] for p in ksm))} times")
+        zi = MM_STATS.index("ksm_zero_pages")
+        total = 0
+        for v in self.vms:
+            mm = self.mem.mms[v.id]
+            pte = mm.pte
+            present = (pte & np.uint64(PTE_PRESENT)) != 0
+            nzero = int((present & ((pte & np.uint64(PTE_SPECIAL)) != 0)).sum())
+            total += nzero
+            if int(self.stats.mm[v.id, zi]) != nzero:
+                out.append(f"{v.name}: ksm_zero_pages {int(self.stats.mm[v.id, zi])}, but {nzero} PTEs map the "
+                           f"KSM zero page")
+            slot = self.scan.slots.get(v.id)
+            pfn = (pte >> np.uint64(PAGE_SHIFT)).astype(np.int64)
+            inside = np.zeros(len(pte), dtype=bool)
+            for a, b in mergeable_ranges(mm.vma_list()):
+                inside[a:b] = True
+            nksm = int((present & inside & ((self.ft.flags[pfn] & FRAME_KSM) != 0)).sum())
+            merging = slot.items.merging if slot is not None else 0
+            if merging != nksm:
+                out.append(f"{v.name}: ksm_merging_pages {merging}, but {nksm} of its PTEs map KSM pages")
+        if int(self.stats.counters[COUNTERS.index("ksm_zero_pages")]) != total:
+            out.append(f"ksm_zero_pages {int(self.stats.counters[COUNTERS.index('ksm_zero_pages')])}, but {total} "
+                       f"PTEs map the KSM zero page")
         if self.complete:
             out += self._incomplete()
         return out
@@ -491,13 +751,23 @@ class KsmWorld:
         if c is WaitIdle:
             return e.sub.in_progress == 0 or e.sub.released
         if c is _AwaitReply:
-            return e.corr in t.vm.replies
+            return e.corr in t.vm.replies or (e.corr in self.lost and self.up["faultd"]
+                                              and "faultd" not in self.pending_loss[t.vm.id])
         if c is _AwaitScan:
             return self.scan.c["full_scans"] >= e.n
         if c is _Micro and e.enabled is not None:
             return e.enabled()
         if c is ShardRecv:
             return all(self._shard_head(src, t.actor, e) is not None for src in e.srcs)
+        if c is _Boundary:
+            return not self.frozen
+        if c is _Freeze:
+            k = self._ksmd_thread()
+            return k is None or k.done or isinstance(k.pending, _Boundary)
+        if c is _NotifierLost:
+            return not any(self.queues[(n, e.v.id)] for n in self._members(e.target))
+        if c is _AwaitRestore:
+            return self.restoring == 0
         return True
 
     def _scanner_no(self, name: str) -> int:
@@ -530,13 +800,21 @@ class KsmWorld:
             fp += ((("chan", t.vm.id, "faultd"), "w"),)
         elif c is Reply:
             fp += ((("chan", "faultd", t.mm), "w"),)
+        elif c is _AwaitReply:
+            fp += ((("chan", t.vm.id, "faultd"), "w"), (("up",), "r"))
+        elif c in (_Kill, _Restart, _Freeze, _Thaw, _Boundary):    # the kill and restart touch everything
+            fp += ((("up",), "w"), (("ft",), "w"), (("scans",), "w"), (("frozen",), "w")) + tuple(
+                (k, "w") for k in self.locks) + tuple(((("chan",) + q), "w") for q in self.queues) + tuple(
+                (("vm", v.id), "w") for v in self.vms) + tuple((("acks", a), "w")
+                                                               for a in self.scanner_names + ["faultd"])
         return fp
 
     def _queue_actor(self, q) -> str:
+        """Each channel delivers on its own track, so a scheduler can hold one back and not another."""
         src, dst = q
         if isinstance(dst, int):
-            return self.vms[dst].name
-        return dst.split(".")[0]
+            return f"{self.vms[dst].name}/from-{src}"
+        return f"{dst.split('.')[0]}/from-{self.vms[src].name}"
 
     def _delivery_footprint(self, q) -> tuple:
         src, dst = q
@@ -549,6 +827,8 @@ class KsmWorld:
     def _run_thread(self, t: Thread, rec: dict) -> None:
         e = t.pending
         c = e.__class__
+        if c not in _READ_ONLY:
+            self._dirty = True
         result, exc = None, None
         try:
             if c in MEM_EFFECTS:
@@ -578,6 +858,8 @@ class KsmWorld:
                 self.locks[e.key] = None
             elif c is Notify:
                 result = self._notify(t, e, rec)
+            elif c is LocalNotify:
+                self._local_notify(self.vms[e.mm], e)
             elif c is WaitAcks:
                 flags = []
                 for hs in e.handles:
@@ -590,12 +872,31 @@ class KsmWorld:
                 corr = self._new_id()
                 self.queues[(t.vm.id, "faultd")].append(("FAULT", corr, e.idx, e.flags))
                 rec["flow_out"] = corr
-                t.pending = _AwaitReply(corr)
+                t.pending = _AwaitReply(corr, e.idx, e.flags)
                 return
             elif c is _AwaitReply:
+                if e.corr not in t.vm.replies:       # lost with the dead fault handler: sent again
+                    self.lost.discard(e.corr)
+                    corr = self._new_id()
+                    self.queues[(t.vm.id, "faultd")].append(("FAULT", corr, e.idx, e.flags))
+                    rec["flow_out"] = corr
+                    t.pending = _AwaitReply(corr, e.idx, e.flags)
+                    return
                 err, msg = t.vm.replies.pop(e.corr)
                 if err:
                     exc = OSError(err, msg)
+            elif c is _Kill:
+                self._kill(e.target)
+            elif c is _Freeze:
+                self.frozen = True
+            elif c is _Thaw:
+                self.frozen = False
+            elif c is _Boundary or c is _AwaitRestore:
+                result = None
+            elif c is _NotifierLost:
+                self._notifier_lost(e.v, e.target)
+            elif c is _Restart:
+                self._restart(e.target)
             elif c is Reply:
                 self._reply(t, e.err, e.msg)
             elif c is _Micro:
@@ -628,6 +929,24 @@ class KsmWorld:
             rec["flow_out"] = hs[0]
         return hs
 
+    def _local_notify(self, v: VMState, e: LocalNotify) -> None:
+        """invalidate_range_start/end from the VM itself: applied to each secondary MMU in this step."""
+        for sub in e.subs:
+            self._grammar(v, sub.sub, e.type.name)
+            sub.apply(e.type, e.entries)
+
+    def _grammar(self, v: VMState, s: int, kind: str, src="local") -> None:
+        """Advance secondary MMU s of v through the notifier grammar by a `kind` message from src
+        (with a kill, each notifier's messages, and the VM's own, follow the grammar apart)."""
+        gk = (src, s) if self.kill else s
+        st = v.grammar.setdefault(gk, GRAMMAR[(INIT, "REGISTER")])
+        nxt = GRAMMAR.get((st, kind))
+        if nxt is None and st != FAILED:
+            self.violations_found.append(f"{v.name} {v.subs[s].name}: {grammar_why(st, kind)}: got {kind}, "
+                                         f"expected {EXPECT.get(st)}")
+            nxt = FAILED
+        v.grammar[gk] = nxt
+
     def _reply(self, t: Thread, err: int, msg: str) -> None:
         if getattr(t, "replied", False):
             return
@@ -635,6 +954,7 @@ class KsmWorld:
         self.queues[("faultd", t.mm)].append(("FAULT_REPLY", t.corr, err, msg))
 
     def _deliver(self, q, rec: dict) -> None:
+        self._dirty = True
         src, dst = q
         item = self.queues[q].popleft()
         kind = item[0]
@@ -642,6 +962,9 @@ class KsmWorld:
         if kind == "FAULT":          # a new handle_mm_fault task in the fault handler
             _, corr, idx, flags = item
             mm = src
+            if not self.up["faultd"]:       # written to a dead fault handler's channel: lost
+                self.lost.add(corr)
+                return
             t = Thread(f"faultd/{corr}", "faultd", handle_mm_fault(mm, self.mem.mms[mm].npages, idx, flags,
                                                                      self.mode, self.early_reply, self.brk))
             t.mm, t.corr = mm, corr
@@ -665,15 +988,91 @@ class KsmWorld:
         _, h, s, entries = item
         sub = v.subs[s]
         t = Msg[kind]
-        st = v.grammar[s]
-        nxt = GRAMMAR.get((st, kind))
-        if nxt is None and st != FAILED:
-            self.violations_found.append(f"{v.name} {sub.name}: {grammar_why(st, kind)}: got {kind}, "
-                                         f"expected {EXPECT.get(st)}")
-            nxt = FAILED
-        v.grammar[s] = nxt
+        self._grammar(v, s, kind, src)
+        if t in (Msg.START, Msg.END):
+            k = (src, dst, s)
+            self.open_starts[k] = self.open_starts.get(k, 0) + (1 if t == Msg.START else -1)
         flags = sub.apply(t, entries)
         self.queues[(dst, f"{src}.ack")].append(("ACK", h, flags))
+
+    # ---------------------------------------------------------------- kill -9 and recovery
+    def _ksmd_thread(self) -> Thread | None:
+        for t in self.threads:
+            if t.actor == "ksmd" and not t.done:
+                return t
+        return None
+
+    def _members(self, target: str) -> list[str]:
+        """The actors a kill of target takes down: every scanner for ksmd (the supervisor restarts
+        them together), else target alone."""
+        return list(self.scanner_names) if target == "ksmd" else [target]
+
+    def _kill(self, target: str) -> None:
+        """The process dies between two steps: generators abandoned, locks dropped by the kernel.
+        (Any scanner's death takes the others down: the round protocol has no way to take one back.)"""
+        self.up[target] = False
+        members = self._members(target)
+        for t in self.threads:
+            if t.actor not in members or t.done:
+                continue
+            for gen in reversed(t.stack):
+                gen.close()
+            t.stack, t.done, t.pending = [], True, None
+            if target == "faultd" and not getattr(t, "replied", False):
+                self.lost.add(t.corr)
+            for key, holder in self.locks.items():
+                if holder == t.name:
+                    self.locks[key] = None
+        if target == "ksmd":
+            self.shardq.clear()         # the mesh dies with them
+        for v in self.vms:
+            self.pending_loss[v.id].update(members)
+            if target == "faultd":      # FAULTs not read yet die with the socket
+                for item in self.queues[(v.id, "faultd")]:
+                    self.lost.add(item[1])
+                self.queues[(v.id, "faultd")].clear()
+            for m in members:
+                self.queues[(v.id, f"{m}.ack")].clear()
+
+    def _notifier_lost(self, v: VMState, target: str) -> None:
+        for m in self._members(target):
+            self._notifier_lost_one(v, m)
+
+    def _notifier_lost_one(self, v: VMState, target: str) -> None:
+        for s, sub in v.subs.items():
+            n = self.open_starts.pop((target, v.id, s), 0)
+            if "no-spte-flush" in self.brk:
+                ended = max(0, min(n, sub.in_progress))
+                sub.in_progress -= ended
+                for _ in range(ended):
+                    sub.note("END")
+            else:
+                ended = sub.notifier_lost(n)
+            gk = (target, s)
+            for _ in range(ended):
+                v.grammar[gk] = GRAMMAR.get((v.grammar.get(gk, GRAMMAR[(INIT, "REGISTER")]), "END"), FAILED)
+        self.pending_loss[v.id].discard(target)
+
+    def _restart(self, target: str) -> None:
+        self.up[target] = True
+        if target != "ksmd":
+            return
+        old, n = self.scans, len(self.scans)
+        self.scans = [KsmScan(self.ft, self.mode, old[0].clock, self.brk, k, n) for k in range(n)]
+        self.scan = self.scans[0]
+        for sc in self.scans:
+            sc.knobs.update(old[0].knobs)
+        for k in ("pages_scanned", "pages_skipped"):      # (the stats segment keeps the published sums)
+            self.scan.c[k] = sum(sc.c[k] for sc in old)
+        self.scan.c["full_scans"] = old[0].c["full_scans"]
+        for v in self.vms:      # the supervisor wiped the shared rmap items
+            self._add_to_scanners(v.id, self.mem.mms[v.id])
+        self.restoring = n - 1
+        new = [Thread(f"{self.scanner_names[k]}'", self.scanner_names[k], self.restarted_follower(self.scans[k]))
+               for k in range(1, n)] + [Thread("ksmd'", "ksmd", self.restarted_ksmd())]
+        for t in new:
+            self.threads.append(t)
+            self._advance(t, None)
 
     def _new_id(self) -> int:
         self.next_id += 1
@@ -704,12 +1103,21 @@ class KsmWorld:
         mc = self.ft.mapcount.tolist()
         flags = self.ft.flags.tolist()
         for p, n in enumerate(maps):
-            if n > max(mc[p], 0):
-                out.append(f"frame {p}: {n} PTEs map it but its mapcount is {mc[p]}")
-            if n and flags[p] == FRAME_FREE:
-                out.append(f"frame {p} is free but a PTE maps it")
+            if n and (n > mc[p] or flags[p] == FRAME_FREE):
+                if n > mc[p]:
+                    out.append(f"frame {p}: {n} PTEs map it but its mapcount is {mc[p]}")
+                if flags[p] == FRAME_FREE:
+                    out.append(f"frame {p} is free but a PTE maps it")
         for v in self.vms:
-            pte = self.mem.mms[v.id].pte.tolist()
+            mm = self.mem.mms[v.id]
+            pte = mm.pte.tolist()
+            free_ptl = self.locks[("ptl", v.id)] is None
+            vflags = vma_flags_at(mm.vma_list(), np.arange(len(pte))).tolist() if free_ptl else None
+            if free_ptl:
+                for i, pp in enumerate(pte):
+                    if pp & PTE_PRESENT and pp & PTE_WRITE and mc[pp >> PAGE_SHIFT] > 1:
+                        out.append(f"{v.name} page {i} is writable but its frame {pp >> PAGE_SHIFT} is COW-shared "
+                                   f"(mapcount {mc[pp >> PAGE_SHIFT]})")
             for s, sub in v.subs.items():
                 for i, sp in enumerate(sub.spte.tolist()):
                     if not sp:
@@ -719,9 +1127,14 @@ class KsmWorld:
                     if flags[spfn] == FRAME_FREE and spfn != ZERO_PFN:
                         out.append(f"{v.name} {sub.name} page {i} maps frame {spfn}, which is free")
                         continue
+                    if free_ptl and not may_access(vflags[i], bool(sp & PTE_WRITE)):
+                        out.append(f"{v.name} {sub.name} page {i} maps frame {spfn}"
+                                   f"{' writable' if sp & PTE_WRITE else ''}, which its VMA does not allow")
+                        continue
                     stale = (not pp & PTE_PRESENT or (pp >> PAGE_SHIFT) != spfn
                              or (sp & PTE_WRITE and not pp & PTE_WRITE))
-                    if stale and self.locks[("ptl", v.id)] is None and not self._in_flight(v.id, s, i):
+                    if stale and self.locks[("ptl", v.id)] is None and not self._in_flight(v.id, s, i) \
+                            and not self.pending_loss[v.id]:
                         out.append(f"{v.name} {sub.name} page {i} maps frame {spfn}"
                                    f"{' writable' if sp & PTE_WRITE else ''} but its PTE maps "
                                    f"{pp >> PAGE_SHIFT if pp & PTE_PRESENT else 'nothing'}"
@@ -757,6 +1170,17 @@ class KsmWorld:
         return h.hexdigest()
 
 
+class _AwaitRestore(Effect):
+    """The restarted leader waits until every restarted follower has restored its shard."""
+    __slots__ = ()
+
+    def footprint(self):
+        return ((("scans",), "r"),)
+
+    def __repr__(self):
+        return "wait for the other scanners' restore"
+
+
 class _Micro(Effect):
     """One step of the old lock algorithm (pid-takeover-lock)."""
     __slots__ = ("what", "run", "key", "enabled")
@@ -771,15 +1195,23 @@ class _Micro(Effect):
         return f"{_lname(self.key)}: {self.what}"
 
 
+_READ_ONLY = frozenset({Load, Checksum, Compare, WaitAcks, WaitIdle, _AwaitScan, _AwaitReply, Reply, Notify,
+                        _AwaitRestore})
+
+
 def _lname(key) -> str:
     return f"{key[0]}(mm{key[1]})" if key[0] in ("ptl", "ksm") else "frame_lock"
 
 
-def world_factory(mode: str, brk: str | None = None, scanners: int | None = None, **config):
+def world_factory(mode: str, brk: str | None = None, scenario: str | None = None, scanners: int | None = None,
+                  **config):
     """A callable that builds a fresh, identical KsmWorld (the explorer replays by rebuilding).
 
-    scanners=2 is the two-scanner configuration (SHARDED); None: 2 for a break of the
-    scanners' protocol (SHARD_BREAKS), else 1."""
+    scenario: a name of SCENARIOS (default: the break's, else "base"); config overrides it.
+    The breaks of the recovery (no-repair, no-spte-flush) need a kill: theirs unless `kill` says.
+    scanners=2 is the two-scanner configuration (SHARDED; with a scenario other than "base",
+    its scanners, contents and round size under the scenario's program); None: 2 for a break
+    of the scanners' protocol (SHARD_BREAKS), else 1."""
     if brk is not None and brk not in BREAKS:
         raise ValueError(f"unknown break {brk!r}; one of: {', '.join(BREAKS)}")
     if scanners is None:
@@ -788,6 +1220,19 @@ def world_factory(mode: str, brk: str | None = None, scanners: int | None = None
         raise ValueError(f"the KSM world runs 1 or 2 scanners, not {scanners}")
     if brk in SHARD_BREAKS and scanners < 2:
         raise ValueError(f"break {brk} is a step of the scanners' protocol: it needs 2 scanners")
+    scenario = scenario or BREAK_SCENARIO.get(brk, "base")
+    if scenario not in SCENARIOS:
+        raise ValueError(f"unknown scenario {scenario!r}; one of: {', '.join(SCENARIOS)}")
+    if brk in BREAK_KILLS and config.get("kill") is None:
+        config["kill"] = BREAK_KILLS[brk]
+    sharded = {}
     if scanners == 2:
-        config = {**SHARDED, **config}
-    return lambda: KsmWorld(mode, brk, **config)
+        sharded = SHARDED if scenario == "base" else {k: SHARDED[k] for k in ("scanners", "fill", "smart_scan",
+                                                                                  "pages_to_scan")}
+    config = {**sharded, **SCENARIOS[scenario], **BREAK_CONFIG.get(brk, {}), **config}
+
+    def factory():
+        return KsmWorld(mode, brk, **config)
+    factory.scenario = scenario
+    factory.scanners = scanners
+    return factory

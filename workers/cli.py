@@ -3,9 +3,11 @@
     ksm-proto run [SCENARIO.toml] [--json] [--trace FILE] [--until-stable] [--notifier-mode M]
     ksm-proto trace summary FILE | trace check FILE
     ksm-proto bench [--quick] [--cores N] [--trace-overhead] ...
-    ksm-proto check [--mode M|all] [--seed S] [--runs N] [--exhaustive [--depth D]] [--break STEP] [--scanners 2]
-                    [--list-breaks] [--trace FILE] [--replay SCHEDULE.json] [--save-schedule FILE]
-                    [--max-steps N] [--world ksm|toy]
+    ksm-proto check [--mode M|all] [--scenario S|all] [--seed S] [--runs N] [--exhaustive [--depth D]] [--break STEP]
+                    [--scanners 2] [--list-breaks] [--trace FILE] [--replay SCHEDULE.json] [--save-schedule FILE]
+                    [--max-steps N] [--world ksm|toy] [--kill ksmd|faultd]
+    ksm-proto estimate [--pid PID...] [--all-pids] [--file PATH...] [--dir DIR...] [--json] [--plot FILE]
+                       [--max-page-sharing N] [--use-zero-pages 0|1] [--merge-across-nodes 0|1] [--verify-kernel]
 
 On a terminal `run` shows a progress bar while loading and live counters
 (rich); piped, it prints plain lines; with --json exactly one JSON object goes
@@ -14,16 +16,19 @@ to stdout.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import math
 import os
 import sys
 import time
 
-from proto import MADV_MERGEABLE, PAGE_SIZE
+from proto import MADV_MERGEABLE, MADV_UNMERGEABLE, PAGE_SIZE, PR_SET_MEMORY_MERGE, PROT_NONE, PROT_READ
 from proto.knobs import OWN
 from proto.layout import COUNTERS
+from proto.trace import open_private
 
-from .scenario import Scenario, ScenarioError, demo, load
+from .scenario import Scenario, ScenarioError, check_fits, demo, load
 
 SYSFS_COUNTERS = [c for c in COUNTERS if c not in ("ksm_rmap_items", "metadata_bytes")]
 CHUNK = 1 << 20
@@ -64,15 +69,22 @@ class Reporter:
 
 
 def load_vms(m, sc: Scenario, rep: Reporter) -> dict:
-    """Spawn each VM, map and fill its regions, madvise the mergeable ones. Returns what was written."""
+    """Spawn (or fork) each VM, map and fill its regions, mprotect and madvise them as asked.
+    Returns what was written: {name: (vm, [(addr, region, bytes)])}."""
     layout = {}
     prog, task = rep.loading(sc.pages)
     ctx = prog if prog is not None else _null()
     with ctx:
         for spec in sc.vms:
-            vm = m.spawn_vm(spec.name, pages=max(1024, spec.pages + 2 * len(spec.regions) + 64), device=spec.device,
-                            node=spec.node)
-            regions = []
+            if spec.fork_of:
+                parent, inherited = layout[spec.fork_of]
+                vm = parent.fork(spec.name, device=spec.device)
+                regions = [(addr, dataclasses.replace(r, writer=None), data) for addr, r, data in inherited]
+            else:
+                vm = m.spawn_vm(spec.name, pages=sc.address_space(spec), device=spec.device, node=spec.node)
+                regions = []
+            if spec.merge_any:
+                vm.prctl(PR_SET_MEMORY_MERGE, 1)
             for r in spec.regions:
                 data = r.content()
                 addr = vm.mmap(len(data))
@@ -80,11 +92,16 @@ def load_vms(m, sc: Scenario, rep: Reporter) -> dict:
                     vm.write(addr + off, data[off:off + CHUNK])
                     if prog is not None:
                         prog.advance(task, min(CHUNK, len(data) - off) // PAGE_SIZE)
+                if r.prot != "rw":
+                    vm.mprotect(addr, len(data), PROT_READ if r.prot == "r" else PROT_NONE)
                 if r.mergeable:
                     vm.madvise(addr, len(data), MADV_MERGEABLE)
+                elif spec.merge_any:
+                    vm.madvise(addr, len(data), MADV_UNMERGEABLE)
                 regions.append((addr, r, data))
             layout[spec.name] = (vm, regions)
-            rep.line(f"loaded {spec.name}: {spec.pages} pages in {len(spec.regions)} regions")
+            how = f"fork of {spec.fork_of}, " if spec.fork_of else ""
+            rep.line(f"loaded {spec.name}: {how}{spec.pages} pages in {len(spec.regions)} regions")
     return layout
 
 
@@ -96,11 +113,16 @@ class _null:
         return False
 
 
+def scenario_frames(sc: Scenario) -> int:
+    """The machine's frames for a scenario: its own [machine] frames, or room for its pages and a margin."""
+    return sc.frames or int(sc.pages * 1.25) + 4096
+
+
 def run_scenario(sc: Scenario, mode: str | None, trace: str | None, until_stable: bool, scans: int,
                  rep: Reporter, timeout: float) -> dict:
     from .machine import Machine
     mode = mode or sc.notifier_mode or "change_pte"
-    frames = sc.frames or int(sc.pages * 1.25) + 4096
+    frames = scenario_frames(sc)
     t0 = time.monotonic()
     own = {k: v for k, v in sc.ksm.items() if k in OWN}     # scanners, fault_handlers: chosen at start
     with Machine(frames=frames, notifier_mode=mode, trace=trace, nodes=1 + max(v.node for v in sc.vms), **own) as m:
@@ -154,6 +176,8 @@ def run_scenario(sc: Scenario, mode: str | None, trace: str | None, until_stable
         for name, (vm, regions) in layout.items():
             for addr, r, data in regions:
                 skip = r.writer.pages * PAGE_SIZE if r.writer else 0
+                if r.prot == "none":
+                    continue              # no access at all (EFAULT), as in a PROT_NONE mapping
                 for off in range(skip, len(data), CHUNK):
                     got = vm.read(addr + off, min(CHUNK, len(data) - off))
                     if got != data[off:off + len(got)]:
@@ -177,6 +201,7 @@ def run_scenario(sc: Scenario, mode: str | None, trace: str | None, until_stable
 def cmd_run(a) -> int:
     try:
         sc = load(a.scenario) if a.scenario else demo()
+        check_fits(sc, scenario_frames(sc))
     except ScenarioError as e:
         print(f"ksm-proto: bad scenario: {e}", file=sys.stderr)
         return 2
@@ -232,11 +257,12 @@ CHECK_MODES = ("change_pte", "wrapped", "invalidate")
 
 
 def _check_world(name: str):
+    """(world_factory, BREAKS, scenario names) of a check world."""
     if name == "toy":
         from . import toyworld
-        return toyworld.world_factory, toyworld.BREAKS
-    from .check_world import BREAKS, world_factory
-    return world_factory, BREAKS
+        return (lambda mode, brk, scenario=None: toyworld.world_factory(mode, brk)), toyworld.BREAKS, ("toy",)
+    from .check_world import BREAKS, SCENARIOS, world_factory
+    return world_factory, BREAKS, tuple(SCENARIOS)
 
 
 def cmd_check(a) -> int:
@@ -254,7 +280,9 @@ def cmd_check(a) -> int:
             return 2
         a.world, a.mode, a.brk, a.max_steps = doc["world"], doc.get("mode"), doc.get("break"), doc.get("max_steps")
         a.scanners = doc.get("scanners")
-    world_factory, breaks = _check_world(a.world)
+        a.kill = doc.get("kill")
+        a.scenario = doc.get("scenario")
+    world_factory, breaks, scenarios = _check_world(a.world)
     if a.list_breaks:
         print("\n".join(breaks))
         return 0
@@ -262,18 +290,32 @@ def cmd_check(a) -> int:
         names = "".join(f"\n  {n:24s} {d}" for n, d in breaks.items())
         print(f"ksm-proto check: unknown --break {a.brk!r}; the {a.world} world has:{names}", file=sys.stderr)
         return 2
-    for mode in CHECK_MODES if a.mode == "all" else (a.mode,):
+    if a.kill and a.world != "ksm":
+        print("ksm-proto check: --kill needs the ksm world", file=sys.stderr)
+        return 2
+    if a.scenario not in (None, "all") and a.scenario not in scenarios:
+        print(f"ksm-proto check: unknown --scenario {a.scenario!r}; the {a.world} world has: "
+              f"{', '.join(scenarios)}", file=sys.stderr)
+        return 2
+    if a.scenario == "all" or (a.scenario is None and a.brk is None and doc is None):
+        runs = scenarios                    # every scenario (a break alone: the one it shows in)
+    else:
+        runs = (a.scenario,)
+    for mode, scenario in [(m, sc) for m in (CHECK_MODES if a.mode == "all" else (a.mode,)) for sc in runs]:
         try:
-            factory = world_factory(mode, a.brk, **({"scanners": a.scanners} if a.world == "ksm" else {}))
+            factory = world_factory(mode, a.brk, scenario=scenario, **({"kill": a.kill} if a.kill else {}),
+                                    **({"scanners": a.scanners} if a.world == "ksm" else {}))
         except ValueError as e:
             print(f"ksm-proto check: {e}", file=sys.stderr)
             return 2
+        scenario = getattr(factory, "scenario", scenario)
+        name = mode if len(scenarios) == 1 else f"{mode} {scenario}"
         if doc is None:
             if a.exhaustive:
                 res = explore.exhaustive(factory, a.depth, a.max_steps)
             else:
-                res = explore.random_runs(factory, a.seed, a.runs, a.max_steps)
-            print(explore.summary(mode, res), flush=True)
+                res = explore.parallel_random_runs(factory, a.seed, a.runs, a.max_steps, jobs=a.jobs)
+            print(explore.summary(name, res), flush=True)
             if res.found is None:
                 continue
             schedule, found_by = res.found.schedule, res.found.found_by
@@ -284,7 +326,10 @@ def cmd_check(a) -> int:
         except explore.ReplayError as e:
             print(f"ksm-proto: {a.replay}: does not replay on this code: {e}", file=sys.stderr)
             return 2
-        meta = {"world": a.world, "mode": mode, "break": a.brk, "max_steps": a.max_steps, "scanners": a.scanners}
+        meta = {"world": a.world, "mode": mode, "break": a.brk, "scenario": scenario, "max_steps": a.max_steps,
+                "scanners": a.scanners}
+        if a.kill:
+            meta["kill"] = a.kill
         return _check_report(explore, tr, meta, found_by, a)
     return 0
 
@@ -297,11 +342,11 @@ def _check_report(explore, tr, meta: dict, found_by: dict, a) -> int:
     else:
         print(f"replayed {len(tr.steps)} steps: no violation")
     if a.trace:
-        with open(a.trace, "w") as f:
+        with open_private(a.trace) as f:
             f.write(explore.trace_json(tr, meta))
         print(f"trace written to {a.trace} (open it in ui.perfetto.dev)")
     if a.save_schedule and tr.violations:
-        with open(a.save_schedule, "w") as f:
+        with open_private(a.save_schedule) as f:
             f.write(explore.schedule_json(tr, meta, found_by))
         print(f"schedule saved to {a.save_schedule} (ksm-proto check --replay {a.save_schedule})")
     return 1 if tr.violations else 0
@@ -322,6 +367,16 @@ def _positive(text: str) -> int:
     return n
 
 
+def _seconds(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(v) or not 0 < v <= 86400:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds in (0, 86400], not {text}")
+    return v
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="ksm-proto", description="A multiprocess prototype of Linux KSM and mmu_notifiers")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -331,8 +386,8 @@ def main(argv=None) -> int:
     r.add_argument("--trace", metavar="FILE", help="write a Chrome/Perfetto trace of every message")
     r.add_argument("--until-stable", action="store_true", help="stop once counters stay put for two full scans")
     r.add_argument("--notifier-mode", choices=["change_pte", "wrapped", "invalidate"])
-    r.add_argument("--scans", type=int, default=4, help="full scans to run without --until-stable (default 4)")
-    r.add_argument("--timeout", type=float, default=120.0, help="give up after this many seconds")
+    r.add_argument("--scans", type=_positive, default=4, help="full scans to run without --until-stable (default 4)")
+    r.add_argument("--timeout", type=_seconds, default=120.0, help="give up after this many seconds")
     t = sub.add_parser("trace", help="look at a trace file")
     t.add_argument("what", choices=["summary", "check"])
     t.add_argument("file")
@@ -343,19 +398,43 @@ def main(argv=None) -> int:
     c.add_argument("--runs", type=_positive, default=1000, help="random schedules per mode (default 1000)")
     c.add_argument("--exhaustive", action="store_true", help="search every schedule up to --depth choices")
     c.add_argument("--depth", type=_positive, help="exhaustive search depth (default 20)")
+    c.add_argument("--scenario", metavar="S", help="ksm world: base, fork or all (default: all; with --break, "
+                                                   "the break's own)")
     c.add_argument("--break", dest="brk", metavar="STEP", help="remove one protocol step (see --list-breaks)")
     c.add_argument("--list-breaks", action="store_true", help="print the --break names, one per line")
     c.add_argument("--trace", metavar="FILE", help="write the violating schedule as a Perfetto trace")
     c.add_argument("--replay", metavar="SCHEDULE.json", help="replay a schedule saved by --save-schedule")
     c.add_argument("--save-schedule", metavar="FILE", help="save the violating schedule as JSON")
     c.add_argument("--max-steps", type=_positive, default=10_000, help="step budget of one run (default 10000)")
+    c.add_argument("--jobs", type=_positive, default=os.cpu_count() or 1,
+                   help="processes sharing the random runs (default: every core); same verdict as one")
     c.add_argument("--world", choices=["ksm", "toy"], default="ksm", help="ksm (default), or the explorer's toy")
     c.add_argument("--scanners", type=int, choices=[1, 2],
                    help="scanners in the KSM world (default 1; 2 for a break of the scanners' protocol): 2 runs "
                         "two scanners merging into each other's stable nodes while the VMs write")
+    from . import estimate
+    estimate.add_arguments(sub.add_parser(
+        "estimate", help="how much KSM would save on processes, files or images (see workers/estimate.py)",
+        description="What KSM would reach at stability on real pages, with the scanner's hashing and tree rules. "
+                    "Exit status: 0 done, 1 some input could not be read (the rest counted), 2 bad usage or "
+                    "nothing readable, 3 --verify-kernel failed or the kernel's counters differ."))
+    c.add_argument("--kill", choices=["ksmd", "faultd"],
+                   help="kill -9 that actor at a point the schedule picks, then recover as the supervisor does "
+                        "(ksmd: every scanner)")
     args, rest = p.parse_known_args(argv)
+    try:
+        return _main(p, c, args, rest)
+    except KeyboardInterrupt:       # the Machine has torn itself down on the way out
+        print("ksm-proto: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(p, c, args, rest) -> int:
     if args.cmd == "bench":
         return cmd_bench(args, rest)
+    if args.cmd == "estimate" and not rest:
+        from . import estimate
+        return estimate.cli(args)
     if rest:
         p.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.cmd == "check":

@@ -267,9 +267,9 @@ def _shrink(factory: Callable, schedule: list[int], max_steps: int) -> tuple[lis
 
 
 def random_runs(factory: Callable, seed: int = 0, runs: int = 1000, max_steps: int = 10_000,
-                strategy: str = "mix", shrink: bool = True) -> Result:
-    """`runs` random schedules (plus one round-robin run first, whose length k spaces PCT's change points);
-    stops at the first violation."""
+                strategy: str = "mix", shrink: bool = True, first: int = 0) -> Result:
+    """`runs` random schedules, numbered from `first` (plus one round-robin run before them, whose length k
+    spaces PCT's change points); stops at the first violation."""
     if strategy not in ("mix", "uniform", "pct"):
         raise ValueError(f"strategy must be mix, uniform or pct, not {strategy!r}")
     t0 = time.perf_counter()
@@ -278,8 +278,8 @@ def random_runs(factory: Callable, seed: int = 0, runs: int = 1000, max_steps: i
     v = _run(factory(), sched, max_steps)
     res.schedules, res.steps, k = 1, len(sched), len(sched)
     how = {"search": "round-robin"}
-    r = 0
-    while not v and r < runs:
+    r = first
+    while not v and r < first + runs:
         rng = random.Random(f"{seed}/{r}")
         if strategy == "uniform" or (strategy == "mix" and rng.random() < 0.5):
             choose, limit, name = _uniform(rng), max_steps, "uniform"
@@ -300,6 +300,51 @@ def random_runs(factory: Callable, seed: int = 0, runs: int = 1000, max_steps: i
             if small_v:
                 sched, v = small, small_v
         res.found = Found(v, sched, how)
+    res.seconds = time.perf_counter() - t0
+    return res
+
+
+_JOB_FACTORY: Callable | None = None     # the factory a forked job process runs (closures do not pickle)
+
+
+def _job(args) -> Result:
+    seed, first, runs, max_steps, strategy = args
+    return random_runs(_JOB_FACTORY, seed, runs, max_steps, strategy, shrink=False, first=first)
+
+
+def parallel_random_runs(factory: Callable, seed: int = 0, runs: int = 1000, max_steps: int = 10_000,
+                         strategy: str = "mix", shrink: bool = True, jobs: int = 1) -> Result:
+    """random_runs split over `jobs` forked processes, each a contiguous block of run numbers.
+
+    The verdict and the schedule found are those of the sequential search: the violating run with the
+    lowest number (every run before it, in every block, came back clean), shrunk here.
+    """
+    global _JOB_FACTORY
+    if jobs <= 1 or runs < 2 * jobs:
+        return random_runs(factory, seed, runs, max_steps, strategy, shrink)
+    import multiprocessing
+    t0 = time.perf_counter()
+    block = -(-runs // jobs)
+    work = [(seed, b, min(block, runs - b), max_steps, strategy) for b in range(0, runs, block)]
+    _JOB_FACTORY = factory
+    try:
+        with multiprocessing.get_context("fork").Pool(jobs) as pool:
+            parts = pool.map(_job, work)
+    finally:
+        _JOB_FACTORY = None
+    res = Result(f"random, seed {seed}, {jobs} jobs")
+    res.schedules = sum(p.schedules for p in parts) - (len(parts) - 1)   # one round-robin run counted, as in one job
+    res.steps = sum(p.steps for p in parts)
+    hits = [p.found for p in parts if p.found is not None]
+    if hits:
+        f = min(hits, key=lambda h: h.found_by.get("run", -1))
+        if shrink:
+            f.found_by["shrunk_from"] = len(f.schedule)
+            small, small_v, spent = _shrink(factory, f.schedule, max_steps)
+            res.steps += spent
+            if small_v:
+                f = Found(small_v, small, f.found_by)
+        res.found = f
     res.seconds = time.perf_counter() - t0
     return res
 

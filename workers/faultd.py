@@ -11,6 +11,11 @@ notification per step, one ack wait (a batch that fails is served again one FAUL
 a time, so each VM hears of its own error).  This
 process also answers page_referenced calls with clear_flush_young.
 
+Each VM's channel is a socketpair end the supervisor passes (`attach_mm`) and binds
+to that VM's mm: a second channel for a live mm is refused, a HELLO or FAULT naming
+another mm is refused and logged, and nothing is done for it.  Every FAULT is
+answered, a malformed one (no page, an address outside the mm) with its errno.
+
 Out of frames, the fault fails with ENOMEM to the writer; nothing is changed.
 """
 from __future__ import annotations
@@ -25,15 +30,16 @@ import time
 
 import numpy as np
 
-from proto.channel import Channel, abstract_listener
-from proto.layout import PAGE_SHIFT, PTE_PRESENT, PTE_YOUNG, USER_BASE
+from proto.channel import Channel
+from proto.layout import MAX_MMS, PAGE_SHIFT, PAGE_SIZE, PTE_PRESENT, PTE_YOUNG, USER_BASE
 from proto.messages import Frame, Msg, call_payload, encode
 from proto.trace import Tracer
 
-from .actor import RunMemory, actor_args, run_actor, setup
+from .actor import RunMemory, actor_args, receive_fd, req_int, run_actor, setup
 from .core.effects import Memory
 from .core.fault import handle_mm_fault
 from .core.notify import clear_flush_young, entries_for
+from .core.pte import check_range, task_size
 from .notifier import Driver, MMUNotifier, lock_ptl
 
 log = logging.getLogger("ksm_proto.faultd")
@@ -43,11 +49,6 @@ FAULT_BATCH = 4096          # most pages one batch of queued FAULTs takes
 # in, and the reply follows the notifications on the VM's FIFO channel): `ksm-proto check`
 # runs with it and finds no violation in any mode.  KSM_PROTO_EARLY_REPLY=0 turns it off.
 EARLY_REPLY = os.environ.get("KSM_PROTO_EARLY_REPLY", "1") == "1"
-
-
-def listener_name(run: str, shard: int) -> str:
-    """Where fault handler `shard` takes its VMs' channels."""
-    return f"{run}.faultd" if shard == 0 else f"{run}.faultd.{shard}"
 
 
 class FaultHandler:
@@ -67,29 +68,68 @@ class FaultHandler:
         self.cow_copies = 0
         self.reuses = 0
         self.pending: dict[int, collections.deque] = {}     # mm -> FAULTs waiting for its task
+        self.refused = 0
+        self.bound: set[int] = set()
 
     # ---- channels ----
+    async def attach_mm(self, mm_id: int, name: str, fd: int) -> None:
+        """Bind a channel end the supervisor passed to mm mm_id: once, while the mm lives."""
+        if mm_id % self.args.handlers != self.args.shard:    # (the supervisor's faultd_of)
+            os.close(fd)
+            raise OSError(errno.EINVAL, f"mm {mm_id} is served by fault handler {mm_id % self.args.handlers}, "
+                                        f"not {self.name}")
+        if mm_id in self.bound:         # mm ids are never reused: one channel per mm, ever
+            os.close(fd)
+            self.refuse(f"a second channel for mm {mm_id} ({name})")
+            raise OSError(errno.EBUSY, f"mm {mm_id} already has a channel to {self.name}")
+        if mm_id not in self.memory.mms:
+            try:
+                mm, ptl = self.mem.attach_mm(mm_id)
+            except BaseException:
+                os.close(fd)
+                raise
+            self.memory.mms[mm_id] = mm
+            self.ptls[mm_id] = ptl
+        self.bound.add(mm_id)
+        sock = socket.socket(fileno=fd)
+        sock.setblocking(False)
+        _, ch = await asyncio.get_running_loop().create_connection(
+            lambda: Channel(f"{self.name}<-{name}", self.on_vm_frame, self.on_vm_close), sock=sock)
+        ch.peer, ch.hello = mm_id, False
+        self.peers[mm_id] = name
+        self.notifiers[mm_id] = MMUNotifier(self.name, name, self.memory.mms[mm_id], ch, self.tr,
+                                            self.args.ack_timeout)
+
+    def refuse(self, what: str) -> None:
+        self.refused += 1
+        log.error("%s: refused %s", self.name, what)
+
     def on_vm_frame(self, ch: Channel, f: Frame) -> None:
         if f.type == Msg.HELLO:
-            if f.mm not in self.memory.mms:
-                mm, ptl = self.mem.attach_mm(f.mm)
-                self.memory.mms[f.mm] = mm
-                self.ptls[f.mm] = ptl
-            peer = self.peers[f.mm] = f.json().get("name", f"vm:{f.mm}") if f.payload else f"vm:{f.mm}"
-            self.notifiers[f.mm] = MMUNotifier(self.name, peer, self.memory.mms[f.mm], ch, self.tr,
-                                               self.args.ack_timeout)
-            ch.peer = f.mm
+            if ch.hello or f.mm != ch.peer:
+                why = "a second HELLO" if ch.hello else f"HELLO for mm {f.mm}"
+                self.refuse(f"{why} on the channel of mm {ch.peer}")
+                ch.send(encode(Msg.REPLY, mm=f.mm, corr=f.corr, payload=call_payload(
+                    {"errno": errno.EPERM, "error": f"{why} on the channel of mm {ch.peer}: refused"})))
+                return
+            ch.hello = True
             ch.send(encode(Msg.ACK, mm=f.mm, corr=f.corr))
         elif f.type == Msg.FAULT:
             if self.tr:
-                self.tr.recv(self.peers.get(f.mm, f"vm:{f.mm}"), "FAULT", f.mm, -1, f.addr, f.n, 0, 0, f.corr)
+                self.tr.recv(self.peers.get(ch.peer, f"vm:{ch.peer}"), "FAULT", f.mm, -1, f.addr, f.n, 0, 0, f.corr)
+            if not ch.hello or f.mm != ch.peer:
+                self.refuse(f"FAULT for mm {f.mm} on the channel of mm {ch.peer}"
+                            f"{'' if ch.hello else ' before HELLO'}")
+                ch.send(encode(Msg.FAULT_REPLY, flags=errno.EPERM, mm=f.mm, corr=f.corr, addr=f.addr,
+                               payload=call_payload({"error": f"mm {f.mm} is not this channel's mm"})))
+                return
             q = self.pending.get(f.mm)
             if q is None:
                 q = self.pending[f.mm] = collections.deque()
                 asyncio.get_running_loop().create_task(self.serve(f.mm, q))
             q.append((ch, f))
         else:
-            log.error("faultd: unexpected %s from vm channel", Msg(f.type).name)
+            self.refuse(f"{_tname(f.type)} on the channel of mm {ch.peer}")
 
     def on_vm_close(self, ch: Channel) -> None:
         n = self.notifiers.get(ch.peer)
@@ -135,7 +175,8 @@ class FaultHandler:
         t0 = time.monotonic_ns()
         try:
             mm = self.memory.mms[f0.mm]
-            idx = np.concatenate([(f.entries[:, 0].astype(np.int64) - USER_BASE) >> PAGE_SHIFT for _, f in batch])
+            # (an address below USER_BASE or far above the mm becomes an index the core refuses: EFAULT)
+            idx = np.concatenate([(_addrs(f).astype(np.int64) - USER_BASE) >> PAGE_SHIFT for _, f in batch])
             if len(batch) > 1:
                 idx = np.unique(idx)
             copies, reuses = await self.driver.run(
@@ -166,6 +207,7 @@ class FaultHandler:
     async def page_referenced(self, mm_id: int, addr: int, npages: int) -> int:
         """Test and clear the young bit of each page, primary and secondary (clear_flush_young)."""
         mm, ptl = self.memory.mms[mm_id], self.ptls[mm_id]
+        check_range("access", addr, npages * PAGE_SIZE, task_size(mm.npages))
         idx = np.arange(npages, dtype=np.int64) + ((addr - USER_BASE) >> PAGE_SHIFT)
         await lock_ptl(ptl, self.args.ack_timeout * 2)
         try:
@@ -183,13 +225,19 @@ class FaultHandler:
 
     # ---- control ----
     async def on_ctl(self, ch: Channel, f: Frame) -> None:
-        req = f.json()
-        op = req.get("op")
         reply: dict = {}
         try:
-            if op == "mm_exit":
-                mm_id = req["mm"]
-                self.notifiers.pop(mm_id, None)
+            req = f.json()
+            op = req.get("op")
+            if op == "attach_mm":
+                mm_id = req_int(req, "mm", None, 0, MAX_MMS - 1)
+                name = str(req.get("name", f"vm:{mm_id}"))
+                await self.attach_mm(mm_id, name, receive_fd(self.fd_sock, req_int(req, "seq"), f"mm {mm_id}"))
+            elif op == "mm_exit":
+                mm_id = req_int(req, "mm")
+                n = self.notifiers.pop(mm_id, None)
+                if n is not None and n.ch is not None:
+                    n.ch.close()
                 ptl = self.ptls.pop(mm_id, None)
                 mm = self.memory.mms.pop(mm_id, None)
                 if ptl is not None:
@@ -197,33 +245,49 @@ class FaultHandler:
                 if mm is not None:
                     mm.seg.close()
             elif op == "page_referenced":
-                reply["referenced"] = await self.page_referenced(req["mm"], req["addr"], req["npages"])
+                reply["referenced"] = await self.page_referenced(req_int(req, "mm"), req_int(req, "addr"),
+                                                                 req_int(req, "npages", None, 1))
             elif op == "stats":
                 reply = {"faults": self.faults, "batches": self.batches, "cow_copies": self.cow_copies,
-                         "reuses": self.reuses}
+                         "reuses": self.reuses, "refused": self.refused}
             elif op == "ping":
                 pass
             else:
                 raise OSError(errno.EINVAL, f"unknown faultd op {op!r}")
-        except (OSError, KeyError) as e:
-            reply = {"errno": getattr(e, "errno", None) or errno.EINVAL, "error": str(e)}
-        ch.send(encode(Msg.REPLY, corr=f.corr, payload=call_payload(reply)))
+        except OSError as e:
+            reply = {"errno": e.errno or errno.EINVAL, "error": e.strerror or str(e)}
+        except (KeyError, ValueError, TypeError) as e:
+            reply = {"errno": errno.EINVAL, "error": f"bad request: {e!r}"}
+        except Exception as e:          # a bug: the supervisor hears of it, this process goes on
+            log.exception("%s: control request failed", self.name)
+            reply = {"errno": errno.EIO, "error": f"{self.name}: internal error: {e!r}"}
+        if not ch.closed:
+            ch.send(encode(Msg.REPLY, corr=f.corr, payload=call_payload(reply)))
 
     async def main(self) -> None:
         loop = asyncio.get_running_loop()
         done = loop.create_future()
-        server = await loop.create_unix_server(
-            lambda: Channel(f"{self.name}<-vm", self.on_vm_frame, self.on_vm_close),
-            sock=abstract_listener(listener_name(self.args.run, self.args.shard)))
+        self.fd_sock = socket.socket(fileno=self.args.fd_sock)
         ctl_sock = socket.socket(fileno=self.args.ctl_fd)
         _, ctl = await loop.create_connection(
             lambda: Channel(f"{self.name}<-ctl", lambda ch, f: loop.create_task(self.on_ctl(ch, f)),
                             lambda ch: done.done() or done.set_result(None)), sock=ctl_sock)
         ctl.send(encode(Msg.REPLY, corr=0, payload=call_payload({"ready": True})))
         await done
-        server.close()
         if self.tr:
             self.tr.close()
+
+
+def _addrs(f: Frame) -> np.ndarray:
+    """The page addresses a FAULT names (none: a malformed FAULT, which the core refuses)."""
+    return np.zeros(0, dtype=np.uint64) if f.entries is None else f.entries[:, 0]
+
+
+def _tname(t: int) -> str:
+    try:
+        return Msg(t).name
+    except ValueError:
+        return f"message type {t}"
 
 
 def main() -> None:

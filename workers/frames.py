@@ -307,6 +307,38 @@ class FrameAllocator:
                 raise FrameAccountingError(f"get of free frame(s): {self._frames(pfns[free])}")
             np.add.at(self.ft.mapcount, pfns, 1)
 
+    def rebuild(self, maps: np.ndarray) -> dict:
+        """Make the frame table agree with `maps`, the number of PTEs mapping each frame.
+
+        The supervisor's repair after an actor died halfway through changing frames (its
+        OFD locks are gone, its half-done work is not): the caller holds every page-table
+        lock and no live actor holds a reference outside one.  Every frame's mapcount
+        becomes its mappings; frames nothing maps are freed (a pinned or replaced frame the
+        dead actor never put), a mapped frame flagged free becomes anonymous again, and
+        the free stack is rebuilt.  Returns counts of what changed (all 0: nothing to fix).
+        """
+        ft = self.ft
+        maps = np.asarray(maps, dtype=np.int64).copy()
+        maps[ZERO_PFN] = 1
+        with self.lock:
+            mc = ft.mapcount.astype(np.int64)
+            fl = ft.flags
+            leaked = (maps == 0) & (fl != FRAME_FREE)
+            revived = (maps > 0) & (fl == FRAME_FREE)
+            recount = (maps > 0) & (mc != maps)
+            top = int(ft.hdr[FTH_FREE_TOP])
+            old_stack = np.sort(ft.free_stack[:max(0, min(top, ft.nframes))].astype(np.int64))
+            fl[leaked] = FRAME_FREE
+            fl[revived] = FRAME_ANON
+            ft.mapcount[:] = maps
+            ft.mapcount[leaked] = 0
+            free = np.flatnonzero(fl == FRAME_FREE)[::-1].astype(np.int32)   # pop order: low pfns first
+            ft.free_stack[:len(free)] = free
+            ft.hdr[FTH_FREE_TOP] = len(free)
+            stack_changed = not np.array_equal(old_stack, np.sort(free.astype(np.int64)))
+        return {"freed": int(leaked.sum()), "recounted": int((recount & ~revived).sum()),
+                "revived": int(revived.sum()), "free_stack_changed": int(stack_changed)}
+
     def pin_ksm(self, pfn: int, node: int) -> bool:
         """Take a reference on KSM frame pfn if it is still the KSM page of stable node `node`.
 

@@ -5,7 +5,9 @@ counters of /sys/kernel/mm/ksm (`KernelKSM`), anonymous private mappings advised
 MADV_MERGEABLE (`KernelRegion`), one child process per "VM" (`KernelVM`), and the
 three measurements built on them: `merge_counts` (the oracle's counters),
 `ksmd_throughput` (the real ksmd at full speed) and `kernel_cow_us` (the kernel's
-own COW fault on a KSM page).
+own COW fault on a KSM page).  `KernelProc` is a child process driven call by call
+with the VM handle's API (mmap, write, read, madvise, mprotect, prctl, fork,
+ksm_stat, pagemap), so one test can run against ksm-proto and against the kernel.
 
 Rules it keeps: `KernelKSM` saves every writable knob on entry and puts each back
 on exit (also on an exception or Ctrl-C), always leaving run=0; every wait has a
@@ -17,12 +19,16 @@ Python stdlib + numpy only.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import fcntl
 import mmap
 import os
+import pickle
 import select
 import signal
+import socket
+import struct
 import sys
 import tempfile
 import threading
@@ -32,8 +38,8 @@ import traceback
 import numpy as np
 
 __all__ = ["KSM_SYSFS", "PAGE", "COUNTERS", "available", "read_knob", "read_knobs", "writable_knobs",
-           "KernelKSM", "KernelRegion", "KernelVM", "ksm_stat", "other_ksm_processes", "merge_counts",
-           "ksmd_throughput", "kernel_cow_us"]
+           "KernelKSM", "KernelRegion", "KernelVM", "KernelProc", "ksm_stat", "pagemap", "other_ksm_processes",
+           "merge_counts", "ksmd_throughput", "kernel_cow_us"]
 
 KSM_SYSFS = "/sys/kernel/mm/ksm"
 PAGE = 4096
@@ -143,16 +149,36 @@ def available() -> tuple[bool, str]:
     return True, ""
 
 
-def ksm_stat(pid: int | str = "self") -> dict[str, int]:
-    """/proc/<pid>/ksm_stat as ints: ksm_rmap_items, ksm_zero_pages, ksm_merging_pages, ksm_process_profit."""
-    out = {}
+def ksm_stat(pid: int | str = "self") -> dict:
+    """/proc/<pid>/ksm_stat: the counters (ksm_rmap_items, ksm_zero_pages, ksm_merging_pages,
+    ksm_process_profit) as ints, the yes/no lines (ksm_merge_any, ksm_mergeable) as bools."""
+    out: dict = {}
     with open(f"/proc/{pid}/ksm_stat") as f:
         for line in f:
             k, _, v = line.partition(" ")
             k, v = k.rstrip(":"), v.strip()
             if v.lstrip("-").isdigit():
                 out[k] = int(v)
+            elif v in ("yes", "no"):
+                out[k] = v == "yes"
     return out
+
+
+PM_PRESENT, PM_SWAP, PM_PFN_MASK = 1 << 63, 1 << 62, (1 << 55) - 1
+
+
+def pagemap(pid: int | str, addr: int, npages: int) -> list[int | None]:
+    """The frame number each of npages pages from addr maps, from /proc/<pid>/pagemap (None: not
+    present).  Frame numbers need CAP_SYS_ADMIN; without it the kernel reports 0 for every page."""
+    if addr % PAGE or npages < 0:
+        raise OSError(errno.EINVAL, f"pagemap({addr:#x}, {npages}): unaligned address or negative count")
+    fd = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        raw = os.pread(fd, 8 * npages, (addr // PAGE) * 8)
+    finally:
+        os.close(fd)
+    ents = np.frombuffer(raw, dtype=np.uint64).tolist() + [0] * (npages - len(raw) // 8)
+    return [e & PM_PFN_MASK if e & PM_PRESENT else None for e in ents]
 
 
 def other_ksm_processes(exclude=()) -> dict[int, dict[str, int]]:
@@ -599,6 +625,306 @@ def _reap(pid: int, timeout: float) -> bool:
         if time.monotonic() > deadline:
             return False
         time.sleep(POLL_S)
+
+
+# ---------------------------------------------------------------------------- a process driven call by call
+PR_SET_PDEATHSIG = 1
+PR_GET_MEMORY_MERGE = 68
+_PROT_RW = mmap.PROT_READ | mmap.PROT_WRITE
+
+
+class _IOVec(ctypes.Structure):
+    _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
+
+
+def _libc():
+    """libc with the prototypes the helper needs (lengths as size_t: a negative length wraps, as in C)."""
+    lib = ctypes.CDLL(None, use_errno=True)
+    vp, sz, i, ul = ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_ulong
+    lib.mmap.restype, lib.mmap.argtypes = vp, [vp, sz, i, i, i, ctypes.c_long]
+    for name in ("madvise", "mprotect"):
+        getattr(lib, name).argtypes = [vp, sz, i]
+    lib.munmap.argtypes = [vp, sz]
+    lib.prctl.argtypes = [i, ul, ul, ul, ul]
+    for name in ("process_vm_readv", "process_vm_writev"):
+        f = getattr(lib, name)
+        f.restype = ctypes.c_ssize_t
+        f.argtypes = [i, ctypes.POINTER(_IOVec), ul, ctypes.POINTER(_IOVec), ul, ul]
+    return lib
+
+
+def _check(ret: int, what: str) -> int:
+    if ret == -1 or (what == "mmap" and ret in (None, ctypes.c_void_p(-1).value)):
+        e = ctypes.get_errno()
+        raise OSError(e, f"{what}: {os.strerror(e)}")
+    return ret
+
+
+class _Helper:
+    """The child side of KernelProc: executes one request at a time on its own address space.
+
+    Memory is touched with process_vm_readv/writev on itself: the kernel's own user-access
+    rules (GUP without FOLL_FORCE) apply, and an access the CPU would SIGSEGV on (a hole,
+    PROT_NONE, a write to a read-only page) returns EFAULT instead of killing the helper.
+    """
+
+    def __init__(self, sock: socket.socket, regions: list):
+        self.sock = sock
+        self.lib = _libc()
+        self.pid = os.getpid()
+        self.regions = list(regions)         # [(start, end)] of the areas the test mapped
+
+    def _vm(self, write: bool, addr: int, buf) -> int:
+        local = _IOVec(ctypes.cast(buf, ctypes.c_void_p), len(buf))
+        remote = _IOVec(addr, len(buf))
+        f = self.lib.process_vm_writev if write else self.lib.process_vm_readv
+        n = _check(f(self.pid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0),
+                   "process_vm_writev" if write else "process_vm_readv")
+        if n != len(buf):
+            raise OSError(errno.EFAULT, f"{'write' if write else 'read'} of {len(buf)} bytes at {addr:#x}: "
+                                        f"only {n} done (Bad address)")
+        return n
+
+    def op(self, op: str, a: dict):
+        lib = self.lib
+        if op == "mmap":
+            flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+            addr = _check(lib.mmap(None, a["length"], a.get("prot", _PROT_RW), flags, -1, 0), "mmap")
+            if hasattr(mmap, "MADV_NOHUGEPAGE"):       # 4 KiB pages, as ksm-proto models them
+                lib.madvise(addr, a["length"], mmap.MADV_NOHUGEPAGE)
+            self.regions.append((addr, addr + a["length"]))
+            return addr
+        if op == "munmap":
+            return _check(lib.munmap(a["addr"], a["length"]), "munmap")
+        if op == "madvise":
+            return _check(lib.madvise(a["addr"], a["length"], a["advice"]), "madvise")
+        if op == "mprotect":
+            return _check(lib.mprotect(a["addr"], a["length"], a["prot"]), "mprotect")
+        if op == "prctl":
+            return _check(lib.prctl(*a["args"]), "prctl")
+        if op == "write":
+            data = ctypes.create_string_buffer(a["data"], len(a["data"]))
+            return self._vm(True, a["addr"], data)
+        if op == "read":
+            buf = ctypes.create_string_buffer(a["n"])
+            self._vm(False, a["addr"], buf)
+            return buf.raw
+        if op == "fork":
+            _, fds, _, _ = socket.recv_fds(self.sock, 1, 1)
+            if not fds:
+                raise OSError(errno.EINVAL, "fork: no channel for the child")
+            pid = os.fork()
+            if pid == 0:
+                self.sock.close()
+                _Helper.start(socket.socket(fileno=fds[0]), self.regions)      # never returns
+            os.close(fds[0])
+            return pid
+        raise OSError(errno.EINVAL, f"unknown op {op!r}")
+
+    def interpreter_unmergeable(self) -> None:
+        """Under prctl merge-any every area of this process is VM_MERGEABLE, the interpreter's
+        heap and buffers included (copies of the test's pages among them): MADV_UNMERGEABLE on
+        everything outside the areas the test mapped keeps them out of the kernel's counters."""
+        if self.lib.prctl(PR_GET_MEMORY_MERGE, 0, 0, 0, 0) != 1:
+            return
+        with open("/proc/self/maps") as f:
+            areas = [tuple(int(v, 16) for v in line.split()[0].split("-")) for line in f]
+        ours = sorted(self.regions)
+        for lo, hi in areas:
+            for a, b in ours:               # the pieces of [lo, hi) outside every test area
+                if b <= lo or a >= hi:
+                    continue
+                if a > lo:
+                    self.lib.madvise(lo, a - lo, mmap.MADV_UNMERGEABLE)
+                lo = max(lo, b)
+            if lo < hi:
+                self.lib.madvise(lo, hi - lo, mmap.MADV_UNMERGEABLE)
+
+    def serve(self) -> None:
+        while True:
+            req = _recv_msg(self.sock)
+            if req is None:
+                return
+            op, args = req
+            try:
+                rep = ("ok", self.op(op, args))
+                self.interpreter_unmergeable()
+            except OSError as e:
+                rep = ("err", e.errno or errno.EIO, e.strerror or str(e))
+            except Exception as e:       # noqa: BLE001 - the caller hears of it
+                rep = ("err", errno.EIO, repr(e))
+            _send_msg(self.sock, rep)
+
+    @staticmethod
+    def start(sock: socket.socket, regions=()) -> None:
+        """The child's life: die with the parent, close every other fd, serve, exit."""
+        code = 1
+        try:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGCHLD, signal.SIG_IGN)       # forked children are reaped by the kernel
+            ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+            fd = sock.fileno()
+            os.closerange(3, fd)                                 # other children's pipes, locks, sockets
+            os.closerange(fd + 1, 65536)
+            _Helper(sock, regions).serve()
+            code = 0
+        except BaseException:
+            code = 1
+        finally:
+            os._exit(code)
+
+
+def _send_msg(sock: socket.socket, obj) -> None:
+    b = pickle.dumps(obj)
+    sock.sendall(struct.pack("<I", len(b)) + b)
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes | None:
+    out = bytearray()
+    while len(out) < n:
+        chunk = sock.recv(n - len(out))
+        if not chunk:
+            return None
+        out += chunk
+    return bytes(out)
+
+
+def _recv_msg(sock: socket.socket):
+    h = _recv_exact(sock, 4)
+    if h is None:
+        return None
+    b = _recv_exact(sock, struct.unpack("<I", h)[0])
+    return None if b is None else pickle.loads(b)
+
+
+class KernelProc:
+    """A helper process of the real kernel, driven call by call with ksm-proto's VM handle API.
+
+        p = KernelProc("a")
+        x = p.mmap(16 * PAGE); p.write(x, data); p.madvise(x, 16 * PAGE, MADV_MERGEABLE)
+        c = p.fork("b")                     # a child of the helper: the same address space, COW
+        p.ksm_stat(), p.pagemap(x, 16)      # /proc/<pid>/ksm_stat and /proc/<pid>/pagemap
+
+    Every call answers within `timeout` or raises TimeoutError; an error is the kernel's
+    errno as OSError and the helper keeps running.  Under prctl PR_SET_MEMORY_MERGE the
+    helper takes its own interpreter memory out of KSM after every call, so the kernel's
+    counters hold only the areas the test mapped.  close() ends it (EOF on its socket,
+    SIGKILL by pid after a timeout); a helper also dies with its parent.
+    """
+
+    _socks: set[int] = set()
+
+    def __init__(self, name: str = "k", timeout: float = 30.0, _sock: socket.socket | None = None,
+                 _pid: int | None = None):
+        self.name = name
+        self.timeout = timeout
+        self.own_child = _sock is None
+        if _sock is None:
+            mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            pid = os.fork()
+            if pid == 0:
+                mine.close()
+                _Helper.start(theirs)            # never returns
+            theirs.close()
+            _sock, _pid = mine, pid
+        self.sock = _sock
+        self.pid = _pid
+        KernelProc._socks.add(self.sock.fileno())
+
+    # -- the calls
+    def _call(self, op: str, **args):
+        if self.sock is None:
+            raise OSError(errno.ESRCH, f"kernel helper {self.name} has ended")
+        _send_msg(self.sock, (op, args))
+        return self._reply(op)
+
+    def _reply(self, op: str):
+        if not select.select([self.sock], [], [], self.timeout)[0]:
+            raise TimeoutError(f"kernel helper {self.name} (pid {self.pid}) did not answer {op} in {self.timeout}s")
+        rep = _recv_msg(self.sock)
+        if rep is None:
+            raise OSError(errno.ESRCH, f"kernel helper {self.name} (pid {self.pid}) exited during {op}")
+        if rep[0] == "err":
+            raise OSError(rep[1], f"{self.name}: {rep[2]}")
+        return rep[1]
+
+    def mmap(self, length: int, prot: int = _PROT_RW) -> int:
+        return self._call("mmap", length=length, prot=prot)
+
+    def munmap(self, addr: int, length: int) -> None:
+        self._call("munmap", addr=addr, length=length)
+
+    def write(self, addr: int, data) -> None:
+        self._call("write", addr=addr, data=bytes(data))
+
+    def read(self, addr: int, n: int) -> bytes:
+        return self._call("read", addr=addr, n=n)
+
+    def madvise(self, addr: int, length: int, advice: int) -> None:
+        self._call("madvise", addr=addr, length=length, advice=advice)
+
+    def mprotect(self, addr: int, length: int, prot: int) -> None:
+        self._call("mprotect", addr=addr, length=length, prot=prot)
+
+    def prctl(self, option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 0) -> int:
+        return self._call("prctl", args=[option, arg2, arg3, arg4, arg5])
+
+    def fork(self, name: str) -> "KernelProc":
+        """fork(2) in the helper: the child is a helper too, served on a channel of its own."""
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            _send_msg(self.sock, ("fork", {}))
+            socket.send_fds(self.sock, [b"F"], [theirs.fileno()])
+            pid = self._reply("fork")
+        except BaseException:
+            mine.close()
+            raise
+        finally:
+            theirs.close()
+        return KernelProc(name, self.timeout, _sock=mine, _pid=pid)
+
+    def ksm_stat(self) -> dict:
+        return ksm_stat(self.pid)
+
+    def pagemap(self, addr: int, npages: int) -> list[int | None]:
+        return pagemap(self.pid, addr, npages)
+
+    # -- the end
+    def close(self, timeout: float = 10.0) -> None:
+        """EOF on the helper's socket: it exits; SIGKILL (by its pid) if it has not after `timeout`."""
+        if self.sock is None:
+            return
+        KernelProc._socks.discard(self.sock.fileno())
+        self.sock.close()
+        self.sock = None
+        pid, self.pid = self.pid, None
+        if self.own_child:
+            if not _reap(pid, timeout):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                _reap(pid, 10.0)
+            return
+        deadline = time.monotonic() + timeout     # a grandchild: its parent reaps it (SIGCHLD ignored)
+        while _exists(pid):
+            if time.monotonic() > deadline:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                deadline = time.monotonic() + 10.0
+            time.sleep(POLL_S)
+
+    def __enter__(self) -> "KernelProc":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _exists(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[-1][:1] != "Z"
+    except OSError:
+        return False
 
 
 def _end_all(vms: list[KernelVM]) -> list[str]:

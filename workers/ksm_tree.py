@@ -164,13 +164,7 @@ class StableTree:
         if self.free:
             return self.free.pop()
         if self.top == len(self.key):
-            n = 2 * len(self.key)
-            self.key = _grow(self.key, n)
-            self.kpfn = _grow(self.kpfn, n, -1)
-            self.count = _grow(self.count, n)
-            self.next = _grow(self.next, n, -1)
-            self.chain = _grow(self.chain, n)
-            self.live = _grow(self.live, n)
+            self._grow_to(2 * len(self.key))
         d = self.top
         self.top += 1
         return d
@@ -216,9 +210,34 @@ class StableTree:
         `head`, when given, is the index's current entry for key (saves a lookup).
         """
         d = self._alloc()
+        self._place(d, key, -1, 0, head)
+        return d
+
+    def restore(self, d: int, key: int, kpfn: int, count: int) -> None:
+        """Re-create stable node d, whose KSM frame kpfn the frame table names (a restarted ksmd)."""
+        while d >= len(self.key):
+            self._grow_to(2 * len(self.key))
+        if d >= self.top:
+            self.free.extend(range(self.top, d))
+            self.top = d + 1
+        elif d in self.free:
+            self.free.remove(d)
+        elif self.live[d]:
+            raise ValueError(f"stable node {d} restored twice")
+        self._place(d, key, kpfn, count, None)
+
+    def _grow_to(self, n: int) -> None:
+        self.key = _grow(self.key, n)
+        self.kpfn = _grow(self.kpfn, n, -1)
+        self.count = _grow(self.count, n)
+        self.next = _grow(self.next, n, -1)
+        self.chain = _grow(self.chain, n)
+        self.live = _grow(self.live, n)
+
+    def _place(self, d: int, key: int, kpfn: int, count: int, head: int | None) -> None:
         self.key[d] = key
-        self.kpfn[d] = -1
-        self.count[d] = 0
+        self.kpfn[d] = kpfn
+        self.count[d] = count
         self.live[d] = 1
         if head is None:
             head = int(self.index.get(key))
@@ -234,7 +253,6 @@ class StableTree:
             self.chain[d] = 0
             self.next[d] = -1
         self.index.put(key, d)
-        return d
 
     def remove(self, d: int) -> None:
         """Take node d out of the index (its frame is gone, or its creation failed).

@@ -14,6 +14,18 @@ machine-wide counters in the stats segment and serves the supervisor's control c
 The others serve the leader's rounds.  Every VM has a notifier channel to each scanner.
 Scanners run at nice 5, as the kernel's ksmd does (ksm_scan_thread: set_user_nice(current, 5)):
 on a busy machine they yield to the VMs as ksmd yields to applications.
+
+Each VM's channel is a socketpair end the supervisor passes (`attach_mm`), bound to
+that VM's mm once; a HELLO naming another mm, a second HELLO, or any other frame a VM
+sends is refused and logged.  ksmd keeps its knobs and cumulative counters in the
+stats segment, so a ksmd the supervisor restarted after a crash starts from them and
+rebuilds its stable tree and the rmap items of merged pages from the frame table and
+the PTEs (`restore`, core.scan.KsmScan.restore).  With several scanners, the death of
+any one restarts them all (a new mesh; the supervisor wipes the shared rmap items
+first), and each rebuilds its own shard, the followers before the leader, which
+then starts the rounds again.  `freeze` holds the scanner between two batches (no
+lock, no pinned frame held: the leader's barrier keeps the followers idle too) while
+the supervisor repairs what a dead fault handler left; `thaw` lets it go on.
 """
 from __future__ import annotations
 
@@ -25,13 +37,14 @@ import os
 import socket
 import time
 
-from proto.channel import Channel, abstract_listener
+
+from proto.channel import Channel
 from proto.knobs import BUSY_WHEN_MERGED, OWN, check_knob
-from proto.layout import COUNTERS, KNOBS, MM_STATS
+from proto.layout import COUNTERS, KNOBS, MAX_MMS, MM_STATS
 from proto.messages import Frame, Msg, call_payload, encode
 from proto.trace import Tracer
 
-from .actor import RunMemory, actor_args, run_actor, setup
+from .actor import RunMemory, actor_args, receive_fd, req_int, run_actor, setup
 from .core.effects import Memory, TryLock
 from .core.fault import unmerge_ksm_pages
 from .core.scan import BATCH, KsmScan
@@ -44,9 +57,7 @@ log = logging.getLogger("ksm_proto.ksmd")
 KSMD_NICE = 5               # the kernel's ksmd: set_user_nice(current, 5)
 
 
-def listener_name(run: str, shard: int) -> str:
-    """Where scanner `shard` takes the VMs' notifier channels."""
-    return f"{run}.ksmd" if shard == 0 else f"{run}.ksmd.{shard}"
+FOLLOWER_OPS = frozenset({"ping", "attach_mm", "restore", "freeze", "thaw"})   # what a follower serves itself
 
 
 class PeerGone(TimeoutError):
@@ -135,6 +146,19 @@ class Ksmd:
         self.wake = asyncio.Event()
         self.batch_lock = asyncio.Lock()
         self.scan_errors = 0
+        self.refused = 0
+        self.bound: set[int] = set()
+        self.frozen = None             # the timer that thaws a freeze the supervisor forgot
+        self.restored = asyncio.Event()
+        # knobs and cumulative counters live in the stats segment: a restarted ksmd goes on from them
+        for k in KNOBS:
+            self.knobs[k] = self.stats.knob(k)
+        self.knobs["scanners"] = self.nshards
+        if self.shard == 0:     # (the published counters are the leader's plus the followers' reports)
+            for k in ("pages_scanned", "pages_skipped", "full_scans"):
+                self.scan.c[k] = int(self.stats.counters[COUNTERS.index(k)])
+        if not args.restarted:
+            self.restored.set()
 
     async def ksm_do_scan(self, budget: int) -> tuple[int, bool]:
         """One round of the scan, its merges included; returns (pages scanned, full scan ended)."""
@@ -205,6 +229,8 @@ class Ksmd:
         self.stats.knobs[KNOBS.index(name)] = v
 
     async def set_knobs(self, knobs: dict) -> None:
+        for name, value in knobs.items():      # all or nothing: a bad knob changes none
+            check_knob(name, value)
         for name, value in knobs.items():
             v = check_knob(name, value)
             if name in OWN and v != self.knobs[name]:
@@ -232,21 +258,52 @@ class Ksmd:
         self.wake.set()
 
     # ------------------------------------------------------------------ channels and main loop
+    async def attach_mm(self, mm_id: int, name: str, fd: int) -> None:
+        """Bind a channel end the supervisor passed to mm mm_id: once, ever (mm ids are not reused)."""
+        if mm_id in self.bound:
+            os.close(fd)
+            self.refuse(f"a second channel for mm {mm_id} ({name})")
+            raise OSError(errno.EBUSY, f"mm {mm_id} already has a channel to {self.name}")
+        if mm_id not in self.memory.mms:
+            try:
+                mm, ptl = self.mem.attach_mm(mm_id)
+            except BaseException:
+                os.close(fd)
+                raise
+            try:
+                rmap = self.mem.attach_rmap(mm_id, mm.npages)
+            except BaseException:
+                os.close(fd)
+                ptl.close()
+                raise
+            self.memory.mms[mm_id] = mm
+            self.ptls[mm_id] = ptl
+            self.ksm_locks[mm_id] = ShmLock.ksm(self.args.run, mm_id)
+            self.rmaps[mm_id] = rmap
+            self.scan.add_mm(mm_id, mm, RmapItems(rmap))
+        self.bound.add(mm_id)
+        sock = socket.socket(fileno=fd)
+        sock.setblocking(False)
+        _, ch = await asyncio.get_running_loop().create_connection(
+            lambda: Channel(f"{self.name}<-{name}", self.on_vm_frame), sock=sock)
+        ch.peer, ch.hello = mm_id, False
+        self.notifiers[mm_id] = MMUNotifier(self.name, name, self.memory.mms[mm_id], ch, self.tr,
+                                            self.args.ack_timeout)
+
+    def refuse(self, what: str) -> None:
+        self.refused += 1
+        log.error("%s: refused %s", self.name, what)
+
     def on_vm_frame(self, ch: Channel, f: Frame) -> None:
-        if f.type != Msg.HELLO:
-            log.error("%s: unexpected %s on a vm channel", self.name, Msg(f.type).name)
+        if f.type != Msg.HELLO or ch.hello or f.mm != ch.peer:
+            why = ("a second HELLO" if ch.hello else f"HELLO for mm {f.mm}") if f.type == Msg.HELLO \
+                else f"message type {f.type}"
+            self.refuse(f"{why} on the channel of mm {ch.peer}")
+            if f.type == Msg.HELLO:
+                ch.send(encode(Msg.REPLY, mm=f.mm, corr=f.corr, payload=call_payload(
+                    {"errno": errno.EPERM, "error": f"{why} on the channel of mm {ch.peer}: refused"})))
             return
-        if f.mm not in self.memory.mms:
-            mm, ptl = self.mem.attach_mm(f.mm)
-            rmap = self.mem.attach_rmap(f.mm, mm.npages)
-            self.memory.mms[f.mm] = mm
-            self.ptls[f.mm] = ptl
-            self.ksm_locks[f.mm] = ShmLock.ksm(self.args.run, f.mm)
-            self.rmaps[f.mm] = rmap
-            self.scan.add_mm(f.mm, mm, RmapItems(rmap))
-        peer = f.json().get("name", f"vm:{f.mm}") if f.payload else f"vm:{f.mm}"
-        self.notifiers[f.mm] = MMUNotifier(self.name, peer, self.memory.mms[f.mm], ch, self.tr, self.args.ack_timeout)
-        ch.peer = f.mm
+        ch.hello = True
         ch.send(encode(Msg.ACK, mm=f.mm, corr=f.corr))     # the VM registers its secondary MMUs after this
 
     def info(self) -> dict:
@@ -256,33 +313,83 @@ class Ksmd:
                 "merge_failures": sc.merge_failures + sum(r.get("merge_failures", 0) for r in rs),
                 "scan_errors": self.scan_errors, "scanners": self.nshards,
                 "slots": len(sc.slots), "tree_bytes": sc.tree.nbytes, "unstable_bytes": sc.unstable.nbytes,
-                "rmap_bytes": sum(s.items.nbytes for s in sc.slots.values())}
+                "rmap_bytes": sum(s.items.nbytes for s in sc.slots.values()), "refused": self.refused}
+
+    def _thaw(self, why: str) -> None:
+        if self.frozen is not None:
+            if why:
+                log.error("%s: %s", self.name, why)
+            self.frozen.cancel()
+            self.frozen = None
+            self.batch_lock.release()
+
+    async def restore(self) -> None:
+        """After a restart: this scanner's shard of the stable tree and the rmap items of its merged
+        pages, from shared memory (the supervisor restores the followers before the leader)."""
+        async with self.batch_lock:
+            n = await self.driver.run(self.scan.restore())
+            log.warning("%s: restarted; %d KSM pages and their rmap items rebuilt from shared memory", self.name, n)
+            if self.shard == 0:
+                if self.knobs["run"] == 2:      # the dead ksmd may have been unmerging: finish it
+                    try:
+                        await self.unmerge_all()
+                    except (OutOfFrames, TimeoutError) as e:
+                        log.error("ksmd: run=2 could not unmerge everything after the restart: %s", e)
+                self.publish()
+        self.restored.set()
+        self.wake.set()
 
     async def on_ctl(self, ch: Channel, f: Frame) -> None:
         reply: dict = {}
         try:
             req = f.json()
             op = req.get("op")
-            if op != "ping" and self.shard != 0:
+            if self.shard != 0 and op not in FOLLOWER_OPS:
                 raise OSError(errno.EINVAL, f"{self.name} serves the leader; ask ksmd (scanner 0)")
-            async with self.batch_lock:
-                if op == "set_knobs":
-                    await self.set_knobs(req["knobs"])
-                elif op == "mm_exit":
-                    await self.mm_exit(int(req["mm"]))
-                elif op == "info":
-                    reply = self.info()
-                elif op == "ping":
-                    pass
-                else:
-                    raise OSError(errno.EINVAL, f"unknown ksmd op {op!r}")
+            if op == "freeze":        # outside batch_lock: freeze takes it and keeps it until thaw
+                if self.frozen is None:
+                    await self.batch_lock.acquire()
+                    self.frozen = asyncio.get_running_loop().call_later(
+                        float(req_int(req, "for_s", 60, 1, 3600)), self._thaw,
+                        "thawed: the supervisor did not thaw within the freeze timeout")
+            elif op == "thaw":
+                self._thaw("")
+            elif op == "restore":
+                await self.restore()
+            else:
+                await self.on_ctl_locked(req, op, reply)
         except OSError as e:
             reply = {"errno": e.errno or errno.EINVAL, "error": e.strerror or str(e)}
-        except (KeyError, ValueError, TypeError) as e:
+        except (KeyError, ValueError, TypeError, AttributeError) as e:
             reply = {"errno": errno.EINVAL, "error": f"bad request: {e!r}"}
-        ch.send(encode(Msg.REPLY, corr=f.corr, payload=call_payload(reply)))
+        except Exception as e:      # a bug: the supervisor hears of it, ksmd goes on
+            log.exception("%s: control request failed", self.name)
+            reply = {"errno": errno.EIO, "error": f"{self.name}: internal error: {e!r}"}
+        if not ch.closed:
+            ch.send(encode(Msg.REPLY, corr=f.corr, payload=call_payload(reply)))
+
+    async def on_ctl_locked(self, req: dict, op, reply: dict) -> None:
+        async with self.batch_lock:
+            if op == "attach_mm":
+                mm_id = req_int(req, "mm", None, 0, MAX_MMS - 1)
+                name = str(req.get("name", f"vm:{mm_id}"))
+                await self.attach_mm(mm_id, name, receive_fd(self.fd_sock, req_int(req, "seq"), f"mm {mm_id}"))
+            elif op == "set_knobs":
+                knobs = req["knobs"]
+                if not isinstance(knobs, dict):
+                    raise OSError(errno.EINVAL, f"knobs must be an object, not {knobs!r}")
+                await self.set_knobs(knobs)
+            elif op == "mm_exit":
+                await self.mm_exit(req_int(req, "mm"))
+            elif op == "info":
+                reply.update(self.info())
+            elif op == "ping":
+                pass
+            else:
+                raise OSError(errno.EINVAL, f"unknown ksmd op {op!r}")
 
     async def scan_loop(self) -> None:
+        await self.restored.wait()
         while True:
             if self.knobs["run"] != 1:
                 await self.sleep(0.5)
@@ -304,6 +411,7 @@ class Ksmd:
 
     async def follow_loop(self) -> None:
         """A follower: the leader's rounds and control requests, one after the other."""
+        await self.restored.wait()
         while True:
             try:
                 op, mm = await self.driver.run(self.scan.follow_one())
@@ -330,8 +438,7 @@ class Ksmd:
     async def main(self) -> None:
         loop = asyncio.get_running_loop()
         done = loop.create_future()
-        server = await loop.create_unix_server(lambda: Channel(f"{self.name}<-vm", self.on_vm_frame),
-                                               sock=abstract_listener(listener_name(self.args.run, self.shard)))
+        self.fd_sock = socket.socket(fileno=self.args.fd_sock)
         await self.mesh.connect(dict(self.args.peer))
         ctl_sock = socket.socket(fileno=self.args.ctl_fd)
         _, ctl = await loop.create_connection(
@@ -343,7 +450,6 @@ class Ksmd:
         worker = loop.create_task(self.scan_loop() if self.shard == 0 else self.follow_loop())
         await done
         worker.cancel()
-        server.close()
         if self.tr:
             self.tr.close()
 
@@ -359,6 +465,7 @@ def main() -> None:
         p.add_argument("--scanners", type=int, default=1, help="how many scanners share the work")
         p.add_argument("--peer", type=_peer, action="append", default=[], metavar="K:FD",
                        help="a socketpair end connected to scanner K")
+        p.add_argument("--restarted", action="store_true")
     args = actor_args(extra)
     setup("ksmd" if args.shard == 0 else f"ksmd{args.shard}")
     os.nice(KSMD_NICE)

@@ -13,7 +13,9 @@ actor (ksmd, the fault handler) on asyncio/uvloop:
     released (unregistered), never waited on forever;
   * Reply: the caller's callback (the fault handler's FAULT_REPLY);
   * ShardSend / ShardRecv: messages to and from the other scanners (`shards`, the
-    scanner's mesh: ksmd.py), every wait bounded.
+    scanner's mesh: ksmd.py), every wait bounded;
+  * anything else: the caller's `other` coroutine, if given (the VM worker's LocalNotify
+    and FaultCall).
 
 An exception from a memory effect (out of frames, an accounting error) is thrown into
 the core at the effect that caused it, so the core's own cleanup runs.
@@ -130,9 +132,10 @@ class Driver:
     def lock(self, key):
         return self.ptls[key[1]] if key[0] == "ptl" else self.ksm_locks[key[1]]
 
-    async def run(self, gen, reply=None, observe=None):
+    async def run(self, gen, reply=None, observe=None, other=None):
         """Drive gen to its end; returns its value (its exception propagates).  observe(effect), if
-        given, sees each effect before it runs (tracing)."""
+        given, sees each effect before it runs (tracing).  other: an async callable for effects
+        this driver does not know (its result is sent back, its exception thrown into the core)."""
         send, exc = None, None
         corked: set = set()
         try:
@@ -177,6 +180,11 @@ class Driver:
                 elif c is Reply:
                     if reply is not None:
                         reply(e)
+                elif other is not None:
+                    try:
+                        send = await other(e)
+                    except Exception as x:      # thrown into the core: its cleanup runs
+                        exc = x
                 else:
                     exc = TypeError(f"effect {e!r} has no driver here")
         finally:

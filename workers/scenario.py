@@ -3,7 +3,7 @@
 Pure logic (reads files, starts nothing).  A malformed scenario raises
 ScenarioError with one line naming the field and the problem, e.g.
 
-    demo.toml: vm[1].region[0].source: unknown kind 'disk:x' (expected "file:PATH", "zero" or "random:SEED")
+    demo.toml: vm[1].region[0].source: unknown kind 'disk:x' (expected "file:PATH", "pid:PID", "zero" or "random:SEED")
 
 Format (see README):
 
@@ -16,16 +16,21 @@ Format (see README):
     name = "vm0"
     device = false                 # attach a device TLB (a secondary MMU without change_pte)
     node = 0                       # simulated NUMA node
+    merge_any = false              # prctl(PR_SET_MEMORY_MERGE, 1) first: every region mergeable
+    fork_of = "vmX"                # optional: start as fork(2) of an earlier VM (its regions, COW-shared)
     [[vm.region]]
-    source = "file:/usr/lib/x86_64-linux-gnu/libc.so.6"   # or "zero", "random:SEED"
-    pages = 16                     # required for zero/random; caps a file
+    source = "file:/usr/lib/x86_64-linux-gnu/libc.so.6"   # or "pid:PID", "zero", "random:SEED"
+    pages = 16                     # required for zero/random; caps a file or a process
     mergeable = true
-    writer = { pages = 8, period_ms = 5, values = 4, seed = 1 }   # optional workload
+    prot = "rw"                    # mprotect after loading: "rw", "r" or "none"
+    writer = { pages = 8, period_ms = 5, values = 4, seed = 1 }   # optional workload (rw regions only)
 """
 from __future__ import annotations
 
 import glob
+import math
 import os
+import stat
 import sys
 from dataclasses import dataclass, field
 
@@ -40,6 +45,10 @@ except ImportError:  # pragma: no cover - python < 3.11
     import tomli as tomllib
 
 MODES = ("change_pte", "wrapped", "invalidate")
+MAX_SCENARIO_BYTES = 1 << 20        # a scenario is a small text file
+MAX_PAGES = 1 << 32                 # pages of one region (the capacity check comes on top)
+MAX_PERIOD_MS = 3_600_000
+VM_NAME_MAX = 64
 
 
 class ScenarioError(ValueError):
@@ -54,12 +63,16 @@ class Writer:
     seed: int = 1
 
 
+PROTS = ("rw", "r", "none")
+
+
 @dataclass
 class Region:
     source: str
     pages: int
     mergeable: bool = True
     writer: Writer | None = None
+    prot: str = "rw"
 
     def content(self) -> bytes:
         """The region's bytes, zero-padded to whole pages."""
@@ -69,6 +82,13 @@ class Region:
             return bytes(n)
         if kind == "random":
             return np.random.default_rng(int(arg)).integers(0, 256, n, dtype=np.uint8).tobytes()
+        if kind == "pid":
+            from .memsource import PidSource, SourceError
+            try:
+                data = PidSource(int(arg)).open().read_all(self.pages)
+            except SourceError as e:
+                raise ScenarioError(f"source {self.source}: {e}") from None
+            return data + bytes(n - len(data))
         with open(arg, "rb") as f:
             data = f.read(n)
         return data + bytes(n - len(data))
@@ -80,6 +100,8 @@ class VMSpec:
     regions: list[Region] = field(default_factory=list)
     device: bool = False
     node: int = 0
+    merge_any: bool = False
+    fork_of: str | None = None
 
     @property
     def pages(self) -> int:
@@ -97,6 +119,12 @@ class Scenario:
     @property
     def pages(self) -> int:
         return sum(v.pages for v in self.vms)
+
+    def address_space(self, spec: VMSpec) -> int:
+        """Pages of address space for a VM: its regions and those of every VM forked from it (a
+        fork has its parent's address space), with room for guard pages."""
+        own = spec.pages + 2 * len(spec.regions) + 64
+        return max(1024, own + sum(self.address_space(k) for k in self.vms if k.fork_of == spec.name))
 
 
 def _err(where: str, msg: str) -> ScenarioError:
@@ -120,34 +148,52 @@ def _typed(where, d, key, types, default=None, required=False):
 def _region(where: str, r: dict) -> Region:
     if not isinstance(r, dict):
         raise _err(where, "must be a table")
-    unknown = set(r) - {"source", "pages", "mergeable", "writer"}
+    unknown = set(r) - {"source", "pages", "mergeable", "writer", "prot"}
     if unknown:
-        raise _err(f"{where}.{sorted(unknown)[0]}", "unknown field (expected source, pages, mergeable, writer)")
+        raise _err(f"{where}.{sorted(unknown)[0]}", "unknown field (expected source, pages, mergeable, prot, writer)")
+    prot = _typed(where, r, "prot", str, "rw")
+    if prot not in PROTS:
+        raise _err(f"{where}.prot", f"{prot!r} is not one of {', '.join(PROTS)}")
+    if prot != "rw" and r.get("writer") is not None:
+        raise _err(f"{where}.writer", f"a writer needs a writable region, not prot {prot!r}")
     source = _typed(where, r, "source", str, "zero")
     pages = _typed(where, r, "pages", int)
     if pages is not None and pages <= 0:
         raise _err(f"{where}.pages", f"must be positive, not {pages}")
+    if pages is not None and pages > MAX_PAGES:
+        raise _err(f"{where}.pages", f"must be at most {MAX_PAGES}, not {pages}")
     kind, _, arg = source.partition(":")
     if kind == "file":
         if not arg:
             raise _err(f"{where}.source", "file: needs a path (\"file:PATH\")")
-        if not os.path.isfile(arg):
-            raise _err(f"{where}.source", f"file {arg!r} does not exist")
-        size = os.path.getsize(arg)
+        size = _readable_file(f"{where}.source", arg, "file")
         if size == 0:
             raise _err(f"{where}.source", f"file {arg!r} is empty")
         fp = (size + PAGE_SIZE - 1) // PAGE_SIZE
         pages = min(pages, fp) if pages else fp
     elif kind == "random":
-        if not arg.lstrip("-").isdigit():
-            raise _err(f"{where}.source", f"random: needs an integer seed (\"random:SEED\"), not {arg!r}")
+        if not arg.isdigit():
+            raise _err(f"{where}.source", f"random: needs a non-negative integer seed (\"random:SEED\"), "
+                                          f"not {arg!r}")
         if pages is None:
             raise _err(f"{where}.pages", "is required for a random region")
+    elif kind == "pid":
+        if not arg.isdigit():
+            raise _err(f"{where}.source", f"pid: needs a process id (\"pid:PID\"), not {arg!r}")
+        from .memsource import PidSource, SourceError
+        try:
+            fp = PidSource(int(arg)).open().count_pages()
+        except SourceError as e:
+            raise _err(f"{where}.source", str(e)) from None
+        if fp == 0:
+            raise _err(f"{where}.source", f"process {arg} has no anonymous pages to load")
+        pages = min(pages, fp) if pages else fp
     elif kind == "zero" and not arg:
         if pages is None:
             raise _err(f"{where}.pages", "is required for a zero region")
     else:
-        raise _err(f"{where}.source", f"unknown kind {source!r} (expected \"file:PATH\", \"zero\" or \"random:SEED\")")
+        raise _err(f"{where}.source",
+                   f"unknown kind {source!r} (expected \"file:PATH\", \"pid:PID\", \"zero\" or \"random:SEED\")")
     mergeable = _typed(where, r, "mergeable", bool, True)
     w = r.get("writer")
     writer = None
@@ -162,13 +208,13 @@ def _region(where: str, r: dict) -> Region:
         if not 0 < wp <= pages:
             raise _err(f"{ww}.pages", f"must be in 1..{pages} (the region's pages), not {wp}")
         period = float(_typed(ww, w, "period_ms", (int, float), 5.0))
-        if period < 0:
-            raise _err(f"{ww}.period_ms", f"must be >= 0, not {period}")
+        if not math.isfinite(period) or not 0 <= period <= MAX_PERIOD_MS:
+            raise _err(f"{ww}.period_ms", f"must be a finite number in [0, {MAX_PERIOD_MS}], not {period}")
         values = _typed(ww, w, "values", int, 4)
         if not 1 <= values <= 255:
             raise _err(f"{ww}.values", f"must be in 1..255, not {values}")
         writer = Writer(wp, period, values, _typed(ww, w, "seed", int, 1))
-    return Region(source, pages, mergeable, writer)
+    return Region(source, pages, mergeable, writer, prot)
 
 
 def parse(doc: dict, name: str = "scenario") -> Scenario:
@@ -178,6 +224,9 @@ def parse(doc: dict, name: str = "scenario") -> Scenario:
     m = doc.get("machine", {})
     if not isinstance(m, dict):
         raise _err(f"{name}: machine", "must be a table")
+    unknown = set(m) - {"frames", "notifier_mode"}
+    if unknown:
+        raise _err(f"{name}: machine.{sorted(unknown)[0]}", "unknown field (expected frames, notifier_mode)")
     frames = _typed(f"{name}: machine", m, "frames", int)
     if frames is not None and frames < 16:
         raise _err(f"{name}: machine.frames", f"must be at least 16, not {frames}")
@@ -200,34 +249,81 @@ def parse(doc: dict, name: str = "scenario") -> Scenario:
         where = f"{name}: vm[{i}]"
         if not isinstance(v, dict):
             raise _err(where, "must be a table")
-        unknown = set(v) - {"name", "region", "device", "node"}
+        unknown = set(v) - {"name", "region", "device", "node", "merge_any", "fork_of"}
         if unknown:
-            raise _err(f"{where}.{sorted(unknown)[0]}", "unknown field (expected name, region, device, node)")
+            raise _err(f"{where}.{sorted(unknown)[0]}",
+                       "unknown field (expected name, region, device, node, merge_any, fork_of)")
         vname = _typed(where, v, "name", str, f"vm{i}")
+        if not 0 < len(vname) <= VM_NAME_MAX or not vname.isprintable():
+            raise _err(f"{where}.name", f"must be 1 to {VM_NAME_MAX} printable characters, not {vname!r}")
         if vname in names:
             raise _err(f"{where}.name", f"duplicate VM name {vname!r}")
         names.add(vname)
-        regs = v.get("region")
-        if not regs or not isinstance(regs, list):
-            raise _err(f"{where}.region", "at least one [[vm.region]] is required")
-        node = _typed(where, v, "node", int, 0)
+        fork_of = _typed(where, v, "fork_of", str)
+        parent = next((x for x in vms if x.name == fork_of), None)
+        if fork_of is not None and parent is None:
+            raise _err(f"{where}.fork_of", f"{fork_of!r} is not the name of an earlier VM")
+        regs = v.get("region", [] if parent else None)
+        if not isinstance(regs, list) or not (regs or parent):
+            raise _err(f"{where}.region", "at least one [[vm.region]] is required (unless the VM is a fork_of)")
+        node = _typed(where, v, "node", int, parent.node if parent else 0)
         if not 0 <= node < 64:
             raise _err(f"{where}.node", f"must be in 0..63, not {node}")
+        if parent and node != parent.node:
+            raise _err(f"{where}.node", f"a fork lives on its parent's node ({parent.node})")
         vms.append(VMSpec(vname, [_region(f"{where}.region[{j}]", r) for j, r in enumerate(regs)],
-                          _typed(where, v, "device", bool, False), node))
+                          _typed(where, v, "device", bool, False), node, _typed(where, v, "merge_any", bool, False),
+                          fork_of))
     return Scenario(name, vms, dict(ksm), frames, mode)
 
 
+def _readable_file(where: str, path: str, what: str) -> int:
+    """The size of path, a readable regular file; ScenarioError naming `where` otherwise."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise _err(where, f"{what} {path!r} does not exist") from None
+    except OSError as e:
+        raise _err(where, f"{what} {path!r}: {e.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+        raise _err(where, f"{what} {path!r} is {kind}")
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as e:
+        raise _err(where, f"{what} {path!r} cannot be read: {e.strerror}") from None
+    return st.st_size
+
+
 def load(path: str) -> Scenario:
-    name = os.path.basename(path)
+    name = os.path.basename(path) or path
+    size = _readable_file(path, path, "scenario file")
+    if size > MAX_SCENARIO_BYTES:
+        raise ScenarioError(f"{path}: a scenario file of {size} bytes is too big (at most {MAX_SCENARIO_BYTES})")
     try:
         with open(path, "rb") as f:
-            doc = tomllib.load(f)
-    except FileNotFoundError:
-        raise ScenarioError(f"{path}: no such scenario file") from None
+            text = f.read(MAX_SCENARIO_BYTES + 1).decode("utf-8")
+        doc = tomllib.loads(text)
+    except OSError as e:
+        raise ScenarioError(f"{path}: cannot read the scenario file: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise ScenarioError(f"{name}: not valid TOML: not UTF-8 text (byte {e.start})") from None
     except tomllib.TOMLDecodeError as e:
         raise ScenarioError(f"{name}: not valid TOML: {e}") from None
     return parse(doc, name)
+
+
+def check_fits(sc: Scenario, frames: int) -> None:
+    """ScenarioError if this machine cannot hold the scenario's memory (before anything is allocated)."""
+    from .machine import check_capacity, machine_bytes
+    try:
+        check_capacity(f"{sc.name}: {sc.pages} pages in {len(sc.vms)} VM(s), a machine of {frames} frames",
+                       machine_bytes(frames) + 8 * sum(v.pages + 64 for v in sc.vms))
+    except OSError as e:
+        raise ScenarioError(e.strerror) from None
+    if sc.frames is not None and sc.frames < sc.pages:
+        raise ScenarioError(f"{sc.name}: machine.frames = {sc.frames} cannot hold the scenario's {sc.pages} pages")
 
 
 def demo_files(limit_pages: int = 2500) -> list[str]:

@@ -28,7 +28,10 @@ import os
 from collections import defaultdict, deque
 from json.encoder import encode_basestring_ascii as _esc
 
-from proto.trace import KINDS, NOTIFIER_TYPES, REPLY_TYPES
+from proto.trace import KINDS, NOTIFIER_TYPES, REPLY_TYPES, open_private
+
+from .core.notify import DONE, EXPECT, FAILED, INIT, grammar_why
+from .core.notify import GRAMMAR as _GRAMMAR_TABLE
 
 __all__ = ["merge", "load", "summary", "format_summary", "check", "Violation", "messages", "percentile",
            "FORMAT", "GRAMMAR"]
@@ -322,7 +325,7 @@ def merge(trace_dir: str, out_path: str) -> dict:
     os.makedirs(d, exist_ok=True)
     tmp = os.path.join(d, f".{os.path.basename(out_path)}.{os.getpid()}.tmp")
     try:
-        with open(tmp, "w") as f:
+        with open_private(tmp) as f:
             f.write('{"traceEvents":[\n')
             texts = meta + [e[1] for e in events]
             for k in range(0, len(texts), 8192):
@@ -530,31 +533,8 @@ class Violation(str):
         return v
 
 
-_INIT, _IDLE, _START, _START_CP, _DONE, _FAILED = range(6)
-_EXPECT = {_INIT: "REGISTER", _IDLE: "START, CHANGE_PTE, INVALIDATE_PAGE, CLEAR_YOUNG or RELEASE",
-           _START: "CHANGE_PTE or END", _START_CP: "END", _DONE: "nothing after RELEASE"}
-_STEP = {(_INIT, "REGISTER"): _IDLE,
-         (_IDLE, "START"): _START, (_IDLE, "CHANGE_PTE"): _IDLE, (_IDLE, "INVALIDATE_PAGE"): _IDLE,
-         (_IDLE, "CLEAR_YOUNG"): _IDLE, (_IDLE, "RELEASE"): _DONE,
-         (_START, "CHANGE_PTE"): _START_CP, (_START, "END"): _IDLE, (_START_CP, "END"): _IDLE}
-
-
-def _why(state: int, typ: str) -> str:
-    if state == _INIT:
-        return f"{typ} before REGISTER"
-    if state == _DONE:
-        return f"{typ} after RELEASE"
-    if typ == "START":
-        return "START inside START..END (nested START)"
-    if typ == "END":
-        return "END without START"
-    if typ == "REGISTER":
-        return "second REGISTER"
-    if typ == "CHANGE_PTE" and state == _START_CP:
-        return "second CHANGE_PTE inside START..END"
-    if typ == "RELEASE":
-        return "RELEASE inside START..END"
-    return f"{typ} inside START..END"
+_INIT, _DONE, _FAILED = INIT, DONE, FAILED
+_EXPECT, _STEP, _why = EXPECT, _GRAMMAR_TABLE, grammar_why
 
 
 @_bulk

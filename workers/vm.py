@@ -12,6 +12,19 @@ write to a read-only page) is sent to the fault handler as a FAULT.
 Notifier messages from ksmd and the fault handler are applied to the named
 secondary MMU and acknowledged at once; the event loop never blocks, so an ack
 is never held up by this process waiting for a lock (DESIGN.md, "Locks").
+
+Its channels to ksmd and the fault handler are socketpair ends the supervisor
+handed it (at spawn, and again when it restarts one of them): only frames for
+this mm are accepted on them.  When a notifier dies (its channel closes, or the
+supervisor says so), the invalidations it had started are ended and every
+secondary translation is dropped, since it may have changed PTEs it never told
+us about (`SecondaryMMU.notifier_lost`); a fault in flight is sent again once the
+supervisor has handed over the restarted fault handler's channel.
+
+The worker's own changes to its address space (MADV_DONTNEED, munmap, mprotect,
+fork, prctl PR_SET_MEMORY_MERGE) are the core generators of core/mm.py, driven here:
+memory and the ptl through notifier.Driver, their invalidate_range_start/end to this
+process's secondary MMUs as local calls (`LocalNotify`), unmerge faults as FAULTs.
 """
 from __future__ import annotations
 
@@ -24,24 +37,27 @@ import time
 
 import numpy as np
 
-from proto.channel import Channel, abstract_connect
-from proto.layout import (FRAME_KSM, MMF_VM_MERGEABLE, MMH_FLAGS, PAGE_SHIFT, PAGE_SIZE, PTE_PRESENT,
-                          PTE_SPECIAL, SUB_ACTIVE, SUB_CHANGE_PTE, USER_BASE, VM_KSM_IGNORED, VM_MERGEABLE,
-                          VM_READ, VM_WRITE, MAX_VMAS)
-from proto.messages import FAULT_UNSHARE, Frame, Msg, NOTIFIER_TYPES, call_payload, encode
-from proto import MADV_MERGEABLE, MADV_UNMERGEABLE
+from proto.channel import Channel
+from proto.layout import (MMF_VM_MERGE_ANY, MMF_VM_MERGEABLE, MMH_FLAGS, PAGE_SHIFT, PAGE_SIZE, SUB_ACTIVE,
+                          SUB_CHANGE_PTE, USER_BASE, VM_EXEC, VM_KSM_IGNORED, VM_MERGEABLE, VM_READ, VM_WRITE,
+                          MMView, Segment, seg_name)
+from proto.messages import MAX_DATA, Frame, Msg, NOTIFIER_TYPES, call_payload, encode
+from proto import (MADV_DONTNEED, MADV_MERGEABLE, MADV_UNMERGEABLE, PR_GET_MEMORY_MERGE, PR_SET_MEMORY_MERGE,
+                   PROT_EXEC, PROT_READ, PROT_WRITE)
 from proto.trace import Tracer
 
-from .actor import RunMemory, actor_args, run_actor, setup
+from .actor import RunMemory, actor_args, receive_fd, req_int, run_actor, setup
 from .core.access import FaultCall, Touch, WaitIdle, touch, vm_access
-from .core.effects import Load
-from .core.notify import SecondaryMMU
-from .notifier import lock_ptl
-from .frames import ksm_zero_pages_add
+from .core.effects import VMAS, Load, Memory
+from .core.mm import (break_ksm_range, do_mprotect, do_munmap, dup_mmap, ksm_disable_merge_any,
+                      ksm_enable_merge_any, madvise_dontneed, mmap_flags)
+from .core.notify import LocalNotify, SecondaryMMU
+from .core.pte import check_range, page_range, task_size, vma_table
+from .notifier import Driver, lock_ptl
 
 log = logging.getLogger("ksm_proto.vm")
 U64 = np.uint64
-FAULT_BATCH = 4096
+PROT_SEM = 0x8              # accepted and ignored, as on x86
 
 
 class VMWorker:
@@ -52,7 +68,7 @@ class VMWorker:
         self.mm, self.ptl = self.mem.attach_mm(args.mm)
         self.mm_id = args.mm
         self.tr = Tracer.open(args.trace, self.name)
-        self.memory = memoryview(self.mem.mem)   # all frames, as bytes
+        self.memory = memoryview(self.mem.mem)   # all frames, as bytes (Touch)
         self.kvm = SecondaryMMU(0, "kvm", self.mm.npages, True)
         self.subs: dict[int, SecondaryMMU] = {0: self.kvm}
         if args.device:
@@ -65,16 +81,28 @@ class VMWorker:
         self.cow_ns: list[int] = []
         self.fault_ch: Channel | None = None
         self.ksmd_ch: Channel | None = None
-        self.peer_of: dict = {}         # notifier channel -> the actor at its other end (for tracing)
+        self.fault_peer = args.fault_peer      # the fault handler serving this mm ("faultd", "faultd1"...)
+        self.scanner_peers = ["ksmd" if k == 0 else f"ksmd{k}" for k in range(len(args.ksmd_fd))]
+        self.chans: dict[str, Channel] = {}     # every notifier's channel, by the actor at its other end
+        self.fault_ready = asyncio.Event()   # set while fault_ch is a live channel to the fault handler
+        self.notifier_losses = {p: 0 for p in [self.fault_peer] + self.scanner_peers}
+        self.refused = 0                     # frames refused on a notifier channel (wrong mm or type)
+        self.fault_retries = 0
         self.writers: dict[int, dict] = {}
         self.exiting = False
+        self.shared = Memory(self.mem.alloc, self.mem.stats, {self.mm_id: self.mm})
+        self.driver = Driver(self.shared, {self.mm_id: self.ptl}, {}, args.ack_timeout * 2)
+        self._vmas_key: bytes | None = None
+        self._vmas: list = []
 
     # ------------------------------------------------------------------ notifier side
     def on_notify(self, ch: Channel, f: Frame) -> None:
-        if f.type not in NOTIFIER_TYPES:
-            log.error("%s: unexpected %s on a notifier channel", self.name, Msg(f.type).name)
+        if f.type not in NOTIFIER_TYPES or f.type in (Msg.REGISTER, Msg.RELEASE) or f.mm != self.mm_id:
+            self.refused += 1
+            log.error("%s: refused %s for mm %d on the %s channel (this is mm %d)", self.name, Msg(f.type).name,
+                      f.mm, ch.peer, self.mm_id)
             return
-        peer = self.peer_of.get(ch, "faultd")
+        peer = ch.peer
         if self.tr:
             self.tr.recv(peer, Msg(f.type).name, self.mm_id, f.sub, f.addr, f.n, 0,
                          int(f.entries[0, 1]) if f.n else 0, f.corr)
@@ -83,7 +111,17 @@ class VMWorker:
         if sub is None:
             log.error("%s: %s for unknown secondary MMU %d", self.name, Msg(f.type).name, f.sub)
         else:
-            flags = sub.apply(f.type, f.entries)
+            try:
+                flags = sub.apply(f.type, f.entries)
+            except ValueError as e:       # an address outside the mm, END without START: not applied
+                self.refused += 1
+                log.error("%s: refused %s from %s: %s", self.name, Msg(f.type).name, peer, e)
+            else:
+                opened = ch.open_starts
+                if f.type == Msg.START:
+                    opened[f.sub] = opened.get(f.sub, 0) + 1
+                elif f.type == Msg.END:
+                    opened[f.sub] = opened.get(f.sub, 0) - 1
             idle = self.idle[f.sub]
             if sub.in_progress:
                 idle.clear()
@@ -91,23 +129,85 @@ class VMWorker:
                 idle.set()
         if self.tr:
             self.tr.send(peer, "ACK", self.mm_id, f.sub, f.addr, 0, 0, 0, f.corr)
-        ch.send(encode(Msg.ACK, sub=f.sub, flags=flags, mm=self.mm_id, corr=f.corr))
+        if not ch.closed:
+            ch.send(encode(Msg.ACK, sub=f.sub, flags=flags, mm=self.mm_id, corr=f.corr))
+
+    def notifier_lost(self, ch: Channel) -> None:
+        """A notifier's channel is gone (it died, or is being replaced): once per channel, end the
+        invalidations it started and drop every secondary translation (core.notify)."""
+        if ch.lost_done:
+            return
+        ch.lost_done = True
+        self.notifier_losses[ch.peer] += 1
+        log.warning("%s: lost the %s channel: ending %d open invalidation(s), dropping all translations",
+                    self.name, ch.peer, sum(ch.open_starts.values()))
+        for s, sub in self.subs.items():
+            ended = sub.notifier_lost(ch.open_starts.get(s, 0))
+            if self.tr:
+                for _ in range(ended):
+                    self.tr.recv(ch.peer, "END", self.mm_id, s, 0, 0, 0, 0, 0)
+            if not sub.in_progress:
+                self.idle[s].set()
+        ch.open_starts.clear()
+        if ch is self.fault_ch:
+            self.fault_ready.clear()
+        ch.close()
+
+    def _notifier_channel(self, peer: str, fd: int) -> Channel:
+        def lost(ch):
+            self.notifier_lost(ch)
+        ch = Channel(f"{self.name}->{peer}", self.on_notify, lost)
+        ch.peer, ch.open_starts, ch.lost_done = peer, {}, False
+        return ch
+
+    async def connect(self, peer: str, fd: int) -> None:
+        """Take the channel end the supervisor handed us for `peer` and introduce this mm on it."""
+        loop = asyncio.get_running_loop()
+        old = self.chans.get(peer)
+        if old is not None:
+            self.notifier_lost(old)
+        sock = socket.socket(fileno=fd)
+        sock.setblocking(False)
+        _, ch = await loop.create_connection(lambda: self._notifier_channel(peer, fd), sock=sock)
+        self.chans[peer] = ch
+        if peer == self.fault_peer:
+            self.fault_ch = ch
+        elif peer == "ksmd":
+            self.ksmd_ch = ch
+        corr = ch.next_corr()
+        rep = await ch.call(corr, encode(Msg.HELLO, mm=self.mm_id, corr=corr,
+                                         payload=call_payload({"name": self.name})), self.args.ack_timeout * 2)
+        if rep.type != Msg.ACK:
+            raise OSError(errno.EPROTO, f"{peer} refused HELLO: {rep.json().get('error')}")
+        if peer == self.fault_peer:
+            self.fault_ready.set()
 
     # ------------------------------------------------------------------ memory access
     async def fault_call(self, idx: np.ndarray, flags: int, ncow: int = 0) -> None:
         entries = np.zeros((len(idx), 2), dtype=U64)
         entries[:, 0] = (USER_BASE + (idx.astype(np.int64) << PAGE_SHIFT)).astype(U64)
-        corr = Channel.next_corr()
         addr0 = int(entries[0, 0])
         t0 = time.monotonic_ns()
-        if self.tr:
-            self.tr.send("faultd", "FAULT", self.mm_id, -1, addr0, len(idx), 0, 0, corr)
-        try:
-            rep = await self.fault_ch.call(corr, encode(Msg.FAULT, flags=flags, mm=self.mm_id, corr=corr,
-                                                         addr=addr0, entries=entries),
-                                           self.args.ack_timeout * 4)
-        except (asyncio.TimeoutError, ConnectionError) as e:
-            raise OSError(errno.EFAULT, f"fault handler did not answer: {e!r}") from None
+        while True:      # a fault the dead fault handler did not answer is sent again to its successor
+            if not self.fault_ready.is_set():
+                try:
+                    await asyncio.wait_for(self.fault_ready.wait(), self.args.restart_timeout)
+                except asyncio.TimeoutError:
+                    raise OSError(errno.EIO, f"the fault handler is gone (not back within "
+                                             f"{self.args.restart_timeout:.0f}s)") from None
+            ch = self.fault_ch
+            corr = Channel.next_corr()
+            if self.tr:
+                self.tr.send("faultd", "FAULT", self.mm_id, -1, addr0, len(idx), 0, 0, corr)
+            try:
+                rep = await ch.call(corr, encode(Msg.FAULT, flags=flags, mm=self.mm_id, corr=corr,
+                                                 addr=addr0, entries=entries), self.args.ack_timeout * 4)
+                break
+            except ConnectionError:
+                self.notifier_lost(ch)
+                self.fault_retries += 1
+            except asyncio.TimeoutError as e:
+                raise OSError(errno.EFAULT, f"fault handler did not answer: {e!r}") from None
         t1 = time.monotonic_ns()
         if self.tr:
             self.tr.recv("faultd", "FAULT_REPLY", self.mm_id, -1, addr0, len(idx), 0, 0, corr)
@@ -129,6 +229,7 @@ class VMWorker:
             log.error("%s: secondary MMU %s was released by a notifier; dropping its translations",
                       self.name, sub.name)
             sub.release()
+        check_range("access", addr, length, self.task_size)     # before a buffer of `length` bytes exists
         buf = data if write else bytearray(length)
         gen = vm_access(self.mm_id, sub, addr, length, write, buf)
         memory, pte, tr = self.memory, self.mm.pte, self.tr
@@ -147,7 +248,9 @@ class VMWorker:
                             addr=USER_BASE + (e.i << PAGE_SHIFT))
                     t0 = 0
             elif c is Load:
-                if np.ndim(e.idx) == 0:
+                if e.region == VMAS:
+                    send = self.vma_list()
+                elif np.ndim(e.idx) == 0:
                     send = int(pte[e.idx])
                     if tr:
                         t0 = time.monotonic_ns()
@@ -167,10 +270,47 @@ class VMWorker:
     async def take_ptl(self) -> None:
         await lock_ptl(self.ptl, self.args.ack_timeout * 2)
 
+    def vma_list(self) -> list:
+        """This mm's VMAs (only this process writes them: re-read when the table's bytes change)."""
+        key = self.mm.vmas.tobytes()
+        if key != self._vmas_key:
+            self._vmas_key, self._vmas = key, self.mm.vma_list()
+        return self._vmas
+
+    def subs_list(self) -> list[SecondaryMMU]:
+        return list(self.subs.values())
+
+    async def drive(self, gen):
+        """Run a core/mm.py generator: memory and ptl through the Driver, LocalNotify and FaultCall here."""
+        return await self.driver.run(gen, other=self._local_effect)
+
+    async def _local_effect(self, e):
+        if e.__class__ is LocalNotify:
+            self.local_notify(e)
+            return None
+        if e.__class__ is FaultCall:
+            await self.fault_call(e.idx, e.flags, e.ncow)
+            return None
+        raise TypeError(f"effect {e!r} has no driver in a VM worker")
+
+    def local_notify(self, e: LocalNotify) -> None:
+        """invalidate_range_start/end from this process: each secondary MMU applies it now."""
+        name = Msg(e.type).name
+        n = len(e.entries)
+        addr0, pte0 = (int(e.entries[0, 0]), int(e.entries[0, 1])) if n else (0, 0)
+        for sub in e.subs:
+            if sub.released:
+                continue
+            if self.tr:
+                self.tr.recv(self.name, name, self.mm_id, sub.sub, addr0, n, 0, pte0, 0)
+            sub.apply(e.type, e.entries)
+            if sub.in_progress:
+                self.idle[sub.sub].clear()
+            else:
+                self.idle[sub.sub].set()
+
     async def mmap(self, length: int, vm_flags: int = 0) -> int:
-        if length <= 0:
-            raise OSError(errno.EINVAL, f"mmap length {length} must be positive")
-        npages = (length + PAGE_SIZE - 1) >> PAGE_SHIFT
+        npages = check_range("mmap", 0, length, self.task_size)[1] >> PAGE_SHIFT
         await self.take_ptl()
         try:
             vmas = self.mm.vma_list()
@@ -182,74 +322,44 @@ class VMWorker:
             end = start + npages * PAGE_SIZE
             if end > USER_BASE + self.mm.npages * PAGE_SIZE:
                 raise OSError(errno.ENOMEM, f"no room for {length} bytes in the address space of {self.name}")
-            self._set_vmas(vmas + [(start, end, VM_READ | VM_WRITE | vm_flags)])
+            flags = mmap_flags(int(self.mm.hdr[MMH_FLAGS]), VM_READ | VM_WRITE | vm_flags)
+            self._set_vmas(vmas + [(start, end, flags)])
+            if flags & VM_MERGEABLE:
+                self.mm.hdr[MMH_FLAGS] |= MMF_VM_MERGEABLE       # ksm_enter (merge-any: the mm rejoins ksmd's list)
             return start
         finally:
             self.ptl.release()
 
     def _set_vmas(self, vmas: list[tuple[int, int, int]]) -> None:
         """Write the VMA table (merging neighbours with equal flags); caller holds ptl."""
-        vmas = sorted(v for v in vmas if v[1] > v[0])
-        merged: list[list[int]] = []
-        for s, e, f in vmas:
-            if merged and merged[-1][1] == s and merged[-1][2] == f:
-                merged[-1][1] = e
-            else:
-                merged.append([s, e, f])
-        if len(merged) > MAX_VMAS:
-            raise OSError(errno.ENOMEM, f"more than {MAX_VMAS} VMAs")
+        merged = vma_table(vmas)
         table = self.mm.vmas
         table[:] = 0
         for k, v in enumerate(merged):
             table[k] = v
 
-    @staticmethod
-    def _check_range(addr: int, length: int) -> int:
-        if addr & (PAGE_SIZE - 1):
-            raise OSError(errno.EINVAL, f"start address {addr:#x} is not page aligned")
-        if length < 0:
-            raise OSError(errno.EINVAL, f"length {length} is negative")
-        return addr + ((length + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1))
+    @property
+    def task_size(self) -> int:
+        return task_size(self.mm.npages)
 
     async def munmap(self, addr: int, length: int) -> None:
-        end = self._check_range(addr, length)
-        if end == addr:
-            raise OSError(errno.EINVAL, "munmap of zero length")
-        await self.take_ptl()
-        try:
-            vmas = []
-            for s, e, f in self.mm.vma_list():
-                if e <= addr or s >= end:
-                    vmas.append((s, e, f))
-                    continue
-                if s < addr:
-                    vmas.append((s, addr, f))
-                if e > end:
-                    vmas.append((end, e, f))
-            i0 = max(0, (addr - USER_BASE) >> PAGE_SHIFT)
-            i1 = min(self.mm.npages, (end - USER_BASE) >> PAGE_SHIFT)
-            pte = self.mm.pte[i0:i1].copy()
-            present = (pte & U64(PTE_PRESENT)) != 0
-            # zap_page_range: our own secondary MMUs drop the range first
-            for sub in self.subs.values():
-                sub.zap(i0, i1)
-            self.mm.pte[i0:i1] = 0
-            self._set_vmas(vmas)
-            self.mem.alloc.put((pte[present] >> U64(PAGE_SHIFT)).astype(np.int64))
-            nzero = int((present & ((pte & U64(PTE_SPECIAL)) != 0)).sum())
-            ksm_zero_pages_add(self.mem.frame_lock, self.mem.stats, self.mm_id, -nzero)
-        finally:
-            self.ptl.release()
+        addr, end = check_range("munmap", addr, length, self.task_size)
+        await self.drive(do_munmap(self.mm_id, self.subs_list(), self.mm.npages, addr, end))
 
     async def madvise(self, addr: int, length: int, advice: int) -> None:
-        """ksm_madvise with the kernel's errno rules (see DESIGN.md, KSM semantics)."""
-        if advice not in (MADV_MERGEABLE, MADV_UNMERGEABLE):
-            raise OSError(errno.EINVAL, f"advice {advice} is not MADV_MERGEABLE or MADV_UNMERGEABLE")
-        if not self.args.ksm:
+        """madvise with the kernel's errno rules (see DESIGN.md, KSM semantics): MADV_DONTNEED
+        (core.mm.madvise_dontneed), and ksm_madvise for MADV_MERGEABLE / MADV_UNMERGEABLE."""
+        if advice not in (MADV_DONTNEED, MADV_MERGEABLE, MADV_UNMERGEABLE):
+            raise OSError(errno.EINVAL, f"advice {advice} is not MADV_DONTNEED, MADV_MERGEABLE or MADV_UNMERGEABLE")
+        if advice != MADV_DONTNEED and not self.args.ksm:
             raise OSError(errno.EINVAL, "KSM is not enabled in this machine (CONFIG_KSM=n)")
-        end = self._check_range(addr, length)
-        if end == addr:
+        rng = check_range("madvise", addr, length, self.task_size)
+        if rng is None:
             return
+        if advice == MADV_DONTNEED:
+            await self.drive(madvise_dontneed(self.mm_id, self.subs_list(), *rng))
+            return
+        addr, end = rng
         unmapped = False
         unshare: list[tuple[int, int]] = []
         await self.take_ptl()
@@ -285,18 +395,61 @@ class VMWorker:
             raise OSError(errno.ENOMEM, f"part of [{addr:#x}, {end:#x}) is not mapped (advice applied to the rest)")
 
     async def unmerge_range(self, lo: int, hi: int) -> None:
-        i0, i1 = (lo - USER_BASE) >> PAGE_SHIFT, (hi - USER_BASE) >> PAGE_SHIFT
-        pfn = (self.mm.pte[i0:i1] >> U64(PAGE_SHIFT)).astype(np.int64)
-        present = (self.mm.pte[i0:i1] & U64(PTE_PRESENT)) != 0
-        ksm = present & (((self.mem.ft.flags[pfn] & FRAME_KSM) != 0) | ((self.mm.pte[i0:i1] & U64(PTE_SPECIAL)) != 0))
-        idx = np.flatnonzero(ksm) + i0
-        for k in range(0, len(idx), FAULT_BATCH):
+        """unmerge_ksm_pages of [lo, hi) (core.mm.break_ksm_range); out of memory is EAGAIN, as madvise says."""
+        try:
+            await self.drive(break_ksm_range(self.mm_id, *page_range(lo, hi)))
+        except OSError as e:
+            if e.errno == errno.ENOMEM:
+                raise OSError(errno.EAGAIN, f"out of memory while unmerging: {e.strerror}") from None
+            raise
+
+    async def mprotect(self, addr: int, length: int, prot: int) -> None:
+        """mprotect with the kernel's errno rules (do_mprotect_pkey): EINVAL for an unaligned start or
+        unknown prot bits, 0 for length 0, ENOMEM for a range that wraps or is not all mapped (the
+        part before the hole changed).  The work is core.mm.do_mprotect."""
+        rng = check_range("mprotect", addr, length, self.task_size)
+        if rng is None:
+            return
+        addr, end = rng
+        if isinstance(prot, bool) or not isinstance(prot, int) or prot & ~(PROT_READ | PROT_WRITE | PROT_EXEC | PROT_SEM):
+            raise OSError(errno.EINVAL, f"prot {prot!r} has bits other than PROT_READ|PROT_WRITE|PROT_EXEC")
+        vm_prot = ((VM_READ if prot & PROT_READ else 0) | (VM_WRITE if prot & PROT_WRITE else 0)
+                   | (VM_EXEC if prot & PROT_EXEC else 0))
+        await self.drive(do_mprotect(self.mm_id, self.subs_list(), addr, end, vm_prot))
+
+    async def prctl(self, option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 0) -> int:
+        """PR_SET_MEMORY_MERGE (arg2 non-zero: merge-any on; 0: off, unmerging) and PR_GET_MEMORY_MERGE,
+        with the kernel's EINVAL for unused arguments that are not 0, other options, or no KSM."""
+        if not self.args.ksm or option not in (PR_SET_MEMORY_MERGE, PR_GET_MEMORY_MERGE):
+            raise OSError(errno.EINVAL, f"prctl option {option} is not supported here")
+        if option == PR_GET_MEMORY_MERGE:
+            if arg2 or arg3 or arg4 or arg5:
+                raise OSError(errno.EINVAL, "PR_GET_MEMORY_MERGE takes no arguments")
+            return int(bool(int(self.mm.hdr[MMH_FLAGS]) & MMF_VM_MERGE_ANY))
+        if arg3 or arg4 or arg5:
+            raise OSError(errno.EINVAL, "PR_SET_MEMORY_MERGE takes one argument")
+        if arg2:
+            await self.drive(ksm_enable_merge_any(self.mm_id))
+        else:
+            await self.drive(ksm_disable_merge_any(self.mm_id))
+        return 0
+
+    async def fork(self, child: int) -> int:
+        """Copy this address space into mm `child` (made by the supervisor, known to nobody else yet):
+        core.mm.dup_mmap under this mm's ptl.  Returns how many pages the child maps."""
+        seg = Segment.attach(seg_name(self.args.run, f"mm.{child}"))
+        try:
+            cmm = MMView(seg)
+            if cmm.npages != self.mm.npages:
+                raise OSError(errno.EINVAL, f"fork: mm {child} has {cmm.npages} pages, not {self.mm.npages}")
+            self.shared.mms[child] = cmm
             try:
-                await self.fault_call(idx[k:k + FAULT_BATCH], FAULT_UNSHARE)
-            except OSError as e:
-                if e.errno == errno.ENOMEM:
-                    raise OSError(errno.EAGAIN, f"out of memory while unmerging: {e.strerror}") from None
-                raise
+                return await self.drive(dup_mmap(self.mm_id, child, self.subs_list()))
+            finally:
+                del self.shared.mms[child]
+                del cmm
+        finally:
+            seg.close()
 
     # ------------------------------------------------------------------ workloads
     async def writer(self, wid: int, addr: int, npages: int, seed: int, count: int, values: int,
@@ -347,29 +500,48 @@ class VMWorker:
             "msgs": msgs,
             "subs": {s.name: {"secondary_faults": s.faults, "msgs": dict(s.msgs), "released": s.released,
                               "change_pte": s.has_change_pte} for s in self.subs.values()},
+            "notifier_losses": dict(self.notifier_losses),
+            "refused": self.refused,
+            "fault_retries": self.fault_retries,
         }
 
     async def on_call(self, ch: Channel, f: Frame) -> None:
+        """One control request from the supervisor; always answered (an errno for a bad one)."""
+        data = b""
         try:
             req = f.json()
             op = req.get("op")
-            data = b""
             reply: dict = {}
-            if op == "read":
-                data = bytes(await self.access(int(req["addr"]), int(req["length"]), False))
-            elif op == "dma_read":
-                if 1 not in self.subs:
-                    raise OSError(errno.ENODEV, f"{self.name} has no device secondary MMU")
-                data = bytes(await self.access(int(req["addr"]), int(req["length"]), False, sub=self.subs[1]))
+            if op in ("read", "dma_read"):
+                n = req_int(req, "length")
+                if n > MAX_DATA:
+                    raise OSError(errno.EINVAL, f"a read of {n} bytes is more than one reply carries "
+                                                f"({MAX_DATA}); VM.read splits larger reads")
+                sub = self.kvm
+                if op == "dma_read":
+                    if 1 not in self.subs:
+                        raise OSError(errno.ENODEV, f"{self.name} has no device secondary MMU")
+                    sub = self.subs[1]
+                data = bytes(await self.access(req_int(req, "addr"), n, False, sub=sub) or b"")
             elif op == "write":
                 payload = f.data()
-                await self.access(int(req["addr"]), len(payload), True, memoryview(payload))
+                await self.access(req_int(req, "addr"), len(payload), True, memoryview(payload))
             elif op == "mmap":
-                reply["addr"] = await self.mmap(int(req["length"]), int(req.get("vm_flags", 0)))
+                reply["addr"] = await self.mmap(req_int(req, "length"), req_int(req, "vm_flags", 0, 0, 2**63 - 1))
             elif op == "munmap":
-                await self.munmap(int(req["addr"]), int(req["length"]))
+                await self.munmap(req_int(req, "addr"), req_int(req, "length"))
             elif op == "madvise":
-                await self.madvise(int(req["addr"]), int(req["length"]), int(req["advice"]))
+                await self.madvise(req_int(req, "addr"), req_int(req, "length"), req_int(req, "advice"))
+            elif op == "mprotect":
+                await self.mprotect(req_int(req, "addr"), req_int(req, "length"), req_int(req, "prot"))
+            elif op == "prctl":
+                args = req["args"]
+                if (not isinstance(args, list) or not 1 <= len(args) <= 5
+                        or any(isinstance(a, bool) or not isinstance(a, int) for a in args)):
+                    raise OSError(errno.EINVAL, f"prctl args must be 1 to 5 integers, not {args!r}")
+                reply["ret"] = await self.prctl(*args)
+            elif op == "fork":
+                reply["pages"] = await self.fork(req_int(req, "child", lo=0))
             elif op == "stats":
                 reply = self.stats()
             elif op == "msg_log":
@@ -381,22 +553,42 @@ class VMWorker:
                 reply["ns"] = self.cow_ns
                 self.cow_ns = []
             elif op == "writer_start":
+                addr, npages = req_int(req, "addr"), req_int(req, "npages", None, 1, self.mm.npages)
+                check_range("access", addr, npages * PAGE_SIZE, self.task_size)
+                seed, count = req_int(req, "seed"), req_int(req, "count", 0, 0, 2**63 - 1)
+                values = req_int(req, "values", 4, -255, 255)
+                period = req.get("period_ms", 0)
+                if isinstance(period, bool) or not isinstance(period, (int, float)) or not 0 <= period <= 3.6e6:
+                    raise OSError(errno.EINVAL, f"period_ms must be a number in [0, 3600000], not {period!r}")
                 wid = len(self.writers)
                 self.writers[wid] = {"stop": False, "done": 0, "error": None}
                 self.writers[wid]["task"] = asyncio.get_running_loop().create_task(self.writer(
-                    wid, int(req["addr"]), int(req["npages"]), int(req["seed"]), int(req.get("count", 0)),
-                    int(req.get("values", 4)), float(req.get("period_ms", 0))))
+                    wid, addr, npages, seed, count, values, float(period)))
                 reply["id"] = wid
             elif op == "writer_peek":
-                st = self.writers[int(req["id"])]
+                st = self.writers[req_int(req, "id")]
                 reply = {"done": st["done"], "finished": st["task"].done(), "error": st["error"]}
             elif op == "writer_stop":
-                st = self.writers[int(req["id"])]
+                st = self.writers[req_int(req, "id")]
                 st["stop"] = True
                 await asyncio.wait_for(st["task"], self.args.ack_timeout * 4)
                 reply = {"done": st["done"], "error": st["error"]}
             elif op == "unregister":
-                await self.unregister(int(req["sub"]))
+                await self.unregister(req_int(req, "sub"))
+            elif op == "reconnect":          # the supervisor restarted a notifier: its new channel end
+                peer = req.get("peer")
+                if peer not in self.notifier_losses:
+                    raise OSError(errno.EINVAL, f"reconnect to {peer!r}: not one of this VM's notifiers "
+                                                f"({', '.join(self.notifier_losses)})")
+                await self.connect(peer, receive_fd(self.fd_sock, req_int(req, "seq"), peer))
+            elif op == "notifier_lost":      # the supervisor saw a notifier die: nothing of it stays mapped
+                peer = req.get("peer")
+                if peer not in self.notifier_losses:
+                    raise OSError(errno.EINVAL, f"notifier_lost of {peer!r}: not one of this VM's notifiers "
+                                                f"({', '.join(self.notifier_losses)})")
+                gone = self.chans.get(peer)
+                if gone is not None:
+                    self.notifier_lost(gone)
             elif op == "exit":
                 await self.exit_mmap_release()
                 reply["bye"] = True
@@ -410,6 +602,9 @@ class VMWorker:
             reply, data = {"errno": errno.EINVAL, "error": f"bad request: {e!r}"}, b""
         except asyncio.TimeoutError:
             reply, data = {"errno": errno.ETIMEDOUT, "error": "timed out"}, b""
+        except Exception as e:          # a bug: the caller hears of it, this VM goes on
+            log.exception("%s: control request failed", self.name)
+            reply, data = {"errno": errno.EIO, "error": f"{self.name}: internal error: {e!r}"}, b""
         if not ch.closed:
             ch.send(encode(Msg.REPLY, corr=f.corr, payload=call_payload(reply, data)))
         if reply.get("bye"):
@@ -457,32 +652,16 @@ class VMWorker:
     async def main(self) -> None:
         loop = asyncio.get_running_loop()
         self.done = loop.create_future()
-        run = self.args.run
+        self.fd_sock = socket.socket(fileno=self.args.fd_sock)
 
         def lost(ch):
             if not self.done.done():
                 self.done.set_result(None)
 
-        knob = self.mem.stats.knob
-        fk = self.mm_id % max(1, knob("fault_handlers"))      # the fault handler serving this mm
-        fname = "faultd" if fk == 0 else f"faultd{fk}"
-        _, self.fault_ch = await loop.create_unix_connection(
-            lambda: Channel(f"{self.name}->{fname}", self.on_notify),
-            sock=abstract_connect(f"{run}.faultd" if fk == 0 else f"{run}.faultd.{fk}"))
-        self.peer_of[self.fault_ch] = fname
-        scanner_chs = []
-        for k in range(max(1, knob("scanners"))):             # every scanner may notify us
-            name = "ksmd" if k == 0 else f"ksmd{k}"
-            _, ch = await loop.create_unix_connection(
-                lambda name=name: Channel(f"{self.name}->{name}", self.on_notify),
-                sock=abstract_connect(f"{run}.ksmd" if k == 0 else f"{run}.ksmd.{k}"))
-            self.peer_of[ch] = name
-            scanner_chs.append(ch)
-        self.ksmd_ch = scanner_chs[0]
-        for ch in [self.fault_ch] + scanner_chs:      # all know this mm before any subscriber registers
-            corr = ch.next_corr()
-            await ch.call(corr, encode(Msg.HELLO, mm=self.mm_id, corr=corr, payload=call_payload({"name": self.name})),
-                          self.args.ack_timeout * 2)
+        # all know this mm (the supervisor bound our channel ends to it) before any subscriber registers
+        await self.connect(self.fault_peer, self.args.fault_fd)
+        for peer, fd in zip(self.scanner_peers, self.args.ksmd_fd):     # every scanner may notify us
+            await self.connect(peer, fd)
         await self.register()
         ctl_sock = socket.socket(fileno=self.args.ctl_fd)
         _, ctl = await loop.create_connection(
@@ -497,6 +676,10 @@ class VMWorker:
 def main() -> None:
     def extra(p):
         p.add_argument("--mm", type=int, required=True)
+        p.add_argument("--fault-fd", type=int, required=True)
+        p.add_argument("--fault-peer", default="faultd", help="the name of the fault handler serving this mm")
+        p.add_argument("--ksmd-fd", type=int, action="append", required=True,
+                       help="the channel end to each scanner, scanner 0 (ksmd) first")
         p.add_argument("--name", required=True)
         p.add_argument("--device", action="store_true")
         p.add_argument("--ksm", type=int, default=1)

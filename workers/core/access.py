@@ -7,6 +7,12 @@ without the page-table lock, install it only if no invalidation started or ended
 meanwhile (KVM's mmu_invalidate_seq / in_progress scheme, `secondary_fault_check`).
 A miss the primary PTE cannot serve (not present, or a write to a read-only page) is
 a FAULT to the fault handler (`FaultCall`), after which the access retries.
+
+Before a secondary fault installs anything, the VMA must allow the access (KVM's
+hva_to_pfn goes through get_user_pages, which checks it): no VMA, PROT_NONE, or a write to
+a read-only area raises OSError(EFAULT), the prototype's SIGSEGV, and the VM goes on.  The
+VMA is read after the sequence snapshot, so an mprotect racing the fault (VMA store, then
+START..END, which moves the sequence) makes the install retry and see the new flags.
 """
 from __future__ import annotations
 
@@ -14,11 +20,12 @@ import errno
 
 import numpy as np
 
-from proto.layout import PAGE_SHIFT, PAGE_SIZE, PTE_PRESENT, PTE_SPECIAL, PTE_WRITE, PTE_YOUNG, USER_BASE
+from proto.layout import PAGE_SHIFT, PAGE_SIZE, PTE_PRESENT, PTE_WRITE, PTE_YOUNG, USER_BASE
 from proto.messages import FAULT_WRITE
 
-from .effects import PTE, Effect, Load, Lock, Put, Store, Unlock, ZeroPagesAdd, bytes_footprint, ptl
+from .effects import PTE, VMAS, Effect, Load, bytes_footprint
 from .notify import NEED_PRIMARY, OK, SecondaryMMU, secondary_fault_check
+from .pte import PROT_BITS, check_range, may_access, task_size, vma_flags_at
 
 U64 = np.uint64
 FAULT_BATCH = 4096
@@ -80,8 +87,8 @@ def touch(sub: SecondaryMMU, e: Touch, memory) -> bool:
 
 def vm_access(mm: int, sub: SecondaryMMU, addr: int, length: int, write: bool, buf):
     """Read (into buf) or write (from buf) [addr, addr+length) through sub, faulting as needed."""
-    if length < 0 or addr < USER_BASE or addr + length > USER_BASE + len(sub.spte) * PAGE_SIZE:
-        raise OSError(errno.EFAULT, f"access {addr:#x}+{length} outside the address space")
+    if check_range("access", addr, length, task_size(len(sub.spte))) is None:
+        return
     need = PTE_PRESENT | (PTE_WRITE if write else 0)
     pos = 0
     i = (addr - USER_BASE) >> PAGE_SHIFT
@@ -100,6 +107,11 @@ def vm_access(mm: int, sub: SecondaryMMU, addr: int, length: int, write: bool, b
             yield WaitIdle(sub)
             continue
         seq = sub.seq
+        vmas = yield Load(VMAS, mm)
+        if not may_access(vma_flags_at(vmas, i), write)[0]:
+            raise OSError(errno.EFAULT, f"segfault: {'write to' if write else 'read of'} "
+                                        f"{USER_BASE + (i << PAGE_SHIFT):#x}, which "
+                                        f"{_why(vma_flags_at(vmas, i)[0], write)}")
         pte = yield Load(PTE, mm, i)
         r = secondary_fault_check(sub, seq, i, pte, need)
         if r == OK:
@@ -107,12 +119,18 @@ def vm_access(mm: int, sub: SecondaryMMU, addr: int, length: int, write: bool, b
         if r != NEED_PRIMARY:
             yield WaitIdle(sub)
             continue
-        yield from primary_fault(mm, i, last, write)
+        yield from primary_fault(mm, i, last, write, vmas=vmas)
 
 
-def primary_fault(mm: int, first: int, last: int, write: bool, flags: int = 0):
-    """FAULT the pages in [first, last] that the primary PTEs cannot serve (at most FAULT_BATCH)."""
-    pte = yield Load(PTE, mm, np.arange(first, min(last, first + FAULT_BATCH - 1) + 1))
+def primary_fault(mm: int, first: int, last: int, write: bool, flags: int = 0, vmas=None):
+    """FAULT the pages in [first, last] that the primary PTEs cannot serve (at most FAULT_BATCH;
+    with vmas, only up to the first page the access may not touch: that one faults on its own)."""
+    span = np.arange(first, min(last, first + FAULT_BATCH - 1) + 1)
+    if vmas is not None:
+        bad = np.flatnonzero(~may_access(vma_flags_at(vmas, span), write))
+        if len(bad):
+            span = span[:max(1, int(bad[0]))]
+    pte = yield Load(PTE, mm, span)
     need = (pte & U64(PTE_PRESENT)) == 0
     cow = np.zeros_like(need)
     if write:
@@ -124,26 +142,7 @@ def primary_fault(mm: int, first: int, last: int, write: bool, flags: int = 0):
     yield FaultCall(idx, (FAULT_WRITE if write else 0) | flags, int(cow[idx - first].sum()))
 
 
-def zap_pte_range(mm: int, subs, i0: int, i1: int):
-    """MADV_DONTNEED / munmap by the VM itself: its own secondary MMUs drop [i0, i1) first, then
-    the PTEs are cleared and the frames put, under ptl (the VM's secondary MMUs live in its own
-    process: zapping them is a local call, as zap_page_range's notifier is for KVM)."""
-    yield Lock(ptl(mm))
-    try:
-        idx = np.arange(i0, i1, dtype=np.int64)
-        pte = yield Load(PTE, mm, idx)
-        for sub in subs:
-            sub.zap(i0, i1)
-        present = (pte & U64(PTE_PRESENT)) != 0
-        yield Store(PTE, mm, idx, np.zeros(len(idx), dtype=U64))
-        if present.any():
-            yield Put((pte[present] >> U64(PAGE_SHIFT)).astype(np.int64))
-        nzero = int((present & ((pte & U64(PTE_SPECIAL)) != 0)).sum())
-        if nzero:
-            yield ZeroPagesAdd(mm, -nzero)
-    except GeneratorExit:           # abandoned (a checker run cut short): nothing to release
-        raise
-    except BaseException:
-        yield Unlock(ptl(mm))
-        raise
-    yield Unlock(ptl(mm))
+def _why(flags: int, write: bool) -> str:
+    if flags < 0:
+        return "is not in any VMA"
+    return "is read-only" if write and flags & PROT_BITS else "is PROT_NONE"

@@ -21,25 +21,16 @@ reduction.
 """
 from __future__ import annotations
 
-import mmh3
 import numpy as np
 
-from proto.layout import PAGE_SIZE
+from proto.layout import MMH_FLAGS, PAGE_SIZE
 
-# shared regions a Load/Store can name
+from ..pagehash import ZERO_KEY, _digest, page_key  # noqa: F401 - the scanner's content key, one definition
+
+# shared regions a Load/Store can name (MMFLAGS: the mm's MMF_* word; VMAS: the VMA list, stored whole)
 PTE, VMAS, SUBS, FLAGS, MAPCOUNT, STABLE = "pte", "vmas", "subs", "flags", "mapcount", "stable"
+MMFLAGS = "mmflags"
 FRAME_REGIONS = (FLAGS, MAPCOUNT, STABLE)
-
-_digest = mmh3.mmh3_x64_128_stupledigest
-
-
-def page_key(buf) -> int:
-    """The scanner's 64-bit content key of one page (mmh3 x64-128, first half)."""
-    return _digest(buf)[0]
-
-
-ZERO_KEY = page_key(bytes(PAGE_SIZE))
-
 
 def ptl(mm: int) -> tuple:
     return ("ptl", mm)
@@ -305,6 +296,21 @@ class Reply(Effect):
         return f"reply err={self.err}"
 
 
+class Fsck(Effect):
+    """Rebuild the frame table from `maps` (PTE mappings per frame) and set each mm's
+    ksm_zero_pages to `zero[mm]` (FrameAllocator.rebuild); returns what it changed."""
+    __slots__ = ("maps", "zero")
+
+    def __init__(self, maps, zero):
+        self.maps, self.zero = maps, zero
+
+    def footprint(self):
+        return (FT_W, (("zero_pages",), "w"))
+
+    def __repr__(self):
+        return f"fsck frames ({int((self.maps > 0).sum())} mapped)"
+
+
 # ---------------------------------------------------------------- the shared memory
 class Memory:
     """The shared state the memory effects act on: frames, frame table, stats, the mms.
@@ -325,6 +331,22 @@ class Memory:
         o = int(pfn) * PAGE_SIZE
         return self.memory[o:o + PAGE_SIZE].tobytes()
 
+    def fsck(self, maps, zero: dict) -> dict:
+        """The frame table from the mappings, and ksm_zero_pages from the PTEs (Fsck)."""
+        from proto.layout import COUNTERS, MM_STATS
+        done = self.alloc.rebuild(maps)
+        zi, ci = MM_STATS.index("ksm_zero_pages"), COUNTERS.index("ksm_zero_pages")
+        with self.alloc.lock:
+            fixed = 0
+            for mm_id, n in zero.items():
+                fixed += int(self.stats.mm[mm_id, zi]) != n
+                self.stats.mm[mm_id, zi] = n
+            total = int(self.stats.mm[:, zi].sum())
+            fixed += int(self.stats.counters[ci]) != total
+            self.stats.counters[ci] = total
+        done["zero_pages_fixed"] = fixed
+        return done
+
     def zero_pages_add(self, mm_id: int, n: int) -> None:
         if not n:
             return
@@ -343,6 +365,8 @@ def apply_mem(m: Memory, e):
             return m.mms[e.mm].vma_list()
         if r == SUBS:
             return [(s, bool(row[1])) for s, row in enumerate(m.mms[e.mm].subs.tolist()) if row[0]]
+        if r == MMFLAGS:
+            return int(m.mms[e.mm].hdr[MMH_FLAGS])
         a = m.mms[e.mm].pte if r == PTE else getattr(m.ft, r)
         v = a if e.idx is None else a[e.idx]
         return int(v) if np.ndim(v) == 0 else v.copy()
@@ -350,6 +374,13 @@ def apply_mem(m: Memory, e):
         r = e.region
         if r == PTE:
             m.mms[e.mm].pte[e.idx] = e.value
+        elif r == VMAS:         # a normalized list (core.pte.vma_table): the whole table is rewritten
+            table = m.mms[e.mm].vmas
+            table[:] = 0
+            if e.value:
+                table[:len(e.value)] = e.value
+        elif r == MMFLAGS:
+            m.mms[e.mm].hdr[MMH_FLAGS] = e.value
         elif r == SUBS:
             m.mms[e.mm].subs[e.idx] = e.value
         else:
@@ -387,6 +418,8 @@ def apply_mem(m: Memory, e):
             return compare_many(m.memory, e.a, e.b)
         a = m.page_bytes(e.a)
         return a == (bytes(PAGE_SIZE) if e.b is None else m.page_bytes(e.b))
+    if c is Fsck:
+        return m.fsck(e.maps, e.zero)
     if c is Checksum:
         mem = m.memory
         pf = np.atleast_1d(e.pfns)
@@ -410,7 +443,8 @@ def compare_many(mem: memoryview, a, b) -> np.ndarray:
                         for x, y in zip(a.tolist(), b.tolist())), dtype=bool, count=len(a))
 
 
-MEM_EFFECTS = frozenset({Load, Store, Alloc, Put, Get, PinKsm, ZeroPagesAdd, SetFrame, CopyPages, Compare, Checksum})
+MEM_EFFECTS = frozenset({Load, Store, Alloc, Put, Get, PinKsm, ZeroPagesAdd, SetFrame, CopyPages, Compare, Checksum,
+                         Fsck})
 
 
 def drive_sync(gen, m: Memory):
@@ -438,7 +472,7 @@ def bytes_footprint(pfns, rw) -> tuple:
 def _keys(region, mm, idx, rw):
     if region in FRAME_REGIONS:
         return ((("ft",), rw),)
-    if region in (VMAS, SUBS):
+    if region in (VMAS, SUBS, MMFLAGS):
         return (((region, mm), rw),)
     if idx is None:
         return (((region, mm, "*"), rw),)

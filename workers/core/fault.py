@@ -9,7 +9,13 @@ One fault request names a batch of pages of one mm.  Under the mm's page-table l
     set_pte_at_notify (every secondary MMU hears of it and acks); an anonymous frame
     with mapcount 1 is made writable in place (wp_page_reuse);
   * FAULT_UNSHARE copies KSM and zero pages without making them writable (break_ksm,
-    for MADV_UNMERGEABLE and run=2).
+    for MADV_UNMERGEABLE, prctl PR_SET_MEMORY_MERGE 0 and run=2); a page no longer present
+    is left alone (nothing to unshare).
+
+Access rights: a fault outside every VMA, a write to an area without VM_WRITE, or a read of
+a PROT_NONE area is EFAULT (the SIGSEGV the VM worker turns into OSError).  FAULT_UNSHARE
+ignores the protection, as break_ksm's FAULT_FLAG_UNSHARE | FAULT_FLAG_REMOTE does: a
+PROT_NONE page is unmerged too (and stays inaccessible).
 
 The old frame is put only after every secondary MMU acked the new PTE: before that a
 secondary MMU may still map it (the checker's `free-before-acks` break shows why).
@@ -32,7 +38,7 @@ from proto.messages import FAULT_UNSHARE, FAULT_WRITE
 from .effects import (FLAGS, MAPCOUNT, PTE, VMAS, Alloc, CopyPages, Load, Lock, Put, Reply, Store, Unlock,
                       WaitAcks, ZeroPagesAdd, ptl)
 from .notify import set_pte_at_notify
-from .pte import vma_mask
+from .pte import may_access, vma_flags_at, vma_mask
 
 U64 = np.uint64
 ANON_RW = PTE_PRESENT | PTE_WRITE | PTE_DIRTY | PTE_YOUNG
@@ -56,11 +62,18 @@ def handle_mm_fault(mm: int, npages: int, idx: np.ndarray, flags: int, mode: str
             bad = USER_BASE + (int(idx[~inside][0]) << PAGE_SHIFT)
             raise OSError(errno.EFAULT, f"segfault: {bad:#x} is not in any VMA of mm {mm}")
         write = bool(flags & FAULT_WRITE)
+        unshare = bool(flags & FAULT_UNSHARE)
+        if not unshare:
+            ok = may_access(vma_flags_at(vmas, idx), write)
+            if not ok.all():
+                bad = USER_BASE + (int(idx[~ok][0]) << PAGE_SHIFT)
+                raise OSError(errno.EFAULT, f"segfault: {'write to' if write else 'read of'} {bad:#x}, "
+                                            f"which the VMA of mm {mm} does not allow")
         pte = yield Load(PTE, mm, idx)
         present = (pte & U64(PTE_PRESENT)) != 0
-        if not present.all():
+        if not present.all() and (write or not unshare):
             yield from do_anonymous_page(mm, idx[~present], write)
-        if not (write or flags & FAULT_UNSHARE) or not present.any():
+        if not (write or unshare) or not present.any():
             return 0, 0
         return (yield from do_wp_page(mm, idx[present], pte[present], write, mode, early_reply, brk))
     except GeneratorExit:           # abandoned (a checker run cut short): nothing to release
@@ -74,7 +87,13 @@ def handle_mm_fault(mm: int, npages: int, idx: np.ndarray, flags: int, mode: str
 def do_anonymous_page(mm: int, idx: np.ndarray, write: bool):
     if write:
         pfns = yield Alloc(len(idx), FRAME_ANON, True)
-        yield Store(PTE, mm, idx, (pfns.astype(U64) << U64(PAGE_SHIFT)) | U64(ANON_RW))
+        try:
+            yield Store(PTE, mm, idx, (pfns.astype(U64) << U64(PAGE_SHIFT)) | U64(ANON_RW))
+        except GeneratorExit:
+            raise
+        except BaseException:
+            yield from put_uninstalled(mm, idx, pfns)
+            raise
     else:
         yield Store(PTE, mm, idx, np.full(len(idx), ZERO_RO, dtype=U64))
 
@@ -110,23 +129,45 @@ def wp_page_copy(mm: int, idx: np.ndarray, old: np.ndarray, special: np.ndarray,
     The caller holds ptl(mm).  Out of frames: nothing changed.
     """
     new = yield Alloc(len(idx), FRAME_ANON, False)
-    yield CopyPages(new, old)
-    bits = PTE_PRESENT | PTE_DIRTY | PTE_YOUNG | (PTE_WRITE if writable else 0)
-    new_ptes = (new.astype(U64) << U64(PAGE_SHIFT)) | U64(bits)
+    try:
+        yield CopyPages(new, old)
+        bits = PTE_PRESENT | PTE_DIRTY | PTE_YOUNG | (PTE_WRITE if writable else 0)
+        new_ptes = (new.astype(U64) << U64(PAGE_SHIFT)) | U64(bits)
+        handles = yield from set_pte_at_notify([(mm, idx, new_ptes)], mode, wait=False,
+                                               wait_start="free-before-acks" not in brk)
+    except GeneratorExit:
+        raise
+    except BaseException:       # the new frames no PTE took are freed; the old mapping stays
+        yield from put_uninstalled(mm, idx, new)
+        raise
     nz = int(special.sum())
     if nz:      # counted as the PTE changes, before the faulting VM hears back
         yield ZeroPagesAdd(mm, -nz)
-    handles = yield from set_pte_at_notify([(mm, idx, new_ptes)], mode, wait=False,
-                                           wait_start="free-before-acks" not in brk)
     if "free-before-acks" in brk:
         yield Put(old)
         old = None
+    if "cow-reply-before-acks" in brk:      # reply, and let go of ptl, before the acks
+        yield Reply()
+        yield Unlock(ptl(mm))
+        if handles:
+            yield WaitAcks(handles)
+        yield Put(old)
+        yield Lock(ptl(mm))                 # (taken again for handle_mm_fault's unlock)
+        return
     if early_reply:
         yield Reply()
     if handles:
         yield WaitAcks(handles)
     if old is not None:
         yield Put(old)
+
+
+def put_uninstalled(mm: int, idx: np.ndarray, new: np.ndarray):
+    """After a failure: put each new frame that its PTE does not map (the operation did not get that far)."""
+    pte = yield Load(PTE, mm, idx)
+    lost = new[((pte & U64(PTE_PRESENT)) == 0) | ((pte >> U64(PAGE_SHIFT)).astype(np.int64) != new)]
+    if len(lost):
+        yield Put(lost)
 
 
 def unmerge_ksm_pages(mm: int, mode: str, chunk: int = 4096):

@@ -238,13 +238,27 @@ def replace_page(scan, ops):
         i, o, k = idx[m], old[m], kp[m]
         zero = k < 0
         new = np.where(zero, KSM_ZERO_PTE, (k << PAGE_SHIFT) | PTE_PRESENT | PTE_YOUNG).astype(U64)
-        if (~zero).any():
-            yield Get(k[~zero])
         jobs.append((s, i, new))
         olds.append(o)
         zeros.append((s, int(zero.sum())))
     early_free = "free-before-acks" in scan.brk
-    handles = yield from set_pte_at_notify(jobs, scan.mode, wait=False, wait_start=not early_free)
+    got = []            # the jobs whose KSM pages we took a reference on
+    try:
+        for job in jobs:
+            ksm = (job[2] >> U64(PAGE_SHIFT)) != ZERO_PFN
+            if ksm.any():
+                yield Get((job[2][ksm] >> U64(PAGE_SHIFT)).astype(np.int64))
+            got.append(job)
+        handles = yield from set_pte_at_notify(jobs, scan.mode, wait=False, wait_start=not early_free)
+    except GeneratorExit:
+        raise
+    except BaseException:     # the KSM references no PTE took are put back; the old pages stay mapped
+        for sid, idx, new in got:
+            pte = yield Load(PTE, sid, idx)
+            back = (pte != new) & ((new >> U64(PAGE_SHIFT)) != ZERO_PFN)
+            if back.any():
+                yield Put((new[back] >> U64(PAGE_SHIFT)).astype(np.int64))
+        raise
     if early_free:
         yield Put(np.concatenate(olds))
     if handles:

@@ -9,6 +9,10 @@ in the Machine's notifier mode, waiting for every ack before it returns:
     wrapped     (3.7-6.9)     START, acks; store PTEs; CHANGE_PTE; END; acks
     invalidate  (6.10-)       START, acks; store PTEs; END; acks
 
+The mm's own process (its VM worker) changes its page table too (core/mm.py: zap, mprotect,
+fork); the secondary MMUs live in that process, so its invalidate_range_start/end are local
+calls, `LocalNotify`: applied to each secondary MMU at once, no message, no ack.
+
 Receiving side: `SecondaryMMU` is a KVM-like shadow page table: sptes, the
 invalidate sequence number and in-progress count of KVM's mmu_invalidate scheme.
 `secondary_fault_check` is the validation half of a secondary fault (snapshot
@@ -26,7 +30,7 @@ import numpy as np
 from proto.layout import PAGE_SHIFT, PTE_YOUNG, USER_BASE
 from proto.messages import Msg, NOTIFIER_TYPES
 
-from .effects import PTE, SUBS, Load, Notify, Store, WaitAcks
+from .effects import PTE, SUBS, Effect, Load, Notify, Store, WaitAcks
 
 MODES = ("change_pte", "wrapped", "invalidate")
 U64 = np.uint64
@@ -84,6 +88,21 @@ def set_pte_at_notify(jobs, mode: str, wait: bool = True, wait_start: bool = Tru
         yield WaitAcks(handles)
         return []
     return handles
+
+
+class LocalNotify(Effect):
+    """invalidate_range_start (START) or _end (END) from the mm's own process: each SecondaryMMU in
+    subs applies it at once (a local call; a released one is skipped).  Returns None."""
+    __slots__ = ("mm", "type", "subs", "entries")
+
+    def __init__(self, mm, type, subs, entries):
+        self.mm, self.type, self.subs, self.entries = mm, type, subs, entries
+
+    def footprint(self):
+        return ((("vm", self.mm), "w"),)
+
+    def __repr__(self):
+        return f"local {self.type.name} x{len(self.entries)} to {[s.name for s in self.subs]}"
 
 
 def clear_flush_young(mm: int, entries):
@@ -145,6 +164,19 @@ class SecondaryMMU:
         elif t == Msg.RELEASE:
             self.release()
         return 0
+
+    def notifier_lost(self, open_starts: int) -> int:
+        """A notifier died (or its channel broke) with `open_starts` invalidate_range_start
+        without their end: end them, and drop every translation, for it may have changed
+        PTEs it never told us about.  Returns how many were ended (each noted as an END, so
+        the grammar holds for what the successor sends)."""
+        ended = max(0, min(open_starts, self.in_progress))
+        self.in_progress -= ended
+        for _ in range(ended):
+            self.note("END")
+        self.spte[:] = 0
+        self.seq += 1
+        return ended
 
     def zap(self, i0: int, i1: int) -> None:
         """Drop translations [i0, i1) (the owner's own munmap: zap_page_range)."""

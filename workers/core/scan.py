@@ -12,7 +12,9 @@ page, `pages_to_scan` pages per wake-up.  For each present anonymous page
   5. a page equal to a KSM page in the stable tree is merged into it (a dup with
      room, max_page_sharing);
   6. otherwise it is looked up in the unstable tree: a match makes both pages one
-     new KSM page (a stable node); no match inserts it.
+     new KSM page (a stable node); no match inserts it.  A match that is the very same
+     frame (a page shared with a fork child) is no match and the page goes in no tree
+     (unstable_tree_search_insert: "don't substitute a ksm page for a forked page").
 
 The unstable tree is emptied at the start of every full scan.  Both trees are
 hash-indexed (ksm_tree.py).  Work is done in batches: `visit` takes each page's
@@ -43,9 +45,9 @@ from proto.layout import (FRAME_ANON, FRAME_KSM, MMF_VM_MERGEABLE, MMH_FLAGS, MM
                           PTE_PRESENT, PTE_SPECIAL, ZERO_PFN)
 
 from ..hashtab import HashIndex
-from ..ksm_tree import HAS, STABLE, UNSTABLE, RmapItems, should_skip
-from ..ksm_tree import StableTree
-from .effects import FLAGS, PTE, VMAS, ZERO_KEY, Checksum, Load, ShardRecv, ShardSend
+from ..ksm_tree import HAS, STABLE, UNSTABLE, RmapItems, StableTree, should_skip
+from .effects import (FLAGS, MMFLAGS, PTE, STABLE as STABLE_OF, VMAS, ZERO_KEY, Checksum, Load, Lock, ShardRecv,
+                      ShardSend, Store, Unlock, ptl)
 from .merge import merge_in_groups, try_to_merge_pages
 from .pte import mergeable_ranges
 from .shard import DONE, GID_SHIFT, LEAD, ROUTED, Ctl, Done, Round, Routed, shard_of
@@ -247,6 +249,28 @@ class KsmScan:
                     self.order.insert(self.pos, slot.id)
                     self.pos += 1
 
+    def ksm_leave(self, slot: MMSlot):
+        """The mm has no mergeable area left: clear its MMF_VM_MERGEABLE under its ptl, where the VM
+        sets it (mmap, madvise, prctl), after looking again: a VMA made mergeable since the cursor
+        read the list keeps the mm listed.  True if the slot left the list."""
+        yield Lock(ptl(slot.id))
+        try:
+            if mergeable_ranges((yield Load(VMAS, slot.id))):
+                left = False
+            else:
+                flags = yield Load(MMFLAGS, slot.id)
+                yield Store(MMFLAGS, slot.id, None, flags & ~MMF_VM_MERGEABLE)
+                left = True
+        except GeneratorExit:           # abandoned (a checker run cut short, a kill): nothing to release
+            raise
+        except BaseException:
+            yield Unlock(ptl(slot.id))
+            raise
+        yield Unlock(ptl(slot.id))
+        if left:
+            slot.listed = False
+        return left
+
     def next_chunk(self, want: int, out: list):
         """The next (slot, first page, end) to visit, or None at the end of a full scan."""
         while True:
@@ -268,10 +292,8 @@ class KsmScan:
             if r >= len(ranges):
                 self.cur = None
                 self.pos += 1
-                if not ranges:        # no mergeable area left: the slot leaves the list
-                    slot.listed = False
-                    slot.mm.hdr[MMH_FLAGS] &= ~MMF_VM_MERGEABLE
-                    self.order.remove(slot.id)
+                if not ranges and (yield from self.ksm_leave(slot)):
+                    self.order.remove(slot.id)      # no mergeable area left: the slot leaves the list
                     self.pos -= 1
                 continue
             a, b = ranges[r]
@@ -578,6 +600,12 @@ class KsmScan:
             alive = (k < 0) | (((self.ft.flags[k0] & FRAME_KSM) != 0) & (self.ft.stable[k0] == self.gid(h)))
             c1[hh] = ((tree.next[h] < 0) & (tree.chain[h] == 0) & (tree.live[h] != 0) & alive
                       & (tree.count[h] > 0) & (tree.count[h] + cnt[hh] <= maxs))
+        forked = self.ft.mapcount[pfn] > 1      # pages maybe shared with a fork child: decided one by one,
+        if forked.any():                        # where a partner that is the very same frame is no partner
+            fg = np.zeros(len(uk), dtype=bool)
+            fg[grp[forked]] = True
+            b1 &= ~fg
+            b2 &= ~fg
         pairs = []          # (op rows' tree side to load: (tsid, tidx)) per part
         g1 = np.flatnonzero(one)
         if len(g1):
@@ -617,7 +645,7 @@ class KsmScan:
             tree.count[heads[c1]] += cnt[c1].astype(tree.count.dtype)
         rest = np.flatnonzero(~(one | b1 | b2 | c1)[grp])
         if len(rest):
-            self._plan_one_by_one(rest, sid, idx, pfn, tk, heads[grp], uh[grp], parts, maxs)
+            yield from self._plan_one_by_one(rest, sid, idx, pfn, tk, heads[grp], uh[grp], parts, maxs)
         ops = Ops(parts)
         pr = np.flatnonzero(ops.kind == PAIR_OP)
         for s in np.unique(ops.tsid[pr]).tolist():     # the tree pages' frames, as their PTEs say now
@@ -626,8 +654,8 @@ class KsmScan:
             ops.tpfn[m] = (np.asarray(tpte) >> U64(PAGE_SHIFT)).astype(np.int64)
         return ops
 
-    def _plan_one_by_one(self, rows, sid, idx, pfn, tk, heads, uhits, parts, maxs) -> None:
-        """The page-by-page decisions (chains, dead nodes, full nodes), as the kernel takes them."""
+    def _plan_one_by_one(self, rows, sid, idx, pfn, tk, heads, uhits, parts, maxs):
+        """The page-by-page decisions (chains, dead nodes, full nodes, forked pages), as the kernel takes them."""
         tree, unstable = self.tree, self.unstable
         filling: dict[int, int] = {}
         ulocal: dict[int, int] = {}     # unstable-tree changes, applied at the end
@@ -650,10 +678,14 @@ class KsmScan:
                 continue
             t = ulocal[key] if key in ulocal else uh
             if t >= 0:
-                ulocal[key] = -1
                 ts = self.slots.get(t >> GID_SHIFT)
                 ti = t & GID_MASK
                 if ts is not None and ts.alive and (ts.items.flags[ti] & UNSTABLE) and (ts is not slot or ti != i):
+                    if self.ft.mapcount[p] > 1:     # mapped twice: maybe shared with a fork child
+                        tpte = int((yield Load(PTE, ts.id, ti)))
+                        if tpte & PTE_PRESENT and tpte >> PAGE_SHIFT == p:
+                            continue    # the tree page is this very frame (fork): no KSM page for a forked page
+                    ulocal[key] = -1
                     ts.items.flags[ti] &= ~np.uint8(UNSTABLE)
                     self.c["pages_unshared"] -= 1
                     d = tree.insert(key, None if key in filling else hd)
@@ -781,6 +813,58 @@ class KsmScan:
         yield from self.control("forget_all")
         for r in self.reports.values():
             r.update({k: 0 for k in ("pages_shared", "pages_sharing", "pages_unshared")})
+
+    def restore(self):
+        """A restarted scanner: rebuild what the dead one knew of merged pages, from shared memory.
+
+        Every KSM frame a PTE maps is the page of stable node ft.stable[pfn] (node ids are
+        kept, so get_ksm_page's check still holds), keyed by its content; every PTE mapping
+        it gets an rmap item on that node, and pages_shared / pages_sharing follow from the
+        counts.  With several scanners each restores the nodes of its own shard (global id
+        modulo nshards), into rmap items the supervisor wiped before the restart.  Unstable-tree
+        state is not kept: those pages need two scans again.  The reads are advisory, as the
+        scan's are (a page COWed meanwhile is an item the cursor drops); the supervisor has
+        repaired the frame table before.  Returns the KSM pages found.
+        """
+        frames: dict[int, list] = {}
+        for slot in list(self.slots.values()):
+            pte = yield Load(PTE, slot.id, None)
+            idx = np.flatnonzero(((pte & U64(PTE_PRESENT)) != 0) & ((pte & U64(PTE_SPECIAL)) == 0))
+            if not len(idx):
+                continue
+            pfn = (pte[idx] >> U64(PAGE_SHIFT)).astype(np.int64)
+            ksm = ((yield Load(FLAGS, None, pfn)) & FRAME_KSM) != 0
+            for i, p in zip(idx[ksm].tolist(), pfn[ksm].tolist()):
+                frames.setdefault(p, []).append((slot, i))
+        if not frames:
+            return 0
+        pfns = np.array(sorted(frames), dtype=np.int64)
+        keys = yield Checksum(pfns)
+        owners = yield Load(STABLE_OF, None, pfns)
+        found = 0
+        for p, key, g in zip(pfns.tolist(), keys.tolist(), owners.tolist()):
+            if g < 0 or g % self.nshards != self.shard:
+                continue       # no node, or another scanner's
+            d = self.local(g)
+            maps = frames[p]
+            if d < self.tree.top and self.tree.live[d]:
+                continue       # one restored already: the cursor sorts it out
+            tk = int(self.tree_keys(np.array([key], dtype=np.int64), maps[0][0].node)[0])
+            self.tree.restore(d, tk, p, len(maps))
+            found += 1
+            self.c["pages_shared"] += 1
+            self.c["pages_sharing"] += len(maps) - 1
+            per: dict[int, list] = {}
+            for slot, i in maps:
+                per.setdefault(slot.id, []).append(i)
+            for sid, lst in per.items():
+                slot = self.slots[sid]
+                ix = np.array(lst, dtype=np.int64)
+                slot.items.ensure(int(ix.max()) + 1)
+                slot.items.new_items(ix)
+                slot.items.cs[ix] = key
+                self.stable_tree_append(slot, ix, g)
+        return found
 
     def mm_exit(self, mm_id: int):
         """The leader: an mm exits; its items leave the trees (their owners fix the counts)."""

@@ -43,6 +43,10 @@ U64 = np.uint64
 # in, and the reply follows the notifications on the VM's FIFO channel): `ksm-proto check`
 # runs with it and finds no violation in any mode.  KSM_PROTO_EARLY_REPLY=0 turns it off.
 EARLY_REPLY = os.environ.get("KSM_PROTO_EARLY_REPLY", "1") == "1"
+# A COW's set_pte_at_notify rides on the reply (core.fault.wp_page_copy_reply): the faulting VM applies
+# it to its own secondary MMUs on arrival and answers APPLIED; the old frame is put after that.
+# KSM_PROTO_COW_REPLY=0: notifier messages and acks as before.
+COW_REPLY = os.environ.get("KSM_PROTO_COW_REPLY", "1") == "1"
 
 
 class FaultHandler:
@@ -84,7 +88,7 @@ class FaultHandler:
         sock.setblocking(False)
         _, ch = await asyncio.get_running_loop().create_connection(
             lambda: Channel(f"faultd<-{name}", self.on_vm_frame, self.on_vm_close), sock=sock)
-        ch.peer, ch.hello = mm_id, False
+        ch.peer, ch.hello, ch.applied = mm_id, False, {}
         self.peers[mm_id] = name
         self.notifiers[mm_id] = MMUNotifier(self.name, name, self.memory.mms[mm_id], ch, self.tr,
                                             self.args.ack_timeout)
@@ -113,6 +117,12 @@ class FaultHandler:
                                payload=call_payload({"error": f"mm {f.mm} is not this channel's mm"})))
                 return
             asyncio.get_running_loop().create_task(self.fault(ch, f))
+        elif f.type == Msg.APPLIED:
+            fut = ch.applied.pop(f.corr, None) if f.mm == ch.peer else None
+            if fut is None:
+                self.refuse(f"APPLIED {f.corr} for mm {f.mm} on the channel of mm {ch.peer}: no such COW reply")
+            elif not fut.done():
+                fut.set_result(f)
         else:
             self.refuse(f"{_tname(f.type)} on the channel of mm {ch.peer}")
 
@@ -124,17 +134,25 @@ class FaultHandler:
     async def fault(self, ch: Channel, f: Frame) -> None:
         replied = False
 
-        def reply(err: int = 0, msg: str = "") -> None:
-            """FAULT_REPLY, once (early: as soon as the notifications are sent)."""
+        def reply(err: int = 0, msg: str = "", entries=None) -> list:
+            """FAULT_REPLY, once (early: as soon as the notifications are sent).  One carrying a COW's
+            new PTEs (entries) returns the WaitAcks handle of the VM's APPLIED."""
             nonlocal replied
             if replied:
-                return
+                return []
             replied = True
             if self.tr:
-                self.tr.send(self.peers.get(f.mm, f"vm:{f.mm}"), "FAULT_REPLY", f.mm, -1, f.addr, f.n, 0, 0, f.corr)
-            if not ch.closed:
-                ch.send(encode(Msg.FAULT_REPLY, flags=err, mm=f.mm, corr=f.corr, addr=f.addr,
-                               payload=call_payload({"error": msg}) if err else b""))
+                self.tr.send(self.peers.get(f.mm, f"vm:{f.mm}"), "FAULT_REPLY", f.mm, -1, f.addr, f.n, 0,
+                             int(entries[0, 1]) if entries is not None and len(entries) else 0, f.corr)
+            if ch.closed:
+                return []
+            ch.send(encode(Msg.FAULT_REPLY, flags=err, mm=f.mm, corr=f.corr, addr=f.addr, entries=entries,
+                           payload=call_payload({"error": msg}) if err else b""))
+            if entries is None:
+                return []
+            fut = asyncio.get_running_loop().create_future()
+            ch.applied[f.corr] = fut
+            return [(self.notifiers[f.mm], Msg.FAULT_REPLY, None, f.corr, f.addr, fut)]
 
         t0 = time.monotonic_ns()
         try:
@@ -144,8 +162,8 @@ class FaultHandler:
             idx = (addrs.astype(np.int64) - USER_BASE) >> PAGE_SHIFT
             self.faults += 1
             copies, reuses = await self.driver.run(
-                handle_mm_fault(f.mm, mm.npages, idx, f.flags, self.mode, EARLY_REPLY),
-                (lambda e: reply()) if EARLY_REPLY else None)
+                handle_mm_fault(f.mm, mm.npages, idx, f.flags, self.mode, EARLY_REPLY, cow_reply=COW_REPLY),
+                lambda e: reply(entries=e.entries) if EARLY_REPLY or e.entries is not None else [])
             self.cow_copies += copies
             self.reuses += reuses
             reply()
@@ -158,6 +176,8 @@ class FaultHandler:
         except Exception as e:       # a bug: the VM hears of it, this process goes on
             log.exception("faultd: fault on mm %d failed", f.mm)
             reply(errno.EIO, f"fault handler error: {e!r}")
+        finally:
+            ch.applied.pop(f.corr, None)
         if self.tr:
             self.tr.span("handle_mm_fault", t0, time.monotonic_ns(), mm=f.mm, pages=f.n, write=int(f.flags & 1))
 

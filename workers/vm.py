@@ -51,7 +51,7 @@ from .core.access import FaultCall, Touch, WaitIdle, touch, vm_access
 from .core.effects import VMAS, Load, Memory
 from .core.mm import (break_ksm_range, do_mprotect, do_munmap, dup_mmap, ksm_disable_merge_any,
                       ksm_enable_merge_any, madvise_dontneed, mmap_flags)
-from .core.notify import LocalNotify, SecondaryMMU
+from .core.notify import LocalNotify, SecondaryMMU, local_set_pte
 from .core.pte import check_range, page_range, task_size, vma_table
 from .notifier import Driver, lock_ptl
 
@@ -204,9 +204,13 @@ class VMWorker:
                 self.fault_retries += 1
             except asyncio.TimeoutError as e:
                 raise OSError(errno.EFAULT, f"fault handler did not answer: {e!r}") from None
+        if self.tr:
+            self.tr.recv("faultd", "FAULT_REPLY", self.mm_id, -1, addr0, len(idx), 0,
+                         int(rep.entries[0, 1]) if rep.n else 0, corr)
+        if rep.n and not rep.flags:
+            self.apply_cow_reply(ch, rep)
         t1 = time.monotonic_ns()
         if self.tr:
-            self.tr.recv("faultd", "FAULT_REPLY", self.mm_id, -1, addr0, len(idx), 0, 0, corr)
             if ncow:
                 self.tr.span("cow_fault", t0, t1, mm=self.mm_id, pages=ncow)
         self.primary_faults += 1
@@ -216,6 +220,30 @@ class VMWorker:
                 self.cow_ns.append((t1 - t0) // ncow)
         if rep.flags:
             raise OSError(rep.flags, rep.json().get("error") or errno.errorcode.get(rep.flags, "fault failed"))
+
+    def apply_cow_reply(self, ch: Channel, rep: Frame) -> None:
+        """A COW reply carries the new PTEs (core.fault.wp_page_copy_reply): apply set_pte_at_notify's
+        messages to this mm's secondary MMUs now, before the write resumes (the same messages, in the
+        same order, as the fault handler would have sent each), then tell the fault handler APPLIED:
+        it holds ptl and the old frame until then.  Entries outside this mm are refused (logged), and
+        APPLIED still goes back, so that the fault handler lets go."""
+        try:
+            for sub, typ in local_set_pte(self.subs_list(), rep.entries, self.args.mode):
+                if self.tr:
+                    self.tr.recv(self.name, typ.name, self.mm_id, sub.sub, int(rep.entries[0, 0]), rep.n, 0,
+                                 int(rep.entries[0, 1]), 0)
+                idle = self.idle[sub.sub]
+                if sub.in_progress:
+                    idle.clear()
+                else:
+                    idle.set()
+        except ValueError as e:
+            self.refused += 1
+            log.error("%s: refused a COW reply from the fault handler: %s", self.name, e)
+        if self.tr:
+            self.tr.send("faultd", "APPLIED", self.mm_id, -1, rep.addr, 0, 0, 0, rep.corr)
+        if not ch.closed:
+            ch.send(encode(Msg.APPLIED, mm=self.mm_id, corr=rep.corr))
 
     async def access(self, addr: int, length: int, write: bool, data=None, sub: SecondaryMMU | None = None):
         """Read or write guest memory through a secondary MMU, faulting as needed (core.access)."""

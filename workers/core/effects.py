@@ -250,7 +250,11 @@ class WaitAcks(Effect):
 
 
 class Reply(Effect):
-    """The fault handler answers the faulting VM now (before the operation's end: early reply)."""
+    """The fault handler answers the faulting VM now (before the operation's end: early reply).
+
+    With entries (n x (addr, new pte), wp_page_copy_reply) the reply carries a COW's new PTEs: the VM
+    applies set_pte_at_notify's messages to its secondary MMUs on arrival and answers APPLIED; the
+    result is then a handle for WaitAcks (that answer), else None."""
     __slots__ = ("err", "msg", "entries")
 
     def __init__(self, err=0, msg="", entries=None):

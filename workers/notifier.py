@@ -132,18 +132,22 @@ class Driver:
         self.notifiers = notifiers      # mm id -> MMUNotifier (absent: nobody to notify yet)
         self.lock_timeout = lock_timeout
 
-    async def run(self, gen, reply=None, observe=None, other=None):
+    async def run(self, gen, reply=None, observe=None, other=None, first=None):
         """Drive gen to its end; returns its value (its exception propagates).  observe(effect), if
         given, sees each effect before it runs (tracing).  other: an async callable for effects
-        this driver does not know (its result is sent back, its exception thrown into the core)."""
+        this driver does not know (its result is sent back, its exception thrown into the core).
+        first: the effect gen already yielded (a core another driver started: faultd's fast path)."""
         send, exc = None, None
         corked: set = set()
         try:
             while True:
-                try:
-                    e = gen.throw(exc) if exc is not None else gen.send(send)
-                except StopIteration as s:
-                    return s.value
+                if first is not None:
+                    e, first = first, None
+                else:
+                    try:
+                        e = gen.throw(exc) if exc is not None else gen.send(send)
+                    except StopIteration as s:
+                        return s.value
                 send, exc = None, None
                 c = e.__class__
                 if observe is not None:

@@ -364,6 +364,8 @@ def apply_mem(m: Memory, e):
     if c is Put:
         if np.ndim(e.pfns) == 0:
             m.alloc.put_one(int(e.pfns))
+        elif len(e.pfns) == 1:          # a one-page COW's old frame: no np.unique
+            m.alloc.put_one(int(e.pfns[0]))
         else:
             m.alloc.put(e.pfns)
         return None

@@ -297,6 +297,15 @@ class Memory:
         self.stats = stats
         self.mms = {} if mms is None else mms
         self.memory = memoryview(alloc.mem)
+        self._vmas: dict = {}           # mm id -> (table bytes, VMA list): a fault reads the list each time
+
+    def vma_list(self, mm_id: int) -> list:
+        """The mm's VMA list, parsed again only when its table's bytes changed (a copy: callers may edit it)."""
+        key = self.mms[mm_id].vmas.tobytes()
+        hit = self._vmas.get(mm_id)
+        if hit is None or hit[0] != key:
+            hit = self._vmas[mm_id] = (key, self.mms[mm_id].vma_list())
+        return list(hit[1])
 
     def page_bytes(self, pfn: int) -> bytes:
         o = int(pfn) * PAGE_SIZE
@@ -333,7 +342,7 @@ def apply_mem(m: Memory, e):
     if c is Load:
         r = e.region
         if r == VMAS:
-            return m.mms[e.mm].vma_list()
+            return m.vma_list(e.mm)
         if r == SUBS:
             return [(s, bool(row[1])) for s, row in enumerate(m.mms[e.mm].subs.tolist()) if row[0]]
         if r == MMFLAGS:

@@ -38,7 +38,7 @@ from proto.messages import FAULT_UNSHARE, FAULT_WRITE
 from .effects import (FLAGS, MAPCOUNT, PTE, VMAS, Alloc, CopyPages, Load, Lock, Put, Reply, Store, Unlock,
                       WaitAcks, ZeroPagesAdd, ptl)
 from .notify import entries_for, set_pte_at_notify
-from .pte import may_access, vma_flags_at, vma_mask
+from .pte import may_access, vma_flags_at
 
 U64 = np.uint64
 ANON_RW = PTE_PRESENT | PTE_WRITE | PTE_DIRTY | PTE_YOUNG
@@ -54,20 +54,22 @@ def handle_mm_fault(mm: int, npages: int, idx: np.ndarray, flags: int, mode: str
     idx = np.asarray(idx, dtype=np.int64)
     if len(idx) == 0:
         raise OSError(errno.EINVAL, f"fault request for mm {mm} names no page")
-    if idx.min() < 0 or idx.max() >= npages:
+    lo, hi = (int(idx[0]), int(idx[0])) if len(idx) == 1 else (idx.min(), idx.max())
+    if lo < 0 or hi >= npages:
         raise OSError(errno.EFAULT, f"fault address outside the address space of mm {mm}")
     yield Lock(ptl(mm))
     abandoned = False
     try:
         vmas = yield Load(VMAS, mm)
-        inside = vma_mask(vmas, idx)
+        vflags = vma_flags_at(vmas, idx)        # -1: in no VMA
+        inside = vflags >= 0
         if not inside.all():
             bad = USER_BASE + (int(idx[~inside][0]) << PAGE_SHIFT)
             raise OSError(errno.EFAULT, f"segfault: {bad:#x} is not in any VMA of mm {mm}")
         write = bool(flags & FAULT_WRITE)
         unshare = bool(flags & FAULT_UNSHARE)
         if not unshare:
-            ok = may_access(vma_flags_at(vmas, idx), write)
+            ok = may_access(vflags, write)
             if not ok.all():
                 bad = USER_BASE + (int(idx[~ok][0]) << PAGE_SHIFT)
                 raise OSError(errno.EFAULT, f"segfault: {'write to' if write else 'read of'} {bad:#x}, "

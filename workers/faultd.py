@@ -17,6 +17,7 @@ Out of frames, the fault fails with ENOMEM to the writer; nothing is changed.
 from __future__ import annotations
 
 import asyncio
+import collections
 import errno
 import logging
 import os
@@ -69,6 +70,9 @@ class FaultHandler:
         self.refused = 0
         self.bound: set[int] = set()
         self._sweeping = False
+        self.batched = 0            # FAULTs that waited behind another of their mm (run right after its unlock)
+        self.holder: dict[int, _Fault | None] = {}     # mm -> the fast-path FAULT holding its ptl
+        self.queued: dict[int, collections.deque] = {}  # mm -> FAULTs waiting behind it (st, gen, Lock)
         self.reply_ns = 0           # FAULT read to FAULT_REPLY sent, summed (stats: the handler's share)
 
     # ---- channels ----
@@ -187,10 +191,27 @@ class FaultHandler:
                     send = apply_mem(mem, e)
                 except Exception as x:      # thrown into the core: its cleanup runs
                     exc = x
-            elif c is Lock and ptls[e.key[1]].try_acquire():
-                pass
+            elif c is Lock:
+                mm = e.key[1]
+                if ptls[mm].try_acquire():
+                    self.holder[mm] = st
+                elif self.holder.get(mm) is not None:
+                    # another FAULT of this mm holds its ptl here (parked on APPLIED): wait behind it, and
+                    # run right after its unlock, in the same callback (several writers faulting at once)
+                    self.queued.setdefault(mm, collections.deque()).append((st, gen, e))
+                    self.batched += 1
+                    return
+                else:       # ksmd or the VM holds it: the event loop's driver waits (backoff, timeout)
+                    asyncio.get_running_loop().create_task(self._slow(st, gen, e))
+                    return
             elif c is Unlock:
-                ptls[e.key[1]].release()
+                mm = e.key[1]
+                ptls[mm].release()
+                if self.holder.get(mm) is st:
+                    self.holder[mm] = None
+                q = self.queued.get(mm)
+                if q:
+                    self._relock(mm, *q.popleft())
             elif c is Reply:
                 send = self._reply(st, 0, "", e.entries, True)
             elif c is WaitAcks and len(e.handles) == 1 and e.handles[0] == [st]:
@@ -205,12 +226,29 @@ class FaultHandler:
                 asyncio.get_running_loop().create_task(self._slow(st, gen, e))
                 return
 
+    def _relock(self, mm: int, st: "_Fault", gen, e) -> None:
+        """A FAULT queued behind another of its mm takes the ptl that one just let go (or waits again)."""
+        if self.ptls[mm].try_acquire():
+            self.holder[mm] = st
+            self._step(st, gen, None, None)
+        elif self.holder.get(mm) is not None:
+            self.queued[mm].appendleft((st, gen, e))
+        else:
+            asyncio.get_running_loop().create_task(self._slow(st, gen, e))
+
     async def _slow(self, st: "_Fault", gen, first) -> None:
         try:
             value = await self.driver.run(gen, lambda e: self._reply(st, 0, "", e.entries, False), first=first)
         except Exception as x:
             self._finish(st, None, x)
             return
+        finally:        # it took ptl on the fast path and let go of it here: the next in line goes
+            mm = st.f.mm
+            if self.holder.get(mm) is st:
+                self.holder[mm] = None
+                q = self.queued.get(mm)
+                if q:
+                    self._relock(mm, *q.popleft())
         self._finish(st, value, None)
 
     def _applied(self, st: "_Fault", why: str | None) -> None:
@@ -336,7 +374,8 @@ class FaultHandler:
                                                                  req_int(req, "npages", None, 1))
             elif op == "stats":
                 reply = {"faults": self.faults, "cow_copies": self.cow_copies, "reuses": self.reuses,
-                         "refused": self.refused, "reply_ns": self.reply_ns}
+                         "refused": self.refused, "reply_ns": self.reply_ns,
+                         "batched": self.batched}
             elif op == "ping":
                 pass
             else:

@@ -18,7 +18,7 @@ from workers.core.effects import (MEM_EFFECTS, Alloc, Checksum, Compare, CopyPag
                                   Reply, Store, TryLock, Unlock, WaitAcks, apply_mem)
 from workers.core.fault import handle_mm_fault
 from workers.core.mm import do_mprotect, dup_mmap, ksm_enable_merge_any, madvise_dontneed
-from workers.core.notify import LocalNotify
+from workers.core.notify import LocalNotify, local_set_pte
 from workers.frames import OutOfFrames
 
 
@@ -64,8 +64,12 @@ def drive(w: KsmWorld, gen, throw_at: int = -1):
             for s in e.subs:
                 v.subs[s].apply(e.type, e.entries)
             send = []
-        elif c in (WaitAcks, Reply):
-            send = [] if c is WaitAcks else None
+        elif c is WaitAcks:
+            send = []
+        elif c is Reply:        # a COW reply's PTEs: the faulting VM applies set_pte_at_notify on arrival
+            if e.entries is not None:
+                list(local_set_pte(list(w.vms[0].subs.values()), e.entries, w.mode))
+            send = []
         elif c is LocalNotify:
             for sub in e.subs:
                 sub.apply(e.type, e.entries)

@@ -114,6 +114,7 @@ class Channel(asyncio.Protocol):
         self.closed = False
         self.corked: list[bytes] | None = None
         self.peer = None          # set by the handler (e.g. the mm id after HELLO)
+        self.on_reply = None      # optional: sees each answer frame first, on arrival (a COW reply's PTEs)
 
     # transport side
     def connection_made(self, transport):
@@ -131,6 +132,11 @@ class Channel(asyncio.Protocol):
             if self.closed:
                 return
             if f.type in _REPLY_TYPES:
+                if self.on_reply is not None:
+                    try:
+                        self.on_reply(self, f)
+                    except Exception:
+                        log.exception("%s: reply handler failed on %s", self.name, _tname(f.type))
                 fut = self.pending.pop(f.corr, None)
                 if fut is not None:
                     if not fut.done():

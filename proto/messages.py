@@ -41,6 +41,7 @@ class Msg(IntEnum):
     # faults (VM -> fault handler) and their replies
     FAULT = 10
     FAULT_REPLY = 11
+    APPLIED = 12       # VM -> fault handler: a COW reply's PTEs are applied to its secondary MMUs (corr: the FAULT's)
     # set-up and control
     HELLO = 20         # a VM introduces itself on a new channel (mm in header)
     CALL = 21          # control call: payload = json {"op": ..., ...} + raw bytes

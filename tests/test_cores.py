@@ -18,7 +18,7 @@ from workers.core.effects import (MEM_EFFECTS, Alloc, Checksum, Compare, CopyPag
                                   Reply, Store, TryLock, Unlock, WaitAcks, apply_mem)
 from workers.core.fault import handle_mm_fault
 from workers.core.mm import do_mprotect, dup_mmap, ksm_enable_merge_any, madvise_dontneed
-from workers.core.notify import LocalNotify
+from workers.core.notify import LocalNotify, local_set_pte
 from workers.frames import OutOfFrames
 
 
@@ -64,8 +64,12 @@ def drive(w: KsmWorld, gen, throw_at: int = -1):
             for s in e.subs:
                 v.subs[s].apply(e.type, e.entries)
             send = []
-        elif c in (WaitAcks, Reply):
-            send = [] if c is WaitAcks else None
+        elif c is WaitAcks:
+            send = []
+        elif c is Reply:        # a COW reply's PTEs: the faulting VM applies set_pte_at_notify on arrival
+            if e.entries is not None:
+                list(local_set_pte(list(w.vms[0].subs.values()), e.entries, w.mode))
+            send = []
         elif c is LocalNotify:
             for sub in e.subs:
                 sub.apply(e.type, e.entries)
@@ -187,3 +191,46 @@ def test_the_vms_own_operations_release_ptl_and_references_whatever_fails(which)
         assert not held, f"effect {k}: ptl left held"
         assert not leaks(w), f"effect {k}: frames {leaks(w)} have references no PTE accounts for"
         assert all(s.in_progress == 0 for v in w.vms for s in v.subs.values()), f"effect {k}: START without END"
+
+
+def _drive_ksm_leave(w, slot, on_lock=None):
+    """Run KsmScan.ksm_leave on the checker world's memory; on_lock() runs while ksmd waits for the ptl."""
+    from workers.core.effects import Lock, Unlock, apply_mem
+    gen = w.scan.ksm_leave(slot)
+    held, send = [], None
+    while True:
+        try:
+            e = gen.send(send)
+        except StopIteration as s:
+            assert held == []
+            return s.value
+        if isinstance(e, Lock):
+            if on_lock:
+                on_lock()
+            held.append(e.key)
+            send = True
+        elif isinstance(e, Unlock):
+            held.remove(e.key)
+            send = None
+        else:
+            send = apply_mem(w.mem, e)
+
+
+def test_ksm_leave_looks_at_the_vmas_again_under_ptl():
+    """An mm whose areas are no longer mergeable leaves ksmd's list and loses MMF_VM_MERGEABLE, unless
+    the VM made an area mergeable again before ksmd got its ptl (the flag is the VM's to keep)."""
+    from proto.layout import MMF_VM_MERGEABLE, MMH_FLAGS, VM_MERGEABLE
+    from workers.check_world import world_factory
+    w = world_factory("change_pte")()
+    mm, slot = w.mem.mms[0], w.scan.slots[0]
+    assert slot.listed and int(mm.hdr[MMH_FLAGS]) & MMF_VM_MERGEABLE
+    mm.vmas[0, 2] &= ~VM_MERGEABLE                       # MADV_UNMERGEABLE of the only area
+
+    def madvise_again():                                 # the VM, under its ptl, before ksmd gets it
+        mm.vmas[0, 2] |= VM_MERGEABLE
+    assert _drive_ksm_leave(w, slot, madvise_again) is False
+    assert slot.listed and int(mm.hdr[MMH_FLAGS]) & MMF_VM_MERGEABLE
+    mm.vmas[0, 2] &= ~VM_MERGEABLE
+    other = int(mm.hdr[MMH_FLAGS]) & ~MMF_VM_MERGEABLE
+    assert _drive_ksm_leave(w, slot) is True
+    assert not slot.listed and int(mm.hdr[MMH_FLAGS]) == other   # only its own bit cleared

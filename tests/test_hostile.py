@@ -27,7 +27,7 @@ as_root = pytest.mark.skipif(os.geteuid() != 0, reason="the attacker runs as uid
 ATTACKER_LIB = textwrap.dedent('''
     import errno, json, os, socket, struct, sys
     HDR = struct.Struct("<HIBbhiqQII")
-    ACK, FAULT, FAULT_REPLY, HELLO, CALL, REPLY = 8, 10, 11, 20, 21, 22
+    ACK, FAULT, FAULT_REPLY, APPLIED, HELLO, CALL, REPLY = 8, 10, 11, 12, 20, 21, 22
 
     def frame(type, mm, corr, entries=(), payload=b"", flags=0):
         eb = b"".join(struct.pack("<QQ", a, p) for a, p in entries)
@@ -178,6 +178,9 @@ BOUND = '''
     ask(fault, "call", frame(CALL, mine, 8, payload=call_payload({"op": "munmap", "addr": victim_addr,
                                                                   "length": 8 * 4096})))
     ask(fault, "fault_no_vma", frame(FAULT, mine, 9, [(victim_addr, 0)], flags=1))
+    # APPLIED names a COW reply by its FAULT's corr: none is waiting here, and none may be answered for the victim
+    ask(fault, "applied_unknown", frame(APPLIED, mine, 9))
+    ask(fault, "applied_as_victim", frame(APPLIED, victim, 3))
     # frame-shaped garbage: a good magic and an impossible length; then a well-formed HELLO it must not read
     ask(fault, "garbage", b"KS" + (0xFFFFFFF0).to_bytes(4, "little") + b"x" * 40
         + frame(HELLO, victim, 10, payload=call_payload({"name": "x"})))
@@ -214,6 +217,7 @@ def test_a_channel_speaks_for_its_mm_only(ksm_machine):
     assert res["fault_below_user_base"][:3] == [FAULT_REPLY, errno.EFAULT, 7]
     assert res["call"] == "none"                    # refused: no answer, no action
     assert res["fault_no_vma"][:3] == [FAULT_REPLY, errno.EFAULT, 9]
+    assert res["applied_unknown"] == "none" and res["applied_as_victim"] == "none"   # refused: no answer
     assert res["garbage"] == "EOF"                  # broken framing: closed, the HELLO behind it unread
     assert res["ksmd_hello_as_victim"][:3] == [REPLY, 0, 11]
     assert res["ksmd_hello_as_victim"][3]["errno"] == errno.EPERM
@@ -225,7 +229,7 @@ def test_a_channel_speaks_for_its_mm_only(ksm_machine):
         with pytest.raises(OSError) as ei:
             m._bind(actor, vm.mm_id, "again")
         assert ei.value.errno == errno.EBUSY
-    assert m.faultd.call("stats")[0]["refused"] == 6      # 5 frames + the second channel
+    assert m.faultd.call("stats")[0]["refused"] == 8      # 7 frames + the second channel
     assert m.ksmd.call("info")[0]["refused"] == 3         # 2 frames + the second channel
     still_works(m, vm, a, data)
     # and ksmd still reaches the victim's secondary MMU: a merge with another VM

@@ -86,7 +86,7 @@ from .core.effects import (MEM_EFFECTS, Checksum, Compare, CopyPages, Effect, Lo
                            ShardRecv, ShardSend, TryLock, Unlock, WaitAcks, apply_mem)
 from .core.fault import handle_mm_fault
 from .core.mm import do_mprotect, dup_mmap, ksm_disable_merge_any, ksm_enable_merge_any, madvise_dontneed
-from .core.notify import EXPECT, FAILED, GRAMMAR, INIT, MODES, LocalNotify, SecondaryMMU, grammar_why
+from .core.notify import EXPECT, FAILED, GRAMMAR, INIT, MODES, LocalNotify, SecondaryMMU, grammar_why, local_set_pte
 from .core.pte import may_access, mergeable_ranges, vma_flags_at
 from .core.repair import repair_frames
 from .core.scan import SUMMED, KsmScan
@@ -101,6 +101,8 @@ BREAKS = {
     "no-recheck-pte": "ksmd replaces a page without re-checking, under ptl, that its PTE still maps the "
                       "frame it checksummed and compared",
     "free-before-acks": "the old frame is freed (COW and merge) before the secondary MMUs dropped it",
+    "early-release": "a COW's old frame is put as soon as the reply carrying the new PTE is sent, before the "
+                     "VM applied it to its secondary MMUs (no deferred release)",
     "pid-takeover-lock": "page-table locks are the old semaphore + owner pid, taken over when the owner "
                          "'looks dead' (reads owner twice)",
     "no-round-barrier": "two scanners: the leader starts a round's visits before the other scanner has finished "
@@ -131,7 +133,10 @@ SHARDED = dict(scanners=2, fill=(2, 1), writes=(((1, -1), (0, 1), (1, 2)), ((1, 
 KILLS = ("ksmd", "faultd")
 BREAK_KILLS = {"no-repair": "faultd", "no-spte-flush": "ksmd"}
 # the configuration a break shows itself in soonest: unpaced writers keep their sptes writable while ksmd dies
-BREAK_CONFIG = {"no-spte-flush": {"pace": False}}
+# early-release: vm1 COWs both its pages away from the KSM frame all four share, vm0 its first: vm0's
+# write of its second page then copies the KSM frame's last mapping, which its put frees
+BREAK_CONFIG = {"no-spte-flush": {"pace": False},
+                "early-release": {"writes": (((0, 4), (1, 5)), ((0, 2), (1, 3)))}}
 
 # The writers' programs.  An op is (page, byte) to write and read back, (page, -1) for
 # MADV_DONTNEED (the page reads as zero), ("fork", ops) to fork a child running ops,
@@ -288,7 +293,7 @@ class KsmWorld:
                  use_zero_pages: int = 0, settle_scans: int = 2, nframes: int = 16, pace: bool = True,
                  early_reply: bool = True, scanners: int = 1, fill: tuple = (1,), smart_scan: int = 1,
                  complete: bool = False, pages_to_scan: int | None = None, first_scan: int = 2,
-                 kill: str | None = None):
+                 kill: str | None = None, cow_reply: bool = True):
         if mode not in MODES:
             raise ValueError(f"mode {mode!r} is not one of {MODES}")
         if kill is not None and kill not in KILLS:
@@ -321,6 +326,7 @@ class KsmWorld:
         self.settle_scans = settle_scans
         self.pace = pace
         self.early_reply = early_reply
+        self.cow_reply = cow_reply          # a COW's set_pte_at_notify rides on the reply (as faultd runs it)
         self.complete = complete
         self.fill = fill
         self.coverage = collections.Counter()     # what a run exercised (tests look at it)
@@ -898,7 +904,7 @@ class KsmWorld:
             elif c is _Restart:
                 self._restart(e.target)
             elif c is Reply:
-                self._reply(t, e.err, e.msg)
+                result = self._reply(t, e.err, e.msg, e.entries)
             elif c is _Micro:
                 result = e.run()
             elif c is ShardSend:
@@ -947,11 +953,18 @@ class KsmWorld:
             nxt = FAILED
         v.grammar[gk] = nxt
 
-    def _reply(self, t: Thread, err: int, msg: str) -> None:
+    def _reply(self, t: Thread, err: int, msg: str, entries=None):
+        """FAULT_REPLY, once; one carrying a COW's new PTEs returns the handle of the VM's APPLIED."""
         if getattr(t, "replied", False):
-            return
+            return None
         t.replied = True
-        self.queues[("faultd", t.mm)].append(("FAULT_REPLY", t.corr, err, msg))
+        h = None
+        if entries is not None:
+            h = self._new_id()
+            self.acks[h] = [1]
+            entries = entries.copy()
+        self.queues[("faultd", t.mm)].append(("FAULT_REPLY", t.corr, err, msg, entries, h))
+        return [h] if h is not None else []
 
     def _deliver(self, q, rec: dict) -> None:
         self._dirty = True
@@ -966,16 +979,22 @@ class KsmWorld:
                 self.lost.add(corr)
                 return
             t = Thread(f"faultd/{corr}", "faultd", handle_mm_fault(mm, self.mem.mms[mm].npages, idx, flags,
-                                                                     self.mode, self.early_reply, self.brk))
+                                                                     self.mode, self.early_reply, self.brk,
+                                                                     self.cow_reply))
             t.mm, t.corr = mm, corr
             self.threads.append(t)
             self._advance(t, None)
             if t.done:
                 self._reply(t, 0, "")
             return
-        if kind == "FAULT_REPLY":
-            _, corr, err, msg = item
-            self.vms[dst].replies[corr] = (err, msg)
+        if kind == "FAULT_REPLY":       # a COW's reply: set_pte_at_notify applied here, then APPLIED
+            _, corr, err, msg, entries, h = item
+            v = self.vms[dst]
+            if entries is not None:
+                for sub, typ in local_set_pte(list(v.subs.values()), entries, self.mode):
+                    self._grammar(v, sub.sub, typ.name, src)
+                self.queues[(dst, f"{src}.ack")].append(("ACK", h, 0))
+            v.replies[corr] = (err, msg)
             return
         if kind == "ACK":
             _, h, flags = item
@@ -1093,7 +1112,10 @@ class KsmWorld:
         addr = USER_BASE + (i << PAGE_SHIFT)
         for src in self.scanner_names + ["faultd"]:
             for item in self.queues[(src, mm)]:
-                if item[0] != "FAULT_REPLY" and item[2] == s and (item[3][:, 0] == addr).any():
+                if item[0] == "FAULT_REPLY":        # a COW's reply carries set_pte_at_notify for every sub
+                    if item[4] is not None and (item[4][:, 0] == addr).any():
+                        return True
+                elif item[2] == s and (item[3][:, 0] == addr).any():
                     return True
         return False
 

@@ -1,15 +1,20 @@
 """The fault handler process: handle_mm_fault for every VM (do_anonymous_page, do_wp_page).
 
 A VM worker whose access cannot be served by its secondary MMU or by the primary PTE
-sends a FAULT for a batch of pages of its mm.  The FAULTs of one mm are served in
-order by one task: the core `core.fault.handle_mm_fault` (do_anonymous_page,
-wp_page_reuse, wp_page_copy with set_pte_at_notify, break_ksm) driven against the
-run's shared memory and the VM's notifier channel (workers/notifier.py); the
-FAULT_REPLY follows.  FAULTs of an mm that queued up meanwhile (a VM with several
-faults in flight) are served together, as one batch: one hold of ptl, one
-notification per step, one ack wait (a batch that fails is served again one FAULT at
-a time, so each VM hears of its own error).  This
-process also answers page_referenced calls with clear_flush_young.
+sends a FAULT for a batch of pages of its mm.  Each FAULT runs the core
+`core.fault.handle_mm_fault` (do_anonymous_page, wp_page_reuse, wp_page_copy with
+set_pte_at_notify, break_ksm), driven against the run's shared memory and the VM's
+notifier channel (workers/notifier.py) in the callback that read it as far as it
+goes without waiting; the FAULT_REPLY follows.  A COW's reply carries the new PTEs
+and the fault stays parked (ptl and the old frame held) until the VM's APPLIED.
+FAULTs of an mm whose ptl another FAULT holds here wait behind it, in order, and run
+right after its unlock (several writers faulting at once).  This process also
+answers page_referenced calls with clear_flush_young.
+
+There may be several fault handlers (`--handlers`): fault handler k (named faultd,
+faultd1, ...) serves the mms whose id modulo the count is k (`--shard`) and refuses
+to bind any other; a VM's FAULT and APPLIED both travel on its one channel to the
+handler of its mm, so a parked fault always hears its APPLIED.
 
 Each VM's channel is a socketpair end the supervisor passes (`attach_mm`) and binds
 to that VM's mm: a second channel for a live mm is refused, a HELLO or FAULT naming
@@ -26,17 +31,18 @@ import errno
 import logging
 import os
 import socket
+import struct
 import time
 
 import numpy as np
 
 from proto.channel import Channel
 from proto.layout import MAX_MMS, PAGE_SHIFT, PAGE_SIZE, PTE_PRESENT, PTE_YOUNG, USER_BASE
-from proto.messages import Frame, Msg, call_payload, encode
+from proto.messages import HEADER, MAGIC, Frame, Msg, call_payload, encode
 from proto.trace import Tracer
 
 from .actor import RunMemory, actor_args, receive_fd, req_int, run_actor, setup
-from .core.effects import Memory
+from .core.effects import MEM_EFFECTS, Lock, Memory, Reply, Unlock, WaitAcks, apply_mem
 from .core.fault import handle_mm_fault
 from .core.notify import clear_flush_young, entries_for
 from .core.pte import check_range, task_size
@@ -44,11 +50,14 @@ from .notifier import Driver, MMUNotifier, lock_ptl
 
 log = logging.getLogger("ksm_proto.faultd")
 U64 = np.uint64
-FAULT_BATCH = 4096          # most pages one batch of queued FAULTs takes
 # Reply once the notifications are sent, before their acks (ptl is still held until they are
 # in, and the reply follows the notifications on the VM's FIFO channel): `ksm-proto check`
 # runs with it and finds no violation in any mode.  KSM_PROTO_EARLY_REPLY=0 turns it off.
 EARLY_REPLY = os.environ.get("KSM_PROTO_EARLY_REPLY", "1") == "1"
+# A COW's set_pte_at_notify rides on the reply (core.fault.wp_page_copy_reply): the faulting VM applies
+# it to its own secondary MMUs on arrival and answers APPLIED; the old frame is put after that.
+# KSM_PROTO_COW_REPLY=0: notifier messages and acks as before.
+COW_REPLY = os.environ.get("KSM_PROTO_COW_REPLY", "1") == "1"
 
 
 class FaultHandler:
@@ -64,12 +73,15 @@ class FaultHandler:
         self.mode = args.mode
         self.tr = Tracer.open(args.trace, self.name)
         self.faults = 0
-        self.batches = 0
         self.cow_copies = 0
         self.reuses = 0
-        self.pending: dict[int, collections.deque] = {}     # mm -> FAULTs waiting for its task
         self.refused = 0
         self.bound: set[int] = set()
+        self._sweeping = False
+        self.batched = 0            # FAULTs that waited behind another of their mm (run right after its unlock)
+        self.holder: dict[int, _Fault | None] = {}     # mm -> the fast-path FAULT holding its ptl
+        self.queued: dict[int, collections.deque] = {}  # mm -> FAULTs waiting behind it (st, gen, Lock)
+        self.reply_ns = 0           # FAULT read to FAULT_REPLY sent, summed (stats: the handler's share)
 
     # ---- channels ----
     async def attach_mm(self, mm_id: int, name: str, fd: int) -> None:
@@ -95,7 +107,7 @@ class FaultHandler:
         sock.setblocking(False)
         _, ch = await asyncio.get_running_loop().create_connection(
             lambda: Channel(f"{self.name}<-{name}", self.on_vm_frame, self.on_vm_close), sock=sock)
-        ch.peer, ch.hello = mm_id, False
+        ch.peer, ch.hello, ch.applied = mm_id, False, {}
         self.peers[mm_id] = name
         self.notifiers[mm_id] = MMUNotifier(self.name, name, self.memory.mms[mm_id], ch, self.tr,
                                             self.args.ack_timeout)
@@ -123,86 +135,211 @@ class FaultHandler:
                 ch.send(encode(Msg.FAULT_REPLY, flags=errno.EPERM, mm=f.mm, corr=f.corr, addr=f.addr,
                                payload=call_payload({"error": f"mm {f.mm} is not this channel's mm"})))
                 return
-            q = self.pending.get(f.mm)
-            if q is None:
-                q = self.pending[f.mm] = collections.deque()
-                asyncio.get_running_loop().create_task(self.serve(f.mm, q))
-            q.append((ch, f))
+            self.start_fault(ch, f)
+        elif f.type == Msg.APPLIED:
+            w = ch.applied.pop(f.corr, None) if f.mm == ch.peer else None
+            if self.tr:
+                self.tr.recv(self.peers.get(ch.peer, f"vm:{ch.peer}"), "APPLIED", f.mm, -1, f.addr, 0, 0, 0, f.corr)
+            if w is None:
+                self.refuse(f"APPLIED {f.corr} for mm {f.mm} on the channel of mm {ch.peer}: no such COW reply")
+            elif w.__class__ is _Fault:
+                self._applied(w, None)
+            elif not w.done():
+                w.set_result(f)
         else:
             self.refuse(f"{_tname(f.type)} on the channel of mm {ch.peer}")
 
     def on_vm_close(self, ch: Channel) -> None:
+        # COWs waiting for this VM's APPLIED go on: the VM, losing the channel, drops every secondary
+        # translation (notifier_lost), or is gone
+        for corr, w in list(ch.applied.items()):
+            del ch.applied[corr]
+            if w.__class__ is _Fault:
+                self._applied(w, f"channel of mm {ch.peer} closed before APPLIED {corr}")
+            elif not w.done():
+                w.set_exception(ConnectionError(f"channel of mm {ch.peer} closed"))
         n = self.notifiers.get(ch.peer)
         if n is not None and n.ch is ch:
             n.ch = None
 
-    async def serve(self, mm_id: int, q: collections.deque) -> None:
-        """The FAULTs of one mm, in order; those that queued up meanwhile (same kind) as one batch."""
+    # ---- faults: a fast path driven in the frame's own callback, the event loop's driver when it must wait
+    def start_fault(self, ch: Channel, f: Frame) -> None:
+        """handle_mm_fault for one FAULT, driven right here, in the callback that read it (no task, no
+        event-loop turn) as far as it goes without waiting: to its end, or to the wait for the VM's
+        APPLIED, where it is parked until that record comes (or the sweep's timeout).  A busy ptl, or
+        notifier messages and their acks (KSM_PROTO_COW_REPLY=0), hand it to the event loop's Driver."""
+        st = _Fault(ch, f)
+        st.t0 = time.monotonic_ns()
         try:
-            while q:
-                batch = [q.popleft()]
-                n = batch[0][1].n
-                while q and q[0][1].flags == batch[0][1].flags and n + q[0][1].n <= FAULT_BATCH:
-                    n += q[0][1].n
-                    batch.append(q.popleft())
-                if not await self.fault(batch, len(batch) == 1):
-                    for one in batch:
-                        await self.fault([one], True)
-        finally:
-            del self.pending[mm_id]
+            mm = self.memory.mms[f.mm]
+            if f.n == 1:
+                idx = np.array([(int(f.entries[0, 0]) - USER_BASE) >> PAGE_SHIFT], dtype=np.int64)
+            else:
+                addrs = np.zeros(0, dtype=np.uint64) if f.entries is None else f.entries[:, 0]
+                # (an address below USER_BASE or far above the mm becomes an index the core refuses: EFAULT)
+                idx = (addrs.astype(np.int64) - USER_BASE) >> PAGE_SHIFT
+        except KeyError:
+            self._finish(st, None, KeyError(f.mm))
+            return
+        self.faults += 1
+        self._step(st, handle_mm_fault(f.mm, mm.npages, idx, f.flags, self.mode, EARLY_REPLY,
+                                       cow_reply=COW_REPLY), None, None)
 
-    async def fault(self, batch: list, final: bool) -> bool:
-        """handle_mm_fault for the pages of the FAULTs in batch (one mm, same flags); replies to each.
-
-        False, with nothing changed and nobody answered, if a batch of several failed (not final)."""
-        replied = False
-        f0 = batch[0][1]
-
-        def reply(err: int = 0, msg: str = "") -> None:
-            """FAULT_REPLY to each, once (early: as soon as the notifications are sent)."""
-            nonlocal replied
-            if replied:
+    def _step(self, st: "_Fault", gen, send, exc) -> None:
+        mem, ptls = self.memory, self.ptls
+        while True:
+            try:
+                e = gen.throw(exc) if exc is not None else gen.send(send)
+            except StopIteration as s:
+                self._finish(st, s.value, None)
                 return
-            replied = True
-            for ch, f in batch:
-                if self.tr:
-                    self.tr.send(self.peers.get(f.mm, f"vm:{f.mm}"), "FAULT_REPLY", f.mm, -1, f.addr, f.n, 0, 0,
-                                 f.corr)
-                if not ch.closed:
-                    ch.send(encode(Msg.FAULT_REPLY, flags=err, mm=f.mm, corr=f.corr, addr=f.addr,
-                                   payload=call_payload({"error": msg}) if err else b""))
+            except Exception as x:
+                self._finish(st, None, x)
+                return
+            send = exc = None
+            c = e.__class__
+            if c in MEM_EFFECTS:
+                try:
+                    send = apply_mem(mem, e)
+                except Exception as x:      # thrown into the core: its cleanup runs
+                    exc = x
+            elif c is Lock:
+                mm = e.key[1]
+                if ptls[mm].try_acquire():
+                    self.holder[mm] = st
+                elif self.holder.get(mm) is not None:
+                    # another FAULT of this mm holds its ptl here (parked on APPLIED): wait behind it, and
+                    # run right after its unlock, in the same callback (several writers faulting at once)
+                    self.queued.setdefault(mm, collections.deque()).append((st, gen, e))
+                    self.batched += 1
+                    return
+                else:       # ksmd or the VM holds it: the event loop's driver waits (backoff, timeout)
+                    asyncio.get_running_loop().create_task(self._slow(st, gen, e))
+                    return
+            elif c is Unlock:
+                mm = e.key[1]
+                ptls[mm].release()
+                if self.holder.get(mm) is st:
+                    self.holder[mm] = None
+                q = self.queued.get(mm)
+                if q:
+                    self._relock(mm, *q.popleft())
+            elif c is Reply:
+                send = self._reply(st, 0, "", e.entries, True)
+            elif c is WaitAcks and len(e.handles) == 1 and e.handles[0] == [st]:
+                st.gen = gen                # parked until APPLIED (`on_vm_frame`) or its deadline (`_sweep`)
+                st.deadline = time.monotonic() + self.args.ack_timeout
+                st.ch.applied[st.f.corr] = st
+                if not self._sweeping:
+                    self._sweeping = True
+                    asyncio.get_running_loop().call_later(min(1.0, self.args.ack_timeout / 4), self._sweep)
+                return
+            else:
+                asyncio.get_running_loop().create_task(self._slow(st, gen, e))
+                return
 
-        t0 = time.monotonic_ns()
+    def _relock(self, mm: int, st: "_Fault", gen, e) -> None:
+        """A FAULT queued behind another of its mm takes the ptl that one just let go (or waits again)."""
+        if self.ptls[mm].try_acquire():
+            self.holder[mm] = st
+            self._step(st, gen, None, None)
+        elif self.holder.get(mm) is not None:
+            self.queued[mm].appendleft((st, gen, e))
+        else:
+            asyncio.get_running_loop().create_task(self._slow(st, gen, e))
+
+    async def _slow(self, st: "_Fault", gen, first) -> None:
         try:
-            mm = self.memory.mms[f0.mm]
-            # (an address below USER_BASE or far above the mm becomes an index the core refuses: EFAULT)
-            idx = np.concatenate([(_addrs(f).astype(np.int64) - USER_BASE) >> PAGE_SHIFT for _, f in batch])
-            if len(batch) > 1:
-                idx = np.unique(idx)
-            copies, reuses = await self.driver.run(
-                handle_mm_fault(f0.mm, mm.npages, idx, f0.flags, self.mode, EARLY_REPLY),
-                (lambda e: reply()) if EARLY_REPLY else None)
-            self.faults += len(batch)
-            self.batches += 1
+            value = await self.driver.run(gen, lambda e: self._reply(st, 0, "", e.entries, False), first=first)
+        except Exception as x:
+            self._finish(st, None, x)
+            return
+        finally:        # it took ptl on the fast path and let go of it here: the next in line goes
+            mm = st.f.mm
+            if self.holder.get(mm) is st:
+                self.holder[mm] = None
+                q = self.queued.get(mm)
+                if q:
+                    self._relock(mm, *q.popleft())
+        self._finish(st, value, None)
+
+    def _applied(self, st: "_Fault", why: str | None) -> None:
+        """A parked COW goes on: its APPLIED came (why None), or it never will (why: its subscribers
+        are released, as for a missing ack)."""
+        if why is not None:
+            n = self.notifiers.get(st.f.mm)
+            if n is not None:
+                n.release_all(why)
+        gen, st.gen = st.gen, None
+        if gen is not None:
+            self._step(st, gen, [0] if why is None else [], None)
+
+    def _sweep(self) -> None:
+        now = time.monotonic()
+        left = False
+        for n in list(self.notifiers.values()):
+            ch = n.ch
+            if ch is None:
+                continue
+            for corr, st in list(ch.applied.items()):
+                if st.__class__ is _Fault:
+                    if st.deadline < now:
+                        del ch.applied[corr]
+                        self._applied(st, f"no APPLIED for the COW reply {corr} within "
+                                          f"{self.args.ack_timeout:.1f}s")
+                    else:
+                        left = True
+        self._sweeping = left
+        if left:
+            asyncio.get_running_loop().call_later(min(1.0, self.args.ack_timeout / 4), self._sweep)
+
+    def _reply(self, st: "_Fault", err: int = 0, msg: str = "", entries=None, fast: bool = False) -> list:
+        """FAULT_REPLY, once (early: as soon as the notifications are sent; KSM_PROTO_EARLY_REPLY=0: at
+        the end).  One carrying a COW's new PTEs (entries) returns the WaitAcks handle of the VM's
+        APPLIED: [st] on the fast path (the fault parks on it), a future's on the event loop's."""
+        f, ch = st.f, st.ch
+        if st.replied or (entries is None and not err and not EARLY_REPLY and fast is not None):
+            return []
+        st.replied = True
+        if self.tr:
+            self.tr.send(self.peers.get(f.mm, f"vm:{f.mm}"), "FAULT_REPLY", f.mm, -1, f.addr, f.n, 0,
+                         int(entries[0, 1]) if entries is not None and len(entries) else 0, f.corr)
+        if ch.closed:
+            return []
+        self.reply_ns += time.monotonic_ns() - st.t0
+        if entries is not None and len(entries) == 1 and not err:
+            ch.send(REPLY1.pack(MAGIC, REPLY1.size, Msg.FAULT_REPLY, 0, 0, f.mm, f.corr, f.addr, 1, 0,
+                                int(entries[0, 0]), int(entries[0, 1])))
+        else:
+            ch.send(encode(Msg.FAULT_REPLY, flags=err, mm=f.mm, corr=f.corr, addr=f.addr, entries=entries,
+                           payload=call_payload({"error": msg}) if err else b""))
+        if entries is None:
+            return []
+        if fast:
+            return [st]
+        fut = asyncio.get_running_loop().create_future()
+        ch.applied[f.corr] = fut
+        return [(self.notifiers[f.mm], Msg.FAULT_REPLY, None, f.corr, f.addr, fut)]
+
+    def _finish(self, st: "_Fault", value, exc) -> None:
+        f = st.f
+        st.ch.applied.pop(f.corr, None)
+        if exc is None:
+            copies, reuses = value
             self.cow_copies += copies
             self.reuses += reuses
-            reply()
-        except (OSError, TimeoutError, KeyError) as e:
-            if not final and not replied:
-                return False
-            if isinstance(e, KeyError):
-                reply(errno.EFAULT, f"unknown mm {f0.mm}")
-            elif isinstance(e, TimeoutError) and not e.errno:
-                reply(errno.EAGAIN, str(e))
-            else:
-                reply(e.errno or errno.EIO, e.strerror or str(e))
-        except Exception as e:       # a bug: the VM hears of it, this process goes on
-            log.exception("%s: fault on mm %d failed", self.name, f0.mm)
-            reply(errno.EIO, f"fault handler error: {e!r}")
+            self._reply(st, fast=None)
+        elif isinstance(exc, OSError):
+            self._reply(st, exc.errno or errno.EIO, exc.strerror or str(exc), fast=None)
+        elif isinstance(exc, TimeoutError):
+            self._reply(st, errno.EAGAIN, str(exc), fast=None)
+        elif isinstance(exc, KeyError):
+            self._reply(st, errno.EFAULT, f"unknown mm {f.mm}", fast=None)
+        else:       # a bug: the VM hears of it, this process goes on
+            log.error("%s: fault on mm %d failed", self.name, f.mm, exc_info=exc)
+            self._reply(st, errno.EIO, f"fault handler error: {exc!r}", fast=None)
         if self.tr:
-            self.tr.span("handle_mm_fault", t0, time.monotonic_ns(), mm=f0.mm, pages=int(sum(f.n for _, f in batch)),
-                         write=int(f0.flags & 1), faults=len(batch))
-        return True
+            self.tr.span("handle_mm_fault", st.t0, time.monotonic_ns(), mm=f.mm, pages=f.n, write=int(f.flags & 1))
 
     async def page_referenced(self, mm_id: int, addr: int, npages: int) -> int:
         """Test and clear the young bit of each page, primary and secondary (clear_flush_young)."""
@@ -248,8 +385,9 @@ class FaultHandler:
                 reply["referenced"] = await self.page_referenced(req_int(req, "mm"), req_int(req, "addr"),
                                                                  req_int(req, "npages", None, 1))
             elif op == "stats":
-                reply = {"faults": self.faults, "batches": self.batches, "cow_copies": self.cow_copies,
-                         "reuses": self.reuses, "refused": self.refused}
+                reply = {"faults": self.faults, "cow_copies": self.cow_copies, "reuses": self.reuses,
+                         "refused": self.refused, "reply_ns": self.reply_ns,
+                         "batched": self.batched}
             elif op == "ping":
                 pass
             else:
@@ -278,9 +416,15 @@ class FaultHandler:
             self.tr.close()
 
 
-def _addrs(f: Frame) -> np.ndarray:
-    """The page addresses a FAULT names (none: a malformed FAULT, which the core refuses)."""
-    return np.zeros(0, dtype=np.uint64) if f.entries is None else f.entries[:, 0]
+class _Fault:
+    """One FAULT being served: its channel and frame, whether it was answered, and where it is parked."""
+    __slots__ = ("ch", "f", "replied", "t0", "gen", "deadline")
+
+    def __init__(self, ch, f):
+        self.ch, self.f, self.replied, self.t0, self.gen, self.deadline = ch, f, False, 0, None, 0.0
+
+
+REPLY1 = struct.Struct(HEADER.format + "QQ")     # a one-page COW reply: the frame header and (addr, new pte)
 
 
 def _tname(t: int) -> str:

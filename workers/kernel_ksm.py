@@ -1102,6 +1102,7 @@ def kernel_cow_us(npages: int = 4096, timeout: float = 60) -> dict:
             return {"cow_p50_us": round(float(np.median(c)), 3), "cow_mean_us": round(float(c.mean()), 3),
                     "cow_p99_us": round(float(np.percentile(c, 99)), 3),
                     "unmerged_p50_us": round(float(np.median(p)), 3), "pages": npages,
-                    "pages_shared": merged["pages_shared"], "pages_sharing": merged["pages_sharing"]}
+                    "pages_shared": merged["pages_shared"], "pages_sharing": merged["pages_sharing"],
+                    "_samples": c.tolist()}
         finally:
             _stop_close_unmerge(k, region, deadline)

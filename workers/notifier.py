@@ -11,7 +11,8 @@ actor (ksmd, the fault handler) on asyncio/uvloop:
     corked until the next wait so back-to-back messages leave in one write;
   * WaitAcks: every ack, with a timeout; a subscriber that does not answer in time is
     released (unregistered), never waited on forever;
-  * Reply: the caller's callback (the fault handler's FAULT_REPLY);
+  * Reply: the caller's callback (the fault handler's FAULT_REPLY; for a reply carrying a COW's
+    PTEs it returns the WaitAcks handle of the VM's APPLIED);
   * ShardSend / ShardRecv: messages to and from the other scanners (`shards`, the
     scanner's mesh: ksmd.py), every wait bounded;
   * anything else: the caller's `other` coroutine, if given (the VM worker's LocalNotify
@@ -83,6 +84,10 @@ class MMUNotifier:
         self.sent[type] += len(entries) * len(subs)
         return sent
 
+    def release_all(self, why: str) -> None:
+        for sub in range(len(self.mm.subs)):
+            self.release(sub, why)
+
     def release(self, sub: int, why: str) -> None:
         """Unregister a subscriber that stopped answering (the mm's other subscribers go on)."""
         if self.mm.subs[sub, SUB_ACTIVE]:
@@ -107,10 +112,14 @@ async def wait_acks(sent: list) -> list[int]:
             except (asyncio.TimeoutError, ConnectionError):
                 if n.ch is not None:
                     n.ch.pending.pop(corr, None)
-                n.release(s, f"no ack to {type.name} within {n.timeout:.1f}s")
+                if s is None:       # a COW reply the VM did not say it applied: all its secondary MMUs
+                    n.release_all(f"no APPLIED for the COW reply {corr} within {n.timeout:.1f}s")
+                else:
+                    n.release(s, f"no ack to {type.name} within {n.timeout:.1f}s")
                 continue
             if n.tr:
-                n.tr.recv(n.peer, "ACK", n.mm_id, s, addr0, 0, 0, 0, corr)
+                n.tr.recv(n.peer, "ACK" if s is not None else "APPLIED", n.mm_id, -1 if s is None else s, addr0,
+                          0, 0, 0, corr)
             acks.append(ack.flags)
     finally:
         timer.cancel()
@@ -132,18 +141,22 @@ class Driver:
     def lock(self, key):
         return self.ptls[key[1]] if key[0] == "ptl" else self.ksm_locks[key[1]]
 
-    async def run(self, gen, reply=None, observe=None, other=None):
+    async def run(self, gen, reply=None, observe=None, other=None, first=None):
         """Drive gen to its end; returns its value (its exception propagates).  observe(effect), if
         given, sees each effect before it runs (tracing).  other: an async callable for effects
-        this driver does not know (its result is sent back, its exception thrown into the core)."""
+        this driver does not know (its result is sent back, its exception thrown into the core).
+        first: the effect gen already yielded (a core another driver started: faultd's fast path)."""
         send, exc = None, None
         corked: set = set()
         try:
             while True:
-                try:
-                    e = gen.throw(exc) if exc is not None else gen.send(send)
-                except StopIteration as s:
-                    return s.value
+                if first is not None:
+                    e, first = first, None
+                else:
+                    try:
+                        e = gen.throw(exc) if exc is not None else gen.send(send)
+                    except StopIteration as s:
+                        return s.value
                 send, exc = None, None
                 c = e.__class__
                 if observe is not None:
@@ -178,8 +191,7 @@ class Driver:
                     except TimeoutError as x:
                         exc = x
                 elif c is Reply:
-                    if reply is not None:
-                        reply(e)
+                    send = reply(e) if reply is not None else []
                 elif other is not None:
                     try:
                         send = await other(e)

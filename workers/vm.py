@@ -31,17 +31,20 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import os
 import random
+import select
 import socket
+import struct
 import time
 
 import numpy as np
 
-from proto.channel import Channel
+from proto.channel import Channel, expire_after
 from proto.layout import (MMF_VM_MERGE_ANY, MMF_VM_MERGEABLE, MMH_FLAGS, PAGE_SHIFT, PAGE_SIZE, SUB_ACTIVE,
                           SUB_CHANGE_PTE, USER_BASE, VM_EXEC, VM_KSM_IGNORED, VM_MERGEABLE, VM_READ, VM_WRITE,
                           MMView, Segment, seg_name)
-from proto.messages import MAX_DATA, Frame, Msg, NOTIFIER_TYPES, call_payload, encode
+from proto.messages import HEADER, MAGIC, MAX_DATA, Frame, Msg, NOTIFIER_TYPES, call_payload, encode
 from proto import (MADV_DONTNEED, MADV_MERGEABLE, MADV_UNMERGEABLE, PR_GET_MEMORY_MERGE, PR_SET_MEMORY_MERGE,
                    PROT_EXEC, PROT_READ, PROT_WRITE)
 from proto.trace import Tracer
@@ -51,13 +54,15 @@ from .core.access import FaultCall, Touch, WaitIdle, touch, vm_access
 from .core.effects import VMAS, Load, Memory
 from .core.mm import (break_ksm_range, do_mprotect, do_munmap, dup_mmap, ksm_disable_merge_any,
                       ksm_enable_merge_any, madvise_dontneed, mmap_flags)
-from .core.notify import LocalNotify, SecondaryMMU
+from .core.notify import LocalNotify, SecondaryMMU, local_set_pte
 from .core.pte import check_range, page_range, task_size, vma_table
 from .notifier import Driver, lock_ptl
 
 log = logging.getLogger("ksm_proto.vm")
 U64 = np.uint64
 PROT_SEM = 0x8              # accepted and ignored, as on x86
+FAULT1 = struct.Struct(HEADER.format + "QQ")   # a one-page FAULT: the frame header and its (addr, 0) entry
+FAST_WAIT_S = 0.005         # the longest a fault's reply is waited for on its socket before the loop takes over
 
 
 class VMWorker:
@@ -88,10 +93,13 @@ class VMWorker:
         self.notifier_losses = {p: 0 for p in [self.fault_peer] + self.scanner_peers}
         self.refused = 0                     # frames refused on a notifier channel (wrong mm or type)
         self.fault_retries = 0
+        self.fast_replies = 0                # fault replies read on the socket itself (_reply_now)
         self.writers: dict[int, dict] = {}
         self.exiting = False
         self.shared = Memory(self.mem.alloc, self.mem.stats, {self.mm_id: self.mm})
         self.driver = Driver(self.shared, {self.mm_id: self.ptl}, {}, args.ack_timeout * 2)
+        self._poll = None                    # poll object over the fault handler's and the scanners' channels (_reply_now)
+        self._poll_key = None
         self._vmas_key: bytes | None = None
         self._vmas: list = []
 
@@ -158,7 +166,17 @@ class VMWorker:
             self.notifier_lost(ch)
         ch = Channel(f"{self.name}->{peer}", self.on_notify, lost)
         ch.peer, ch.open_starts, ch.lost_done = peer, {}, False
+        if peer == self.fault_peer:     # a COW reply is applied on arrival, whoever waits for it
+            ch.on_reply = self._on_fault_reply
         return ch
+
+    def _on_fault_reply(self, ch: Channel, f: Frame) -> None:
+        if f.type == Msg.FAULT_REPLY and f.n and not f.flags:
+            if f.mm != self.mm_id:
+                self.refused += 1
+                log.error("%s: refused a FAULT_REPLY for mm %d", self.name, f.mm)
+                return
+            self.apply_cow_reply(ch, f)
 
     async def connect(self, peer: str, fd: int) -> None:
         """Take the channel end the supervisor handed us for `peer` and introduce this mm on it."""
@@ -170,6 +188,7 @@ class VMWorker:
         sock.setblocking(False)
         _, ch = await loop.create_connection(lambda: self._notifier_channel(peer, fd), sock=sock)
         self.chans[peer] = ch
+        ch.fd = fd
         if peer == self.fault_peer:
             self.fault_ch = ch
         elif peer == "ksmd":
@@ -184,10 +203,16 @@ class VMWorker:
 
     # ------------------------------------------------------------------ memory access
     async def fault_call(self, idx: np.ndarray, flags: int, ncow: int = 0) -> None:
-        entries = np.zeros((len(idx), 2), dtype=U64)
-        entries[:, 0] = (USER_BASE + (idx.astype(np.int64) << PAGE_SHIFT)).astype(U64)
-        addr0 = int(entries[0, 0])
+        """FAULT for pages idx; returns once the reply is in (a COW reply applied on arrival, see
+        `_on_fault_reply`).  A one-page FAULT is one fixed-size record; the reply is waited for on
+        the socket itself while nothing else needs this process (`_reply_now`), else on the loop."""
         t0 = time.monotonic_ns()
+        n = len(idx)
+        addr0 = USER_BASE + (int(idx[0]) << PAGE_SHIFT)
+        entries = None
+        if n > 1:
+            entries = np.zeros((n, 2), dtype=U64)
+            entries[:, 0] = (USER_BASE + (idx.astype(np.int64) << PAGE_SHIFT)).astype(U64)
         while True:      # a fault the dead fault handler did not answer is sent again to its successor
             if not self.fault_ready.is_set():
                 try:
@@ -198,19 +223,34 @@ class VMWorker:
             ch = self.fault_ch
             corr = Channel.next_corr()
             if self.tr:
-                self.tr.send("faultd", "FAULT", self.mm_id, -1, addr0, len(idx), 0, 0, corr)
+                self.tr.send(self.fault_peer, "FAULT", self.mm_id, -1, addr0, len(idx), 0, 0, corr)
+            data = FAULT1.pack(MAGIC, FAULT1.size, Msg.FAULT, 0, flags, self.mm_id, corr, addr0, 1, 0, addr0, 0) \
+                if entries is None else encode(Msg.FAULT, flags=flags, mm=self.mm_id, corr=corr, addr=addr0,
+                                               entries=entries)
             try:
-                rep = await ch.call(corr, encode(Msg.FAULT, flags=flags, mm=self.mm_id, corr=corr,
-                                                 addr=addr0, entries=entries), self.args.ack_timeout * 4)
+                fut = ch.request(corr, data)
+                rep = self._reply_now(ch, fut)
+                if rep is not None:
+                    self.fast_replies += 1
+                else:
+                    timer = expire_after([fut], self.args.ack_timeout * 4,
+                                         f"{ch.name}: no answer within {self.args.ack_timeout * 4:.1f}s")
+                    try:
+                        rep = await fut
+                    finally:
+                        timer.cancel()
+                        ch.pending.pop(corr, None)
                 break
             except ConnectionError:
                 self.notifier_lost(ch)
                 self.fault_retries += 1
             except asyncio.TimeoutError as e:
                 raise OSError(errno.EFAULT, f"fault handler did not answer: {e!r}") from None
+        if self.tr:
+            self.tr.recv(self.fault_peer, "FAULT_REPLY", self.mm_id, -1, addr0, n, 0,
+                         int(rep.entries[0, 1]) if rep.n else 0, corr)
         t1 = time.monotonic_ns()
         if self.tr:
-            self.tr.recv("faultd", "FAULT_REPLY", self.mm_id, -1, addr0, len(idx), 0, 0, corr)
             if ncow:
                 self.tr.span("cow_fault", t0, t1, mm=self.mm_id, pages=ncow)
         self.primary_faults += 1
@@ -220,6 +260,72 @@ class VMWorker:
                 self.cow_ns.append((t1 - t0) // ncow)
         if rep.flags:
             raise OSError(rep.flags, rep.json().get("error") or errno.errorcode.get(rep.flags, "fault failed"))
+
+    def _reply_now(self, ch: Channel, fut) -> Frame | None:
+        """The fast path of a fault: wait for the reply on the fault handler's socket itself, in this
+        thread, with no event-loop turn, and hand what comes to the channel as the loop would (a COW
+        reply is applied and APPLIED sent at once; a CLEAR_YOUNG answered).  Only while nothing else
+        needs this process: once a scanner's channel has something (it may hold a ptl the fault needs
+        and wait for our ack: the lock rule), or after FAST_WAIT_S, or if the request did not leave at
+        once, None: the event loop waits instead (with the call's timeout)."""
+        tp = ch.transport
+        if tp is None or tp.get_write_buffer_size() or ch.closed:
+            return None
+        key = (ch,) + tuple(self.chans.get(p) for p in self.scanner_peers)
+        if self._poll_key != key:
+            self._poll = select.poll()
+            for c in key:
+                if c is not None and getattr(c, "fd", None) is not None:
+                    self._poll.register(c.fd, select.POLLIN)
+            self._poll_key = key
+        fd, poll = ch.fd, self._poll
+        deadline = time.monotonic() + FAST_WAIT_S
+        while not fut.done():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            evs = poll.poll(left * 1000.0)
+            if not evs:
+                return None
+            for pfd, _ in evs:
+                if pfd != fd:
+                    return None
+            try:
+                data = os.read(fd, 1 << 16)
+            except BlockingIOError:
+                continue
+            except OSError:
+                return None
+            if not data:            # EOF: the loop's own read sees it too, and closes the channel
+                return None
+            ch.data_received(data)
+            if ch.closed and not fut.done():
+                return None
+        return fut.result()
+
+    def apply_cow_reply(self, ch: Channel, rep: Frame) -> None:
+        """A COW reply carries the new PTEs (core.fault.wp_page_copy_reply): apply set_pte_at_notify's
+        messages to this mm's secondary MMUs now, before the write resumes (the same messages, in the
+        same order, as the fault handler would have sent each), then tell the fault handler APPLIED:
+        it holds ptl and the old frame until then.  Entries outside this mm are refused (logged), and
+        APPLIED still goes back, so that the fault handler lets go."""
+        try:
+            for sub, typ in local_set_pte(self.subs_list(), rep.entries, self.args.mode):
+                if self.tr:
+                    self.tr.recv(self.name, typ.name, self.mm_id, sub.sub, int(rep.entries[0, 0]), rep.n, 0,
+                                 int(rep.entries[0, 1]), 0)
+                idle = self.idle[sub.sub]
+                if sub.in_progress:
+                    idle.clear()
+                else:
+                    idle.set()
+        except ValueError as e:
+            self.refused += 1
+            log.error("%s: refused a COW reply from the fault handler: %s", self.name, e)
+        if self.tr:
+            self.tr.send(self.fault_peer, "APPLIED", self.mm_id, -1, rep.addr, 0, 0, 0, rep.corr)
+        if not ch.closed:
+            ch.send(encode(Msg.APPLIED, mm=self.mm_id, corr=rep.corr))
 
     async def access(self, addr: int, length: int, write: bool, data=None, sub: SecondaryMMU | None = None):
         """Read or write guest memory through a secondary MMU, faulting as needed (core.access)."""
@@ -503,6 +609,7 @@ class VMWorker:
             "notifier_losses": dict(self.notifier_losses),
             "refused": self.refused,
             "fault_retries": self.fault_retries,
+            "fast_replies": self.fast_replies,
         }
 
     async def on_call(self, ch: Channel, f: Frame) -> None:

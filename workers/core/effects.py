@@ -283,7 +283,11 @@ class ShardRecv(Effect):
 
 
 class Reply(Effect):
-    """The fault handler answers the faulting VM now (before the operation's end: early reply)."""
+    """The fault handler answers the faulting VM now (before the operation's end: early reply).
+
+    With entries (n x (addr, new pte), wp_page_copy_reply) the reply carries a COW's new PTEs: the VM
+    applies set_pte_at_notify's messages to its secondary MMUs on arrival and answers APPLIED; the
+    result is then a handle for WaitAcks (that answer), else None."""
     __slots__ = ("err", "msg", "entries")
 
     def __init__(self, err=0, msg="", entries=None):
@@ -326,6 +330,15 @@ class Memory:
         self.stats = stats
         self.mms = {} if mms is None else mms
         self.memory = memoryview(alloc.mem)
+        self._vmas: dict = {}           # mm id -> (table bytes, VMA list): a fault reads the list each time
+
+    def vma_list(self, mm_id: int) -> list:
+        """The mm's VMA list, parsed again only when its table's bytes changed (a copy: callers may edit it)."""
+        key = self.mms[mm_id].vmas.tobytes()
+        hit = self._vmas.get(mm_id)
+        if hit is None or hit[0] != key:
+            hit = self._vmas[mm_id] = (key, self.mms[mm_id].vma_list())
+        return list(hit[1])
 
     def page_bytes(self, pfn: int) -> bytes:
         o = int(pfn) * PAGE_SIZE
@@ -362,7 +375,7 @@ def apply_mem(m: Memory, e):
     if c is Load:
         r = e.region
         if r == VMAS:
-            return m.mms[e.mm].vma_list()
+            return m.vma_list(e.mm)
         if r == SUBS:
             return [(s, bool(row[1])) for s, row in enumerate(m.mms[e.mm].subs.tolist()) if row[0]]
         if r == MMFLAGS:
@@ -393,6 +406,8 @@ def apply_mem(m: Memory, e):
     if c is Put:
         if np.ndim(e.pfns) == 0:
             m.alloc.put_one(int(e.pfns))
+        elif len(e.pfns) == 1:          # a one-page COW's old frame: no np.unique
+            m.alloc.put_one(int(e.pfns[0]))
         else:
             m.alloc.put(e.pfns)
         return None

@@ -37,8 +37,8 @@ from proto.messages import FAULT_UNSHARE, FAULT_WRITE
 
 from .effects import (FLAGS, MAPCOUNT, PTE, VMAS, Alloc, CopyPages, Load, Lock, Put, Reply, Store, Unlock,
                       WaitAcks, ZeroPagesAdd, ptl)
-from .notify import set_pte_at_notify
-from .pte import may_access, vma_flags_at, vma_mask
+from .notify import entries_for, set_pte_at_notify
+from .pte import may_access, vma_flags_at
 
 U64 = np.uint64
 ANON_RW = PTE_PRESENT | PTE_WRITE | PTE_DIRTY | PTE_YOUNG
@@ -46,25 +46,30 @@ ZERO_RO = (ZERO_PFN << PAGE_SHIFT) | PTE_PRESENT | PTE_YOUNG
 
 
 def handle_mm_fault(mm: int, npages: int, idx: np.ndarray, flags: int, mode: str, early_reply: bool = False,
-                    brk=frozenset()):
-    """Serve one fault request; returns (cow copies, reuses).  Raises OSError (EFAULT, ENOMEM)."""
+                    brk=frozenset(), cow_reply: bool = True):
+    """Serve one fault request; returns (cow copies, reuses).  Raises OSError (EFAULT, ENOMEM).
+
+    cow_reply (the fault handler's default): a COW's set_pte_at_notify rides on the reply, applied
+    by the faulting VM on arrival (`wp_page_copy`); off, it is sent as notifier messages."""
     idx = np.asarray(idx, dtype=np.int64)
     if len(idx) == 0:
         raise OSError(errno.EINVAL, f"fault request for mm {mm} names no page")
-    if idx.min() < 0 or idx.max() >= npages:
+    lo, hi = (int(idx[0]), int(idx[0])) if len(idx) == 1 else (idx.min(), idx.max())
+    if lo < 0 or hi >= npages:
         raise OSError(errno.EFAULT, f"fault address outside the address space of mm {mm}")
     yield Lock(ptl(mm))
     abandoned = False
     try:
         vmas = yield Load(VMAS, mm)
-        inside = vma_mask(vmas, idx)
+        vflags = vma_flags_at(vmas, idx)        # -1: in no VMA
+        inside = vflags >= 0
         if not inside.all():
             bad = USER_BASE + (int(idx[~inside][0]) << PAGE_SHIFT)
             raise OSError(errno.EFAULT, f"segfault: {bad:#x} is not in any VMA of mm {mm}")
         write = bool(flags & FAULT_WRITE)
         unshare = bool(flags & FAULT_UNSHARE)
         if not unshare:
-            ok = may_access(vma_flags_at(vmas, idx), write)
+            ok = may_access(vflags, write)
             if not ok.all():
                 bad = USER_BASE + (int(idx[~ok][0]) << PAGE_SHIFT)
                 raise OSError(errno.EFAULT, f"segfault: {'write to' if write else 'read of'} {bad:#x}, "
@@ -75,7 +80,7 @@ def handle_mm_fault(mm: int, npages: int, idx: np.ndarray, flags: int, mode: str
             yield from do_anonymous_page(mm, idx[~present], write)
         if not (write or unshare) or not present.any():
             return 0, 0
-        return (yield from do_wp_page(mm, idx[present], pte[present], write, mode, early_reply, brk))
+        return (yield from do_wp_page(mm, idx[present], pte[present], write, mode, early_reply, brk, cow_reply))
     except GeneratorExit:           # abandoned (a checker run cut short): nothing to release
         abandoned = True
         raise
@@ -98,7 +103,8 @@ def do_anonymous_page(mm: int, idx: np.ndarray, write: bool):
         yield Store(PTE, mm, idx, np.full(len(idx), ZERO_RO, dtype=U64))
 
 
-def do_wp_page(mm: int, idx: np.ndarray, pte: np.ndarray, write: bool, mode: str, early_reply: bool, brk):
+def do_wp_page(mm: int, idx: np.ndarray, pte: np.ndarray, write: bool, mode: str, early_reply: bool, brk,
+               cow_reply: bool = False):
     """Break COW (write) or unshare KSM pages (no write) for present pages; (copies, reuses)."""
     pfn = (pte >> U64(PAGE_SHIFT)).astype(np.int64)
     fflags = yield Load(FLAGS, None, pfn)
@@ -118,16 +124,19 @@ def do_wp_page(mm: int, idx: np.ndarray, pte: np.ndarray, write: bool, mode: str
     if not copy.any():
         return 0, int(reuse.sum())
     yield from wp_page_copy(mm, idx[copy], pfn[copy], (pte[copy] & U64(PTE_SPECIAL)) != 0, write, mode,
-                            early_reply, brk)
+                            early_reply, brk, cow_reply)
     return int(copy.sum()), int(reuse.sum())
 
 
 def wp_page_copy(mm: int, idx: np.ndarray, old: np.ndarray, special: np.ndarray, writable: bool, mode: str,
-                 early_reply: bool = False, brk=frozenset()):
+                 early_reply: bool = False, brk=frozenset(), cow_reply: bool = False):
     """Copy each frame, set the PTEs with notification, put the old frames after the acks.
 
-    The caller holds ptl(mm).  Out of frames: nothing changed.
+    The caller holds ptl(mm).  Out of frames: nothing changed.  With cow_reply, see
+    `wp_page_copy_reply`.
     """
+    if cow_reply:
+        return (yield from wp_page_copy_reply(mm, idx, old, special, writable, mode, brk))
     new = yield Alloc(len(idx), FRAME_ANON, False)
     try:
         yield CopyPages(new, old)
@@ -158,6 +167,60 @@ def wp_page_copy(mm: int, idx: np.ndarray, old: np.ndarray, special: np.ndarray,
         yield Reply()
     if handles:
         yield WaitAcks(handles)
+    if old is not None:
+        yield Put(old)
+
+
+def wp_page_copy_reply(mm: int, idx: np.ndarray, old: np.ndarray, special: np.ndarray, writable: bool, mode: str,
+                       brk=frozenset()):
+    """wp_page_copy in one round trip: the reply carries the new PTEs and set_pte_at_notify runs in the VM.
+
+    do_wp_page changes only the faulting mm's PTEs, so set_pte_at_notify reaches only that mm's
+    secondary MMUs, and they live in the faulting VM's process.  So: copy, store the new PTEs, and
+    `Reply` with them; the VM applies, on the reply's arrival and before the write resumes, the very
+    messages set_pte_at_notify would have sent each of its secondary MMUs in `mode`
+    (`notify.local_set_pte`: the same order and grammar), then answers APPLIED, which `WaitAcks`
+    waits for (with the driver's timeout, like any ack).
+
+    Deferred release: the old frames are put only after APPLIED, and ptl is held until then.  Until
+    the VM applied the reply, a secondary MMU of this mm may still map an old frame (read-only) and
+    read it; once APPLIED is in, none does (the VM's START/CHANGE_PTE/INVALIDATE_PAGE dropped or
+    replaced every such translation, and a secondary fault can only install what the primary PTE,
+    now the new frame, says), and no primary PTE of this mm maps it.  Holding ptl until then keeps
+    ksmd's messages for this mm (sent only under ptl) behind the reply's, as with the acks of old.
+    The checker's `early-release` break puts the old frames right after the reply.
+    """
+    new = yield Alloc(len(idx), FRAME_ANON, False)
+    try:
+        yield CopyPages(new, old)
+        bits = PTE_PRESENT | PTE_DIRTY | PTE_YOUNG | (PTE_WRITE if writable else 0)
+        new_ptes = (new.astype(U64) << U64(PAGE_SHIFT)) | U64(bits)
+        yield Store(PTE, mm, idx, new_ptes)
+    except GeneratorExit:
+        raise
+    except BaseException:       # the new frames no PTE took are freed; the old mapping stays
+        yield from put_uninstalled(mm, idx, new)
+        raise
+    nz = int(special.sum())
+    if nz:      # counted as the PTE changes, before the faulting VM hears back
+        yield ZeroPagesAdd(mm, -nz)
+    if "free-before-acks" in brk:
+        yield Put(old)
+        old = None
+    h = yield Reply(entries=entries_for(idx, new_ptes))
+    if "early-release" in brk and old is not None:      # deferred release skipped: put before APPLIED
+        yield Put(old)
+        old = None
+    if "cow-reply-before-acks" in brk:      # let go of ptl before the VM applied the reply
+        yield Unlock(ptl(mm))
+        if h:
+            yield WaitAcks([h])
+        if old is not None:
+            yield Put(old)
+        yield Lock(ptl(mm))                 # (taken again for handle_mm_fault's unlock)
+        return
+    if h:
+        yield WaitAcks([h])
     if old is not None:
         yield Put(old)
 

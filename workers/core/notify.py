@@ -90,6 +90,28 @@ def set_pte_at_notify(jobs, mode: str, wait: bool = True, wait_start: bool = Tru
     return handles
 
 
+def set_pte_types(mode: str, has_change_pte: bool) -> tuple:
+    """The messages one set_pte_at_notify gives one secondary MMU in `mode`, in order."""
+    if mode == "change_pte":
+        return (Msg.CHANGE_PTE,) if has_change_pte else (Msg.INVALIDATE_PAGE,)
+    if mode == "wrapped" and has_change_pte:
+        return (Msg.START, Msg.CHANGE_PTE, Msg.END)
+    return (Msg.START, Msg.END)
+
+
+def local_set_pte(subs, entries, mode: str):
+    """set_pte_at_notify's messages for a COW reply's entries, applied by the VM that owns `subs` on
+    the reply's arrival (core.fault.wp_page_copy_reply): each live secondary MMU gets, in one go, the
+    messages set_pte_at_notify would have sent it (`set_pte_types`).  Yields (sub, type) after
+    applying each, for the caller's log or grammar check."""
+    for sub in subs:
+        if sub.released:
+            continue
+        for t in set_pte_types(mode, sub.has_change_pte):
+            sub.apply(t, entries)
+            yield sub, t
+
+
 class LocalNotify(Effect):
     """invalidate_range_start (START) or _end (END) from the mm's own process: each SecondaryMMU in
     subs applies it at once (a local call; a released one is skipped).  Returns None."""

@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
-import os
 import socket
 import time
 
@@ -37,7 +36,7 @@ from .core.effects import Memory, TryLock
 from .core.fault import unmerge_ksm_pages
 from .core.scan import BATCH, KsmScan
 from .frames import OutOfFrames
-from .notifier import Driver, MMUNotifier
+from .notifier import Driver, MMUNotifier, bind_vm_channel
 
 log = logging.getLogger("ksm_proto.ksmd")
 
@@ -159,24 +158,9 @@ class Ksmd:
     # ------------------------------------------------------------------ channels and main loop
     async def attach_mm(self, mm_id: int, name: str, fd: int) -> None:
         """Bind a channel end the supervisor passed to mm mm_id: once, ever (mm ids are not reused)."""
-        if mm_id in self.bound:
-            os.close(fd)
-            self.refuse(f"a second channel for mm {mm_id} ({name})")
-            raise OSError(errno.EBUSY, f"mm {mm_id} already has a channel to ksmd")
-        if mm_id not in self.memory.mms:
-            try:
-                mm, ptl = self.mem.attach_mm(mm_id)
-            except BaseException:
-                os.close(fd)
-                raise
-            self.memory.mms[mm_id] = mm
-            self.ptls[mm_id] = ptl
-            self.scan.add_mm(mm_id, mm)
-        self.bound.add(mm_id)
-        sock = socket.socket(fileno=fd)
-        sock.setblocking(False)
-        _, ch = await asyncio.get_running_loop().create_connection(
-            lambda: Channel(f"ksmd<-{name}", self.on_vm_frame), sock=sock)
+        ch, new = await bind_vm_channel(self, mm_id, name, fd, lambda: Channel(f"ksmd<-{name}", self.on_vm_frame))
+        if new:
+            self.scan.add_mm(mm_id, self.memory.mms[mm_id])
         ch.peer, ch.hello = mm_id, False
         self.notifiers[mm_id] = MMUNotifier(self.name, name, self.memory.mms[mm_id], ch, self.tr,
                                             self.args.ack_timeout)

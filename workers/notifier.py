@@ -22,7 +22,10 @@ the core at the effect that caused it, so the core's own cleanup runs.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
+import os
+import socket
 import time
 
 from proto.channel import expire_after
@@ -186,3 +189,28 @@ class Driver:
         finally:
             for ch in corked:
                 ch.uncork()
+
+
+async def bind_vm_channel(actor, mm_id: int, name: str, fd: int, protocol_factory):
+    """Bind the channel end `fd` the supervisor passed to mm mm_id, for a notifier actor (ksmd, faultd):
+    once, ever (mm ids are never reused; a second end is refused, counted and closed), attaching the
+    mm's memory and ptl first if the actor does not have them.  Returns (channel, whether the mm was
+    new to the actor).  `actor` has name, bound, memory, mem, ptls and refuse()."""
+    if mm_id in actor.bound:
+        os.close(fd)
+        actor.refuse(f"a second channel for mm {mm_id} ({name})")
+        raise OSError(errno.EBUSY, f"mm {mm_id} already has a channel to {actor.name}")
+    new = mm_id not in actor.memory.mms
+    if new:
+        try:
+            mm, ptl = actor.mem.attach_mm(mm_id)
+        except BaseException:
+            os.close(fd)
+            raise
+        actor.memory.mms[mm_id] = mm
+        actor.ptls[mm_id] = ptl
+    actor.bound.add(mm_id)
+    sock = socket.socket(fileno=fd)
+    sock.setblocking(False)
+    _, ch = await asyncio.get_running_loop().create_connection(protocol_factory, sock=sock)
+    return ch, new

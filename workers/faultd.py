@@ -46,7 +46,7 @@ from .core.effects import MEM_EFFECTS, Lock, Memory, Reply, Unlock, WaitAcks, ap
 from .core.fault import handle_mm_fault
 from .core.notify import clear_flush_young, entries_for
 from .core.pte import check_range, task_size
-from .notifier import Driver, MMUNotifier, lock_ptl
+from .notifier import Driver, MMUNotifier, bind_vm_channel, lock_ptl
 
 log = logging.getLogger("ksm_proto.faultd")
 U64 = np.uint64
@@ -90,23 +90,8 @@ class FaultHandler:
             os.close(fd)
             raise OSError(errno.EINVAL, f"mm {mm_id} is served by fault handler {mm_id % self.args.handlers}, "
                                         f"not {self.name}")
-        if mm_id in self.bound:         # mm ids are never reused: one channel per mm, ever
-            os.close(fd)
-            self.refuse(f"a second channel for mm {mm_id} ({name})")
-            raise OSError(errno.EBUSY, f"mm {mm_id} already has a channel to {self.name}")
-        if mm_id not in self.memory.mms:
-            try:
-                mm, ptl = self.mem.attach_mm(mm_id)
-            except BaseException:
-                os.close(fd)
-                raise
-            self.memory.mms[mm_id] = mm
-            self.ptls[mm_id] = ptl
-        self.bound.add(mm_id)
-        sock = socket.socket(fileno=fd)
-        sock.setblocking(False)
-        _, ch = await asyncio.get_running_loop().create_connection(
-            lambda: Channel(f"{self.name}<-{name}", self.on_vm_frame, self.on_vm_close), sock=sock)
+        ch, _ = await bind_vm_channel(self, mm_id, name, fd, lambda: Channel(
+            f"{self.name}<-{name}", self.on_vm_frame, self.on_vm_close))
         ch.peer, ch.hello, ch.applied = mm_id, False, {}
         self.peers[mm_id] = name
         self.notifiers[mm_id] = MMUNotifier(self.name, name, self.memory.mms[mm_id], ch, self.tr,

@@ -51,7 +51,7 @@ from .core.scan import BATCH, KsmScan
 from .core.shard import DONE, LEAD, ROUTED, Done, Routed, from_wire, to_wire
 from .frames import OutOfFrames, ShmLock
 from .ksm_tree import RmapItems
-from .notifier import Driver, MMUNotifier
+from .notifier import Driver, MMUNotifier, bind_vm_channel
 
 log = logging.getLogger("ksm_proto.ksmd")
 KSMD_NICE = 5               # the kernel's ksmd: set_user_nice(current, 5)
@@ -258,34 +258,17 @@ class Ksmd:
         self.wake.set()
 
     # ------------------------------------------------------------------ channels and main loop
+    def attach_rmap(self, mm_id: int, mm) -> None:
+        """What ksmd keeps per mm beside its memory and ptl: the mm's rmap items and ksm lock."""
+        self.rmaps[mm_id] = self.mem.attach_rmap(mm_id, mm.npages)
+        self.ksm_locks[mm_id] = ShmLock.ksm(self.args.run, mm_id)
+
     async def attach_mm(self, mm_id: int, name: str, fd: int) -> None:
         """Bind a channel end the supervisor passed to mm mm_id: once, ever (mm ids are not reused)."""
-        if mm_id in self.bound:
-            os.close(fd)
-            self.refuse(f"a second channel for mm {mm_id} ({name})")
-            raise OSError(errno.EBUSY, f"mm {mm_id} already has a channel to {self.name}")
-        if mm_id not in self.memory.mms:
-            try:
-                mm, ptl = self.mem.attach_mm(mm_id)
-            except BaseException:
-                os.close(fd)
-                raise
-            try:
-                rmap = self.mem.attach_rmap(mm_id, mm.npages)
-            except BaseException:
-                os.close(fd)
-                ptl.close()
-                raise
-            self.memory.mms[mm_id] = mm
-            self.ptls[mm_id] = ptl
-            self.ksm_locks[mm_id] = ShmLock.ksm(self.args.run, mm_id)
-            self.rmaps[mm_id] = rmap
-            self.scan.add_mm(mm_id, mm, RmapItems(rmap))
-        self.bound.add(mm_id)
-        sock = socket.socket(fileno=fd)
-        sock.setblocking(False)
-        _, ch = await asyncio.get_running_loop().create_connection(
-            lambda: Channel(f"{self.name}<-{name}", self.on_vm_frame), sock=sock)
+        ch, new = await bind_vm_channel(self, mm_id, name, fd, lambda: Channel(f"{self.name}<-{name}", self.on_vm_frame),
+                                        self.attach_rmap)
+        if new:
+            self.scan.add_mm(mm_id, self.memory.mms[mm_id], RmapItems(self.rmaps[mm_id]))
         ch.peer, ch.hello = mm_id, False
         self.notifiers[mm_id] = MMUNotifier(self.name, name, self.memory.mms[mm_id], ch, self.tr,
                                             self.args.ack_timeout)

@@ -24,7 +24,10 @@ the core at the effect that caused it, so the core's own cleanup runs.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
+import os
+import socket
 import time
 
 from proto.channel import expire_after
@@ -202,3 +205,37 @@ class Driver:
         finally:
             for ch in corked:
                 ch.uncork()
+
+
+async def bind_vm_channel(actor, mm_id: int, name: str, fd: int, protocol_factory, attach_more=None):
+    """Bind the channel end `fd` the supervisor passed to mm mm_id, for a notifier actor (ksmd, faultd):
+    once, ever (mm ids are never reused; a second end is refused, counted and closed), attaching the
+    mm's memory and ptl first if the actor does not have them.  Returns (channel, whether the mm was
+    new to the actor).  `actor` has name, bound, memory, mem, ptls and refuse().  attach_more(mm_id, mm),
+    if given, attaches what else the actor keeps per mm (ksmd: its rmap items and ksm lock); if it
+    fails, nothing of the mm is kept."""
+    if mm_id in actor.bound:
+        os.close(fd)
+        actor.refuse(f"a second channel for mm {mm_id} ({name})")
+        raise OSError(errno.EBUSY, f"mm {mm_id} already has a channel to {actor.name}")
+    new = mm_id not in actor.memory.mms
+    if new:
+        try:
+            mm, ptl = actor.mem.attach_mm(mm_id)
+        except BaseException:
+            os.close(fd)
+            raise
+        if attach_more is not None:
+            try:
+                attach_more(mm_id, mm)
+            except BaseException:
+                os.close(fd)
+                ptl.close()
+                raise
+        actor.memory.mms[mm_id] = mm
+        actor.ptls[mm_id] = ptl
+    actor.bound.add(mm_id)
+    sock = socket.socket(fileno=fd)
+    sock.setblocking(False)
+    _, ch = await asyncio.get_running_loop().create_connection(protocol_factory, sock=sock)
+    return ch, new

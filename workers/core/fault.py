@@ -137,21 +137,9 @@ def wp_page_copy(mm: int, idx: np.ndarray, old: np.ndarray, special: np.ndarray,
     """
     if cow_reply:
         return (yield from wp_page_copy_reply(mm, idx, old, special, writable, mode, brk))
-    new = yield Alloc(len(idx), FRAME_ANON, False)
-    try:
-        yield CopyPages(new, old)
-        bits = PTE_PRESENT | PTE_DIRTY | PTE_YOUNG | (PTE_WRITE if writable else 0)
-        new_ptes = (new.astype(U64) << U64(PAGE_SHIFT)) | U64(bits)
-        handles = yield from set_pte_at_notify([(mm, idx, new_ptes)], mode, wait=False,
-                                               wait_start="free-before-acks" not in brk)
-    except GeneratorExit:
-        raise
-    except BaseException:       # the new frames no PTE took are freed; the old mapping stays
-        yield from put_uninstalled(mm, idx, new)
-        raise
-    nz = int(special.sum())
-    if nz:      # counted as the PTE changes, before the faulting VM hears back
-        yield ZeroPagesAdd(mm, -nz)
+    _, handles = yield from copy_and_install(
+        mm, idx, old, special, writable,
+        lambda ptes: set_pte_at_notify([(mm, idx, ptes)], mode, wait=False, wait_start="free-before-acks" not in brk))
     if "free-before-acks" in brk:
         yield Put(old)
         old = None
@@ -190,20 +178,7 @@ def wp_page_copy_reply(mm: int, idx: np.ndarray, old: np.ndarray, special: np.nd
     ksmd's messages for this mm (sent only under ptl) behind the reply's, as with the acks of old.
     The checker's `early-release` break puts the old frames right after the reply.
     """
-    new = yield Alloc(len(idx), FRAME_ANON, False)
-    try:
-        yield CopyPages(new, old)
-        bits = PTE_PRESENT | PTE_DIRTY | PTE_YOUNG | (PTE_WRITE if writable else 0)
-        new_ptes = (new.astype(U64) << U64(PAGE_SHIFT)) | U64(bits)
-        yield Store(PTE, mm, idx, new_ptes)
-    except GeneratorExit:
-        raise
-    except BaseException:       # the new frames no PTE took are freed; the old mapping stays
-        yield from put_uninstalled(mm, idx, new)
-        raise
-    nz = int(special.sum())
-    if nz:      # counted as the PTE changes, before the faulting VM hears back
-        yield ZeroPagesAdd(mm, -nz)
+    new_ptes, _ = yield from copy_and_install(mm, idx, old, special, writable, lambda p: _store_ptes(mm, idx, p))
     if "free-before-acks" in brk:
         yield Put(old)
         old = None
@@ -223,6 +198,32 @@ def wp_page_copy_reply(mm: int, idx: np.ndarray, old: np.ndarray, special: np.nd
         yield WaitAcks([h])
     if old is not None:
         yield Put(old)
+
+
+def copy_and_install(mm: int, idx: np.ndarray, old: np.ndarray, special: np.ndarray, writable: bool, install):
+    """wp_page_copy's common part: new frames, the old pages copied in, the new PTEs put in place by
+    the generator install(new_ptes) (whose result is returned beside them), and the KSM zero pages
+    that stopped being mapped counted at once.  On a failure the new frames no PTE took are put
+    back and the old mapping stays."""
+    new = yield Alloc(len(idx), FRAME_ANON, False)
+    try:
+        yield CopyPages(new, old)
+        bits = PTE_PRESENT | PTE_DIRTY | PTE_YOUNG | (PTE_WRITE if writable else 0)
+        new_ptes = (new.astype(U64) << U64(PAGE_SHIFT)) | U64(bits)
+        result = yield from install(new_ptes)
+    except GeneratorExit:
+        raise
+    except BaseException:
+        yield from put_uninstalled(mm, idx, new)
+        raise
+    nz = int(special.sum())
+    if nz:      # counted as the PTE changes, before the faulting VM hears back
+        yield ZeroPagesAdd(mm, -nz)
+    return new_ptes, result
+
+
+def _store_ptes(mm: int, idx: np.ndarray, ptes: np.ndarray):
+    yield Store(PTE, mm, idx, ptes)
 
 
 def put_uninstalled(mm: int, idx: np.ndarray, new: np.ndarray):

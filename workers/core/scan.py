@@ -606,7 +606,6 @@ class KsmScan:
             fg[grp[forked]] = True
             b1 &= ~fg
             b2 &= ~fg
-        pairs = []          # (op rows' tree side to load: (tsid, tidx)) per part
         g1 = np.flatnonzero(one)
         if len(g1):
             p = order[start[g1]]

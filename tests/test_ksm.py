@@ -270,3 +270,36 @@ def test_a_page_shared_with_a_fork_child_is_not_merged_with_itself(ksm_machine):
     assert (s["pages_shared"], s["pages_sharing"], s["pages_unshared"], s["pages_volatile"]) == (0, 0, 8, 8)
     assert a.ksm_stat()["ksm_merging_pages"] == b.ksm_stat()["ksm_merging_pages"] == 0
     assert a.pagemap(x, 8) == b.pagemap(x, 8)
+
+
+def test_publish_writes_full_scans_last():
+    """A reader that sees full_scans advance must see that scan's counters and every mm's ksm_stat:
+    ksmd.publish stores full_scans after everything else (the selftests' ksm_start waits on it and
+    then reads ksm_merging_pages; before the fix it could read the row of the scan before)."""
+    from types import SimpleNamespace
+
+    from proto.layout import COUNTERS, MM_STATS
+    from workers.ksmd import Ksmd
+
+    stores = []
+
+    class Recorder:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, key):
+            return 0
+
+        def __setitem__(self, key, value):
+            stores.append((self.name, key))
+
+    items = SimpleNamespace(nr_items=10, merging=9)
+    scan = SimpleNamespace(slots={3: SimpleNamespace(id=3, items=items)},
+                           counters=lambda zero: {"pages_shared": 1, "pages_sharing": 8, "full_scans": 2})
+    ksmd = SimpleNamespace(scan=scan, tr=None, stats=SimpleNamespace(counters=Recorder("counters"),
+                                                                       mm=Recorder("mm")))
+    Ksmd.publish(ksmd)
+    fs = ("counters", COUNTERS.index("full_scans"))
+    assert stores[-1] == fs and stores.count(fs) == 1
+    assert ("mm", (3, MM_STATS.index("ksm_merging_pages"))) in stores[:-1]
+    assert ("counters", COUNTERS.index("pages_sharing")) in stores[:-1]

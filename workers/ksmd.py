@@ -212,13 +212,18 @@ class Ksmd:
 
     # ------------------------------------------------------------------ counters and knobs
     def publish(self) -> None:
+        """Write the counters to shared memory, full_scans last: a reader that sees a full scan end
+        (tests and tools wait on it) sees every counter and every mm's ksm_stat of that scan (the
+        stores are in program order; x86 keeps them so)."""
         vals = self.scan.counters(int(self.stats.counters[COUNTERS.index("ksm_zero_pages")]))
-        for k, v in vals.items():
-            self.stats.counters[COUNTERS.index(k)] = v
         ri, mi = MM_STATS.index("ksm_rmap_items"), MM_STATS.index("ksm_merging_pages")
         for s in self.scan.slots.values():
             self.stats.mm[s.id, ri] = s.items.nr_items
             self.stats.mm[s.id, mi] = s.items.merging
+        for k, v in vals.items():
+            if k != "full_scans":
+                self.stats.counters[COUNTERS.index(k)] = v
+        self.stats.counters[COUNTERS.index("full_scans")] = vals["full_scans"]
         if self.tr:
             self.tr.counter("pages_shared", vals["pages_shared"])
             self.tr.counter("pages_sharing", vals["pages_sharing"])

@@ -16,6 +16,7 @@ from proto import (MADV_MERGEABLE, MADV_UNMERGEABLE, PAGE_SIZE, VM_HUGETLB, VM_I
 from proto.layout import MMF_VM_MERGEABLE, MMH_FLAGS, VM_MERGEABLE, MMView, create_lock_file, lock_file
 from workers.frames import ShmLock
 from workers.machine import run_entries
+from workers.pytest_plugin import ctrl_c_delivered
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -264,7 +265,7 @@ def _pids_gone(pids, timeout=10):
 @pytest.mark.parametrize("how", ["raise", "sigterm", "sigint", "sigkill"])
 def test_nothing_left_behind(how):
     proc = subprocess.Popen([sys.executable, "-c", SCRIPT.format(root=ROOT, mode=how)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=ctrl_c_delivered)
     line = proc.stdout.readline().split()
     assert line, proc.stderr.read()
     run, pids = line[0], [int(x) for x in line[1:]]

@@ -6,12 +6,23 @@
     def test_modes(ksm_machine_factory):    # Machines with arguments, all torn down
         m = ksm_machine_factory(notifier_mode="wrapped", frames=4096)
 
+ctrl_c_delivered: a preexec_fn for children a test sends SIGINT.
+
 Teardown closes every Machine and asserts that nothing of its run is left in
 /dev/shm and that none of the processes it started is still alive.
 """
 from __future__ import annotations
 
+import signal
+
 import pytest
+
+
+def ctrl_c_delivered() -> None:
+    """preexec_fn for a child a test will Ctrl-C: SIGINT back to its default, as under a terminal.
+    (Where pytest itself runs in the background of a shell SIGINT is ignored, the children inherit
+    that, and Python then never turns SIGINT into KeyboardInterrupt.)"""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _leftovers(m) -> list[str]:

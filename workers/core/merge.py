@@ -95,8 +95,10 @@ def merge_in_groups(scan, ops):
             continue
         a, b = ops.sid[rows], np.where(ops.tsid[rows] >= 0, ops.tsid[rows], ops.sid[rows])
         lo, hi = np.minimum(a, b), np.maximum(a, b)
-        sets, which = np.unique(np.stack([lo, hi], axis=1), axis=0, return_inverse=True)
+        width = int(hi.max()) + 1                 # one int key per (lo, hi): np.unique on 1-D is far cheaper
+        keys, which = np.unique(lo * width + hi, return_inverse=True)
         which = which.reshape(-1)
+        sets = np.stack([keys // width, keys % width], axis=1)
         n = len(sets)
         start = scan.shard * n // max(1, scan.nshards)           # owners start apart
         queue = [(start + x) % n for x in range(n)]

@@ -1,16 +1,20 @@
 """make bench: ksm-proto beside its anchors, measured in one run, reported as ratios.
 
-    ksm-proto bench [--quick] [--cores N] [--out DIR] [--gib G] [--only PART ...]
+    ksm-proto bench [--quick] [--cores N] [--reps R] [--out DIR] [--gib G] [--only PART ...]
                     [--stress-writes W] [--stress-cow C] [--stress-modes MODE ...]
 
 Parts (each measured beside its anchor in the same run):
-  scan     scanner pages/s and time to merge ~1 GiB of 4x duplicates and of unique pages,
-           beside the kernel's ksmd on the same bytes (pages_to_scan 100000, sleep 0)
+  scan     scanner pages/s and time to merge ~1 GiB of 4x duplicates and of unique pages, with
+           as many scanners as cores (and with one), beside the kernel's ksmd on the same bytes
+           (pages_to_scan 100000, sleep 0), in --reps interleaved repetitions
   cow      COW fault round trip p50/p99 (inside the VM), beside a pipe ping-pong between two
            processes and the kernel's own COW of a KSM page
   modes    after merging N mapped pages: re-read time, secondary faults and messages per page
-  scaling  1, 2, 4 ... --cores VM workers doing COW-heavy work with ksmd running
-  trace    the same workload with tracing on beside off
+  scaling  what more cores buy, CPU-bound, at saturation, for 1, 2, ... --cores: unique pages
+           scanned per second with that many scanners (full scans after the first two), and COW
+           faults per second with that many VMs, each with several faults in flight, a fault
+           handler each; parallel efficiency against linear, CPU use, interleaved repetitions
+  trace    the same workload with tracing on beside off, interleaved repetitions
   check    `ksm-proto check` at bench size: 5000 random schedules per mode, schedules/s, and
            each --break caught in every mode (the exit status is 1 otherwise)
   stress   no lost writes: 10M writes and >= 1M COW faults of merged pages across the three
@@ -19,6 +23,9 @@ Parts (each measured beside its anchor in the same run):
   estimate `ksm-proto estimate` on the scan part's bytes (as a file): pages/s beside the scanner's
            and ksmd's on the same bytes, its peak memory per input page, and its counters beside
            the scanner's at stability
+
+Every ratio is given with its spread: the median of the per-repetition ratios and their range
+(min-max) over the interleaved repetitions (each repetition measures both sides).
 
 Results: bench/results/latest.json, a dated copy named after the host, latest.md (the
 table printed at the end) and PNG plots.  Where /sys/kernel/mm/ksm is not writable the
@@ -98,10 +105,10 @@ def load_machine(m: Machine, pages: np.ndarray, nvms: int = 4) -> list:
 
 
 # ---------------------------------------------------------------------------- 1. scan
-def proto_scan(pages: np.ndarray, timeout: float = 600) -> dict:
-    """ksm-proto's ksmd at full speed on these pages: time to merge, pages/s over whole full scans."""
+def proto_scan(pages: np.ndarray, scanners: int = 1, timeout: float = 600) -> dict:
+    """ksm-proto at full speed on these pages: time to merge, pages/s over whole full scans."""
     n = len(pages)
-    with Machine(frames=n + 8192) as m:
+    with Machine(frames=n + 8192, scanners=scanners) as m:
         load_machine(m, pages)
         m.ksm.set(pages_to_scan=100000, sleep_millisecs=0)
         t0 = time.monotonic()
@@ -121,36 +128,69 @@ def proto_scan(pages: np.ndarray, timeout: float = 600) -> dict:
         elapsed = time.monotonic() - t0
         m.ksm.set(run=0)
         merge_s = t_merged - t0 if t_merged else elapsed
-        return {"pages": n, "merge_seconds": round(merge_s, 3), "pages_per_s": round(s["pages_scanned"] / elapsed),
-                "full_scans": s["full_scans"], "pages_shared": s["pages_shared"], "pages_sharing": s["pages_sharing"],
+        return {"pages": n, "scanners": scanners, "merge_seconds": round(merge_s, 3),
+                "pages_per_s": round(s["pages_scanned"] / elapsed), "full_scans": s["full_scans"],
+                "pages_shared": s["pages_shared"], "pages_sharing": s["pages_sharing"],
                 "bytes_per_page": round(s["metadata_bytes"] / max(1, s["ksm_rmap_items"]), 2)}
 
 
-def bench_scan(npages: int, kernel_ok: bool, why: str, prog) -> dict:
-    out = {}
+def spread(values) -> dict:
+    """The median of a few measurements and their range."""
+    v = [float(x) for x in values if x is not None]
+    if not v:
+        return {"median": None, "min": None, "max": None, "n": 0}
+    return {"median": round(statistics.median(v), 3), "min": round(min(v), 3), "max": round(max(v), 3),
+            "n": len(v)}
+
+
+def bench_scan(npages: int, kernel_ok: bool, why: str, prog, scanners: int, reps: int) -> dict:
+    """Each data set `reps` times: the kernel, N scanners and one scanner, in a rotating order."""
+    out: dict = {}
     for name, dup in (("dup4", 4), ("unique", 1)):
         pages = dup_pages(npages, dup)
-        prog(f"scan {name}: ksm-proto")
-        p = proto_scan(pages)
-        k = {"skipped": why}
-        if kernel_ok:
-            prog(f"scan {name}: kernel ksmd")
-            k = kernel_ksm.ksmd_throughput(pages, timeout=600)
-        out[name] = {"proto": p, "kernel": k}
-    d = out["dup4"]
+        runs = {"kernel": [], "proto": [], "proto_1": []}
+        sides = ["kernel", "proto", "proto_1"] if scanners > 1 else ["kernel", "proto"]
+        for r in range(reps):
+            for side in sides[r % len(sides):] + sides[:r % len(sides)]:
+                prog(f"scan {name}, repetition {r + 1}/{reps}: {side}")
+                if side == "kernel":
+                    runs[side].append(kernel_ksm.ksmd_throughput(pages, timeout=600) if kernel_ok
+                                      else {"skipped": why})
+                else:
+                    runs[side].append(proto_scan(pages, scanners if side == "proto" else 1))
+        out[name] = runs
+    d, u = out["dup4"], out["unique"]
+
+    def med(runs, key):
+        return spread([x.get(key) for x in runs])["median"]
+
+    def ratios(a, b, key, inv=False):
+        return spread([(y[key] / x[key] if inv else x[key] / y[key]) if x.get(key) and y.get(key) else None
+                       for x, y in zip(a, b)])
+
     res = {
-        "pages": npages,
-        "pages_per_s": d["proto"]["pages_per_s"],
-        "merge_seconds": d["proto"]["merge_seconds"],
-        "kernel_pages_per_s": d["kernel"].get("pages_per_s"),
-        "kernel_merge_seconds": d["kernel"].get("merge_seconds"),
-        "unique_pages_per_s": out["unique"]["proto"]["pages_per_s"],
-        "kernel_unique_pages_per_s": out["unique"]["kernel"].get("pages_per_s"),
+        "pages": npages, "scanners": scanners, "reps": reps,
+        "pages_per_s": med(d["proto"], "pages_per_s"),
+        "merge_seconds": med(d["proto"], "merge_seconds"),
+        "kernel_pages_per_s": med(d["kernel"], "pages_per_s"),
+        "kernel_merge_seconds": med(d["kernel"], "merge_seconds"),
+        "unique_pages_per_s": med(u["proto"], "pages_per_s"),
+        "kernel_unique_pages_per_s": med(u["kernel"], "pages_per_s"),
+        # per repetition: ours / the kernel's in the same repetition
+        "ratio_vs_kernel_spread": ratios(d["proto"], d["kernel"], "pages_per_s"),
+        "merge_time_ratio_vs_kernel_spread": ratios(d["proto"], d["kernel"], "merge_seconds"),
+        "unique_ratio_vs_kernel_spread": ratios(u["proto"], u["kernel"], "pages_per_s"),
         "detail": out,
     }
-    res["ratio_vs_kernel"] = round(res["pages_per_s"] / res["kernel_pages_per_s"], 3) if res["kernel_pages_per_s"] else None
-    res["merge_time_ratio_vs_kernel"] = (round(res["kernel_merge_seconds"] / res["merge_seconds"], 3)
-                                         if res["kernel_merge_seconds"] else None)
+    res["ratio_vs_kernel"] = res["ratio_vs_kernel_spread"]["median"]
+    res["merge_time_ratio_vs_kernel"] = res["merge_time_ratio_vs_kernel_spread"]["median"]   # ours / kernel's
+    if scanners > 1:
+        res["one_scanner"] = {
+            "pages_per_s": med(d["proto_1"], "pages_per_s"), "merge_seconds": med(d["proto_1"], "merge_seconds"),
+            "unique_pages_per_s": med(u["proto_1"], "pages_per_s"),
+            "ratio_vs_kernel_spread": ratios(d["proto_1"], d["kernel"], "pages_per_s"),
+            "merge_time_ratio_vs_kernel_spread": ratios(d["proto_1"], d["kernel"], "merge_seconds"),
+            "speedup_spread": ratios(d["proto"], d["proto_1"], "pages_per_s")}
     if not kernel_ok:
         res["kernel_note"] = why
     return res
@@ -211,7 +251,7 @@ def cow_samples(mode: str, npages: int, handler: list | None = None) -> list[flo
             time.sleep(0.01)
         vm.writer_stop(wid)
         if handler is not None:
-            st = m.faultd.call("stats")[0]
+            st = m.faultd_of(vm.mm_id).call("stats")[0]
             handler.append(st["reply_ns"] / max(1, st["faults"]) / 1000)
         return [x / 1000 for x in vm.cow_samples_ns()]
 
@@ -257,9 +297,11 @@ def channel_pingpong(n: int) -> list[float]:
 def bench_cow(npages: int, kernel_ok: bool, why: str, prog, rounds: int = 3) -> dict:
     """COW samples, the pipe ping-pong, our bare channel ping-pong and the kernel's COW of a KSM page,
     in interleaved rounds (CPU state drifts during a run, and the machine may be shared): each round
-    runs all four; the figures pool every round, the spread is the range of the per-round p50s."""
+    runs all four; the figures pool every round, the spread is the range of the per-round p50s (and
+    of the per-round ratios to the pipe)."""
     pipe, same, s, chan, kern, handler = [], [], [], [], [], []
     rs: dict[str, list] = {"cow": [], "pipe": [], "channel": [], "kernel": []}
+    per_round = []          # (our COW p50 / pipe p50, channel p50 / pipe p50) of each round
     ncpu = os.cpu_count() or 1
     k = {"skipped": why}
     for r in range(rounds):
@@ -276,6 +318,7 @@ def bench_cow(npages: int, kernel_ok: bool, why: str, prog, rounds: int = 3) -> 
         rs["pipe"].append(pct(p, 50))
         rs["cow"].append(pct(c, 50))
         rs["channel"].append(pct(h, 50))
+        per_round.append((pct(c, 50) / pct(p, 50), pct(h, 50) / pct(p, 50)))
         if kernel_ok:
             k = kernel_ksm.kernel_cow_us(min(npages, 4096))
             kern += k.pop("_samples", [])
@@ -290,6 +333,8 @@ def bench_cow(npages: int, kernel_ok: bool, why: str, prog, rounds: int = 3) -> 
            "round_p50s_us": {n: [round(x, 1) for x in v] for n, v in rs.items()},
            "handler_mean_us": round(float(np.mean(handler)), 1) if handler else None}
     res["ratio_vs_pipe"] = round(res["p50_us"] / res["pipe_p50_us"], 2)
+    res["ratio_vs_pipe_spread"] = spread([a for a, _ in per_round])
+    res["channel_ratio_spread"] = spread([b for _, b in per_round])
     res["p99_ratio_vs_pipe"] = round(res["p99_us"] / res["pipe_p99_us"], 2)
     res["goal_p50_met"] = res["ratio_vs_pipe"] <= 1.5
     res["goal_p99_met"] = res["p99_ratio_vs_pipe"] <= 3.0
@@ -342,53 +387,149 @@ def bench_modes(npages: int, prog) -> dict:
 
 
 # ---------------------------------------------------------------------------- 4. scaling
-def cow_workload(nvms: int, seconds: float, pages: int = 64, trace: str | None = None) -> dict:
-    """nvms VMs writing pages that keep becoming identical, ksmd merging them all the time."""
-    with Machine(frames=nvms * pages * 4 + 2048, trace=trace) as m:
-        m.ksm.set(pages_to_scan=100000, sleep_millisecs=0, smart_scan=0)
-        vms = [merged_vm(m, pages, f"w{i}", value=1) for i in range(nvms)]
-        m.ksm.set(run=1)
-        m.ksm.wait_full_scans(3, 60)
-        c0 = [vm.stats()["cow_faults"] for vm, _ in vms]
+def _cpu_seconds(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def scan_rate(pages: np.ndarray, scanners: int, scans: int = 4) -> dict:
+    """Unique pages scanned per second with `scanners` scanners, over `scans` full scans after the first
+    two (every scan then does the same CPU-bound work: checksum, compare, unstable-tree insert)."""
+    with Machine(frames=len(pages) + 8192, scanners=scanners) as m:
+        load_machine(m, pages)
+        m.ksm.set(pages_to_scan=100000, sleep_millisecs=0, smart_scan=0, run=1)
+        s0 = m.ksm.wait_full_scans(timeout=600, at_least=2)
+        cpu0 = sum(_cpu_seconds(a.pid) for a in m.scanner_procs)
         t0 = time.monotonic()
-        wids = [vm.writer_start(a, pages, seed=i, count=0, values=2) for i, (vm, a) in enumerate(vms)]
-        time.sleep(seconds)
-        done = [vm.writer_stop(w)["done"] for (vm, _), w in zip(vms, wids)]
+        s1 = m.ksm.wait_full_scans(timeout=600, at_least=2 + scans)
         el = time.monotonic() - t0
-        cow = sum(vm.stats()["cow_faults"] - c for (vm, _), c in zip(vms, c0))
+        cpu = sum(_cpu_seconds(a.pid) for a in m.scanner_procs) - cpu0
         m.ksm.set(run=0)
-    return {"vms": nvms, "writes_per_s": round(sum(done) / el, 1), "cow_faults_per_s": round(cow / el, 1),
-            "writes": sum(done)}
+    return {"scanners": scanners, "pages_per_s": round((s1["pages_scanned"] - s0["pages_scanned"]) / el),
+            "cores_busy": round(cpu / el, 2), "seconds": round(el, 3)}
 
 
-def bench_scaling(max_cores: int, seconds: float, prog) -> list:
-    ks, k = [], 1
-    while k <= max_cores:
-        ks.append(k)
-        k *= 2
-    if ks[-1] != max_cores:
-        ks.append(max_cores)
-    out = []
-    for k in ks:
-        prog(f"scaling: {k} VM(s)")
-        out.append(cow_workload(k, seconds))
-    base = out[0]["cow_faults_per_s"] or 1
-    for r in out:
-        r["speedup"] = round(r["cow_faults_per_s"] / base, 2)
-    return out
+def cow_rate(nvms: int, pages: int, inflight: int, handlers: int) -> dict:
+    """COW faults per second with nvms VMs, each writing every one of its `pages` merged pages once from
+    `inflight` writers (several faults in flight), each VM with a fault handler of its own."""
+    with Machine(frames=nvms * pages * 2 + 4096, fault_handlers=handlers) as m:
+        m.ksm.set(pages_to_scan=100000, sleep_millisecs=0, max_page_sharing=nvms * pages + 1)
+        vms = [merged_vm(m, pages, f"c{i}", value=1) for i in range(nvms)]
+        m.ksm.set(run=1)
+        deadline = time.monotonic() + 300
+        while m.ksm.stats()["pages_sharing"] < nvms * pages - 1:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"cow_rate: not merged: {m.ksm.stats()}")
+            time.sleep(0.01)
+        m.ksm.set(run=0)
+        c0 = [vm.stats()["cow_faults"] for vm, _ in vms]
+        procs = [vm.pid for vm, _ in vms] + [m.faultd_of(vm.mm_id).pid for vm, _ in vms]
+        cpu0 = sum(_cpu_seconds(p) for p in set(procs))
+        per = pages // inflight
+        t0 = time.monotonic()
+        wids = [(vm, vm.writer_start(a + j * per * PAGE_SIZE, per, seed=0, count=per, values=-2))
+                for vm, a in vms for j in range(inflight)]
+        for vm, w in wids:
+            while not vm.writer_peek(w)["finished"]:
+                time.sleep(0.002)
+        el = time.monotonic() - t0
+        cpu = sum(_cpu_seconds(p) for p in set(procs)) - cpu0
+        errors = [e for e in (vm.writer_stop(w)["error"] for vm, w in wids) if e]
+        cow = sum(vm.stats()["cow_faults"] - c for (vm, _), c in zip(vms, c0))
+    if errors:
+        raise RuntimeError(f"cow_rate: writer errors: {errors[:3]}")
+    return {"vms": nvms, "cow_faults_per_s": round(cow / el, 1), "cow_faults": cow, "cores_busy": round(cpu / el, 2),
+            "seconds": round(el, 3)}
+
+
+def _hash_worker(n: int, seed: int, barrier, out) -> None:
+    import mmh3
+    buf = np.random.default_rng(seed).integers(0, 256, 4096 * PAGE_SIZE, dtype=np.uint8).tobytes()
+    mv = memoryview(buf)
+    barrier.wait()
+    t = time.monotonic()
+    for k in range(n):
+        o = (k % 4096) * PAGE_SIZE
+        mmh3.mmh3_x64_128_stupledigest(mv[o:o + PAGE_SIZE])
+    out.put((t, time.monotonic()))
+
+
+def cpu_ceiling(k: int, digests: int) -> dict:
+    """The machine's own parallelism now: k processes each hashing `digests` pages (mmh3, the scan's
+    CPU-bound step), nothing shared, started together: what k scanners could get at best."""
+    import multiprocessing
+    ctx = multiprocessing.get_context("fork")
+    barrier, out = ctx.Barrier(k), ctx.Queue()
+    procs = [ctx.Process(target=_hash_worker, args=(digests, i, barrier, out)) for i in range(k)]
+    for p in procs:
+        p.start()
+    times = [out.get(timeout=600) for _ in procs]
+    for p in procs:
+        p.join(60)
+    el = max(b for _, b in times) - min(a for a, _ in times)
+    return {"procs": k, "digests_per_s": round(k * digests / el), "cores_busy": float(k), "seconds": round(el, 3)}
+
+
+def bench_scaling(max_cores: int, reps: int, prog, scan_pages: int, cow_pages: int, inflight: int = 4) -> dict:
+    """Scan pages/s with k scanners and COW faults/s with k VMs, k = 1..max_cores, beside the machine's
+    own ceiling (k processes hashing), `reps` interleaved repetitions (each repetition runs every k,
+    in a rotating order)."""
+    ks = list(range(1, max_cores + 1))
+    pages = dup_pages(scan_pages, 1, seed=7)
+    scan = {k: [] for k in ks}
+    cow = {k: [] for k in ks}
+    ceil = {k: [] for k in ks}
+    for r in range(reps):
+        order = ks[r % len(ks):] + ks[:r % len(ks)]
+        for k in order:
+            prog(f"scaling, repetition {r + 1}/{reps}: {k} process(es) hashing (the machine's ceiling)")
+            ceil[k].append(cpu_ceiling(k, 4 * scan_pages))
+        for k in order:
+            prog(f"scaling, repetition {r + 1}/{reps}: scan with {k} scanner(s)")
+            scan[k].append(scan_rate(pages, k))
+        for k in order:
+            prog(f"scaling, repetition {r + 1}/{reps}: COW faults with {k} VM(s)")
+            cow[k].append(cow_rate(k, cow_pages, inflight, max_cores))
+
+    def table(runs, key, unit):
+        rows = []
+        for k in ks:
+            # per repetition: k's throughput against 1's in the same repetition
+            sp = spread([x[key] / b[key] for x, b in zip(runs[k], runs[1]) if b[key]])
+            eff = spread([x[key] / (k * b[key]) for x, b in zip(runs[k], runs[1]) if b[key]])
+            rows.append({unit: k, key: spread([x[key] for x in runs[k]])["median"],
+                         "cores_busy": spread([x["cores_busy"] for x in runs[k]])["median"],
+                         "speedup": sp["median"], "speedup_spread": sp,
+                         "efficiency": eff["median"], "efficiency_spread": eff, "runs": runs[k]})
+        return rows
+
+    return {"cores": max_cores, "reps": reps, "inflight_per_vm": inflight, "scan_pages": scan_pages,
+            "cow_pages_per_vm": cow_pages, "ceiling": table(ceil, "digests_per_s", "procs"),
+            "scan": table(scan, "pages_per_s", "scanners"), "cow": table(cow, "cow_faults_per_s", "vms")}
 
 
 # ---------------------------------------------------------------------------- 5. trace
-def merge_cow_rounds(npages: int, rounds: int, trace: str | None = None) -> float:
-    """Fixed work: two VMs' pages merged, then every page written (a COW each), `rounds` times."""
+def merge_cow_rounds(npages: int, rounds: int, trace: str | None = None) -> tuple[float, float]:
+    """Fixed work: two VMs' pages merged, then every page written (a COW each), `rounds` times.
+
+    Returns (wall seconds, CPU seconds of the run's processes: scanners, fault handlers, VMs)."""
     with Machine(frames=4 * npages + 2048, trace=trace) as m:
         m.ksm.set(pages_to_scan=100000, sleep_millisecs=0, max_page_sharing=2 * npages + 1)
         vms = [merged_vm(m, npages, f"r{i}", value=1) for i in range(2)]
+        pids = [a.pid for a in m.scanner_procs + m.faultds] + [vm.pid for vm, _ in vms]
+        cpu0 = sum(_cpu_seconds(p) for p in pids)
         t0 = time.monotonic()
         for r in range(rounds):
+            # merged again only after two full scans: the one that sees the COWed pages change (until
+            # then pages_sharing still counts them) and the one that merges them
+            scans = m.ksm.stats()["full_scans"] + 2
             m.ksm.set(run=1)
             deadline = time.monotonic() + 120
-            while m.ksm.stats()["pages_sharing"] < 2 * npages - 1:
+            while (s := m.ksm.stats())["pages_sharing"] < 2 * npages - 1 or s["full_scans"] < scans:
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"round {r}: not merged: {m.ksm.stats()}")
                 time.sleep(0.0005)
@@ -396,24 +537,37 @@ def merge_cow_rounds(npages: int, rounds: int, trace: str | None = None) -> floa
             wids = [vm.writer_start(a, npages, seed=0, count=npages, values=-(r + 2)) for vm, a in vms]
             for (vm, _), w in zip(vms, wids):
                 while not vm.writer_peek(w)["finished"]:
-                    time.sleep(0.0005)
+                    time.sleep(0.01)        # (each peek costs the VM a control call: not too often)
                 vm.writer_stop(w)
-        return time.monotonic() - t0
+        wall = time.monotonic() - t0
+        return wall, sum(_cpu_seconds(p) for p in pids) - cpu0
 
 
-def bench_trace(npages: int, prog, rounds: int = 3, keep: str | None = None) -> dict:
-    """The same fixed work with tracing off and on, interleaved; the ratio of medians."""
+def bench_trace(npages: int, prog, reps: int = 5, keep: str | None = None) -> dict:
+    """The same fixed work with tracing off and on, interleaved (off/on, then on/off, ...): the median
+    of the per-repetition ratios and their range, of the CPU seconds the run's processes spent (what
+    tracing costs; other load on the machine hardly moves it) and of the wall time."""
     offs, ons = [], []
     with tempfile.TemporaryDirectory() as d:
-        for r in range(rounds):
-            prog(f"trace: off/on round {r + 1}")
-            offs.append(merge_cow_rounds(npages, 3))
+        for r in range(reps):
+            prog(f"trace: off/on repetition {r + 1}/{reps}")
             path = keep if (keep and r == 0) else os.path.join(d, f"t{r}.json")
-            ons.append(merge_cow_rounds(npages, 3, trace=path))
+            for on in ((False, True) if r % 2 == 0 else (True, False)):
+                if on:
+                    ons.append(merge_cow_rounds(npages, 3, trace=path))
+                else:
+                    offs.append(merge_cow_rounds(npages, 3))
             if r == 0:
                 size = os.path.getsize(path)
-    off, on = statistics.median(offs), statistics.median(ons)
-    return {"seconds_off": round(off, 3), "seconds_on": round(on, 3), "ratio": round(on / off, 3),
+            if path != keep:
+                os.unlink(path)
+    cpu = spread([b[1] / a[1] for a, b in zip(offs, ons)])
+    wall = spread([b[0] / a[0] for a, b in zip(offs, ons)])
+    return {"seconds_off": round(statistics.median(w for w, _ in offs), 3),
+            "seconds_on": round(statistics.median(w for w, _ in ons), 3),
+            "cpu_seconds_off": round(statistics.median(c for _, c in offs), 3),
+            "cpu_seconds_on": round(statistics.median(c for _, c in ons), 3),
+            "ratio": cpu["median"], "ratio_spread": cpu, "wall_ratio_spread": wall, "reps": reps,
             "work": f"3 rounds x (merge {2 * npages} pages + {2 * npages} COW faults)", "trace_bytes": size}
 
 
@@ -457,7 +611,11 @@ def bench_estimate(npages: int, kernel_ok: bool, why: str, prog, scan: dict | No
                      "hash_threads": mid["hash_threads"]}
     if scan and scan.get("pages") == npages:
         det = scan["detail"]
-        anchors = {"proto": det["dup4"]["proto"], "kernel": det["dup4"]["kernel"], "from": "scan part"}
+        def mid_run(runs):      # the scan part keeps every repetition: the median one by pages/s
+            ok = [x for x in runs if "pages_per_s" in x] or runs
+            return sorted(ok, key=lambda x: x.get("pages_per_s", 0))[len(ok) // 2]
+        anchors = {"proto": mid_run(det["dup4"]["proto"]), "kernel": mid_run(det["dup4"]["kernel"]),
+                   "from": "scan part"}
     else:
         pages = dup_pages(npages, 4)
         prog("estimate: the scanner on the same bytes")
@@ -481,6 +639,13 @@ def bench_estimate(npages: int, kernel_ok: bool, why: str, prog, scan: dict | No
 
 
 # ---------------------------------------------------------------------------- report
+def fs(sp: dict | None, unit: str = "x") -> str:
+    """A spread as 'median unit (min-max)'."""
+    if not sp or sp.get("median") is None:
+        return "n/a"
+    return f"{sp['median']:.2f}{unit} ({sp['min']:.2f}-{sp['max']:.2f}, n={sp['n']})"
+
+
 def bench_check(runs: int, prog, jobs: int, breaks: bool = True) -> dict:
     """`ksm-proto check` at bench size: random schedules in each mode, and every --break caught
     (tests/test_check.py catches them too; --quick leaves them to it)."""
@@ -503,25 +668,35 @@ def bench_check(runs: int, prog, jobs: int, breaks: bool = True) -> dict:
 def table(res: dict) -> str:
     def f(v, unit=""):
         return "n/a" if v is None else (f"{v:,.1f}{unit}" if isinstance(v, float) else f"{v:,}{unit}")
-    rows = ["| what | ksm-proto | anchor | ratio | goal |", "|---|---|---|---|---|"]
+    rows = ["| what | ksm-proto | anchor | ratio: median (range over repetitions) | goal |", "|---|---|---|---|---|"]
     sc = res.get("scan")
     if sc:
-        rows.append(f"| scanner, {sc['pages']:,} pages of 4x duplicates (pages/s) | {f(sc['pages_per_s'])} | "
-                    f"ksmd {f(sc['kernel_pages_per_s'])} | {f(sc['ratio_vs_kernel'])}x | >= 1.0x |")
-        rows.append(f"| time to merge them all (s) | {f(sc['merge_seconds'])} | ksmd {f(sc['kernel_merge_seconds'])} | "
-                    f"{f(sc['merge_time_ratio_vs_kernel'])}x faster | |")
-        rows.append(f"| scanner, unique pages (pages/s) | {f(sc['unique_pages_per_s'])} | "
-                    f"ksmd {f(sc['kernel_unique_pages_per_s'])} | | |")
+        n = sc["scanners"]
+        rows.append(f"| scanner, {n} scanner(s), {sc['pages']:,} pages of 4x duplicates (pages/s) | "
+                    f"{f(sc['pages_per_s'])} | ksmd {f(sc['kernel_pages_per_s'])} | "
+                    f"{fs(sc['ratio_vs_kernel_spread'])} | >= 1.8x with 2 scanners |")
+        rows.append(f"| time to merge them all, {n} scanner(s) (s) | {f(sc['merge_seconds'])} | "
+                    f"ksmd {f(sc['kernel_merge_seconds'])} | {fs(sc['merge_time_ratio_vs_kernel_spread'])} "
+                    f"of ksmd's time | <= 0.6x |")
+        one = sc.get("one_scanner")
+        if one:
+            rows.append(f"| the same with 1 scanner: pages/s, merge time (s) | {f(one['pages_per_s'])}, "
+                        f"{f(one['merge_seconds'])} | ksmd | {fs(one['ratio_vs_kernel_spread'])}, "
+                        f"{fs(one['merge_time_ratio_vs_kernel_spread'])} of ksmd's time | |")
+            rows.append(f"| {n} scanners against 1 on the same data (pages/s) | | 1 scanner | "
+                        f"{fs(one['speedup_spread'])} | |")
+        rows.append(f"| scanner, {n} scanner(s), unique pages (pages/s) | {f(sc['unique_pages_per_s'])} | "
+                    f"ksmd {f(sc['kernel_unique_pages_per_s'])} | {fs(sc['unique_ratio_vs_kernel_spread'])} | |")
     if "scanner_bytes_per_page" in res:
         rows.append(f"| scanner metadata (bytes/page) | {res['scanner_bytes_per_page']} | kernel rmap_item 64 | "
-                    f"{res['scanner_bytes_per_page'] / 64:.2f}x | <= 64 B |")
+                    f"{res['scanner_bytes_per_page'] / 64:.2f}x (deterministic) | <= 64 B |")
     c = res.get("cow")
     if c:
-        def spread(n):
+        def rounds(n):
             v = c.get("round_p50s_us", {}).get(n) or []
             return f" (rounds {min(v):.1f}-{max(v):.1f})" if len(v) > 1 else ""
-        rows.append(f"| COW fault round trip p50 (us) | {c['p50_us']}{spread('cow')} | pipe ping-pong "
-                    f"{c['pipe_p50_us']}{spread('pipe')} | {c['ratio_vs_pipe']}x | <= 1.5x |")
+        rows.append(f"| COW fault round trip p50 (us) | {c['p50_us']}{rounds('cow')} | pipe ping-pong "
+                    f"{c['pipe_p50_us']}{rounds('pipe')} | {fs(c.get('ratio_vs_pipe_spread'))} | <= 1.5x |")
         rows.append(f"| COW fault round trip p99 (us) | {c['p99_us']} | pipe p99 {c['pipe_p99_us']} | "
                     f"{c.get('p99_ratio_vs_pipe', 'n/a')}x | <= 3x |")
         rows.append(f"| pipe ping-pong with both ends on one CPU (us) | | {c['pipe_same_cpu_p50_us']} | | |")
@@ -529,19 +704,33 @@ def table(res: dict) -> str:
             rows.append(f"| of a COW: the fault handler, FAULT read to FAULT_REPLY sent, mean (us) | "
                         f"{c['handler_mean_us']} | | | |")
         rows.append(f"| our channel ping-pong p50 (us), the transport floor | {c['channel_p50_us']} | "
-                    f"pipe {c['pipe_p50_us']} | {c['channel_p50_us'] / c['pipe_p50_us']:.2f}x | |")
+                    f"pipe {c['pipe_p50_us']} | {fs(c.get('channel_ratio_spread'))} | |")
         rows.append(f"| kernel COW of a KSM page (us) | | {f(c['kernel_us'])} (unmerged {f(c['kernel_unmerged_us'])}) | | |")
     for mode, v in res.get("modes", {}).items():
         rows.append(f"| {mode}: secondary faults / messages per merged page, re-read us/page | "
                     f"{v['secondary_faults_per_merged_page']} / {v['messages_per_merged_page']}, "
                     f"{v['reread_us_per_page']} | | | |")
-    for r in res.get("scaling", []):
-        rows.append(f"| scaling: {r['vms']} VM(s), COW faults/s (writes/s) | {f(r['cow_faults_per_s'])} "
-                    f"({f(r['writes_per_s'])}) | 1 VM | {r['speedup']}x | |")
+    scl = res.get("scaling")
+    if scl:
+        for r in scl["ceiling"]:
+            rows.append(f"| scaling: the machine's ceiling now, {r['procs']} process(es) hashing pages (mmh3 "
+                        f"digests/s, nothing shared) | {f(r['digests_per_s'])} | 1 process | "
+                        f"{fs(r['speedup_spread'])}, efficiency {fs(r['efficiency_spread'], '')} | |")
+        for r in scl["scan"]:
+            rows.append(f"| scaling: unique pages scanned/s, {r['scanners']} scanner(s) ({r['cores_busy']} cores "
+                        f"busy) | {f(r['pages_per_s'])} | 1 scanner | {fs(r['speedup_spread'])}, "
+                        f"efficiency {fs(r['efficiency_spread'], '')} | {'>= 0.7 of linear on 16 cores' if r['scanners'] == scl['cores'] else ''} |")
+        for r in scl["cow"]:
+            rows.append(f"| scaling: COW faults/s, {r['vms']} VM(s), {scl['inflight_per_vm']} in flight each "
+                        f"({r['cores_busy']} cores busy) | {f(r['cow_faults_per_s'])} | 1 VM | "
+                        f"{fs(r['speedup_spread'])}, efficiency {fs(r['efficiency_spread'], '')} | |")
     if "trace" in res:
         t = res["trace"]
-        rows.append(f"| tracing on vs off: {t['work']} (s) | {f(t['seconds_on'])} | off {f(t['seconds_off'])} | "
-                    f"{f(t['ratio'])}x slower | <= 1.10x |")
+        rows.append(f"| tracing on vs off: {t['work']}, CPU seconds of the run's processes | "
+                    f"{f(t['cpu_seconds_on'])} | off {f(t['cpu_seconds_off'])} | {fs(t.get('ratio_spread'))} | "
+                    f"<= 1.10x |")
+        rows.append(f"| the same, wall seconds (other load on the machine moves these) | {f(t['seconds_on'])} | "
+                    f"off {f(t['seconds_off'])} | {fs(t.get('wall_ratio_spread'))} | |")
     ck = res.get("check")
     if ck:
         for mode, r in ck["modes"].items():
@@ -586,16 +775,42 @@ def plots(res: dict, outdir: str) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     made = []
-    if res.get("scaling"):
-        fig, ax = plt.subplots(figsize=(6, 4))
-        xs = [r["vms"] for r in res["scaling"]]
-        ax.plot(xs, [r["writes_per_s"] for r in res["scaling"]], "o-", label="writes/s")
-        ax.plot(xs, [r["cow_faults_per_s"] for r in res["scaling"]], "s--", label="COW faults/s")
-        ax.set_xlabel("VM workers")
-        ax.set_ylabel("per second (all VMs)")
-        ax.set_title(f"COW-heavy work with ksmd running ({res['machine']['cores']} cores)")
-        ax.legend()
+    scl = res.get("scaling")
+    if scl:
+        fig, axes = plt.subplots(1, 3, figsize=(16, 4))
+        ax = axes[2]
+        for rows, unit, label in ((scl["ceiling"], "procs", "ceiling: processes hashing"),
+                                  (scl["scan"], "scanners", "scan: scanners"), (scl["cow"], "vms", "COW: VMs")):
+            xs = [r[unit] for r in rows]
+            ax.errorbar(xs, [r["speedup"] for r in rows],
+                        yerr=[[r["speedup"] - r["speedup_spread"]["min"] for r in rows],
+                              [r["speedup_spread"]["max"] - r["speedup"] for r in rows]], fmt="o-", capsize=3,
+                        label=label)
+        ax.plot(xs, xs, "k:", label="linear")
+        ax.set_xlabel("processes")
+        ax.set_ylabel("throughput / throughput with 1")
+        ax.set_title("speedup (median, range over repetitions)")
+        ax.set_xticks(xs)
         ax.grid(alpha=.3)
+        ax.legend()
+        for ax, rows, unit, key, title in (
+                (axes[0], scl["scan"], "scanners", "pages_per_s", "unique pages scanned / s"),
+                (axes[1], scl["cow"], "vms", "cow_faults_per_s",
+                 f"COW faults / s ({scl['inflight_per_vm']} in flight per VM)")):
+            xs = [r[unit] for r in rows]
+            base = rows[0][key] or 0
+            for r in rows:
+                ys = [x[key] for x in r["runs"]]
+                ax.plot([r[unit]] * len(ys), ys, ".", color="tab:blue", alpha=.4)
+            ax.plot(xs, [r[key] for r in rows], "o-", color="tab:blue", label="ksm-proto (median)")
+            ax.plot(xs, [base * x for x in xs], "k:", label="linear")
+            ax.set_xlabel(unit)
+            ax.set_ylabel("per second")
+            ax.set_title(title)
+            ax.set_xticks(xs)
+            ax.grid(alpha=.3)
+            ax.legend()
+        fig.suptitle(f"scaling on {res['machine']['cores']} cores ({res['machine']['cpu']})")
         p = os.path.join(outdir, "scaling.png")
         fig.savefig(p, dpi=100, bbox_inches="tight")
         plt.close(fig)
@@ -628,7 +843,9 @@ def plots(res: dict, outdir: str) -> list[str]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="ksm-proto bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="small sizes (a smoke run of every part)")
-    ap.add_argument("--cores", type=int, default=os.cpu_count(), help="most VM workers in the scaling part")
+    ap.add_argument("--cores", type=int, default=os.cpu_count(),
+                    help="scanners for the scan part, most scanners and VMs in the scaling part (default: all)")
+    ap.add_argument("--reps", type=int, help="interleaved repetitions of each measure (default 3, --quick 2)")
     ap.add_argument("--gib", type=float, default=1.0, help="size of the 4x-duplicates scan, GiB (default 1)")
     ap.add_argument("--stress-writes", type=int, default=10_000_000,
                     help="stress: writes in all, split over the modes (default 10,000,000)")
@@ -642,6 +859,8 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     if a.cores < 1:
         ap.error(f"--cores must be >= 1, not {a.cores}")
+    if a.reps is not None and a.reps < 1:
+        ap.error(f"--reps must be >= 1, not {a.reps}")
     if a.stress_writes < 1 or a.stress_cow < 0:
         ap.error("--stress-writes must be >= 1 and --stress-cow >= 0")
     parts = a.only or list(PARTS)
@@ -649,7 +868,7 @@ def main(argv=None) -> int:
     scan_pages = 8192 if q else int(a.gib * (1 << 30) / PAGE_SIZE)
     cow_pages = 1000 if q else 8000
     mode_pages = 256 if q else 4096
-    seconds = 1.0 if q else 4.0
+    reps = a.reps or (2 if q else 3)
     stress_writes = 20_000 if q else a.stress_writes
     stress_cow = 0 if q else a.stress_cow
     kernel_ok, why = kernel_ksm.available()
@@ -672,16 +891,16 @@ def main(argv=None) -> int:
 
         for part in parts:
             if part == "scan":
-                res["scan"] = bench_scan(scan_pages, kernel_ok, why, prog)
-                res["scanner_bytes_per_page"] = res["scan"]["detail"]["unique"]["proto"]["bytes_per_page"]
+                res["scan"] = bench_scan(scan_pages, kernel_ok, why, prog, a.cores, reps)
+                res["scanner_bytes_per_page"] = res["scan"]["detail"]["unique"]["proto"][0]["bytes_per_page"]
             elif part == "cow":
                 res["cow"] = bench_cow(cow_pages, kernel_ok, why, prog)
             elif part == "modes":
                 res["modes"] = bench_modes(mode_pages, prog)
             elif part == "scaling":
-                res["scaling"] = bench_scaling(a.cores, seconds, prog)
+                res["scaling"] = bench_scaling(a.cores, reps, prog, 4096 if q else 65536, 512 if q else 4096)
             elif part == "trace":
-                res["trace"] = bench_trace(256 if q else 1024, prog, keep=a.trace)
+                res["trace"] = bench_trace(256 if q else 4096, prog, reps=2 if q else 5, keep=a.trace)
                 res["trace_overhead_ratio"] = res["trace"]["ratio"]
             elif part == "stress":
                 prog(f"stress: {stress_writes:,} writes, >= {stress_cow:,} COW faults of merged pages")

@@ -2,6 +2,13 @@
 
 Pure definitions, shared by the scanner (which applies knobs) and the CLI and
 scenario loader (which check them early to give a clear error).
+
+Two knobs are ksm-proto's own (`OWN`), not the kernel's: `scanners`, the number of
+scanner processes that share ksmd's work (workers/core/shard.py), and
+`fault_handlers`, the number of fault-handler processes (each serves the VMs whose
+mm id is its number modulo their count).  Both are chosen when the machine starts
+(Machine(scanners=N, fault_handlers=F), or a scenario's [ksm] table); writing
+another value to a running machine is EBUSY.
 """
 from __future__ import annotations
 
@@ -23,7 +30,11 @@ DEFAULTS = {
     "advisor_min_pages_to_scan": 500,
     "advisor_max_pages_to_scan": 30000,
     "advisor_target_scan_time": 200,
+    "scanners": 1,
+    "fault_handlers": 1,
 }
+OWN = ("scanners", "fault_handlers")
+MAX_SCANNERS = 64
 ADVISOR_MODES = ("none", "scan-time")
 # knobs that can only change while nothing is merged
 BUSY_WHEN_MERGED = ("max_page_sharing", "merge_across_nodes")
@@ -70,6 +81,8 @@ def check_knob(name: str, value) -> int:
         "advisor_min_pages_to_scan": (0, 2**63 - 1),
         "advisor_max_pages_to_scan": (0, 2**63 - 1),
         "advisor_target_scan_time": (1, 2**63 - 1),
+        "scanners": (1, MAX_SCANNERS),
+        "fault_handlers": (1, MAX_SCANNERS),
     }
     lo, hi = limits[name]
     if not lo <= v <= hi:

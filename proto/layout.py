@@ -24,13 +24,21 @@ here, and only here.  The supervisor creates every segment and the lock file
     |          | (start,end,flags)  |  has_change_pte)     |                   |
     +----------+--------------------+----------------------+-------------------+
 
+    /dev/shm/<run>.rmap.<id>   the scanners' rmap items of mm <id>, shared by every scanner
+    +----------------+-------------+-------------+--------------+----------------+
+    | flags u8[n]    | age u8[n]   | skips u8[n] | sn i32[n]    | cs i64[n]      |   n = the mm's pages
+    | HAS|UNSTABLE|  | smart_scan  | smart_scan  | stable node  | oldchecksum    |
+    | STABLE         |             |             | (global id)  |                |
+    +----------------+-------------+-------------+--------------+----------------+
+
     /dev/shm/<run>.stats       KSM knobs, KSM counters, per-mm ksm_stat rows
 
     /dev/shm/<run>.locks       one byte per lock, taken with OFD record locks
-    +------------+----------+----------+----     ----+--------------+
-    | byte 0     | byte 1   | byte 2   |    ...      | byte MAX_MMS |   (never written:
-    | frame lock | ptl mm 0 | ptl mm 1 |             | ptl mm 255   |    the file stays empty)
-    +------------+----------+----------+----     ----+--------------+
+    +------------+----------+-----     -----+--------------+---------------+-----     -----+
+    | byte 0     | byte 1   |     ...       | byte MAX_MMS | MAX_MMS + 1   |     ...       |   (never written:
+    | frame lock | ptl mm 0 |               | ptl mm 255   | ksm lock mm 0 |  ksm lock 255 |    the file stays
+    +------------+----------+-----     -----+--------------+---------------+-----     -----+    empty)
+    (a ksm lock: the scanners' per-mm lock, taken before ptl when several scanners merge)
 
 Virtual addresses of every mm start at USER_BASE; page index i of an mm is at
 USER_BASE + i * PAGE_SIZE.
@@ -98,6 +106,7 @@ KNOBS = (
     "merge_across_nodes", "smart_scan", "stable_node_chains_prune_millisecs",
     "advisor_mode", "advisor_max_cpu", "advisor_min_pages_to_scan",
     "advisor_max_pages_to_scan", "advisor_target_scan_time",
+    "scanners", "fault_handlers",       # ksm-proto's own (proto/knobs.py), fixed when the machine starts
 )
 COUNTERS = (
     "pages_shared", "pages_sharing", "pages_unshared", "pages_volatile", "pages_scanned",
@@ -220,6 +229,32 @@ class MMView:
         return sorted(map(tuple, v[v[:, 1] != 0].tolist()))
 
 
+class RmapView:
+    """Views of <run>.rmap.<id>: the rmap items of one mm (workers/ksm_tree.RmapItems)."""
+
+    @staticmethod
+    def size_for(npages: int) -> int:
+        return 15 * npages + 16
+
+    def __init__(self, seg: Segment, npages: int):
+        self.seg = seg
+        n = npages
+        self.flags = seg.view(np.uint8, 0, n)
+        self.age = seg.view(np.uint8, n, n)
+        self.skips = seg.view(np.uint8, 2 * n, n)
+        off = (3 * n + 3) & ~3
+        self.sn = seg.view(np.int32, off, n)
+        off = (off + 4 * n + 7) & ~7
+        self.cs = seg.view(np.int64, off, n)
+
+    def format(self) -> None:
+        self.flags[:] = 0
+        self.age[:] = 0
+        self.skips[:] = 0
+        self.sn[:] = -1
+        self.cs[:] = 0
+
+
 class StatsView:
     """Views of <run>.stats: knobs (written by ksmd), counters, per-mm ksm_stat rows."""
 
@@ -263,6 +298,11 @@ def unlink_lock_file(run: str) -> None:
 def ptl_lock_byte(mm_id: int) -> int:
     """The byte of the lock file that is the page-table lock of mm mm_id."""
     return FRAME_LOCK_BYTE + 1 + mm_id
+
+
+def ksm_lock_byte(mm_id: int) -> int:
+    """The byte of the lock file that is the scanners' ksm lock of mm mm_id."""
+    return FRAME_LOCK_BYTE + 1 + MAX_MMS + mm_id
 
 
 def vaddr(index):

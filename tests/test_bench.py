@@ -15,15 +15,26 @@ def test_bench_quick_writes_every_key(tmp_path):
                        cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads((tmp_path / "latest.json").read_text())
-    for key in ("pages_per_s", "kernel_pages_per_s", "ratio_vs_kernel"):
+    for key in ("pages_per_s", "kernel_pages_per_s", "ratio_vs_kernel", "merge_time_ratio_vs_kernel",
+                "ratio_vs_kernel_spread", "merge_time_ratio_vs_kernel_spread", "unique_pages_per_s"):
         assert key in res["scan"]
+    assert res["scan"]["scanners"] == os.cpu_count() and res["scan"]["reps"] == 2
+    if os.cpu_count() > 1:
+        assert res["scan"]["one_scanner"]["pages_per_s"] > 0
+    assert res["scan"]["detail"]["dup4"]["proto"][0]["pages_shared"] == 2048
+    for part in ("ceiling", "scan", "cow"):
+        rows = res["scaling"][part]
+        assert [r["procs" if part == "ceiling" else "scanners" if part == "scan" else "vms"] for r in rows] == \
+            list(range(1, os.cpu_count() + 1))
+        assert rows[0]["speedup"] == 1.0 and all(r["speedup_spread"]["n"] == 2 for r in rows)
+    assert res["trace"]["ratio_spread"]["n"] == 2 and res["trace"]["wall_ratio_spread"]["n"] == 2
+    assert res["trace"]["cpu_seconds_on"] > 0 and res["cow"]["ratio_vs_pipe_spread"]["n"] == 3
     for key in ("p50_us", "p99_us", "pipe_p50_us", "ratio_vs_pipe", "kernel_us"):
         assert key in res["cow"]
     for mode in ("change_pte", "wrapped", "invalidate"):
         assert "secondary_faults_per_merged_page" in res["modes"][mode]
     assert res["modes"]["change_pte"]["secondary_faults_per_merged_page"] == 0
     assert res["modes"]["wrapped"]["secondary_faults_per_merged_page"] == 1
-    assert isinstance(res["scaling"], list) and res["scaling"][0]["vms"] == 1
     assert res["trace_overhead_ratio"] > 0 and res["scanner_bytes_per_page"] > 0
     assert res["stress"]["writes"] == 20000 and res["stress"]["lost"] == 0
     for mode in ("change_pte", "wrapped", "invalidate"):

@@ -34,12 +34,14 @@ def left_behind(r) -> list[str]:
     return [n for n in os.listdir(SHM_DIR) if n.startswith(f"ksmp.{r.pid}.")]
 
 
-def test_run_scenario_json_exact(tmp_path):
+@pytest.mark.parametrize("own", ["", "scanners = 2\nfault_handlers = 2"], ids=["1-scanner", "2-scanners"])
+def test_run_scenario_json_exact(tmp_path, own):
     blob = tmp_path / "blob.bin"
     blob.write_bytes(os.urandom(3 * PAGE_SIZE) + b"tail")           # 4 pages once zero-padded
     sc = tmp_path / "s.toml"
     sc.write_text(f"""
 [ksm]
+{own}
 max_page_sharing = 256
 use_zero_pages = 0
 smart_scan = 0

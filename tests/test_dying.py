@@ -31,13 +31,13 @@ def gone(pid: int) -> bool:
 
 def kill_and_wait(m, name: str, timeout: float = 60.0, during=None) -> int:
     """kill -9 the actor, (call during()), wait until its successor is up; the successor's pid."""
-    old = getattr(m, name).pid
+    old = m.actors[name].pid
     os.kill(old, signal.SIGKILL)         # a process this test's Machine started, by its pid
     if during is not None:
         during()
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        a = getattr(m, name)
+        a = m.actors[name]
         if a.pid != old and m.ready[name].is_set():
             return a.pid
         time.sleep(0.01)
@@ -107,6 +107,35 @@ def test_kill_fault_handler_faults_go_on(ksm_machine):
     assert m.faultd.call("stats")[0]["cow_copies"] == 8
     assert m.check_frames() == []
     assert a.stats()["notifier_losses"] == {"ksmd": 0, "faultd": 1}
+
+
+def test_kill_one_of_two_scanners_restarts_both_and_each_rebuilds_its_shard(ksm_machine_factory):
+    """A dead follower takes the leader down with it: both restart on a new mesh, each rebuilds its
+    own shard of the stable tree (the counters are back without merging again); a dead fault
+    handler of two is restarted alone and only its VMs reconnect."""
+    m = ksm_machine_factory(scanners=2, fault_handlers=2)
+    a, b, (xa, xb), data = merged_pair(m)
+    before = m.ksm.stats()
+    olds = [p.pid for p in m.scanner_procs]
+    kill_and_wait(m, "ksmd1")
+    assert m.ksmd.pid != olds[0] and gone_soon(olds)
+    s = m.ksm.wait_full_scans(2, 30)
+    for k in ("pages_shared", "pages_sharing", "stable_node_chains", "stable_node_dups"):
+        assert s[k] == before[k], k
+    assert m.ksmd.call("info")[0]["merges"] == 0           # nothing had to be merged again
+    assert a.stats()["notifier_losses"] == {"faultd": 0, "ksmd": 1, "ksmd1": 1}
+    m.ksm.set(run=0)
+    served_b = m.faultd_name(b.mm_id)
+    old = m.actors[served_b].pid
+    kill_and_wait(m, served_b)
+    assert gone_soon([old])
+    b.write(xb, b"!")                               # a COW of a KSM page, by b's new fault handler
+    assert b.read(xb, 2) == b"!" + data[1:2] and a.read(xa, len(data)) == data
+    assert b.stats()["notifier_losses"][served_b] == 1
+    assert a.stats()["notifier_losses"].get(served_b, 0) == 0     # not a's fault handler: a kept its channel
+    m.ksm.set(run=2)
+    assert m.ksm.stats()["pages_shared"] == 0
+    assert m.check_frames() == []
 
 
 def test_an_actor_that_keeps_dying_is_a_clear_error(ksm_machine, monkeypatch):

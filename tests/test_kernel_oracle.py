@@ -4,10 +4,13 @@ For each page layout, every "VM" is a process of its own on the kernel side (mma
 MADV_MERGEABLE, /sys/kernel/mm/ksm) and a VM worker on ours.  pages_shared,
 pages_sharing, stable_node_chains, stable_node_dups and ksm_zero_pages must be equal,
 pages_unshared within 1%, and per process ksm_rmap_items / ksm_merging_pages /
-ksm_zero_pages equal.  Skipped, with the reason, where sysfs is not writable; every
-knob is restored and run left at 0 (kernel_ksm.KernelKSM).
+ksm_zero_pages equal.  Ours runs with one scanner and with N (the machine's cores, at
+least 2; core/shard.py): the same numbers either way.  Skipped, with the reason, where
+sysfs is not writable; every knob is restored and run left at 0 (kernel_ksm.KernelKSM).
 """
 from __future__ import annotations
+
+import os
 
 import numpy as np
 import pytest
@@ -19,6 +22,14 @@ OK, WHY = kernel_ksm.available()
 pytestmark = [pytest.mark.kernel, pytest.mark.skipif(not OK, reason=f"kernel KSM not usable here: {WHY}")]
 
 EXACT = ("pages_shared", "pages_sharing", "stable_node_chains", "stable_node_dups", "ksm_zero_pages")
+SCANNERS = (1, max(2, os.cpu_count() or 1))
+_kernel: dict = {}          # the kernel's counts of a layout, measured once for every scanner count
+
+
+def kernel_counts(name: str, layouts, knobs: dict, rewrite=None) -> dict:
+    if name not in _kernel:
+        _kernel[name] = kernel_ksm.merge_counts(layouts, dict(knobs), full_scans=3, timeout=120, rewrite=rewrite)
+    return _kernel[name]
 
 
 def pages(*parts) -> np.ndarray:
@@ -63,12 +74,13 @@ def proto_counts(m, layouts, knobs, rewrite=None) -> dict:
     return {"ksm": s, "procs": [vm.ksm_stat() for vm in vms]}
 
 
+@pytest.mark.parametrize("scanners", SCANNERS)
 @pytest.mark.parametrize("name", list(LAYOUTS))
-def test_same_counters_as_the_kernel(ksm_machine_factory, name):
+def test_same_counters_as_the_kernel(ksm_machine_factory, name, scanners):
     layouts, knobs = LAYOUTS[name]
     knobs = {"smart_scan": 0, **knobs}
-    kern = kernel_ksm.merge_counts(layouts, dict(knobs), full_scans=3, timeout=120)
-    ours = proto_counts(ksm_machine_factory(frames=4096), layouts, knobs)
+    kern = kernel_counts(name, layouts, knobs)
+    ours = proto_counts(ksm_machine_factory(frames=4096, scanners=scanners), layouts, knobs)
     for k in EXACT:
         assert ours["ksm"][k] == kern["ksm"][k], (k, ours["ksm"][k], kern["ksm"][k])
     ku, ou = kern["ksm"]["pages_unshared"], ours["ksm"]["pages_unshared"]
@@ -78,20 +90,23 @@ def test_same_counters_as_the_kernel(ksm_machine_factory, name):
             assert op[k] == kp[k], (k, op[k], kp[k])
 
 
-def test_pages_rewritten_every_scan(ksm_machine_factory):
+@pytest.mark.parametrize("scanners", SCANNERS)
+def test_pages_rewritten_every_scan(ksm_machine_factory, scanners):
     """Pages that change all the time never merge, on either side; the rest merges alike."""
     layouts = [pages((3, 6), (5, 4)), pages((5, 4), (3, 2), ("r6", 3))]
     rewrite = [6, 4]          # all of VM 0's copies of 3 and VM 1's copies of 5 keep changing
-    kern = kernel_ksm.merge_counts(layouts, {"smart_scan": 0}, full_scans=3, timeout=120, rewrite=rewrite)
-    ours = proto_counts(ksm_machine_factory(frames=4096), layouts, {"smart_scan": 0}, rewrite=rewrite)
+    kern = kernel_counts("rewritten", layouts, {"smart_scan": 0}, rewrite=rewrite)
+    ours = proto_counts(ksm_machine_factory(frames=4096, scanners=scanners), layouts, {"smart_scan": 0},
+                        rewrite=rewrite)
     for k in EXACT:
         assert ours["ksm"][k] == kern["ksm"][k], (k, ours["ksm"][k], kern["ksm"][k])
     assert (ours["ksm"]["pages_shared"], ours["ksm"]["pages_sharing"]) == (2, 4)
 
 
-def test_smart_scan_on_merges_the_same(ksm_machine_factory):
+@pytest.mark.parametrize("scanners", SCANNERS)
+def test_smart_scan_on_merges_the_same(ksm_machine_factory, scanners):
     layouts, knobs = LAYOUTS["dups"]
-    kern = kernel_ksm.merge_counts(layouts, {"smart_scan": 1}, full_scans=3, timeout=120)
-    ours = proto_counts(ksm_machine_factory(frames=4096), layouts, {"smart_scan": 1})
+    kern = kernel_counts("dups-smart", layouts, {"smart_scan": 1})
+    ours = proto_counts(ksm_machine_factory(frames=4096, scanners=scanners), layouts, {"smart_scan": 1})
     for k in EXACT:
         assert ours["ksm"][k] == kern["ksm"][k], (k, ours["ksm"][k], kern["ksm"][k])

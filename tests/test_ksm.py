@@ -1,4 +1,7 @@
-"""ksmd: merging, counters, chains, zero pages, unmerge and re-merge, knobs (exact numbers)."""
+"""ksmd: merging, counters, chains, zero pages, unmerge and re-merge, knobs (exact numbers).
+
+Every test runs with one scanner and with two (core/shard.py): the same numbers.
+"""
 from __future__ import annotations
 
 import errno
@@ -9,6 +12,16 @@ import pytest
 from proto import MADV_MERGEABLE, MADV_UNMERGEABLE, PAGE_SIZE
 
 FAST = dict(pages_to_scan=100000, sleep_millisecs=0)
+
+
+@pytest.fixture(params=[1, 2], ids=["1-scanner", "2-scanners"])
+def scanners(request):
+    return request.param
+
+
+@pytest.fixture
+def ksm_machine(ksm_machine_factory, scanners):
+    return ksm_machine_factory(scanners=scanners)
 
 
 def page(v: int) -> bytes:
@@ -190,8 +203,8 @@ def test_knob_errors(ksm_machine):
     assert m.ksm.get("max_page_sharing") == 10
 
 
-def test_merge_across_nodes_zero_keeps_nodes_apart(ksm_machine_factory):
-    m = ksm_machine_factory(nodes=2)
+def test_merge_across_nodes_zero_keeps_nodes_apart(ksm_machine_factory, scanners):
+    m = ksm_machine_factory(nodes=2, scanners=scanners)
     m.ksm.set(merge_across_nodes=0, **FAST)
     a, b, c = m.spawn_vm("a", node=0), m.spawn_vm("b", node=1), m.spawn_vm("c", node=1)
     for vm in (a, b, c):
@@ -213,6 +226,32 @@ def test_smart_scan_skips_pages_that_never_merge(ksm_machine):
     # visits 1-4 processed, visit 5 skipped (kernel pattern), so after >= 5 scans each page was skipped
     assert s["pages_skipped"] >= 10 and s["pages_skipped"] % 10 == 0
     assert s["pages_scanned"] + s["pages_skipped"] == 10 * s["full_scans"]
+
+
+def test_scanners_and_fault_handlers_are_fixed_at_start(ksm_machine_factory):
+    m = ksm_machine_factory(scanners=2, fault_handlers=2)
+    assert (m.ksm.get("scanners"), m.ksm.get("fault_handlers")) == (2, 2)
+    assert len(m.scanner_procs) == 2 and len(m.faultds) == 2
+    m.ksm.set(scanners=2)                                 # the same value: fine
+    for k, v in (("scanners", 3), ("fault_handlers", 1)):
+        with pytest.raises(OSError) as ei:
+            m.ksm.set(**{k: v})
+        assert ei.value.errno == errno.EBUSY and k in str(ei.value)
+    with pytest.raises(OSError) as ei:
+        m.ksm.set(scanners=0)
+    assert ei.value.errno == errno.EINVAL
+    vms = [m.spawn_vm(f"v{i}") for i in range(2)]          # mm 0 and mm 1: one fault handler each
+    xs = [load(vm, [page(4)] * 6) for vm in vms]
+    m.ksm.set(run=1, **FAST)
+    s = m.ksm.wait_stable(30)
+    assert (s["pages_shared"], s["pages_sharing"]) == (1, 11)
+    m.ksm.set(run=0)
+    for vm, x in zip(vms, xs):
+        vm.write(x, b"\x05" * PAGE_SIZE)                  # COW, each by its VM's fault handler
+        assert vm.read(x, 2 * PAGE_SIZE) == b"\x05" * PAGE_SIZE + page(4)
+    assert [fd.call("stats")[0]["cow_copies"] for fd in m.faultds] == [1, 1]
+    info = m.ksmd.call("info")[0]
+    assert info["scanners"] == 2 and info["scan_errors"] == 0
 
 
 def test_a_page_shared_with_a_fork_child_is_not_merged_with_itself(ksm_machine):

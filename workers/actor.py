@@ -24,7 +24,7 @@ import posix_ipc
 from proto.channel import recv_fd
 from proto.messages import ProtocolError
 
-from proto.layout import FrameTable, MMView, Segment, StatsView, seg_name
+from proto.layout import FrameTable, MMView, RmapView, Segment, StatsView, seg_name
 
 from .frames import FrameAllocator, ShmLock
 
@@ -133,6 +133,10 @@ class RunMemory:
         except posix_ipc.ExistentialError:
             raise OSError(errno.ENOENT, f"mm {mm_id} does not exist") from None
         return mm, ShmLock.ptl(self.run, mm_id)
+
+    def attach_rmap(self, mm_id: int, npages: int) -> RmapView:
+        """The scanners' shared rmap items of an mm (the supervisor created them with the mm)."""
+        return RmapView(Segment.attach(seg_name(self.run, f"rmap.{mm_id}")), npages)
 
     def close(self) -> None:
         self.frame_lock.close()

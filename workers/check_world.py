@@ -7,6 +7,15 @@ over the same FrameTable / MMView / FrameAllocator classes the actors use, backe
 plain arrays instead of POSIX shared memory.  The world performs their effects and
 moves their messages; workers/explore.py decides the order.
 
+With scanners=2 (`SHARDED`, `ksm-proto check --scanners 2`) two scanners run the
+round protocol of core/shard.py: the leader `ksmd` and `ksmd1`, each owning the
+contents of one shard, on shared rmap items.  Every page holds a content of one
+shard or the other, and each content is in both VMs, so in every round each
+scanner visits pages whose content the other owns, both owners merge into both mms
+at once (their ksm locks and ptl trylocks interleave), and each merges pages the
+other visited into its stable node, while the VMs write pages over with the other
+shard's content (COW of one node's KSM page, then a merge into the other's).
+
 Scheduling points:
   * each effect a core yields (a load, a store, a trylock, an alloc, a memcmp, one
     notifier message sent, an access through an spte, a wait);
@@ -42,12 +51,20 @@ Invariants, after every step (`violations`):
   * each secondary MMU's messages follow the notifier grammar (with a kill: the messages
     of each notifier do; a dead notifier's open START may overlap its successor's or the
     other notifier's until the VM has noticed the death);
-  * at ksmd's batch boundaries pages_shared / pages_sharing agree with the stable tree;
-  * a page-table lock has at most one holder.
+  * at ksmd's batch boundaries pages_shared / pages_sharing agree with the stable tree
+    (with two scanners: their sums with both trees, when both are between rounds);
+  * a page-table lock has at most one holder;
+  * with two scanners, a scanner's trylock of a ptl never fails because the other holds
+    it (a second scanner must not make merges fail that one scanner would do).
 At the end (`final_violations`): every frame's mapcount equals its mappings, the free
 stack is exact, every VM reads back its record, and the counters equal what the PTEs show
 (pages_shared / pages_sharing; each mm's ksm_merging_pages and ksm_zero_pages, and the
-machine's ksm_zero_pages).
+machine's ksm_zero_pages); with two scanners also the merge is complete, as one
+scanner's would be: each content that two or more candidate pages hold is one KSM page.
+
+With a kill of ksmd and two scanners, both scanners die and are restarted (as the
+supervisor does: any scanner's death restarts them all), the followers' shards
+restored before the leader's first round.
 """
 from __future__ import annotations
 
@@ -65,15 +82,17 @@ from proto.layout import (COUNTERS, FRAME_FREE, FRAME_KSM, MM_STATS, MMF_VM_MERG
 from proto.messages import Msg
 
 from .core.access import FaultCall, Touch, WaitIdle, touch, vm_access
-from .core.effects import (MEM_EFFECTS, Checksum, Compare, Effect, Load, Lock, Memory, Notify, Reply, TryLock, Unlock,
-                           WaitAcks, apply_mem)
+from .core.effects import (MEM_EFFECTS, Checksum, Compare, CopyPages, Effect, Load, Lock, Memory, Notify, Reply,
+                           ShardRecv, ShardSend, TryLock, Unlock, WaitAcks, apply_mem)
 from .core.fault import handle_mm_fault
 from .core.mm import do_mprotect, dup_mmap, ksm_disable_merge_any, ksm_enable_merge_any, madvise_dontneed
 from .core.notify import EXPECT, FAILED, GRAMMAR, INIT, MODES, LocalNotify, SecondaryMMU, grammar_why, local_set_pte
 from .core.pte import may_access, mergeable_ranges, vma_flags_at
 from .core.repair import repair_frames
-from .core.scan import KsmScan
+from .core.scan import SUMMED, KsmScan
+from .core.shard import LEAD
 from .frames import FrameAllocator
+from .ksm_tree import RmapItems
 
 BREAKS = {
     "cow-reply-before-acks": "the fault handler answers a COW fault and lets go of ptl before the secondary "
@@ -86,6 +105,12 @@ BREAKS = {
                      "VM applied it to its secondary MMUs (no deferred release)",
     "pid-takeover-lock": "page-table locks are the old semaphore + owner pid, taken over when the owner "
                          "'looks dead' (reads owner twice)",
+    "no-round-barrier": "two scanners: the leader starts a round's visits before the other scanner has finished "
+                        "the last round's merges (its DONE is collected a round late)",
+    "no-shard-routing": "two scanners: each plans the pages it visited in its own trees, instead of routing each "
+                        "page to the owner of its content",
+    "no-ksm-lock": "two scanners: an owner tries an mm's page-table lock without first taking the scanners' "
+                   "ksm lock of that mm",
     "no-repair": "after a kill -9 of the fault handler the supervisor restarts it without repairing the frame "
                  "table from the PTEs (runs with kill='faultd')",
     "no-spte-flush": "a VM keeps its secondary translations when ksmd dies, trusting what it was told "
@@ -97,6 +122,14 @@ BREAKS = {
     "mprotect-no-notify": "mprotect changes the VMA and the PTEs without invalidate_range_start/end to the "
                           "VM's secondary MMUs",
 }
+SHARD_BREAKS = ("no-round-barrier", "no-shard-routing", "no-ksm-lock")
+# the two-scanner configuration: page 0 of each VM holds a content of shard 0 (byte 2), page 1 one of
+# shard 1 (byte 1).  The first writes race the first merges (vm0 zaps page 1 with MADV_DONTNEED, vm1
+# rewrites what its page 1 holds); the next ones copy contents across shards: COW of one owner's KSM
+# page, then a merge into the other owner's node.  A round is a full scan (pages_to_scan above the
+# pages): the next round's visits follow the merges at once
+SHARDED = dict(scanners=2, fill=(2, 1), writes=(((1, -1), (0, 1), (1, 2)), ((1, 1), (1, 2), (0, 1))),
+               smart_scan=0, complete=True, pages_to_scan=1000, first_scan=1)
 KILLS = ("ksmd", "faultd")
 BREAK_KILLS = {"no-repair": "faultd", "no-spte-flush": "ksmd"}
 # the configuration a break shows itself in soonest: unpaced writers keep their sptes writable while ksmd dies
@@ -258,7 +291,9 @@ class KsmWorld:
     def __init__(self, mode: str, brk: str | None = None, nvms: int = 2, npages: int = 2,
                  writes: tuple = (((0, 2), (1, 2), (1, -1), (1, 1)), ((1, 2), (1, 1))), device: bool = False, max_page_sharing: int = 256,
                  use_zero_pages: int = 0, settle_scans: int = 2, nframes: int = 16, pace: bool = True,
-                 early_reply: bool = True, kill: str | None = None, cow_reply: bool = True):
+                 early_reply: bool = True, scanners: int = 1, fill: tuple = (1,), smart_scan: int = 1,
+                 complete: bool = False, pages_to_scan: int | None = None, first_scan: int = 2,
+                 kill: str | None = None, cow_reply: bool = True):
         if mode not in MODES:
             raise ValueError(f"mode {mode!r} is not one of {MODES}")
         if kill is not None and kill not in KILLS:
@@ -268,6 +303,7 @@ class KsmWorld:
         self.open_starts: dict[tuple, int] = {}     # (notifier, mm, sub) -> STARTs without their END
         self.lost: set[int] = set()                 # FAULT corrs the dead fault handler never answered
         self.frozen = False
+        self.restoring = 0                          # restarted followers that have not restored yet
         self.mode, self.brk = mode, frozenset([brk] if brk else [])
         self.nframes = nframes
         ftseg = ArraySegment(FrameTable.size_for(nframes))
@@ -291,15 +327,28 @@ class KsmWorld:
         self.pace = pace
         self.early_reply = early_reply
         self.cow_reply = cow_reply          # a COW's set_pte_at_notify rides on the reply (as faultd runs it)
+        self.complete = complete
+        self.fill = fill
+        self.coverage = collections.Counter()     # what a run exercised (tests look at it)
         self._enabled = None
         self._dirty = True
-        self.scan = KsmScan(self.ft, mode, lambda: self.clock_steps / 1000.0, self.brk)
-        self.scan.knobs.update(dict(DEFAULTS, run=1, pages_to_scan=nvms * npages, sleep_millisecs=0,
-                                    max_page_sharing=max_page_sharing, use_zero_pages=use_zero_pages))
+        clock = lambda: self.clock_steps / 1000.0      # noqa: E731
+        self.scans = [KsmScan(self.ft, mode, clock, self.brk, k, scanners) for k in range(scanners)]
+        self.scan = self.scans[0]
+        self.scanner_names = ["ksmd" if k == 0 else f"ksmd{k}" for k in range(scanners)]
+        self.shardq: dict[tuple, collections.deque] = collections.defaultdict(collections.deque)
+        self.rmaps: dict[int, RmapItems] = {}
+        self.first_scan = first_scan
+        self.scan.knobs.update(dict(DEFAULTS, run=1, pages_to_scan=pages_to_scan or nvms * npages, sleep_millisecs=0,
+                                    max_page_sharing=max_page_sharing, use_zero_pages=use_zero_pages,
+                                    smart_scan=smart_scan, scanners=scanners))
         for v in range(nvms):
             self._make_vm(v, npages, device and v == 0)
         self.pending_loss = {v.id: set() for v in self.vms}   # dead notifiers this VM has not noticed yet
         self.threads.append(Thread("ksmd", "ksmd", self.ksmd_main()))
+        for k in range(1, scanners):
+            name = self.scanner_names[k]
+            self.threads.append(Thread(name, name, self.follower_main(self.scans[k])))
         for v in self.vms:
             self.threads.append(Thread(f"{v.name}/writer", v.name, self.writer(v, npages, writes[v.id % len(writes)]),
                                        vm=v))
@@ -310,10 +359,12 @@ class KsmWorld:
         self._warm_up()
 
     def _warm_up(self) -> None:
-        """ksmd alone until its first full scan ends: every page has a checksum, the next scan merges."""
-        ksmd = self.threads[0]
+        """The scanners alone until the first full scan ends: every page has a checksum, the next scan merges."""
+        scanners = [t for t in self.threads if t.actor in self.scanner_names]
         while self.scan.c["full_scans"] < 1:
-            self._run_thread(ksmd, {})
+            for t in scanners:
+                if not t.done and self._runnable(t):
+                    self._run_thread(t, {})
         self.violations_found += self._frame_violations()
 
     # ---------------------------------------------------------------- set-up
@@ -323,11 +374,22 @@ class KsmWorld:
         mm.hdr[MMH_ID] = mm_id
         mm.hdr[MMH_NPAGES] = npages
         self.mem.mms[mm_id] = mm
-        for q in (("ksmd", mm_id), ("faultd", mm_id), (mm_id, "faultd"), (mm_id, "ksmd.ack"), (mm_id, "faultd.ack")):
+        for q in (("faultd", mm_id), (mm_id, "faultd"), (mm_id, "faultd.ack")):
             self.queues[q] = collections.deque()
+        for name in self.scanner_names:
+            self.queues[(name, mm_id)] = collections.deque()
+            self.queues[(mm_id, f"{name}.ack")] = collections.deque()
         self.locks[("ptl", mm_id)] = None
+        self.locks[("ksm", mm_id)] = None
         self.old_lock[("ptl", mm_id)] = [1, 0]
         return mm
+
+    def _add_to_scanners(self, mm_id: int, mm: MMView) -> None:
+        """Every scanner learns of the mm, on rmap items they share (as the rmap segment is shared)."""
+        items = RmapItems.fixed_size(mm.npages)
+        self.rmaps[mm_id] = items
+        for sc in self.scans:
+            sc.add_mm(mm_id, mm, items)
 
     @staticmethod
     def _register(v: VMState, mm: MMView) -> None:
@@ -343,21 +405,22 @@ class KsmWorld:
         mm.vmas[0] = (start, start + npages * PAGE_SIZE, VM_READ | VM_WRITE | VM_MERGEABLE)
         mm.hdr[MMH_FLAGS] |= MMF_VM_MERGEABLE
         pfns = self.alloc.alloc(npages, 1, zero=True)
-        self.alloc.pages[pfns] = 1
+        for p in range(npages):
+            self.alloc.pages[pfns[p]] = self.fill[p % len(self.fill)]
         mm.pte[:] = (pfns.astype(np.uint64) << np.uint64(PAGE_SHIFT)) | np.uint64(PTE_PRESENT | PTE_WRITE)
         v = VMState(mm_id, f"vm{mm_id}", npages, device)
         self._register(v, mm)
         for p in range(npages):
-            v.record[p] = 1
-        self.scan.add_mm(mm_id, mm)
+            v.record[p] = self.fill[p % len(self.fill)]
+        self._add_to_scanners(mm_id, mm)
         self.vms.append(v)
 
     # ---------------------------------------------------------------- the programs
     def ksmd_main(self):
-        """ksmd: full scans while any writer runs, then settle_scans more."""
+        """ksmd (the leader): full scans while any writer runs, then settle_scans more; then the others stop."""
         settle = self.settle_scans
         while self.writers_left or settle > 0:
-            if not self.writers_left:
+            if not self.writers_left and not (self.complete and self._faults_running()):
                 settle -= 1
             ended = False
             while not ended:
@@ -365,6 +428,18 @@ class KsmWorld:
                     yield _Boundary()
                 _, _, ended = yield from self.scan.ksm_do_scan(self.scan.knobs["pages_to_scan"])
                 self._check_counters()
+        yield from self.scan.stop_followers()
+
+    def _faults_running(self) -> bool:
+        """A fault handler task still at work (an early reply leaves it holding ptl until its acks)."""
+        return any(t.actor == "faultd" and not t.done for t in self.threads)
+
+    def follower_main(self, scan: KsmScan):
+        """Another scanner: the leader's rounds until it says stop."""
+        while True:
+            op, _ = yield from scan.follow_one()
+            if op == "stop":
+                return
 
     def supervisor(self, target: str):
         """kill -9 of `target` at a point the schedule picks, then Machine._recover's steps."""
@@ -380,16 +455,27 @@ class KsmWorld:
             yield _Thaw()
 
     def restarted_ksmd(self):
-        """A new ksmd: its state from shared memory (KsmScan.restore), then the scan goes on."""
+        """A new ksmd: its state from shared memory (KsmScan.restore), then the scan goes on.  With two
+        scanners the leader restores once the other has (the supervisor restores the followers first)."""
+        if len(self.scans) > 1:
+            yield _AwaitRestore()
         yield from self.scan.restore()
         self._check_counters()
         yield from self.ksmd_main()
 
-    def writer(self, v: VMState, npages: int, ops, first_scan: int = 2):
+    def restarted_follower(self, scan: KsmScan):
+        """A new follower: its shard from shared memory, then the leader's rounds."""
+        yield from scan.restore()
+        self.restoring -= 1
+        yield from self.follower_main(scan)
+
+    def writer(self, v: VMState, npages: int, ops, first_scan: int | None = None):
         """Read every page (installing sptes), then run each op of the program, op k once ksmd has ended
-        first_scan + k full scans (see SCENARIOS), reading back what it wrote; at the end read every
-        page back."""
+        first_scan + k full scans (see SCENARIOS; default: the world's first_scan), reading back what it
+        wrote; at the end read every page back."""
         sub = v.subs[0]
+        if first_scan is None:
+            first_scan = self.first_scan
         for page in range(npages):
             got = bytearray(8)
             yield from vm_access(v.id, sub, USER_BASE + page * PAGE_SIZE, 8, False, got)
@@ -400,11 +486,14 @@ class KsmWorld:
                 yield _AwaitScan(first_scan + k)
                 k += 1
             yield from self._op(v, npages, op)
-        self.writers_left -= 1
+        if not self.complete:
+            self.writers_left -= 1
         for page in range(npages):
             got = bytearray(PAGE_SIZE)
             yield from vm_access(v.id, sub, USER_BASE + page * PAGE_SIZE, PAGE_SIZE, False, got)
             self._check_read(v, page, got, "final read")
+        if self.complete:       # the scans that settle start once no VM touches memory any more
+            self.writers_left -= 1
 
     def _op(self, v: VMState, npages: int, op):
         sub, subs = v.subs[0], list(v.subs.values())
@@ -457,7 +546,7 @@ class KsmWorld:
         self._register(child, mm)
         child.record = dict(v.record)
         self.vms.append(child)
-        self.scan.add_mm(cid, mm)
+        self._add_to_scanners(cid, mm)
         self.writers_left += 1
         t = Thread(f"{child.name}/writer", child.name, self.writer(child, npages, ops, self.scan.c["full_scans"] + 1),
                    vm=child)
@@ -588,7 +677,7 @@ class KsmWorld:
         return out
 
     def finished(self) -> bool:
-        return all(t.done for t in self.threads) and not any(self.queues.values())
+        return all(t.done for t in self.threads) and not any(self.queues.values()) and not any(self.shardq.values())
 
     def final_violations(self) -> list[str]:
         out = self._frame_violations(final=True)
@@ -597,7 +686,7 @@ class KsmWorld:
         for p in range(1, self.nframes):
             if mc[p] != maps[p]:
                 out.append(f"frame {p}: mapcount {mc[p]} but {maps[p]} PTEs map it")
-        c = self.scan.c
+        c = self.totals()
         ksm = [p for p in range(1, self.nframes) if self.ft.flags[p] & FRAME_KSM and maps[p]]
         if c["pages_shared"] != len(ksm) or c["pages_shared"] + c["pages_sharing"] != int(sum(maps[p] for p in ksm)):
             out.append(f"counters pages_shared {c['pages_shared']} pages_sharing {c['pages_sharing']}, but "
@@ -625,6 +714,30 @@ class KsmWorld:
         if int(self.stats.counters[COUNTERS.index("ksm_zero_pages")]) != total:
             out.append(f"ksm_zero_pages {int(self.stats.counters[COUNTERS.index('ksm_zero_pages')])}, but {total} "
                        f"PTEs map the KSM zero page")
+        if self.complete:
+            out += self._incomplete()
+        return out
+
+    def totals(self) -> dict:
+        """The counters as the leader publishes them: every scanner's summed."""
+        return {k: sum(sc.c[k] for sc in self.scans) for k in SUMMED}
+
+    def _incomplete(self) -> list[str]:
+        """The merge one scanner would reach: each content held by two or more candidate pages is one
+        KSM page (max_page_sharing is never reached here)."""
+        frames_of: dict[bytes, set] = {}
+        for mm in self.mem.mms.values():
+            for pte in mm.pte.tolist():
+                pfn = pte >> PAGE_SHIFT
+                if pte & PTE_PRESENT and pfn != ZERO_PFN:
+                    frames_of.setdefault(bytes(self.alloc.pages[pfn]), set()).add(pfn)
+        out = []
+        for data, pfns in frames_of.items():
+            mapped = sum(1 for mm in self.mem.mms.values() for pte in mm.pte.tolist()
+                         if pte & PTE_PRESENT and (pte >> PAGE_SHIFT) in pfns)
+            if mapped >= 2 and len(pfns) > 1:
+                out.append(f"merge incomplete: {mapped} pages holding byte {data[0]} are in {len(pfns)} frames "
+                           f"{sorted(pfns)}, one scanner merges them into one KSM page")
         return out
 
     def state_key(self):
@@ -635,7 +748,10 @@ class KsmWorld:
         e = t.pending
         c = e.__class__
         if c is Lock:
-            return self.locks[e.key] is None
+            held = self.locks[e.key]
+            if e.key[0] == "ksm" and held is not None and held != t.name:
+                self.coverage["the other scanner was merging into the same mm"] += 1
+            return held is None
         if c is WaitAcks:
             return all(self.acks[h][0] == 0 for hs in e.handles for h in hs)
         if c is WaitIdle:
@@ -647,14 +763,28 @@ class KsmWorld:
             return self.scan.c["full_scans"] >= e.n
         if c is _Micro and e.enabled is not None:
             return e.enabled()
+        if c is ShardRecv:
+            return all(self._shard_head(src, t.actor, e) is not None for src in e.srcs)
         if c is _Boundary:
             return not self.frozen
         if c is _Freeze:
             k = self._ksmd_thread()
             return k is None or k.done or isinstance(k.pending, _Boundary)
         if c is _NotifierLost:
-            return not self.queues[(e.target, e.v.id)]
+            return not any(self.queues[(n, e.v.id)] for n in self._members(e.target))
+        if c is _AwaitRestore:
+            return self.restoring == 0
         return True
+
+    def _scanner_no(self, name: str) -> int:
+        return self.scanner_names.index(name)
+
+    def _shard_head(self, src: int, me: str, e: ShardRecv):
+        """The message e would take from scanner src (older rounds' dropped first), or None."""
+        q = self.shardq[(src, self._scanner_no(me), e.kind)]
+        while q and e.seq is not None and q[0].seq < e.seq:
+            q.popleft()
+        return q[0] if q else None
 
     def _footprint(self, t: Thread) -> tuple:
         e = t.pending
@@ -662,8 +792,10 @@ class KsmWorld:
         c = e.__class__
         if t.vm is not None:
             fp += ((("vm", t.vm.id), "w"),)
-        if t.actor == "ksmd":
-            fp += ((("ft",), "r"), (("scans",), "w"))
+        if t.actor in self.scanner_names:
+            fp += ((("ft",), "r"), (("scans",), "w"), (("rmap",), "w"))
+        if c is ShardRecv:
+            fp += ((("shardq", self._scanner_no(t.actor)), "w"),)
         if c is _AwaitScan:
             fp += ((("scans",), "r"),)
         if c is WaitAcks:
@@ -679,7 +811,8 @@ class KsmWorld:
         elif c in (_Kill, _Restart, _Freeze, _Thaw, _Boundary):    # the kill and restart touch everything
             fp += ((("up",), "w"), (("ft",), "w"), (("scans",), "w"), (("frozen",), "w")) + tuple(
                 (k, "w") for k in self.locks) + tuple(((("chan",) + q), "w") for q in self.queues) + tuple(
-                (("vm", v.id), "w") for v in self.vms) + tuple((("acks", a), "w") for a in KILLS)
+                (("vm", v.id), "w") for v in self.vms) + tuple((("acks", a), "w")
+                                                               for a in self.scanner_names + ["faultd"])
         return fp
 
     def _queue_actor(self, q) -> str:
@@ -705,6 +838,8 @@ class KsmWorld:
         result, exc = None, None
         try:
             if c in MEM_EFFECTS:
+                if c is CopyPages and (self.ft.flags[np.atleast_1d(e.src)] & FRAME_KSM).any():
+                    self.coverage["cow of a KSM page"] += 1
                 result = apply_mem(self.mem, e)
             elif c is Touch:
                 result = touch(e.sub, e, memoryview(self.frames))
@@ -712,7 +847,16 @@ class KsmWorld:
                 result = self.locks[e.key] is None
                 if result:
                     self._hold(e.key, t)
+                elif e.key[0] == "ksm":
+                    self.coverage["the other scanner was merging into the same mm"] += 1
+                elif t.actor in self.scanner_names and self.locks[e.key] in self.scanner_names:
+                    self.violations_found.append(
+                        f"{t.name}'s trylock of {_lname(e.key)} failed: {self.locks[e.key]} holds it (another "
+                        f"scanner made merges fail that one scanner would have done)")
             elif c is Lock:
+                if e.key[0] == "ksm" and any(h in self.scanner_names and h != t.name
+                                             for k, h in self.locks.items() if k[0] == "ksm"):
+                    self.coverage["merge while the other scanner merges"] += 1
                 self._hold(e.key, t)
             elif c is Unlock:
                 if self.locks[e.key] != t.name:
@@ -753,7 +897,7 @@ class KsmWorld:
                 self.frozen = True
             elif c is _Thaw:
                 self.frozen = False
-            elif c is _Boundary:
+            elif c is _Boundary or c is _AwaitRestore:
                 result = None
             elif c is _NotifierLost:
                 self._notifier_lost(e.v, e.target)
@@ -763,6 +907,13 @@ class KsmWorld:
                 result = self._reply(t, e.err, e.msg, e.entries)
             elif c is _Micro:
                 result = e.run()
+            elif c is ShardSend:
+                self.shardq[(self._scanner_no(t.actor), e.dst, e.kind)].append(e.msg)
+            elif c is ShardRecv:
+                result = []
+                for src in e.srcs:
+                    self._shard_head(src, t.actor, e)
+                    result.append(self.shardq[(src, self._scanner_no(t.actor), e.kind)].popleft())
             else:
                 exc = TypeError(f"no driver for {e!r}")
         except Exception as x:
@@ -870,11 +1021,18 @@ class KsmWorld:
                 return t
         return None
 
+    def _members(self, target: str) -> list[str]:
+        """The actors a kill of target takes down: every scanner for ksmd (the supervisor restarts
+        them together), else target alone."""
+        return list(self.scanner_names) if target == "ksmd" else [target]
+
     def _kill(self, target: str) -> None:
-        """The process dies between two steps: generators abandoned, locks dropped by the kernel."""
+        """The process dies between two steps: generators abandoned, locks dropped by the kernel.
+        (Any scanner's death takes the others down: the round protocol has no way to take one back.)"""
         self.up[target] = False
+        members = self._members(target)
         for t in self.threads:
-            if t.actor != target or t.done:
+            if t.actor not in members or t.done:
                 continue
             for gen in reversed(t.stack):
                 gen.close()
@@ -884,15 +1042,22 @@ class KsmWorld:
             for key, holder in self.locks.items():
                 if holder == t.name:
                     self.locks[key] = None
+        if target == "ksmd":
+            self.shardq.clear()         # the mesh dies with them
         for v in self.vms:
-            self.pending_loss[v.id].add(target)
+            self.pending_loss[v.id].update(members)
             if target == "faultd":      # FAULTs not read yet die with the socket
                 for item in self.queues[(v.id, "faultd")]:
                     self.lost.add(item[1])
                 self.queues[(v.id, "faultd")].clear()
-            self.queues[(v.id, f"{target}.ack")].clear()
+            for m in members:
+                self.queues[(v.id, f"{m}.ack")].clear()
 
     def _notifier_lost(self, v: VMState, target: str) -> None:
+        for m in self._members(target):
+            self._notifier_lost_one(v, m)
+
+    def _notifier_lost_one(self, v: VMState, target: str) -> None:
         for s, sub in v.subs.items():
             n = self.open_starts.pop((target, v.id, s), 0)
             if "no-spte-flush" in self.brk:
@@ -911,16 +1076,22 @@ class KsmWorld:
         self.up[target] = True
         if target != "ksmd":
             return
-        old = self.scan
-        self.scan = KsmScan(self.ft, self.mode, old.clock, self.brk)
-        self.scan.knobs.update(old.knobs)
-        for k in ("pages_scanned", "pages_skipped", "full_scans"):
-            self.scan.c[k] = old.c[k]
-        for v in self.vms:
-            self.scan.add_mm(v.id, self.mem.mms[v.id])
-        t = Thread("ksmd'", "ksmd", self.restarted_ksmd())
-        self.threads.append(t)
-        self._advance(t, None)
+        old, n = self.scans, len(self.scans)
+        self.scans = [KsmScan(self.ft, self.mode, old[0].clock, self.brk, k, n) for k in range(n)]
+        self.scan = self.scans[0]
+        for sc in self.scans:
+            sc.knobs.update(old[0].knobs)
+        for k in ("pages_scanned", "pages_skipped"):      # (the stats segment keeps the published sums)
+            self.scan.c[k] = sum(sc.c[k] for sc in old)
+        self.scan.c["full_scans"] = old[0].c["full_scans"]
+        for v in self.vms:      # the supervisor wiped the shared rmap items
+            self._add_to_scanners(v.id, self.mem.mms[v.id])
+        self.restoring = n - 1
+        new = [Thread(f"{self.scanner_names[k]}'", self.scanner_names[k], self.restarted_follower(self.scans[k]))
+               for k in range(1, n)] + [Thread("ksmd'", "ksmd", self.restarted_ksmd())]
+        for t in new:
+            self.threads.append(t)
+            self._advance(t, None)
 
     def _new_id(self) -> int:
         self.next_id += 1
@@ -939,7 +1110,7 @@ class KsmWorld:
 
     def _in_flight(self, mm: int, s: int, i: int) -> bool:
         addr = USER_BASE + (i << PAGE_SHIFT)
-        for src in ("ksmd", "faultd"):
+        for src in self.scanner_names + ["faultd"]:
             for item in self.queues[(src, mm)]:
                 if item[0] == "FAULT_REPLY":        # a COW's reply carries set_pte_at_notify for every sub
                     if item[4] is not None and (item[4][:, 0] == addr).any():
@@ -999,14 +1170,18 @@ class KsmWorld:
         return out
 
     def _check_counters(self) -> None:
-        """At a batch boundary: the sharing counters agree with the stable tree."""
-        tree, c = self.scan.tree, self.scan.c
-        live = np.flatnonzero(tree.live[:tree.top])
-        cnt = tree.count[live]
+        """At a round boundary (every scanner between rounds): the sharing counters agree with the stable trees."""
+        for t in self.threads[1:]:
+            if t.actor in self.scanner_names and not t.done and not (
+                    isinstance(t.pending, ShardRecv) and t.pending.kind == LEAD
+                    and not self.shardq[(0, self._scanner_no(t.actor), LEAD)]):
+                return          # (that scanner is inside a round: its counters move)
+        c = self.totals()
+        cnt = np.concatenate([sc.tree.count[np.flatnonzero(sc.tree.live[:sc.tree.top])] for sc in self.scans])
         if c["pages_shared"] != int((cnt > 0).sum()) or c["pages_shared"] + c["pages_sharing"] != int(cnt.sum()):
             self.violations_found.append(f"pages_shared {c['pages_shared']} pages_sharing {c['pages_sharing']} "
-                                         f"disagree with the stable tree ({int((cnt > 0).sum())} nodes in use, "
-                                         f"{int(cnt.sum())} rmap items)")
+                                         f"disagree with the stable tree{'s' if len(self.scans) > 1 else ''} "
+                                         f"({int((cnt > 0).sum())} nodes in use, {int(cnt.sum())} rmap items)")
 
     def digest(self) -> str:
         """A hash of the whole shared state (for tests comparing two runs)."""
@@ -1015,6 +1190,17 @@ class KsmWorld:
         for mm in self.mem.mms.values():
             h.update(mm.seg.buf)
         return h.hexdigest()
+
+
+class _AwaitRestore(Effect):
+    """The restarted leader waits until every restarted follower has restored its shard."""
+    __slots__ = ()
+
+    def footprint(self):
+        return ((("scans",), "r"),)
+
+    def __repr__(self):
+        return "wait for the other scanners' restore"
 
 
 class _Micro(Effect):
@@ -1031,28 +1217,44 @@ class _Micro(Effect):
         return f"{_lname(self.key)}: {self.what}"
 
 
-_READ_ONLY = frozenset({Load, Checksum, Compare, WaitAcks, WaitIdle, _AwaitScan, _AwaitReply, Reply, Notify})
+_READ_ONLY = frozenset({Load, Checksum, Compare, WaitAcks, WaitIdle, _AwaitScan, _AwaitReply, Reply, Notify,
+                        _AwaitRestore})
 
 
 def _lname(key) -> str:
-    return f"ptl(mm{key[1]})" if key[0] == "ptl" else "frame_lock"
+    return f"{key[0]}(mm{key[1]})" if key[0] in ("ptl", "ksm") else "frame_lock"
 
 
-def world_factory(mode: str, brk: str | None = None, scenario: str | None = None, **config):
+def world_factory(mode: str, brk: str | None = None, scenario: str | None = None, scanners: int | None = None,
+                  **config):
     """A callable that builds a fresh, identical KsmWorld (the explorer replays by rebuilding).
 
     scenario: a name of SCENARIOS (default: the break's, else "base"); config overrides it.
-    The breaks of the recovery (no-repair, no-spte-flush) need a kill: theirs unless `kill` says."""
+    The breaks of the recovery (no-repair, no-spte-flush) need a kill: theirs unless `kill` says.
+    scanners=2 is the two-scanner configuration (SHARDED; with a scenario other than "base",
+    its scanners, contents and round size under the scenario's program); None: 2 for a break
+    of the scanners' protocol (SHARD_BREAKS), else 1."""
     if brk is not None and brk not in BREAKS:
         raise ValueError(f"unknown break {brk!r}; one of: {', '.join(BREAKS)}")
+    if scanners is None:
+        scanners = 2 if brk in SHARD_BREAKS else 1
+    if scanners not in (1, 2):
+        raise ValueError(f"the KSM world runs 1 or 2 scanners, not {scanners}")
+    if brk in SHARD_BREAKS and scanners < 2:
+        raise ValueError(f"break {brk} is a step of the scanners' protocol: it needs 2 scanners")
     scenario = scenario or BREAK_SCENARIO.get(brk, "base")
     if scenario not in SCENARIOS:
         raise ValueError(f"unknown scenario {scenario!r}; one of: {', '.join(SCENARIOS)}")
     if brk in BREAK_KILLS and config.get("kill") is None:
         config["kill"] = BREAK_KILLS[brk]
-    config = {**SCENARIOS[scenario], **BREAK_CONFIG.get(brk, {}), **config}
+    sharded = {}
+    if scanners == 2:
+        sharded = SHARDED if scenario == "base" else {k: SHARDED[k] for k in ("scanners", "fill", "smart_scan",
+                                                                                  "pages_to_scan")}
+    config = {**sharded, **SCENARIOS[scenario], **BREAK_CONFIG.get(brk, {}), **config}
 
     def factory():
         return KsmWorld(mode, brk, **config)
     factory.scenario = scenario
+    factory.scanners = scanners
     return factory

@@ -4,7 +4,7 @@
     ksm-proto trace summary FILE | trace check FILE
     ksm-proto bench [--quick] [--cores N] [--trace-overhead] ...
     ksm-proto check [--mode M|all] [--scenario S|all] [--seed S] [--runs N] [--exhaustive [--depth D]] [--break STEP]
-                    [--list-breaks] [--trace FILE] [--replay SCHEDULE.json] [--save-schedule FILE]
+                    [--scanners 2] [--list-breaks] [--trace FILE] [--replay SCHEDULE.json] [--save-schedule FILE]
                     [--max-steps N] [--world ksm|toy] [--kill ksmd|faultd]
     ksm-proto estimate [--pid PID...] [--all-pids] [--file PATH...] [--dir DIR...] [--json] [--plot FILE]
                        [--max-page-sharing N] [--use-zero-pages 0|1] [--merge-across-nodes 0|1] [--verify-kernel]
@@ -24,6 +24,7 @@ import sys
 import time
 
 from proto import MADV_MERGEABLE, MADV_UNMERGEABLE, PAGE_SIZE, PR_SET_MEMORY_MERGE, PROT_NONE, PROT_READ
+from proto.knobs import OWN
 from proto.layout import COUNTERS
 from proto.trace import open_private
 
@@ -123,7 +124,8 @@ def run_scenario(sc: Scenario, mode: str | None, trace: str | None, until_stable
     mode = mode or sc.notifier_mode or "change_pte"
     frames = scenario_frames(sc)
     t0 = time.monotonic()
-    with Machine(frames=frames, notifier_mode=mode, trace=trace, nodes=1 + max(v.node for v in sc.vms)) as m:
+    own = {k: v for k, v in sc.ksm.items() if k in OWN}     # scanners, fault_handlers: chosen at start
+    with Machine(frames=frames, notifier_mode=mode, trace=trace, nodes=1 + max(v.node for v in sc.vms), **own) as m:
         layout = load_vms(m, sc, rep)
         loaded = time.monotonic()
         writers = []
@@ -132,7 +134,7 @@ def run_scenario(sc: Scenario, mode: str | None, trace: str | None, until_stable
                 if r.writer:
                     w = r.writer
                     writers.append((vm, vm.writer_start(addr, w.pages, w.seed, 0, w.values, w.period_ms), addr, r))
-        knobs = {"pages_to_scan": 100000, "sleep_millisecs": 0, **sc.ksm}
+        knobs = {"pages_to_scan": 100000, "sleep_millisecs": 0, **{k: v for k, v in sc.ksm.items() if k not in OWN}}
         knobs.setdefault("run", 1)
         m.ksm.set(**{k: v for k, v in knobs.items() if k != "run"})
         m.ksm.set(run=knobs["run"])
@@ -277,6 +279,7 @@ def cmd_check(a) -> int:
             print(f"ksm-proto: {a.replay}: not a schedule: {e}", file=sys.stderr)
             return 2
         a.world, a.mode, a.brk, a.max_steps = doc["world"], doc.get("mode"), doc.get("break"), doc.get("max_steps")
+        a.scanners = doc.get("scanners")
         a.kill = doc.get("kill")
         a.scenario = doc.get("scenario")
     world_factory, breaks, scenarios = _check_world(a.world)
@@ -300,7 +303,8 @@ def cmd_check(a) -> int:
         runs = (a.scenario,)
     for mode, scenario in [(m, sc) for m in (CHECK_MODES if a.mode == "all" else (a.mode,)) for sc in runs]:
         try:
-            factory = world_factory(mode, a.brk, scenario=scenario, **({"kill": a.kill} if a.kill else {}))
+            factory = world_factory(mode, a.brk, scenario=scenario, **({"kill": a.kill} if a.kill else {}),
+                                    **({"scanners": a.scanners} if a.world == "ksm" else {}))
         except ValueError as e:
             print(f"ksm-proto check: {e}", file=sys.stderr)
             return 2
@@ -322,7 +326,8 @@ def cmd_check(a) -> int:
         except explore.ReplayError as e:
             print(f"ksm-proto: {a.replay}: does not replay on this code: {e}", file=sys.stderr)
             return 2
-        meta = {"world": a.world, "mode": mode, "break": a.brk, "scenario": scenario, "max_steps": a.max_steps}
+        meta = {"world": a.world, "mode": mode, "break": a.brk, "scenario": scenario, "max_steps": a.max_steps,
+                "scanners": a.scanners}
         if a.kill:
             meta["kill"] = a.kill
         return _check_report(explore, tr, meta, found_by, a)
@@ -404,6 +409,9 @@ def main(argv=None) -> int:
     c.add_argument("--jobs", type=_positive, default=os.cpu_count() or 1,
                    help="processes sharing the random runs (default: every core); same verdict as one")
     c.add_argument("--world", choices=["ksm", "toy"], default="ksm", help="ksm (default), or the explorer's toy")
+    c.add_argument("--scanners", type=int, choices=[1, 2],
+                   help="scanners in the KSM world (default 1; 2 for a break of the scanners' protocol): 2 runs "
+                        "two scanners merging into each other's stable nodes while the VMs write")
     from . import estimate
     estimate.add_arguments(sub.add_parser(
         "estimate", help="how much KSM would save on processes, files or images (see workers/estimate.py)",
@@ -411,7 +419,8 @@ def main(argv=None) -> int:
                     "Exit status: 0 done, 1 some input could not be read (the rest counted), 2 bad usage or "
                     "nothing readable, 3 --verify-kernel failed or the kernel's counters differ."))
     c.add_argument("--kill", choices=["ksmd", "faultd"],
-                   help="kill -9 that actor at a point the schedule picks, then recover as the supervisor does")
+                   help="kill -9 that actor at a point the schedule picks, then recover as the supervisor does "
+                        "(ksmd: every scanner)")
     args, rest = p.parse_known_args(argv)
     try:
         return _main(p, c, args, rest)

@@ -3,9 +3,18 @@
 A VM worker whose access cannot be served by its secondary MMU or by the primary PTE
 sends a FAULT for a batch of pages of its mm.  Each FAULT runs the core
 `core.fault.handle_mm_fault` (do_anonymous_page, wp_page_reuse, wp_page_copy with
-set_pte_at_notify, break_ksm) as its own task, driven against the run's shared memory
-and the VM's notifier channel (workers/notifier.py); the FAULT_REPLY follows.  This
-process also answers page_referenced calls with clear_flush_young.
+set_pte_at_notify, break_ksm), driven against the run's shared memory and the VM's
+notifier channel (workers/notifier.py) in the callback that read it as far as it
+goes without waiting; the FAULT_REPLY follows.  A COW's reply carries the new PTEs
+and the fault stays parked (ptl and the old frame held) until the VM's APPLIED.
+FAULTs of an mm whose ptl another FAULT holds here wait behind it, in order, and run
+right after its unlock (several writers faulting at once).  This process also
+answers page_referenced calls with clear_flush_young.
+
+There may be several fault handlers (`--handlers`): fault handler k (named faultd,
+faultd1, ...) serves the mms whose id modulo the count is k (`--shard`) and refuses
+to bind any other; a VM's FAULT and APPLIED both travel on its one channel to the
+handler of its mm, so a parked fault always hears its APPLIED.
 
 Each VM's channel is a socketpair end the supervisor passes (`attach_mm`) and binds
 to that VM's mm: a second channel for a live mm is refused, a HELLO or FAULT naming
@@ -52,10 +61,9 @@ COW_REPLY = os.environ.get("KSM_PROTO_COW_REPLY", "1") == "1"
 
 
 class FaultHandler:
-    name = "faultd"
-
     def __init__(self, args):
         self.args = args
+        self.name = "faultd" if args.shard == 0 else f"faultd{args.shard}"
         self.mem = RunMemory(args.run)
         self.memory = Memory(self.mem.alloc, self.mem.stats)
         self.ptls: dict = {}
@@ -78,8 +86,12 @@ class FaultHandler:
     # ---- channels ----
     async def attach_mm(self, mm_id: int, name: str, fd: int) -> None:
         """Bind a channel end the supervisor passed to mm mm_id: once, while the mm lives."""
+        if mm_id % self.args.handlers != self.args.shard:    # (the supervisor's faultd_of)
+            os.close(fd)
+            raise OSError(errno.EINVAL, f"mm {mm_id} is served by fault handler {mm_id % self.args.handlers}, "
+                                        f"not {self.name}")
         ch, _ = await bind_vm_channel(self, mm_id, name, fd, lambda: Channel(
-            f"faultd<-{name}", self.on_vm_frame, self.on_vm_close))
+            f"{self.name}<-{name}", self.on_vm_frame, self.on_vm_close))
         ch.peer, ch.hello, ch.applied = mm_id, False, {}
         self.peers[mm_id] = name
         self.notifiers[mm_id] = MMUNotifier(self.name, name, self.memory.mms[mm_id], ch, self.tr,
@@ -87,7 +99,7 @@ class FaultHandler:
 
     def refuse(self, what: str) -> None:
         self.refused += 1
-        log.error("faultd: refused %s", what)
+        log.error("%s: refused %s", self.name, what)
 
     def on_vm_frame(self, ch: Channel, f: Frame) -> None:
         if f.type == Msg.HELLO:
@@ -309,7 +321,7 @@ class FaultHandler:
         elif isinstance(exc, KeyError):
             self._reply(st, errno.EFAULT, f"unknown mm {f.mm}", fast=None)
         else:       # a bug: the VM hears of it, this process goes on
-            log.error("faultd: fault on mm %d failed", f.mm, exc_info=exc)
+            log.error("%s: fault on mm %d failed", self.name, f.mm, exc_info=exc)
             self._reply(st, errno.EIO, f"fault handler error: {exc!r}", fast=None)
         if self.tr:
             self.tr.span("handle_mm_fault", st.t0, time.monotonic_ns(), mm=f.mm, pages=f.n, write=int(f.flags & 1))
@@ -370,8 +382,8 @@ class FaultHandler:
         except (KeyError, ValueError, TypeError) as e:
             reply = {"errno": errno.EINVAL, "error": f"bad request: {e!r}"}
         except Exception as e:          # a bug: the supervisor hears of it, this process goes on
-            log.exception("faultd: control request failed")
-            reply = {"errno": errno.EIO, "error": f"faultd: internal error: {e!r}"}
+            log.exception("%s: control request failed", self.name)
+            reply = {"errno": errno.EIO, "error": f"{self.name}: internal error: {e!r}"}
         if not ch.closed:
             ch.send(encode(Msg.REPLY, corr=f.corr, payload=call_payload(reply)))
 
@@ -381,7 +393,7 @@ class FaultHandler:
         self.fd_sock = socket.socket(fileno=self.args.fd_sock)
         ctl_sock = socket.socket(fileno=self.args.ctl_fd)
         _, ctl = await loop.create_connection(
-            lambda: Channel("faultd<-ctl", lambda ch, f: loop.create_task(self.on_ctl(ch, f)),
+            lambda: Channel(f"{self.name}<-ctl", lambda ch, f: loop.create_task(self.on_ctl(ch, f)),
                             lambda ch: done.done() or done.set_result(None)), sock=ctl_sock)
         ctl.send(encode(Msg.REPLY, corr=0, payload=call_payload({"ready": True})))
         await done
@@ -408,8 +420,11 @@ def _tname(t: int) -> str:
 
 
 def main() -> None:
-    setup("faultd")
-    args = actor_args()
+    def extra(p):
+        p.add_argument("--shard", type=int, default=0, help="this fault handler's number")
+        p.add_argument("--handlers", type=int, default=1, help="how many fault handlers share the VMs")
+    args = actor_args(extra)
+    setup("faultd" if args.shard == 0 else f"faultd{args.shard}")
     run_actor("faultd", FaultHandler(args).main)
 
 

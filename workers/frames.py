@@ -1,7 +1,8 @@
 """Physical frames: the allocator, mapcounts, and the locks that guard shared state.
 
-The locks (`ShmLock`): the frame lock and one page-table lock (ptl) per mm, each
-one byte of the run's lock file, taken with an OFD record lock.  The kernel gives
+The locks (`ShmLock`): the frame lock, one page-table lock (ptl) per mm and one
+scanners' ksm lock per mm, each one byte of the run's lock file, taken with an OFD
+record lock.  The kernel gives
 the exclusion and drops a lock when its holder dies (kill -9 included); nobody
 reads a pid to decide who holds a lock.  Any actor may allocate or free frames
 while holding the frame lock for a few microseconds; nobody holds it across a
@@ -25,7 +26,7 @@ import weakref
 import numpy as np
 
 from proto.layout import (FRAME_ANON, FRAME_FREE, FRAME_KSM, FRAME_LOCK_BYTE, FRAME_ZERO, FTH_FREE_TOP, PAGE_SIZE,
-                          ZERO_PFN, FrameTable, lock_file, ptl_lock_byte)
+                          ZERO_PFN, FrameTable, ksm_lock_byte, lock_file, ptl_lock_byte)
 
 
 class OutOfFrames(OSError):
@@ -84,6 +85,11 @@ class ShmLock:
     @classmethod
     def ptl(cls, run: str, mm_id: int) -> "ShmLock":
         return cls(lock_file(run), ptl_lock_byte(mm_id), f"ptl.{mm_id}")
+
+    @classmethod
+    def ksm(cls, run: str, mm_id: int) -> "ShmLock":
+        """The scanners' lock of mm mm_id (core/shard.py): taken before its ptl when several merge."""
+        return cls(lock_file(run), ksm_lock_byte(mm_id), f"ksm.{mm_id}")
 
     def _try_record(self) -> bool:
         try:
@@ -345,6 +351,16 @@ class FrameAllocator:
                 ft.mapcount[pfn] += 1
                 return True
         return False
+
+    def pin_ksm_many(self, pfns: np.ndarray, nodes: np.ndarray) -> np.ndarray:
+        """pin_ksm for distinct frames under one hold of the frame lock; which were pinned."""
+        ft = self.ft
+        pfns = np.asarray(pfns, dtype=np.int64)
+        self._out_of_range(pfns, ZERO_PFN)
+        with self.lock:
+            ok = (((ft.flags[pfns] & FRAME_KSM) != 0) & (ft.stable[pfns] == nodes) & (ft.mapcount[pfns] > 0))
+            ft.mapcount[pfns[ok]] += 1
+        return ok
 
 
 def ksm_zero_pages_add(lock: ShmLock, stats, mm_id: int, n: int) -> None:

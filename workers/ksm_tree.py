@@ -7,7 +7,9 @@ and every match is confirmed by comparing bytes after write-protect (ksmd.py).
 Everything is stored in numpy arrays so that the scanner's metadata stays small
 and honestly countable (`nbytes`): an rmap item is one slot in each of the
 per-mm arrays below, indexed by page number; a stable node is one slot in the
-StableTree arrays.
+StableTree arrays.  With several scanners the rmap items of an mm are one shared
+segment (proto.layout.RmapView) that every scanner maps; which scanner may write
+which item when is core/shard.py's rule.
 
     RmapItems (per mm)              StableTree
     flags  u8   HAS|UNSTABLE|STABLE  key   i64  content digest
@@ -23,6 +25,7 @@ import numpy as np
 from .hashtab import HashIndex
 
 HAS, UNSTABLE, STABLE = 1, 2, 4
+ITEM_BYTES = 15         # flags, age, skips (u8), sn (i32), cs (i64)
 
 
 def _grow(a: np.ndarray, n: int, fill=0) -> np.ndarray:
@@ -32,20 +35,60 @@ def _grow(a: np.ndarray, n: int, fill=0) -> np.ndarray:
 
 
 class RmapItems:
-    """The rmap items of one mm, indexed by page number within the mm."""
+    """The rmap items of one mm, indexed by page number within the mm.
 
-    def __init__(self):
-        self.flags = np.zeros(0, np.uint8)
-        self.cs = np.zeros(0, np.int64)
-        self.sn = np.zeros(0, np.int32)
-        self.age = np.zeros(0, np.uint8)
-        self.skips = np.zeros(0, np.uint8)
-        self.nr_items = 0       # ksm_rmap_items of this mm
-        self.merging = 0        # ksm_merging_pages of this mm
+    Private arrays that grow as needed, or `view`: fixed-size arrays (flags, cs, sn, age,
+    skips) of a shared segment, covering the whole mm.
+    """
+
+    def __init__(self, view=None):
+        self.fixed = view is not None
+        self.hwm = 0            # fixed: the highest page index + 1 the scan asked for (ensure)
+        if view is None:
+            self.flags = np.zeros(0, np.uint8)
+            self.cs = np.zeros(0, np.int64)
+            self.sn = np.zeros(0, np.int32)
+            self.age = np.zeros(0, np.uint8)
+            self.skips = np.zeros(0, np.uint8)
+        else:
+            self.flags, self.cs, self.sn, self.age, self.skips = (view.flags, view.cs, view.sn, view.age,
+                                                                  view.skips)
+
+    @classmethod
+    def fixed_size(cls, npages: int) -> "RmapItems":
+        """Fixed-size private arrays (the checker's stand-in for a shared rmap segment)."""
+        class _V:
+            pass
+        v = _V()
+        v.flags, v.cs, v.sn = np.zeros(npages, np.uint8), np.zeros(npages, np.int64), np.full(npages, -1, np.int32)
+        v.age, v.skips = np.zeros(npages, np.uint8), np.zeros(npages, np.uint8)
+        return cls(v)
+
+    @property
+    def nr_items(self) -> int:
+        """ksm_rmap_items of this mm."""
+        return int(np.count_nonzero(self.flags & HAS))
+
+    @property
+    def merging(self) -> int:
+        """ksm_merging_pages of this mm."""
+        return int(np.count_nonzero(self.flags & STABLE))
+
+    def reset(self) -> None:
+        """No rmap item left (run=2)."""
+        if self.fixed:
+            self.flags[:] = 0
+            self.sn[:] = -1
+            self.hwm = 0
+        else:
+            self.__init__()
 
     def ensure(self, n: int) -> None:
+        self.hwm = max(self.hwm, n)
         if n <= len(self.flags):
             return
+        if self.fixed:
+            raise IndexError(f"rmap items for {n} pages asked of a segment of {len(self.flags)}")
         cap = max(n, 2 * len(self.flags), 1024)
         self.flags = _grow(self.flags, cap)
         self.cs = _grow(self.cs, cap)
@@ -55,6 +98,10 @@ class RmapItems:
 
     @property
     def nbytes(self) -> int:
+        """Bytes of rmap items: those below the highest page a mergeable area reached (a shared
+        segment is mapped for the whole mm, but the kernel allocates rmap items as it scans)."""
+        if self.fixed:
+            return self.hwm * ITEM_BYTES
         return sum(a.nbytes for a in (self.flags, self.cs, self.sn, self.age, self.skips))
 
     def new_items(self, idx: np.ndarray) -> None:
@@ -66,7 +113,6 @@ class RmapItems:
             self.sn[fresh] = -1
             self.age[fresh] = 0
             self.skips[fresh] = 0
-            self.nr_items += len(fresh)
 
 
 def skip_age(age: np.ndarray) -> np.ndarray:
@@ -130,6 +176,33 @@ class StableTree:
             out.append(d)
             d = int(self.next[d])
         return out
+
+    def insert_many(self, keys: np.ndarray) -> np.ndarray:
+        """stable_tree_insert of new KSM pages whose contents have no node yet (distinct keys): plain nodes."""
+        n = len(keys)
+        reuse = self.free[-n:] if n else []
+        del self.free[len(self.free) - len(reuse):]
+        fresh = n - len(reuse)
+        if self.top + fresh > len(self.key):
+            cap = len(self.key)
+            while cap < self.top + fresh:
+                cap *= 2
+            self.key = _grow(self.key, cap)
+            self.kpfn = _grow(self.kpfn, cap, -1)
+            self.count = _grow(self.count, cap)
+            self.next = _grow(self.next, cap, -1)
+            self.chain = _grow(self.chain, cap)
+            self.live = _grow(self.live, cap)
+        d = np.concatenate([np.array(reuse[::-1], dtype=np.int64), np.arange(self.top, self.top + fresh)])
+        self.top += fresh
+        self.key[d] = keys
+        self.kpfn[d] = -1
+        self.count[d] = 0
+        self.live[d] = 1
+        self.chain[d] = 0
+        self.next[d] = -1
+        self.index.insert(keys, d)
+        return d
 
     def insert(self, key: int, head: int | None = None) -> int:
         """stable_tree_insert of a new KSM page with this content: a new node, or a new dup at the head.

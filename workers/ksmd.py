@@ -1,32 +1,45 @@
-"""ksmd: the scanner process.  It finds identical pages in mergeable areas and merges them.
+"""ksmd: a scanner process.  It finds identical pages in mergeable areas and merges them.
 
 This module is the process around the scan (workers/core/scan.py: cmp_and_merge_page,
 the trees, the counters) and the merge (workers/core/merge.py: try_to_merge_one_page):
-it drives their effects against the run's shared memory and the VMs' notifier
-channels (workers/notifier.py), wakes every `sleep_millisecs` to scan
-`pages_to_scan` pages, applies knobs (run=2 unmerges everything), publishes the
-counters in the stats segment and serves the supervisor's control calls.
+it drives their effects against the run's shared memory, the VMs' notifier channels
+(workers/notifier.py) and the other scanners.
+
+With `scanners` = N (ksm-proto's own knob) the supervisor starts N of these,
+connected to each other by socketpairs (the mesh); each owns one shard of the trees
+(workers/core/shard.py).  Scanner 0, the leader, is ksmd as the supervisor knows it:
+it wakes every `sleep_millisecs` to scan `pages_to_scan` pages (in rounds every
+scanner works on), applies knobs (run=2 unmerges everything), publishes the
+machine-wide counters in the stats segment and serves the supervisor's control calls.
+The others serve the leader's rounds.  Every VM has a notifier channel to each scanner.
+Scanners run at nice 5, as the kernel's ksmd does (ksm_scan_thread: set_user_nice(current, 5)):
+on a busy machine they yield to the VMs as ksmd yields to applications.
 
 Each VM's channel is a socketpair end the supervisor passes (`attach_mm`), bound to
 that VM's mm once; a HELLO naming another mm, a second HELLO, or any other frame a VM
 sends is refused and logged.  ksmd keeps its knobs and cumulative counters in the
 stats segment, so a ksmd the supervisor restarted after a crash starts from them and
 rebuilds its stable tree and the rmap items of merged pages from the frame table and
-the PTEs (`restore`, core.scan.KsmScan.restore).  `freeze` holds the scanner between
-two batches (no lock, no pinned frame held) while the supervisor repairs what a dead
-fault handler left; `thaw` lets it go on.
+the PTEs (`restore`, core.scan.KsmScan.restore).  With several scanners, the death of
+any one restarts them all (a new mesh; the supervisor wipes the shared rmap items
+first), and each rebuilds its own shard, the followers before the leader, which
+then starts the rounds again.  `freeze` holds the scanner between two batches (no
+lock, no pinned frame held: the leader's barrier keeps the followers idle too) while
+the supervisor repairs what a dead fault handler left; `thaw` lets it go on.
 """
 from __future__ import annotations
 
 import asyncio
+import collections
 import errno
 import logging
+import os
 import socket
 import time
 
 
 from proto.channel import Channel
-from proto.knobs import BUSY_WHEN_MERGED, check_knob
+from proto.knobs import BUSY_WHEN_MERGED, OWN, check_knob
 from proto.layout import COUNTERS, KNOBS, MAX_MMS, MM_STATS
 from proto.messages import Frame, Msg, call_payload, encode
 from proto.trace import Tracer
@@ -35,27 +48,101 @@ from .actor import RunMemory, actor_args, receive_fd, req_int, run_actor, setup
 from .core.effects import Memory, TryLock
 from .core.fault import unmerge_ksm_pages
 from .core.scan import BATCH, KsmScan
-from .frames import OutOfFrames
+from .core.shard import DONE, LEAD, ROUTED, Done, Routed, from_wire, to_wire
+from .frames import OutOfFrames, ShmLock
+from .ksm_tree import RmapItems
 from .notifier import Driver, MMUNotifier, bind_vm_channel
 
 log = logging.getLogger("ksm_proto.ksmd")
+KSMD_NICE = 5               # the kernel's ksmd: set_user_nice(current, 5)
+
+
+FOLLOWER_OPS = frozenset({"ping", "attach_mm", "restore", "freeze", "thaw"})   # what a follower serves itself
+
+
+class PeerGone(TimeoutError):
+    """Another scanner closed its end (it exited): nobody will answer."""
+
+
+class Mesh:
+    """This scanner's channels to the other scanners: messages of core/shard.py, by kind and sender."""
+
+    def __init__(self, name: str, timeout: float):
+        self.name = name
+        self.timeout = timeout
+        self.peers: dict[int, Channel] = {}
+        self.queues: dict[tuple, collections.deque] = collections.defaultdict(collections.deque)
+        self.arrived = asyncio.Event()
+
+    async def connect(self, peer_fds: dict[int, int]) -> None:
+        loop = asyncio.get_running_loop()
+        for k, fd in peer_fds.items():
+            _, ch = await loop.create_connection(
+                lambda k=k: Channel(f"{self.name}<->scanner{k}", self.on_frame, lambda ch: self.arrived.set()),
+                sock=socket.socket(fileno=fd))
+            ch.peer = k
+            self.peers[k] = ch
+
+    def on_frame(self, ch: Channel, f: Frame) -> None:
+        if f.type != Msg.SHARD:
+            log.error("%s: unexpected %s from scanner %s", self.name, Msg(f.type).name, ch.peer)
+            return
+        msg = from_wire(f.json(), f.data())
+        kind = ROUTED if isinstance(msg, Routed) else DONE if isinstance(msg, Done) else LEAD
+        self.queues[(ch.peer, kind)].append(msg)
+        self.arrived.set()
+
+    def send(self, dst: int, kind: str, msg) -> None:
+        self.peers[dst].send(encode(Msg.SHARD, payload=call_payload(*to_wire(msg))))
+
+    async def recv(self, kind: str, srcs: list, seq, timeout: float | None = None) -> list:
+        """One `kind` message from each src (of round seq: older ones are dropped); TimeoutError."""
+        deadline = None if timeout is None and seq is None else time.monotonic() + (timeout or self.timeout)
+        out = []
+        for src in srcs:
+            q = self.queues[(src, kind)]
+            while True:
+                while q and seq is not None and q[0].seq < seq:
+                    log.warning("%s: dropped a late %s from scanner %d (round %d, now %d)", self.name, kind, src,
+                                q[0].seq, seq)
+                    q.popleft()
+                if q:
+                    out.append(q.popleft())
+                    break
+                if src in self.peers and self.peers[src].closed:
+                    raise PeerGone(f"{self.name}: scanner {src} is gone")
+                self.arrived.clear()
+                try:
+                    if deadline is None:
+                        await self.arrived.wait()
+                    else:
+                        await asyncio.wait_for(self.arrived.wait(), max(0.0, deadline - time.monotonic()))
+                except asyncio.TimeoutError:
+                    raise TimeoutError(f"{self.name}: no {kind} from scanner {src} within "
+                                       f"{timeout or self.timeout:.1f}s") from None
+        return out
 
 
 class Ksmd:
-    name = "ksmd"
-
     def __init__(self, args):
         self.args = args
+        self.shard, self.nshards = args.shard, args.scanners
+        self.name = "ksmd" if self.shard == 0 else f"ksmd{self.shard}"
         self.mem = RunMemory(args.run)
         self.stats = self.mem.stats
         self.alloc = self.mem.alloc
         self.memory = Memory(self.alloc, self.stats)
         self.ptls: dict = {}
+        self.ksm_locks: dict = {}
+        self.rmaps: dict = {}
         self.notifiers: dict[int, MMUNotifier] = {}
-        self.driver = Driver(self.memory, self.ptls, self.notifiers, args.ack_timeout * 2)
+        self.mesh = Mesh(self.name, args.ack_timeout * 4)
+        self.driver = Driver(self.memory, self.ptls, self.notifiers, args.ack_timeout * 2, self.ksm_locks, self.mesh)
         self.tr = Tracer.open(args.trace, self.name)
-        self.scan = KsmScan(self.mem.ft, args.mode, time.monotonic)
+        self.scan = KsmScan(self.mem.ft, args.mode, time.monotonic, shard=self.shard, nshards=self.nshards)
         self.knobs = self.scan.knobs
+        self.knobs["scanners"] = self.nshards
+        self.knobs["fault_handlers"] = int(self.stats.knobs[KNOBS.index("fault_handlers")])
         self.wake = asyncio.Event()
         self.batch_lock = asyncio.Lock()
         self.scan_errors = 0
@@ -66,22 +153,25 @@ class Ksmd:
         # knobs and cumulative counters live in the stats segment: a restarted ksmd goes on from them
         for k in KNOBS:
             self.knobs[k] = self.stats.knob(k)
-        for k in ("pages_scanned", "pages_skipped", "full_scans"):
-            self.scan.c[k] = int(self.stats.counters[COUNTERS.index(k)])
+        self.knobs["scanners"] = self.nshards
+        if self.shard == 0:     # (the published counters are the leader's plus the followers' reports)
+            for k in ("pages_scanned", "pages_skipped", "full_scans"):
+                self.scan.c[k] = int(self.stats.counters[COUNTERS.index(k)])
         if not args.restarted:
             self.restored.set()
 
     async def ksm_do_scan(self, budget: int) -> tuple[int, bool]:
-        """One batch of the scan, its merges included; returns (pages scanned, full scan ended)."""
+        """One round of the scan, its merges included; returns (pages scanned, full scan ended)."""
         t0 = time.monotonic_ns()
         pts = self.knobs["pages_to_scan"]
         merge_t0 = []
 
-        def observe(e):     # the merge starts with its first trylock
+        def observe(e):     # this scanner's merge starts with its first trylock
             if not merge_t0 and e.__class__ is TryLock:
                 merge_t0.append(time.monotonic_ns())
 
-        scanned, nops, ended = await self.driver.run(self.scan.ksm_do_scan(budget), observe=observe if self.tr else None)
+        scanned, nops, ended = await self.driver.run(self.scan.ksm_do_scan(budget),
+                                                     observe=observe if self.tr else None)
         if self.knobs["pages_to_scan"] != pts:      # the advisor changed it
             self.stats.knobs[KNOBS.index("pages_to_scan")] = self.knobs["pages_to_scan"]
         self.publish()
@@ -98,18 +188,27 @@ class Ksmd:
         for slot in list(self.scan.slots.values()):
             if slot.alive:
                 await self.driver.run(unmerge_ksm_pages(slot.id, self.args.mode))
-        self.scan.forget_all()
+        await self.driver.run(self.scan.forget_all())
         self.publish()
 
-    def mm_exit(self, mm_id: int) -> None:
-        if self.scan.mm_exit(mm_id) is None:
+    async def mm_exit(self, mm_id: int) -> None:
+        """The leader: every scanner forgets the mm (its items leave the trees) before the reply."""
+        if await self.driver.run(self.scan.mm_exit(mm_id)) is None:
             return
+        self.drop_mm(mm_id)
+        self.publish()
+
+    def drop_mm(self, mm_id: int) -> None:
+        self.scan.slots.pop(mm_id, None)
         self.notifiers.pop(mm_id, None)
         self.memory.mms.pop(mm_id, None)
-        ptl = self.ptls.pop(mm_id, None)
-        if ptl is not None:
-            ptl.close()
-        self.publish()
+        for table in (self.ptls, self.ksm_locks):
+            lk = table.pop(mm_id, None)
+            if lk is not None:
+                lk.close()
+        rm = self.rmaps.pop(mm_id, None)
+        if rm is not None:
+            rm.seg.close()
 
     # ------------------------------------------------------------------ counters and knobs
     def publish(self) -> None:
@@ -139,13 +238,16 @@ class Ksmd:
             check_knob(name, value)
         for name, value in knobs.items():
             v = check_knob(name, value)
+            if name in OWN and v != self.knobs[name]:
+                raise OSError(errno.EBUSY, f"{name} is chosen when the machine starts (it runs with "
+                              f"{self.knobs[name]}): EBUSY")
             if name in BUSY_WHEN_MERGED and v != self.knobs[name]:
-                self.scan.prune()
-                shared = self.scan.c["pages_shared"]
+                await self.driver.run(self.scan.control("prune"))
+                shared = self.scan.total("pages_shared")
                 if shared:
                     raise OSError(errno.EBUSY, f"knob {name} cannot change while {shared} "
                                   f"KSM pages are shared (write run=2 first): EBUSY")
-                self.scan.tree.reset()
+                await self.driver.run(self.scan.control("reset_tree"))
             if name == "pages_to_scan" and self.knobs["advisor_mode"] != 0:
                 raise OSError(errno.EINVAL, "pages_to_scan is set by the advisor while advisor_mode is scan-time: EINVAL")
             if name == "advisor_mode" and v != self.knobs[name]:
@@ -161,18 +263,24 @@ class Ksmd:
         self.wake.set()
 
     # ------------------------------------------------------------------ channels and main loop
+    def attach_rmap(self, mm_id: int, mm) -> None:
+        """What ksmd keeps per mm beside its memory and ptl: the mm's rmap items and ksm lock."""
+        self.rmaps[mm_id] = self.mem.attach_rmap(mm_id, mm.npages)
+        self.ksm_locks[mm_id] = ShmLock.ksm(self.args.run, mm_id)
+
     async def attach_mm(self, mm_id: int, name: str, fd: int) -> None:
         """Bind a channel end the supervisor passed to mm mm_id: once, ever (mm ids are not reused)."""
-        ch, new = await bind_vm_channel(self, mm_id, name, fd, lambda: Channel(f"ksmd<-{name}", self.on_vm_frame))
+        ch, new = await bind_vm_channel(self, mm_id, name, fd, lambda: Channel(f"{self.name}<-{name}", self.on_vm_frame),
+                                        self.attach_rmap)
         if new:
-            self.scan.add_mm(mm_id, self.memory.mms[mm_id])
+            self.scan.add_mm(mm_id, self.memory.mms[mm_id], RmapItems(self.rmaps[mm_id]))
         ch.peer, ch.hello = mm_id, False
         self.notifiers[mm_id] = MMUNotifier(self.name, name, self.memory.mms[mm_id], ch, self.tr,
                                             self.args.ack_timeout)
 
     def refuse(self, what: str) -> None:
         self.refused += 1
-        log.error("ksmd: refused %s", what)
+        log.error("%s: refused %s", self.name, what)
 
     def on_vm_frame(self, ch: Channel, f: Frame) -> None:
         if f.type != Msg.HELLO or ch.hello or f.mm != ch.peer:
@@ -186,25 +294,36 @@ class Ksmd:
         ch.hello = True
         ch.send(encode(Msg.ACK, mm=f.mm, corr=f.corr))     # the VM registers its secondary MMUs after this
 
+    def info(self) -> dict:
+        sc = self.scan
+        rs = sc.reports.values()
+        return {"metadata_bytes": sc.metadata_bytes(), "merges": sc.merges + sum(r.get("merges", 0) for r in rs),
+                "merge_failures": sc.merge_failures + sum(r.get("merge_failures", 0) for r in rs),
+                "scan_errors": self.scan_errors, "scanners": self.nshards,
+                "slots": len(sc.slots), "tree_bytes": sc.tree.nbytes, "unstable_bytes": sc.unstable.nbytes,
+                "rmap_bytes": sum(s.items.nbytes for s in sc.slots.values()), "refused": self.refused}
+
     def _thaw(self, why: str) -> None:
         if self.frozen is not None:
             if why:
-                log.error("ksmd: %s", why)
+                log.error("%s: %s", self.name, why)
             self.frozen.cancel()
             self.frozen = None
             self.batch_lock.release()
 
     async def restore(self) -> None:
-        """After a restart: the stable tree and merged pages' rmap items from shared memory."""
+        """After a restart: this scanner's shard of the stable tree and the rmap items of its merged
+        pages, from shared memory (the supervisor restores the followers before the leader)."""
         async with self.batch_lock:
             n = await self.driver.run(self.scan.restore())
-            log.warning("ksmd: restarted; %d KSM pages and their rmap items rebuilt from shared memory", n)
-            if self.knobs["run"] == 2:      # the dead ksmd may have been unmerging: finish it
-                try:
-                    await self.unmerge_all()
-                except (OutOfFrames, TimeoutError) as e:
-                    log.error("ksmd: run=2 could not unmerge everything after the restart: %s", e)
-            self.publish()
+            log.warning("%s: restarted; %d KSM pages and their rmap items rebuilt from shared memory", self.name, n)
+            if self.shard == 0:
+                if self.knobs["run"] == 2:      # the dead ksmd may have been unmerging: finish it
+                    try:
+                        await self.unmerge_all()
+                    except (OutOfFrames, TimeoutError) as e:
+                        log.error("ksmd: run=2 could not unmerge everything after the restart: %s", e)
+                self.publish()
         self.restored.set()
         self.wake.set()
 
@@ -213,6 +332,8 @@ class Ksmd:
         try:
             req = f.json()
             op = req.get("op")
+            if self.shard != 0 and op not in FOLLOWER_OPS:
+                raise OSError(errno.EINVAL, f"{self.name} serves the leader; ask ksmd (scanner 0)")
             if op == "freeze":        # outside batch_lock: freeze takes it and keeps it until thaw
                 if self.frozen is None:
                     await self.batch_lock.acquire()
@@ -230,8 +351,8 @@ class Ksmd:
         except (KeyError, ValueError, TypeError, AttributeError) as e:
             reply = {"errno": errno.EINVAL, "error": f"bad request: {e!r}"}
         except Exception as e:      # a bug: the supervisor hears of it, ksmd goes on
-            log.exception("ksmd: control request failed")
-            reply = {"errno": errno.EIO, "error": f"ksmd: internal error: {e!r}"}
+            log.exception("%s: control request failed", self.name)
+            reply = {"errno": errno.EIO, "error": f"{self.name}: internal error: {e!r}"}
         if not ch.closed:
             ch.send(encode(Msg.REPLY, corr=f.corr, payload=call_payload(reply)))
 
@@ -247,14 +368,9 @@ class Ksmd:
                     raise OSError(errno.EINVAL, f"knobs must be an object, not {knobs!r}")
                 await self.set_knobs(knobs)
             elif op == "mm_exit":
-                self.mm_exit(req_int(req, "mm"))
+                await self.mm_exit(req_int(req, "mm"))
             elif op == "info":
-                sc = self.scan
-                info = {"metadata_bytes": sc.metadata_bytes(), "merges": sc.merges,
-                         "merge_failures": sc.merge_failures, "scan_errors": self.scan_errors,
-                         "slots": len(sc.slots), "tree_bytes": sc.tree.nbytes, "unstable_bytes": sc.unstable.nbytes,
-                         "rmap_bytes": sum(s.items.nbytes for s in sc.slots.values()), "refused": self.refused}
-                reply.update(info)
+                reply.update(self.info())
             elif op == "ping":
                 pass
             else:
@@ -270,9 +386,9 @@ class Ksmd:
             while budget > 0 and self.knobs["run"] == 1:
                 try:
                     async with self.batch_lock:
-                        n, ended = await self.ksm_do_scan(min(budget, BATCH))
+                        n, ended = await self.ksm_do_scan(min(budget, BATCH * self.nshards))
                 except Exception:      # a bug must not stop ksmd silently: log it, go on scanning
-                    log.exception("ksmd: scan batch failed")
+                    log.exception("%s: scan round failed", self.name)
                     self.scan_errors += 1
                     break
                 budget -= n
@@ -280,6 +396,24 @@ class Ksmd:
                     break
                 await asyncio.sleep(0)
             await self.sleep(self.knobs["sleep_millisecs"] / 1000 if self.scan.order else 0.05)
+
+    async def follow_loop(self) -> None:
+        """A follower: the leader's rounds and control requests, one after the other."""
+        await self.restored.wait()
+        while True:
+            try:
+                op, mm = await self.driver.run(self.scan.follow_one())
+            except PeerGone:
+                log.info("%s: the leader is gone; stopping", self.name)
+                return
+            except Exception:
+                log.exception("%s: round failed", self.name)
+                self.scan_errors += 1
+                continue
+            if op == "mm_exit":
+                self.drop_mm(mm)
+            elif op == "stop":
+                return
 
     async def sleep(self, seconds: float) -> None:
         """Sleep, or less if a knob was written (during the sleep or the batch before it)."""
@@ -293,22 +427,36 @@ class Ksmd:
         loop = asyncio.get_running_loop()
         done = loop.create_future()
         self.fd_sock = socket.socket(fileno=self.args.fd_sock)
+        await self.mesh.connect(dict(self.args.peer))
         ctl_sock = socket.socket(fileno=self.args.ctl_fd)
         _, ctl = await loop.create_connection(
-            lambda: Channel("ksmd<-ctl", lambda ch, f: loop.create_task(self.on_ctl(ch, f)),
+            lambda: Channel(f"{self.name}<-ctl", lambda ch, f: loop.create_task(self.on_ctl(ch, f)),
                             lambda ch: done.done() or done.set_result(None)), sock=ctl_sock)
-        self.publish()
+        if self.shard == 0:
+            self.publish()
         ctl.send(encode(Msg.REPLY, corr=0, payload=call_payload({"ready": True})))
-        scanner = loop.create_task(self.scan_loop())
+        worker = loop.create_task(self.scan_loop() if self.shard == 0 else self.follow_loop())
         await done
-        scanner.cancel()
+        worker.cancel()
         if self.tr:
             self.tr.close()
 
 
+def _peer(text: str) -> tuple[int, int]:
+    k, _, fd = text.partition(":")
+    return int(k), int(fd)
+
+
 def main() -> None:
-    setup("ksmd")
-    args = actor_args(lambda p: p.add_argument("--restarted", action="store_true"))
+    def extra(p):
+        p.add_argument("--shard", type=int, default=0, help="this scanner's number (0: the leader)")
+        p.add_argument("--scanners", type=int, default=1, help="how many scanners share the work")
+        p.add_argument("--peer", type=_peer, action="append", default=[], metavar="K:FD",
+                       help="a socketpair end connected to scanner K")
+        p.add_argument("--restarted", action="store_true")
+    args = actor_args(extra)
+    setup("ksmd" if args.shard == 0 else f"ksmd{args.shard}")
+    os.nice(KSMD_NICE)
     run_actor("ksmd", Ksmd(args).main)
 
 

@@ -1,22 +1,27 @@
 """The supervisor: `Machine` creates the run's shared memory, starts and watches every actor.
 
 It is the only creator and the only unlinker of the run's POSIX segments and
-lock file (named after the run, mode 0600).  It starts ksmd, the fault handler
-and one worker per VM as separate processes, gives the parent a handle on each
-(`VM`, `KSMControl`), notices a worker that dies (its frames are freed, the
+lock file (named after the run, mode 0600).  It starts the scanners (ksmd:
+`scanners` of them, joined by socketpairs), the fault handlers (`fault_handlers`
+of them) and one worker per VM as separate processes, gives the parent a handle on
+each (`VM`, `KSMControl`), notices a worker that dies (its frames are freed, the
 others go on), and tears everything down on exit, exception, Ctrl-C or SIGTERM.
 
 Every channel between two actors is a socketpair it makes and hands out: a VM gets
-its ends at spawn, ksmd and the fault handler get theirs passed over their fd
-socket, bound to that VM's mm (`attach_mm`).  Nothing listens on a name, so no other
-process, of this uid or another, can reach a channel.
+its ends at spawn (one to its fault handler, `faultd_name(mm)`, and one to each
+scanner), each scanner and the fault handler get theirs passed over their fd socket,
+bound to that VM's mm (`attach_mm`); the scanners' mesh is socketpairs too, inherited
+at spawn.  Nothing listens on a name, so no other process, of this uid or another,
+can reach a channel.
 
-When ksmd or the fault handler dies (kill -9 included), the supervisor replaces it
-(`_recover`): ksmd is frozen between batches if it still runs, every VM ends what the
-dead notifier had started and drops its secondary translations, the frame table is
-repaired from the PTEs under every page-table lock (core.repair), a new process is
-started and handed fresh channels to every VM, and a new ksmd rebuilds its stable
-tree from shared memory.  Faults in flight are sent again by the VMs; calls on the
+When a scanner or a fault handler dies (kill -9 included), the supervisor replaces it
+(`_recover`): the leader ksmd is frozen between rounds if the scanners still run,
+every VM ends what the dead notifier had started and drops its secondary
+translations, the frame table is repaired from the PTEs under every page-table lock
+(core.repair), a new process is started and handed fresh channels to every VM it
+serves.  A dead scanner takes every scanner down with it: they are restarted
+together on a new mesh, over rmap items wiped to none, and each rebuilds its shard
+of the stable tree from shared memory, the followers before the leader.  Faults in flight are sent again by the VMs; calls on the
 dead actor wait for its successor, and fail with a clear error only once it is
 really gone (it kept dying: more than MAX_RESTARTS restarts within RESTART_WINDOW s).
 
@@ -46,11 +51,11 @@ import time
 import numpy as np
 
 from proto.channel import BlockingChannel, ChannelClosed, send_fd
-from proto.knobs import DEFAULTS, check_knob
+from proto.knobs import DEFAULTS, OWN, check_knob
 from proto.layout import (COUNTERS, KNOBS, MAX_MMS, MM_STATS, MMF_VM_MERGE_ANY, MMH_FLAGS, MMH_ID, MMH_NODE,
                           MMH_NPAGES, MMH_OWNER_PID, PAGE_SHIFT, PAGE_SIZE, PTE_PRESENT, SHM_DIR, USER_BASE,
-                          VM_MERGEABLE, FrameTable, MMView, Segment, StatsView, create_lock_file, new_run_name,
-                          run_owner_pid, seg_name, unlink_lock_file)
+                          VM_MERGEABLE, FrameTable, MMView, RmapView, Segment, StatsView, create_lock_file,
+                          new_run_name, run_owner_pid, seg_name, unlink_lock_file)
 from proto.messages import MAX_DATA, Msg, call_payload, decode
 
 from .core.effects import MEM_EFFECTS, Lock, Memory, Unlock, apply_mem
@@ -437,7 +442,8 @@ class Machine:
 
     def __init__(self, frames: int = 65536, notifier_mode: str = "change_pte", trace: str | None = None,
                  ksm_enabled: bool = True, ack_timeout: float = 10.0, call_timeout: float = 60.0,
-                 knobs: dict | None = None, nodes: int = 1):
+                 knobs: dict | None = None, nodes: int = 1, scanners: int | None = None,
+                 fault_handlers: int | None = None):
         if notifier_mode not in MODES:
             raise ValueError(f"notifier_mode {notifier_mode!r} is not one of {', '.join(MODES)}")
         if isinstance(frames, bool) or not isinstance(frames, int) or not 16 <= frames <= MAX_FRAMES:
@@ -453,9 +459,15 @@ class Machine:
         self.ack_timeout = ack_timeout
         self.call_timeout = call_timeout
         self.nodes = nodes
-        self.initial_knobs = knobs or {}
+        self.initial_knobs = dict(knobs or {})
         for k, v in self.initial_knobs.items():
             check_knob(k, v)
+        own = {"scanners": scanners, "fault_handlers": fault_handlers}
+        for k in OWN:       # ksm-proto's own knobs: how many processes to start
+            v = own[k] if own[k] is not None else self.initial_knobs.get(k, DEFAULTS[k])
+            own[k] = check_knob(k, v)
+            self.initial_knobs.pop(k, None)
+        self.scanners, self.fault_handlers = own["scanners"], own["fault_handlers"]
         self.run = None
         self.vms: dict[str, VM] = {}
         self.mm_segs: dict[int, tuple[Segment, ShmLock]] = {}
@@ -465,9 +477,12 @@ class Machine:
         self.dead_vms: list[str] = []
         self.ksm = KSMControl(self)
         self._started = False
-        self.ready = {"ksmd": threading.Event(), "faultd": threading.Event()}   # set while the actor is up
-        self.gone: dict[str, str] = {}          # actors that kept dying: why they are not restarted
-        self.restarts: dict[str, list[float]] = {"ksmd": [], "faultd": []}
+        self.scanner_names = ["ksmd" if k == 0 else f"ksmd{k}" for k in range(self.scanners)]
+        self.faultd_names = ["faultd" if k == 0 else f"faultd{k}" for k in range(self.fault_handlers)]
+        self.actors: dict[str, ActorProcess] = {}   # every scanner and fault handler, by name
+        self.ready = {n: threading.Event() for n in self.scanner_names + self.faultd_names}  # set while it is up
+        self.gone: dict[str, str] = {}          # "ksmd" (the scanners) or a fault handler that kept dying: why
+        self.restarts: dict[str, list[float]] = {}  # the same keys: when each was restarted
         self.repairs: list[dict] = []           # what each repair after a death found and fixed
         self.recover_lock = threading.RLock()   # one recovery at a time; spawn_vm waits for it
         self.watch_stop = threading.Event()
@@ -494,6 +509,8 @@ class Machine:
             self.stats = StatsView(self.stats_seg)
             for k, v in DEFAULTS.items():
                 self.stats.knobs[KNOBS.index(k)] = v
+            self.stats.knobs[KNOBS.index("scanners")] = self.scanners
+            self.stats.knobs[KNOBS.index("fault_handlers")] = self.fault_handlers
             create_lock_file(run)
             self.frame_lock = ShmLock.frame_lock(run)
             self.alloc = FrameAllocator(self.ft, self.frames_seg.buf, self.frame_lock)
@@ -502,10 +519,12 @@ class Machine:
             if self.trace_dir:
                 common += ["--trace", self.trace_dir]
             self.common_args = common
-            self.faultd = ActorProcess("faultd", "workers.faultd", run, common)
-            self.ksmd = ActorProcess("ksmd", "workers.ksmd", run, common)
-            self.faultd.wait_ready(30)
-            self.ksmd.wait_ready(30)
+            for k in range(self.fault_handlers):
+                name = self.faultd_names[k]
+                self.actors[name] = ActorProcess(name, "workers.faultd", run, self._faultd_args(k))
+            self.actors.update(self._start_scanners(run, common))
+            for a in list(self.actors.values()):
+                a.wait_ready(30)
             for ev in self.ready.values():
                 ev.set()
             self._started = True
@@ -518,6 +537,34 @@ class Machine:
             self.close()
             raise
         return self
+
+    def _start_scanners(self, run: str, common: list, restarted: bool = False) -> dict:
+        """N scanner processes, each pair joined by a socketpair (the mesh of workers/core/shard.py), by
+        name.  restarted: they rebuild their shards from shared memory when told to (`restore`)."""
+        n = self.scanners
+        ends: dict[int, dict[int, socket.socket]] = {k: {} for k in range(n)}
+        for a in range(n):
+            for b in range(a + 1, n):
+                x, y = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+                ends[a][b], ends[b][a] = x, y
+        procs: dict[str, ActorProcess] = {}
+        try:
+            for k in range(n):
+                peers = [f"--peer={j}:{s.fileno()}" for j, s in ends[k].items()]
+                name = self.scanner_names[k]
+                procs[name] = ActorProcess(name, "workers.ksmd", run,
+                                           common + ["--shard", str(k), "--scanners", str(n), *peers]
+                                           + (["--restarted"] if restarted else []),
+                                           pass_fds=tuple(s.fileno() for s in ends[k].values()))
+        except BaseException:
+            for a in procs.values():
+                a.stop(1)
+            raise
+        finally:
+            for d in ends.values():
+                for s in d.values():
+                    s.close()
+        return procs
 
     def _install_sigterm(self) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -555,8 +602,7 @@ class Machine:
                     except Exception:
                         log.exception("tearing down dead VM %s", vm.name)
                     self.dead_vms.append(vm.name)
-            dead = [n for n in ("ksmd", "faultd")
-                    if getattr(self, n).proc.poll() is not None and not getattr(self, n).expected_exit]
+            dead = [n for n, a in list(self.actors.items()) if a.proc.poll() is not None and not a.expected_exit]
             if dead and not self.closed:
                 try:
                     self._recover(dead)
@@ -564,8 +610,37 @@ class Machine:
                     log.exception("recovering from the death of %s", " and ".join(dead))
 
     # ------------------------------------------------------------------ dying actors
+    def faultd_name(self, mm_id: int) -> str:
+        """The fault handler that serves mm mm_id (its actor name: faultd, faultd1...)."""
+        return self.faultd_names[mm_id % len(self.faultd_names)]
+
+    def faultd_of(self, mm_id: int) -> ActorProcess:
+        """The fault handler that serves mm mm_id."""
+        return self.actors[self.faultd_name(mm_id)]
+
+    @property
+    def ksmd(self) -> ActorProcess:
+        """Scanner 0, the leader: ksmd as the control calls know it."""
+        return self.actors["ksmd"]
+
+    @property
+    def faultd(self) -> ActorProcess:
+        return self.actors["faultd"]
+
+    @property
+    def scanner_procs(self) -> list[ActorProcess]:
+        return [self.actors[n] for n in self.scanner_names if n in self.actors]
+
+    @property
+    def faultds(self) -> list[ActorProcess]:
+        return [self.actors[n] for n in self.faultd_names if n in self.actors]
+
+    def _group(self, name: str) -> str:
+        """What restarts together with actor `name`: every scanner ("ksmd"), or that fault handler."""
+        return "ksmd" if name in self.scanner_names else name
+
     def actor_call(self, name: str, op: str, timeout: float | None = None, **kw) -> tuple[dict, bytes]:
-        """A control call on ksmd or the fault handler that outlives their deaths.
+        """A control call on ksmd or a fault handler that outlives their deaths.
 
         A call that finds the actor dead waits for the supervisor to replace it and is sent
         again to the successor (every such call is idempotent); OSError(EIO) once the actor
@@ -573,50 +648,63 @@ class Machine:
         """
         timeout = timeout or self.call_timeout
         deadline = time.monotonic() + timeout
+        group = self._group(name)
         while True:
-            if name in self.gone:
-                raise OSError(errno.EIO, f"{name} is gone: {self.gone[name]}")
+            if group in self.gone:
+                raise OSError(errno.EIO, f"{name} is gone: {self.gone[group]}")
             if self.closed and not self.ready[name].is_set():
                 raise OSError(errno.ESRCH, "machine is closed")
             left = deadline - time.monotonic()
             if left <= 0 or not self.ready[name].wait(left):
                 raise TimeoutError(f"{name} was not back within {timeout:.0f}s")
-            actor = getattr(self, name)
+            actor = self.actors[name]
             try:
                 return actor.call(op, max(0.1, deadline - time.monotonic()), **kw)
             except ChannelClosed:
                 if self.closed:
                     raise OSError(errno.ESRCH, "machine is closed") from None
                 log.warning("%s died during %s: waiting for its successor", name, op)
-                while getattr(self, name) is actor and self.ready[name].is_set() and time.monotonic() < deadline \
-                        and name not in self.gone and not self.closed:
+                while self.actors[name] is actor and self.ready[name].is_set() and time.monotonic() < deadline \
+                        and group not in self.gone and not self.closed:
                     time.sleep(0.01)        # until the watcher has seen the death
 
     def _recover(self, dead: list[str]) -> None:
-        """Replace dead ksmd / fault handler processes, repairing what they left half done."""
+        """Replace dead scanners / fault handlers, repairing what they left half done.
+
+        The scanners are restarted together: a dead scanner takes the others down with it (the
+        round protocol has no way to take one back into a mesh, and each owns a shard of the
+        trees the others' rmap items point into).  A fault handler is restarted alone."""
         with self.recover_lock:
             now = time.monotonic()
-            for name in dead:
+            groups = list(dict.fromkeys(self._group(n) for n in dead))
+            victims = [n for g in groups for n in (self.scanner_names if g == "ksmd" else [g])]
+            for name in victims:
                 self.ready[name].clear()
-                a = getattr(self, name)
+                a = self.actors[name]
                 a.expected_exit = True
-                log.error("%s (pid %d) died with status %s: replacing it", name, a.pid, a.proc.returncode)
+                if name in dead:
+                    log.error("%s (pid %d) died with status %s: replacing it", name, a.pid, a.proc.returncode)
+                else:
+                    log.error("%s (pid %d) stopped: the scanners restart together", name, a.pid)
                 a.stop(1)
-                recent = [t for t in self.restarts[name] if now - t < RESTART_WINDOW] + [now]
-                self.restarts[name] = recent
+            for g in groups:
+                recent = [t for t in self.restarts.get(g, []) if now - t < RESTART_WINDOW] + [now]
+                self.restarts[g] = recent
                 if len(recent) > MAX_RESTARTS:
-                    self.gone[name] = f"died {len(recent)} times within {RESTART_WINDOW:.0f}s; not restarted"
-                    log.error("%s %s", name, self.gone[name])
+                    self.gone[g] = f"died {len(recent)} times within {RESTART_WINDOW:.0f}s; not restarted"
+                    log.error("%s %s", g, self.gone[g])
             frozen = False
-            if "ksmd" not in dead and "ksmd" not in self.gone:
-                try:                # ksmd between two batches: no ptl, no pinned frame held
+            if "ksmd" not in groups and "ksmd" not in self.gone:
+                try:                # the scanners between two rounds: no ptl, no pinned frame held
                     self.ksmd.call("freeze", self.ack_timeout * 4, for_s=int(self.ack_timeout * 6) + 1)
                     frozen = True
                 except (OSError, TimeoutError, ChannelClosed) as e:
                     log.error("could not freeze ksmd for the repair: %s", e)
             live = [vm for vm in list(self.vms.values()) if vm.alive]
             for vm in live:         # nothing a dead notifier may have changed stays mapped by a secondary MMU
-                for name in dead:
+                for name in victims:
+                    if name in self.faultd_names and self.faultd_name(vm.mm_id) != name:
+                        continue    # (a fault handler notifies only the VMs it serves)
                     try:
                         vm.actor.call("notifier_lost", self.ack_timeout * 2, peer=name)
                     except (OSError, TimeoutError, ChannelClosed) as e:
@@ -626,9 +714,9 @@ class Machine:
             except Exception:          # e.g. a ptl held by a hung actor: logged; the run goes on
                 log.exception("repair after the death of %s failed", " and ".join(dead))
             try:
-                for name in dead:
-                    if name not in self.gone and not self.closed:
-                        self._respawn(name)
+                for g in groups:
+                    if g not in self.gone and not self.closed:
+                        self._respawn(g)
             finally:
                 if frozen:
                     try:
@@ -636,40 +724,70 @@ class Machine:
                     except (OSError, TimeoutError, ChannelClosed) as e:
                         log.error("could not thaw ksmd: %s", e)
 
-    def _respawn(self, name: str) -> None:
-        module = {"ksmd": "workers.ksmd", "faultd": "workers.faultd"}[name]
-        a = ActorProcess(name, module, self.run, self.common_args + (["--restarted"] if name == "ksmd" else []))
+    def _faultd_args(self, k: int) -> list[str]:
+        return self.common_args + ["--shard", str(k), "--handlers", str(self.fault_handlers)]
+
+    def _respawn(self, group: str) -> None:
+        """Start `group` again: every scanner ("ksmd"), or one fault handler; bind every VM it serves."""
+        if group == "ksmd":
+            self._wipe_rmaps()          # the new scanners rebuild their items (restore)
+            new = self._start_scanners(self.run, self.common_args, restarted=True)
+        else:
+            new = {group: ActorProcess(group, "workers.faultd", self.run,
+                                       self._faultd_args(self.faultd_names.index(group)))}
         try:
-            a.wait_ready(30)
+            for a in new.values():
+                a.wait_ready(30)
         except Exception as e:
-            a.stop(1)
-            log.error("%s did not restart: %s", name, e)
-            return              # the watcher sees it dead again and tries again (or gives up)
-        setattr(self, name, a)
+            for a in new.values():
+                a.stop(1)
+            log.error("%s did not restart: %s", group, e)
+            self.actors[group].expected_exit = False    # the watcher sees it dead: tries again (or gives up)
+            return
+        self.actors.update(new)
         for vm in [vm for vm in list(self.vms.values()) if vm.alive]:
-            try:
-                theirs = self._bind(name, vm.mm_id, vm.name)
+            for name in new:
+                if name in self.faultd_names and self.faultd_name(vm.mm_id) != name:
+                    continue
                 try:
-                    vm.actor.hand_fd("reconnect", theirs.fileno(), self.ack_timeout * 4, peer=name)
+                    theirs = self._bind(name, vm.mm_id, vm.name)
+                    try:
+                        vm.actor.hand_fd("reconnect", theirs.fileno(), self.ack_timeout * 4, peer=name)
+                    finally:
+                        theirs.close()
+                except (OSError, TimeoutError, ChannelClosed) as e:
+                    log.error("VM %s could not reconnect to the new %s: %s", vm.name, name, e)
+        if group == "ksmd":         # each its own shard; the followers first: the leader then starts the rounds
+            for name in self.scanner_names[1:] + self.scanner_names[:1]:
+                try:
+                    new[name].call("restore", max(60.0, self.call_timeout))
+                except (OSError, TimeoutError, ChannelClosed) as e:
+                    log.error("the new %s could not restore its state: %s", name, e)
+        for name, a in new.items():
+            log.warning("%s restarted as pid %d", name, a.pid)
+            self.ready[name].set()
+
+    def _wipe_rmaps(self) -> None:
+        """The scanners' shared rmap items back to none (they are restarted, and restore rebuilds them)."""
+        with self.mm_lock:
+            for mm_id, (seg, _) in list(self.mm_segs.items()):
+                try:
+                    rseg = Segment.attach(seg_name(self.run, f"rmap.{mm_id}"))
+                except Exception as e:
+                    log.error("mm %d: no rmap segment to wipe: %s", mm_id, e)
+                    continue
+                try:
+                    RmapView(rseg, MMView(seg).npages).format()
                 finally:
-                    theirs.close()
-            except (OSError, TimeoutError, ChannelClosed) as e:
-                log.error("VM %s could not reconnect to the new %s: %s", vm.name, name, e)
-        if name == "ksmd":
-            try:
-                a.call("restore", max(60.0, self.call_timeout))
-            except (OSError, TimeoutError, ChannelClosed) as e:
-                log.error("the new ksmd could not restore its state: %s", e)
-        log.warning("%s restarted as pid %d", name, a.pid)
-        self.ready[name].set()
+                    rseg.close()
 
     def _bind(self, name: str, mm_id: int, vm_name: str) -> socket.socket:
         """A new channel between actor `name` and mm mm_id: its end is passed to the actor and bound
         there to the mm; the other end is returned (for the VM)."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            getattr(self, name).hand_fd("attach_mm", ours.fileno(), self.ack_timeout * 4, mm=mm_id,
-                                        name=f"vm:{vm_name}")
+            self.actors[name].hand_fd("attach_mm", ours.fileno(), self.ack_timeout * 4, mm=mm_id,
+                                      name=f"vm:{vm_name}")
         except BaseException:
             theirs.close()
             raise
@@ -726,13 +844,15 @@ class Machine:
         if isinstance(node, bool) or not isinstance(node, int) or not 0 <= node < max(1, self.nodes):
             raise ValueError(f"node {node!r} out of range: this machine has {self.nodes} node(s)")
         check_capacity(f"VM {name!r} of {pages} pages", MMView.size_for(pages))
-        with self.recover_lock:      # not while ksmd or the fault handler is being replaced
-            for a in ("ksmd", "faultd"):
-                if a in self.gone:
-                    raise OSError(errno.EIO, f"{a} is gone: {self.gone[a]}")
+        with self.recover_lock:      # not while the scanners or a fault handler are being replaced
+            if "ksmd" in self.gone:
+                raise OSError(errno.EIO, f"ksmd is gone: {self.gone['ksmd']}")
             with self.lock:
                 if name in self.vms:
                     raise ValueError(f"a VM named {name!r} already exists")
+                fname = self.faultd_name(self.next_mm)
+                if fname in self.gone:
+                    raise OSError(errno.EIO, f"{fname} is gone: {self.gone[fname]}")
                 mm_id, mm = self._new_mm(pages, node)
             if fork_from is not None:       # dup_mmap fills the new mm before its worker starts
                 try:
@@ -743,11 +863,13 @@ class Machine:
             ends = []
             actor = None
             try:
-                for a in ("faultd", "ksmd"):
+                for a in [fname] + self.scanner_names:     # its fault handler, then every scanner
                     ends.append(self._bind(a, mm_id, name))
                 args = ["--mode", self.mode, "--ack-timeout", str(self.ack_timeout), "--mm", str(mm_id),
                         f"--name={name}", "--ksm", str(int(self.ksm_enabled)),
-                        "--fault-fd", str(ends[0].fileno()), "--ksmd-fd", str(ends[1].fileno())]
+                        "--fault-fd", str(ends[0].fileno()), f"--fault-peer={fname}"]
+                for e in ends[1:]:
+                    args += ["--ksmd-fd", str(e.fileno())]
                 if device:
                     args.append("--device")
                 if self.trace_dir:
@@ -784,13 +906,26 @@ class Machine:
                 mm.hdr[MMH_ID] = mm_id
                 mm.hdr[MMH_NPAGES] = pages
                 mm.hdr[MMH_NODE] = node
+                try:
+                    self._create_rmap(mm_id, mm.npages)
+                except BaseException:
+                    mm = None           # (its views of the segment go before it is closed)
+                    seg.close()
+                    Segment.unlink(seg.name)
+                    raise
                 ptl = ShmLock.ptl(self.run, mm_id)
                 self.mm_segs[mm_id] = (seg, ptl)
         return mm_id, mm
 
+    def _create_rmap(self, mm_id: int, npages: int) -> None:
+        """The scanners' rmap items of a new mm: one segment all of them map (core/shard.py)."""
+        seg = Segment.create(seg_name(self.run, f"rmap.{mm_id}"), RmapView.size_for(npages))
+        RmapView(seg, npages).format()
+        seg.close()
+
     def page_referenced(self, vm: VM, addr: int, npages: int = 1) -> int:
         """page_referenced for a range: primary young bits and clear_flush_young of secondary MMUs."""
-        return self.actor_call("faultd", "page_referenced", mm=vm.mm_id, addr=addr,
+        return self.actor_call(self.faultd_name(vm.mm_id), "page_referenced", mm=vm.mm_id, addr=addr,
                                npages=npages)[0]["referenced"]
 
     def check_frames(self) -> list[str]:
@@ -854,8 +989,9 @@ class Machine:
         self._free_mm(vm.mm_id)
 
     def _drop_mm(self, mm_id: int) -> None:
-        """ksmd and the fault handler forget mm mm_id (a restarting one never knew it)."""
-        for a in ("ksmd", "faultd"):
+        """The scanners (the leader has every scanner drop it) and the mm's fault handler forget mm
+        mm_id (a restarting one never knew it)."""
+        for a in ("ksmd", self.faultd_name(mm_id)):
             if a in self.gone:
                 continue
             try:
@@ -892,6 +1028,7 @@ class Machine:
         del mm, pte, present
         seg.close()
         Segment.unlink(seg.name)
+        Segment.unlink(seg_name(self.run, f"rmap.{mm_id}"))
         ptl.close()
 
     def close(self) -> None:
@@ -909,10 +1046,8 @@ class Machine:
                         self.exit_vm(vm)
                     except Exception as e:   # keep tearing down
                         log.error("closing VM %s: %s", vm.name, e)
-            for a in ("ksmd", "faultd"):
-                actor = getattr(self, a, None)
-                if actor is not None:
-                    actor.stop(5)
+            for actor in getattr(self, "scanner_procs", [])[::-1] + getattr(self, "faultds", []):
+                actor.stop(5)       # (the leader last: the others serve it)
         finally:
             self.watch_stop.set()
             self._unlink_all()

@@ -13,6 +13,8 @@ actor (ksmd, the fault handler) on asyncio/uvloop:
     released (unregistered), never waited on forever;
   * Reply: the caller's callback (the fault handler's FAULT_REPLY; for a reply carrying a COW's
     PTEs it returns the WaitAcks handle of the VM's APPLIED);
+  * ShardSend / ShardRecv: messages to and from the other scanners (`shards`, the
+    scanner's mesh: ksmd.py), every wait bounded;
   * anything else: the caller's `other` coroutine, if given (the VM worker's LocalNotify
     and FaultCall).
 
@@ -32,7 +34,8 @@ from proto.channel import expire_after
 from proto.layout import MMH_RELEASED, SUB_ACTIVE, MMView
 from proto.messages import Msg, encode
 
-from .core.effects import MEM_EFFECTS, Lock, Memory, Notify, Reply, TryLock, Unlock, WaitAcks, apply_mem
+from .core.effects import (MEM_EFFECTS, Lock, Memory, Notify, Reply, ShardRecv, ShardSend, TryLock, Unlock, WaitAcks,
+                           apply_mem)
 from .core.notify import MODES
 
 log = logging.getLogger("ksm_proto.notifier")
@@ -41,7 +44,7 @@ __all__ = ["MODES", "MMUNotifier", "Driver", "lock_ptl"]
 
 
 async def lock_ptl(ptl, timeout: float) -> None:
-    """Take a page-table lock without blocking the event loop: trylock, then back off up to 1 ms."""
+    """Take a page-table (or ksm) lock without blocking the event loop: trylock, then back off up to 1 ms."""
     if ptl.try_acquire():
         return
     deadline = time.monotonic() + timeout
@@ -129,11 +132,17 @@ async def wait_acks(sent: list) -> list[int]:
 class Driver:
     """Performs a core generator's effects for one actor (see the module docstring)."""
 
-    def __init__(self, mem: Memory, ptls: dict, notifiers: dict, lock_timeout: float):
+    def __init__(self, mem: Memory, ptls: dict, notifiers: dict, lock_timeout: float, ksm_locks: dict | None = None,
+                 shards=None):
         self.mem = mem
         self.ptls = ptls                # mm id -> page-table lock
         self.notifiers = notifiers      # mm id -> MMUNotifier (absent: nobody to notify yet)
         self.lock_timeout = lock_timeout
+        self.ksm_locks = {} if ksm_locks is None else ksm_locks    # mm id -> the scanners' ksm lock
+        self.shards = shards            # the scanner mesh: send(dst, kind, msg), async recv(kind, srcs, seq)
+
+    def lock(self, key):
+        return self.ptls[key[1]] if key[0] == "ptl" else self.ksm_locks[key[1]]
 
     async def run(self, gen, reply=None, observe=None, other=None, first=None):
         """Drive gen to its end; returns its value (its exception propagates).  observe(effect), if
@@ -169,14 +178,21 @@ class Driver:
                     corked.clear()
                     send = await wait_acks([h for hs in e.handles for h in hs])
                 elif c is TryLock:
-                    send = self.ptls[e.key[1]].try_acquire()
+                    send = self.lock(e.key).try_acquire()
                 elif c is Lock:
                     try:
-                        await lock_ptl(self.ptls[e.key[1]], self.lock_timeout)
+                        await lock_ptl(self.lock(e.key), self.lock_timeout)
                     except TimeoutError as x:
                         exc = x
                 elif c is Unlock:
-                    self.ptls[e.key[1]].release()
+                    self.lock(e.key).release()
+                elif c is ShardSend:
+                    self.shards.send(e.dst, e.kind, e.msg)
+                elif c is ShardRecv:
+                    try:
+                        send = await self.shards.recv(e.kind, e.srcs, e.seq)
+                    except TimeoutError as x:
+                        exc = x
                 elif c is Reply:
                     send = reply(e) if reply is not None else []
                 elif other is not None:
@@ -191,11 +207,13 @@ class Driver:
                 ch.uncork()
 
 
-async def bind_vm_channel(actor, mm_id: int, name: str, fd: int, protocol_factory):
+async def bind_vm_channel(actor, mm_id: int, name: str, fd: int, protocol_factory, attach_more=None):
     """Bind the channel end `fd` the supervisor passed to mm mm_id, for a notifier actor (ksmd, faultd):
     once, ever (mm ids are never reused; a second end is refused, counted and closed), attaching the
     mm's memory and ptl first if the actor does not have them.  Returns (channel, whether the mm was
-    new to the actor).  `actor` has name, bound, memory, mem, ptls and refuse()."""
+    new to the actor).  `actor` has name, bound, memory, mem, ptls and refuse().  attach_more(mm_id, mm),
+    if given, attaches what else the actor keeps per mm (ksmd: its rmap items and ksm lock); if it
+    fails, nothing of the mm is kept."""
     if mm_id in actor.bound:
         os.close(fd)
         actor.refuse(f"a second channel for mm {mm_id} ({name})")
@@ -207,6 +225,13 @@ async def bind_vm_channel(actor, mm_id: int, name: str, fd: int, protocol_factor
         except BaseException:
             os.close(fd)
             raise
+        if attach_more is not None:
+            try:
+                attach_more(mm_id, mm)
+            except BaseException:
+                os.close(fd)
+                ptl.close()
+                raise
         actor.memory.mms[mm_id] = mm
         actor.ptls[mm_id] = ptl
     actor.bound.add(mm_id)

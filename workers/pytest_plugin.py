@@ -31,7 +31,7 @@ def _leftovers(m) -> list[str]:
 
 
 def _alive_children(m) -> list[int]:
-    procs = [getattr(m, "ksmd", None), getattr(m, "faultd", None)] + [vm.actor for vm in m.vms.values()]
+    procs = (getattr(m, "scanner_procs", []) + getattr(m, "faultds", []) + [vm.actor for vm in m.vms.values()])
     return [a.pid for a in procs if a is not None and a.proc.poll() is None]
 
 

@@ -86,8 +86,11 @@ class VMWorker:
         self.cow_ns: list[int] = []
         self.fault_ch: Channel | None = None
         self.ksmd_ch: Channel | None = None
+        self.fault_peer = args.fault_peer      # the fault handler serving this mm ("faultd", "faultd1"...)
+        self.scanner_peers = ["ksmd" if k == 0 else f"ksmd{k}" for k in range(len(args.ksmd_fd))]
+        self.chans: dict[str, Channel] = {}     # every notifier's channel, by the actor at its other end
         self.fault_ready = asyncio.Event()   # set while fault_ch is a live channel to the fault handler
-        self.notifier_losses = {"ksmd": 0, "faultd": 0}
+        self.notifier_losses = {p: 0 for p in [self.fault_peer] + self.scanner_peers}
         self.refused = 0                     # frames refused on a notifier channel (wrong mm or type)
         self.fault_retries = 0
         self.fast_replies = 0                # fault replies read on the socket itself (_reply_now)
@@ -95,7 +98,7 @@ class VMWorker:
         self.exiting = False
         self.shared = Memory(self.mem.alloc, self.mem.stats, {self.mm_id: self.mm})
         self.driver = Driver(self.shared, {self.mm_id: self.ptl}, {}, args.ack_timeout * 2)
-        self._poll = None                    # poll object over the faultd and ksmd channels (_reply_now)
+        self._poll = None                    # poll object over the fault handler's and the scanners' channels (_reply_now)
         self._poll_key = None
         self._vmas_key: bytes | None = None
         self._vmas: list = []
@@ -163,7 +166,7 @@ class VMWorker:
             self.notifier_lost(ch)
         ch = Channel(f"{self.name}->{peer}", self.on_notify, lost)
         ch.peer, ch.open_starts, ch.lost_done = peer, {}, False
-        if peer == "faultd":        # a COW reply is applied on arrival, whoever waits for it
+        if peer == self.fault_peer:     # a COW reply is applied on arrival, whoever waits for it
             ch.on_reply = self._on_fault_reply
         return ch
 
@@ -178,23 +181,24 @@ class VMWorker:
     async def connect(self, peer: str, fd: int) -> None:
         """Take the channel end the supervisor handed us for `peer` and introduce this mm on it."""
         loop = asyncio.get_running_loop()
-        old = self.fault_ch if peer == "faultd" else self.ksmd_ch
+        old = self.chans.get(peer)
         if old is not None:
             self.notifier_lost(old)
         sock = socket.socket(fileno=fd)
         sock.setblocking(False)
         _, ch = await loop.create_connection(lambda: self._notifier_channel(peer, fd), sock=sock)
+        self.chans[peer] = ch
         ch.fd = fd
-        if peer == "faultd":
+        if peer == self.fault_peer:
             self.fault_ch = ch
-        else:
+        elif peer == "ksmd":
             self.ksmd_ch = ch
         corr = ch.next_corr()
         rep = await ch.call(corr, encode(Msg.HELLO, mm=self.mm_id, corr=corr,
                                          payload=call_payload({"name": self.name})), self.args.ack_timeout * 2)
         if rep.type != Msg.ACK:
             raise OSError(errno.EPROTO, f"{peer} refused HELLO: {rep.json().get('error')}")
-        if peer == "faultd":
+        if peer == self.fault_peer:
             self.fault_ready.set()
 
     # ------------------------------------------------------------------ memory access
@@ -219,7 +223,7 @@ class VMWorker:
             ch = self.fault_ch
             corr = Channel.next_corr()
             if self.tr:
-                self.tr.send("faultd", "FAULT", self.mm_id, -1, addr0, len(idx), 0, 0, corr)
+                self.tr.send(self.fault_peer, "FAULT", self.mm_id, -1, addr0, len(idx), 0, 0, corr)
             data = FAULT1.pack(MAGIC, FAULT1.size, Msg.FAULT, 0, flags, self.mm_id, corr, addr0, 1, 0, addr0, 0) \
                 if entries is None else encode(Msg.FAULT, flags=flags, mm=self.mm_id, corr=corr, addr=addr0,
                                                entries=entries)
@@ -243,7 +247,7 @@ class VMWorker:
             except asyncio.TimeoutError as e:
                 raise OSError(errno.EFAULT, f"fault handler did not answer: {e!r}") from None
         if self.tr:
-            self.tr.recv("faultd", "FAULT_REPLY", self.mm_id, -1, addr0, n, 0,
+            self.tr.recv(self.fault_peer, "FAULT_REPLY", self.mm_id, -1, addr0, n, 0,
                          int(rep.entries[0, 1]) if rep.n else 0, corr)
         t1 = time.monotonic_ns()
         if self.tr:
@@ -261,13 +265,13 @@ class VMWorker:
         """The fast path of a fault: wait for the reply on the fault handler's socket itself, in this
         thread, with no event-loop turn, and hand what comes to the channel as the loop would (a COW
         reply is applied and APPLIED sent at once; a CLEAR_YOUNG answered).  Only while nothing else
-        needs this process: once ksmd's channel has something (it may hold a ptl the fault needs and
-        wait for our ack: the lock rule), or after FAST_WAIT_S, or if the request did not leave at
+        needs this process: once a scanner's channel has something (it may hold a ptl the fault needs
+        and wait for our ack: the lock rule), or after FAST_WAIT_S, or if the request did not leave at
         once, None: the event loop waits instead (with the call's timeout)."""
         tp = ch.transport
         if tp is None or tp.get_write_buffer_size() or ch.closed:
             return None
-        key = (ch, self.ksmd_ch)
+        key = (ch,) + tuple(self.chans.get(p) for p in self.scanner_peers)
         if self._poll_key != key:
             self._poll = select.poll()
             for c in key:
@@ -319,7 +323,7 @@ class VMWorker:
             self.refused += 1
             log.error("%s: refused a COW reply from the fault handler: %s", self.name, e)
         if self.tr:
-            self.tr.send("faultd", "APPLIED", self.mm_id, -1, rep.addr, 0, 0, 0, rep.corr)
+            self.tr.send(self.fault_peer, "APPLIED", self.mm_id, -1, rep.addr, 0, 0, 0, rep.corr)
         if not ch.closed:
             ch.send(encode(Msg.APPLIED, mm=self.mm_id, corr=rep.corr))
 
@@ -680,14 +684,16 @@ class VMWorker:
                 await self.unregister(req_int(req, "sub"))
             elif op == "reconnect":          # the supervisor restarted a notifier: its new channel end
                 peer = req.get("peer")
-                if peer not in ("ksmd", "faultd"):
-                    raise OSError(errno.EINVAL, f"reconnect to {peer!r}: not ksmd or faultd")
+                if peer not in self.notifier_losses:
+                    raise OSError(errno.EINVAL, f"reconnect to {peer!r}: not one of this VM's notifiers "
+                                                f"({', '.join(self.notifier_losses)})")
                 await self.connect(peer, receive_fd(self.fd_sock, req_int(req, "seq"), peer))
             elif op == "notifier_lost":      # the supervisor saw a notifier die: nothing of it stays mapped
                 peer = req.get("peer")
-                if peer not in ("ksmd", "faultd"):
-                    raise OSError(errno.EINVAL, f"notifier_lost of {peer!r}: not ksmd or faultd")
-                gone = self.ksmd_ch if peer == "ksmd" else self.fault_ch
+                if peer not in self.notifier_losses:
+                    raise OSError(errno.EINVAL, f"notifier_lost of {peer!r}: not one of this VM's notifiers "
+                                                f"({', '.join(self.notifier_losses)})")
+                gone = self.chans.get(peer)
                 if gone is not None:
                     self.notifier_lost(gone)
             elif op == "exit":
@@ -759,9 +765,10 @@ class VMWorker:
             if not self.done.done():
                 self.done.set_result(None)
 
-        # both know this mm (the supervisor bound our channel ends to it) before any subscriber registers
-        await self.connect("faultd", self.args.fault_fd)
-        await self.connect("ksmd", self.args.ksmd_fd)
+        # all know this mm (the supervisor bound our channel ends to it) before any subscriber registers
+        await self.connect(self.fault_peer, self.args.fault_fd)
+        for peer, fd in zip(self.scanner_peers, self.args.ksmd_fd):     # every scanner may notify us
+            await self.connect(peer, fd)
         await self.register()
         ctl_sock = socket.socket(fileno=self.args.ctl_fd)
         _, ctl = await loop.create_connection(
@@ -777,7 +784,9 @@ def main() -> None:
     def extra(p):
         p.add_argument("--mm", type=int, required=True)
         p.add_argument("--fault-fd", type=int, required=True)
-        p.add_argument("--ksmd-fd", type=int, required=True)
+        p.add_argument("--fault-peer", default="faultd", help="the name of the fault handler serving this mm")
+        p.add_argument("--ksmd-fd", type=int, action="append", required=True,
+                       help="the channel end to each scanner, scanner 0 (ksmd) first")
         p.add_argument("--name", required=True)
         p.add_argument("--device", action="store_true")
         p.add_argument("--ksm", type=int, default=1)

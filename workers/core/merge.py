@@ -5,55 +5,65 @@
                  ->  memcmp  ->  replace_page (+ notify, acks)  ->  put old frames  ->  unlock
 
 Protect first, compare second: a write racing the merge either lands before the
-write-protect (and the compare fails) or faults afterwards (COW).  One notifier
+write-protect (and the compare fails) or faults afterwards (COW).  A pair also has
+its checksum taken again once protected: both pages may have changed alike since
+they were checksummed, and a stable node must hold what its key says (the kernel's
+trees are ordered by the content itself; ours are indexed by its hash).  One notifier
 message per mm and step carries every page of the batch.  ksmd only *tries* each
 ptl, as the kernel's ksmd does; a busy mm is skipped this time.
 
+The batch is core.scan.Ops (arrays, one row per merge).  Pairs are compared first:
+a pair's page becomes the KSM page (in place) that later merges of the batch into
+the same node compare with.  With several scanners (`merge_in_groups`) an owner
+merges its batch one set of mms at a time, pairs first, holding the scanners' ksm
+lock of each mm of the set (taken in mm order) around the trylock of its ptl: two
+scanners never fail each other's trylock.
+
 Pins (get_ksm_page) and locks taken here are released on every path, exceptions
 included.  Each `brk` name removes one step, for the checker to show why it exists:
-`no-write-protect`, `no-recheck-pte`, `free-before-acks`.
+`no-write-protect`, `no-recheck-pte`, `free-before-acks`, `no-ksm-lock`.
 """
 from __future__ import annotations
-
-import bisect
 
 import numpy as np
 
 from proto.layout import (FRAME_ANON, FRAME_KSM, PAGE_SHIFT, PTE_DIRTY, PTE_PRESENT, PTE_SPECIAL, PTE_WRITE,
                           PTE_YOUNG, ZERO_PFN)
 
-from .effects import (FLAGS, PTE, VMAS, Compare, Get, Load, PinKsm, Put, SetFrame, TryLock, Unlock, WaitAcks,
-                      ZeroPagesAdd, ptl)
+from .effects import (FLAGS, PTE, VMAS, Checksum, Compare, Get, Load, Lock, PinKsm, Put, SetFrame, TryLock, Unlock,
+                      WaitAcks, ZeroPagesAdd, ptl)
 from .notify import set_pte_at_notify
 from .pte import mergeable_ranges
+from .shard import ksm_lock
 
 U64 = np.uint64
 KSM_ZERO_PTE = (ZERO_PFN << PAGE_SHIFT) | PTE_PRESENT | PTE_SPECIAL | PTE_DIRTY | PTE_YOUNG
+STABLE_OP, PAIR_OP, ZERO_OP = 0, 1, 2
 
 
 def try_to_merge_pages(scan, ops):
-    """Run the planned merges `ops` (core.scan.Op); sets op.ok on each."""
-    involved = {}
-    for op in ops:
-        involved[op.slot.id] = op.slot
-        if op.tslot is not None:
-            involved[op.tslot.id] = op.tslot
+    """Run the planned merges `ops` (core.scan.Ops); clears ops.ok of those that fail."""
+    sids = np.unique(np.concatenate([ops.sid, ops.tsid[ops.tsid >= 0]])).tolist()
     locked = []
-    # stable node -> its KSM frame is referenced by us (None: a node this batch creates from
-    # a pair; its frame is the pair's own page, held by that page's PTE under our ptl)
-    pinned: dict[int, bool | None] = {}
+    held = np.empty(0, dtype=np.int64)      # KSM frames we took a reference on (get_ksm_page)
     try:
-        for slot in involved.values():
-            if slot.alive and (yield TryLock(ptl(slot.id))):     # ksmd only tries the lock
-                locked.append(slot)
-        for op in ops:
-            if op.kind == "stable" and op.d not in pinned:
-                k = int(scan.tree.kpfn[op.d])
-                pinned[op.d] = None
-                if k >= 0:
-                    pinned[op.d] = False
-                    pinned[op.d] = yield PinKsm(k, op.d)
-        pages = yield from validate(scan, ops, locked, pinned)
+        for sid in sids:
+            slot = scan.slots.get(sid)
+            if slot is not None and slot.alive and (yield TryLock(ptl(sid))):     # ksmd only tries the lock
+                locked.append(sid)
+        # stable node -> its KSM frame is referenced by us; a node this batch creates from a pair
+        # has no frame yet (kpfn -1): its frame is the pair's own page, held by its PTE under our ptl
+        st = np.flatnonzero(ops.kind == STABLE_OP)
+        nodes = np.unique(ops.d[st])
+        k = scan.tree.kpfn[nodes].astype(np.int64)
+        need = k >= 0
+        node_ok = np.ones(len(nodes), dtype=bool)
+        if need.any():
+            got = np.asarray((yield PinKsm(k[need], scan.gid(nodes[need]))), dtype=bool)
+            held = k[need][got]
+            node_ok[np.flatnonzero(need)[~got]] = False
+        ops.ok[st] &= node_ok[np.searchsorted(nodes, ops.d[st])]
+        pages = yield from validate(scan, ops, locked)
         if "no-write-protect" not in scan.brk:
             yield from write_protect_page(scan, pages)
         yield from compare(scan, ops)
@@ -61,70 +71,120 @@ def try_to_merge_pages(scan, ops):
     except GeneratorExit:           # abandoned (a checker run cut short): nothing to release
         raise
     except BaseException:
-        yield from _unlock_unpin(scan, locked, pinned)
+        yield from _unlock_unpin(locked, held)
         raise
-    yield from _unlock_unpin(scan, locked, pinned)
+    yield from _unlock_unpin(locked, held)
 
 
-def _unlock_unpin(scan, locked, pinned):
+def _unlock_unpin(locked, held):
     for s in locked:
-        yield Unlock(ptl(s.id))
-    held = [d for d, ok in pinned.items() if ok]     # (pending nodes took no reference)
-    if held:
-        yield Put(scan.tree.kpfn[np.array(held)].astype(np.int64))
+        yield Unlock(ptl(s))
+    if len(held):
+        yield Put(held)
 
 
-def validate(scan, ops, locked, pinned):
+def merge_in_groups(scan, ops):
+    """Several scanners: the batch one set of mms at a time (pairs first: later merges compare with the
+    KSM pages they make), each under the ksm lock of its mms.  A set another scanner is merging into
+    (a ksm lock busy) waits at the back while others go; when only such sets are left, the first is
+    waited for, its locks taken in mm order holding none.  A lock not had in time fails the set."""
+    pair = ops.kind == PAIR_OP
+    for first in (True, False):
+        rows = np.flatnonzero(pair == first)
+        if not len(rows):
+            continue
+        a, b = ops.sid[rows], np.where(ops.tsid[rows] >= 0, ops.tsid[rows], ops.sid[rows])
+        lo, hi = np.minimum(a, b), np.maximum(a, b)
+        width = int(hi.max()) + 1                 # one int key per (lo, hi): np.unique on 1-D is far cheaper
+        keys, which = np.unique(lo * width + hi, return_inverse=True)
+        which = which.reshape(-1)
+        sets = np.stack([keys // width, keys % width], axis=1)
+        n = len(sets)
+        start = scan.shard * n // max(1, scan.nshards)           # owners start apart
+        queue = [(start + x) % n for x in range(n)]
+        deferred: set = set()
+        while queue:
+            j = queue.pop(0)
+            m = rows[which == j]
+            mms = sorted({int(sets[j][0]), int(sets[j][1])})
+            sub = ops.select(m)
+            taken = []
+            try:
+                if "no-ksm-lock" not in scan.brk:
+                    wait = j in deferred or not queue
+                    for mm in mms:
+                        if wait:
+                            yield Lock(ksm_lock(mm))
+                        elif not (yield TryLock(ksm_lock(mm))):
+                            break
+                        taken.append(mm)
+                    if len(taken) < len(mms):          # busy: the other sets first
+                        for mm in reversed(taken):
+                            yield Unlock(ksm_lock(mm))
+                        deferred.add(j)
+                        queue.append(j)
+                        continue
+                yield from try_to_merge_pages(scan, sub)
+            except TimeoutError:         # another scanner held an mm too long: these merges wait a scan
+                sub.ok[:] = False
+            except GeneratorExit:        # abandoned (a checker run cut short): nothing to release
+                raise
+            except BaseException:
+                for mm in reversed(taken):
+                    yield Unlock(ksm_lock(mm))
+                raise
+            for mm in reversed(taken):
+                yield Unlock(ksm_lock(mm))
+            ops.put_back(m, sub)
+
+
+def validate(scan, ops, locked):
     """Under ptl: each PTE still maps the frame we checksummed, anonymous, in a mergeable area.
 
-    Returns {mm: sorted page indices} of the pages to write-protect.
+    Clears ops.ok where not; returns {mm: sorted page indices} of the pages to write-protect.
     """
-    held = {s.id: s for s in locked}
-    ranges = {}
-    for s in locked:
-        r = mergeable_ranges((yield Load(VMAS, s.id)))
-        ranges[s.id] = ([a for a, _ in r], [b for _, b in r])
-    want: dict[int, list] = {s.id: [] for s in locked}
-    for op in ops:
-        for slot, i in ((op.slot, op.idx), (op.tslot, op.tidx)):
-            if slot is not None and slot.id in want:
-                want[slot.id].append(i)
-    ptes = {}
-    for sid, lst in want.items():
-        if lst:
-            idx = np.array(sorted(set(lst)), dtype=np.int64)
-            ptes[sid] = dict(zip(idx.tolist(), (yield Load(PTE, sid, idx)).tolist()))
-    pfns = sorted({int(p) for op in ops for p in (op.pfn, op.tpfn) if p >= 0})
-    flags = dict(zip(pfns, (yield Load(FLAGS, None, np.array(pfns, dtype=np.int64))).tolist())) if pfns else {}
-    pages: dict[int, set] = {s.id: set() for s in locked}
-    recheck = "no-recheck-pte" not in scan.brk
-    for op in ops:
-        ok = op.kind != "stable" or pinned[op.d] is not False
-        for slot, i, p in ((op.slot, op.idx, op.pfn), (op.tslot, op.tidx, op.tpfn)):
-            if not ok or slot is None:
+    held = np.array(sorted(s for s in locked if scan.slots.get(s) is not None and scan.slots[s].alive),
+                    dtype=np.int64)
+    sides = [(ops.sid, ops.idx, ops.pfn, np.ones(len(ops), dtype=bool)), (ops.tsid, ops.tidx, ops.tpfn, ops.tsid >= 0)]
+    for sid, _, _, used in sides:
+        ops.ok &= ~used | np.isin(sid, held)
+    if "no-recheck-pte" not in scan.brk and len(held):
+        pfns = np.unique(np.concatenate([ops.pfn, ops.tpfn[ops.tpfn >= 0]]))
+        flags = np.asarray((yield Load(FLAGS, None, pfns)))
+        for s in held.tolist():
+            r = mergeable_ranges((yield Load(VMAS, s)))
+            starts = np.array([a for a, _ in r], dtype=np.int64)
+            ends = np.array([b for _, b in r], dtype=np.int64)
+            want = [(sid == s) & used & ops.ok for sid, _, _, used in sides]
+            idx = np.unique(np.concatenate([i[w] for (_, i, _, _), w in zip(sides, want)]))
+            if not len(idx):
                 continue
-            if slot.id not in held or not slot.alive:
-                ok = False
-            elif recheck:
-                pte = ptes[slot.id][i]
-                f = flags[p]
-                starts, ends = ranges[slot.id]
-                k = bisect.bisect_right(starts, i) - 1
-                ok = (bool(pte & PTE_PRESENT) and not pte & PTE_SPECIAL and (pte >> PAGE_SHIFT) == p
-                      and bool(f & FRAME_ANON) and not f & FRAME_KSM and k >= 0 and i < ends[k])
-        op.ok = ok
-        if ok:
-            pages[op.slot.id].add(op.idx)
-            if op.tslot is not None:
-                pages[op.tslot.id].add(op.tidx)
-    return {sid: sorted(p) for sid, p in pages.items() if p}
+            pte = np.asarray((yield Load(PTE, s, idx)))
+            for (sid, i, p, _), w in zip(sides, want):
+                rows = np.flatnonzero(w)
+                if not len(rows):
+                    continue
+                e = pte[np.searchsorted(idx, i[rows])]
+                f = flags[np.searchsorted(pfns, p[rows])]
+                k = np.searchsorted(starts, i[rows], side="right") - 1
+                inside = (k >= 0) & (i[rows] < ends[np.maximum(k, 0)]) if len(starts) else np.zeros(len(rows), bool)
+                ok = (((e & U64(PTE_PRESENT)) != 0) & ((e & U64(PTE_SPECIAL)) == 0)
+                      & ((e >> U64(PAGE_SHIFT)).astype(np.int64) == p[rows])
+                      & ((f & FRAME_ANON) != 0) & ((f & FRAME_KSM) == 0) & inside)
+                ops.ok[rows[~ok]] = False
+    pages = {}
+    for sid, i, _, used in sides:
+        m = used & ops.ok
+        for s in np.unique(sid[m]).tolist():
+            pages.setdefault(s, []).append(i[m & (sid == s)])
+    return {s: np.unique(np.concatenate(v)) for s, v in pages.items()}
 
 
 def write_protect_page(scan, pages: dict):
     """Clear WRITE (and DIRTY) and make every secondary MMU drop its writable translation."""
     jobs = []
     for sid, idx in pages.items():
-        idx = np.array(idx, dtype=np.int64)
+        idx = np.asarray(idx, dtype=np.int64)
         pte = yield Load(PTE, sid, idx)
         dirty = (pte & U64(PTE_WRITE | PTE_DIRTY)) != 0
         if dirty.any():
@@ -134,46 +194,55 @@ def write_protect_page(scan, pages: dict):
 
 
 def compare(scan, ops):
-    """memcmp after write-protect; a pair's page becomes the KSM page (in place)."""
+    """memcmp after write-protect (pairs first); a pair's page becomes the KSM page (in place)."""
     tree = scan.tree
-    for op in ops:
-        if not op.ok:
-            continue
-        if op.kind == "zero":
-            op.ok = yield Compare(op.pfn, None)
-        elif op.kind == "pair":
-            op.ok = yield Compare(op.pfn, op.tpfn)
-            if op.ok:
-                yield SetFrame(op.pfn, FRAME_KSM, op.d)
-                tree.kpfn[op.d] = op.pfn
-        else:
-            k = int(tree.kpfn[op.d])
-            op.ok = k >= 0 and bool(tree.live[op.d]) and (yield Compare(op.pfn, k))
+    r = np.flatnonzero(ops.ok & (ops.kind == PAIR_OP))
+    if len(r):
+        eq = np.asarray((yield Compare(ops.pfn[r], ops.tpfn[r])), dtype=bool)
+        ops.ok[r] = eq
+        r = r[eq]
+        if len(r):      # the new KSM page's content is the one its node is keyed by
+            keys = np.asarray((yield Checksum(ops.pfn[r])), dtype=np.int64)
+            nodes = np.array([scan.slots[s].node for s in ops.sid[r].tolist()], dtype=np.int64)
+            same = scan.tree_keys_nodes(keys, nodes) == tree.key[ops.d[r]]
+            ops.ok[r[~same]] = False
+            r = r[same]
+        if len(r):
+            yield SetFrame(ops.pfn[r], FRAME_KSM, scan.gid(ops.d[r]))
+            tree.kpfn[ops.d[r]] = ops.pfn[r]
+    r = np.flatnonzero(ops.ok & (ops.kind == ZERO_OP))
+    if len(r):
+        ops.ok[r] = np.asarray((yield Compare(ops.pfn[r], None)), dtype=bool)
+    r = np.flatnonzero(ops.ok & (ops.kind == STABLE_OP))
+    if len(r):
+        k = tree.kpfn[ops.d[r]].astype(np.int64)
+        there = (k >= 0) & (tree.live[ops.d[r]] != 0)
+        ops.ok[r[~there]] = False
+        r, k = r[there], k[there]
+        if len(r):
+            ops.ok[r] = np.asarray((yield Compare(ops.pfn[r], k)), dtype=bool)
 
 
 def replace_page(scan, ops):
     """Point each PTE at its KSM page (or the zero page), notify, put the old frames after the acks."""
-    per: dict[int, list] = {}
-    for op in ops:
-        if not op.ok:
-            continue
-        if op.kind == "zero":
-            per.setdefault(op.slot.id, []).append((op.idx, op.pfn, -1))
-        elif op.kind == "pair":
-            per.setdefault(op.tslot.id, []).append((op.tidx, op.tpfn, op.pfn))
-        else:
-            per.setdefault(op.slot.id, []).append((op.idx, op.pfn, int(scan.tree.kpfn[op.d])))
-    if not per:
+    ok = ops.ok
+    st, zr, pr = ok & (ops.kind == STABLE_OP), ok & (ops.kind == ZERO_OP), ok & (ops.kind == PAIR_OP)
+    sid = np.concatenate([ops.sid[st], ops.sid[zr], ops.tsid[pr]])
+    if not len(sid):
         return
+    idx = np.concatenate([ops.idx[st], ops.idx[zr], ops.tidx[pr]])
+    old = np.concatenate([ops.pfn[st], ops.pfn[zr], ops.tpfn[pr]])
+    kp = np.concatenate([scan.tree.kpfn[ops.d[st]].astype(np.int64), np.full(int(zr.sum()), -1, np.int64),
+                         ops.pfn[pr]])
     jobs, olds, zeros = [], [], []
-    for sid, lst in per.items():
-        a = np.array(lst, dtype=np.int64)
-        idx, old, kp = a[:, 0], a[:, 1], a[:, 2]
-        zero = kp < 0
-        new = np.where(zero, KSM_ZERO_PTE, (kp << PAGE_SHIFT) | PTE_PRESENT | PTE_YOUNG).astype(U64)
-        jobs.append((sid, idx, new))
-        olds.append(old)
-        zeros.append((sid, int(zero.sum())))
+    for s in np.unique(sid).tolist():
+        m = sid == s
+        i, o, k = idx[m], old[m], kp[m]
+        zero = k < 0
+        new = np.where(zero, KSM_ZERO_PTE, (k << PAGE_SHIFT) | PTE_PRESENT | PTE_YOUNG).astype(U64)
+        jobs.append((s, i, new))
+        olds.append(o)
+        zeros.append((s, int(zero.sum())))
     early_free = "free-before-acks" in scan.brk
     got = []            # the jobs whose KSM pages we took a reference on
     try:
@@ -198,6 +267,6 @@ def replace_page(scan, ops):
         yield WaitAcks(handles)
     if not early_free:
         yield Put(np.concatenate(olds))
-    for sid, nz in zeros:
+    for s, nz in zeros:
         if nz:
-            yield ZeroPagesAdd(sid, nz)
+            yield ZeroPagesAdd(s, nz)

@@ -33,7 +33,7 @@ from proto.messages import HEADER, MAGIC, Frame, Msg, call_payload, encode
 from proto.trace import Tracer
 
 from .actor import RunMemory, actor_args, receive_fd, req_int, run_actor, setup
-from .core.effects import MEM_EFFECTS, Lock, Memory, Reply, Unlock, WaitAcks, apply_mem
+from .core.effects import APPLY_MEM, Lock, Memory, Reply, Unlock, WaitAcks
 from .core.fault import handle_mm_fault
 from .core.notify import clear_flush_young, entries_for
 from .core.pte import check_range, task_size
@@ -145,12 +145,11 @@ class FaultHandler:
         st.t0 = time.monotonic_ns()
         try:
             mm = self.memory.mms[f.mm]
+            # (an address below USER_BASE or far above the mm becomes an index the core refuses: EFAULT)
             if f.n == 1:
-                idx = np.array([(int(f.entries[0, 0]) - USER_BASE) >> PAGE_SHIFT], dtype=np.int64)
+                idx = [(f.entries.item(0) - USER_BASE) >> PAGE_SHIFT]
             else:
-                addrs = np.zeros(0, dtype=np.uint64) if f.entries is None else f.entries[:, 0]
-                # (an address below USER_BASE or far above the mm becomes an index the core refuses: EFAULT)
-                idx = (addrs.astype(np.int64) - USER_BASE) >> PAGE_SHIFT
+                idx = [] if f.entries is None else [(a - USER_BASE) >> PAGE_SHIFT for a in f.entries[:, 0].tolist()]
         except KeyError:
             self._finish(st, None, KeyError(f.mm))
             return
@@ -159,7 +158,7 @@ class FaultHandler:
                                        cow_reply=COW_REPLY), None, None)
 
     def _step(self, st: "_Fault", gen, send, exc) -> None:
-        mem, ptls = self.memory, self.ptls
+        mem, ptls, apply = self.memory, self.ptls, APPLY_MEM
         while True:
             try:
                 e = gen.throw(exc) if exc is not None else gen.send(send)
@@ -171,9 +170,10 @@ class FaultHandler:
                 return
             send = exc = None
             c = e.__class__
-            if c in MEM_EFFECTS:
+            run = apply.get(c)
+            if run is not None:             # a memory effect (core.effects.apply_mem)
                 try:
-                    send = apply_mem(mem, e)
+                    send = run(mem, e)
                 except Exception as x:      # thrown into the core: its cleanup runs
                     exc = x
             elif c is Lock:
@@ -276,13 +276,12 @@ class FaultHandler:
         st.replied = True
         if self.tr:
             self.tr.send(self.peers.get(f.mm, f"vm:{f.mm}"), "FAULT_REPLY", f.mm, -1, f.addr, f.n, 0,
-                         int(entries[0, 1]) if entries is not None and len(entries) else 0, f.corr)
+                         entries[0][1] if entries else 0, f.corr)
         if ch.closed:
             return []
         self.reply_ns += time.monotonic_ns() - st.t0
-        if entries is not None and len(entries) == 1 and not err:
-            ch.send(REPLY1.pack(MAGIC, REPLY1.size, Msg.FAULT_REPLY, 0, 0, f.mm, f.corr, f.addr, 1, 0,
-                                int(entries[0, 0]), int(entries[0, 1])))
+        if entries is not None and len(entries) == 1 and not err:     # entries: [(addr, new pte)]
+            ch.send(REPLY1.pack(MAGIC, REPLY1.size, Msg.FAULT_REPLY, 0, 0, f.mm, f.corr, f.addr, 1, 0, *entries[0]))
         else:
             ch.send(encode(Msg.FAULT_REPLY, flags=err, mm=f.mm, corr=f.corr, addr=f.addr, entries=entries,
                            payload=call_payload({"error": msg}) if err else b""))

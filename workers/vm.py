@@ -198,17 +198,17 @@ class VMWorker:
             self.fault_ready.set()
 
     # ------------------------------------------------------------------ memory access
-    async def fault_call(self, idx: np.ndarray, flags: int, ncow: int = 0) -> None:
-        """FAULT for pages idx; returns once the reply is in (a COW reply applied on arrival, see
+    async def fault_call(self, idx: list, flags: int, ncow: int = 0) -> None:
+        """FAULT for pages idx (a list); returns once the reply is in (a COW reply applied on arrival, see
         `_on_fault_reply`).  A one-page FAULT is one fixed-size record; the reply is waited for on
         the socket itself while nothing else needs this process (`_reply_now`), else on the loop."""
         t0 = time.monotonic_ns()
         n = len(idx)
-        addr0 = USER_BASE + (int(idx[0]) << PAGE_SHIFT)
+        addr0 = USER_BASE + (idx[0] << PAGE_SHIFT)
         entries = None
         if n > 1:
             entries = np.zeros((n, 2), dtype=U64)
-            entries[:, 0] = (USER_BASE + (idx.astype(np.int64) << PAGE_SHIFT)).astype(U64)
+            entries[:, 0] = [USER_BASE + (i << PAGE_SHIFT) for i in idx]
         while True:      # a fault the dead fault handler did not answer is sent again to its successor
             if not self.fault_ready.is_set():
                 try:

@@ -90,16 +90,8 @@ class FaultHandler:
         log.error("faultd: refused %s", what)
 
     def on_vm_frame(self, ch: Channel, f: Frame) -> None:
-        if f.type == Msg.HELLO:
-            if ch.hello or f.mm != ch.peer:
-                why = "a second HELLO" if ch.hello else f"HELLO for mm {f.mm}"
-                self.refuse(f"{why} on the channel of mm {ch.peer}")
-                ch.send(encode(Msg.REPLY, mm=f.mm, corr=f.corr, payload=call_payload(
-                    {"errno": errno.EPERM, "error": f"{why} on the channel of mm {ch.peer}: refused"})))
-                return
-            ch.hello = True
-            ch.send(encode(Msg.ACK, mm=f.mm, corr=f.corr))
-        elif f.type == Msg.FAULT:
+        t = f.type
+        if t == _FAULT:
             if self.tr:
                 self.tr.recv(self.peers.get(ch.peer, f"vm:{ch.peer}"), "FAULT", f.mm, -1, f.addr, f.n, 0, 0, f.corr)
             if not ch.hello or f.mm != ch.peer:
@@ -109,7 +101,7 @@ class FaultHandler:
                                payload=call_payload({"error": f"mm {f.mm} is not this channel's mm"})))
                 return
             self.start_fault(ch, f)
-        elif f.type == Msg.APPLIED:
+        elif t == _APPLIED:
             w = ch.applied.pop(f.corr, None) if f.mm == ch.peer else None
             if self.tr:
                 self.tr.recv(self.peers.get(ch.peer, f"vm:{ch.peer}"), "APPLIED", f.mm, -1, f.addr, 0, 0, 0, f.corr)
@@ -119,6 +111,15 @@ class FaultHandler:
                 self._applied(w, None)
             elif not w.done():
                 w.set_result(f)
+        elif t == Msg.HELLO:
+            if ch.hello or f.mm != ch.peer:
+                why = "a second HELLO" if ch.hello else f"HELLO for mm {f.mm}"
+                self.refuse(f"{why} on the channel of mm {ch.peer}")
+                ch.send(encode(Msg.REPLY, mm=f.mm, corr=f.corr, payload=call_payload(
+                    {"errno": errno.EPERM, "error": f"{why} on the channel of mm {ch.peer}: refused"})))
+                return
+            ch.hello = True
+            ch.send(encode(Msg.ACK, mm=f.mm, corr=f.corr))
         else:
             self.refuse(f"{_tname(f.type)} on the channel of mm {ch.peer}")
 
@@ -397,6 +398,7 @@ class _Fault:
 
 
 REPLY1 = struct.Struct(HEADER.format + "QQ")     # a one-page COW reply: the frame header and (addr, new pte)
+_FAULT, _APPLIED = int(Msg.FAULT), int(Msg.APPLIED)
 
 
 def _tname(t: int) -> str:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import errno
+import itertools
 import logging
 import os
 import socket
@@ -283,8 +284,10 @@ class FaultHandler:
         self.reply_ns += time.monotonic_ns() - st.t0
         if entries is not None and len(entries) == 1 and not err:     # entries: [(addr, new pte)]
             ch.send(REPLY1.pack(MAGIC, REPLY1.size, Msg.FAULT_REPLY, 0, 0, f.mm, f.corr, f.addr, 1, 0, *entries[0]))
-        else:
-            ch.send(encode(Msg.FAULT_REPLY, flags=err, mm=f.mm, corr=f.corr, addr=f.addr, entries=entries,
+        else:       # (many entries: into an n x 2 array in one pass, not from a list of tuples)
+            ch.send(encode(Msg.FAULT_REPLY, flags=err, mm=f.mm, corr=f.corr, addr=f.addr,
+                           entries=None if entries is None else np.fromiter(
+                               itertools.chain.from_iterable(entries), np.uint64, 2 * len(entries)).reshape(-1, 2),
                            payload=call_payload({"error": msg}) if err else b""))
         if entries is None:
             return []

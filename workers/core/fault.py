@@ -43,7 +43,7 @@ from proto.messages import FAULT_UNSHARE, FAULT_WRITE
 from .effects import (FLAGS, MAPCOUNT, PTE, VMAS, Alloc, CopyPages, Load, Lock, Put, Reply, Store, Unlock,
                       WaitAcks, ZeroPagesAdd, ptl)
 from .notify import set_pte_at_notify
-from .pte import may_access, vma_flags_of
+from .pte import may_access, vma_flags_list
 
 ANON_RW = PTE_PRESENT | PTE_WRITE | PTE_DIRTY | PTE_YOUNG
 ZERO_RO = (ZERO_PFN << PAGE_SHIFT) | PTE_PRESENT | PTE_YOUNG
@@ -75,7 +75,7 @@ def handle_mm_fault(mm: int, npages: int, idx, flags: int, mode: str, early_repl
     abandoned = False
     try:
         vmas = yield Load(VMAS, mm)
-        vflags = [vma_flags_of(vmas, i) for i in idx]       # -1: in no VMA
+        vflags = vma_flags_list(vmas, idx, lo, hi)          # -1: in no VMA
         if min(vflags) < 0:
             bad = USER_BASE + (idx[next(k for k, f in enumerate(vflags) if f < 0)] << PAGE_SHIFT)
             raise OSError(errno.EFAULT, f"segfault: {bad:#x} is not in any VMA of mm {mm}")

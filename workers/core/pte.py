@@ -143,6 +143,16 @@ def vma_flags_of(vmas, i: int) -> int:
     return -1
 
 
+def vma_flags_list(vmas, idx: list, lo: int, hi: int) -> list:
+    """[vma_flags_of(vmas, i) for i in idx], knowing lo = min(idx) and hi = max(idx): one look-up when
+    a single VMA spans [lo, hi] (an area is one interval, so it holds every page in between)."""
+    a, b = USER_BASE + (lo << PAGE_SHIFT), USER_BASE + (hi << PAGE_SHIFT)
+    for start, end, flags in vmas:
+        if start <= a and b < end:
+            return [flags] * len(idx)
+    return [vma_flags_of(vmas, i) for i in idx]
+
+
 def may_access(flags, write: bool):
     """The fault's access check: a write needs VM_WRITE, a read any of VM_READ, VM_WRITE, VM_EXEC
     (x86 cannot map a page writable but not readable).  flags -1 (no VMA): never.  An int gives a

@@ -35,6 +35,7 @@ from .messages import HEADER_SIZE, MAGIC, MAX_FRAME, Frame, Msg, ProtocolError, 
 
 log = logging.getLogger("ksm_proto.channel")
 _REPLY_TYPES = frozenset({Msg.ACK, Msg.REPLY, Msg.FAULT_REPLY})
+_PREFIX = struct.Struct("<HI")      # a frame's magic and length
 
 
 class ChannelClosed(ConnectionError):
@@ -77,13 +78,17 @@ class FrameSplitter:
     def feed(self, data: bytes) -> list[bytes]:
         if self.broken:
             raise ProtocolError(f"stream already broken: {self.broken}")
+        if not self.buf and len(data) >= 6:     # most reads are exactly one whole frame: no buffering
+            magic, total = _PREFIX.unpack_from(data, 0)
+            if total == len(data) and magic == MAGIC and HEADER_SIZE <= total <= MAX_FRAME:
+                return [bytes(data)]            # (bytes(b) is b for bytes)
         buf = self.buf
         buf += data
         out = []
         pos = 0
         n = len(buf)
         while n - pos >= 6:
-            magic, total = struct.unpack_from("<HI", buf, pos)
+            magic, total = _PREFIX.unpack_from(buf, pos)
             if magic != MAGIC or total < HEADER_SIZE or total > MAX_FRAME:
                 self.broken = (f"bad magic {magic:#06x}" if magic != MAGIC else
                                f"frame length {total} outside [{HEADER_SIZE}, {MAX_FRAME}]")

@@ -133,7 +133,8 @@ def decode(buf: bytes | memoryview) -> Frame:
     if type not in _VALID_TYPES:
         raise ProtocolError(f"unknown message type {type}")
     entries = None
-    if n:
-        entries = np.frombuffer(bytes(buf[HEADER_SIZE:HEADER_SIZE + 16 * n]), dtype=np.uint64).reshape(n, 2)
+    if n:       # read-only either way: a view of the (immutable) frame, or of a copy of the memoryview's bytes
+        entries = (np.frombuffer(buf, dtype=np.uint64, count=2 * n, offset=HEADER_SIZE) if buf.__class__ is bytes else
+                   np.frombuffer(bytes(buf[HEADER_SIZE:HEADER_SIZE + 16 * n]), dtype=np.uint64)).reshape(n, 2)
     payload = bytes(buf[HEADER_SIZE + 16 * n:]) if plen else b""
     return Frame(type, sub, flags, mm, corr, addr, entries, payload)

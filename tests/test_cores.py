@@ -8,17 +8,19 @@ as the actors' driver does on a lock timeout or an allocator error.
 """
 from __future__ import annotations
 
+import random
+
 import numpy as np
 import pytest
 
-from proto.layout import FRAME_FREE, FRAME_KSM, PAGE_SHIFT, PAGE_SIZE, PTE_PRESENT, USER_BASE, VM_READ
-from proto.messages import FAULT_WRITE
+from proto.layout import FRAME_FREE, FRAME_KSM, PAGE_SHIFT, PAGE_SIZE, PTE_PRESENT, PTE_YOUNG, USER_BASE, VM_READ
+from proto.messages import FAULT_WRITE, Msg
 from workers.check_world import KsmWorld
 from workers.core.effects import (MEM_EFFECTS, Alloc, Checksum, Compare, CopyPages, Get, Load, Lock, Notify, PinKsm,
                                   Reply, Store, TryLock, Unlock, WaitAcks, apply_mem)
 from workers.core.fault import handle_mm_fault
 from workers.core.mm import do_mprotect, dup_mmap, ksm_enable_merge_any, madvise_dontneed
-from workers.core.notify import LocalNotify, local_set_pte
+from workers.core.notify import LocalNotify, SecondaryMMU, local_set_pte
 from workers.frames import OutOfFrames
 
 
@@ -234,3 +236,28 @@ def test_ksm_leave_looks_at_the_vmas_again_under_ptl():
     other = int(mm.hdr[MMH_FLAGS]) & ~MMF_VM_MERGEABLE
     assert _drive_ksm_leave(w, slot) is True
     assert not slot.listed and int(mm.hdr[MMH_FLAGS]) == other   # only its own bit cleared
+
+
+@pytest.mark.parametrize("t", [Msg.START, Msg.END, Msg.CHANGE_PTE, Msg.INVALIDATE_PAGE, Msg.CLEAR_YOUNG])
+def test_a_one_entry_message_and_the_same_entry_twice_apply_alike(t):
+    """SecondaryMMU.apply takes one entry in plain ints (a COW reply, as a list of pairs or an array) and
+    several with numpy: a message naming one page twice must leave the secondary MMU as naming it once."""
+    rng = random.Random(11)
+    for _ in range(200):
+        sptes = [rng.choice([0, (5 << PAGE_SHIFT) | PTE_PRESENT, (6 << PAGE_SHIFT) | PTE_PRESENT | PTE_YOUNG])
+                 for _ in range(4)]
+        i = rng.randrange(-1, 5)                           # -1 and 4: outside the mm
+        entry = (USER_BASE + i * PAGE_SIZE if i >= 0 else USER_BASE - PAGE_SIZE, (9 << PAGE_SHIFT) | PTE_PRESENT)
+        in_progress = rng.randrange(2)                     # 0: an END without START
+        results = []
+        for entries in ([entry], np.array([entry], dtype=np.uint64), [entry, entry],
+                        np.array([entry, entry], dtype=np.uint64)):
+            s = SecondaryMMU(0, "kvm", 4, True)
+            s.spte[:] = sptes
+            s.in_progress, s.seq = in_progress, 3
+            try:
+                got = s.apply(t, entries)
+            except ValueError as e:
+                got = str(e)
+            results.append((got, s.spte.tolist(), s.seq, s.in_progress))
+        assert all(r == results[0] for r in results), (t, sptes, i, results)

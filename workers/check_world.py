@@ -959,10 +959,10 @@ class KsmWorld:
             return None
         t.replied = True
         h = None
-        if entries is not None:
+        if entries is not None:         # [(addr, new pte)] -> n x 2 array, as the VM decodes it off the wire
             h = self._new_id()
             self.acks[h] = [1]
-            entries = entries.copy()
+            entries = np.array(entries, dtype=np.uint64).reshape(-1, 2)
         self.queues[("faultd", t.mm)].append(("FAULT_REPLY", t.corr, err, msg, entries, h))
         return [h] if h is not None else []
 

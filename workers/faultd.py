@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import errno
+import itertools
 import logging
 import os
 import socket
@@ -42,7 +43,7 @@ from proto.messages import HEADER, MAGIC, Frame, Msg, call_payload, encode
 from proto.trace import Tracer
 
 from .actor import RunMemory, actor_args, receive_fd, req_int, run_actor, setup
-from .core.effects import MEM_EFFECTS, Lock, Memory, Reply, Unlock, WaitAcks, apply_mem
+from .core.effects import APPLY_MEM, Lock, Memory, Reply, Unlock, WaitAcks
 from .core.fault import handle_mm_fault
 from .core.notify import clear_flush_young, entries_for
 from .core.pte import check_range, task_size
@@ -102,16 +103,8 @@ class FaultHandler:
         log.error("%s: refused %s", self.name, what)
 
     def on_vm_frame(self, ch: Channel, f: Frame) -> None:
-        if f.type == Msg.HELLO:
-            if ch.hello or f.mm != ch.peer:
-                why = "a second HELLO" if ch.hello else f"HELLO for mm {f.mm}"
-                self.refuse(f"{why} on the channel of mm {ch.peer}")
-                ch.send(encode(Msg.REPLY, mm=f.mm, corr=f.corr, payload=call_payload(
-                    {"errno": errno.EPERM, "error": f"{why} on the channel of mm {ch.peer}: refused"})))
-                return
-            ch.hello = True
-            ch.send(encode(Msg.ACK, mm=f.mm, corr=f.corr))
-        elif f.type == Msg.FAULT:
+        t = f.type
+        if t == _FAULT:
             if self.tr:
                 self.tr.recv(self.peers.get(ch.peer, f"vm:{ch.peer}"), "FAULT", f.mm, -1, f.addr, f.n, 0, 0, f.corr)
             if not ch.hello or f.mm != ch.peer:
@@ -121,7 +114,7 @@ class FaultHandler:
                                payload=call_payload({"error": f"mm {f.mm} is not this channel's mm"})))
                 return
             self.start_fault(ch, f)
-        elif f.type == Msg.APPLIED:
+        elif t == _APPLIED:
             w = ch.applied.pop(f.corr, None) if f.mm == ch.peer else None
             if self.tr:
                 self.tr.recv(self.peers.get(ch.peer, f"vm:{ch.peer}"), "APPLIED", f.mm, -1, f.addr, 0, 0, 0, f.corr)
@@ -131,6 +124,15 @@ class FaultHandler:
                 self._applied(w, None)
             elif not w.done():
                 w.set_result(f)
+        elif t == Msg.HELLO:
+            if ch.hello or f.mm != ch.peer:
+                why = "a second HELLO" if ch.hello else f"HELLO for mm {f.mm}"
+                self.refuse(f"{why} on the channel of mm {ch.peer}")
+                ch.send(encode(Msg.REPLY, mm=f.mm, corr=f.corr, payload=call_payload(
+                    {"errno": errno.EPERM, "error": f"{why} on the channel of mm {ch.peer}: refused"})))
+                return
+            ch.hello = True
+            ch.send(encode(Msg.ACK, mm=f.mm, corr=f.corr))
         else:
             self.refuse(f"{_tname(f.type)} on the channel of mm {ch.peer}")
 
@@ -157,12 +159,11 @@ class FaultHandler:
         st.t0 = time.monotonic_ns()
         try:
             mm = self.memory.mms[f.mm]
+            # (an address below USER_BASE or far above the mm becomes an index the core refuses: EFAULT)
             if f.n == 1:
-                idx = np.array([(int(f.entries[0, 0]) - USER_BASE) >> PAGE_SHIFT], dtype=np.int64)
+                idx = [(f.entries.item(0) - USER_BASE) >> PAGE_SHIFT]
             else:
-                addrs = np.zeros(0, dtype=np.uint64) if f.entries is None else f.entries[:, 0]
-                # (an address below USER_BASE or far above the mm becomes an index the core refuses: EFAULT)
-                idx = (addrs.astype(np.int64) - USER_BASE) >> PAGE_SHIFT
+                idx = [] if f.entries is None else [(a - USER_BASE) >> PAGE_SHIFT for a in f.entries[:, 0].tolist()]
         except KeyError:
             self._finish(st, None, KeyError(f.mm))
             return
@@ -171,7 +172,7 @@ class FaultHandler:
                                        cow_reply=COW_REPLY), None, None)
 
     def _step(self, st: "_Fault", gen, send, exc) -> None:
-        mem, ptls = self.memory, self.ptls
+        mem, ptls, apply = self.memory, self.ptls, APPLY_MEM
         while True:
             try:
                 e = gen.throw(exc) if exc is not None else gen.send(send)
@@ -183,9 +184,10 @@ class FaultHandler:
                 return
             send = exc = None
             c = e.__class__
-            if c in MEM_EFFECTS:
+            run = apply.get(c)
+            if run is not None:             # a memory effect (core.effects.apply_mem)
                 try:
-                    send = apply_mem(mem, e)
+                    send = run(mem, e)
                 except Exception as x:      # thrown into the core: its cleanup runs
                     exc = x
             elif c is Lock:
@@ -288,15 +290,16 @@ class FaultHandler:
         st.replied = True
         if self.tr:
             self.tr.send(self.peers.get(f.mm, f"vm:{f.mm}"), "FAULT_REPLY", f.mm, -1, f.addr, f.n, 0,
-                         int(entries[0, 1]) if entries is not None and len(entries) else 0, f.corr)
+                         entries[0][1] if entries else 0, f.corr)
         if ch.closed:
             return []
         self.reply_ns += time.monotonic_ns() - st.t0
-        if entries is not None and len(entries) == 1 and not err:
-            ch.send(REPLY1.pack(MAGIC, REPLY1.size, Msg.FAULT_REPLY, 0, 0, f.mm, f.corr, f.addr, 1, 0,
-                                int(entries[0, 0]), int(entries[0, 1])))
-        else:
-            ch.send(encode(Msg.FAULT_REPLY, flags=err, mm=f.mm, corr=f.corr, addr=f.addr, entries=entries,
+        if entries is not None and len(entries) == 1 and not err:     # entries: [(addr, new pte)]
+            ch.send(REPLY1.pack(MAGIC, REPLY1.size, Msg.FAULT_REPLY, 0, 0, f.mm, f.corr, f.addr, 1, 0, *entries[0]))
+        else:       # (many entries: into an n x 2 array in one pass, not from a list of tuples)
+            ch.send(encode(Msg.FAULT_REPLY, flags=err, mm=f.mm, corr=f.corr, addr=f.addr,
+                           entries=None if entries is None else np.fromiter(
+                               itertools.chain.from_iterable(entries), np.uint64, 2 * len(entries)).reshape(-1, 2),
                            payload=call_payload({"error": msg}) if err else b""))
         if entries is None:
             return []
@@ -410,6 +413,7 @@ class _Fault:
 
 
 REPLY1 = struct.Struct(HEADER.format + "QQ")     # a one-page COW reply: the frame header and (addr, new pte)
+_FAULT, _APPLIED = int(Msg.FAULT), int(Msg.APPLIED)
 
 
 def _tname(t: int) -> str:

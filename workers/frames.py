@@ -228,20 +228,24 @@ class FrameAllocator:
             self.pages[pfns] = 0
         return pfns
 
-    def alloc_one(self, flags: int = FRAME_ANON) -> int:
-        """One new frame (mapcount 1), not zeroed: the single-page fault path, without numpy batches."""
+    def alloc_one(self, flags: int = FRAME_ANON, zero: bool = False) -> int:
+        """One new frame (mapcount 1; zeroed if zero): the single-page fault path, in plain ints (an
+        element of a numpy array read as .item(), written as a scalar, no array built)."""
         ft = self.ft
         with self.lock:
-            top = int(ft.hdr[FTH_FREE_TOP])
+            top = ft.hdr.item(FTH_FREE_TOP)
             if top < 1:
                 raise OutOfFrames(1, 0)
-            pfn = int(ft.free_stack[top - 1])
-            self._out_of_range(np.array([pfn]), ZERO_PFN + 1)
-            if ft.flags[pfn] != FRAME_FREE or ft.mapcount[pfn] != 0:
+            pfn = ft.free_stack.item(top - 1)
+            if not ZERO_PFN < pfn < ft.nframes:
+                raise FrameAccountingError(f"pfn(s) {[pfn]} out of range [{ZERO_PFN + 1}, {ft.nframes})")
+            if ft.flags.item(pfn) != FRAME_FREE or ft.mapcount.item(pfn) != 0:
                 raise FrameAccountingError(f"free stack holds a frame in use: {self._frames([pfn])}")
             ft.hdr[FTH_FREE_TOP] = top - 1
             ft.mapcount[pfn] = 1
             ft.flags[pfn] = flags
+        if zero:
+            self.pages[pfn] = 0
         return pfn
 
     def put_one(self, pfn: int) -> None:
@@ -252,13 +256,13 @@ class FrameAllocator:
         if not ZERO_PFN < pfn < ft.nframes:
             raise FrameAccountingError(f"put of pfn {pfn}, out of range [1, {ft.nframes})")
         with self.lock:
-            c = int(ft.mapcount[pfn]) - 1
-            if c < 0 or ft.flags[pfn] == FRAME_FREE:
+            c = ft.mapcount.item(pfn) - 1
+            if c < 0 or ft.flags.item(pfn) == FRAME_FREE:
                 raise FrameAccountingError(f"put of a frame with no mapping left: {self._frames([pfn])}")
             if c > 0:
                 ft.mapcount[pfn] = c
                 return
-            top = int(ft.hdr[FTH_FREE_TOP])
+            top = ft.hdr.item(FTH_FREE_TOP)
             if top >= ft.nframes:
                 raise FrameAccountingError(f"freeing {self._frames([pfn])}: the free stack is full")
             ft.mapcount[pfn] = 0

@@ -44,7 +44,7 @@ from proto.channel import Channel, expire_after
 from proto.layout import (MMF_VM_MERGE_ANY, MMF_VM_MERGEABLE, MMH_FLAGS, PAGE_SHIFT, PAGE_SIZE, SUB_ACTIVE,
                           SUB_CHANGE_PTE, USER_BASE, VM_EXEC, VM_KSM_IGNORED, VM_MERGEABLE, VM_READ, VM_WRITE,
                           MMView, Segment, seg_name)
-from proto.messages import HEADER, MAGIC, MAX_DATA, Frame, Msg, NOTIFIER_TYPES, call_payload, encode
+from proto.messages import HEADER, HEADER_SIZE, MAGIC, MAX_DATA, Frame, Msg, NOTIFIER_TYPES, call_payload, encode
 from proto import (MADV_DONTNEED, MADV_MERGEABLE, MADV_UNMERGEABLE, PR_GET_MEMORY_MERGE, PR_SET_MEMORY_MERGE,
                    PROT_EXEC, PROT_READ, PROT_WRITE)
 from proto.trace import Tracer
@@ -62,6 +62,7 @@ log = logging.getLogger("ksm_proto.vm")
 U64 = np.uint64
 PROT_SEM = 0x8              # accepted and ignored, as on x86
 FAULT1 = struct.Struct(HEADER.format + "QQ")   # a one-page FAULT: the frame header and its (addr, 0) entry
+_FAULT, _FAULT_REPLY, _APPLIED = int(Msg.FAULT), int(Msg.FAULT_REPLY), int(Msg.APPLIED)
 FAST_WAIT_S = 0.005         # the longest a fault's reply is waited for on its socket before the loop takes over
 
 
@@ -171,7 +172,7 @@ class VMWorker:
         return ch
 
     def _on_fault_reply(self, ch: Channel, f: Frame) -> None:
-        if f.type == Msg.FAULT_REPLY and f.n and not f.flags:
+        if f.type == _FAULT_REPLY and f.entries is not None and not f.flags:
             if f.mm != self.mm_id:
                 self.refused += 1
                 log.error("%s: refused a FAULT_REPLY for mm %d", self.name, f.mm)
@@ -202,17 +203,17 @@ class VMWorker:
             self.fault_ready.set()
 
     # ------------------------------------------------------------------ memory access
-    async def fault_call(self, idx: np.ndarray, flags: int, ncow: int = 0) -> None:
-        """FAULT for pages idx; returns once the reply is in (a COW reply applied on arrival, see
+    async def fault_call(self, idx: list, flags: int, ncow: int = 0) -> None:
+        """FAULT for pages idx (a list); returns once the reply is in (a COW reply applied on arrival, see
         `_on_fault_reply`).  A one-page FAULT is one fixed-size record; the reply is waited for on
         the socket itself while nothing else needs this process (`_reply_now`), else on the loop."""
         t0 = time.monotonic_ns()
         n = len(idx)
-        addr0 = USER_BASE + (int(idx[0]) << PAGE_SHIFT)
+        addr0 = USER_BASE + (idx[0] << PAGE_SHIFT)
         entries = None
         if n > 1:
             entries = np.zeros((n, 2), dtype=U64)
-            entries[:, 0] = (USER_BASE + (idx.astype(np.int64) << PAGE_SHIFT)).astype(U64)
+            entries[:, 0] = [USER_BASE + (i << PAGE_SHIFT) for i in idx]
         while True:      # a fault the dead fault handler did not answer is sent again to its successor
             if not self.fault_ready.is_set():
                 try:
@@ -224,7 +225,7 @@ class VMWorker:
             corr = Channel.next_corr()
             if self.tr:
                 self.tr.send(self.fault_peer, "FAULT", self.mm_id, -1, addr0, len(idx), 0, 0, corr)
-            data = FAULT1.pack(MAGIC, FAULT1.size, Msg.FAULT, 0, flags, self.mm_id, corr, addr0, 1, 0, addr0, 0) \
+            data = FAULT1.pack(MAGIC, FAULT1.size, _FAULT, 0, flags, self.mm_id, corr, addr0, 1, 0, addr0, 0) \
                 if entries is None else encode(Msg.FAULT, flags=flags, mm=self.mm_id, corr=corr, addr=addr0,
                                                entries=entries)
             try:
@@ -324,8 +325,8 @@ class VMWorker:
             log.error("%s: refused a COW reply from the fault handler: %s", self.name, e)
         if self.tr:
             self.tr.send(self.fault_peer, "APPLIED", self.mm_id, -1, rep.addr, 0, 0, 0, rep.corr)
-        if not ch.closed:
-            ch.send(encode(Msg.APPLIED, mm=self.mm_id, corr=rep.corr))
+        if not ch.closed:       # (encode(Msg.APPLIED, mm=, corr=), packed at once)
+            ch.send(HEADER.pack(MAGIC, HEADER_SIZE, _APPLIED, 0, 0, self.mm_id, rep.corr, 0, 0, 0))
 
     async def access(self, addr: int, length: int, write: bool, data=None, sub: SecondaryMMU | None = None):
         """Read or write guest memory through a secondary MMU, faulting as needed (core.access)."""

@@ -18,16 +18,13 @@ from __future__ import annotations
 
 import errno
 
-import numpy as np
-
 from proto.layout import PAGE_SHIFT, PAGE_SIZE, PTE_PRESENT, PTE_WRITE, PTE_YOUNG, USER_BASE
 from proto.messages import FAULT_WRITE
 
 from .effects import PTE, VMAS, Effect, Load, bytes_footprint
 from .notify import NEED_PRIMARY, OK, SecondaryMMU, secondary_fault_check
-from .pte import PROT_BITS, check_range, may_access, task_size, vma_flags_at
+from .pte import PROT_BITS, check_range, may_access, task_size, vma_flags_of
 
-U64 = np.uint64
 FAULT_BATCH = 4096
 
 
@@ -59,14 +56,14 @@ class WaitIdle(Effect):
 
 
 class FaultCall(Effect):
-    """Send FAULT for page indices idx and wait for the reply (an error reply raises OSError)."""
+    """Send FAULT for page indices idx (a list of ints) and wait for the reply (an error reply raises OSError)."""
     __slots__ = ("idx", "flags", "ncow")
 
     def __init__(self, idx, flags, ncow):
         self.idx, self.flags, self.ncow = idx, flags, ncow
 
     def __repr__(self):
-        return f"fault {self.idx.tolist()} flags {self.flags}"
+        return f"fault {list(self.idx)} flags {self.flags}"
 
 
 def touch(sub: SecondaryMMU, e: Touch, memory) -> bool:
@@ -108,10 +105,10 @@ def vm_access(mm: int, sub: SecondaryMMU, addr: int, length: int, write: bool, b
             continue
         seq = sub.seq
         vmas = yield Load(VMAS, mm)
-        if not may_access(vma_flags_at(vmas, i), write)[0]:
+        vflags = vma_flags_of(vmas, i)
+        if not may_access(vflags, write):
             raise OSError(errno.EFAULT, f"segfault: {'write to' if write else 'read of'} "
-                                        f"{USER_BASE + (i << PAGE_SHIFT):#x}, which "
-                                        f"{_why(vma_flags_at(vmas, i)[0], write)}")
+                                        f"{USER_BASE + (i << PAGE_SHIFT):#x}, which {_why(vflags, write)}")
         pte = yield Load(PTE, mm, i)
         r = secondary_fault_check(sub, seq, i, pte, need)
         if r == OK:
@@ -125,21 +122,23 @@ def vm_access(mm: int, sub: SecondaryMMU, addr: int, length: int, write: bool, b
 def primary_fault(mm: int, first: int, last: int, write: bool, flags: int = 0, vmas=None):
     """FAULT the pages in [first, last] that the primary PTEs cannot serve (at most FAULT_BATCH;
     with vmas, only up to the first page the access may not touch: that one faults on its own)."""
-    span = np.arange(first, min(last, first + FAULT_BATCH - 1) + 1)
+    span = list(range(first, min(last, first + FAULT_BATCH - 1) + 1))
     if vmas is not None:
-        bad = np.flatnonzero(~may_access(vma_flags_at(vmas, span), write))
-        if len(bad):
-            span = span[:max(1, int(bad[0]))]
+        for k, i in enumerate(span):
+            if not may_access(vma_flags_of(vmas, i), write):
+                span = span[:max(1, k)]
+                break
     pte = yield Load(PTE, mm, span)
-    need = (pte & U64(PTE_PRESENT)) == 0
-    cow = np.zeros_like(need)
-    if write:
-        cow = ~need & ((pte & U64(PTE_WRITE)) == 0)
-        need = need | cow
-    idx = np.flatnonzero(need) + first
-    if not len(idx):
+    idx, ncow = [], 0
+    for i, p in zip(span, pte):
+        if not p & PTE_PRESENT:
+            idx.append(i)
+        elif write and not p & PTE_WRITE:       # a COW
+            idx.append(i)
+            ncow += 1
+    if not idx:
         return   # raced with another fault that already fixed them: just retry
-    yield FaultCall(idx, (FAULT_WRITE if write else 0) | flags, int(cow[idx - first].sum()))
+    yield FaultCall(idx, (FAULT_WRITE if write else 0) | flags, ncow)
 
 
 def _why(flags: int, write: bool) -> str:

@@ -47,7 +47,8 @@ class Effect:
 
 
 class Load(Effect):
-    """Read region[mm][idx] (idx an int or an index array; mm ignored for frame regions; VMAS: the live list)."""
+    """Read region[mm][idx]: idx an int (an int), a list of ints (a list of ints) or an index array (an
+    array); mm ignored for frame regions; VMAS: the live list."""
     __slots__ = ("region", "mm", "idx")
 
     def __init__(self, region, mm, idx=None):
@@ -103,7 +104,8 @@ class Unlock(TryLock):
 
 
 class Alloc(Effect):
-    """n new frames (mapcount 1) under the frame lock; OutOfFrames if not enough are free."""
+    """n new frames (mapcount 1) under the frame lock, a list of pfns (zeroed if zero); OutOfFrames if
+    not enough are free."""
     __slots__ = ("n", "flags", "zero")
 
     def __init__(self, n, flags, zero):
@@ -183,7 +185,7 @@ class SetFrame(Effect):
 
 
 class CopyPages(Effect):
-    """Copy frame bytes src -> dst (arrays of pfns)."""
+    """Copy frame bytes src -> dst (lists or arrays of pfns)."""
     __slots__ = ("dst", "src")
 
     def __init__(self, dst, src):
@@ -369,78 +371,131 @@ class Memory:
             self.stats.mm[mm_id, MM_STATS.index("ksm_zero_pages")] += n
 
 
+def _load(m: Memory, e):
+    r, idx = e.region, e.idx
+    if r == PTE:
+        a = m.mms[e.mm].pte
+    elif r == VMAS:
+        return m.vma_list(e.mm)
+    elif r == SUBS:
+        return [(s, bool(row[1])) for s, row in enumerate(m.mms[e.mm].subs.tolist()) if row[0]]
+    elif r == MMFLAGS:
+        return int(m.mms[e.mm].hdr[MMH_FLAGS])
+    else:
+        a = getattr(m.ft, r)
+    c = idx.__class__
+    if c is list:               # a list of indices: a list of ints (the fault core's pages)
+        return [a.item(idx[0])] if len(idx) == 1 else a[idx].tolist()
+    if c is int:
+        return a.item(idx)
+    v = a if idx is None else a[idx]
+    return int(v) if np.ndim(v) == 0 else v.copy()
+
+
+def _store(m: Memory, e):
+    r, idx, value = e.region, e.idx, e.value
+    if r == PTE:
+        a = m.mms[e.mm].pte
+        if idx.__class__ is list and len(idx) == 1 and value.__class__ is list:
+            a[idx[0]] = value[0]
+        else:
+            a[idx] = value
+    elif r == VMAS:         # a normalized list (core.pte.vma_table): the whole table is rewritten
+        table = m.mms[e.mm].vmas
+        table[:] = 0
+        if value:
+            table[:len(value)] = value
+    elif r == MMFLAGS:
+        m.mms[e.mm].hdr[MMH_FLAGS] = value
+    elif r == SUBS:
+        m.mms[e.mm].subs[idx] = value
+    else:
+        getattr(m.ft, r)[idx] = value
+
+
+def _alloc(m: Memory, e) -> list:
+    if e.n == 1:
+        return [m.alloc.alloc_one(e.flags, e.zero)]
+    return m.alloc.alloc(e.n, e.flags, zero=e.zero).tolist()
+
+
+def _put(m: Memory, e) -> None:
+    p = e.pfns
+    if p.__class__ is list:
+        if len(p) == 1:             # a one-page COW's old frame: no np.unique
+            m.alloc.put_one(p[0])
+        elif p:
+            m.alloc.put(np.asarray(p, dtype=np.int64))
+    elif np.ndim(p) == 0:
+        m.alloc.put_one(int(p))
+    elif len(p) == 1:
+        m.alloc.put_one(int(p[0]))
+    else:
+        m.alloc.put(p)
+
+
+def _get(m: Memory, e) -> None:
+    m.alloc.get(np.atleast_1d(e.pfns))
+
+
+def _pin_ksm(m: Memory, e):
+    if np.ndim(e.pfn):          # several pins under one hold of the frame lock (several scanners)
+        return m.alloc.pin_ksm_many(np.asarray(e.pfn, dtype=np.int64), np.asarray(e.d, dtype=np.int64))
+    return m.alloc.pin_ksm(int(e.pfn), int(e.d))
+
+
+def _zero_pages_add(m: Memory, e) -> None:
+    m.zero_pages_add(e.mm, e.n)
+
+
+def _set_frame(m: Memory, e) -> None:
+    m.ft.flags[e.pfn] = e.flags
+    m.ft.stable[e.pfn] = e.d
+
+
+def _copy_pages(m: Memory, e) -> None:
+    dst, src = e.dst, e.src
+    if len(dst) <= 8:           # a few pages: memoryview slices (a fancy-indexed copy costs more than the bytes)
+        mem = m.memory
+        for d, s in zip(dst, src):
+            d *= PAGE_SIZE
+            s *= PAGE_SIZE
+            mem[d:d + PAGE_SIZE] = mem[s:s + PAGE_SIZE]
+    else:
+        m.pages[dst] = m.pages[src]
+
+
+def _compare(m: Memory, e):
+    if np.ndim(e.a):
+        return compare_many(m.memory, e.a, e.b)
+    a = m.page_bytes(e.a)
+    return a == (bytes(PAGE_SIZE) if e.b is None else m.page_bytes(e.b))
+
+
+def _fsck(m: Memory, e) -> dict:
+    return m.fsck(e.maps, e.zero)
+
+
+def _checksum(m: Memory, e):
+    mem = m.memory
+    pf = np.atleast_1d(e.pfns)
+    return np.fromiter((_digest(mem[o:o + PAGE_SIZE])[0] for o in (pf * PAGE_SIZE).tolist()),
+                       dtype=np.int64, count=len(pf))
+
+
+# effect class -> what runs it (one dict lookup per effect, no isinstance chain)
+APPLY_MEM = {Load: _load, Store: _store, Alloc: _alloc, Put: _put, Get: _get, PinKsm: _pin_ksm,
+             ZeroPagesAdd: _zero_pages_add, SetFrame: _set_frame, CopyPages: _copy_pages, Compare: _compare,
+             Checksum: _checksum, Fsck: _fsck}
+MEM_EFFECTS = frozenset(APPLY_MEM)
+
+
 def apply_mem(m: Memory, e):
     """Run one memory effect against `m`; returns its result."""
-    c = e.__class__
-    if c is Load:
-        r = e.region
-        if r == VMAS:
-            return m.vma_list(e.mm)
-        if r == SUBS:
-            return [(s, bool(row[1])) for s, row in enumerate(m.mms[e.mm].subs.tolist()) if row[0]]
-        if r == MMFLAGS:
-            return int(m.mms[e.mm].hdr[MMH_FLAGS])
-        a = m.mms[e.mm].pte if r == PTE else getattr(m.ft, r)
-        v = a if e.idx is None else a[e.idx]
-        return int(v) if np.ndim(v) == 0 else v.copy()
-    if c is Store:
-        r = e.region
-        if r == PTE:
-            m.mms[e.mm].pte[e.idx] = e.value
-        elif r == VMAS:         # a normalized list (core.pte.vma_table): the whole table is rewritten
-            table = m.mms[e.mm].vmas
-            table[:] = 0
-            if e.value:
-                table[:len(e.value)] = e.value
-        elif r == MMFLAGS:
-            m.mms[e.mm].hdr[MMH_FLAGS] = e.value
-        elif r == SUBS:
-            m.mms[e.mm].subs[e.idx] = e.value
-        else:
-            getattr(m.ft, r)[e.idx] = e.value
-        return None
-    if c is Alloc:
-        if e.n == 1 and not e.zero:
-            return np.array([m.alloc.alloc_one(e.flags)], dtype=np.int64)
-        return m.alloc.alloc(e.n, e.flags, zero=e.zero)
-    if c is Put:
-        if np.ndim(e.pfns) == 0:
-            m.alloc.put_one(int(e.pfns))
-        elif len(e.pfns) == 1:          # a one-page COW's old frame: no np.unique
-            m.alloc.put_one(int(e.pfns[0]))
-        else:
-            m.alloc.put(e.pfns)
-        return None
-    if c is Get:
-        m.alloc.get(np.atleast_1d(e.pfns))
-        return None
-    if c is PinKsm:
-        if np.ndim(e.pfn):
-            return m.alloc.pin_ksm_many(np.asarray(e.pfn, dtype=np.int64), np.asarray(e.d, dtype=np.int64))
-        return m.alloc.pin_ksm(int(e.pfn), int(e.d))
-    if c is ZeroPagesAdd:
-        m.zero_pages_add(e.mm, e.n)
-        return None
-    if c is SetFrame:
-        m.ft.flags[e.pfn] = e.flags
-        m.ft.stable[e.pfn] = e.d
-        return None
-    if c is CopyPages:
-        m.pages[e.dst] = m.pages[e.src]
-        return None
-    if c is Compare:
-        if np.ndim(e.a):
-            return compare_many(m.memory, e.a, e.b)
-        a = m.page_bytes(e.a)
-        return a == (bytes(PAGE_SIZE) if e.b is None else m.page_bytes(e.b))
-    if c is Fsck:
-        return m.fsck(e.maps, e.zero)
-    if c is Checksum:
-        mem = m.memory
-        pf = np.atleast_1d(e.pfns)
-        return np.fromiter((_digest(mem[o:o + PAGE_SIZE])[0] for o in (pf * PAGE_SIZE).tolist()),
-                           dtype=np.int64, count=len(pf))
-    raise TypeError(f"not a memory effect: {e!r}")
+    f = APPLY_MEM.get(e.__class__)
+    if f is None:
+        raise TypeError(f"not a memory effect: {e!r}")
+    return f(m, e)
 
 
 _ZERO_PAGE = bytes(PAGE_SIZE)
@@ -456,10 +511,6 @@ def compare_many(mem: memoryview, a, b) -> np.ndarray:
     # (bytes compare: a memoryview == compares element by element, ten times slower)
     return np.fromiter((mem[x:x + PAGE_SIZE].tobytes() == mem[y:y + PAGE_SIZE].tobytes()
                         for x, y in zip(a.tolist(), b.tolist())), dtype=bool, count=len(a))
-
-
-MEM_EFFECTS = frozenset({Load, Store, Alloc, Put, Get, PinKsm, ZeroPagesAdd, SetFrame, CopyPages, Compare, Checksum,
-                         Fsck})
 
 
 def drive_sync(gen, m: Memory):

@@ -22,8 +22,13 @@ secondary MMU may still map it (the checker's `free-before-acks` break shows why
 The lock is dropped only after the acks: messages on the fault handler's channel and
 on ksmd's are not ordered with each other, and ptl is what orders them.  The early
 reply (FAULT_REPLY sent once the notifications are, before their acks) is safe: it
-follows them on the same FIFO channel, and ptl is still held.  Any exception (out of frames, a bad address) leaves the
-page table as it was and the lock released.
+follows them on the same FIFO channel, and ptl is still held.  Any exception (out of frames, a bad
+address) leaves the page table as it was and the lock released.
+
+The pages of a request are plain lists of ints (page indices, PTEs, pfns), and so are the
+results of the effects that read them: a fault is most often one page, where a numpy
+operation costs a microsecond or more and a list operation a tenth of that, and a batch of a
+few thousand pages (a large write to fresh memory, an unmerge) is still a few list passes.
 """
 from __future__ import annotations
 
@@ -37,50 +42,61 @@ from proto.messages import FAULT_UNSHARE, FAULT_WRITE
 
 from .effects import (FLAGS, MAPCOUNT, PTE, VMAS, Alloc, CopyPages, Load, Lock, Put, Reply, Store, Unlock,
                       WaitAcks, ZeroPagesAdd, ptl)
-from .notify import entries_for, set_pte_at_notify
-from .pte import may_access, vma_flags_at
+from .notify import set_pte_at_notify
+from .pte import may_access, vma_flags_list
 
-U64 = np.uint64
 ANON_RW = PTE_PRESENT | PTE_WRITE | PTE_DIRTY | PTE_YOUNG
 ZERO_RO = (ZERO_PFN << PAGE_SHIFT) | PTE_PRESENT | PTE_YOUNG
+SHARED_FRAME = FRAME_KSM | FRAME_ZERO
+REUSE_BITS = PTE_WRITE | PTE_DIRTY | PTE_YOUNG
 
 
-def handle_mm_fault(mm: int, npages: int, idx: np.ndarray, flags: int, mode: str, early_reply: bool = False,
+def _ints(v) -> list:
+    """Page indices (or pfns) as a list of ints, from a list, an int array or any sequence."""
+    if v.__class__ is list:
+        return v
+    return v.tolist() if isinstance(v, np.ndarray) else [int(x) for x in v]
+
+
+def handle_mm_fault(mm: int, npages: int, idx, flags: int, mode: str, early_reply: bool = False,
                     brk=frozenset(), cow_reply: bool = True):
-    """Serve one fault request; returns (cow copies, reuses).  Raises OSError (EFAULT, ENOMEM).
+    """Serve one fault request for the page indices idx (a list, or an int array); returns (cow
+    copies, reuses).  Raises OSError (EFAULT, ENOMEM).
 
     cow_reply (the fault handler's default): a COW's set_pte_at_notify rides on the reply, applied
     by the faulting VM on arrival (`wp_page_copy`); off, it is sent as notifier messages."""
-    idx = np.asarray(idx, dtype=np.int64)
-    if len(idx) == 0:
+    idx = _ints(idx)
+    if not idx:
         raise OSError(errno.EINVAL, f"fault request for mm {mm} names no page")
-    lo, hi = (int(idx[0]), int(idx[0])) if len(idx) == 1 else (idx.min(), idx.max())
+    lo, hi = (idx[0], idx[0]) if len(idx) == 1 else (min(idx), max(idx))
     if lo < 0 or hi >= npages:
         raise OSError(errno.EFAULT, f"fault address outside the address space of mm {mm}")
     yield Lock(ptl(mm))
     abandoned = False
     try:
         vmas = yield Load(VMAS, mm)
-        vflags = vma_flags_at(vmas, idx)        # -1: in no VMA
-        inside = vflags >= 0
-        if not inside.all():
-            bad = USER_BASE + (int(idx[~inside][0]) << PAGE_SHIFT)
+        vflags = vma_flags_list(vmas, idx, lo, hi)          # -1: in no VMA
+        if min(vflags) < 0:
+            bad = USER_BASE + (idx[next(k for k, f in enumerate(vflags) if f < 0)] << PAGE_SHIFT)
             raise OSError(errno.EFAULT, f"segfault: {bad:#x} is not in any VMA of mm {mm}")
         write = bool(flags & FAULT_WRITE)
         unshare = bool(flags & FAULT_UNSHARE)
         if not unshare:
-            ok = may_access(vflags, write)
-            if not ok.all():
-                bad = USER_BASE + (int(idx[~ok][0]) << PAGE_SHIFT)
-                raise OSError(errno.EFAULT, f"segfault: {'write to' if write else 'read of'} {bad:#x}, "
-                                            f"which the VMA of mm {mm} does not allow")
+            for i, f in zip(idx, vflags):
+                if not may_access(f, write):
+                    bad = USER_BASE + (i << PAGE_SHIFT)
+                    raise OSError(errno.EFAULT, f"segfault: {'write to' if write else 'read of'} {bad:#x}, "
+                                                f"which the VMA of mm {mm} does not allow")
         pte = yield Load(PTE, mm, idx)
-        present = (pte & U64(PTE_PRESENT)) != 0
-        if not present.all() and (write or not unshare):
-            yield from do_anonymous_page(mm, idx[~present], write)
-        if not (write or unshare) or not present.any():
+        absent = [i for i, p in zip(idx, pte) if not p & PTE_PRESENT]
+        if absent and (write or not unshare):
+            yield from do_anonymous_page(mm, absent, write)
+        if not (write or unshare) or len(absent) == len(idx):
             return 0, 0
-        return (yield from do_wp_page(mm, idx[present], pte[present], write, mode, early_reply, brk, cow_reply))
+        if absent:
+            idx, pte = zip(*[(i, p) for i, p in zip(idx, pte) if p & PTE_PRESENT])
+            idx, pte = list(idx), list(pte)
+        return (yield from do_wp_page(mm, idx, pte, write, mode, early_reply, brk, cow_reply))
     except GeneratorExit:           # abandoned (a checker run cut short): nothing to release
         abandoned = True
         raise
@@ -89,46 +105,50 @@ def handle_mm_fault(mm: int, npages: int, idx: np.ndarray, flags: int, mode: str
             yield Unlock(ptl(mm))
 
 
-def do_anonymous_page(mm: int, idx: np.ndarray, write: bool):
+def do_anonymous_page(mm: int, idx: list, write: bool):
     if write:
         pfns = yield Alloc(len(idx), FRAME_ANON, True)
         try:
-            yield Store(PTE, mm, idx, (pfns.astype(U64) << U64(PAGE_SHIFT)) | U64(ANON_RW))
+            yield Store(PTE, mm, idx, [(p << PAGE_SHIFT) | ANON_RW for p in pfns])
         except GeneratorExit:
             raise
         except BaseException:
             yield from put_uninstalled(mm, idx, pfns)
             raise
     else:
-        yield Store(PTE, mm, idx, np.full(len(idx), ZERO_RO, dtype=U64))
+        yield Store(PTE, mm, idx, [ZERO_RO] * len(idx))
 
 
-def do_wp_page(mm: int, idx: np.ndarray, pte: np.ndarray, write: bool, mode: str, early_reply: bool, brk,
+def do_wp_page(mm: int, idx: list, pte: list, write: bool, mode: str, early_reply: bool, brk,
                cow_reply: bool = False):
     """Break COW (write) or unshare KSM pages (no write) for present pages; (copies, reuses)."""
-    pfn = (pte >> U64(PAGE_SHIFT)).astype(np.int64)
+    pfn = [p >> PAGE_SHIFT for p in pte]
     fflags = yield Load(FLAGS, None, pfn)
-    shared = ((fflags & (FRAME_KSM | FRAME_ZERO)) != 0) | ((pte & U64(PTE_SPECIAL)) != 0)
+    shared = [bool(f & SHARED_FRAME or p & PTE_SPECIAL) for f, p in zip(fflags, pte)]
     if write:
-        need = (pte & U64(PTE_WRITE)) == 0
-        if not need.any():
+        need = [not p & PTE_WRITE for p in pte]
+        if not any(need):
             return 0, 0
         mapcount = yield Load(MAPCOUNT, None, pfn)
-        reuse = need & ~shared & (mapcount == 1)
-        copy = need & ~reuse
+        reuse = [n and not s and c == 1 for n, s, c in zip(need, shared, mapcount)]
+        copy = [n and not r for n, r in zip(need, reuse)]
     else:
-        reuse = np.zeros(len(idx), dtype=bool)
+        reuse = [False] * len(idx)
         copy = shared
-    if reuse.any():     # wp_page_reuse: writable in place, no notification (no translation was writable)
-        yield Store(PTE, mm, idx[reuse], pte[reuse] | U64(PTE_WRITE | PTE_DIRTY | PTE_YOUNG))
-    if not copy.any():
-        return 0, int(reuse.sum())
-    yield from wp_page_copy(mm, idx[copy], pfn[copy], (pte[copy] & U64(PTE_SPECIAL)) != 0, write, mode,
+    nreuse = sum(reuse)
+    if nreuse:      # wp_page_reuse: writable in place, no notification (no translation was writable)
+        yield Store(PTE, mm, [i for i, r in zip(idx, reuse) if r], [p | REUSE_BITS for p, r in zip(pte, reuse) if r])
+    ncopy = sum(copy)
+    if not ncopy:
+        return 0, nreuse
+    if ncopy < len(idx):
+        idx, pfn, pte = ([v for v, c in zip(a, copy) if c] for a in (idx, pfn, pte))
+    yield from wp_page_copy(mm, idx, pfn, [bool(p & PTE_SPECIAL) for p in pte], write, mode,
                             early_reply, brk, cow_reply)
-    return int(copy.sum()), int(reuse.sum())
+    return ncopy, nreuse
 
 
-def wp_page_copy(mm: int, idx: np.ndarray, old: np.ndarray, special: np.ndarray, writable: bool, mode: str,
+def wp_page_copy(mm: int, idx: list, old: list, special: list, writable: bool, mode: str,
                  early_reply: bool = False, brk=frozenset(), cow_reply: bool = False):
     """Copy each frame, set the PTEs with notification, put the old frames after the acks.
 
@@ -159,7 +179,7 @@ def wp_page_copy(mm: int, idx: np.ndarray, old: np.ndarray, special: np.ndarray,
         yield Put(old)
 
 
-def wp_page_copy_reply(mm: int, idx: np.ndarray, old: np.ndarray, special: np.ndarray, writable: bool, mode: str,
+def wp_page_copy_reply(mm: int, idx: list, old: list, special: list, writable: bool, mode: str,
                        brk=frozenset()):
     """wp_page_copy in one round trip: the reply carries the new PTEs and set_pte_at_notify runs in the VM.
 
@@ -182,7 +202,7 @@ def wp_page_copy_reply(mm: int, idx: np.ndarray, old: np.ndarray, special: np.nd
     if "free-before-acks" in brk:
         yield Put(old)
         old = None
-    h = yield Reply(entries=entries_for(idx, new_ptes))
+    h = yield Reply(entries=[(USER_BASE + (i << PAGE_SHIFT), p) for i, p in zip(idx, new_ptes)])
     if "early-release" in brk and old is not None:      # deferred release skipped: put before APPLIED
         yield Put(old)
         old = None
@@ -200,7 +220,7 @@ def wp_page_copy_reply(mm: int, idx: np.ndarray, old: np.ndarray, special: np.nd
         yield Put(old)
 
 
-def copy_and_install(mm: int, idx: np.ndarray, old: np.ndarray, special: np.ndarray, writable: bool, install):
+def copy_and_install(mm: int, idx: list, old: list, special: list, writable: bool, install):
     """wp_page_copy's common part: new frames, the old pages copied in, the new PTEs put in place by
     the generator install(new_ptes) (whose result is returned beside them), and the KSM zero pages
     that stopped being mapped counted at once.  On a failure the new frames no PTE took are put
@@ -209,28 +229,28 @@ def copy_and_install(mm: int, idx: np.ndarray, old: np.ndarray, special: np.ndar
     try:
         yield CopyPages(new, old)
         bits = PTE_PRESENT | PTE_DIRTY | PTE_YOUNG | (PTE_WRITE if writable else 0)
-        new_ptes = (new.astype(U64) << U64(PAGE_SHIFT)) | U64(bits)
+        new_ptes = [(p << PAGE_SHIFT) | bits for p in new]
         result = yield from install(new_ptes)
     except GeneratorExit:
         raise
     except BaseException:
         yield from put_uninstalled(mm, idx, new)
         raise
-    nz = int(special.sum())
+    nz = sum(special)
     if nz:      # counted as the PTE changes, before the faulting VM hears back
         yield ZeroPagesAdd(mm, -nz)
     return new_ptes, result
 
 
-def _store_ptes(mm: int, idx: np.ndarray, ptes: np.ndarray):
+def _store_ptes(mm: int, idx: list, ptes: list):
     yield Store(PTE, mm, idx, ptes)
 
 
-def put_uninstalled(mm: int, idx: np.ndarray, new: np.ndarray):
+def put_uninstalled(mm: int, idx: list, new: list):
     """After a failure: put each new frame that its PTE does not map (the operation did not get that far)."""
     pte = yield Load(PTE, mm, idx)
-    lost = new[((pte & U64(PTE_PRESENT)) == 0) | ((pte >> U64(PAGE_SHIFT)).astype(np.int64) != new)]
-    if len(lost):
+    lost = [n for p, n in zip(pte, new) if not p & PTE_PRESENT or p >> PAGE_SHIFT != n]
+    if lost:
         yield Put(lost)
 
 
@@ -239,14 +259,14 @@ def unmerge_ksm_pages(mm: int, mode: str, chunk: int = 4096):
     yield Lock(ptl(mm))
     try:
         pte = yield Load(PTE, mm, None)
-        present = (pte & U64(PTE_PRESENT)) != 0
-        pfn = (pte >> U64(PAGE_SHIFT)).astype(np.int64)
-        special = present & ((pte & U64(PTE_SPECIAL)) != 0)
+        present = (pte & np.uint64(PTE_PRESENT)) != 0
+        pfn = (pte >> np.uint64(PAGE_SHIFT)).astype(np.int64)
+        special = present & ((pte & np.uint64(PTE_SPECIAL)) != 0)
         fl = yield Load(FLAGS, None, pfn)
         idx = np.flatnonzero((present & ((fl & FRAME_KSM) != 0)) | special)
         for k in range(0, len(idx), chunk):
             part = idx[k:k + chunk]
-            yield from wp_page_copy(mm, part, pfn[part], special[part], False, mode)
+            yield from wp_page_copy(mm, part.tolist(), pfn[part].tolist(), special[part].tolist(), False, mode)
     except GeneratorExit:
         raise
     except BaseException:

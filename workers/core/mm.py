@@ -308,7 +308,7 @@ def break_ksm_range(mm: int, i0: int, i1: int):
     ksm = present & (((fl & FRAME_KSM) != 0) | ((pte & U64(PTE_SPECIAL)) != 0))
     todo = idx[ksm]
     for k in range(0, len(todo), FAULT_BATCH):
-        yield FaultCall(todo[k:k + FAULT_BATCH], FAULT_UNSHARE, 0)
+        yield FaultCall(todo[k:k + FAULT_BATCH].tolist(), FAULT_UNSHARE, 0)
     return len(todo)
 
 

@@ -35,6 +35,9 @@ from .effects import PTE, SUBS, Effect, Load, Notify, Store, WaitAcks
 MODES = ("change_pte", "wrapped", "invalidate")
 U64 = np.uint64
 LOG_LEN = 4096
+_NAMES = {int(m): m.name for m in Msg}
+_START, _END, _CHANGE_PTE, _INVALIDATE_PAGE, _CLEAR_YOUNG, _REGISTER, _RELEASE = (
+    int(m) for m in (Msg.START, Msg.END, Msg.CHANGE_PTE, Msg.INVALIDATE_PAGE, Msg.CLEAR_YOUNG, Msg.REGISTER, Msg.RELEASE))
 
 
 def entries_for(idx, ptes) -> np.ndarray:
@@ -156,34 +159,70 @@ class SecondaryMMU:
         self.msgs[name] += n
         self.log.append(name)
 
-    def apply(self, t: int, entries: np.ndarray) -> int:
-        """Apply one notifier message; returns the ack flags (young, for CLEAR_YOUNG)."""
+    def apply(self, t: int, entries) -> int:
+        """Apply one notifier message; returns the ack flags (young, for CLEAR_YOUNG).  entries: n x
+        (addr, pte), an (n, 2) array or a list of pairs (a COW reply's).  One entry (a COW, a one-page
+        merge) in plain ints; more with numpy, in one pass over all of them."""
         n = len(entries)
-        self.note(Msg(t).name, n if t not in (Msg.REGISTER, Msg.RELEASE) else 1)
+        name = _NAMES.get(t) or Msg(t).name          # (Msg(t): ValueError for a type that is none)
+        self.msgs[name] += n if t != _REGISTER and t != _RELEASE else 1
+        self.log.append(name)
+        if n == 1:
+            a, p = entries[0] if entries.__class__ is list else entries.tolist()[0]
+            i = (a - USER_BASE) >> PAGE_SHIFT
+            spte = self.spte
+            if not 0 <= i < len(spte):
+                raise ValueError(f"{name} for an address outside the mm")
+            if t == _START:
+                self.in_progress += 1
+                spte[i] = 0
+            elif t == _END:
+                if self.in_progress <= 0:
+                    raise ValueError("END without START")
+                self.in_progress -= 1
+                self.seq += 1
+            elif t == _CHANGE_PTE:      # like kvm_set_spte_hva: only a translation that exists is changed
+                if spte.item(i):
+                    spte[i] = p
+                self.seq += 1
+            elif t == _INVALIDATE_PAGE:
+                spte[i] = 0
+                self.seq += 1
+            elif t == _CLEAR_YOUNG:
+                old = spte.item(i)
+                if old & PTE_YOUNG:
+                    spte[i] = old & ~PTE_YOUNG
+                    return 1
+                return 0
+            elif t == _RELEASE:
+                self.release()
+            return 0
+        if n and entries.__class__ is list:
+            entries = np.array(entries, dtype=U64).reshape(n, 2)
         idx = ((entries[:, 0].astype(np.int64) - USER_BASE) >> PAGE_SHIFT) if n else None
         if idx is not None and (idx.min() < 0 or idx.max() >= len(self.spte)):
-            raise ValueError(f"{Msg(t).name} for an address outside the mm")
-        if t == Msg.START:
+            raise ValueError(f"{name} for an address outside the mm")
+        if t == _START:
             self.in_progress += 1
             self.spte[idx] = 0
-        elif t == Msg.END:
+        elif t == _END:
             if self.in_progress <= 0:
                 raise ValueError("END without START")
             self.in_progress -= 1
             self.seq += 1
-        elif t == Msg.CHANGE_PTE:
+        elif t == _CHANGE_PTE:
             # like kvm_set_spte_hva: only translations that exist are changed, in place
             live = self.spte[idx] != 0
             self.spte[idx[live]] = entries[live, 1]
             self.seq += 1
-        elif t == Msg.INVALIDATE_PAGE:
+        elif t == _INVALIDATE_PAGE:
             self.spte[idx] = 0
             self.seq += 1
-        elif t == Msg.CLEAR_YOUNG:
+        elif t == _CLEAR_YOUNG:
             young = bool((self.spte[idx] & U64(PTE_YOUNG)).any())
             self.spte[idx] &= ~U64(PTE_YOUNG)
             return int(young)
-        elif t == Msg.RELEASE:
+        elif t == _RELEASE:
             self.release()
         return 0
 

@@ -12,8 +12,9 @@ task_size TASK_SIZE, so a range starting below USER_BASE is outside it.
 A VMA list is [(start, end, flags)] in bytes, sorted by start (MMView.vma_list, Load(VMAS)).
 `vma_table` normalizes a list before it is stored (neighbours with equal flags merge, as
 vma_merge does), `vma_pieces` cuts a range along the VMAs it meets (the walk of madvise,
-mprotect and munmap), `vma_flags_at` and `may_access` are the access check a page fault
-makes (VM_READ / VM_WRITE of the VMA, x86's rule that a writable page is readable).
+mprotect and munmap), `vma_flags_at` (`vma_flags_of` for one page) and `may_access` are the
+access check a page fault makes (VM_READ / VM_WRITE of the VMA, x86's rule that a writable page
+is readable).
 """
 from __future__ import annotations
 
@@ -133,10 +134,32 @@ def vma_flags_at(vmas, idx: np.ndarray) -> np.ndarray:
     return out
 
 
+def vma_flags_of(vmas, i: int) -> int:
+    """The flags of the VMA holding page index i (-1: no VMA there); vma_flags_at for one page, in plain ints."""
+    addr = USER_BASE + (i << PAGE_SHIFT)
+    for start, end, flags in vmas:
+        if start <= addr < end:
+            return flags
+    return -1
+
+
+def vma_flags_list(vmas, idx: list, lo: int, hi: int) -> list:
+    """[vma_flags_of(vmas, i) for i in idx], knowing lo = min(idx) and hi = max(idx): one look-up when
+    a single VMA spans [lo, hi] (an area is one interval, so it holds every page in between)."""
+    a, b = USER_BASE + (lo << PAGE_SHIFT), USER_BASE + (hi << PAGE_SHIFT)
+    for start, end, flags in vmas:
+        if start <= a and b < end:
+            return [flags] * len(idx)
+    return [vma_flags_of(vmas, i) for i in idx]
+
+
 def may_access(flags, write: bool):
     """The fault's access check: a write needs VM_WRITE, a read any of VM_READ, VM_WRITE, VM_EXEC
-    (x86 cannot map a page writable but not readable).  flags -1 (no VMA): never."""
+    (x86 cannot map a page writable but not readable).  flags -1 (no VMA): never.  An int gives a
+    bool (one page, no numpy), an array of flags an array."""
     need = VM_WRITE if write else PROT_BITS
+    if flags.__class__ is int:
+        return flags >= 0 and flags & need != 0
     return (np.asarray(flags) >= 0) & ((np.asarray(flags) & need) != 0)
 
 

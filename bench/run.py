@@ -650,7 +650,7 @@ def bench_check(runs: int, prog, jobs: int, breaks: bool = True) -> dict:
     """`ksm-proto check` at bench size: random schedules in each mode, and every --break caught
     (tests/test_check.py catches them too; --quick leaves them to it)."""
     from workers import explore
-    from workers.check_world import BREAKS, world_factory
+    from workers.check_world import BREAK_MODES, BREAKS, world_factory
     out = {"runs": runs, "jobs": jobs, "modes": {}, "breaks": {}}
     for mode in MODES:
         prog(f"check: {runs:,} schedules, {mode}")
@@ -659,9 +659,15 @@ def bench_check(runs: int, prog, jobs: int, breaks: bool = True) -> dict:
                               "schedules_per_s": round(r.schedules / r.seconds, 1),
                               "steps_per_s": round(r.steps / r.seconds), "violation": r.found and r.found.violations}
         for brk in BREAKS if breaks else ():
+            if mode not in BREAK_MODES.get(brk, MODES):
+                out["breaks"].setdefault(brk, {})[mode] = "breaks nothing in this mode"
+                continue
             b = explore.parallel_random_runs(world_factory(mode, brk), seed=0, runs=2000, max_steps=4000,
                                              shrink=False, jobs=jobs)
-            out["breaks"].setdefault(brk, {})[mode] = b.found.found_by.get("run") if b.found else None
+            # how it was found: the random run's number, or the search before them ("round-robin")
+            out["breaks"].setdefault(brk, {})[mode] = (b.found.found_by.get("run", b.found.found_by.get("search",
+                                                                                                    "found"))
+                                                       if b.found else None)
     return out
 
 

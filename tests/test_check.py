@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from workers import explore
-from workers.check_world import BREAK_CONFIG, BREAK_SCENARIO, BREAKS, SCENARIOS, SHARD_BREAKS, world_factory
+from workers.check_world import BREAK_CONFIG, BREAK_MODES, BREAK_SCENARIO, BREAKS, SCENARIOS, SHARD_BREAKS, world_factory
 
 MODES = ("change_pte", "wrapped", "invalidate")
 # what each break must produce: words of the violation the checker reports (any one of them; with two
@@ -52,9 +52,7 @@ EXPECTED_TWO = {**{b: EXPECTED[b] for b in ("free-before-acks", "early-release",
                 "no-write-protect": ("lost write", "is COW-shared", "merge incomplete"),
                 "no-recheck-pte": ("FrameAccountingError", "free stack", "lost write")}
 RUNS = {"no-recheck-pte": 1500, "no-round-barrier": 2500}     # the rarer interleavings (default 600)
-# only change_pte mode needs the flush: in the other modes invalidate_range_start has zapped
-# the secondary translation before the dead notifier changed any PTE
-MODES_OF = {"no-spte-flush": ("change_pte",)}
+MODES_OF = BREAK_MODES     # (no-spte-flush: only change_pte mode needs the flush)
 
 
 def test_every_break_has_an_expectation():

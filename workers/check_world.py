@@ -132,6 +132,9 @@ SHARDED = dict(scanners=2, fill=(2, 1), writes=(((1, -1), (0, 1), (1, 2)), ((1, 
                smart_scan=0, complete=True, pages_to_scan=1000, first_scan=1)
 KILLS = ("ksmd", "faultd")
 BREAK_KILLS = {"no-repair": "faultd", "no-spte-flush": "ksmd"}
+# the modes where a break breaks anything (default: all): only change_pte mode needs the spte flush,
+# in the others invalidate_range_start has zapped the secondary translation before any PTE change
+BREAK_MODES = {"no-spte-flush": ("change_pte",)}
 # the configuration a break shows itself in soonest: unpaced writers keep their sptes writable while ksmd dies
 # early-release: vm1 COWs both its pages away from the KSM frame all four share, vm0 its first: vm0's
 # write of its second page then copies the KSM frame's last mapping, which its put frees

@@ -134,6 +134,12 @@ def proto_scan(pages: np.ndarray, scanners: int = 1, timeout: float = 600) -> di
                 "bytes_per_page": round(s["metadata_bytes"] / max(1, s["ksm_rmap_items"]), 2)}
 
 
+def median_run(runs: list) -> dict:
+    """The repetition with the median pages/s (skipped ones, without pages/s, only if all are)."""
+    ok = [x for x in runs if "pages_per_s" in x] or runs
+    return sorted(ok, key=lambda x: x.get("pages_per_s", 0))[len(ok) // 2]
+
+
 def spread(values) -> dict:
     """The median of a few measurements and their range."""
     v = [float(x) for x in values if x is not None]
@@ -602,7 +608,7 @@ def bench_estimate(npages: int, kernel_ok: bool, why: str, prog, scan: dict | No
                 prog(f"estimate: {name}, round {r + 1}")
                 runs[name].append(estimate_run(path))
     for name, rs in runs.items():
-        mid = sorted(rs, key=lambda x: x["pages_per_s"])[len(rs) // 2]
+        mid = median_run(rs)
         out[name] = {"pages_per_s": mid["pages_per_s"], "seconds": mid["seconds"],
                      "cpu_seconds": statistics.median(x["cpu_seconds"] for x in rs),
                      "peak_memory_bytes": max(x["peak_memory_bytes"] for x in rs),
@@ -611,10 +617,7 @@ def bench_estimate(npages: int, kernel_ok: bool, why: str, prog, scan: dict | No
                      "hash_threads": mid["hash_threads"]}
     if scan and scan.get("pages") == npages:
         det = scan["detail"]
-        def mid_run(runs):      # the scan part keeps every repetition: the median one by pages/s
-            ok = [x for x in runs if "pages_per_s" in x] or runs
-            return sorted(ok, key=lambda x: x.get("pages_per_s", 0))[len(ok) // 2]
-        anchors = {"proto": mid_run(det["dup4"]["proto"]), "kernel": mid_run(det["dup4"]["kernel"]),
+        anchors = {"proto": median_run(det["dup4"]["proto"]), "kernel": median_run(det["dup4"]["kernel"]),
                    "from": "scan part"}
     else:
         pages = dup_pages(npages, 4)

@@ -469,7 +469,7 @@ def _compare(m: Memory, e):
     if np.ndim(e.a):
         return compare_many(m.memory, e.a, e.b)
     a = m.page_bytes(e.a)
-    return a == (bytes(PAGE_SIZE) if e.b is None else m.page_bytes(e.b))
+    return a == (_ZERO_PAGE if e.b is None else m.page_bytes(e.b))
 
 
 def _fsck(m: Memory, e) -> dict:

@@ -51,6 +51,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from proto import MADV_MERGEABLE, PAGE_SIZE  # noqa: E402
+from proto.knobs import DEFAULTS  # noqa: E402
 from workers import kernel_ksm  # noqa: E402
 from workers.machine import Machine  # noqa: E402
 from workers.stress import run_modes  # noqa: E402
@@ -203,10 +204,22 @@ def bench_scan(npages: int, kernel_ok: bool, why: str, prog, scanners: int, reps
 
 
 # ---------------------------------------------------------------------------- 2. cow
-def pipe_pingpong(n: int = 20000, cpus: tuple[int, int] | None = None) -> list[float]:
-    """One byte back and forth over two pipes between two processes; cpus pins (parent, child)."""
+def pipe_pingpong(n: int = 20000, cpus: tuple[int, int] | None = None, poll: bool = False) -> list[float]:
+    """One byte back and forth over two pipes between two processes; cpus pins (parent, child).
+    poll: both ends poll their pipe (non-blocking reads, sched_yield between) instead of sleeping in
+    read, as a fault's two ends do for fault_poll_us: the floor of a polling round trip."""
     r1, w1 = os.pipe()
     r2, w2 = os.pipe()
+    if poll:
+        os.set_blocking(r1, False)
+        os.set_blocking(r2, False)
+
+    def read1(fd):
+        while True:
+            try:
+                return os.read(fd, 1)
+            except BlockingIOError:
+                os.sched_yield()
     saved = os.sched_getaffinity(0)
     pid = os.fork()
     if pid == 0:
@@ -214,7 +227,7 @@ def pipe_pingpong(n: int = 20000, cpus: tuple[int, int] | None = None) -> list[f
             if cpus:
                 os.sched_setaffinity(0, {cpus[1]})
             for _ in range(n):
-                os.read(r1, 1)
+                read1(r1)
                 os.write(w2, b"x")
         finally:
             os._exit(0)
@@ -225,7 +238,7 @@ def pipe_pingpong(n: int = 20000, cpus: tuple[int, int] | None = None) -> list[f
         for _ in range(n):
             t = time.perf_counter_ns()
             os.write(w1, b"x")
-            os.read(r2, 1)
+            read1(r2)
             ts.append((time.perf_counter_ns() - t) / 1000)
     finally:
         os.sched_setaffinity(0, saved)
@@ -243,14 +256,15 @@ def merged_vm(m: Machine, npages: int, name: str = "a", value: int = 5):
     return vm, a
 
 
-def cow_samples(mode: str, npages: int, handler: list | None = None) -> list[float]:
+def cow_samples(mode: str, npages: int, handler: list | None = None, poll_us: int | None = None) -> list[float]:
     """Every write of a merged page takes one COW fault; the VM times each from FAULT to completion.
-    handler, if given, gets the fault handler's mean share per fault (FAULT read to FAULT_REPLY sent, us)."""
+    handler, if given, gets the fault handler's mean share per fault (FAULT read to FAULT_REPLY sent, us).
+    poll_us: the fault_poll_us knob (None: its default)."""
     with Machine(frames=3 * npages + 1024, notifier_mode=mode) as m:
         vm, a = merged_vm(m, npages)
         m.ksm.set(pages_to_scan=100000, sleep_millisecs=0, run=1)
         m.ksm.wait_stable(60)
-        m.ksm.set(run=0)
+        m.ksm.set(run=0, **({} if poll_us is None else {"fault_poll_us": poll_us}))
         vm.cow_samples_ns()
         wid = vm.writer_start(a, npages, seed=1, count=npages, values=250)
         while not vm.writer_peek(wid)["finished"]:
@@ -305,25 +319,31 @@ def bench_cow(npages: int, kernel_ok: bool, why: str, prog, rounds: int = 3) -> 
     in interleaved rounds (CPU state drifts during a run, and the machine may be shared): each round
     runs all four; the figures pool every round, the spread is the range of the per-round p50s (and
     of the per-round ratios to the pipe)."""
-    pipe, same, s, chan, kern, handler = [], [], [], [], [], []
-    rs: dict[str, list] = {"cow": [], "pipe": [], "channel": [], "kernel": []}
+    pipe, same, s, chan, kern, handler, asleep, ppoll = [], [], [], [], [], [], [], []
+    rs: dict[str, list] = {"cow": [], "pipe": [], "channel": [], "kernel": [], "cow_asleep": [], "pipe_polling": []}
     per_round = []          # (our COW p50 / pipe p50, channel p50 / pipe p50) of each round
     ncpu = os.cpu_count() or 1
     k = {"skipped": why}
     for r in range(rounds):
-        prog(f"cow: round {r + 1} of {rounds}: pipe ping-pong, ksm-proto COW faults, channel ping-pong"
-             + (", kernel COW" if kernel_ok else ""))
+        prog(f"cow: round {r + 1} of {rounds}: pipe ping-pong, ksm-proto COW faults (polling, asleep), "
+             f"channel ping-pong" + (", kernel COW" if kernel_ok else ""))
         npp = 10000 if npages >= 2000 else 2000
         p = pipe_pingpong(npp, (0, 1) if ncpu > 1 else None)     # across CPUs, as our actors run
         same += pipe_pingpong(npp // 2, (0, 0))
+        pp = pipe_pingpong(npp // 2, (0, 1) if ncpu > 1 else None, poll=True)
         c = cow_samples("change_pte", npages, handler)
+        z = cow_samples("change_pte", npages // 4, poll_us=0)     # both ends asleep at once: the wake-ups
         h = channel_pingpong(5000 if npages >= 2000 else 1000)
         pipe += p
         s += c
         chan += h
+        asleep += z
+        ppoll += pp
         rs["pipe"].append(pct(p, 50))
         rs["cow"].append(pct(c, 50))
         rs["channel"].append(pct(h, 50))
+        rs["cow_asleep"].append(pct(z, 50))
+        rs["pipe_polling"].append(pct(pp, 50))
         per_round.append((pct(c, 50) / pct(p, 50), pct(h, 50) / pct(p, 50)))
         if kernel_ok:
             k = kernel_ksm.kernel_cow_us(min(npages, 4096))
@@ -332,6 +352,9 @@ def bench_cow(npages: int, kernel_ok: bool, why: str, prog, rounds: int = 3) -> 
     res = {"p50_us": round(pct(s, 50), 1), "p99_us": round(pct(s, 99), 1), "samples": len(s), "rounds": rounds,
            "pipe_p50_us": round(pct(pipe, 50), 1), "pipe_p99_us": round(pct(pipe, 99), 1),
            "pipe_same_cpu_p50_us": round(pct(same, 50), 1),
+           "pipe_polling_p50_us": round(pct(ppoll, 50), 1),
+           "asleep_p50_us": round(pct(asleep, 50), 1), "asleep_p99_us": round(pct(asleep, 99), 1),
+           "poll_us": DEFAULTS["fault_poll_us"],
            "channel_p50_us": round(pct(chan, 50), 1), "channel_p99_us": round(pct(chan, 99), 1),
            "kernel_us": round(pct(kern, 50), 2) if kern else None,
            "kernel_p99_us": round(pct(kern, 99), 2) if kern else None,
@@ -350,6 +373,7 @@ def bench_cow(npages: int, kernel_ok: bool, why: str, prog, rounds: int = 3) -> 
     res["_pipe"] = pipe
     res["_channel"] = chan
     res["_kernel"] = kern
+    res["_asleep"] = asleep
     return res
 
 
@@ -708,7 +732,13 @@ def table(res: dict) -> str:
                     f"{c['pipe_p50_us']}{rounds('pipe')} | {fs(c.get('ratio_vs_pipe_spread'))} | <= 1.5x |")
         rows.append(f"| COW fault round trip p99 (us) | {c['p99_us']} | pipe p99 {c['pipe_p99_us']} | "
                     f"{c.get('p99_ratio_vs_pipe', 'n/a')}x | <= 3x |")
+        if c.get("asleep_p50_us") is not None:
+            rows.append(f"| COW fault p50 with fault_poll_us=0, both ends asleep at once (us) | {c['asleep_p50_us']}"
+                        f"{rounds('cow_asleep')} | pipe ping-pong {c['pipe_p50_us']} | "
+                        f"{c['asleep_p50_us'] / c['pipe_p50_us']:.2f}x | |")
         rows.append(f"| pipe ping-pong with both ends on one CPU (us) | | {c['pipe_same_cpu_p50_us']} | | |")
+        if c.get("pipe_polling_p50_us") is not None:
+            rows.append(f"| pipe ping-pong, both ends polling, across CPUs (us) | | {c['pipe_polling_p50_us']} | | |")
         if c.get("handler_mean_us") is not None:
             rows.append(f"| of a COW: the fault handler, FAULT read to FAULT_REPLY sent, mean (us) | "
                         f"{c['handler_mean_us']} | | | |")
@@ -827,11 +857,12 @@ def plots(res: dict, outdir: str) -> list[str]:
     c = res.get("cow")
     if c and c.get("_samples"):
         fig, ax = plt.subplots(figsize=(6, 4))
-        hi = max(pct(x, 99.5) for x in (c["_samples"], c["_pipe"], c.get("_channel") or [1]))
+        hi = max(pct(x, 99.5) for x in (c["_samples"], c["_pipe"], c.get("_channel") or [1], c.get("_asleep") or [1]))
         lo = max(0.1, min(pct(x, 0.5) for x in (c["_samples"], c["_pipe"], c.get("_channel") or [1],
                                                       c.get("_kernel") or [1])))
         bins = np.geomspace(lo, max(hi, lo * 10), 90)
-        for key, label in (("_samples", "ksm-proto COW fault"), ("_pipe", "pipe ping-pong"),
+        for key, label in (("_samples", "ksm-proto COW fault"), ("_asleep", "COW fault, fault_poll_us=0"),
+                           ("_pipe", "pipe ping-pong"),
                            ("_channel", "bare channel ping-pong"), ("_kernel", "kernel COW of a KSM page")):
             x = c.get(key)
             if x:

@@ -225,6 +225,33 @@ class Channel(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
+    def read_now(self) -> bool:
+        """Read what the socket (`self.fd`) holds now, outside the event loop, and handle it as the
+        loop's own read would.  False at EOF or an error, which the loop's read then sees too."""
+        try:
+            data = os.read(self.fd, 1 << 16)
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+        if not data:
+            return False
+        self.data_received(data)
+        return True
+
+
+def halt_poll(poll, spin_ns: int) -> list:
+    """`poll.poll(0)` until an fd is ready or spin_ns have passed ([] then): KVM's halt polling, for
+    a process that expects its next message within microseconds.  Waking a sleeping process costs
+    more than that (a cross-CPU wake-up: tens of microseconds on a VM), so a fault's two ends poll
+    for a while before they sleep (the `fault_poll_us` knob)."""
+    end = time.monotonic_ns() + spin_ns
+    while True:
+        evs = poll.poll(0)
+        if evs or time.monotonic_ns() >= end:
+            return evs
+        os.sched_yield()        # (a peer on this same CPU gets it: a spin that held it would starve the peer)
+
 
 def expire_after(futs: list, timeout: float, why: str) -> asyncio.TimerHandle:
     """Fail every future still pending after `timeout` (cheaper than asyncio.wait_for per call)."""

@@ -9,6 +9,11 @@ scanner processes that share ksmd's work (workers/core/shard.py), and
 mm id is its number modulo their count).  Both are chosen when the machine starts
 (Machine(scanners=N, fault_handlers=F), or a scenario's [ksm] table); writing
 another value to a running machine is EBUSY.
+
+A third, `fault_poll_us`, can change at any time: how long a fault handler, once it has
+served a fault, and a VM waiting for its fault's reply poll their sockets before they
+sleep (KVM's halt_poll_ns, for the same reason: waking a sleeping process costs more
+than the wait); 0 sleeps at once.
 """
 from __future__ import annotations
 
@@ -32,9 +37,11 @@ DEFAULTS = {
     "advisor_target_scan_time": 200,
     "scanners": 1,
     "fault_handlers": 1,
+    "fault_poll_us": 200,
 }
 OWN = ("scanners", "fault_handlers")
 MAX_SCANNERS = 64
+MAX_FAULT_POLL_US = 100_000
 ADVISOR_MODES = ("none", "scan-time")
 # knobs that can only change while nothing is merged
 BUSY_WHEN_MERGED = ("max_page_sharing", "merge_across_nodes")
@@ -83,6 +90,7 @@ def check_knob(name: str, value) -> int:
         "advisor_target_scan_time": (1, 2**63 - 1),
         "scanners": (1, MAX_SCANNERS),
         "fault_handlers": (1, MAX_SCANNERS),
+        "fault_poll_us": (0, MAX_FAULT_POLL_US),
     }
     lo, hi = limits[name]
     if not lo <= v <= hi:

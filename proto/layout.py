@@ -107,7 +107,9 @@ KNOBS = (
     "advisor_mode", "advisor_max_cpu", "advisor_min_pages_to_scan",
     "advisor_max_pages_to_scan", "advisor_target_scan_time",
     "scanners", "fault_handlers",       # ksm-proto's own (proto/knobs.py), fixed when the machine starts
+    "fault_poll_us",                    # ksm-proto's own, any time: how long a fault's ends poll before sleeping
 )
+KNOB_FAULT_POLL_US = KNOBS.index("fault_poll_us")
 COUNTERS = (
     "pages_shared", "pages_sharing", "pages_unshared", "pages_volatile", "pages_scanned",
     "pages_skipped", "full_scans", "general_profit", "stable_node_chains",

@@ -303,3 +303,39 @@ def test_publish_writes_full_scans_last():
     assert stores[-1] == fs and stores.count(fs) == 1
     assert ("mm", (3, MM_STATS.index("ksm_merging_pages"))) in stores[:-1]
     assert ("counters", COUNTERS.index("pages_sharing")) in stores[:-1]
+
+
+def test_fault_poll_us_is_a_knob_of_any_time_and_zero_sleeps(ksm_machine):
+    """fault_poll_us (ksm-proto's own, like KVM's halt_poll_ns): how long a fault handler, after a
+    VM's frame, and a VM waiting for its fault's reply poll their sockets before they sleep.  0: they
+    sleep at once, so no frame is read while polling; either way the COWs are the same."""
+    m = ksm_machine
+    assert m.ksm.get("fault_poll_us") == 200
+    for bad in (-1, 100_001, "soon"):
+        with pytest.raises(OSError) as ei:
+            m.ksm.set(fault_poll_us=bad)
+        assert ei.value.errno == errno.EINVAL and "fault_poll_us" in str(ei.value)
+    vm = m.spawn_vm("a")
+    x = load(vm, [page(3)] * 16)
+    m.ksm.set(run=1, **FAST)
+    assert m.ksm.wait_stable(30)["pages_sharing"] == 15
+    m.ksm.set(run=0)
+    fd = m.faultd_of(vm.mm_id)
+
+    def cows(pages, byte):
+        v0, f0 = vm.stats(), fd.call("stats")[0]
+        for p in pages:
+            vm.write(x + p * PAGE_SIZE, bytes([byte]) * PAGE_SIZE)
+        v1, f1 = vm.stats(), fd.call("stats")[0]
+        return (v1["cow_faults"] - v0["cow_faults"], f1["cow_copies"] - f0["cow_copies"],
+                v1["fast_replies"] - v0["fast_replies"], v1["polled_replies"] - v0["polled_replies"],
+                f1["polled"] - f0["polled"])
+
+    m.ksm.set(fault_poll_us=0)
+    assert m.ksm.get("fault_poll_us") == 0
+    assert cows(range(0, 8), 7) == (8, 8, 8, 0, 0)     # every reply waited for asleep, nothing polled
+    m.ksm.set(fault_poll_us=100_000)
+    cow, copies, fast, polled, fd_polled = cows(range(8, 16), 9)
+    assert (cow, copies, fast) == (8, 8, 8)             # (a KSM page is copied even by its last mapper)
+    assert polled >= 1 and polled + fd_polled >= 1      # (timing: each reply is due well within 100 ms)
+    assert vm.read(x, 16 * PAGE_SIZE) == b"\x07" * 8 * PAGE_SIZE + b"\x09" * 8 * PAGE_SIZE

@@ -31,14 +31,15 @@ import errno
 import itertools
 import logging
 import os
+import select
 import socket
 import struct
 import time
 
 import numpy as np
 
-from proto.channel import Channel
-from proto.layout import MAX_MMS, PAGE_SHIFT, PAGE_SIZE, PTE_PRESENT, PTE_YOUNG, USER_BASE
+from proto.channel import Channel, halt_poll
+from proto.layout import KNOB_FAULT_POLL_US, MAX_MMS, PAGE_SHIFT, PAGE_SIZE, PTE_PRESENT, PTE_YOUNG, USER_BASE
 from proto.messages import HEADER, MAGIC, Frame, Msg, call_payload, encode
 from proto.trace import Tracer
 
@@ -83,6 +84,10 @@ class FaultHandler:
         self.holder: dict[int, _Fault | None] = {}     # mm -> the fast-path FAULT holding its ptl
         self.queued: dict[int, collections.deque] = {}  # mm -> FAULTs waiting behind it (st, gen, Lock)
         self.reply_ns = 0           # FAULT read to FAULT_REPLY sent, summed (stats: the handler's share)
+        self._poll = None           # poll object over the VMs' channels (_poll_vms), and its fds
+        self._poll_fds: set[int] = set()
+        self._polling = False       # a _poll_vms is scheduled
+        self.polled = 0             # reads made by _poll_vms (frames that came while it polled)
 
     # ---- channels ----
     async def attach_mm(self, mm_id: int, name: str, fd: int) -> None:
@@ -94,6 +99,7 @@ class FaultHandler:
         ch, _ = await bind_vm_channel(self, mm_id, name, fd, lambda: Channel(
             f"{self.name}<-{name}", self.on_vm_frame, self.on_vm_close))
         ch.peer, ch.hello, ch.applied = mm_id, False, {}
+        ch.fd = fd
         self.peers[mm_id] = name
         self.notifiers[mm_id] = MMUNotifier(self.name, name, self.memory.mms[mm_id], ch, self.tr,
                                             self.args.ack_timeout)
@@ -104,6 +110,9 @@ class FaultHandler:
 
     def on_vm_frame(self, ch: Channel, f: Frame) -> None:
         t = f.type
+        if not self._polling:
+            self._polling = True
+            asyncio.get_running_loop().call_soon(self._poll_vms)
         if t == _FAULT:
             if self.tr:
                 self.tr.recv(self.peers.get(ch.peer, f"vm:{ch.peer}"), "FAULT", f.mm, -1, f.addr, f.n, 0, 0, f.corr)
@@ -135,6 +144,26 @@ class FaultHandler:
             ch.send(encode(Msg.ACK, mm=f.mm, corr=f.corr))
         else:
             self.refuse(f"{_tname(f.type)} on the channel of mm {ch.peer}")
+
+    def _poll_vms(self) -> None:
+        """After a VM's frame: poll the VMs' sockets for `fault_poll_us` before the event loop sleeps
+        (halt_poll), and handle what comes right here: a VM's next FAULT, or the APPLIED of the COW
+        just answered, usually follows within tens of microseconds, sooner than this process would
+        be woken.  At most one read per call, then the loop takes a turn (the control channel, the
+        timers, the slow path's tasks) and the next frame polls again."""
+        self._polling = False
+        spin_ns = int(self.mem.stats.knobs[KNOB_FAULT_POLL_US]) * 1000
+        if not spin_ns:
+            return
+        chans = {ch.fd: ch for ch in (n.ch for n in self.notifiers.values()) if ch is not None and not ch.closed}
+        if self._poll_fds != chans.keys():
+            self._poll = select.poll()
+            for fd in chans:
+                self._poll.register(fd, select.POLLIN)
+            self._poll_fds = set(chans)
+        for fd, _ in halt_poll(self._poll, spin_ns):
+            self.polled += 1
+            chans[fd].read_now()
 
     def on_vm_close(self, ch: Channel) -> None:
         # COWs waiting for this VM's APPLIED go on: the VM, losing the channel, drops every secondary
@@ -375,7 +404,7 @@ class FaultHandler:
             elif op == "stats":
                 reply = {"faults": self.faults, "cow_copies": self.cow_copies, "reuses": self.reuses,
                          "refused": self.refused, "reply_ns": self.reply_ns,
-                         "batched": self.batched}
+                         "batched": self.batched, "polled": self.polled}
             elif op == "ping":
                 pass
             else:

@@ -31,7 +31,6 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
-import os
 import random
 import select
 import socket
@@ -40,8 +39,8 @@ import time
 
 import numpy as np
 
-from proto.channel import Channel, expire_after
-from proto.layout import (MMF_VM_MERGE_ANY, MMF_VM_MERGEABLE, MMH_FLAGS, PAGE_SHIFT, PAGE_SIZE, SUB_ACTIVE,
+from proto.channel import Channel, expire_after, halt_poll
+from proto.layout import (KNOB_FAULT_POLL_US, MMF_VM_MERGE_ANY, MMF_VM_MERGEABLE, MMH_FLAGS, PAGE_SHIFT, PAGE_SIZE, SUB_ACTIVE,
                           SUB_CHANGE_PTE, USER_BASE, VM_EXEC, VM_KSM_IGNORED, VM_MERGEABLE, VM_READ, VM_WRITE,
                           MMView, Segment, seg_name)
 from proto.messages import HEADER, HEADER_SIZE, MAGIC, MAX_DATA, Frame, Msg, NOTIFIER_TYPES, call_payload, encode
@@ -63,7 +62,7 @@ U64 = np.uint64
 PROT_SEM = 0x8              # accepted and ignored, as on x86
 FAULT1 = struct.Struct(HEADER.format + "QQ")   # a one-page FAULT: the frame header and its (addr, 0) entry
 _FAULT, _FAULT_REPLY, _APPLIED = int(Msg.FAULT), int(Msg.FAULT_REPLY), int(Msg.APPLIED)
-FAST_WAIT_S = 0.005         # the longest a fault's reply is waited for on its socket before the loop takes over
+FAST_WAIT_NS = 5_000_000    # the longest a fault's reply is waited for on its socket before the loop takes over
 
 
 class VMWorker:
@@ -95,6 +94,7 @@ class VMWorker:
         self.refused = 0                     # frames refused on a notifier channel (wrong mm or type)
         self.fault_retries = 0
         self.fast_replies = 0                # fault replies read on the socket itself (_reply_now)
+        self.polled_replies = 0              # of which came while it polled (fault_poll_us), before sleeping
         self.writers: dict[int, dict] = {}
         self.exiting = False
         self.shared = Memory(self.mem.alloc, self.mem.stats, {self.mm_id: self.mm})
@@ -267,8 +267,10 @@ class VMWorker:
         thread, with no event-loop turn, and hand what comes to the channel as the loop would (a COW
         reply is applied and APPLIED sent at once; a CLEAR_YOUNG answered).  Only while nothing else
         needs this process: once a scanner's channel has something (it may hold a ptl the fault needs
-        and wait for our ack: the lock rule), or after FAST_WAIT_S, or if the request did not leave at
-        once, None: the event loop waits instead (with the call's timeout)."""
+        and wait for our ack: the lock rule), or after FAST_WAIT_NS, or if the request did not leave at
+        once, None: the event loop waits instead (with the call's timeout).  For the first
+        `fault_poll_us` it polls the socket without sleeping (halt_poll): the reply usually comes
+        sooner than a sleeping process would be woken."""
         tp = ch.transport
         if tp is None or tp.get_write_buffer_size() or ch.closed:
             return None
@@ -279,29 +281,27 @@ class VMWorker:
                 if c is not None and getattr(c, "fd", None) is not None:
                     self._poll.register(c.fd, select.POLLIN)
             self._poll_key = key
-        fd, poll = ch.fd, self._poll
-        deadline = time.monotonic() + FAST_WAIT_S
+        poll = self._poll
+        now = time.monotonic_ns()
+        deadline = now + FAST_WAIT_NS
+        spin_end = now + int(self.mem.stats.knobs[KNOB_FAULT_POLL_US]) * 1000   # (fault_poll_us)
+        polled = False
         while not fut.done():
-            left = deadline - time.monotonic()
-            if left <= 0:
+            now = time.monotonic_ns()
+            if now >= deadline:
                 return None
-            evs = poll.poll(left * 1000.0)
-            if not evs:
-                return None
-            for pfd, _ in evs:
-                if pfd != fd:
+            evs = now < spin_end and halt_poll(poll, spin_end - now)
+            polled = bool(evs)
+            if not polled:
+                evs = poll.poll((deadline - now) / 1e6)
+                if not evs:
                     return None
-            try:
-                data = os.read(fd, 1 << 16)
-            except BlockingIOError:
-                continue
-            except OSError:
-                return None
-            if not data:            # EOF: the loop's own read sees it too, and closes the channel
-                return None
-            ch.data_received(data)
-            if ch.closed and not fut.done():
-                return None
+            for pfd, _ in evs:
+                if pfd != ch.fd:
+                    return None
+            if not ch.read_now() or (ch.closed and not fut.done()):
+                return None     # (EOF or an error: the loop's own read sees it too, and closes the channel)
+        self.polled_replies += polled
         return fut.result()
 
     def apply_cow_reply(self, ch: Channel, rep: Frame) -> None:
@@ -357,12 +357,12 @@ class VMWorker:
             elif c is Load:
                 if e.region == VMAS:
                     send = self.vma_list()
-                elif np.ndim(e.idx) == 0:
-                    send = int(pte[e.idx])
+                elif e.idx.__class__ is int or np.ndim(e.idx) == 0:     # (a page index: an int, as a rule)
+                    send = pte.item(e.idx)
                     if tr:
                         t0 = time.monotonic_ns()
                 else:
-                    send = pte[e.idx].copy()
+                    send = pte[e.idx].tolist() if e.idx.__class__ is list else pte[e.idx].copy()
             elif c is WaitIdle:
                 try:
                     await asyncio.wait_for(self.idle[sub.sub].wait(), self.args.ack_timeout * 2)
@@ -610,7 +610,7 @@ class VMWorker:
             "notifier_losses": dict(self.notifier_losses),
             "refused": self.refused,
             "fault_retries": self.fault_retries,
-            "fast_replies": self.fast_replies,
+            "fast_replies": self.fast_replies, "polled_replies": self.polled_replies,
         }
 
     async def on_call(self, ch: Channel, f: Frame) -> None:

@@ -546,9 +546,11 @@ def bench_scaling(max_cores: int, reps: int, prog, scan_pages: int, cow_pages: i
 def merge_cow_rounds(npages: int, rounds: int, trace: str | None = None) -> tuple[float, float]:
     """Fixed work: two VMs' pages merged, then every page written (a COW each), `rounds` times.
 
-    Returns (wall seconds, CPU seconds of the run's processes: scanners, fault handlers, VMs)."""
+    Returns (wall seconds, CPU seconds of the run's processes: scanners, fault handlers, VMs).
+    fault_poll_us=0: a polling process's CPU seconds count its waits, so tracing's extra work in one
+    process would be counted again as the other's longer poll."""
     with Machine(frames=4 * npages + 2048, trace=trace) as m:
-        m.ksm.set(pages_to_scan=100000, sleep_millisecs=0, max_page_sharing=2 * npages + 1)
+        m.ksm.set(pages_to_scan=100000, sleep_millisecs=0, max_page_sharing=2 * npages + 1, fault_poll_us=0)
         vms = [merged_vm(m, npages, f"r{i}", value=1) for i in range(2)]
         pids = [a.pid for a in m.scanner_procs + m.faultds] + [vm.pid for vm, _ in vms]
         cpu0 = sum(_cpu_seconds(p) for p in pids)

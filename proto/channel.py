@@ -26,6 +26,7 @@ import itertools
 import json
 import logging
 import os
+import select
 import socket
 import struct
 import threading
@@ -238,6 +239,23 @@ class Channel(asyncio.Protocol):
             return False
         self.data_received(data)
         return True
+
+
+class PollSet:
+    """A `select.poll` for POLLIN over a set of fds, made again only when the set changes."""
+
+    def __init__(self):
+        self.fds: frozenset[int] = frozenset()
+        self.poll = select.poll()
+
+    def over(self, fds):
+        fds = frozenset(fds)
+        if fds != self.fds:
+            self.poll = select.poll()
+            for fd in fds:
+                self.poll.register(fd, select.POLLIN)
+            self.fds = fds
+        return self.poll
 
 
 def halt_poll(poll, spin_ns: int) -> list:

@@ -31,14 +31,13 @@ import errno
 import itertools
 import logging
 import os
-import select
 import socket
 import struct
 import time
 
 import numpy as np
 
-from proto.channel import Channel, halt_poll
+from proto.channel import Channel, PollSet, halt_poll
 from proto.layout import KNOB_FAULT_POLL_US, MAX_MMS, PAGE_SHIFT, PAGE_SIZE, PTE_PRESENT, PTE_YOUNG, USER_BASE
 from proto.messages import HEADER, MAGIC, Frame, Msg, call_payload, encode
 from proto.trace import Tracer
@@ -84,8 +83,7 @@ class FaultHandler:
         self.holder: dict[int, _Fault | None] = {}     # mm -> the fast-path FAULT holding its ptl
         self.queued: dict[int, collections.deque] = {}  # mm -> FAULTs waiting behind it (st, gen, Lock)
         self.reply_ns = 0           # FAULT read to FAULT_REPLY sent, summed (stats: the handler's share)
-        self._poll = None           # poll object over the VMs' channels (_poll_vms), and its fds
-        self._poll_fds: set[int] = set()
+        self._polls = PollSet()     # over the VMs' channels (_poll_vms)
         self._polling = False       # a _poll_vms is scheduled
         self.polled = 0             # reads made by _poll_vms (frames that came while it polled)
 
@@ -156,12 +154,7 @@ class FaultHandler:
         if not spin_ns:
             return
         chans = {ch.fd: ch for ch in (n.ch for n in self.notifiers.values()) if ch is not None and not ch.closed}
-        if self._poll_fds != chans.keys():
-            self._poll = select.poll()
-            for fd in chans:
-                self._poll.register(fd, select.POLLIN)
-            self._poll_fds = set(chans)
-        for fd, _ in halt_poll(self._poll, spin_ns):
+        for fd, _ in halt_poll(self._polls.over(chans), spin_ns):
             self.polled += 1
             chans[fd].read_now()
 

@@ -32,14 +32,13 @@ import asyncio
 import errno
 import logging
 import random
-import select
 import socket
 import struct
 import time
 
 import numpy as np
 
-from proto.channel import Channel, expire_after, halt_poll
+from proto.channel import Channel, PollSet, expire_after, halt_poll
 from proto.layout import (KNOB_FAULT_POLL_US, MMF_VM_MERGE_ANY, MMF_VM_MERGEABLE, MMH_FLAGS, PAGE_SHIFT, PAGE_SIZE, SUB_ACTIVE,
                           SUB_CHANGE_PTE, USER_BASE, VM_EXEC, VM_KSM_IGNORED, VM_MERGEABLE, VM_READ, VM_WRITE,
                           MMView, Segment, seg_name)
@@ -99,8 +98,7 @@ class VMWorker:
         self.exiting = False
         self.shared = Memory(self.mem.alloc, self.mem.stats, {self.mm_id: self.mm})
         self.driver = Driver(self.shared, {self.mm_id: self.ptl}, {}, args.ack_timeout * 2)
-        self._poll = None                    # poll object over the fault handler's and the scanners' channels (_reply_now)
-        self._poll_key = None
+        self._polls = PollSet()              # over the fault handler's and the scanners' channels (_reply_now)
         self._vmas_key: bytes | None = None
         self._vmas: list = []
 
@@ -269,22 +267,16 @@ class VMWorker:
         needs this process: once a scanner's channel has something (it may hold a ptl the fault needs
         and wait for our ack: the lock rule), or after FAST_WAIT_NS, or if the request did not leave at
         once, None: the event loop waits instead (with the call's timeout).  For the first
-        `fault_poll_us` it polls the socket without sleeping (halt_poll): the reply usually comes
+        `fault_poll_us` of them it polls the sockets without sleeping (halt_poll): the reply usually comes
         sooner than a sleeping process would be woken."""
         tp = ch.transport
         if tp is None or tp.get_write_buffer_size() or ch.closed:
             return None
-        key = (ch,) + tuple(self.chans.get(p) for p in self.scanner_peers)
-        if self._poll_key != key:
-            self._poll = select.poll()
-            for c in key:
-                if c is not None and getattr(c, "fd", None) is not None:
-                    self._poll.register(c.fd, select.POLLIN)
-            self._poll_key = key
-        poll = self._poll
+        poll = self._polls.over(c.fd for c in [ch] + [self.chans.get(p) for p in self.scanner_peers]
+                                if c is not None and getattr(c, "fd", None) is not None)
         now = time.monotonic_ns()
         deadline = now + FAST_WAIT_NS
-        spin_end = now + int(self.mem.stats.knobs[KNOB_FAULT_POLL_US]) * 1000   # (fault_poll_us)
+        spin_end = min(deadline, now + int(self.mem.stats.knobs[KNOB_FAULT_POLL_US]) * 1000)   # (fault_poll_us)
         polled = False
         while not fut.done():
             now = time.monotonic_ns()
@@ -293,7 +285,8 @@ class VMWorker:
             evs = now < spin_end and halt_poll(poll, spin_end - now)
             polled = bool(evs)
             if not polled:
-                evs = poll.poll((deadline - now) / 1e6)
+                left = deadline - time.monotonic_ns()
+                evs = left > 0 and poll.poll(left / 1e6)
                 if not evs:
                     return None
             for pfd, _ in evs:

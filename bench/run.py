@@ -936,7 +936,8 @@ def main(argv=None) -> int:
                 res["scan"] = bench_scan(scan_pages, kernel_ok, why, prog, a.cores, reps)
                 res["scanner_bytes_per_page"] = res["scan"]["detail"]["unique"]["proto"][0]["bytes_per_page"]
             elif part == "cow":
-                res["cow"] = bench_cow(cow_pages, kernel_ok, why, prog)
+                # (at least 5 rounds: the ratio is a median over rounds, and this machine's speed drifts)
+                res["cow"] = bench_cow(cow_pages, kernel_ok, why, prog, rounds=2 if q else max(5, reps))
             elif part == "modes":
                 res["modes"] = bench_modes(mode_pages, prog)
             elif part == "scaling":

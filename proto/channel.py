@@ -32,7 +32,7 @@ import struct
 import threading
 import time
 
-from .messages import HEADER_SIZE, MAGIC, MAX_FRAME, Frame, Msg, ProtocolError, decode, encode
+from .messages import HEADER_SIZE, MAGIC, MAX_FRAME, Frame, Msg, ProtocolError, decode, decode_record, encode
 
 log = logging.getLogger("ksm_proto.channel")
 _REPLY_TYPES = frozenset({Msg.ACK, Msg.REPLY, Msg.FAULT_REPLY})
@@ -121,6 +121,7 @@ class Channel(asyncio.Protocol):
         self.corked: list[bytes] | None = None
         self.peer = None          # set by the handler (e.g. the mm id after HELLO)
         self.on_reply = None      # optional: sees each answer frame first, on arrival (a COW reply's PTEs)
+        self.records = frozenset()  # message types a one-entry frame of which is read as a record (decode_record)
 
     # transport side
     def connection_made(self, transport):
@@ -129,11 +130,15 @@ class Channel(asyncio.Protocol):
     def data_received(self, data):
         if self.closed:
             return
-        try:
-            frames = [decode(raw) for raw in self.splitter.feed(data)]
-        except ProtocolError as e:
-            self.broken(e)
-            return
+        f = decode_record(data, self.records) if self.records and not self.splitter.buf else None
+        if f is not None:       # one whole record, nothing buffered before it (the fault path)
+            frames = (f,)
+        else:
+            try:
+                frames = [decode(raw) for raw in self.splitter.feed(data)]
+            except ProtocolError as e:
+                self.broken(e)
+                return
         for f in frames:
             if self.closed:
                 return

@@ -24,6 +24,7 @@ import numpy as np
 MAGIC = 0x534B  # b"KS" little-endian
 HEADER = struct.Struct("<HIBbhiqQII")
 HEADER_SIZE = HEADER.size
+_U64 = np.dtype(np.uint64)
 MAX_FRAME = 64 << 20          # the largest frame either end sends or accepts (header included)
 MAX_DATA = 16 << 20           # raw bytes one CALL/REPLY carries: the API splits larger reads and writes
 
@@ -70,7 +71,7 @@ class Frame:
     mm: int = 0
     corr: int = 0
     addr: int = 0
-    entries: np.ndarray | None = None   # uint64 shaped (n, 2): (addr, pte)
+    entries: np.ndarray | list | None = None   # uint64 shaped (n, 2): (addr, pte); a record's: [(addr, pte)]
     payload: bytes = b""
     _json: dict | None = field(default=None, repr=False)
 
@@ -119,6 +120,24 @@ def encode_frame(f: Frame) -> bytes:
     return encode(f.type, f.sub, f.flags, f.mm, f.corr, f.addr, f.entries, f.payload)
 
 
+# A frame with one entry and no payload, as a fixed-size record: the one-page FAULT and a one-page COW's
+# FAULT_REPLY (the fault path's two records, packed at once by their senders and read by `decode_record`).
+RECORD = struct.Struct(HEADER.format + "QQ")
+
+
+def decode_record(data: bytes, types: frozenset) -> Frame | None:
+    """`data` as one RECORD of one of `types`, without numpy: the frame's entries are a list of its
+    one (addr, pte) pair (a page of the fault path costs less as plain ints).  None for anything
+    else, or for a record whose header does not add up: `decode` then takes it (and says what is
+    wrong)."""
+    if len(data) != RECORD.size:
+        return None
+    magic, total, type, sub, flags, mm, corr, addr, n, plen, a, p = RECORD.unpack(data)
+    if magic != MAGIC or total != RECORD.size or n != 1 or plen or type not in types:
+        return None
+    return Frame(type, sub, flags, mm, corr, addr, [(a, p)])
+
+
 def decode(buf: bytes | memoryview) -> Frame:
     """Decode exactly one whole frame (as cut by the channel); ProtocolError if malformed."""
     if len(buf) < HEADER_SIZE:
@@ -134,7 +153,6 @@ def decode(buf: bytes | memoryview) -> Frame:
         raise ProtocolError(f"unknown message type {type}")
     entries = None
     if n:       # read-only either way: a view of the (immutable) frame, or of a copy of the memoryview's bytes
-        entries = (np.frombuffer(buf, dtype=np.uint64, count=2 * n, offset=HEADER_SIZE) if buf.__class__ is bytes else
-                   np.frombuffer(bytes(buf[HEADER_SIZE:HEADER_SIZE + 16 * n]), dtype=np.uint64)).reshape(n, 2)
+        entries = np.ndarray((n, 2), _U64, buf if buf.__class__ is bytes else bytes(buf), HEADER_SIZE)
     payload = bytes(buf[HEADER_SIZE + 16 * n:]) if plen else b""
     return Frame(type, sub, flags, mm, corr, addr, entries, payload)

@@ -32,14 +32,13 @@ import itertools
 import logging
 import os
 import socket
-import struct
 import time
 
 import numpy as np
 
 from proto.channel import Channel, PollSet, halt_poll
 from proto.layout import KNOB_FAULT_POLL_US, MAX_MMS, PAGE_SHIFT, PAGE_SIZE, PTE_PRESENT, PTE_YOUNG, USER_BASE
-from proto.messages import HEADER, MAGIC, Frame, Msg, call_payload, encode
+from proto.messages import MAGIC, RECORD, Frame, Msg, call_payload, encode
 from proto.trace import Tracer
 
 from .actor import RunMemory, actor_args, receive_fd, req_int, run_actor, setup
@@ -98,6 +97,7 @@ class FaultHandler:
             f"{self.name}<-{name}", self.on_vm_frame, self.on_vm_close))
         ch.peer, ch.hello, ch.applied = mm_id, False, {}
         ch.fd = fd
+        ch.records = _RECORDS
         self.peers[mm_id] = name
         self.notifiers[mm_id] = MMUNotifier(self.name, name, self.memory.mms[mm_id], ch, self.tr,
                                             self.args.ack_timeout)
@@ -182,8 +182,11 @@ class FaultHandler:
         try:
             mm = self.memory.mms[f.mm]
             # (an address below USER_BASE or far above the mm becomes an index the core refuses: EFAULT)
-            if f.n == 1:
-                idx = [(f.entries.item(0) - USER_BASE) >> PAGE_SHIFT]
+            e = f.entries
+            if e.__class__ is list:         # (a record: one (addr, 0) pair)
+                idx = [(e[0][0] - USER_BASE) >> PAGE_SHIFT]
+            elif f.n == 1:
+                idx = [(e.item(0) - USER_BASE) >> PAGE_SHIFT]
             else:
                 idx = [] if f.entries is None else [(a - USER_BASE) >> PAGE_SHIFT for a in f.entries[:, 0].tolist()]
         except KeyError:
@@ -317,7 +320,7 @@ class FaultHandler:
             return []
         self.reply_ns += time.monotonic_ns() - st.t0
         if entries is not None and len(entries) == 1 and not err:     # entries: [(addr, new pte)]
-            ch.send(REPLY1.pack(MAGIC, REPLY1.size, Msg.FAULT_REPLY, 0, 0, f.mm, f.corr, f.addr, 1, 0, *entries[0]))
+            ch.send(RECORD.pack(MAGIC, RECORD.size, _FAULT_REPLY, 0, 0, f.mm, f.corr, f.addr, 1, 0, *entries[0]))
         else:       # (many entries: into an n x 2 array in one pass, not from a list of tuples)
             ch.send(encode(Msg.FAULT_REPLY, flags=err, mm=f.mm, corr=f.corr, addr=f.addr,
                            entries=None if entries is None else np.fromiter(
@@ -434,8 +437,8 @@ class _Fault:
         self.ch, self.f, self.replied, self.t0, self.gen, self.deadline = ch, f, False, 0, None, 0.0
 
 
-REPLY1 = struct.Struct(HEADER.format + "QQ")     # a one-page COW reply: the frame header and (addr, new pte)
-_FAULT, _APPLIED = int(Msg.FAULT), int(Msg.APPLIED)
+_FAULT, _APPLIED, _FAULT_REPLY = int(Msg.FAULT), int(Msg.APPLIED), int(Msg.FAULT_REPLY)
+_RECORDS = frozenset({_FAULT})          # a one-page FAULT is read as a record (proto.messages.decode_record)
 
 
 def _tname(t: int) -> str:

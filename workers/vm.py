@@ -33,7 +33,6 @@ import errno
 import logging
 import random
 import socket
-import struct
 import time
 
 import numpy as np
@@ -42,7 +41,7 @@ from proto.channel import Channel, PollSet, expire_after, halt_poll
 from proto.layout import (KNOB_FAULT_POLL_US, MMF_VM_MERGE_ANY, MMF_VM_MERGEABLE, MMH_FLAGS, PAGE_SHIFT, PAGE_SIZE, SUB_ACTIVE,
                           SUB_CHANGE_PTE, USER_BASE, VM_EXEC, VM_KSM_IGNORED, VM_MERGEABLE, VM_READ, VM_WRITE,
                           MMView, Segment, seg_name)
-from proto.messages import HEADER, HEADER_SIZE, MAGIC, MAX_DATA, Frame, Msg, NOTIFIER_TYPES, call_payload, encode
+from proto.messages import HEADER, HEADER_SIZE, MAGIC, MAX_DATA, RECORD, Frame, Msg, NOTIFIER_TYPES, call_payload, encode
 from proto import (MADV_DONTNEED, MADV_MERGEABLE, MADV_UNMERGEABLE, PR_GET_MEMORY_MERGE, PR_SET_MEMORY_MERGE,
                    PROT_EXEC, PROT_READ, PROT_WRITE)
 from proto.trace import Tracer
@@ -59,8 +58,8 @@ from .notifier import Driver, lock_ptl
 log = logging.getLogger("ksm_proto.vm")
 U64 = np.uint64
 PROT_SEM = 0x8              # accepted and ignored, as on x86
-FAULT1 = struct.Struct(HEADER.format + "QQ")   # a one-page FAULT: the frame header and its (addr, 0) entry
 _FAULT, _FAULT_REPLY, _APPLIED = int(Msg.FAULT), int(Msg.FAULT_REPLY), int(Msg.APPLIED)
+_RECORDS = frozenset({_FAULT_REPLY})
 FAST_WAIT_NS = 5_000_000    # the longest a fault's reply is waited for on its socket before the loop takes over
 
 
@@ -167,6 +166,7 @@ class VMWorker:
         ch.peer, ch.open_starts, ch.lost_done = peer, {}, False
         if peer == self.fault_peer:     # a COW reply is applied on arrival, whoever waits for it
             ch.on_reply = self._on_fault_reply
+            ch.records = _RECORDS       # (a one-page COW reply: read as a record, proto.messages.decode_record)
         return ch
 
     def _on_fault_reply(self, ch: Channel, f: Frame) -> None:
@@ -223,7 +223,7 @@ class VMWorker:
             corr = Channel.next_corr()
             if self.tr:
                 self.tr.send(self.fault_peer, "FAULT", self.mm_id, -1, addr0, len(idx), 0, 0, corr)
-            data = FAULT1.pack(MAGIC, FAULT1.size, _FAULT, 0, flags, self.mm_id, corr, addr0, 1, 0, addr0, 0) \
+            data = RECORD.pack(MAGIC, RECORD.size, _FAULT, 0, flags, self.mm_id, corr, addr0, 1, 0, addr0, 0) \
                 if entries is None else encode(Msg.FAULT, flags=flags, mm=self.mm_id, corr=corr, addr=addr0,
                                                entries=entries)
             try:
@@ -247,7 +247,7 @@ class VMWorker:
                 raise OSError(errno.EFAULT, f"fault handler did not answer: {e!r}") from None
         if self.tr:
             self.tr.recv(self.fault_peer, "FAULT_REPLY", self.mm_id, -1, addr0, n, 0,
-                         int(rep.entries[0, 1]) if rep.n else 0, corr)
+                         int(rep.entries[0][1]) if rep.n else 0, corr)
         t1 = time.monotonic_ns()
         if self.tr:
             if ncow:
@@ -306,8 +306,8 @@ class VMWorker:
         try:
             for sub, typ in local_set_pte(self.subs_list(), rep.entries, self.args.mode):
                 if self.tr:
-                    self.tr.recv(self.name, typ.name, self.mm_id, sub.sub, int(rep.entries[0, 0]), rep.n, 0,
-                                 int(rep.entries[0, 1]), 0)
+                    self.tr.recv(self.name, typ.name, self.mm_id, sub.sub, int(rep.entries[0][0]), rep.n, 0,
+                                 int(rep.entries[0][1]), 0)
                 idle = self.idle[sub.sub]
                 if sub.in_progress:
                     idle.clear()

@@ -121,21 +121,25 @@ def do_anonymous_page(mm: int, idx: list, write: bool):
 
 def do_wp_page(mm: int, idx: list, pte: list, write: bool, mode: str, early_reply: bool, brk,
                cow_reply: bool = False):
-    """Break COW (write) or unshare KSM pages (no write) for present pages; (copies, reuses)."""
+    """Break COW (write) or unshare KSM pages (no write) for present pages; (copies, reuses).
+
+    The pages' decisions are made in one pass over them (a fault is most often one page: each
+    list built per page costs about as much as the page's work)."""
     pfn = [p >> PAGE_SHIFT for p in pte]
     fflags = yield Load(FLAGS, None, pfn)
-    shared = [bool(f & SHARED_FRAME or p & PTE_SPECIAL) for f, p in zip(fflags, pte)]
     if write:
-        need = [not p & PTE_WRITE for p in pte]
-        if not any(need):
+        if all(p & PTE_WRITE for p in pte):
             return 0, 0
         mapcount = yield Load(MAPCOUNT, None, pfn)
-        reuse = [n and not s and c == 1 for n, s, c in zip(need, shared, mapcount)]
-        copy = [n and not r for n, r in zip(need, reuse)]
+        reuse, copy = [], []
+        for p, f, c in zip(pte, fflags, mapcount):
+            r = not p & PTE_WRITE and c == 1 and not (f & SHARED_FRAME or p & PTE_SPECIAL)
+            reuse.append(r)
+            copy.append(not p & PTE_WRITE and not r)
     else:
-        reuse = [False] * len(idx)
-        copy = shared
-    nreuse = sum(reuse)
+        reuse = None
+        copy = [bool(f & SHARED_FRAME or p & PTE_SPECIAL) for f, p in zip(fflags, pte)]
+    nreuse = 0 if reuse is None else sum(reuse)
     if nreuse:      # wp_page_reuse: writable in place, no notification (no translation was writable)
         yield Store(PTE, mm, [i for i, r in zip(idx, reuse) if r], [p | REUSE_BITS for p, r in zip(pte, reuse) if r])
     ncopy = sum(copy)
@@ -143,8 +147,11 @@ def do_wp_page(mm: int, idx: list, pte: list, write: bool, mode: str, early_repl
         return 0, nreuse
     if ncopy < len(idx):
         idx, pfn, pte = ([v for v, c in zip(a, copy) if c] for a in (idx, pfn, pte))
-    yield from wp_page_copy(mm, idx, pfn, [bool(p & PTE_SPECIAL) for p in pte], write, mode,
-                            early_reply, brk, cow_reply)
+    special = [bool(p & PTE_SPECIAL) for p in pte]
+    if cow_reply:       # (called directly: a generator level less on every step of the fault path)
+        yield from wp_page_copy_reply(mm, idx, pfn, special, write, mode, brk)
+    else:
+        yield from wp_page_copy(mm, idx, pfn, special, write, mode, early_reply, brk)
     return ncopy, nreuse
 
 
@@ -198,7 +205,7 @@ def wp_page_copy_reply(mm: int, idx: list, old: list, special: list, writable: b
     ksmd's messages for this mm (sent only under ptl) behind the reply's, as with the acks of old.
     The checker's `early-release` break puts the old frames right after the reply.
     """
-    new_ptes, _ = yield from copy_and_install(mm, idx, old, special, writable, lambda p: _store_ptes(mm, idx, p))
+    new_ptes, _ = yield from copy_and_install(mm, idx, old, special, writable, None)
     if "free-before-acks" in brk:
         yield Put(old)
         old = None
@@ -222,7 +229,8 @@ def wp_page_copy_reply(mm: int, idx: list, old: list, special: list, writable: b
 
 def copy_and_install(mm: int, idx: list, old: list, special: list, writable: bool, install):
     """wp_page_copy's common part: new frames, the old pages copied in, the new PTEs put in place by
-    the generator install(new_ptes) (whose result is returned beside them), and the KSM zero pages
+    the generator install(new_ptes) (whose result is returned beside them; None: stored as they
+    are, with nothing to return), and the KSM zero pages
     that stopped being mapped counted at once.  On a failure the new frames no PTE took are put
     back and the old mapping stays."""
     new = yield Alloc(len(idx), FRAME_ANON, False)
@@ -230,7 +238,10 @@ def copy_and_install(mm: int, idx: list, old: list, special: list, writable: boo
         yield CopyPages(new, old)
         bits = PTE_PRESENT | PTE_DIRTY | PTE_YOUNG | (PTE_WRITE if writable else 0)
         new_ptes = [(p << PAGE_SHIFT) | bits for p in new]
-        result = yield from install(new_ptes)
+        if install is None:
+            result = yield Store(PTE, mm, idx, new_ptes)
+        else:
+            result = yield from install(new_ptes)
     except GeneratorExit:
         raise
     except BaseException:
@@ -240,10 +251,6 @@ def copy_and_install(mm: int, idx: list, old: list, special: list, writable: boo
     if nz:      # counted as the PTE changes, before the faulting VM hears back
         yield ZeroPagesAdd(mm, -nz)
     return new_ptes, result
-
-
-def _store_ptes(mm: int, idx: list, ptes: list):
-    yield Store(PTE, mm, idx, ptes)
 
 
 def put_uninstalled(mm: int, idx: list, new: list):

@@ -20,8 +20,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from proto import PAGE_SIZE, USER_BASE
-from proto.channel import BlockingChannel, ChannelClosed, FrameSplitter
-from proto.messages import HEADER, HEADER_SIZE, MAGIC, MAX_FRAME, Msg, ProtocolError, call_payload, decode, encode
+from proto.channel import BlockingChannel, Channel, ChannelClosed, FrameSplitter
+from proto.messages import (HEADER, HEADER_SIZE, MAGIC, MAX_FRAME, RECORD, Msg, ProtocolError, call_payload, decode,
+                            decode_record, encode)
 
 REAL = dict(deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 
@@ -52,6 +53,54 @@ def test_valid_streams_decode_exactly_in_any_chunking(fs, cuts):
     for g, (t, sub, flags, mm, corr, addr, entries, payload) in zip(got, fs):
         assert (g.type, g.sub, g.flags, g.mm, g.corr, g.addr, g.payload) == (t, sub, flags, mm, corr, addr, payload)
         assert (g.entries is None and entries is None) or (g.entries == entries).all()
+
+
+def _heard(records, parts) -> tuple[list, bool]:
+    """What a Channel reading `records` hands its handlers from the reads `parts`, and whether it closed."""
+    got = []
+    ch = Channel("fuzz", lambda c, f: got.append(f))
+    ch.records = records
+    for part in parts:
+        ch.data_received(part)
+    return [(f.type, f.sub, f.flags, f.mm, f.corr, f.addr, f.payload,
+             None if f.entries is None else [tuple(int(x) for x in e) for e in f.entries]) for f in got], ch.closed
+
+
+one_entry = st.builds(lambda t, flags, mm, corr, addr, a, p: RECORD.pack(MAGIC, RECORD.size, t, 0, flags, mm, corr,
+                                                                         addr, 1, 0, a, p),
+                      st.sampled_from([Msg.FAULT, Msg.FAULT_REPLY, Msg.CHANGE_PTE]), st.integers(-2**15, 2**15 - 1),
+                      st.integers(-2**31, 2**31 - 1), st.integers(-2**63, 2**63 - 1), st.integers(0, 2**64 - 1),
+                      st.integers(0, 2**64 - 1), st.integers(0, 2**64 - 1))
+
+
+@settings(max_examples=400)
+@given(st.lists(st.one_of(one_entry, frames.map(lambda f: encode(*f)), st.binary(min_size=RECORD.size,
+                                                                                  max_size=RECORD.size)), max_size=6),
+       st.lists(st.integers(0, 10**6), max_size=8), st.booleans())
+def test_a_channel_reading_records_hears_what_any_channel_hears(pieces, cuts, whole):
+    """The fault path's records (decode_record: a one-entry frame of the channel's record types, read
+    whole, as plain ints) change how a frame is decoded, never what is heard: the same frames, in the
+    same order, and the same close on broken framing, whether each piece comes in one read or cut up,
+    and whether a record-sized piece is a record, another frame or garbage."""
+    wire = b"".join(pieces)
+    parts = pieces if whole else chunked(wire, cuts)
+    types = frozenset({int(Msg.FAULT), int(Msg.FAULT_REPLY)})
+    assert _heard(types, parts) == _heard(frozenset(), parts)
+
+
+def test_decode_record_takes_only_a_whole_well_formed_record_of_its_types():
+    rec = RECORD.pack(MAGIC, RECORD.size, Msg.FAULT, 0, 1, 3, 77, USER_BASE, 1, 0, USER_BASE, 0)
+    f = decode_record(rec, frozenset({int(Msg.FAULT)}))
+    assert (f.type, f.flags, f.mm, f.corr, f.addr, f.entries, f.n) == (Msg.FAULT, 1, 3, 77, USER_BASE, [(USER_BASE, 0)], 1)
+    bad = {"another type": (rec, frozenset({int(Msg.FAULT_REPLY)})),
+           "short": (rec[:-1], frozenset({int(Msg.FAULT)})),
+           "bad magic": (b"XX" + rec[2:], frozenset({int(Msg.FAULT)})),
+           "length field": (rec[:2] + struct.pack("<I", RECORD.size + 1) + rec[6:], frozenset({int(Msg.FAULT)})),
+           "two entries": (RECORD.pack(MAGIC, RECORD.size, Msg.FAULT, 0, 1, 3, 77, 0, 2, 0, 0, 0), frozenset({int(Msg.FAULT)})),
+           "a payload": (RECORD.pack(MAGIC, RECORD.size, Msg.FAULT, 0, 1, 3, 77, 0, 0, 16, 0, 0), frozenset({int(Msg.FAULT)}))}
+    for why, (data, types) in bad.items():
+        assert decode_record(data, types) is None, why
+    assert (decode(rec).entries == np.array([[USER_BASE, 0]], dtype=np.uint64)).all()     # the generic decode agrees
 
 
 @settings(max_examples=1000)

@@ -229,10 +229,9 @@ def wp_page_copy_reply(mm: int, idx: list, old: list, special: list, writable: b
 
 def copy_and_install(mm: int, idx: list, old: list, special: list, writable: bool, install):
     """wp_page_copy's common part: new frames, the old pages copied in, the new PTEs put in place by
-    the generator install(new_ptes) (whose result is returned beside them; None: stored as they
-    are, with nothing to return), and the KSM zero pages
-    that stopped being mapped counted at once.  On a failure the new frames no PTE took are put
-    back and the old mapping stays."""
+    the generator install(new_ptes) (whose result is returned beside them; install None: they are
+    stored as they are, and the result is None), and the KSM zero pages that stopped being mapped
+    counted at once.  On a failure the new frames no PTE took are put back and the old mapping stays."""
     new = yield Alloc(len(idx), FRAME_ANON, False)
     try:
         yield CopyPages(new, old)

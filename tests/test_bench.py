@@ -28,11 +28,12 @@ def test_bench_quick_writes_every_key(tmp_path):
             list(range(1, os.cpu_count() + 1))
         assert rows[0]["speedup"] == 1.0 and all(r["speedup_spread"]["n"] == 2 for r in rows)
     assert res["trace"]["ratio_spread"]["n"] == 2 and res["trace"]["wall_ratio_spread"]["n"] == 2
-    assert res["trace"]["cpu_seconds_on"] > 0 and res["cow"]["ratio_vs_pipe_spread"]["n"] == 3
+    assert res["trace"]["cpu_seconds_on"] > 0 and res["cow"]["ratio_vs_pipe_spread"]["n"] == 2
     for key in ("p50_us", "p99_us", "pipe_p50_us", "ratio_vs_pipe", "kernel_us", "asleep_p50_us",
                 "pipe_polling_p50_us"):
         assert key in res["cow"]
-    assert res["cow"]["poll_us"] == 200 and len(res["cow"]["round_p50s_us"]["cow_asleep"]) == 3
+    assert res["cow"]["poll_us"] == 200 and len(res["cow"]["round_p50s_us"]["cow_asleep"]) == 2
+    assert res["cow"]["rounds"] == 2        # (--quick; a whole run: at least 5)
     assert "fault_poll_us=0" in r.stdout and (tmp_path / "latency.png").exists()
     for mode in ("change_pte", "wrapped", "invalidate"):
         assert "secondary_faults_per_merged_page" in res["modes"][mode]

@@ -121,7 +121,7 @@ class Channel(asyncio.Protocol):
         self.corked: list[bytes] | None = None
         self.peer = None          # set by the handler (e.g. the mm id after HELLO)
         self.on_reply = None      # optional: sees each answer frame first, on arrival (a COW reply's PTEs)
-        self.records = frozenset()  # message types a one-entry frame of which is read as a record (decode_record)
+        self.records = frozenset()  # types whose one-entry frames, read whole, are records (decode_record)
 
     # transport side
     def connection_made(self, transport):

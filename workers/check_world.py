@@ -962,10 +962,10 @@ class KsmWorld:
             return None
         t.replied = True
         h = None
-        if entries is not None:         # [(addr, new pte)] -> n x 2 array, as the VM decodes it off the wire
-            h = self._new_id()
+        if entries is not None:         # [(addr, new pte)], as the VM reads it off the wire: one page is a
+            h = self._new_id()          # record (a list of its one pair, decode_record), more an n x 2 array
             self.acks[h] = [1]
-            entries = np.array(entries, dtype=np.uint64).reshape(-1, 2)
+            entries = [tuple(entries[0])] if len(entries) == 1 else np.array(entries, dtype=np.uint64).reshape(-1, 2)
         self.queues[("faultd", t.mm)].append(("FAULT_REPLY", t.corr, err, msg, entries, h))
         return [h] if h is not None else []
 
@@ -1116,7 +1116,8 @@ class KsmWorld:
         for src in self.scanner_names + ["faultd"]:
             for item in self.queues[(src, mm)]:
                 if item[0] == "FAULT_REPLY":        # a COW's reply carries set_pte_at_notify for every sub
-                    if item[4] is not None and (item[4][:, 0] == addr).any():
+                    e = item[4]                     # (one page: a record's [(addr, pte)]; more: an array)
+                    if e is not None and (e[0][0] == addr if e.__class__ is list else (e[:, 0] == addr).any()):
                         return True
                 elif item[2] == s and (item[3][:, 0] == addr).any():
                     return True

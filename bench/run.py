@@ -18,7 +18,7 @@ Parts (each measured beside its anchor in the same run):
   check    `ksm-proto check` at bench size: 5000 random schedules per mode, schedules/s, and
            each --break caught in every mode (the exit status is 1 otherwise)
   stress   no lost writes: 10M writes and >= 1M COW faults of merged pages across the three
-           notifier modes (workers/stress.py), every byte checked, frames checked; the exit
+           notifier modes (workers/tools/stress.py), every byte checked, frames checked; the exit
            status is 1 on any lost write, frame problem or stress error
   estimate `ksm-proto estimate` on the scan part's bytes (as a file): pages/s beside the scanner's
            and ksmd's on the same bytes, its peak memory per input page, and its counters beside
@@ -52,9 +52,9 @@ if ROOT not in sys.path:
 
 from proto import MADV_MERGEABLE, PAGE_SIZE  # noqa: E402
 from proto.knobs import DEFAULTS  # noqa: E402
-from workers import kernel_ksm  # noqa: E402
-from workers.machine import Machine  # noqa: E402
-from workers.stress import run_modes  # noqa: E402
+from workers.oracle import kernel_ksm  # noqa: E402
+from workers.actors.supervisor import Machine  # noqa: E402
+from workers.tools.stress import run_modes  # noqa: E402
 
 PARTS = ("scan", "cow", "modes", "scaling", "trace", "stress", "estimate", "check")
 MODES = ("change_pte", "wrapped", "invalidate")
@@ -607,7 +607,7 @@ def bench_trace(npages: int, prog, reps: int = 5, keep: str | None = None) -> di
 def estimate_run(path: str) -> dict:
     """`ksm-proto estimate --file path --json` in a process of its own (its peak memory is its own)."""
     import subprocess
-    r = subprocess.run([sys.executable, "-m", "workers.cli", "estimate", "--file", path, "--json",
+    r = subprocess.run([sys.executable, "-m", "workers.tools.cli", "estimate", "--file", path, "--json",
                         "--max-page-sharing", "256", "--use-zero-pages", "0"], cwd=ROOT, capture_output=True,
                        text=True, timeout=1800)
     if r.returncode != 0:
@@ -678,8 +678,8 @@ def fs(sp: dict | None, unit: str = "x") -> str:
 def bench_check(runs: int, prog, jobs: int, breaks: bool = True) -> dict:
     """`ksm-proto check` at bench size: random schedules in each mode, and every --break caught
     (tests/test_check.py catches them too; --quick leaves them to it)."""
-    from workers import explore
-    from workers.check_world import BREAK_MODES, BREAKS, world_factory
+    from workers.check import explore
+    from workers.check.world import BREAK_MODES, BREAKS, world_factory
     out = {"runs": runs, "jobs": jobs, "modes": {}, "breaks": {}}
     for mode in MODES:
         prog(f"check: {runs:,} schedules, {mode}")

@@ -33,7 +33,7 @@ def main(argv: list[str]) -> int:
                                  stdout=subprocess.PIPE, text=True)
             procs.append(p)
             assert p.stdout.readline().strip() == "ready"
-        cmd = [sys.executable, "-m", "workers.cli", "estimate", "--pid", *[str(p.pid) for p in procs], *argv]
+        cmd = [sys.executable, "-m", "workers.tools.cli", "estimate", "--pid", *[str(p.pid) for p in procs], *argv]
         return subprocess.run(cmd, cwd=ROOT).returncode
     finally:
         for p in procs:                      # each by its pid

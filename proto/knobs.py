@@ -4,7 +4,7 @@ Pure definitions, shared by the scanner (which applies knobs) and the CLI and
 scenario loader (which check them early to give a clear error).
 
 Two knobs are ksm-proto's own (`OWN`), not the kernel's: `scanners`, the number of
-scanner processes that share ksmd's work (workers/core/shard.py), and
+scanner processes that share ksmd's work (workers/mm/ksm/shard.py), and
 `fault_handlers`, the number of fault-handler processes (each serves the VMs whose
 mm id is its number modulo their count).  Both are chosen when the machine starts
 (Machine(scanners=N, fault_handlers=F), or a scenario's [ksm] table); writing

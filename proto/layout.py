@@ -282,7 +282,7 @@ FRAME_LOCK_BYTE = 0
 
 
 def lock_file(run: str) -> str:
-    """The run's lock file: one byte per lock (workers.frames.ShmLock)."""
+    """The run's lock file: one byte per lock (workers.runtime.frames.ShmLock)."""
     return os.path.join(SHM_DIR, f"{run}.locks")
 
 

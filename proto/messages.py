@@ -47,7 +47,7 @@ class Msg(IntEnum):
     HELLO = 20         # a VM introduces itself on a new channel (mm in header)
     CALL = 21          # control call: payload = json {"op": ..., ...} + raw bytes
     REPLY = 22
-    SHARD = 23         # scanner to scanner (workers/core/shard.py): payload = json header + raw arrays
+    SHARD = 23         # scanner to scanner (workers/mm/ksm/shard.py): payload = json header + raw arrays
 
 
 NOTIFIER_TYPES = frozenset({Msg.REGISTER, Msg.START, Msg.END, Msg.CHANGE_PTE,

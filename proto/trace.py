@@ -21,7 +21,7 @@ Records are buffered as tuples and serialized only at flush: when 2048 are buffe
 when 0.25 s passed since the last flush (checked on each record), on flush() and on
 close().  A flush is one os.write() of whole lines, so a SIGKILL can at most truncate
 the last line; a file without its "e" line belongs to an actor that died.
-`workers/tracetool.py` merges the files into one Chrome/Perfetto trace.
+`workers/tools/tracetool.py` merges the files into one Chrome/Perfetto trace.
 """
 from __future__ import annotations
 

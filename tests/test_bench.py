@@ -10,7 +10,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_bench_quick_writes_every_key(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "workers.cli", "bench", "--quick", "--out", str(tmp_path),
+    r = subprocess.run([sys.executable, "-m", "workers.tools.cli", "bench", "--quick", "--out", str(tmp_path),
                         "--trace", str(tmp_path / "bench.trace.json")],
                        cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]

@@ -1,6 +1,6 @@
 """ksm-proto check on the real protocol cores: clean in every mode, and each --break is caught.
 
-The world (workers/check_world.py) runs the same generators the actors run; these tests pin
+The world (workers/check/world.py) runs the same generators the actors run; these tests pin
 what the checker proves on its small configuration and that it can fail, with one scanner
 and with two (the round protocol of core/shard.py: two scanners merging into each other's
 stable nodes while the VMs write).
@@ -16,8 +16,8 @@ import sys
 import numpy as np
 import pytest
 
-from workers import explore
-from workers.check_world import BREAK_CONFIG, BREAK_MODES, BREAK_SCENARIO, BREAKS, SCENARIOS, SHARD_BREAKS, world_factory
+from workers.check import explore
+from workers.check.world import BREAK_CONFIG, BREAK_MODES, BREAK_SCENARIO, BREAKS, SCENARIOS, SHARD_BREAKS, world_factory
 
 MODES = ("change_pte", "wrapped", "invalidate")
 # what each break must produce: words of the violation the checker reports (any one of them; with two
@@ -60,7 +60,7 @@ def test_every_break_has_an_expectation():
 
 
 def check(*args, timeout=900):
-    return subprocess.run([sys.executable, "-m", "workers.cli", "check", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "workers.tools.cli", "check", *args], capture_output=True, text=True,
                           timeout=timeout)
 
 
@@ -319,23 +319,23 @@ def test_cli_finds_a_break_and_writes_its_trace(tmp_path):
 
 def test_cli_two_scanners(tmp_path):
     sched = tmp_path / "s.json"
-    p = subprocess.run([sys.executable, "-m", "workers.cli", "check", "--mode", "wrapped", "--runs", "100",
+    p = subprocess.run([sys.executable, "-m", "workers.tools.cli", "check", "--mode", "wrapped", "--runs", "100",
                         "--break", "no-ksm-lock", "--save-schedule", str(sched)], capture_output=True, text=True,
                        timeout=300)
     assert p.returncode == 1 and "another scanner" in p.stdout, p.stdout + p.stderr
-    p = subprocess.run([sys.executable, "-m", "workers.cli", "check", "--replay", str(sched)], capture_output=True,
+    p = subprocess.run([sys.executable, "-m", "workers.tools.cli", "check", "--replay", str(sched)], capture_output=True,
                        text=True, timeout=300)
     assert p.returncode == 1 and "another scanner" in p.stdout, p.stdout + p.stderr
-    p = subprocess.run([sys.executable, "-m", "workers.cli", "check", "--mode", "change_pte", "--runs", "20",
+    p = subprocess.run([sys.executable, "-m", "workers.tools.cli", "check", "--mode", "change_pte", "--runs", "20",
                         "--scanners", "2"], capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout + p.stderr
 
 
 def test_cli_checks_every_scenario_by_default_and_names_them():
-    p = subprocess.run([sys.executable, "-m", "workers.cli", "check", "--mode", "invalidate", "--runs", "3"],
+    p = subprocess.run([sys.executable, "-m", "workers.tools.cli", "check", "--mode", "invalidate", "--runs", "3"],
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout + p.stderr
     assert [line.split(":")[0] for line in p.stdout.splitlines()] == ["invalidate base", "invalidate fork"]
-    p = subprocess.run([sys.executable, "-m", "workers.cli", "check", "--scenario", "nope"], capture_output=True,
+    p = subprocess.run([sys.executable, "-m", "workers.tools.cli", "check", "--scenario", "nope"], capture_output=True,
                        text=True, timeout=60)
     assert p.returncode == 2 and "unknown --scenario 'nope'" in p.stderr

@@ -9,14 +9,14 @@ import sys
 import pytest
 
 from proto import PAGE_SIZE
-from workers.machine import SHM_DIR
-from workers.scenario import ScenarioError, parse
+from workers.actors.supervisor import SHM_DIR
+from workers.tools.scenario import ScenarioError, parse
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def ksm_proto(*args, timeout=120):
-    p = subprocess.Popen([sys.executable, "-m", "workers.cli", *args], cwd=ROOT, stdout=subprocess.PIPE,
+    p = subprocess.Popen([sys.executable, "-m", "workers.tools.cli", *args], cwd=ROOT, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True)
     try:
         out, err = p.communicate(timeout=timeout)

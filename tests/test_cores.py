@@ -15,13 +15,13 @@ import pytest
 
 from proto.layout import FRAME_FREE, FRAME_KSM, PAGE_SHIFT, PAGE_SIZE, PTE_PRESENT, PTE_YOUNG, USER_BASE, VM_READ
 from proto.messages import FAULT_WRITE, Msg
-from workers.check_world import KsmWorld
-from workers.core.effects import (MEM_EFFECTS, Alloc, Checksum, Compare, CopyPages, Get, Load, Lock, Notify, PinKsm,
+from workers.check.world import KsmWorld
+from workers.mm.effects import (MEM_EFFECTS, Alloc, Checksum, Compare, CopyPages, Get, Load, Lock, Notify, PinKsm,
                                   Reply, Store, TryLock, Unlock, WaitAcks, apply_mem)
-from workers.core.fault import handle_mm_fault
-from workers.core.mm import do_mprotect, dup_mmap, ksm_enable_merge_any, madvise_dontneed
-from workers.core.notify import LocalNotify, SecondaryMMU, local_set_pte
-from workers.frames import OutOfFrames
+from workers.mm.fault import handle_mm_fault
+from workers.mm.vma import do_mprotect, dup_mmap, ksm_enable_merge_any, madvise_dontneed
+from workers.mm.mmu_notifier import LocalNotify, SecondaryMMU, local_set_pte
+from workers.runtime.frames import OutOfFrames
 
 
 class Injected(RuntimeError):
@@ -197,7 +197,7 @@ def test_the_vms_own_operations_release_ptl_and_references_whatever_fails(which)
 
 def _drive_ksm_leave(w, slot, on_lock=None):
     """Run KsmScan.ksm_leave on the checker world's memory; on_lock() runs while ksmd waits for the ptl."""
-    from workers.core.effects import Lock, Unlock, apply_mem
+    from workers.mm.effects import Lock, Unlock, apply_mem
     gen = w.scan.ksm_leave(slot)
     held, send = [], None
     while True:
@@ -222,7 +222,7 @@ def test_ksm_leave_looks_at_the_vmas_again_under_ptl():
     """An mm whose areas are no longer mergeable leaves ksmd's list and loses MMF_VM_MERGEABLE, unless
     the VM made an area mergeable again before ksmd got its ptl (the flag is the VM's to keep)."""
     from proto.layout import MMF_VM_MERGEABLE, MMH_FLAGS, VM_MERGEABLE
-    from workers.check_world import world_factory
+    from workers.check.world import world_factory
     w = world_factory("change_pte")()
     mm, slot = w.mem.mms[0], w.scan.slots[0]
     assert slot.listed and int(mm.hdr[MMH_FLAGS]) & MMF_VM_MERGEABLE

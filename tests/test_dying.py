@@ -17,9 +17,9 @@ import time
 import numpy as np
 import pytest
 
-import workers.machine
+import workers.actors.supervisor
 from proto import MADV_MERGEABLE, PAGE_SIZE
-from workers.stress import writer_sequence
+from workers.tools.stress import writer_sequence
 
 FAST = dict(pages_to_scan=1000, sleep_millisecs=0)
 
@@ -139,7 +139,7 @@ def test_kill_one_of_two_scanners_restarts_both_and_each_rebuilds_its_shard(ksm_
 
 
 def test_an_actor_that_keeps_dying_is_a_clear_error(ksm_machine, monkeypatch):
-    monkeypatch.setattr(workers.machine, "MAX_RESTARTS", 0)
+    monkeypatch.setattr(workers.actors.supervisor, "MAX_RESTARTS", 0)
     m = ksm_machine
     vm = m.spawn_vm("a")
     x = vm.mmap(PAGE_SIZE)

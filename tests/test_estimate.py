@@ -19,11 +19,11 @@ import numpy as np
 import pytest
 
 from proto import MADV_MERGEABLE, PAGE_SIZE
-from workers import estimate as E
-from workers import kernel_ksm
-from workers.memsource import FileSource, PidSource
-from workers.pagehash import ZERO_KEY, page_digests, page_key
-from workers.scenario import ScenarioError, parse
+from workers.estimate import estimate as E
+from workers.oracle import kernel_ksm
+from workers.estimate.memsource import FileSource, PidSource
+from workers.mm.ksm.pagehash import ZERO_KEY, page_digests, page_key
+from workers.tools.scenario import ScenarioError, parse
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KOK, KWHY = kernel_ksm.available()
@@ -48,7 +48,7 @@ def pages(*parts) -> np.ndarray:
 
 
 def ksm_proto(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "workers.cli", *args], cwd=ROOT, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "workers.tools.cli", *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout)
 
 
@@ -201,7 +201,7 @@ def test_processes_exact_and_the_kernel_agrees(children, use_zero):
 # ---------------------------------------------------------------------------- the rules themselves
 def replay_page_by_page(n: int, m: int) -> tuple[int, int, int, int]:
     """ksmd's decisions for n copies of one content, one page at a time, on a StableTree."""
-    from workers.ksm_tree import StableTree
+    from workers.mm.ksm.stable_tree import StableTree
     tree, waiting = StableTree(), -1
     for r in range(n):
         d = tree.candidate(7, m, lambda _d: True)
@@ -227,7 +227,7 @@ def test_content_outcome_is_the_page_by_page_replay(m):
 
 
 def test_page_digest_is_the_scanners():
-    from workers.core import effects as ksmd     # the scanner's Checksum effect hashes with this digest
+    from workers.mm import effects as ksmd     # the scanner's Checksum effect hashes with this digest
     assert ksmd.ZERO_KEY == ZERO_KEY and ksmd.page_key is page_key
     lay = pages(("r9", 600), (0, 5), (3, 2), ("r8", 1))
     lay[10, :8] = 0                                          # zero first word, not a zero page
@@ -408,7 +408,7 @@ def test_bad_pids_named_and_the_rest_counted(tmp_path, children):
 def test_pid_not_readable_without_rights(children):
     c = children("c", pages((4, 3)))
     r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-m",
-                        "workers.cli", "estimate", "--pid", str(c.pid), "--json"], cwd=ROOT, capture_output=True,
+                        "workers.tools.cli", "estimate", "--pid", str(c.pid), "--json"], cwd=ROOT, capture_output=True,
                        text=True, timeout=120)
     if "Permission denied" in r.stderr and "workers" in r.stderr and "Traceback" in r.stderr:
         pytest.skip("the project is not readable by nobody here")
@@ -418,7 +418,7 @@ def test_pid_not_readable_without_rights(children):
 
 def _on_first_read(monkeypatch, action):
     """Run `action` just before the first read of process memory (after the pages were picked from pagemap)."""
-    from workers import memsource
+    from workers.estimate import memsource
     real, done = os.preadv, []
 
     def preadv(fd, bufs, offset):
@@ -532,7 +532,7 @@ def test_scenario_pid_source(children):
 @root_only
 def test_merge_across_nodes_0_keeps_nodes_apart(children):
     """With a two-node map (here: every other page of a run on node 1), pages only merge within a node."""
-    from workers.memsource import NodeMap
+    from workers.estimate.memsource import NodeMap
 
     class EveryOther(NodeMap):
         def __init__(self):

@@ -1,4 +1,4 @@
-"""The interleaving explorer (workers/explore.py) on the toy lock protocol (workers/toyworld.py), and
+"""The interleaving explorer (workers/check/explore.py) on the toy lock protocol (workers/check/toyworld.py), and
 `ksm-proto check --world toy`."""
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ import sys
 
 import pytest
 
-from workers import cli, explore
-from workers.explore import Step, exhaustive, random_runs, replay
-from workers.toyworld import BREAKS, SIZES, world_factory
+from workers.tools import cli
+from workers.check import explore
+from workers.check.explore import Step, exhaustive, random_runs, replay
+from workers.check.toyworld import BREAKS, SIZES, world_factory
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODES = list(SIZES)
@@ -166,7 +167,7 @@ def test_deadlock_and_livelock_are_violations():
 
 # ============================================================================ the command line
 def check(*args):
-    return subprocess.run([sys.executable, "-m", "workers.cli", "check", "--world", "toy", *args], check=False,
+    return subprocess.run([sys.executable, "-m", "workers.tools.cli", "check", "--world", "toy", *args], check=False,
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
 
 

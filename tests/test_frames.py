@@ -6,8 +6,8 @@ import pytest
 
 from proto.layout import (FRAME_ANON, FRAME_FREE, FRAME_KSM, FTH_FREE_TOP, PAGE_SIZE, ZERO_PFN, FrameTable,
                           Segment, create_lock_file, new_run_name, seg_name, unlink_lock_file)
-from workers.frames import FrameAccountingError, FrameAllocator, OutOfFrames, ShmLock
-from workers.machine import run_entries
+from workers.runtime.frames import FrameAccountingError, FrameAllocator, OutOfFrames, ShmLock
+from workers.actors.supervisor import run_entries
 
 NFRAMES = 16
 

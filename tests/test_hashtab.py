@@ -1,4 +1,4 @@
-"""Tests for workers.hashtab.HashIndex against a Python dict model."""
+"""Tests for workers.mm.ksm.hashtab.HashIndex against a Python dict model."""
 
 import numpy as np
 import pytest
@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant,
                                  rule)
 
-from workers.hashtab import DELETED, FULL, HashIndex
+from workers.mm.ksm.hashtab import DELETED, FULL, HashIndex
 
 I64_MIN, I64_MAX = -(2**63), 2**63 - 1
 

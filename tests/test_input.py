@@ -16,14 +16,14 @@ import pytest
 from proto import PAGE_SIZE
 from proto.layout import SHM_DIR
 from proto.trace import Tracer
-from workers.machine import MAX_FRAMES, MAX_VM_PAGES, Machine, run_entries, shm_capacity
-from workers.pytest_plugin import ctrl_c_delivered
+from workers.actors.supervisor import MAX_FRAMES, MAX_VM_PAGES, Machine, run_entries, shm_capacity
+from workers.tools.pytest_plugin import ctrl_c_delivered
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def ksm_proto(*args, timeout=120, **kw):
-    return subprocess.run([sys.executable, "-m", "workers.cli", *args], cwd=ROOT, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "workers.tools.cli", *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout, **kw)
 
 
@@ -115,7 +115,7 @@ def test_ctrl_c_is_a_clean_exit(tmp_path):
     sc = tmp_path / "slow.toml"
     sc.write_text("[ksm]\nsleep_millisecs = 50\n[[vm]]\nname = \"a\"\n[[vm.region]]\nsource = \"zero\"\npages = 64\n"
                   "writer = { pages = 8, period_ms = 1, values = 2 }\n")
-    p = subprocess.Popen([sys.executable, "-m", "workers.cli", "run", str(sc), "--timeout", "600", "--scans", "100000"],
+    p = subprocess.Popen([sys.executable, "-m", "workers.tools.cli", "run", str(sc), "--timeout", "600", "--scans", "100000"],
                          cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
                          preexec_fn=ctrl_c_delivered)
     try:

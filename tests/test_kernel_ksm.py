@@ -1,4 +1,4 @@
-"""workers/kernel_ksm.py against the real kernel: knobs put back, exact counters, errors.
+"""workers/oracle/kernel_ksm.py against the real kernel: knobs put back, exact counters, errors.
 
 No mocks: every test writes /sys/kernel/mm/ksm and forks real processes.  Skipped,
 with available()'s reason, where that is not possible.  Every test ends with run=0
@@ -16,8 +16,8 @@ import time
 import numpy as np
 import pytest
 
-from workers import kernel_ksm as kk
-from workers.kernel_ksm import PAGE, KernelKSM, KernelRegion, read_knob, read_knobs
+from workers.oracle import kernel_ksm as kk
+from workers.oracle.kernel_ksm import PAGE, KernelKSM, KernelRegion, read_knob, read_knobs
 
 OK, WHY = kk.available()
 if not OK:
@@ -237,7 +237,7 @@ def test_kernel_cow_costs_more_than_a_plain_write():
 
 # ---------------------------------------------------------------------------- lock and Ctrl-C
 def test_a_second_process_waits_for_the_machine_lock():
-    code = ("from workers.kernel_ksm import KernelKSM\n"
+    code = ("from workers.oracle.kernel_ksm import KernelKSM\n"
             "try:\n    KernelKSM(lock_timeout=0.3).__enter__()\n"
             "except TimeoutError as e:\n    print('timeout', e)\n")
     with KernelKSM():

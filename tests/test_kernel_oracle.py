@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from proto import MADV_MERGEABLE, PAGE_SIZE
-from workers import kernel_ksm
+from workers.oracle import kernel_ksm
 
 OK, WHY = kernel_ksm.available()
 pytestmark = [pytest.mark.kernel, pytest.mark.skipif(not OK, reason=f"kernel KSM not usable here: {WHY}")]

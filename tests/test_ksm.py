@@ -279,7 +279,7 @@ def test_publish_writes_full_scans_last():
     from types import SimpleNamespace
 
     from proto.layout import COUNTERS, MM_STATS
-    from workers.ksmd import Ksmd
+    from workers.actors.ksmd import Ksmd
 
     stores = []
 

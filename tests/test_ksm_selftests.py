@@ -34,7 +34,7 @@ import pytest
 
 from proto import (MADV_DONTNEED, MADV_MERGEABLE, MADV_UNMERGEABLE, PAGE_SIZE, PR_GET_MEMORY_MERGE,
                    PR_SET_MEMORY_MERGE, PROT_NONE, PROT_READ, PROT_WRITE)
-from workers import kernel_ksm
+from workers.oracle import kernel_ksm
 
 MiB = 1 << 20
 RW = PROT_READ | PROT_WRITE

@@ -1,4 +1,4 @@
-"""The locks (workers.frames.ShmLock): exclusion and release-on-death come from the kernel.
+"""The locks (workers.runtime.frames.ShmLock): exclusion and release-on-death come from the kernel.
 
 Real processes take one byte of a run's lock file; the test kills holders with
 SIGKILL (only processes it started, by pid) and checks exclusion with counters
@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 
 from proto.layout import Segment, create_lock_file, new_run_name, seg_name, unlink_lock_file
-from workers.frames import ShmLock
-from workers.machine import run_entries
+from workers.runtime.frames import ShmLock
+from workers.actors.supervisor import run_entries
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -31,7 +31,7 @@ STOP, STATE, SAVED, CTR, OWNER, VIOLATIONS, ROLLBACKS, HOLDERS, PARK = range(9)
 PRELUDE = """
 import os, sys, numpy as np
 from proto.layout import Segment, seg_name
-from workers.frames import ShmLock
+from workers.runtime.frames import ShmLock
 run, kind = sys.argv[1], sys.argv[2]
 seg = Segment.attach(seg_name(run, "counters"))
 c = seg.view(np.int64, 0, 9)

@@ -14,9 +14,9 @@ import pytest
 
 from proto import (MADV_MERGEABLE, MADV_UNMERGEABLE, PAGE_SIZE, VM_HUGETLB, VM_IO, VM_PFNMAP, VM_SHARED)
 from proto.layout import MMF_VM_MERGEABLE, MMH_FLAGS, VM_MERGEABLE, MMView, create_lock_file, lock_file
-from workers.frames import ShmLock
-from workers.machine import run_entries
-from workers.pytest_plugin import ctrl_c_delivered
+from workers.runtime.frames import ShmLock
+from workers.actors.supervisor import run_entries
+from workers.tools.pytest_plugin import ctrl_c_delivered
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

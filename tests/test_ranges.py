@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from proto import MADV_MERGEABLE, PAGE_SIZE, USER_BASE
-from workers.core.pte import RANGE_OPS, check_range, task_size
+from workers.mm.pte import RANGE_OPS, check_range, task_size
 
 M64 = (1 << 64) - 1
 NPAGES = 1 << 20

@@ -1,6 +1,6 @@
 """No lost writes: parent threads and in-worker writers racing ksmd, in every notifier mode.
 
-CI-sized runs of workers/stress.py (`make bench` runs it at 10M writes).  Every assertion is
+CI-sized runs of workers/tools/stress.py (`make bench` runs it at 10M writes).  Every assertion is
 exact: the stress's record of every byte, the frame check, and COW counts that follow from
 what was merged while no writer ran (see the stress's docstring), so none of them can fail
 by chance on a correct protocol.
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from workers.stress import lost, no_lost_writes
+from workers.tools.stress import lost, no_lost_writes
 
 MODES = ["change_pte", "wrapped", "invalidate"]
 

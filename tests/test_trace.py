@@ -18,7 +18,7 @@ import pytest
 
 from proto import MADV_MERGEABLE, PAGE_SIZE
 from proto.trace import Tracer
-from workers import tracetool
+from workers.tools import tracetool
 
 NOTIFY = {"change_pte": ["CHANGE_PTE"], "wrapped": ["START", "CHANGE_PTE", "END"], "invalidate": ["START", "END"]}
 

@@ -40,10 +40,10 @@ from proto.layout import (FRAME_ANON, FRAME_KSM, FRAME_ZERO, PAGE_SHIFT, PTE_DIR
                           PTE_WRITE, PTE_YOUNG, USER_BASE, ZERO_PFN)
 from proto.messages import FAULT_UNSHARE, FAULT_WRITE
 
-from .effects import (FLAGS, MAPCOUNT, PTE, VMAS, Alloc, CopyPages, Load, Lock, Put, Reply, Store, Unlock,
+from workers.mm.effects import (FLAGS, MAPCOUNT, PTE, VMAS, Alloc, CopyPages, Load, Lock, Put, Reply, Store, Unlock,
                       WaitAcks, ZeroPagesAdd, ptl)
-from .notify import set_pte_at_notify
-from .pte import may_access, vma_flags_list
+from workers.mm.mmu_notifier import set_pte_at_notify
+from workers.mm.pte import may_access, vma_flags_list
 
 ANON_RW = PTE_PRESENT | PTE_WRITE | PTE_DIRTY | PTE_YOUNG
 ZERO_RO = (ZERO_PFN << PAGE_SHIFT) | PTE_PRESENT | PTE_YOUNG

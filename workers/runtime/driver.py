@@ -34,9 +34,9 @@ from proto.channel import expire_after
 from proto.layout import MMH_RELEASED, SUB_ACTIVE, MMView
 from proto.messages import Msg, encode
 
-from .core.effects import (MEM_EFFECTS, Lock, Memory, Notify, Reply, ShardRecv, ShardSend, TryLock, Unlock, WaitAcks,
+from workers.mm.effects import (MEM_EFFECTS, Lock, Memory, Notify, Reply, ShardRecv, ShardSend, TryLock, Unlock, WaitAcks,
                            apply_mem)
-from .core.notify import MODES
+from workers.mm.mmu_notifier import MODES
 
 log = logging.getLogger("ksm_proto.notifier")
 

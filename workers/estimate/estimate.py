@@ -67,9 +67,9 @@ import numpy as np
 from proto.knobs import DEFAULTS, check_knob
 from proto.layout import PAGE_SIZE
 
-from .ksm_tree import StableTree
-from .memsource import FileSource, NodeMap, PidSource, Source, SourceError, all_pids, dir_sources
-from .pagehash import _digest, default_threads, start_page_digests
+from workers.mm.ksm.stable_tree import StableTree
+from workers.estimate.memsource import FileSource, NodeMap, PidSource, Source, SourceError, all_pids, dir_sources
+from workers.mm.ksm.pagehash import _digest, default_threads, start_page_digests
 
 SIZEOF_RMAP_ITEM = 64          # sizeof(struct ksm_rmap_item) on 64-bit Linux
 BUF_PAGES = 1024               # pages per read buffer or file window (4 MiB); two in flight
@@ -648,7 +648,7 @@ def estimate(sources: list[Source], knobs: dict, threads: int | None = None, pro
 
 def verify_kernel(est: Estimator, res: dict, timeout: float = 300) -> dict:
     """The same pages in helper processes, merged by the real KSM; the kernel's counters beside ours."""
-    from . import kernel_ksm
+    from workers.oracle import kernel_ksm
     ok, why = kernel_ksm.available()
     if not ok:
         return {"error": f"kernel KSM not usable here: {why}"}

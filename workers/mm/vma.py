@@ -43,11 +43,11 @@ from proto.layout import (FRAME_ANON, FRAME_KSM, FRAME_ZERO, MMF_VM_MERGE_ANY, M
                           VM_PFNMAP, VM_WRITE, ZERO_PFN)
 from proto.messages import FAULT_UNSHARE, Msg
 
-from .access import FAULT_BATCH, FaultCall
-from .effects import (FLAGS, MAPCOUNT, MMFLAGS, PTE, VMAS, Get, Load, Lock, Put, Store, Unlock, ZeroPagesAdd,
+from workers.mm.kvm import FAULT_BATCH, FaultCall
+from workers.mm.effects import (FLAGS, MAPCOUNT, MMFLAGS, PTE, VMAS, Get, Load, Lock, Put, Store, Unlock, ZeroPagesAdd,
                       ptl)
-from .notify import LocalNotify, entries_for
-from .pte import PROT_BITS, page_range, vma_mask, vma_pieces, vma_table, vmas_with, vmas_without
+from workers.mm.mmu_notifier import LocalNotify, entries_for
+from workers.mm.pte import PROT_BITS, page_range, vma_mask, vma_pieces, vma_table, vmas_with, vmas_without
 
 U64 = np.uint64
 _FORK_FLAGS = MMF_VM_MERGEABLE | MMF_VM_MERGE_ANY     # what a child's mm inherits (ksm_fork, MMF_INIT_MASK)

@@ -25,7 +25,7 @@ import numpy as np
 
 from proto.layout import MMH_FLAGS, PAGE_SIZE
 
-from ..pagehash import ZERO_KEY, _digest, page_key  # noqa: F401 - the scanner's content key, one definition
+from workers.mm.ksm.pagehash import ZERO_KEY, _digest, page_key  # noqa: F401 - the scanner's content key, one definition
 
 # shared regions a Load/Store can name (MMFLAGS: the mm's MMF_* word; VMAS: the VMA list, stored whole)
 PTE, VMAS, SUBS, FLAGS, MAPCOUNT, STABLE = "pte", "vmas", "subs", "flags", "mapcount", "stable"
@@ -321,7 +321,7 @@ class Fsck(Effect):
 class Memory:
     """The shared state the memory effects act on: frames, frame table, stats, the mms.
 
-    `alloc` is a workers.frames.FrameAllocator; `mms` maps mm id -> MMView.  Backed by
+    `alloc` is a workers.runtime.frames.FrameAllocator; `mms` maps mm id -> MMView.  Backed by
     POSIX shared memory in an actor, by plain arrays under the checker.
     """
 

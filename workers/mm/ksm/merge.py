@@ -30,11 +30,11 @@ import numpy as np
 from proto.layout import (FRAME_ANON, FRAME_KSM, PAGE_SHIFT, PTE_DIRTY, PTE_PRESENT, PTE_SPECIAL, PTE_WRITE,
                           PTE_YOUNG, ZERO_PFN)
 
-from .effects import (FLAGS, PTE, VMAS, Checksum, Compare, Get, Load, Lock, PinKsm, Put, SetFrame, TryLock, Unlock,
+from workers.mm.effects import (FLAGS, PTE, VMAS, Checksum, Compare, Get, Load, Lock, PinKsm, Put, SetFrame, TryLock, Unlock,
                       WaitAcks, ZeroPagesAdd, ptl)
-from .notify import set_pte_at_notify
-from .pte import mergeable_ranges
-from .shard import ksm_lock
+from workers.mm.mmu_notifier import set_pte_at_notify
+from workers.mm.pte import mergeable_ranges
+from workers.mm.ksm.shard import ksm_lock
 
 U64 = np.uint64
 KSM_ZERO_PTE = (ZERO_PFN << PAGE_SHIFT) | PTE_PRESENT | PTE_SPECIAL | PTE_DIRTY | PTE_YOUNG

@@ -83,7 +83,7 @@ class Region:
         if kind == "random":
             return np.random.default_rng(int(arg)).integers(0, 256, n, dtype=np.uint8).tobytes()
         if kind == "pid":
-            from .memsource import PidSource, SourceError
+            from workers.estimate.memsource import PidSource, SourceError
             try:
                 data = PidSource(int(arg)).open().read_all(self.pages)
             except SourceError as e:
@@ -180,7 +180,7 @@ def _region(where: str, r: dict) -> Region:
     elif kind == "pid":
         if not arg.isdigit():
             raise _err(f"{where}.source", f"pid: needs a process id (\"pid:PID\"), not {arg!r}")
-        from .memsource import PidSource, SourceError
+        from workers.estimate.memsource import PidSource, SourceError
         try:
             fp = PidSource(int(arg)).open().count_pages()
         except SourceError as e:
@@ -316,7 +316,7 @@ def load(path: str) -> Scenario:
 
 def check_fits(sc: Scenario, frames: int) -> None:
     """ScenarioError if this machine cannot hold the scenario's memory (before anything is allocated)."""
-    from .machine import check_capacity, machine_bytes
+    from workers.actors.supervisor import check_capacity, machine_bytes
     try:
         check_capacity(f"{sc.name}: {sc.pages} pages in {len(sc.vms)} VM(s), a machine of {frames} frames",
                        machine_bytes(frames) + 8 * sum(v.pages + 64 for v in sc.vms))

@@ -5,7 +5,7 @@ Nothing here is a second model of the protocol.  ksmd's scan and merges
 notifier steps (core.notify) and the VMs' accesses (core.access) run as generators
 over the same FrameTable / MMView / FrameAllocator classes the actors use, backed by
 plain arrays instead of POSIX shared memory.  The world performs their effects and
-moves their messages; workers/explore.py decides the order.
+moves their messages; workers/check/explore.py decides the order.
 
 With scanners=2 (`SHARDED`, `ksm-proto check --scanners 2`) two scanners run the
 round protocol of core/shard.py: the leader `ksmd` and `ksmd1`, each owning the
@@ -81,18 +81,18 @@ from proto.layout import (COUNTERS, FRAME_FREE, FRAME_KSM, MM_STATS, MMF_VM_MERG
                           StatsView)
 from proto.messages import Msg
 
-from .core.access import FaultCall, Touch, WaitIdle, touch, vm_access
-from .core.effects import (MEM_EFFECTS, Checksum, Compare, CopyPages, Effect, Load, Lock, Memory, Notify, Reply,
+from workers.mm.kvm import FaultCall, Touch, WaitIdle, touch, vm_access
+from workers.mm.effects import (MEM_EFFECTS, Checksum, Compare, CopyPages, Effect, Load, Lock, Memory, Notify, Reply,
                            ShardRecv, ShardSend, TryLock, Unlock, WaitAcks, apply_mem)
-from .core.fault import handle_mm_fault
-from .core.mm import do_mprotect, dup_mmap, ksm_disable_merge_any, ksm_enable_merge_any, madvise_dontneed
-from .core.notify import EXPECT, FAILED, GRAMMAR, INIT, MODES, LocalNotify, SecondaryMMU, grammar_why, local_set_pte
-from .core.pte import may_access, mergeable_ranges, vma_flags_at
-from .core.repair import repair_frames
-from .core.scan import SUMMED, KsmScan
-from .core.shard import LEAD
-from .frames import FrameAllocator
-from .ksm_tree import RmapItems
+from workers.mm.fault import handle_mm_fault
+from workers.mm.vma import do_mprotect, dup_mmap, ksm_disable_merge_any, ksm_enable_merge_any, madvise_dontneed
+from workers.mm.mmu_notifier import EXPECT, FAILED, GRAMMAR, INIT, MODES, LocalNotify, SecondaryMMU, grammar_why, local_set_pte
+from workers.mm.pte import may_access, mergeable_ranges, vma_flags_at
+from workers.mm.repair import repair_frames
+from workers.mm.ksm.scan import SUMMED, KsmScan
+from workers.mm.ksm.shard import LEAD
+from workers.runtime.frames import FrameAllocator
+from workers.mm.ksm.stable_tree import RmapItems
 
 BREAKS = {
     "cow-reply-before-acks": "the fault handler answers a COW fault and lets go of ptl before the secondary "

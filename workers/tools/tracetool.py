@@ -30,8 +30,8 @@ from json.encoder import encode_basestring_ascii as _esc
 
 from proto.trace import KINDS, NOTIFIER_TYPES, REPLY_TYPES, open_private
 
-from .core.notify import DONE, EXPECT, FAILED, INIT, grammar_why
-from .core.notify import GRAMMAR as _GRAMMAR_TABLE
+from workers.mm.mmu_notifier import DONE, EXPECT, FAILED, INIT, grammar_why
+from workers.mm.mmu_notifier import GRAMMAR as _GRAMMAR_TABLE
 
 __all__ = ["merge", "load", "summary", "format_summary", "check", "Violation", "messages", "percentile",
            "FORMAT", "GRAMMAR"]

@@ -26,7 +26,7 @@ def ctrl_c_delivered() -> None:
 
 
 def _leftovers(m) -> list[str]:
-    from .machine import run_entries
+    from workers.actors.supervisor import run_entries
     return run_entries(m.run) if m.run else []
 
 
@@ -37,7 +37,7 @@ def _alive_children(m) -> list[int]:
 
 @pytest.fixture
 def ksm_machine_factory():
-    from .machine import Machine
+    from workers.actors.supervisor import Machine
     made = []
 
     def make(**kw):

@@ -4,7 +4,7 @@ A VM worker whose access cannot be served by its secondary MMU or by the primary
 sends a FAULT for a batch of pages of its mm.  Each FAULT runs the core
 `core.fault.handle_mm_fault` (do_anonymous_page, wp_page_reuse, wp_page_copy with
 set_pte_at_notify, break_ksm), driven against the run's shared memory and the VM's
-notifier channel (workers/notifier.py) in the callback that read it as far as it
+notifier channel (workers/runtime/driver.py) in the callback that read it as far as it
 goes without waiting; the FAULT_REPLY follows.  A COW's reply carries the new PTEs
 and the fault stays parked (ptl and the old frame held) until the VM's APPLIED.
 FAULTs of an mm whose ptl another FAULT holds here wait behind it, in order, and run
@@ -41,12 +41,12 @@ from proto.layout import KNOB_FAULT_POLL_US, MAX_MMS, PAGE_SHIFT, PAGE_SIZE, PTE
 from proto.messages import MAGIC, RECORD, Frame, Msg, call_payload, encode
 from proto.trace import Tracer
 
-from .actor import RunMemory, actor_args, receive_fd, req_int, run_actor, setup
-from .core.effects import APPLY_MEM, Lock, Memory, Reply, Unlock, WaitAcks
-from .core.fault import handle_mm_fault
-from .core.notify import clear_flush_young, entries_for
-from .core.pte import check_range, task_size
-from .notifier import Driver, MMUNotifier, bind_vm_channel, lock_ptl
+from workers.runtime.actor import RunMemory, actor_args, receive_fd, req_int, run_actor, setup
+from workers.mm.effects import APPLY_MEM, Lock, Memory, Reply, Unlock, WaitAcks
+from workers.mm.fault import handle_mm_fault
+from workers.mm.mmu_notifier import clear_flush_young, entries_for
+from workers.mm.pte import check_range, task_size
+from workers.runtime.driver import Driver, MMUNotifier, bind_vm_channel, lock_ptl
 
 log = logging.getLogger("ksm_proto.faultd")
 U64 = np.uint64

@@ -21,7 +21,7 @@ import numpy as np
 
 from proto.layout import PAGE_SHIFT, PTE_PRESENT, PTE_SPECIAL
 
-from .effects import PTE, Fsck, Load, Lock, Unlock, ptl
+from workers.mm.effects import PTE, Fsck, Load, Lock, Unlock, ptl
 
 U64 = np.uint64
 

@@ -16,6 +16,7 @@ to stdout.
 from __future__ import annotations
 
 import argparse
+import importlib
 import dataclasses
 import json
 import math
@@ -28,7 +29,7 @@ from proto.knobs import OWN
 from proto.layout import COUNTERS
 from proto.trace import open_private
 
-from .scenario import Scenario, ScenarioError, check_fits, demo, load
+from workers.tools.scenario import Scenario, ScenarioError, check_fits, demo, load
 
 SYSFS_COUNTERS = [c for c in COUNTERS if c not in ("ksm_rmap_items", "metadata_bytes")]
 CHUNK = 1 << 20
@@ -120,7 +121,7 @@ def scenario_frames(sc: Scenario) -> int:
 
 def run_scenario(sc: Scenario, mode: str | None, trace: str | None, until_stable: bool, scans: int,
                  rep: Reporter, timeout: float) -> dict:
-    from .machine import Machine
+    from workers.actors.supervisor import Machine
     mode = mode or sc.notifier_mode or "change_pte"
     frames = scenario_frames(sc)
     t0 = time.monotonic()
@@ -235,7 +236,7 @@ def cmd_trace(a) -> int:
     if not os.path.exists(a.file):
         print(f"ksm-proto: no such trace file: {a.file}", file=sys.stderr)
         return 2
-    from . import tracetool
+    from workers.tools import tracetool
     try:
         if a.what == "summary":
             print(tracetool.format_summary(tracetool.summary(a.file)))
@@ -259,15 +260,15 @@ CHECK_MODES = ("change_pte", "wrapped", "invalidate")
 def _check_world(name: str):
     """(world_factory, BREAKS, scenario names) of a check world."""
     if name == "toy":
-        from . import toyworld
+        from workers.check import toyworld
         return (lambda mode, brk, scenario=None: toyworld.world_factory(mode, brk)), toyworld.BREAKS, ("toy",)
-    from .check_world import BREAKS, SCENARIOS, world_factory
+    from workers.check.world import BREAKS, SCENARIOS, world_factory
     return world_factory, BREAKS, tuple(SCENARIOS)
 
 
 def cmd_check(a) -> int:
-    """Explore interleavings (workers/explore.py); 0 nothing found, 1 a violation, 2 a usage error."""
-    from . import explore
+    """Explore interleavings (workers/check/explore.py); 0 nothing found, 1 a violation, 2 a usage error."""
+    from workers.check import explore
     doc = None
     if a.replay:
         try:
@@ -353,10 +354,10 @@ def _check_report(explore, tr, meta: dict, found_by: dict, a) -> int:
 
 
 def cmd_bench(a, rest) -> int:
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    if root not in sys.path:
-        sys.path.insert(0, root)
-    from bench import run as bench_run
+    from workers import ROOT
+    if ROOT not in sys.path:                # bench/ lives beside workers/ in the checkout, found by name
+        sys.path.insert(0, ROOT)
+    bench_run = importlib.import_module("bench.run")
     return bench_run.main(rest)
 
 
@@ -412,9 +413,9 @@ def main(argv=None) -> int:
     c.add_argument("--scanners", type=int, choices=[1, 2],
                    help="scanners in the KSM world (default 1; 2 for a break of the scanners' protocol): 2 runs "
                         "two scanners merging into each other's stable nodes while the VMs write")
-    from . import estimate
+    from workers.estimate import estimate
     estimate.add_arguments(sub.add_parser(
-        "estimate", help="how much KSM would save on processes, files or images (see workers/estimate.py)",
+        "estimate", help="how much KSM would save on processes, files or images (see workers/estimate/estimate.py)",
         description="What KSM would reach at stability on real pages, with the scanner's hashing and tree rules. "
                     "Exit status: 0 done, 1 some input could not be read (the rest counted), 2 bad usage or "
                     "nothing readable, 3 --verify-kernel failed or the kernel's counters differ."))
@@ -433,7 +434,7 @@ def _main(p, c, args, rest) -> int:
     if args.cmd == "bench":
         return cmd_bench(args, rest)
     if args.cmd == "estimate" and not rest:
-        from . import estimate
+        from workers.estimate import estimate
         return estimate.cli(args)
     if rest:
         p.error(f"unrecognized arguments: {' '.join(rest)}")

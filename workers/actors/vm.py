@@ -46,14 +46,14 @@ from proto import (MADV_DONTNEED, MADV_MERGEABLE, MADV_UNMERGEABLE, PR_GET_MEMOR
                    PROT_EXEC, PROT_READ, PROT_WRITE)
 from proto.trace import Tracer
 
-from .actor import RunMemory, actor_args, receive_fd, req_int, run_actor, setup
-from .core.access import FaultCall, Touch, WaitIdle, touch, vm_access
-from .core.effects import VMAS, Load, Memory
-from .core.mm import (break_ksm_range, do_mprotect, do_munmap, dup_mmap, ksm_disable_merge_any,
+from workers.runtime.actor import RunMemory, actor_args, receive_fd, req_int, run_actor, setup
+from workers.mm.kvm import FaultCall, Touch, WaitIdle, touch, vm_access
+from workers.mm.effects import VMAS, Load, Memory
+from workers.mm.vma import (break_ksm_range, do_mprotect, do_munmap, dup_mmap, ksm_disable_merge_any,
                       ksm_enable_merge_any, madvise_dontneed, mmap_flags)
-from .core.notify import LocalNotify, SecondaryMMU, local_set_pte
-from .core.pte import check_range, page_range, task_size, vma_table
-from .notifier import Driver, lock_ptl
+from workers.mm.mmu_notifier import LocalNotify, SecondaryMMU, local_set_pte
+from workers.mm.pte import check_range, page_range, task_size, vma_table
+from workers.runtime.driver import Driver, lock_ptl
 
 log = logging.getLogger("ksm_proto.vm")
 U64 = np.uint64

@@ -451,7 +451,7 @@ def run_modes(writes: int, min_cow_faults: int = 0, modes=MODES, nvms: int = 4, 
     parent threads, the rest from the in-worker writers.  progress(mode, done, asked, cow).
     Returns the totals and each mode's result under "modes".
     """
-    from .machine import Machine
+    from workers.actors.supervisor import Machine
 
     per_mode = dict(zip(modes, split(writes, len(modes))))
     cow_mode = dict(zip(modes, split(min_cow_faults, len(modes))))

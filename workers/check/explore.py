@@ -1,7 +1,7 @@
 """The interleaving explorer behind `ksm-proto check`: it schedules the steps of a World and checks it.
 
 It owns the choice of the next step and nothing about any protocol.  A World (duck-typed; the
-KSM one is workers/check_world.py, a toy one workers/toyworld.py) says which Steps may run next
+KSM one is workers/check/world.py, a toy one workers/check/toyworld.py) says which Steps may run next
 and runs the one chosen:
 
     world.enabled() -> list[Step]       deterministic order; [] when nothing can run

@@ -30,7 +30,7 @@ import numpy as np
 from proto.layout import PAGE_SHIFT, PTE_YOUNG, USER_BASE
 from proto.messages import Msg, NOTIFIER_TYPES
 
-from .effects import PTE, SUBS, Effect, Load, Notify, Store, WaitAcks
+from workers.mm.effects import PTE, SUBS, Effect, Load, Notify, Store, WaitAcks
 
 MODES = ("change_pte", "wrapped", "invalidate")
 U64 = np.uint64

@@ -26,7 +26,7 @@ from proto.messages import ProtocolError
 
 from proto.layout import FrameTable, MMView, RmapView, Segment, StatsView, seg_name
 
-from .frames import FrameAllocator, ShmLock
+from workers.runtime.frames import FrameAllocator, ShmLock
 
 PR_SET_PDEATHSIG = 1
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from functools import cache, partial
 
-from .explore import Step
+from workers.check.explore import Step
 
 BREAKS = {
     "owner-read-twice": "the old ShmLock: a busy trylock reads owner twice and takes over a live holder",

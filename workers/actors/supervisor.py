@@ -58,11 +58,12 @@ from proto.layout import (COUNTERS, KNOBS, MAX_MMS, MM_STATS, MMF_VM_MERGE_ANY, 
                           new_run_name, run_owner_pid, seg_name, unlink_lock_file)
 from proto.messages import MAX_DATA, Msg, call_payload, decode
 
-from .core.effects import MEM_EFFECTS, Lock, Memory, Unlock, apply_mem
-from .core.pte import check_range, task_size
-from .core.repair import repair_frames
-from .frames import FrameAllocator, ShmLock
-from .notifier import MODES
+from workers import ROOT
+from workers.mm.effects import MEM_EFFECTS, Lock, Memory, Unlock, apply_mem
+from workers.mm.pte import check_range, task_size
+from workers.mm.repair import repair_frames
+from workers.runtime.frames import FrameAllocator, ShmLock
+from workers.runtime.driver import MODES
 
 log = logging.getLogger("ksm_proto.machine")
 MAX_FRAMES = 1 << 32            # pfns are int32 in the frame table
@@ -166,7 +167,7 @@ class ActorProcess:
         self.name = name
         try:
             self.proc = subprocess.Popen(cmd, pass_fds=[child.fileno(), fd_child.fileno(), *pass_fds], env=env,
-                                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+                                         cwd=ROOT)
         except BaseException:
             for sk in (parent, fd_parent):
                 sk.close()
@@ -521,7 +522,7 @@ class Machine:
             self.common_args = common
             for k in range(self.fault_handlers):
                 name = self.faultd_names[k]
-                self.actors[name] = ActorProcess(name, "workers.faultd", run, self._faultd_args(k))
+                self.actors[name] = ActorProcess(name, "workers.actors.faultd", run, self._faultd_args(k))
             self.actors.update(self._start_scanners(run, common))
             for a in list(self.actors.values()):
                 a.wait_ready(30)
@@ -539,7 +540,7 @@ class Machine:
         return self
 
     def _start_scanners(self, run: str, common: list, restarted: bool = False) -> dict:
-        """N scanner processes, each pair joined by a socketpair (the mesh of workers/core/shard.py), by
+        """N scanner processes, each pair joined by a socketpair (the mesh of workers/mm/ksm/shard.py), by
         name.  restarted: they rebuild their shards from shared memory when told to (`restore`)."""
         n = self.scanners
         ends: dict[int, dict[int, socket.socket]] = {k: {} for k in range(n)}
@@ -552,7 +553,7 @@ class Machine:
             for k in range(n):
                 peers = [f"--peer={j}:{s.fileno()}" for j, s in ends[k].items()]
                 name = self.scanner_names[k]
-                procs[name] = ActorProcess(name, "workers.ksmd", run,
+                procs[name] = ActorProcess(name, "workers.actors.ksmd", run,
                                            common + ["--shard", str(k), "--scanners", str(n), *peers]
                                            + (["--restarted"] if restarted else []),
                                            pass_fds=tuple(s.fileno() for s in ends[k].values()))
@@ -578,9 +579,9 @@ class Machine:
     def _start_reaper(self) -> None:
         r, w = os.pipe()
         self.reaper = subprocess.Popen(
-            [sys.executable, "-m", "workers.reaper", "--run", self.run, "--fd", str(r)],
+            [sys.executable, "-m", "workers.actors.reaper", "--run", self.run, "--fd", str(r)],
             pass_fds=[r], start_new_session=True,
-            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+            cwd=ROOT)
         os.close(r)
         self.reaper_fd = w
 
@@ -733,7 +734,7 @@ class Machine:
             self._wipe_rmaps()          # the new scanners rebuild their items (restore)
             new = self._start_scanners(self.run, self.common_args, restarted=True)
         else:
-            new = {group: ActorProcess(group, "workers.faultd", self.run,
+            new = {group: ActorProcess(group, "workers.actors.faultd", self.run,
                                        self._faultd_args(self.faultd_names.index(group)))}
         try:
             for a in new.values():
@@ -874,7 +875,7 @@ class Machine:
                     args.append("--device")
                 if self.trace_dir:
                     args += ["--trace", self.trace_dir]
-                actor = ActorProcess(f"vm:{name}", "workers.vm", self.run, args,
+                actor = ActorProcess(f"vm:{name}", "workers.actors.vm", self.run, args,
                                      pass_fds=[e.fileno() for e in ends])
                 for e in ends:
                     e.close()
@@ -1059,7 +1060,7 @@ class Machine:
                 signal.signal(signal.SIGINT, old_int)
 
     def _merge_trace(self) -> None:
-        from .tracetool import merge
+        from workers.tools.tracetool import merge
         try:
             merge(self.trace_dir, self.trace_path)
         finally:

@@ -1,13 +1,13 @@
 """ksmd: a scanner process.  It finds identical pages in mergeable areas and merges them.
 
-This module is the process around the scan (workers/core/scan.py: cmp_and_merge_page,
-the trees, the counters) and the merge (workers/core/merge.py: try_to_merge_one_page):
+This module is the process around the scan (workers/mm/ksm/scan.py: cmp_and_merge_page,
+the trees, the counters) and the merge (workers/mm/ksm/merge.py: try_to_merge_one_page):
 it drives their effects against the run's shared memory, the VMs' notifier channels
-(workers/notifier.py) and the other scanners.
+(workers/runtime/driver.py) and the other scanners.
 
 With `scanners` = N (ksm-proto's own knob) the supervisor starts N of these,
 connected to each other by socketpairs (the mesh); each owns one shard of the trees
-(workers/core/shard.py).  Scanner 0, the leader, is ksmd as the supervisor knows it:
+(workers/mm/ksm/shard.py).  Scanner 0, the leader, is ksmd as the supervisor knows it:
 it wakes every `sleep_millisecs` to scan `pages_to_scan` pages (in rounds every
 scanner works on), applies knobs (run=2 unmerges everything), publishes the
 machine-wide counters in the stats segment and serves the supervisor's control calls.
@@ -44,14 +44,14 @@ from proto.layout import COUNTERS, KNOBS, MAX_MMS, MM_STATS
 from proto.messages import Frame, Msg, call_payload, encode
 from proto.trace import Tracer
 
-from .actor import RunMemory, actor_args, receive_fd, req_int, run_actor, setup
-from .core.effects import Memory, TryLock
-from .core.fault import unmerge_ksm_pages
-from .core.scan import BATCH, KsmScan
-from .core.shard import DONE, LEAD, ROUTED, Done, Routed, from_wire, to_wire
-from .frames import OutOfFrames, ShmLock
-from .ksm_tree import RmapItems
-from .notifier import Driver, MMUNotifier, bind_vm_channel
+from workers.runtime.actor import RunMemory, actor_args, receive_fd, req_int, run_actor, setup
+from workers.mm.effects import Memory, TryLock
+from workers.mm.fault import unmerge_ksm_pages
+from workers.mm.ksm.scan import BATCH, KsmScan
+from workers.mm.ksm.shard import DONE, LEAD, ROUTED, Done, Routed, from_wire, to_wire
+from workers.runtime.frames import OutOfFrames, ShmLock
+from workers.mm.ksm.stable_tree import RmapItems
+from workers.runtime.driver import Driver, MMUNotifier, bind_vm_channel
 
 log = logging.getLogger("ksm_proto.ksmd")
 KSMD_NICE = 5               # the kernel's ksmd: set_user_nice(current, 5)

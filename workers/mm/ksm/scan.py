@@ -44,13 +44,13 @@ from proto.knobs import DEFAULTS
 from proto.layout import (FRAME_ANON, FRAME_KSM, MMF_VM_MERGEABLE, MMH_FLAGS, MMH_NODE, PAGE_SHIFT, PAGE_SIZE,
                           PTE_PRESENT, PTE_SPECIAL, ZERO_PFN)
 
-from ..hashtab import HashIndex
-from ..ksm_tree import HAS, STABLE, UNSTABLE, RmapItems, StableTree, should_skip
-from .effects import (FLAGS, MMFLAGS, PTE, STABLE as STABLE_OF, VMAS, ZERO_KEY, Checksum, Load, Lock, ShardRecv,
+from workers.mm.ksm.hashtab import HashIndex
+from workers.mm.ksm.stable_tree import HAS, STABLE, UNSTABLE, RmapItems, StableTree, should_skip
+from workers.mm.effects import (FLAGS, MMFLAGS, PTE, STABLE as STABLE_OF, VMAS, ZERO_KEY, Checksum, Load, Lock, ShardRecv,
                       ShardSend, Store, Unlock, ptl)
-from .merge import merge_in_groups, try_to_merge_pages
-from .pte import mergeable_ranges
-from .shard import DONE, GID_SHIFT, LEAD, ROUTED, Ctl, Done, Round, Routed, shard_of
+from workers.mm.ksm.merge import merge_in_groups, try_to_merge_pages
+from workers.mm.pte import mergeable_ranges
+from workers.mm.ksm.shard import DONE, GID_SHIFT, LEAD, ROUTED, Ctl, Done, Round, Routed, shard_of
 
 U64 = np.uint64
 BATCH = 16384

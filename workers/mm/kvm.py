@@ -21,9 +21,9 @@ import errno
 from proto.layout import PAGE_SHIFT, PAGE_SIZE, PTE_PRESENT, PTE_WRITE, PTE_YOUNG, USER_BASE
 from proto.messages import FAULT_WRITE
 
-from .effects import PTE, VMAS, Effect, Load, bytes_footprint
-from .notify import NEED_PRIMARY, OK, SecondaryMMU, secondary_fault_check
-from .pte import PROT_BITS, check_range, may_access, task_size, vma_flags_of
+from workers.mm.effects import PTE, VMAS, Effect, Load, bytes_footprint
+from workers.mm.mmu_notifier import NEED_PRIMARY, OK, SecondaryMMU, secondary_fault_check
+from workers.mm.pte import PROT_BITS, check_range, may_access, task_size, vma_flags_of
 
 FAULT_BATCH = 4096
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .hashtab import HashIndex
+from workers.mm.ksm.hashtab import HashIndex
 
 HAS, UNSTABLE, STABLE = 1, 2, 4
 ITEM_BYTES = 15         # flags, age, skips (u8), sn (i32), cs (i64)

@@ -1,0 +1,2 @@
+"""`ksm-proto estimate`: what KSM would save on this machine's processes and files.
+"""

@@ -1,0 +1,3 @@
+"""The runtime under the actors: the effect interpreter over shared memory and sockets, the
+locks and frame allocator, actor start-up.
+"""

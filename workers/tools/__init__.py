@@ -1,0 +1,2 @@
+"""What users run: the CLI, scenarios, the stress driver, the trace tools, the pytest plugin.
+"""

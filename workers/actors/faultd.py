@@ -43,7 +43,7 @@ from proto.trace import Tracer
 
 from workers.runtime.actor import RunMemory, actor_args, receive_fd, req_int, run_actor, setup
 from workers.mm.effects import APPLY_MEM, Lock, Memory, Reply, Unlock, WaitAcks
-from workers.mm.fault import handle_mm_fault
+from workers.mm.fault import fault_reply_errno, handle_mm_fault
 from workers.mm.mmu_notifier import clear_flush_young, entries_for
 from workers.mm.pte import check_range, task_size
 from workers.runtime.driver import Driver, MMUNotifier, bind_vm_channel, lock_ptl
@@ -342,15 +342,12 @@ class FaultHandler:
             self.cow_copies += copies
             self.reuses += reuses
             self._reply(st, fast=None)
-        elif isinstance(exc, OSError):
-            self._reply(st, exc.errno or errno.EIO, exc.strerror or str(exc), fast=None)
-        elif isinstance(exc, TimeoutError):
-            self._reply(st, errno.EAGAIN, str(exc), fast=None)
-        elif isinstance(exc, KeyError):
-            self._reply(st, errno.EFAULT, f"unknown mm {f.mm}", fast=None)
-        else:       # a bug: the VM hears of it, this process goes on
-            log.error("%s: fault on mm %d failed", self.name, f.mm, exc_info=exc)
-            self._reply(st, errno.EIO, f"fault handler error: {exc!r}", fast=None)
+        else:
+            err = fault_reply_errno(exc, f.mm)
+            if err is None:     # a bug: the VM hears of it, this process goes on
+                log.error("%s: fault on mm %d failed", self.name, f.mm, exc_info=exc)
+                err = errno.EIO, f"fault handler error: {exc!r}"
+            self._reply(st, *err, fast=None)
         if self.tr:
             self.tr.span("handle_mm_fault", st.t0, time.monotonic_ns(), mm=f.mm, pages=f.n, write=int(f.flags & 1))
 

@@ -51,7 +51,8 @@ from workers.mm.kvm import FaultCall, Touch, WaitIdle, touch, vm_access
 from workers.mm.effects import VMAS, Load, Memory
 from workers.mm.vma import (break_ksm_range, do_mprotect, do_munmap, dup_mmap, ksm_disable_merge_any,
                       ksm_enable_merge_any, madvise_dontneed, mmap_flags)
-from workers.mm.mmu_notifier import LocalNotify, SecondaryMMU, local_set_pte
+from workers.mm.mmu_notifier import (LocalNotify, NotifierLink, SecondaryMMU, apply_cow_reply, notifier_lost,
+                                     receive_notification, register, unregister)
 from workers.mm.pte import check_range, page_range, task_size, vma_table
 from workers.runtime.driver import Driver, lock_ptl
 
@@ -112,27 +113,16 @@ class VMWorker:
         if self.tr:
             self.tr.recv(peer, Msg(f.type).name, self.mm_id, f.sub, f.addr, f.n, 0,
                          int(f.entries[0, 1]) if f.n else 0, f.corr)
-        sub = self.subs.get(f.sub)
         flags = 0
-        if sub is None:
+        try:
+            flags = receive_notification(self.subs, ch.link, f.type, f.sub, f.entries)
+        except KeyError:
             log.error("%s: %s for unknown secondary MMU %d", self.name, Msg(f.type).name, f.sub)
+        except ValueError as e:       # an address outside the mm, END without START: not applied
+            self.refused += 1
+            log.error("%s: refused %s from %s: %s", self.name, Msg(f.type).name, peer, e)
         else:
-            try:
-                flags = sub.apply(f.type, f.entries)
-            except ValueError as e:       # an address outside the mm, END without START: not applied
-                self.refused += 1
-                log.error("%s: refused %s from %s: %s", self.name, Msg(f.type).name, peer, e)
-            else:
-                opened = ch.open_starts
-                if f.type == Msg.START:
-                    opened[f.sub] = opened.get(f.sub, 0) + 1
-                elif f.type == Msg.END:
-                    opened[f.sub] = opened.get(f.sub, 0) - 1
-            idle = self.idle[f.sub]
-            if sub.in_progress:
-                idle.clear()
-            else:
-                idle.set()
+            self._idle_update(self.subs[f.sub])
         if self.tr:
             self.tr.send(peer, "ACK", self.mm_id, f.sub, f.addr, 0, 0, 0, f.corr)
         if not ch.closed:
@@ -141,20 +131,18 @@ class VMWorker:
     def notifier_lost(self, ch: Channel) -> None:
         """A notifier's channel is gone (it died, or is being replaced): once per channel, end the
         invalidations it started and drop every secondary translation (core.notify)."""
-        if ch.lost_done:
+        if ch.link.lost:
             return
-        ch.lost_done = True
+        opened = sum(ch.link.open_starts.values())
+        ended = notifier_lost(self.subs, ch.link)
         self.notifier_losses[ch.peer] += 1
-        log.warning("%s: lost the %s channel: ending %d open invalidation(s), dropping all translations",
-                    self.name, ch.peer, sum(ch.open_starts.values()))
-        for s, sub in self.subs.items():
-            ended = sub.notifier_lost(ch.open_starts.get(s, 0))
+        log.warning("%s: lost the %s channel: ended %d open invalidation(s), dropped all translations",
+                    self.name, ch.peer, opened)
+        for s, n in ended.items():
             if self.tr:
-                for _ in range(ended):
+                for _ in range(n):
                     self.tr.recv(ch.peer, "END", self.mm_id, s, 0, 0, 0, 0, 0)
-            if not sub.in_progress:
-                self.idle[s].set()
-        ch.open_starts.clear()
+            self._idle_update(self.subs[s])
         if ch is self.fault_ch:
             self.fault_ready.clear()
         ch.close()
@@ -163,7 +151,7 @@ class VMWorker:
         def lost(ch):
             self.notifier_lost(ch)
         ch = Channel(f"{self.name}->{peer}", self.on_notify, lost)
-        ch.peer, ch.open_starts, ch.lost_done = peer, {}, False
+        ch.peer, ch.link = peer, NotifierLink(peer)
         if peer == self.fault_peer:     # a COW reply is applied on arrival, whoever waits for it
             ch.on_reply = self._on_fault_reply
             ch.records = _RECORDS       # (a one-page COW reply: read as a record, proto.messages.decode_record)
@@ -304,18 +292,16 @@ class VMWorker:
         it holds ptl and the old frame until then.  Entries outside this mm are refused (logged), and
         APPLIED still goes back, so that the fault handler lets go."""
         try:
-            for sub, typ in local_set_pte(self.subs_list(), rep.entries, self.args.mode):
-                if self.tr:
-                    self.tr.recv(self.name, typ.name, self.mm_id, sub.sub, int(rep.entries[0][0]), rep.n, 0,
-                                 int(rep.entries[0][1]), 0)
-                idle = self.idle[sub.sub]
-                if sub.in_progress:
-                    idle.clear()
-                else:
-                    idle.set()
+            applied = apply_cow_reply(self.subs_list(), rep.entries, self.args.mode)
         except ValueError as e:
             self.refused += 1
             log.error("%s: refused a COW reply from the fault handler: %s", self.name, e)
+            applied = ()
+        for sub, typ in applied:
+            if self.tr:
+                self.tr.recv(self.name, typ.name, self.mm_id, sub.sub, int(rep.entries[0][0]), rep.n, 0,
+                             int(rep.entries[0][1]), 0)
+            self._idle_update(sub)
         if self.tr:
             self.tr.send(self.fault_peer, "APPLIED", self.mm_id, -1, rep.addr, 0, 0, 0, rep.corr)
         if not ch.closed:       # (encode(Msg.APPLIED, mm=, corr=), packed at once)
@@ -376,6 +362,13 @@ class VMWorker:
         if key != self._vmas_key:
             self._vmas_key, self._vmas = key, self.mm.vma_list()
         return self._vmas
+
+    def _idle_update(self, sub: SecondaryMMU) -> None:
+        """The secondary MMU's idle event follows its in-progress count (WaitIdle waits on it)."""
+        if sub.in_progress:
+            self.idle[sub.sub].clear()
+        else:
+            self.idle[sub.sub].set()
 
     def subs_list(self) -> list[SecondaryMMU]:
         return list(self.subs.values())
@@ -715,12 +708,9 @@ class VMWorker:
         """mmu_notifier_register for each secondary MMU of this VM."""
         await self.take_ptl()
         try:
-            for s in self.subs.values():
-                self.mm.subs[s.sub, SUB_CHANGE_PTE] = int(s.has_change_pte)
-                self.mm.subs[s.sub, SUB_ACTIVE] = 1
-                s.msgs["REGISTER"] += 1
-                s.log.append("REGISTER")
-                if self.tr:
+            register(self.mm, self.subs_list())
+            if self.tr:
+                for s in self.subs.values():
                     self.tr.recv(self.name, "REGISTER", self.mm_id, s.sub, 0, 0, 0, 0, 0)
         finally:
             self.ptl.release()
@@ -732,14 +722,12 @@ class VMWorker:
             raise OSError(errno.ENOENT, f"no secondary MMU {sub} on {self.name}")
         await self.take_ptl()
         try:
-            self.mm.subs[sub, SUB_ACTIVE] = 0
+            released = unregister(self.mm, s)
         finally:
             self.ptl.release()
-        if not s.released:
-            s.note("RELEASE")
+        if released:
             if self.tr:
                 self.tr.recv(self.name, "RELEASE", self.mm_id, sub, 0, 0, 0, 0, 0)
-            s.release()
             self.idle[sub].set()
 
     async def exit_mmap_release(self) -> None:

@@ -84,45 +84,25 @@ from proto.messages import Msg
 from workers.mm.kvm import FaultCall, Touch, WaitIdle, touch, vm_access
 from workers.mm.effects import (MEM_EFFECTS, Checksum, Compare, CopyPages, Effect, Load, Lock, Memory, Notify, Reply,
                            ShardRecv, ShardSend, TryLock, Unlock, WaitAcks, apply_mem)
-from workers.mm.fault import handle_mm_fault
+from workers.mm.fault import fault_reply_errno, handle_mm_fault
 from workers.mm.vma import do_mprotect, dup_mmap, ksm_disable_merge_any, ksm_enable_merge_any, madvise_dontneed
-from workers.mm.mmu_notifier import EXPECT, FAILED, GRAMMAR, INIT, MODES, LocalNotify, SecondaryMMU, grammar_why, local_set_pte
+from workers.mm.mmu_notifier import (EXPECT, FAILED, GRAMMAR, INIT, MODES, LocalNotify, NotifierLink, SecondaryMMU,
+                                     apply_cow_reply, grammar_why, notifier_lost, receive_notification, register)
 from workers.mm.pte import may_access, mergeable_ranges, vma_flags_at
 from workers.mm.repair import repair_frames
 from workers.mm.ksm.scan import SUMMED, KsmScan
 from workers.mm.ksm.shard import LEAD
 from workers.runtime.frames import FrameAllocator
 from workers.mm.ksm.stable_tree import RmapItems
+from workers.mm.breaks import BREAKS as DECLARED, Breaks, check_break
 
-BREAKS = {
-    "cow-reply-before-acks": "the fault handler answers a COW fault and lets go of ptl before the secondary "
-                             "MMUs acked the new PTE",
-    "no-write-protect": "ksmd compares and replaces without write-protecting the page first",
-    "no-recheck-pte": "ksmd replaces a page without re-checking, under ptl, that its PTE still maps the "
-                      "frame it checksummed and compared",
-    "free-before-acks": "the old frame is freed (COW and merge) before the secondary MMUs dropped it",
-    "early-release": "a COW's old frame is put as soon as the reply carrying the new PTE is sent, before the "
-                     "VM applied it to its secondary MMUs (no deferred release)",
-    "pid-takeover-lock": "page-table locks are the old semaphore + owner pid, taken over when the owner "
-                         "'looks dead' (reads owner twice)",
-    "no-round-barrier": "two scanners: the leader starts a round's visits before the other scanner has finished "
-                        "the last round's merges (its DONE is collected a round late)",
-    "no-shard-routing": "two scanners: each plans the pages it visited in its own trees, instead of routing each "
-                        "page to the owner of its content",
-    "no-ksm-lock": "two scanners: an owner tries an mm's page-table lock without first taking the scanners' "
-                   "ksm lock of that mm",
-    "no-repair": "after a kill -9 of the fault handler the supervisor restarts it without repairing the frame "
-                 "table from the PTEs (runs with kill='faultd')",
-    "no-spte-flush": "a VM keeps its secondary translations when ksmd dies, trusting what it was told "
-                     "(runs with kill='ksmd')",
-    "fork-no-write-protect": "fork leaves the parent's PTEs (and its secondary MMUs' translations) writable "
-                             "while the child maps the same frames",
-    "dontneed-no-notify": "MADV_DONTNEED clears PTEs and frees frames without invalidate_range_start/end "
-                          "to the VM's secondary MMUs",
-    "mprotect-no-notify": "mprotect changes the VMA and the PTEs without invalidate_range_start/end to the "
-                          "VM's secondary MMUs",
-}
-SHARD_BREAKS = ("no-round-barrier", "no-shard-routing", "no-ksm-lock")
+# the declared breaks (workers/mm/breaks.py) as the checker's tables: name -> description, and what each needs
+BREAKS = {n: b.what for n, b in DECLARED.items()}
+SHARD_BREAKS = tuple(n for n, b in DECLARED.items() if b.scanners == 2)
+BREAK_KILLS = {n: b.kill for n, b in DECLARED.items() if b.kill}
+BREAK_MODES = {n: b.modes for n, b in DECLARED.items() if b.modes}
+BREAK_CONFIG = {n: b.config for n, b in DECLARED.items() if b.config}
+BREAK_SCENARIO = {n: b.scenario for n, b in DECLARED.items() if b.scenario != "base"}
 # the two-scanner configuration: page 0 of each VM holds a content of shard 0 (byte 2), page 1 one of
 # shard 1 (byte 1).  The first writes race the first merges (vm0 zaps page 1 with MADV_DONTNEED, vm1
 # rewrites what its page 1 holds); the next ones copy contents across shards: COW of one owner's KSM
@@ -131,15 +111,6 @@ SHARD_BREAKS = ("no-round-barrier", "no-shard-routing", "no-ksm-lock")
 SHARDED = dict(scanners=2, fill=(2, 1), writes=(((1, -1), (0, 1), (1, 2)), ((1, 1), (1, 2), (0, 1))),
                smart_scan=0, complete=True, pages_to_scan=1000, first_scan=1)
 KILLS = ("ksmd", "faultd")
-BREAK_KILLS = {"no-repair": "faultd", "no-spte-flush": "ksmd"}
-# the modes where a break breaks anything (default: all): only change_pte mode needs the spte flush,
-# in the others invalidate_range_start has zapped the secondary translation before any PTE change
-BREAK_MODES = {"no-spte-flush": ("change_pte",)}
-# the configuration a break shows itself in soonest: unpaced writers keep their sptes writable while ksmd dies
-# early-release: vm1 COWs both its pages away from the KSM frame all four share, vm0 its first: vm0's
-# write of its second page then copies the KSM frame's last mapping, which its put frees
-BREAK_CONFIG = {"no-spte-flush": {"pace": False},
-                "early-release": {"writes": (((0, 4), (1, 5)), ((0, 2), (1, 3)))}}
 
 # The writers' programs.  An op is (page, byte) to write and read back, (page, -1) for
 # MADV_DONTNEED (the page reads as zero), ("fork", ops) to fork a child running ops,
@@ -155,8 +126,6 @@ SCENARIOS = {
                           ("efault", 1, True), ("prot", 1, VM_READ | VM_WRITE), (1, 4))),
                  use_zero_pages=1),
 }
-# the scenario in which each break shows (a break not listed: "base")
-BREAK_SCENARIO = {"fork-no-write-protect": "fork", "mprotect-no-notify": "fork"}
 
 
 class ArraySegment:
@@ -303,11 +272,11 @@ class KsmWorld:
             raise ValueError(f"kill {kill!r} is not one of {KILLS}")
         self.kill = kill
         self.up = {a: True for a in KILLS}          # False from the kill to the restart
-        self.open_starts: dict[tuple, int] = {}     # (notifier, mm, sub) -> STARTs without their END
+        self.links: dict[tuple, NotifierLink] = {}  # (notifier, mm) -> the VM's end of its channel
         self.lost: set[int] = set()                 # FAULT corrs the dead fault handler never answered
         self.frozen = False
         self.restoring = 0                          # restarted followers that have not restored yet
-        self.mode, self.brk = mode, frozenset([brk] if brk else [])
+        self.mode, self.brk = mode, Breaks([brk] if brk else [])
         self.nframes = nframes
         ftseg = ArraySegment(FrameTable.size_for(nframes))
         self.ft = FrameTable(ftseg, nframes)
@@ -347,7 +316,7 @@ class KsmWorld:
                                     smart_scan=smart_scan, scanners=scanners))
         for v in range(nvms):
             self._make_vm(v, npages, device and v == 0)
-        self.pending_loss = {v.id: set() for v in self.vms}   # dead notifiers this VM has not noticed yet
+        self.pending_loss = collections.defaultdict(set)   # mm -> dead notifiers its VM has not noticed yet
         self.threads.append(Thread("ksmd", "ksmd", self.ksmd_main()))
         for k in range(1, scanners):
             name = self.scanner_names[k]
@@ -396,11 +365,9 @@ class KsmWorld:
 
     @staticmethod
     def _register(v: VMState, mm: MMView) -> None:
-        for s, sub in v.subs.items():
-            mm.subs[s, SUB_ACTIVE] = 1
-            mm.subs[s, SUB_CHANGE_PTE] = int(sub.has_change_pte)
+        register(mm, list(v.subs.values()))
+        for s in v.subs:
             v.grammar[s] = GRAMMAR[(INIT, "REGISTER")]
-            sub.note("REGISTER")
 
     def _make_vm(self, mm_id: int, npages: int, device: bool) -> None:
         mm = self._new_mm(mm_id, npages)
@@ -581,8 +548,9 @@ class KsmWorld:
                 t.stack.pop()
                 if not t.stack:
                     t.done, t.pending = True, None
-                    if t.actor == "faultd" and isinstance(x, OSError):    # an error reply, as faultd sends it
-                        self._reply(t, x.errno, str(x))
+                    err = fault_reply_errno(x, t.mm) if t.actor == "faultd" else None
+                    if err is not None:         # an error reply, as faultd sends it
+                        self._reply(t, *err)
                     else:
                         self.violations_found.append(f"{t.name} failed: {type(x).__name__}: {x}")
                     return
@@ -994,7 +962,7 @@ class KsmWorld:
             _, corr, err, msg, entries, h = item
             v = self.vms[dst]
             if entries is not None:
-                for sub, typ in local_set_pte(list(v.subs.values()), entries, self.mode):
+                for sub, typ in apply_cow_reply(list(v.subs.values()), entries, self.mode):
                     self._grammar(v, sub.sub, typ.name, src)
                 self.queues[(dst, f"{src}.ack")].append(("ACK", h, 0))
             v.replies[corr] = (err, msg)
@@ -1008,14 +976,16 @@ class KsmWorld:
             return
         v = self.vms[dst]                    # a notifier message to one secondary MMU
         _, h, s, entries = item
-        sub = v.subs[s]
-        t = Msg[kind]
         self._grammar(v, s, kind, src)
-        if t in (Msg.START, Msg.END):
-            k = (src, dst, s)
-            self.open_starts[k] = self.open_starts.get(k, 0) + (1 if t == Msg.START else -1)
-        flags = sub.apply(t, entries)
+        flags = receive_notification(v.subs, self._link(src, dst), Msg[kind], s, entries)
         self.queues[(dst, f"{src}.ack")].append(("ACK", h, flags))
+
+    def _link(self, src: str, mm: int) -> NotifierLink:
+        """VM mm's end of notifier src's channel (a new one once the VM handled src's loss)."""
+        link = self.links.get((src, mm))
+        if link is None or link.lost:
+            link = self.links[(src, mm)] = NotifierLink(src)
+        return link
 
     # ---------------------------------------------------------------- kill -9 and recovery
     def _ksmd_thread(self) -> Thread | None:
@@ -1061,15 +1031,7 @@ class KsmWorld:
             self._notifier_lost_one(v, m)
 
     def _notifier_lost_one(self, v: VMState, target: str) -> None:
-        for s, sub in v.subs.items():
-            n = self.open_starts.pop((target, v.id, s), 0)
-            if "no-spte-flush" in self.brk:
-                ended = max(0, min(n, sub.in_progress))
-                sub.in_progress -= ended
-                for _ in range(ended):
-                    sub.note("END")
-            else:
-                ended = sub.notifier_lost(n)
+        for s, ended in notifier_lost(v.subs, self._link(target, v.id), self.brk).items():
             gk = (target, s)
             for _ in range(ended):
                 v.grammar[gk] = GRAMMAR.get((v.grammar.get(gk, GRAMMAR[(INIT, "REGISTER")]), "END"), FAILED)
@@ -1238,8 +1200,8 @@ def world_factory(mode: str, brk: str | None = None, scenario: str | None = None
     scanners=2 is the two-scanner configuration (SHARDED; with a scenario other than "base",
     its scanners, contents and round size under the scenario's program); None: 2 for a break
     of the scanners' protocol (SHARD_BREAKS), else 1."""
-    if brk is not None and brk not in BREAKS:
-        raise ValueError(f"unknown break {brk!r}; one of: {', '.join(BREAKS)}")
+    if brk is not None:
+        check_break(brk)
     if scanners is None:
         scanners = 2 if brk in SHARD_BREAKS else 1
     if scanners not in (1, 2):

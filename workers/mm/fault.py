@@ -44,6 +44,7 @@ from workers.mm.effects import (FLAGS, MAPCOUNT, PTE, VMAS, Alloc, CopyPages, Lo
                       WaitAcks, ZeroPagesAdd, ptl)
 from workers.mm.mmu_notifier import set_pte_at_notify
 from workers.mm.pte import may_access, vma_flags_list
+from workers.mm.breaks import NONE
 
 ANON_RW = PTE_PRESENT | PTE_WRITE | PTE_DIRTY | PTE_YOUNG
 ZERO_RO = (ZERO_PFN << PAGE_SHIFT) | PTE_PRESENT | PTE_YOUNG
@@ -59,7 +60,7 @@ def _ints(v) -> list:
 
 
 def handle_mm_fault(mm: int, npages: int, idx, flags: int, mode: str, early_reply: bool = False,
-                    brk=frozenset(), cow_reply: bool = True):
+                    brk=NONE, cow_reply: bool = True):
     """Serve one fault request for the page indices idx (a list, or an int array); returns (cow
     copies, reuses).  Raises OSError (EFAULT, ENOMEM).
 
@@ -156,7 +157,7 @@ def do_wp_page(mm: int, idx: list, pte: list, write: bool, mode: str, early_repl
 
 
 def wp_page_copy(mm: int, idx: list, old: list, special: list, writable: bool, mode: str,
-                 early_reply: bool = False, brk=frozenset(), cow_reply: bool = False):
+                 early_reply: bool = False, brk=NONE, cow_reply: bool = False):
     """Copy each frame, set the PTEs with notification, put the old frames after the acks.
 
     The caller holds ptl(mm).  Out of frames: nothing changed.  With cow_reply, see
@@ -187,7 +188,7 @@ def wp_page_copy(mm: int, idx: list, old: list, special: list, writable: bool, m
 
 
 def wp_page_copy_reply(mm: int, idx: list, old: list, special: list, writable: bool, mode: str,
-                       brk=frozenset()):
+                       brk=NONE):
     """wp_page_copy in one round trip: the reply carries the new PTEs and set_pte_at_notify runs in the VM.
 
     do_wp_page changes only the faulting mm's PTEs, so set_pte_at_notify reaches only that mm's
@@ -280,3 +281,17 @@ def unmerge_ksm_pages(mm: int, mode: str, chunk: int = 4096):
         raise
     yield Unlock(ptl(mm))
     return len(idx)
+
+
+def fault_reply_errno(exc: BaseException, mm: int) -> tuple[int, str] | None:
+    """The FAULT_REPLY's (errno, message) for a handle_mm_fault that raised exc, as the fault handler
+    answers it and the checker expects it; None where exc is a bug (the fault handler logs it and
+    answers EIO, the checker reports a violation).  A lock or an ack that timed out is EAGAIN (the VM
+    may retry), an mm the handler does not know EFAULT."""
+    if isinstance(exc, TimeoutError):       # (before OSError, of which it is a subclass)
+        return errno.EAGAIN, str(exc) or "timed out"
+    if isinstance(exc, OSError):
+        return exc.errno or errno.EIO, exc.strerror or str(exc)
+    if isinstance(exc, KeyError):
+        return errno.EFAULT, f"unknown mm {mm}"
+    return None

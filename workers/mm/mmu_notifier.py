@@ -30,6 +30,9 @@ import numpy as np
 from proto.layout import PAGE_SHIFT, PTE_YOUNG, USER_BASE
 from proto.messages import Msg, NOTIFIER_TYPES
 
+from proto.layout import SUB_ACTIVE, SUB_CHANGE_PTE
+
+from workers.mm.breaks import NONE
 from workers.mm.effects import PTE, SUBS, Effect, Load, Notify, Store, WaitAcks
 
 MODES = ("change_pte", "wrapped", "invalidate")
@@ -113,6 +116,81 @@ def local_set_pte(subs, entries, mode: str):
         for t in set_pte_types(mode, sub.has_change_pte):
             sub.apply(t, entries)
             yield sub, t
+
+
+# ---------------------------------------------------------------- the VM's side, as the VM worker and the checker run it
+class NotifierLink:
+    """A VM's end of one notifier's channel (ksmd, a fault handler): the invalidate_range_starts it
+    sent each secondary MMU without their end yet, and whether its loss was handled.  A successor
+    (after a restart) gets a new link."""
+    __slots__ = ("peer", "open_starts", "lost")
+
+    def __init__(self, peer: str):
+        self.peer, self.open_starts, self.lost = peer, {}, False
+
+
+def receive_notification(subs: dict, link: NotifierLink, t: int, s: int, entries) -> int:
+    """One notifier message from link's peer to secondary MMU s of subs: applied, its START/END
+    counted on the link; returns the ack's flags.  KeyError for an unknown secondary MMU,
+    ValueError for a message it cannot take (an address outside the mm, END without START):
+    nothing is applied then, and the caller still acks."""
+    flags = subs[s].apply(t, entries)
+    if t == _START:
+        link.open_starts[s] = link.open_starts.get(s, 0) + 1
+    elif t == _END:
+        link.open_starts[s] = link.open_starts.get(s, 0) - 1
+    return flags
+
+
+def notifier_lost(subs: dict, link: NotifierLink, brk=NONE) -> dict:
+    """link's notifier died (its channel closed, or the supervisor says so), once per link: each
+    secondary MMU ends what it had started and drops every translation, since the dead one may
+    have changed PTEs it never told us about (SecondaryMMU.notifier_lost).  Returns {s: ENDs
+    supplied}, {} if already handled."""
+    if link.lost:
+        return {}
+    link.lost = True
+    ended = {}
+    for s, sub in subs.items():
+        n = link.open_starts.get(s, 0)
+        if "no-spte-flush" in brk:          # (the break: the translations kept, trusting what was said)
+            k = max(0, min(n, sub.in_progress))
+            sub.in_progress -= k
+            for _ in range(k):
+                sub.note("END")
+            ended[s] = k
+        else:
+            ended[s] = sub.notifier_lost(n)
+    link.open_starts.clear()
+    return ended
+
+
+def apply_cow_reply(subs, entries, mode: str) -> list:
+    """A COW reply's new PTEs (core.fault.wp_page_copy_reply), applied by the faulting VM on the
+    reply's arrival: set_pte_at_notify's messages to each live secondary MMU; [(sub, type)]
+    applied, in order.  The VM then answers APPLIED (ValueError: an entry outside the mm, the
+    reply refused; APPLIED still goes back)."""
+    return list(local_set_pte(subs, entries, mode))
+
+
+def register(mm, subs) -> None:
+    """mmu_notifier_register of each secondary MMU on mm (the caller holds its ptl): the notifiers
+    read mm.subs to know whom to tell, and how (with change_pte or not)."""
+    for sub in subs:
+        mm.subs[sub.sub, SUB_CHANGE_PTE] = int(sub.has_change_pte)
+        mm.subs[sub.sub, SUB_ACTIVE] = 1
+        sub.note("REGISTER")
+
+
+def unregister(mm, sub) -> bool:
+    """mmu_notifier_unregister (the caller holds ptl: no callback is in flight then): ->release.
+    False if it was released already."""
+    mm.subs[sub.sub, SUB_ACTIVE] = 0
+    if sub.released:
+        return False
+    sub.note("RELEASE")
+    sub.release()
+    return True
 
 
 class LocalNotify(Effect):

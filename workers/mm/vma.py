@@ -48,6 +48,7 @@ from workers.mm.effects import (FLAGS, MAPCOUNT, MMFLAGS, PTE, VMAS, Get, Load, 
                       ptl)
 from workers.mm.mmu_notifier import LocalNotify, entries_for
 from workers.mm.pte import PROT_BITS, page_range, vma_mask, vma_pieces, vma_table, vmas_with, vmas_without
+from workers.mm.breaks import NONE
 
 U64 = np.uint64
 _FORK_FLAGS = MMF_VM_MERGEABLE | MMF_VM_MERGE_ANY     # what a child's mm inherits (ksm_fork, MMF_INIT_MASK)
@@ -90,7 +91,7 @@ def _invalidated(mm: int, subs, entries, body, notify: bool = True):
 
 
 # ---------------------------------------------------------------- zap: MADV_DONTNEED, munmap
-def zap_page_range(mm: int, subs, i0: int, i1: int, brk=frozenset()):
+def zap_page_range(mm: int, subs, i0: int, i1: int, brk=NONE):
     """Clear the PTEs of pages [i0, i1) and put their frames, inside START..END.  Caller holds ptl(mm).
 
     Anonymous pages read as zero afterwards (a new fault maps the zero page or a new frame); a KSM
@@ -113,7 +114,7 @@ def zap_page_range(mm: int, subs, i0: int, i1: int, brk=frozenset()):
                             "dontneed-no-notify" not in brk)
 
 
-def madvise_dontneed(mm: int, subs, start: int, end: int, brk=frozenset()):
+def madvise_dontneed(mm: int, subs, start: int, end: int, brk=NONE):
     """MADV_DONTNEED on [start, end): each VMA's part zapped in turn; EINVAL at a VM_PFNMAP area
     (the areas before it stay zapped), ENOMEM if part of the range is unmapped (after the rest)."""
     def body():
@@ -132,7 +133,7 @@ def madvise_dontneed(mm: int, subs, start: int, end: int, brk=frozenset()):
         raise err
 
 
-def do_munmap(mm: int, subs, npages: int, start: int, end: int, brk=frozenset()):
+def do_munmap(mm: int, subs, npages: int, start: int, end: int, brk=NONE):
     """munmap [start, end): the VMAs lose the range, its PTEs are zapped (one START..END)."""
     def body():
         vmas = yield Load(VMAS, mm)
@@ -146,7 +147,7 @@ def do_munmap(mm: int, subs, npages: int, start: int, end: int, brk=frozenset())
 
 
 # ---------------------------------------------------------------- mprotect
-def do_mprotect(mm: int, subs, start: int, end: int, prot_flags: int, brk=frozenset()):
+def do_mprotect(mm: int, subs, start: int, end: int, prot_flags: int, brk=NONE):
     """mprotect [start, end) to the VM_READ/VM_WRITE/VM_EXEC bits prot_flags.
 
     The range is walked VMA by VMA from start; a hole ends the walk with ENOMEM, the VMAs before
@@ -178,7 +179,7 @@ def do_mprotect(mm: int, subs, start: int, end: int, prot_flags: int, brk=frozen
         raise err
 
 
-def change_protection(mm: int, subs, i0: int, i1: int, old: int, new: int, brk=frozenset()):
+def change_protection(mm: int, subs, i0: int, i1: int, old: int, new: int, brk=NONE):
     """The PTEs of one VMA [i0, i1) after its flags went old -> new.  Caller holds ptl(mm)."""
     idx = np.arange(i0, i1, dtype=np.int64)
     pte = yield Load(PTE, mm, idx)
@@ -204,7 +205,7 @@ def change_protection(mm: int, subs, i0: int, i1: int, old: int, new: int, brk=f
 
 
 # ---------------------------------------------------------------- fork
-def dup_mmap(parent: int, child: int, subs, brk=frozenset()):
+def dup_mmap(parent: int, child: int, subs, brk=NONE):
     """fork's copy of the parent's address space into the (new, still unknown) child mm.
 
     Under the parent's ptl: for each parent VMA that maps a page, START to the parent's

@@ -51,6 +51,7 @@ from workers.mm.effects import (FLAGS, MMFLAGS, PTE, STABLE as STABLE_OF, VMAS, 
 from workers.mm.ksm.merge import merge_in_groups, try_to_merge_pages
 from workers.mm.pte import mergeable_ranges
 from workers.mm.ksm.shard import DONE, GID_SHIFT, LEAD, ROUTED, Ctl, Done, Round, Routed, shard_of
+from workers.mm.breaks import NONE
 
 U64 = np.uint64
 BATCH = 16384
@@ -109,7 +110,7 @@ class Ops:
 class KsmScan:
     """One scanner's state and steps: shard `shard` of `nshards`; `ft` is the frame table (advisory reads)."""
 
-    def __init__(self, ft, mode: str, clock, brk=frozenset(), shard: int = 0, nshards: int = 1):
+    def __init__(self, ft, mode: str, clock, brk=NONE, shard: int = 0, nshards: int = 1):
         self.ft = ft
         self.mode = mode
         self.clock = clock              # seconds, injected (time.monotonic in ksmd, a step count in the checker)

@@ -31,7 +31,15 @@ EXPECTED = {
     "pid-takeover-lock": ("two holders",),
     # messages of the fault handler and of ksmd to one VM overtake each other once ptl is let go early
     "cow-reply-before-acks": ("which is free", "nested START", "no notification is on its way", "lost write"),
-    "no-repair": ("PTEs map it",),              # frame N: mapcount M but K PTEs map it
+    # frame N: mapcount M but K PTEs map it; or a put of a frame whose mapcount the repair did not fix
+    # frees it while a secondary MMU that faulted it in again maps it
+    "no-repair": ("PTEs map it", "which is free"),
+    # the dead ksmd's open START never ended (a nested START from its successor), or its stale
+    # translations kept: a frame freed under them
+    "no-notifier-lost": ("nested START", "which is free", "no notification is on its way", "lost write"),
+    # the successor's faults and the thawed ksmd change mapcounts the repair then recounts from PTEs
+    # it read before: a count one short
+    "respawn-before-repair": ("PTEs map it",),
     "no-spte-flush": ("writable but its PTE",),
     # the parent's PTE stays writable on a frame the child maps too
     "fork-no-write-protect": ("is COW-shared", "lost write"),

@@ -59,8 +59,9 @@ from proto.layout import (COUNTERS, KNOBS, MAX_MMS, MM_STATS, MMF_VM_MERGE_ANY, 
 from proto.messages import MAX_DATA, Msg, call_payload, decode
 
 from workers import ROOT
-from workers.mm.effects import MEM_EFFECTS, Lock, Memory, Unlock, apply_mem
+from workers.mm.effects import MEM_EFFECTS, Lock, Memory, Unlock, apply_mem, run_effects
 from workers.mm.pte import check_range, task_size
+from workers.mm.recovery import Freeze, NotifierLost, Respawn, Thaw, recover
 from workers.mm.repair import repair_frames
 from workers.runtime.frames import FrameAllocator, ShmLock
 from workers.runtime.driver import MODES
@@ -694,36 +695,53 @@ class Machine:
                 if len(recent) > MAX_RESTARTS:
                     self.gone[g] = f"died {len(recent)} times within {RESTART_WINDOW:.0f}s; not restarted"
                     log.error("%s %s", g, self.gone[g])
-            frozen = False
-            if "ksmd" not in groups and "ksmd" not in self.gone:
-                try:                # the scanners between two rounds: no ptl, no pinned frame held
-                    self.ksmd.call("freeze", self.ack_timeout * 4, for_s=int(self.ack_timeout * 6) + 1)
-                    frozen = True
-                except (OSError, TimeoutError, ChannelClosed) as e:
-                    log.error("could not freeze ksmd for the repair: %s", e)
-            live = [vm for vm in list(self.vms.values()) if vm.alive]
-            for vm in live:         # nothing a dead notifier may have changed stays mapped by a secondary MMU
-                for name in victims:
-                    if name in self.faultd_names and self.faultd_name(vm.mm_id) != name:
-                        continue    # (a fault handler notifies only the VMs it serves)
-                    try:
-                        vm.actor.call("notifier_lost", self.ack_timeout * 2, peer=name)
-                    except (OSError, TimeoutError, ChannelClosed) as e:
-                        log.error("VM %s did not drop what %s had mapped: %s", vm.name, name, e)
+            program = recover(groups, self.scanner_names,
+                              lambda: [vm.mm_id for vm in list(self.vms.values()) if vm.alive],
+                              lambda: list(self.mm_segs), self._serves, self.nframes)
             try:
-                self.repair()
+                done = self._run_with_ptls(program, self._recovery_effect)
             except Exception:          # e.g. a ptl held by a hung actor: logged; the run goes on
-                log.exception("repair after the death of %s failed", " and ".join(dead))
+                log.exception("recovery after the death of %s failed", " and ".join(dead))
+                return
+            self.repairs.append(done or {})
+            if done and any(done.values()):
+                log.warning("repair after an actor's death: %s", done)
+
+    def _serves(self, actor: str, mm_id: int) -> bool:
+        """Whether `actor` notifies mm mm_id: every scanner does, a fault handler the mms it serves."""
+        return actor not in self.faultd_names or self.faultd_name(mm_id) == actor
+
+    def _recovery_effect(self, e):
+        """The recovery program's own effects (mm/recovery.py), as control calls to the processes."""
+        c = e.__class__
+        if c is Freeze:             # the scanners between two rounds: no ptl, no pinned frame held
+            if "ksmd" in self.gone:
+                return False
             try:
-                for g in groups:
-                    if g not in self.gone and not self.closed:
-                        self._respawn(g)
-            finally:
-                if frozen:
-                    try:
-                        self.ksmd.call("thaw", self.ack_timeout * 2)
-                    except (OSError, TimeoutError, ChannelClosed) as e:
-                        log.error("could not thaw ksmd: %s", e)
+                self.ksmd.call("freeze", self.ack_timeout * 4, for_s=int(self.ack_timeout * 6) + 1)
+                return True
+            except (OSError, TimeoutError, ChannelClosed) as x:
+                log.error("could not freeze ksmd for the repair: %s", x)
+                return False
+        if c is NotifierLost:       # nothing a dead notifier may have changed stays mapped by a secondary MMU
+            vm = next((v for v in list(self.vms.values()) if v.mm_id == e.mm and v.alive), None)
+            if vm is not None:
+                try:
+                    vm.actor.call("notifier_lost", self.ack_timeout * 2, peer=e.peer)
+                except (OSError, TimeoutError, ChannelClosed) as x:
+                    log.error("VM %s did not drop what %s had mapped: %s", vm.name, e.peer, x)
+            return None
+        if c is Respawn:
+            if e.group not in self.gone and not self.closed:
+                self._respawn(e.group)
+            return None
+        if c is Thaw:
+            try:
+                self.ksmd.call("thaw", self.ack_timeout * 2)
+            except (OSError, TimeoutError, ChannelClosed) as x:
+                log.error("could not thaw ksmd: %s", x)
+            return None
+        raise TypeError(f"effect {e!r} has no driver in the supervisor")
 
     def _faultd_args(self, k: int) -> list[str]:
         return self.common_args + ["--shard", str(k), "--handlers", str(self.fault_handlers)]
@@ -802,35 +820,54 @@ class Machine:
         Safe only while no actor holds a frame reference outside a page-table lock (the
         recovery freezes ksmd first); callable on a quiet machine to check nothing is off.
         """
-        with self.mm_lock:
-            mms = {mm_id: MMView(seg) for mm_id, (seg, _) in self.mm_segs.items()}
-            ptls = {mm_id: ptl for mm_id, (_, ptl) in self.mm_segs.items()}
-            mem = Memory(self.alloc, self.stats, mms)
-            gen = repair_frames(list(mms), self.nframes)
-            send, exc = None, None
-            while True:
-                try:
-                    e = gen.throw(exc) if exc is not None else gen.send(send)
-                except StopIteration as st:
-                    done = st.value or {}
-                    break
-                send, exc = None, None
-                c = e.__class__
-                try:
-                    if c is Lock:
-                        ptls[e.key[1]].acquire(self.ack_timeout * 4)
-                    elif c is Unlock:
-                        ptls[e.key[1]].release()
-                    elif c in MEM_EFFECTS:
-                        send = apply_mem(mem, e)
-                    else:
-                        exc = TypeError(f"effect {e!r} has no driver in the supervisor")
-                except Exception as x:
-                    exc = x
+        done = self._run_with_ptls(repair_frames(list(self.mm_segs), self.nframes), None) or {}
         self.repairs.append(done)
         if any(done.values()):
-            log.warning("repair after an actor's death: %s", done)
+            log.warning("repair: %s", done)
         return done
+
+    def _run_with_ptls(self, gen, other):
+        """Run a core generator here (mm.effects.run_effects): its ptl locks and memory effects over the
+        run's shared memory (the mms as they are when it takes its first ptl, no mm freed until it let
+        go of its last: mm_lock is held meanwhile), any other effect through other(e)."""
+        held = []
+        st = {}
+
+        def perform(e):
+            c = e.__class__
+            if c is Lock:
+                if not held:
+                    self.mm_lock.acquire()
+                    st["mms"] = {mm_id: MMView(seg) for mm_id, (seg, _) in self.mm_segs.items()}
+                    st["ptls"] = {mm_id: ptl for mm_id, (_, ptl) in self.mm_segs.items()}
+                    st["mem"] = Memory(self.alloc, self.stats, st["mms"])
+                try:
+                    st["ptls"][e.key[1]].acquire(self.ack_timeout * 4)
+                except BaseException:
+                    if not held:
+                        self.mm_lock.release()
+                    raise
+                held.append(e.key)
+                return None
+            if c is Unlock:
+                st["ptls"][e.key[1]].release()
+                held.remove(e.key)
+                if not held:
+                    st.clear()
+                    self.mm_lock.release()
+                return None
+            if c in MEM_EFFECTS:
+                return apply_mem(st["mem"], e)
+            if other is None:
+                raise TypeError(f"effect {e!r} has no driver in the supervisor")
+            return other(e)
+        try:
+            return run_effects(gen, perform)
+        finally:
+            if held:            # (a generator that ended holding ptls: let go of them)
+                for key in held:
+                    st["ptls"][key[1]].release()
+                self.mm_lock.release()
 
     def spawn_vm(self, name: str, pages: int = 16384, device: bool = False, node: int = 0,
                  fork_from: VM | None = None) -> VM:

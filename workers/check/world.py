@@ -89,7 +89,7 @@ from workers.mm.vma import do_mprotect, dup_mmap, ksm_disable_merge_any, ksm_ena
 from workers.mm.mmu_notifier import (EXPECT, FAILED, GRAMMAR, INIT, MODES, LocalNotify, NotifierLink, SecondaryMMU,
                                      apply_cow_reply, grammar_why, notifier_lost, receive_notification, register)
 from workers.mm.pte import may_access, mergeable_ranges, vma_flags_at
-from workers.mm.repair import repair_frames
+from workers.mm.recovery import Freeze, NotifierLost, Respawn, Thaw, recover, victims
 from workers.mm.ksm.scan import SUMMED, KsmScan
 from workers.mm.ksm.shard import LEAD
 from workers.runtime.frames import FrameAllocator
@@ -111,6 +111,7 @@ BREAK_SCENARIO = {n: b.scenario for n, b in DECLARED.items() if b.scenario != "b
 SHARDED = dict(scanners=2, fill=(2, 1), writes=(((1, -1), (0, 1), (1, 2)), ((1, 1), (1, 2), (0, 1))),
                smart_scan=0, complete=True, pages_to_scan=1000, first_scan=1)
 KILLS = ("ksmd", "faultd")
+RECOVER = ("recover",)          # the supervisor's recover_lock: a recovery and a VM's spawn (fork) exclude
 
 # The writers' programs.  An op is (page, byte) to write and read back, (page, -1) for
 # MADV_DONTNEED (the page reads as zero), ("fork", ops) to fork a child running ops,
@@ -188,50 +189,12 @@ class _Kill(Effect):
         return f"kill -9 {self.target}"
 
 
-class _Freeze(Effect):
-    __slots__ = ()
-
-    def __repr__(self):
-        return "freeze ksmd at a batch boundary"
-
-
-class _Thaw(Effect):
-    __slots__ = ()
-
-    def __repr__(self):
-        return "thaw ksmd"
-
-
 class _Boundary(Effect):
     """ksmd between two batches (where a freeze holds it)."""
     __slots__ = ()
 
     def __repr__(self):
         return "batch boundary"
-
-
-class _NotifierLost(Effect):
-    """VM v learns that `target` died (its messages drained): SecondaryMMU.notifier_lost."""
-    __slots__ = ("v", "target")
-
-    def __init__(self, v, target):
-        self.v, self.target = v, target
-
-    def footprint(self):
-        return ((("vm", self.v.id), "w"),)
-
-    def __repr__(self):
-        return f"{self.v.name}: {self.target} lost"
-
-
-class _Restart(Effect):
-    __slots__ = ("target",)
-
-    def __init__(self, target):
-        self.target = target
-
-    def __repr__(self):
-        return f"restart {self.target}"
 
 
 class Thread:
@@ -288,7 +251,7 @@ class KsmWorld:
         self.vms: list[VMState] = []
         self.threads: list[Thread] = []
         self.queues: dict[tuple, collections.deque] = {}
-        self.locks: dict[tuple, str | None] = {}       # lock key -> holder thread name
+        self.locks: dict[tuple, str | None] = {RECOVER: None}   # lock key -> holder thread name
         self.old_lock: dict[tuple, list] = {}           # pid-takeover-lock: key -> [sem, owner]
         self.acks: dict[int, list] = {}                 # handle id -> [outstanding, flags...]
         self.next_id = 1
@@ -412,17 +375,15 @@ class KsmWorld:
                 return
 
     def supervisor(self, target: str):
-        """kill -9 of `target` at a point the schedule picks, then Machine._recover's steps."""
+        """kill -9 of `target` at a point the schedule picks, then the supervisor's recovery program."""
         yield _Kill(target)
-        if target == "faultd":
-            yield _Freeze()
-        for v in self.vms:
-            yield _NotifierLost(v, target)
-        if "no-repair" not in self.brk:
-            yield from repair_frames([v.id for v in self.vms], self.nframes)
-        yield _Restart(target)
-        if target == "faultd":
-            yield _Thaw()
+        yield Lock(RECOVER)     # (the supervisor's recover_lock: no VM is spawned, by fork or not, meanwhile)
+        try:
+            return (yield from recover([target], self.scanner_names, lambda: [v.id for v in self.vms],
+                                       lambda: list(self.mem.mms), lambda actor, mm: True, self.nframes,
+                                       self.brk))
+        finally:
+            yield Unlock(RECOVER)
 
     def restarted_ksmd(self):
         """A new ksmd: its state from shared memory (KsmScan.restore), then the scan goes on.  With two
@@ -509,6 +470,7 @@ class KsmWorld:
     def _fork(self, v: VMState, npages: int, ops):
         """fork: dup_mmap into a new mm, then the child (its own secondary MMU, its record a copy of the
         parent's) is known to ksmd (ksm_fork) and starts its program."""
+        yield Lock(RECOVER)     # (the supervisor's spawn of the child, which no recovery interleaves)
         cid = len(self.vms)
         mm = self._new_mm(cid, npages)
         yield from dup_mmap(v.id, cid, list(v.subs.values()), self.brk)
@@ -517,6 +479,7 @@ class KsmWorld:
         child.record = dict(v.record)
         self.vms.append(child)
         self._add_to_scanners(cid, mm)
+        yield Unlock(RECOVER)
         self.writers_left += 1
         t = Thread(f"{child.name}/writer", child.name, self.writer(child, npages, ops, self.scan.c["full_scans"] + 1),
                    vm=child)
@@ -738,11 +701,11 @@ class KsmWorld:
             return all(self._shard_head(src, t.actor, e) is not None for src in e.srcs)
         if c is _Boundary:
             return not self.frozen
-        if c is _Freeze:
+        if c is Freeze:
             k = self._ksmd_thread()
             return k is None or k.done or isinstance(k.pending, _Boundary)
-        if c is _NotifierLost:
-            return not any(self.queues[(n, e.v.id)] for n in self._members(e.target))
+        if c is NotifierLost:
+            return not self.queues[(e.peer, e.mm)]
         if c is _AwaitRestore:
             return self.restoring == 0
         return True
@@ -779,7 +742,7 @@ class KsmWorld:
             fp += ((("chan", "faultd", t.mm), "w"),)
         elif c is _AwaitReply:
             fp += ((("chan", t.vm.id, "faultd"), "w"), (("up",), "r"))
-        elif c in (_Kill, _Restart, _Freeze, _Thaw, _Boundary):    # the kill and restart touch everything
+        elif c in (_Kill, Respawn, Freeze, Thaw, _Boundary):    # the kill and restart touch everything
             fp += ((("up",), "w"), (("ft",), "w"), (("scans",), "w"), (("frozen",), "w")) + tuple(
                 (k, "w") for k in self.locks) + tuple(((("chan",) + q), "w") for q in self.queues) + tuple(
                 (("vm", v.id), "w") for v in self.vms) + tuple((("acks", a), "w")
@@ -864,16 +827,16 @@ class KsmWorld:
                     exc = OSError(err, msg)
             elif c is _Kill:
                 self._kill(e.target)
-            elif c is _Freeze:
-                self.frozen = True
-            elif c is _Thaw:
+            elif c is Freeze:
+                self.frozen = result = True
+            elif c is Thaw:
                 self.frozen = False
             elif c is _Boundary or c is _AwaitRestore:
                 result = None
-            elif c is _NotifierLost:
-                self._notifier_lost(e.v, e.target)
-            elif c is _Restart:
-                self._restart(e.target)
+            elif c is NotifierLost:
+                self._notifier_lost_one(self.vms[e.mm], e.peer)
+            elif c is Respawn:
+                self._restart(e.group)
             elif c is Reply:
                 result = self._reply(t, e.err, e.msg, e.entries)
             elif c is _Micro:
@@ -994,16 +957,11 @@ class KsmWorld:
                 return t
         return None
 
-    def _members(self, target: str) -> list[str]:
-        """The actors a kill of target takes down: every scanner for ksmd (the supervisor restarts
-        them together), else target alone."""
-        return list(self.scanner_names) if target == "ksmd" else [target]
-
     def _kill(self, target: str) -> None:
         """The process dies between two steps: generators abandoned, locks dropped by the kernel.
         (Any scanner's death takes the others down: the round protocol has no way to take one back.)"""
         self.up[target] = False
-        members = self._members(target)
+        members = victims([target], self.scanner_names)
         for t in self.threads:
             if t.actor not in members or t.done:
                 continue
@@ -1025,10 +983,6 @@ class KsmWorld:
                 self.queues[(v.id, "faultd")].clear()
             for m in members:
                 self.queues[(v.id, f"{m}.ack")].clear()
-
-    def _notifier_lost(self, v: VMState, target: str) -> None:
-        for m in self._members(target):
-            self._notifier_lost_one(v, m)
 
     def _notifier_lost_one(self, v: VMState, target: str) -> None:
         for s, ended in notifier_lost(v.subs, self._link(target, v.id), self.brk).items():
@@ -1188,7 +1142,7 @@ _READ_ONLY = frozenset({Load, Checksum, Compare, WaitAcks, WaitIdle, _AwaitScan,
 
 
 def _lname(key) -> str:
-    return f"{key[0]}(mm{key[1]})" if key[0] in ("ptl", "ksm") else "frame_lock"
+    return f"{key[0]}(mm{key[1]})" if key[0] in ("ptl", "ksm") else f"{key[0]}_lock"
 
 
 def world_factory(mode: str, brk: str | None = None, scenario: str | None = None, scanners: int | None = None,

@@ -53,7 +53,7 @@ _DECLARED = (
           kill="ksmd", modes=("change_pte",), config={"pace": False}),
     Break("no-notifier-lost", "the supervisor's recovery skips each VM's notifier_lost: the open "
           "invalidations of the dead actor are never ended and the secondary MMUs keep their translations",
-          kill="ksmd", modes=("change_pte",), config={"pace": False}),
+          kill="ksmd", config={"pace": False}),
     Break("respawn-before-repair", "the supervisor's recovery starts the successor (and thaws ksmd) before it "
           "repaired the frame table from the PTEs", kill="faultd"),
     Break("fork-no-write-protect", "fork leaves the parent's PTEs (and its secondary MMUs' translations) "

@@ -1,0 +1,109 @@
+"""The supervisor's recovery after kill -9 of ksmd or a fault handler, as one IO-free program.
+
+`recover` is what the supervisor does once it has seen an actor die, in order:
+
+  1. freeze ksmd between two rounds (a fault handler died and the scanners live): no scanner
+     then holds a ptl or a pinned frame outside the page tables while the frames are repaired;
+  2. each VM the dead actor served handles its loss (`NotifierLost`: the VM ends the
+     invalidations the dead one started and drops every secondary translation, for the dead one
+     may have changed PTEs it never told about: mmu_notifier.notifier_lost);
+  3. repair the frame table from the PTEs under every ptl (repair.repair_frames): whatever the
+     dead actor left half done (a frame allocated and not mapped, a mapcount not yet dropped);
+  4. start the successor (`Respawn`: new processes, fresh channels to every VM it serves, which
+     reconnect and send again the faults the dead one never answered; new scanners rebuild
+     their state from shared memory, the followers before the leader);
+  5. thaw ksmd.
+
+The supervisor (actors/supervisor.py) runs it with effects that are control calls to real
+processes; `ksm-proto check` (check/world.py) runs it as one more thread of its world, with a
+kill -9 at any step of the others.  Its breaks (mm/breaks.py) remove a step.
+"""
+from __future__ import annotations
+
+from workers.mm.breaks import NONE
+from workers.mm.effects import Effect
+from workers.mm.repair import repair_frames
+
+
+class Freeze(Effect):
+    """Hold the scanners at their next round boundary; returns whether they are held."""
+    __slots__ = ()
+
+    def __repr__(self):
+        return "freeze ksmd at a batch boundary"
+
+
+class Thaw(Effect):
+    __slots__ = ()
+
+    def __repr__(self):
+        return "thaw ksmd"
+
+
+class NotifierLost(Effect):
+    """VM `mm` handles the loss of notifier `peer` (once the dead one's messages are drained)."""
+    __slots__ = ("mm", "peer")
+
+    def __init__(self, mm: int, peer: str):
+        self.mm, self.peer = mm, peer
+
+    def footprint(self):
+        return ((("vm", self.mm), "w"),)
+
+    def __repr__(self):
+        return f"vm{self.mm}: {self.peer} lost"
+
+
+class Respawn(Effect):
+    """Start `group` again ("ksmd": every scanner; else that fault handler) and reconnect it to the
+    VMs it serves."""
+    __slots__ = ("group",)
+
+    def __init__(self, group: str):
+        self.group = group
+
+    def __repr__(self):
+        return f"restart {self.group}"
+
+
+def victims(groups, scanners: list[str]) -> list[str]:
+    """The actors that stop with `groups`: a dead scanner takes every scanner down (the round
+    protocol has no way to take one back into a mesh), a fault handler goes alone."""
+    return [n for g in groups for n in (scanners if g == "ksmd" else [g])]
+
+
+def recover(groups: list[str], scanners: list[str], live_vms, all_mms, serves, nframes: int, brk=NONE):
+    """The recovery after the death of `groups` ("ksmd" for the scanners, or fault handlers' names).
+
+    scanners: every scanner's name; live_vms(): the mms whose VM worker runs now; all_mms(): every
+    mm with a page table now (one being filled by a fork, before its worker starts, included: its
+    PTEs count); serves(actor, mm): whether that actor
+    notifies mm (a fault handler serves the mms whose id is its number modulo their count, each
+    scanner every mm).  Returns the repair's counts (repair_frames)."""
+    dead = victims(groups, scanners)
+    frozen = False
+    if "ksmd" not in groups:
+        frozen = yield Freeze()
+    if "no-notifier-lost" not in brk:
+        for mm in live_vms():
+            for name in dead:
+                if serves(name, mm):
+                    yield NotifierLost(mm, name)
+    fixed = {}
+    if "respawn-before-repair" in brk:      # (the break: the successor runs, ksmd thawed, during the repair)
+        for g in groups:
+            yield Respawn(g)
+        if frozen:
+            yield Thaw()
+            frozen = False
+    if "no-repair" not in brk:
+        try:
+            fixed = yield from repair_frames(all_mms(), nframes)
+        except TimeoutError as x:       # a ptl a hung actor holds: the successor starts all the same
+            fixed = {"repair_failed": str(x)}
+    if "respawn-before-repair" not in brk:
+        for g in groups:
+            yield Respawn(g)
+    if frozen:
+        yield Thaw()
+    return fixed

@@ -61,6 +61,7 @@ from proto.messages import MAX_DATA, Msg, call_payload, decode
 from workers import ROOT
 from workers.mm.effects import MEM_EFFECTS, Lock, Memory, Unlock, apply_mem, run_effects
 from workers.mm.pte import check_range, task_size
+from workers.mm.invariants import frame_problems
 from workers.mm.recovery import Freeze, NotifierLost, Respawn, Thaw, recover
 from workers.mm.repair import repair_frames
 from workers.runtime.frames import FrameAllocator, ShmLock
@@ -972,34 +973,8 @@ class Machine:
         Every frame's mapcount equals the number of PTEs mapping it; a frame is free
         exactly when nothing maps it; the free stack holds each free frame once.
         """
-        from proto.layout import FRAME_FREE, FTH_FREE_TOP, ZERO_PFN
-        ft = self.ft
-        maps = np.zeros(self.nframes, dtype=np.int64)
-        for mm_id, (seg, _) in list(self.mm_segs.items()):
-            pte = MMView(seg).pte
-            pfn = (pte[(pte & np.uint64(PTE_PRESENT)) != 0] >> np.uint64(PAGE_SHIFT)).astype(np.int64)
-            maps += np.bincount(pfn, minlength=self.nframes)
-        maps[ZERO_PFN] = 0
-        mc = ft.mapcount.astype(np.int64).copy()
-        mc[ZERO_PFN] = 0
-        problems = []
-        bad = np.flatnonzero(maps != mc)
-        if len(bad):
-            problems.append(f"{len(bad)} frames whose mapcount is not their number of mappings, e.g. pfn "
-                            f"{bad[0]}: mapcount {mc[bad[0]]}, mapped {maps[bad[0]]} times")
-        top = int(ft.hdr[FTH_FREE_TOP])
-        free = ft.free_stack[:top].astype(np.int64)
-        if len(np.unique(free)) != len(free):
-            problems.append("a frame is on the free stack twice")
-        if (ft.flags[free] != FRAME_FREE).any() or (maps[free] != 0).any():
-            problems.append("a frame on the free stack is in use")
-        unused = np.flatnonzero((maps == 0) & (ft.flags != FRAME_FREE))
-        unused = unused[unused != ZERO_PFN]
-        if len(unused):
-            problems.append(f"{len(unused)} frames nothing maps are not free, e.g. pfn {unused[0]}")
-        if top != int(((ft.flags == FRAME_FREE)).sum()):
-            problems.append(f"free stack holds {top} frames, {int((ft.flags == FRAME_FREE).sum())} are flagged free")
-        return problems
+        with self.mm_lock:
+            return frame_problems(self.ft, [MMView(seg).pte for seg, _ in self.mm_segs.values()], self.nframes)
 
     def rmap_item_bytes(self) -> int:
         """ksmd's measured metadata bytes per rmap item (the kernel's sizeof(struct ksm_rmap_item))."""

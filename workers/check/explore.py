@@ -441,10 +441,17 @@ class _Dfs:
                 done.append(s)
 
 
+MAX_DEPTH = 200        # the deepest exhaustive search (one Python stack frame per choice)
+
+
 def exhaustive(factory: Callable, depth: int = 20, max_steps: int = 10_000, por: bool = True,
                hashing: bool = True) -> Result:
     """Every schedule of up to `depth` choices (one cut there is finished round-robin), and the shortest
-    violating one; found_by["minimal"]: no shorter schedule violates (sure when it is at most depth + 1 long)."""
+    violating one; found_by["minimal"]: no shorter schedule violates (sure when it is at most depth + 1 long).
+    ValueError for a depth above MAX_DEPTH (the search recurses once per choice)."""
+    if not 1 <= depth <= MAX_DEPTH:
+        raise ValueError(f"exhaustive search depth {depth} is out of range 1..{MAX_DEPTH} (each choice is a level "
+                         f"of recursion; at depth 30 the search already takes hours)")
     t0 = time.perf_counter()
     dfs = _Dfs(factory, depth, max_steps, por, hashing).run()
     res = Result(f"exhaustive to depth {depth}", dfs.schedules, dfs.steps, states=dfs.states,

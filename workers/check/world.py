@@ -89,6 +89,7 @@ from workers.mm.vma import do_mprotect, dup_mmap, ksm_disable_merge_any, ksm_ena
 from workers.mm.mmu_notifier import (EXPECT, FAILED, GRAMMAR, INIT, MODES, LocalNotify, NotifierLink, SecondaryMMU,
                                      apply_cow_reply, grammar_why, notifier_lost, receive_notification, register)
 from workers.mm.pte import may_access, mergeable_ranges, vma_flags_at
+from workers.mm.invariants import frame_problems
 from workers.mm.recovery import Freeze, NotifierLost, Respawn, Thaw, recover, victims
 from workers.mm.ksm.scan import SUMMED, KsmScan
 from workers.mm.ksm.shard import LEAD
@@ -614,12 +615,9 @@ class KsmWorld:
         return all(t.done for t in self.threads) and not any(self.queues.values()) and not any(self.shardq.values())
 
     def final_violations(self) -> list[str]:
-        out = self._frame_violations(final=True)
+        out = self._frame_violations() + frame_problems(self.ft, [mm.pte for mm in self.mem.mms.values()],
+                                                        self.nframes)
         maps = self._mappings()
-        mc = self.ft.mapcount.tolist()
-        for p in range(1, self.nframes):
-            if mc[p] != maps[p]:
-                out.append(f"frame {p}: mapcount {mc[p]} but {maps[p]} PTEs map it")
         c = self.totals()
         ksm = [p for p in range(1, self.nframes) if self.ft.flags[p] & FRAME_KSM and maps[p]]
         if c["pages_shared"] != len(ksm) or c["pages_shared"] + c["pages_sharing"] != int(sum(maps[p] for p in ksm)):
@@ -1039,7 +1037,7 @@ class KsmWorld:
                     return True
         return False
 
-    def _frame_violations(self, final: bool = False) -> list[str]:
+    def _frame_violations(self) -> list[str]:
         out = []
         maps = self._mappings()
         mc = self.ft.mapcount.tolist()
@@ -1081,12 +1079,6 @@ class KsmWorld:
                                    f"{' writable' if sp & PTE_WRITE else ''} but its PTE maps "
                                    f"{pp >> PAGE_SHIFT if pp & PTE_PRESENT else 'nothing'}"
                                    f"{' writable' if pp & PTE_WRITE else ''}, and no notification is on its way")
-        if final:
-            top = int(self.ft.hdr[1])
-            stack = self.ft.free_stack[:top].tolist()
-            free = {p for p, f in enumerate(flags) if f == FRAME_FREE}
-            if len(set(stack)) != len(stack) or set(stack) != free:
-                out.append("the free stack does not hold each free frame exactly once")
         return out
 
     def _check_counters(self) -> None:

@@ -368,6 +368,14 @@ def _positive(text: str) -> int:
     return n
 
 
+def _depth(text: str) -> int:
+    from workers.check.explore import MAX_DEPTH
+    n = _positive(text)
+    if n > MAX_DEPTH:
+        raise argparse.ArgumentTypeError(f"at most {MAX_DEPTH} (one level of recursion per choice), not {n}")
+    return n
+
+
 def _seconds(text: str) -> float:
     try:
         v = float(text)
@@ -398,7 +406,7 @@ def main(argv=None) -> int:
     c.add_argument("--seed", type=int, default=0, help="seed of the random schedules (default 0)")
     c.add_argument("--runs", type=_positive, default=1000, help="random schedules per mode (default 1000)")
     c.add_argument("--exhaustive", action="store_true", help="search every schedule up to --depth choices")
-    c.add_argument("--depth", type=_positive, help="exhaustive search depth (default 20)")
+    c.add_argument("--depth", type=_depth, help="exhaustive search depth (default 20, at most 200)")
     c.add_argument("--scenario", metavar="S", help="ksm world: base, fork or all (default: all; with --break, "
                                                    "the break's own)")
     c.add_argument("--break", dest="brk", metavar="STEP", help="remove one protocol step (see --list-breaks)")

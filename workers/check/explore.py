@@ -39,6 +39,7 @@ livelock.  All output is a function of the world and the seed: same seed, same b
 from __future__ import annotations
 
 import json
+import collections
 import random
 import time
 from collections.abc import Callable
@@ -459,6 +460,65 @@ def exhaustive(factory: Callable, depth: int = 20, max_steps: int = 10_000, por:
     if dfs.best:
         res.found = Found(dfs.best[1], dfs.best[0],
                           {"search": "exhaustive", "depth": depth, "minimal": dfs.best_len <= depth + 1})
+    res.seconds = time.perf_counter() - t0
+    return res
+
+
+# ============================================================================ a kill at every step
+def _is_kill(s: Step) -> bool:
+    return s.actor == "supervisor" and "kill -9" in s.label
+
+
+@dataclass
+class Sweep:
+    """What kill_sweep found: the kill points tried, what the victim was doing at each, the first violation."""
+    points: int = 0
+    covered: collections.Counter = field(default_factory=collections.Counter)
+    found: tuple | None = None          # (kill step k, the violations, the schedule)
+    seconds: float = 0.0
+
+
+def kill_sweep(factory: Callable, max_steps: int = 10_000, victims: tuple = ()) -> Sweep:
+    """kill -9 at each step k of one fixed schedule (round-robin over everything but the kill), then
+    round-robin to the end: every kill point of that schedule, each checked to its end.
+
+    A world built by `factory` must have a kill (its supervisor's first step).  covered counts what
+    each victim (actor names starting with one of `victims`) had pending when it died, by the effect's
+    kind (its label after the thread name): a kill mid-merge, mid-COW, while waiting for acks..."""
+    t0 = time.perf_counter()
+    rr = _RoundRobin()
+
+    def no_kill(en):
+        rest = [i for i, s in enumerate(en) if not _is_kill(s)]
+        if not rest:
+            return next(i for i, s in enumerate(en) if _is_kill(s))
+        sub = [en[i] for i in rest]
+        return rest[rr(sub)]
+    base = factory()
+    sched: list[int] = []
+    _play(base, sched, no_kill, max_steps)
+    res = Sweep()
+    for k in range(len(sched) + 1):
+        w = factory()
+        taken: list[int] = []
+        v = _play(w, taken, lambda en: sched[len(taken)], k) if k else None
+        if v is None or v == []:
+            en = w.enabled()
+            kill = next((i for i, s in enumerate(en) if _is_kill(s)), None)
+            if kill is None:        # (the schedule ended, or the kill went already): nothing to kill here
+                continue
+            res.points += 1
+            for s in en:
+                if victims and s.actor.startswith(victims) and not _is_kill(s):
+                    res.covered[s.label.split(": ", 1)[-1].split(" ")[0]] += 1
+            w.take(kill)
+            taken.append(kill)
+            v = w.violations() or None
+            if v is None:
+                v = _run(w, taken, max_steps)
+        if v:
+            res.found = (k, v, taken)
+            break
     res.seconds = time.perf_counter() - t0
     return res
 

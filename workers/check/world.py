@@ -379,12 +379,10 @@ class KsmWorld:
         """kill -9 of `target` at a point the schedule picks, then the supervisor's recovery program."""
         yield _Kill(target)
         yield Lock(RECOVER)     # (the supervisor's recover_lock: no VM is spawned, by fork or not, meanwhile)
-        try:
-            return (yield from recover([target], self.scanner_names, lambda: [v.id for v in self.vms],
-                                       lambda: list(self.mem.mms), lambda actor, mm: True, self.nframes,
-                                       self.brk))
-        finally:
-            yield Unlock(RECOVER)
+        fixed = yield from recover([target], self.scanner_names, lambda: [v.id for v in self.vms],
+                                   lambda: list(self.mem.mms), lambda actor, mm: True, self.nframes, self.brk)
+        yield Unlock(RECOVER)
+        return fixed
 
     def restarted_ksmd(self):
         """A new ksmd: its state from shared memory (KsmScan.restore), then the scan goes on.  With two

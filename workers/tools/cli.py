@@ -26,6 +26,7 @@ import time
 
 from proto import MADV_MERGEABLE, MADV_UNMERGEABLE, PAGE_SIZE, PR_SET_MEMORY_MERGE, PROT_NONE, PROT_READ
 from proto.knobs import OWN
+from workers.mm.breaks import BREAKS
 from proto.layout import COUNTERS
 from proto.trace import open_private
 
@@ -311,7 +312,17 @@ def cmd_check(a) -> int:
             return 2
         scenario = getattr(factory, "scenario", scenario)
         name = mode if len(scenarios) == 1 else f"{mode} {scenario}"
-        if doc is None:
+        if doc is None and a.sweep:
+            kill = a.kill or BREAKS[a.brk].kill
+            sw = explore.kill_sweep(factory, a.max_steps, victims=(kill,))
+            what = ", ".join(f"{k} {n}" for k, n in sw.covered.most_common())
+            verdict = "no violation" if sw.found is None else f"VIOLATION: {sw.found[1][0]}"
+            print(f"{name}: kill sweep of {kill}: {sw.points} kill points, {sw.seconds:.2f} s; "
+                  f"{kill} was at: {what}: {verdict}", flush=True)
+            if sw.found is None:
+                continue
+            schedule, found_by = sw.found[2], {"search": f"kill sweep, kill at step {sw.found[0]}"}
+        elif doc is None:
             if a.exhaustive:
                 res = explore.exhaustive(factory, a.depth, a.max_steps)
             else:
@@ -366,6 +377,11 @@ def _positive(text: str) -> int:
     if n < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, not {n}")
     return n
+
+
+def _break_kill(name: str) -> str | None:
+    b = BREAKS.get(name)
+    return b.kill if b else None
 
 
 def _depth(text: str) -> int:
@@ -427,6 +443,8 @@ def main(argv=None) -> int:
         description="What KSM would reach at stability on real pages, with the scanner's hashing and tree rules. "
                     "Exit status: 0 done, 1 some input could not be read (the rest counted), 2 bad usage or "
                     "nothing readable, 3 --verify-kernel failed or the kernel's counters differ."))
+    c.add_argument("--sweep", action="store_true",
+                   help="with --kill: kill at each step of one fixed schedule (every kill point of it), not at random")
     c.add_argument("--kill", choices=["ksmd", "faultd"],
                    help="kill -9 that actor at a point the schedule picks, then recover as the supervisor does "
                         "(ksmd: every scanner)")
@@ -449,6 +467,8 @@ def _main(p, c, args, rest) -> int:
     if args.cmd == "check":
         if args.depth is not None and not args.exhaustive:
             c.error("--depth needs --exhaustive")
+        if args.sweep and (args.exhaustive or not (args.kill or args.brk and _break_kill(args.brk))):
+            c.error("--sweep needs --kill (or a --break of the recovery), and no --exhaustive")
         args.depth = args.depth or 20
         return cmd_check(args)
     return cmd_run(args) if args.cmd == "run" else cmd_trace(args)

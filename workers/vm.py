@@ -51,7 +51,7 @@ from .core.access import FaultCall, Touch, WaitIdle, touch, vm_access
 from .core.effects import VMAS, Load, Memory
 from .core.mm import (break_ksm_range, do_mprotect, do_munmap, dup_mmap, ksm_disable_merge_any,
                       ksm_enable_merge_any, madvise_dontneed, mmap_flags)
-from .core.notify import LocalNotify, SecondaryMMU, local_set_pte
+from .core.notify import LOG_LEN, LocalNotify, SecondaryMMU, local_set_pte
 from .core.pte import check_range, page_range, task_size, vma_table
 from .notifier import Driver, lock_ptl
 
@@ -645,6 +645,10 @@ class VMWorker:
                 reply["pages"] = await self.fork(req_int(req, "child", lo=0))
             elif op == "stats":
                 reply = self.stats()
+            elif op == "msg_log" and req.get("tail") is not None:     # the web view: count and last entries
+                k = req_int(req, "tail", 64, 0, LOG_LEN)
+                reply = {s.name: {"n": s.logged, "tail": list(s.log)[len(s.log) - min(k, len(s.log)):]}
+                         for s in self.subs.values()}
             elif op == "msg_log":
                 reply = {s.name: list(s.log) for s in self.subs.values()}
                 if req.get("clear"):
@@ -720,6 +724,7 @@ class VMWorker:
                 self.mm.subs[s.sub, SUB_ACTIVE] = 1
                 s.msgs["REGISTER"] += 1
                 s.log.append("REGISTER")
+                s.logged += 1
                 if self.tr:
                     self.tr.recv(self.name, "REGISTER", self.mm_id, s.sub, 0, 0, 0, 0, 0)
         finally:

@@ -47,6 +47,7 @@ ADVICE = {"MADV_MERGEABLE": MADV_MERGEABLE, "MADV_UNMERGEABLE": MADV_UNMERGEABLE
 CELL_FREE, CELL_ANON, CELL_ZERO, CELL_KSM = 0, 1, 2, 3
 TAIL = 64                       # messages per secondary MMU fetched at each poll
 MAX_BODY = 1 << 16
+HEARTBEAT = 2.0                 # seconds between events when nothing changes
 
 
 class RequestError(Exception):
@@ -518,13 +519,18 @@ class _Handler(BaseHTTPRequestHandler):
         client = Client(web.read_only)
         with web.clients_lock:
             web.clients += 1
+        last, sent_at = None, 0.0
         try:
             while not web.stopping.is_set():
                 t = time.monotonic()
                 d = client.delta(web.snapshots.get())
-                self.wfile.write(b"data: " + json.dumps(d, separators=(",", ":")).encode() + b"\n\n")
-                self.wfile.flush()
-                web.events_sent += 1
+                same = {k: v for k, v in d.items() if k not in ("t", "info")}
+                if same != last or t - sent_at >= HEARTBEAT:    # nothing new: the page is left idle
+                    self.wfile.write(b"data: " + json.dumps(d, separators=(",", ":")).encode() + b"\n\n")
+                    self.wfile.flush()
+                    web.events_sent += 1
+                    sent_at = t
+                last = same
                 web.stopping.wait(max(0.0, web.interval - (time.monotonic() - t)))
         finally:
             with web.clients_lock:

@@ -61,18 +61,23 @@
     fpix.fill(NONE);
     q("nframes").textContent = n.toLocaleString();
   }
-  function drawFrames(d) {
-    if (d.full !== undefined) { for (let i = 0; i < S.frames.length; i++) fpix[i] = PAL[S.frames[i]]; }
-    else { for (const i of d.idx) fpix[i] = PAL[S.frames[i]]; }
-    fctx.putImageData(fimg, 0, 0);
-    const c = { free: 0, anon: 0, ksm: 0, zero: 0 };
-    const f = S.frames;
-    for (let i = 0; i < f.length; i++) {
-      const v = f[i];
-      if (v === 0) c.free++; else if (v === 1) c.anon++; else if (v === 2) c.zero++; else c.ksm++;
+  const KIND = (v) => (v === 0 ? "free" : v === 1 ? "anon" : v === 2 ? "zero" : "ksm");
+  function drawFrames(d, before) {
+    const f = S.frames, c = S.cells;
+    if (d.full !== undefined) {
+      for (const k in c) c[k] = 0;
+      for (let i = 0; i < f.length; i++) { fpix[i] = PAL[f[i]]; c[KIND(f[i])]++; }
+    } else {
+      if (!d.idx.length) return false;
+      for (let k = 0; k < d.idx.length; k++) {     // the counts follow the changed cells only
+        const i = d.idx[k];
+        c[KIND(before[k])]--; c[KIND(f[i])]++;
+        fpix[i] = PAL[f[i]];
+      }
     }
-    S.cells = c;
+    fctx.putImageData(fimg, 0, 0);
     for (const k in c) q("count-" + k).textContent = c[k].toLocaleString();
+    return true;
   }
 
   // ---------------------------------------------------------------- page-table strips
@@ -254,16 +259,20 @@
   // ---------------------------------------------------------------- notifier messages
   const msgList = q("msgs");
   function addMessages(rows) {
-    const keep = 80;
-    for (const m of rows.slice(-keep)) {
+    const keep = 40;
+    if (!rows.length) return;
+    for (const el of msgList.querySelectorAll(".msg.new")) el.classList.remove("new");
+    const frag = document.createDocumentFragment();
+    for (const m of rows.slice(-keep).reverse()) {
       const d = document.createElement("div");
-      d.className = "msg"; d.dataset.vm = m.vm; d.dataset.sub = m.sub; d.dataset.seq = m.seq; d.dataset.type = m.type;
+      d.className = "msg new"; d.dataset.vm = m.vm; d.dataset.sub = m.sub; d.dataset.seq = m.seq; d.dataset.type = m.type;
       const t = document.createElement("span");
       const ty = m.type.split(" ")[0];
       t.className = "ty ty-" + ty; t.textContent = m.type;
       d.append(t, ` ${m.vm} · ${m.sub} #${m.seq}`);
-      msgList.prepend(d);
+      frag.append(d);
     }
+    msgList.prepend(frag);
     while (msgList.childElementCount > keep) msgList.lastElementChild.remove();
   }
   function msgCounts(c) {
@@ -337,11 +346,13 @@
       layoutFrames(n);
       S.frames = new Uint8Array(n);
     }
+    const before = d.frames.idx ? d.frames.idx.map((i) => S.frames[i]) : null;
     S.frames = applyCells(S.frames, d.frames, Uint8Array);
-    drawFrames(d.frames);
+    const framesMoved = drawFrames(d.frames, before);
     for (const n of d.gone) { const v = S.vms[n]; if (v) { v.box.remove(); delete S.vms[n]; refreshVmSelect(); } }
     for (const [name, vd] of Object.entries(d.vms)) {
       const v = vmBox(name);
+      v.dirty = framesMoved || vd.full !== undefined || vd.idx.length > 0 || !v.geom;
       v.pfn = applyCells(v.pfn, vd, Int32Array);
       v.ksm_stat = vd.ksm_stat;
       const cow = d.cow_faults[name];
@@ -349,7 +360,7 @@
         + (cow !== undefined ? ` · cow_faults ${cow}` : "") + ` · ${v.pfn.length} pages`;
       for (const k in vd.ksm_stat) v.stat.dataset[k] = vd.ksm_stat[k];
     }
-    for (const n in S.vms) drawStrip(S.vms[n]);
+    for (const n in S.vms) if (S.vms[n].dirty) drawStrip(S.vms[n]);
     S.counters = d.counters; S.knobs = d.knobs; S.msgCounts = d.msg_counts; S.cow = d.cow_faults;
     counterRows(d.counters);
     S.history.push({ t: d.t, c: d.counters });

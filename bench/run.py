@@ -609,6 +609,21 @@ def bench_trace(npages: int, prog, reps: int = 5, keep: str | None = None) -> di
 WEB_FRAMES = 65536
 
 
+def _chromium_cpu() -> float:
+    """CPU seconds of every Chromium process now alive (the browser the bench drives)."""
+    total = 0.0
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    if not f.read().startswith(b"/usr/lib/chromium/chromium"):
+                        continue
+            except OSError:
+                continue
+            total += _cpu_seconds(int(pid))
+    return total
+
+
 def web_rounds(npages: int, rounds: int, driver=None) -> dict:
     """merge_cow_rounds' fixed work on a machine of WEB_FRAMES frames, with the web view open in
     `driver` (a browser) or not: wall seconds, and with the page its updates/s and draw times."""
@@ -626,7 +641,9 @@ def web_rounds(npages: int, rounds: int, driver=None) -> dict:
                     raise TimeoutError("the web view's page got no update in 60 s")
                 time.sleep(0.05)
             u0 = driver.execute_script("window.ksm.drawTimes = []; return window.ksm.updates")
+        pids = [a.pid for a in m.scanner_procs + m.faultds] + [vm.pid for vm, _ in vms]
         try:
+            cpu0, own0, br0 = sum(_cpu_seconds(p) for p in pids), time.process_time(), _chromium_cpu()
             t0 = time.monotonic()
             for r in range(rounds):
                 scans = m.ksm.stats()["full_scans"] + 2
@@ -643,7 +660,8 @@ def web_rounds(npages: int, rounds: int, driver=None) -> dict:
                         time.sleep(0.01)
                     vm.writer_stop(w)
             wall = time.monotonic() - t0
-            out = {"seconds": wall}
+            out = {"seconds": wall, "cpu_seconds": sum(_cpu_seconds(p) for p in pids) - cpu0,
+                   "supervisor_cpu_seconds": time.process_time() - own0, "browser_cpu_seconds": _chromium_cpu() - br0}
             if driver is not None:
                 u1, draws = driver.execute_script("return [window.ksm.updates, window.ksm.drawTimes]")
                 out.update(updates_per_s=(u1 - u0) / wall, draw_ms=draws)
@@ -675,6 +693,12 @@ def bench_web(npages: int, prog, reps: int = 5) -> dict:
             "seconds_closed": round(statistics.median(o["seconds"] for o in closed), 3),
             "seconds_open": round(statistics.median(o["seconds"] for o in opened), 3),
             "ratio_spread": spread([b["seconds"] / a["seconds"] for a, b in zip(closed, opened)]),
+            "cpu_ratio_spread": spread([b["cpu_seconds"] / a["cpu_seconds"] for a, b in zip(closed, opened)]),
+            # what the page itself costs, in cores busy while it is open: the supervisor (its server
+            # threads; closed, it only waits on the counters) and the browser
+            "server_cores_spread": spread([(b["supervisor_cpu_seconds"] - a["supervisor_cpu_seconds"] * b["seconds"]
+                                            / a["seconds"]) / b["seconds"] for a, b in zip(closed, opened)]),
+            "browser_cores_spread": spread([b["browser_cpu_seconds"] / b["seconds"] for b in opened]),
             "updates_per_s_spread": spread([o["updates_per_s"] for o in opened]),
             "draw_ms": {"p50": round(pct(draws, 50), 2), "p99": round(pct(draws, 99), 2),
                         "max": round(max(draws), 2), "n": len(draws)} if draws else None,
@@ -857,6 +881,10 @@ def table(res: dict) -> str:
         rows.append(f"| web view open vs closed: {w['work']} on {w['frames']:,} frames, wall seconds | "
                     f"{f(w['seconds_open'])} | closed {f(w['seconds_closed'])} | {fs(w['ratio_spread'])} | "
                     f"<= 1.05x |")
+        rows.append(f"| the same, CPU seconds of the run's processes (scanner, fault handler, VMs) | | closed | "
+                    f"{fs(w['cpu_ratio_spread'])} | |")
+        rows.append(f"| what the open page costs: cores busy in the server (supervisor) and in the browser | "
+                    f"{fs(w['server_cores_spread'], '')}; {fs(w['browser_cores_spread'], '')} | | | |")
         dm = w["draw_ms"] or {}
         rows.append(f"| the page at {w['frames']:,} frames: updates/s (server sends every {w['interval_s']} s); "
                     f"draw per update p50 / p99 (ms) | {fs(w['updates_per_s_spread'], '/s')}; "

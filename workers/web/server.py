@@ -445,6 +445,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(status, json.dumps(obj).encode(), "application/json")
 
     def _error(self, status: int, message: str) -> None:
+        self.close_connection = True        # (a refused request's body may be left unread)
         self._json(status, {"error": message, "status": status})
 
     def _authorized(self, query: dict) -> bool:

@@ -98,6 +98,8 @@ def expected(m, vms, npages: int) -> dict:
             "cells": {"ksm": s["pages_shared"], "zero": 1, "anon": len(set(frames) - shared),
                       "free": m.nframes - 1 - s["pages_shared"] - len(set(frames) - shared)},
             "log": {vm.name: vm.msg_log()["kvm"] for vm in vms},
+            "counts": {k: sum(vm.stats()["msgs"][k] for vm in vms) for k in vms[0].stats()["msgs"]},
+            "cow_faults": sum(vm.stats()["cow_faults"] for vm in vms),
             "ksm_stat": {vm.name: vm.ksm_stat() for vm in vms}}
 
 
@@ -116,6 +118,8 @@ def shown(d) -> dict:
         if (!(k in out.rows)) out.rows[k] = {seq: +el.dataset.seq, type: el.dataset.type};
       }
       out.controls_hidden = document.getElementById("controls").hidden;
+      out.counts = {};
+      for (const el of document.querySelectorAll("#msgcounts tr")) out.counts[el.dataset.type] = el.cells[1].textContent;
       return out;"""
     return d.execute_script(js)
 
@@ -129,7 +133,9 @@ def agrees(page: dict, want: dict) -> bool:
             and all(num(page["ctr"][k]) == v for k, v in want["counters"].items())
             and all(page["pfn"].get(n) == p[:len(page["pfn"].get(n, []))] and len(page["pfn"][n]) > 0
                     for n, p in want["pfn"].items())
-            and all(page["rows"].get(f"{n}/kvm") == {"seq": len(log), "type": log[-1]} for n, log in want["log"].items()))
+            and all(page["rows"].get(f"{n}/kvm") == {"seq": len(log), "type": log[-1]} for n, log in want["log"].items())
+            and {k: num(v) for k, v in page["counts"].items() if k != "FAULT (COW)"} == want["counts"]
+            and num(page["counts"].get("FAULT (COW)", "0")) == want["cow_faults"])
 
 
 # ---------------------------------------------------------------------------- the browser test
@@ -186,6 +192,8 @@ def test_page_shows_what_the_run_has(ksm_machine_factory, browser):
         page = wait_for("the page shows the COW", lambda: (p := shown(browser)) and agrees(p, want) and p)
         assert num(page["anon"]) == 9 and num(page["ksm"]) == 1
         assert page["rows"]["a/kvm"]["type"] == want["log"]["a"][-1]
+        assert page["rows"]["a/faultd"] == {"seq": 1, "type": "FAULT a -> faultd, FAULT_REPLY"}
+        assert num(page["counts"]["FAULT (COW)"]) == 1 and num(page["counts"]["CHANGE_PTE"]) == want["counts"]["CHANGE_PTE"]
 
         # and the counters move on the page when ksmd runs again
         m.ksm.set(run=1)

@@ -363,6 +363,7 @@ class Client:
         self.frames = None
         self.vms: dict[str, np.ndarray] = {}
         self.seen: dict[tuple[str, str], int] = {}
+        self.cow: dict[str, int] = {}
 
     @staticmethod
     def _cells(new: np.ndarray, old, full_at: int):
@@ -401,8 +402,16 @@ class Client:
                 take = tail[len(tail) - min(new, len(tail)):]
                 rows += [{"vm": vm, "sub": sub, "seq": n - len(take) + 1 + k, "type": t} for k, t in enumerate(take)]
                 self.seen[(vm, sub)] = n
+        for vm, n in msgs.get("cow_faults", {}).items():    # COW faults: a FAULT to faultd, its FAULT_REPLY
+            new = n - self.cow.get(vm, 0)
+            if new > 0 and vm in self.cow:
+                rows.append({"vm": vm, "sub": "faultd", "seq": n, "type": f"FAULT {vm} -> faultd, FAULT_REPLY"
+                                                                        + (f" (x{new})" if new > 1 else "")})
+            self.cow[vm] = n
         out["msgs"] = rows
-        out["msg_counts"] = msgs.get("counts", {})
+        out["msg_counts"] = dict(msgs.get("counts", {}))
+        if msgs.get("cow_faults"):
+            out["msg_counts"]["FAULT (COW)"] = sum(msgs["cow_faults"].values())
         out["cow_faults"] = msgs.get("cow_faults", {})
         return out
 

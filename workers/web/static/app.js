@@ -282,11 +282,11 @@
       if (!row) {
         row = document.createElement("tr"); row.dataset.type = k;
         const a = document.createElement("td"); const s = document.createElement("span");
-        s.className = "ty-" + k; s.textContent = k; a.append(s);
-        const b = document.createElement("td"); b.className = "v"; b.id = "msgcount-" + k;
+        s.className = "ty-" + k.split(" ")[0]; s.textContent = k; a.append(s);
+        const b = document.createElement("td"); b.className = "v"; b.id = "msgcount-" + k.split(" ")[0];
         row.append(a, b); t.append(row);
       }
-      q("msgcount-" + k).textContent = c[k].toLocaleString();
+      q("msgcount-" + k.split(" ")[0]).textContent = c[k].toLocaleString();
     }
   }
 

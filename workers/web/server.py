@@ -405,8 +405,8 @@ class Client:
         for vm, n in msgs.get("cow_faults", {}).items():    # COW faults: a FAULT to faultd, its FAULT_REPLY
             new = n - self.cow.get(vm, 0)
             if new > 0 and vm in self.cow:
-                rows.append({"vm": vm, "sub": "faultd", "seq": n, "type": f"FAULT {vm} -> faultd, FAULT_REPLY"
-                                                                        + (f" (x{new})" if new > 1 else "")})
+                rows.append({"vm": vm, "sub": "faultd", "seq": n,
+                             "type": "FAULT/REPLY" + (f" x{new}" if new > 1 else "")})
             self.cow[vm] = n
         out["msgs"] = rows
         out["msg_counts"] = dict(msgs.get("counts", {}))

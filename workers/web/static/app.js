@@ -267,7 +267,7 @@
       const d = document.createElement("div");
       d.className = "msg new"; d.dataset.vm = m.vm; d.dataset.sub = m.sub; d.dataset.seq = m.seq; d.dataset.type = m.type;
       const t = document.createElement("span");
-      const ty = m.type.split(" ")[0];
+      const ty = m.type.split(/[ /]/)[0];
       t.className = "ty ty-" + ty; t.textContent = m.type;
       d.append(t, ` ${m.vm} · ${m.sub} #${m.seq}`);
       frag.append(d);

@@ -272,6 +272,8 @@ def test_token_is_required_and_errors_are_json(ksm_machine_factory):
         assert status == 404 and "no such page" in err["error"]
         status, ok = get(ctl, b'{"action": "knobs", "knobs": {"pages_to_scan": 77}}')
         assert status == 200 and ok["knobs"]["pages_to_scan"] == 77 and m.ksm.get("pages_to_scan") == 77
+        with pytest.raises(OSError, match=f"port {web.port} on 127.0.0.1 is in use: pass --port N"):
+            WebServer(LiveSource(m), port=web.port).start()
     finally:
         web.stop()
 

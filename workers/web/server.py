@@ -514,6 +514,8 @@ class _Handler(BaseHTTPRequestHandler):
         elif path == "/api/state":
             self._json(200, full_state(web.snapshots.get(), web.read_only))
         elif path == "/api/events":
+            if self.command == "HEAD":
+                raise RequestError(405, "HEAD of an event stream: GET it")
             self._events()
         else:
             raise RequestError(404, f"no such page {path!r}: GET /, /api/state, /api/events; POST /api/control")

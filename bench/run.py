@@ -15,6 +15,8 @@ Parts (each measured beside its anchor in the same run):
            faults per second with that many VMs, each with several faults in flight, a fault
            handler each; parallel efficiency against linear, CPU use, interleaved repetitions
   trace    the same workload with tracing on beside off, interleaved repetitions
+  web      the same kind of workload on 65,536 frames with the web view open in headless Chromium
+           beside no page, interleaved repetitions; the page's updates/s and draw time per update
   check    `ksm-proto check` at bench size: 5000 random schedules per mode, schedules/s, and
            each --break caught in every mode (the exit status is 1 otherwise)
   stress   no lost writes: 10M writes and >= 1M COW faults of merged pages across the three
@@ -56,7 +58,7 @@ from workers.oracle import kernel_ksm  # noqa: E402
 from workers.actors.supervisor import Machine  # noqa: E402
 from workers.tools.stress import run_modes  # noqa: E402
 
-PARTS = ("scan", "cow", "modes", "scaling", "trace", "stress", "estimate", "check")
+PARTS = ("scan", "cow", "modes", "scaling", "trace", "stress", "estimate", "check", "web")
 MODES = ("change_pte", "wrapped", "invalidate")
 
 
@@ -603,6 +605,106 @@ def bench_trace(npages: int, prog, reps: int = 5, keep: str | None = None) -> di
             "work": f"3 rounds x (merge {2 * npages} pages + {2 * npages} COW faults)", "trace_bytes": size}
 
 
+# ---------------------------------------------------------------------------- web view
+WEB_FRAMES = 65536
+
+
+def _chromium_cpu() -> float:
+    """CPU seconds of every Chromium process now alive (the browser the bench drives)."""
+    total = 0.0
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    if not f.read().startswith(b"/usr/lib/chromium/chromium"):
+                        continue
+            except OSError:
+                continue
+            total += _cpu_seconds(int(pid))
+    return total
+
+
+def web_rounds(npages: int, rounds: int, driver=None) -> dict:
+    """merge_cow_rounds' fixed work on a machine of WEB_FRAMES frames, with the web view open in
+    `driver` (a browser) or not: wall seconds, and with the page its updates/s and draw times."""
+    from workers.tools.web import LiveSource, WebServer
+    with Machine(frames=WEB_FRAMES) as m:
+        m.ksm.set(pages_to_scan=100000, sleep_millisecs=0, max_page_sharing=2 * npages + 1, fault_poll_us=0)
+        vms = [merged_vm(m, npages, f"r{i}", value=1) for i in range(2)]
+        web = None
+        if driver is not None:
+            web = WebServer(LiveSource(m), port=0)
+            driver.get(web.start())
+            deadline = time.monotonic() + 60
+            while not driver.execute_script("return window.ksm && window.ksm.updates"):
+                if time.monotonic() > deadline:
+                    raise TimeoutError("the web view's page got no update in 60 s")
+                time.sleep(0.05)
+            u0 = driver.execute_script("window.ksm.drawTimes = []; return window.ksm.updates")
+        pids = [a.pid for a in m.scanner_procs + m.faultds] + [vm.pid for vm, _ in vms]
+        try:
+            cpu0, own0, br0 = sum(_cpu_seconds(p) for p in pids), time.process_time(), _chromium_cpu()
+            t0 = time.monotonic()
+            for r in range(rounds):
+                scans = m.ksm.stats()["full_scans"] + 2
+                m.ksm.set(run=1)
+                deadline = time.monotonic() + 120
+                while (s := m.ksm.stats())["pages_sharing"] < 2 * npages - 1 or s["full_scans"] < scans:
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"round {r}: not merged: {m.ksm.stats()}")
+                    time.sleep(0.0005)
+                m.ksm.set(run=0)
+                wids = [vm.writer_start(a, npages, seed=0, count=npages, values=-(r + 2)) for vm, a in vms]
+                for (vm, _), w in zip(vms, wids):
+                    while not vm.writer_peek(w)["finished"]:
+                        time.sleep(0.01)
+                    vm.writer_stop(w)
+            wall = time.monotonic() - t0
+            out = {"seconds": wall, "cpu_seconds": sum(_cpu_seconds(p) for p in pids) - cpu0,
+                   "supervisor_cpu_seconds": time.process_time() - own0, "browser_cpu_seconds": _chromium_cpu() - br0}
+            if driver is not None:
+                u1, draws = driver.execute_script("return [window.ksm.updates, window.ksm.drawTimes]")
+                out.update(updates_per_s=(u1 - u0) / wall, draw_ms=draws)
+            return out
+        finally:
+            if web is not None:
+                driver.get("about:blank")
+                web.stop()
+
+
+def bench_web(npages: int, prog, reps: int = 5) -> dict:
+    """Run speed with the page open beside closed (interleaved: closed/open, then open/closed, ...),
+    the page's update rate and its draw time per update at WEB_FRAMES frames."""
+    from workers.tools.web.browser import ensure_chromium, new_driver
+    why = ensure_chromium()
+    if why:
+        return {"skipped": f"no headless Chromium: {why}"}
+    driver = new_driver()
+    closed, opened = [], []
+    try:
+        for r in range(reps):
+            prog(f"web: closed/open repetition {r + 1}/{reps}")
+            for on in ((False, True) if r % 2 == 0 else (True, False)):
+                (opened if on else closed).append(web_rounds(npages, 3, driver if on else None))
+    finally:
+        driver.quit()
+    draws = [d for o in opened for d in o["draw_ms"]]
+    return {"frames": WEB_FRAMES, "work": f"3 rounds x (merge {2 * npages} pages + {2 * npages} COW faults)",
+            "seconds_closed": round(statistics.median(o["seconds"] for o in closed), 3),
+            "seconds_open": round(statistics.median(o["seconds"] for o in opened), 3),
+            "ratio_spread": spread([b["seconds"] / a["seconds"] for a, b in zip(closed, opened)]),
+            "cpu_ratio_spread": spread([b["cpu_seconds"] / a["cpu_seconds"] for a, b in zip(closed, opened)]),
+            # what the page itself costs, in cores busy while it is open: the supervisor (its server
+            # threads; closed, it only waits on the counters) and the browser
+            "server_cores_spread": spread([(b["supervisor_cpu_seconds"] - a["supervisor_cpu_seconds"] * b["seconds"]
+                                            / a["seconds"]) / b["seconds"] for a, b in zip(closed, opened)]),
+            "browser_cores_spread": spread([b["browser_cpu_seconds"] / b["seconds"] for b in opened]),
+            "updates_per_s_spread": spread([o["updates_per_s"] for o in opened]),
+            "draw_ms": {"p50": round(pct(draws, 50), 2), "p99": round(pct(draws, 99), 2),
+                        "max": round(max(draws), 2), "n": len(draws)} if draws else None,
+            "reps": reps, "interval_s": 0.1}
+
+
 # ---------------------------------------------------------------------------- 7. estimate
 def estimate_run(path: str) -> dict:
     """`ksm-proto estimate --file path --json` in a process of its own (its peak memory is its own)."""
@@ -772,6 +874,21 @@ def table(res: dict) -> str:
                     f"<= 1.10x |")
         rows.append(f"| the same, wall seconds (other load on the machine moves these) | {f(t['seconds_on'])} | "
                     f"off {f(t['seconds_off'])} | {fs(t.get('wall_ratio_spread'))} | |")
+    w = res.get("web")
+    if w and "skipped" in w:
+        rows.append(f"| web view | {w['skipped']} | | | |")
+    elif w:
+        rows.append(f"| web view open vs closed: {w['work']} on {w['frames']:,} frames, wall seconds | "
+                    f"{f(w['seconds_open'])} | closed {f(w['seconds_closed'])} | {fs(w['ratio_spread'])} | "
+                    f"<= 1.05x |")
+        rows.append(f"| the same, CPU seconds of the run's processes (scanner, fault handler, VMs) | | closed | "
+                    f"{fs(w['cpu_ratio_spread'])} | |")
+        rows.append(f"| what the open page costs: cores busy in the server (supervisor) and in the browser | "
+                    f"{fs(w['server_cores_spread'], '')}; {fs(w['browser_cores_spread'], '')} | | | |")
+        dm = w["draw_ms"] or {}
+        rows.append(f"| the page at {w['frames']:,} frames: updates/s (server sends every {w['interval_s']} s); "
+                    f"draw per update p50 / p99 (ms) | {fs(w['updates_per_s_spread'], '/s')}; "
+                    f"{f(dm.get('p50'))} / {f(dm.get('p99'))} | | | |")
     ck = res.get("check")
     if ck:
         for mode, r in ck["modes"].items():
@@ -966,6 +1083,8 @@ def main(argv=None) -> int:
                 progress.remove_task(bar)
             elif part == "check":
                 res["check"] = bench_check(100 if q else 5000, prog, a.cores, breaks=not q)
+            elif part == "web":
+                res["web"] = bench_web(512 if q else 4096, prog, reps=2 if q else 5)
             elif part == "estimate":
                 res["estimate"] = bench_estimate(scan_pages, kernel_ok, why, prog, res.get("scan"),
                                                  rounds=1 if q else 3)

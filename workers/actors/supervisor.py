@@ -342,6 +342,10 @@ class VM:
         """The notifier messages each secondary MMU received, in order (last 4096)."""
         return self._call("msg_log", clear=clear)[0]
 
+    def msg_tail(self, n: int = 64) -> dict[str, dict]:
+        """Each secondary MMU's count of messages ever logged and its last n (the web view's sequence)."""
+        return self._call("msg_log", tail=n)[0]
+
     def cow_samples_ns(self) -> list[int]:
         return self._call("cow_samples")[0]["ns"]
 

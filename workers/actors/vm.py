@@ -51,7 +51,7 @@ from workers.mm.kvm import FaultCall, Touch, WaitIdle, touch, vm_access
 from workers.mm.effects import VMAS, Load, Memory
 from workers.mm.vma import (break_ksm_range, do_mprotect, do_munmap, dup_mmap, ksm_disable_merge_any,
                       ksm_enable_merge_any, madvise_dontneed, mmap_flags)
-from workers.mm.mmu_notifier import (LocalNotify, NotifierLink, SecondaryMMU, apply_cow_reply, notifier_lost,
+from workers.mm.mmu_notifier import (LOG_LEN, LocalNotify, NotifierLink, SecondaryMMU, apply_cow_reply, notifier_lost,
                                      receive_notification, register, unregister)
 from workers.mm.pte import check_range, page_range, task_size, vma_table
 from workers.runtime.driver import Driver, lock_ptl
@@ -638,6 +638,10 @@ class VMWorker:
                 reply["pages"] = await self.fork(req_int(req, "child", lo=0))
             elif op == "stats":
                 reply = self.stats()
+            elif op == "msg_log" and req.get("tail") is not None:     # the web view: count and last entries
+                k = req_int(req, "tail", 64, 0, LOG_LEN)
+                reply = {s.name: {"n": s.logged, "tail": list(s.log)[len(s.log) - min(k, len(s.log)):]}
+                         for s in self.subs.values()}
             elif op == "msg_log":
                 reply = {s.name: list(s.log) for s in self.subs.values()}
                 if req.get("clear"):

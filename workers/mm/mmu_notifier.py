@@ -232,10 +232,12 @@ class SecondaryMMU:
         self.faults = 0
         self.msgs = {m.name: 0 for m in NOTIFIER_TYPES}
         self.log: collections.deque = collections.deque(maxlen=LOG_LEN)   # message types, in order
+        self.logged = 0         # entries ever appended to log (the web view's sequence numbers)
 
     def note(self, name: str, n: int = 1) -> None:
         self.msgs[name] += n
         self.log.append(name)
+        self.logged += 1
 
     def apply(self, t: int, entries) -> int:
         """Apply one notifier message; returns the ack flags (young, for CLEAR_YOUNG).  entries: n x
@@ -245,6 +247,7 @@ class SecondaryMMU:
         name = _NAMES.get(t) or Msg(t).name          # (Msg(t): ValueError for a type that is none)
         self.msgs[name] += n if t != _REGISTER and t != _RELEASE else 1
         self.log.append(name)
+        self.logged += 1
         if n == 1:
             a, p = entries[0] if entries.__class__ is list else entries.tolist()[0]
             i = (a - USER_BASE) >> PAGE_SHIFT

@@ -1,7 +1,8 @@
 """The `ksm-proto` command: run a scenario (or the demo), trace tools, and the benchmark.
 
     ksm-proto run [SCENARIO.toml] [--json] [--trace FILE] [--until-stable] [--notifier-mode M]
-    ksm-proto trace summary FILE | trace check FILE
+                  [--web [--port N] [--read-only]]
+    ksm-proto trace summary FILE | trace check FILE | trace view FILE [--port N] [--speed X]
     ksm-proto bench [--quick] [--cores N] [--trace-overhead] ...
     ksm-proto check [--mode M|all] [--scenario S|all] [--seed S] [--runs N] [--exhaustive [--depth D]] [--break STEP]
                     [--scanners 2] [--list-breaks] [--trace FILE] [--replay SCHEDULE.json] [--save-schedule FILE]
@@ -120,84 +121,127 @@ def scenario_frames(sc: Scenario) -> int:
     return sc.frames or int(sc.pages * 1.25) + 4096
 
 
+def start_web(m, port: int, read_only: bool):
+    """The web view of a running machine (workers/tools/web): started, its URL with the token on stderr."""
+    from workers.tools.web import LiveSource, WebServer
+    web = WebServer(LiveSource(m), port=port, read_only=read_only)
+    url = web.start()
+    print(f"web view: {url}\n  (127.0.0.1 only; the token is this run's: whoever has it can "
+          f"{'watch' if read_only else 'watch and drive'} the run)", file=sys.stderr, flush=True)
+    return web
+
+
 def run_scenario(sc: Scenario, mode: str | None, trace: str | None, until_stable: bool, scans: int,
-                 rep: Reporter, timeout: float) -> dict:
+                 rep: Reporter, timeout: float, web_port: int | None = None, read_only: bool = False) -> dict:
+    """Load the scenario, run KSM, check every byte read back.  With web_port, serve the web view from
+    the start (the loading shows) and, once loaded, until Ctrl-C instead of a number of scans."""
     from workers.actors.supervisor import Machine
     mode = mode or sc.notifier_mode or "change_pte"
     frames = scenario_frames(sc)
     t0 = time.monotonic()
     own = {k: v for k, v in sc.ksm.items() if k in OWN}     # scanners, fault_handlers: chosen at start
     with Machine(frames=frames, notifier_mode=mode, trace=trace, nodes=1 + max(v.node for v in sc.vms), **own) as m:
-        layout = load_vms(m, sc, rep)
-        loaded = time.monotonic()
-        writers = []
-        for name, (vm, regions) in layout.items():
-            for addr, r, _ in regions:
-                if r.writer:
-                    w = r.writer
-                    writers.append((vm, vm.writer_start(addr, w.pages, w.seed, 0, w.values, w.period_ms), addr, r))
-        knobs = {"pages_to_scan": 100000, "sleep_millisecs": 0, **{k: v for k, v in sc.ksm.items() if k not in OWN}}
-        knobs.setdefault("run", 1)
-        m.ksm.set(**{k: v for k, v in knobs.items() if k != "run"})
-        m.ksm.set(run=knobs["run"])
-        deadline = time.monotonic() + timeout
-        live = None
-        if rep.mode == "rich":
-            from rich.live import Live
-            live = Live(rep.table(m.ksm.stats()), console=rep.console, refresh_per_second=8, transient=False)
-            live.start()
+        web = start_web(m, web_port, read_only) if web_port is not None else None
         try:
-            keys = ("pages_shared", "pages_sharing", "ksm_zero_pages", "stable_node_chains", "stable_node_dups")
-            last, same, n = None, 0, 0
-            while knobs["run"] == 1:
-                s = m.ksm.wait_full_scans(1, max(1.0, deadline - time.monotonic()))
-                n += 1
-                cur = tuple(s[k] for k in keys)
-                same = same + 1 if cur == last else 0
-                last = cur
-                if live:
-                    live.update(rep.table(s))
-                else:
-                    rep.line(f"full_scans={s['full_scans']} pages_shared={s['pages_shared']} "
-                             f"pages_sharing={s['pages_sharing']} pages_unshared={s['pages_unshared']} "
-                             f"pages_volatile={s['pages_volatile']} ksm_zero_pages={s['ksm_zero_pages']}")
-                if (until_stable and same >= 2) or (not until_stable and n >= scans):
-                    break
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"counters did not settle within {timeout:.0f}s")
+            return _run_loaded(m, sc, mode, frames, t0, until_stable, scans, rep, timeout, web)
         finally:
-            if live:
-                live.stop()
-        merged = time.monotonic()
-        stats = m.ksm.stats()
-        wstats = {}
-        for vm, wid, addr, r in writers:
-            wstats.setdefault(vm.name, []).append(vm.writer_stop(wid))
-        # every byte that no writer touched must read back as loaded
-        mismatches = 0
-        for name, (vm, regions) in layout.items():
-            for addr, r, data in regions:
-                skip = r.writer.pages * PAGE_SIZE if r.writer else 0
-                if r.prot == "none":
-                    continue              # no access at all (EFAULT), as in a PROT_NONE mapping
-                for off in range(skip, len(data), CHUNK):
-                    got = vm.read(addr + off, min(CHUNK, len(data) - off))
-                    if got != data[off:off + len(got)]:
-                        mismatches += 1
-        vms = {name: {**vm.stats(), "ksm_stat": vm.ksm_stat(), "writers": wstats.get(name, [])}
-               for name, (vm, _) in layout.items()}
-        return {
-            "scenario": sc.name,
-            "notifier_mode": mode,
-            "ksm": {k: stats[k] for k in SYSFS_COUNTERS},
-            "scanner_bytes_per_page": round(stats["metadata_bytes"] / max(1, stats["ksm_rmap_items"]), 2),
-            "vms": vms,
-            "pages_loaded": sc.pages,
-            "frames": frames,
-            "readback_mismatches": mismatches,
-            "seconds": {"load": round(loaded - t0, 3), "merge": round(merged - loaded, 3),
-                        "total": round(time.monotonic() - t0, 3)},
-        }
+            if web is not None:
+                web.stop()
+
+
+def _run_loaded(m, sc, mode, frames, t0, until_stable, scans, rep, timeout, web) -> dict:
+    layout = load_vms(m, sc, rep)
+    loaded = time.monotonic()
+    writers = []
+    for name, (vm, regions) in layout.items():
+        for addr, r, _ in regions:
+            if r.writer:
+                w = r.writer
+                writers.append((vm, vm.writer_start(addr, w.pages, w.seed, 0, w.values, w.period_ms), addr, r))
+    knobs = {"pages_to_scan": 100000, "sleep_millisecs": 0, **{k: v for k, v in sc.ksm.items() if k not in OWN}}
+    knobs.setdefault("run", 1)
+    m.ksm.set(**{k: v for k, v in knobs.items() if k != "run"})
+    m.ksm.set(run=knobs["run"])
+    deadline = time.monotonic() + timeout
+    live = None
+    if rep.mode == "rich":
+        from rich.live import Live
+        live = Live(rep.table(m.ksm.stats()), console=rep.console, refresh_per_second=8, transient=False)
+        live.start()
+
+    def show(s):
+        if live:
+            live.update(rep.table(s))
+        else:
+            rep.line(f"full_scans={s['full_scans']} pages_shared={s['pages_shared']} "
+                     f"pages_sharing={s['pages_sharing']} pages_unshared={s['pages_unshared']} "
+                     f"pages_volatile={s['pages_volatile']} ksm_zero_pages={s['ksm_zero_pages']}")
+    try:
+        keys = ("pages_shared", "pages_sharing", "ksm_zero_pages", "stable_node_chains", "stable_node_dups")
+        last, same, n = None, 0, 0
+        if web is not None:
+            print("serving the web view until Ctrl-C", file=sys.stderr, flush=True)
+            try:
+                while True:             # the page may stop ksmd (run=0): then the counters only stay put
+                    try:
+                        s = m.ksm.wait_full_scans(1, 1.0)
+                    except TimeoutError:
+                        s = m.ksm.stats()
+                    cur = tuple(s[k] for k in keys + ("full_scans",))
+                    if cur != last:
+                        show(s)
+                    last = cur
+            except KeyboardInterrupt:
+                pass
+        while web is None and knobs["run"] == 1:
+            s = m.ksm.wait_full_scans(1, max(1.0, deadline - time.monotonic()))
+            n += 1
+            cur = tuple(s[k] for k in keys)
+            same = same + 1 if cur == last else 0
+            last = cur
+            show(s)
+            if (until_stable and same >= 2) or (not until_stable and n >= scans):
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"counters did not settle within {timeout:.0f}s")
+    finally:
+        if live:
+            live.stop()
+    merged = time.monotonic()
+    stats = m.ksm.stats()
+    wstats = {}
+    for vm, wid, addr, r in writers:
+        wstats.setdefault(vm.name, []).append(vm.writer_stop(wid))
+    # every byte that no writer touched must read back as loaded (unless the web page wrote or madvised)
+    mismatches = 0
+    checked = web is None or web.source.actions == 0
+    for name, (vm, regions) in layout.items() if checked else ():
+        for addr, r, data in regions:
+            skip = r.writer.pages * PAGE_SIZE if r.writer else 0
+            if r.prot == "none":
+                continue              # no access at all (EFAULT), as in a PROT_NONE mapping
+            for off in range(skip, len(data), CHUNK):
+                got = vm.read(addr + off, min(CHUNK, len(data) - off))
+                if got != data[off:off + len(got)]:
+                    mismatches += 1
+    vms = {name: {**vm.stats(), "ksm_stat": vm.ksm_stat(), "writers": wstats.get(name, [])}
+           for name, (vm, _) in layout.items() if vm.alive}
+    res = {
+        "scenario": sc.name,
+        "notifier_mode": mode,
+        "ksm": {k: stats[k] for k in SYSFS_COUNTERS},
+        "scanner_bytes_per_page": round(stats["metadata_bytes"] / max(1, stats["ksm_rmap_items"]), 2),
+        "vms": vms,
+        "pages_loaded": sc.pages,
+        "frames": frames,
+        "readback_mismatches": mismatches,
+        "seconds": {"load": round(loaded - t0, 3), "merge": round(merged - loaded, 3),
+                    "total": round(time.monotonic() - t0, 3)},
+    }
+    if not checked:
+        res["readback_checked"] = False
+        res["web_actions"] = web.source.actions
+    return res
 
 
 def cmd_run(a) -> int:
@@ -209,7 +253,8 @@ def cmd_run(a) -> int:
         return 2
     rep = Reporter("quiet" if a.json else ("rich" if sys.stderr.isatty() and sys.stdout.isatty() else "plain"))
     try:
-        res = run_scenario(sc, a.notifier_mode, a.trace, a.until_stable, a.scans, rep, a.timeout)
+        res = run_scenario(sc, a.notifier_mode, a.trace, a.until_stable, a.scans, rep, a.timeout,
+                           web_port=a.port if a.web else None, read_only=a.read_only)
     except (OSError, TimeoutError, RuntimeError, ValueError) as e:
         print(f"ksm-proto: {e}", file=sys.stderr)
         return 1
@@ -238,6 +283,11 @@ def cmd_trace(a) -> int:
         print(f"ksm-proto: no such trace file: {a.file}", file=sys.stderr)
         return 2
     from workers.tools import tracetool
+    if a.what == "view":
+        return cmd_trace_view(a)
+    if a.port is not None or a.speed is not None:
+        print(f"ksm-proto: --port and --speed go with `trace view`, not `trace {a.what}`", file=sys.stderr)
+        return 2
     try:
         if a.what == "summary":
             print(tracetool.format_summary(tracetool.summary(a.file)))
@@ -253,6 +303,52 @@ def cmd_trace(a) -> int:
     print("OK: every secondary MMU's messages follow REGISTER ( START [CHANGE_PTE] END | CHANGE_PTE | "
           "INVALIDATE_PAGE | CLEAR_YOUNG )* RELEASE")
     return 0
+
+
+def cmd_trace_view(a) -> int:
+    """Replay a merged trace on the web page until Ctrl-C (workers/tools/web: ReplaySource)."""
+    from workers.tools.web import ReplaySource, WebServer
+    try:
+        src = ReplaySource(a.file, speed=a.speed if a.speed is not None else 1.0)
+    except (ValueError, KeyError, TypeError) as e:
+        print(f"ksm-proto: {a.file}: not a ksm-proto trace: {e}", file=sys.stderr)
+        return 2
+    web = WebServer(src, port=8765 if a.port is None else a.port, read_only=True)
+    try:
+        url = web.start()
+    except OSError as e:
+        print(f"ksm-proto: {e.strerror or e}", file=sys.stderr)
+        return 1
+    print(f"web view of {a.file}: {url}\n  ({len(src.msgs)} messages over {src.end / 1e6:.3f} s, replayed at "
+          f"{src.speed}x; 127.0.0.1 only; Ctrl-C to stop)", file=sys.stderr, flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        web.stop()
+    return 0
+
+
+def _port(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= n <= 65535:
+        raise argparse.ArgumentTypeError(f"must be 0 (any free port) to 65535, not {n}")
+    return n
+
+
+def _speed(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(v) or not 0 < v <= 1e6:
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 1000000], not {text}")
+    return v
 
 
 CHECK_MODES = ("change_pte", "wrapped", "invalidate")
@@ -413,9 +509,15 @@ def main(argv=None) -> int:
     r.add_argument("--notifier-mode", choices=["change_pte", "wrapped", "invalidate"])
     r.add_argument("--scans", type=_positive, default=4, help="full scans to run without --until-stable (default 4)")
     r.add_argument("--timeout", type=_seconds, default=120.0, help="give up after this many seconds")
+    r.add_argument("--web", action="store_true",
+                   help="serve a live view on 127.0.0.1 (URL with its token on stderr) until Ctrl-C (docs/web.md)")
+    r.add_argument("--port", type=_port, default=8765, help="the web view's port (default 8765; 0: any free one)")
+    r.add_argument("--read-only", action="store_true", help="the web view shows the run but serves no controls")
     t = sub.add_parser("trace", help="look at a trace file")
-    t.add_argument("what", choices=["summary", "check"])
+    t.add_argument("what", choices=["summary", "check", "view"], help="view: replay it on the web page")
     t.add_argument("file")
+    t.add_argument("--port", type=_port, help="trace view: the page's port (default 8765; 0: any free one)")
+    t.add_argument("--speed", type=_speed, help="trace view: replay speed, times the trace's own (default 1)")
     sub.add_parser("bench", help="measure the project beside its anchors (see bench/)", add_help=False)
     c = sub.add_parser("check", help="explore interleavings of the protocol and check its invariants")
     c.add_argument("--mode", choices=[*CHECK_MODES, "all"], default="all", help="notifier mode (default: all)")
@@ -437,7 +539,7 @@ def main(argv=None) -> int:
     c.add_argument("--scanners", type=int, choices=[1, 2],
                    help="scanners in the KSM world (default 1; 2 for a break of the scanners' protocol): 2 runs "
                         "two scanners merging into each other's stable nodes while the VMs write")
-    from workers.estimate import estimate
+    from workers.estimate.estimate.estimate.estimate import estimate
     estimate.add_arguments(sub.add_parser(
         "estimate", help="how much KSM would save on processes, files or images (see workers/estimate/estimate.py)",
         description="What KSM would reach at stability on real pages, with the scanner's hashing and tree rules. "
@@ -460,10 +562,12 @@ def _main(p, c, args, rest) -> int:
     if args.cmd == "bench":
         return cmd_bench(args, rest)
     if args.cmd == "estimate" and not rest:
-        from workers.estimate import estimate
+        from workers.estimate.estimate.estimate.estimate import estimate
         return estimate.cli(args)
     if rest:
         p.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.cmd == "run" and not args.web and (args.read_only or args.port != 8765):
+        p.error("--port and --read-only go with --web")
     if args.cmd == "check":
         if args.depth is not None and not args.exhaustive:
             c.error("--depth needs --exhaustive")

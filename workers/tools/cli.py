@@ -539,7 +539,7 @@ def main(argv=None) -> int:
     c.add_argument("--scanners", type=int, choices=[1, 2],
                    help="scanners in the KSM world (default 1; 2 for a break of the scanners' protocol): 2 runs "
                         "two scanners merging into each other's stable nodes while the VMs write")
-    from workers.estimate.estimate.estimate.estimate import estimate
+    from workers.estimate import estimate
     estimate.add_arguments(sub.add_parser(
         "estimate", help="how much KSM would save on processes, files or images (see workers/estimate/estimate.py)",
         description="What KSM would reach at stability on real pages, with the scanner's hashing and tree rules. "
@@ -562,7 +562,7 @@ def _main(p, c, args, rest) -> int:
     if args.cmd == "bench":
         return cmd_bench(args, rest)
     if args.cmd == "estimate" and not rest:
-        from workers.estimate.estimate.estimate.estimate import estimate
+        from workers.estimate import estimate
         return estimate.cli(args)
     if rest:
         p.error(f"unrecognized arguments: {' '.join(rest)}")

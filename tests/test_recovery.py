@@ -1,0 +1,166 @@
+"""One protocol for the recovery: the declared breaks, the supervisor's recovery program (mm/recovery.py)
+that Machine._recover and the checker both run, the kill sweep, and the checker's kills in every scenario."""
+import pathlib
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from workers.check import explore
+from workers.check.world import BREAKS as WORLD_BREAKS, world_factory
+from workers.mm import recovery
+from workers.mm.breaks import BREAKS, NONE, Breaks, check_break
+from workers.mm.effects import Fsck, Load, Lock, Unlock
+from workers.mm.recovery import Freeze, NotifierLost, Respawn, Thaw, recover
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def test_breaks_are_one_declared_set():
+    assert set(WORLD_BREAKS) == set(BREAKS) and all(b.what for b in BREAKS.values())
+    with pytest.raises(ValueError, match="unknown break 'no-such-step'"):
+        Breaks(["no-such-step"])
+    with pytest.raises(ValueError, match="undeclared break 'no-wirte-protect'"):
+        "no-wirte-protect" in NONE          # a typo in a core is an error, not a break silently off
+    assert "no-write-protect" in Breaks(["no-write-protect"]) and "no-write-protect" not in NONE
+    assert check_break("no-repair").kill == "faultd"
+
+
+def test_every_break_a_core_consults_is_declared():
+    """Every `"name" in brk` written in workers/ names a declared break (a branch no run reaches included)."""
+    used = set()
+    for path in (ROOT / "workers").rglob("*.py"):
+        used |= set(re.findall(r'"([a-z-]+)" (?:not )?in (?:brk|scan\.brk|self\.brk)\b', path.read_text()))
+    assert used and used <= set(BREAKS), used - set(BREAKS)
+
+
+def _effects(groups, brk=(), serves=lambda actor, mm: True):
+    """The recovery program's effects in order, each answered as the supervisor would (Freeze: held)."""
+    gen = recover(groups, ["ksmd", "ksmd1"], lambda: [0, 1], lambda: [0, 1, 2], serves, 4, Breaks(brk))
+    out, send = [], None
+    while True:
+        try:
+            e = gen.send(send)
+        except StopIteration as st:
+            return out, st.value
+        out.append(e)
+        c = e.__class__
+        send = (True if c is Freeze else np.zeros(4, dtype=np.uint64) if c is Load
+                else {"freed": 1} if c is Fsck else None)
+
+
+def _names(effects):
+    out = []
+    for e in effects:
+        c = e.__class__
+        out.append(f"notifier_lost {e.mm} {e.peer}" if c is NotifierLost else f"respawn {e.group}" if c is Respawn
+                   else f"lock {e.key[1]}" if c is Lock else f"unlock {e.key[1]}" if c is Unlock
+                   else c.__name__.lower())
+    return out
+
+
+def test_recovery_of_a_fault_handler_in_order():
+    """freeze, each VM it served handles the loss, repair under every ptl (the mm a fork is filling
+    included), respawn, thaw."""
+    effects, fixed = _effects(["faultd1"], serves=lambda actor, mm: mm % 2 == 1)
+    assert _names(effects) == ["freeze", "notifier_lost 1 faultd1", "lock 0", "lock 1", "lock 2", "load", "load",
+                               "load", "fsck", "unlock 2", "unlock 1", "unlock 0", "respawn faultd1", "thaw"]
+    assert fixed == {"freed": 1}
+
+
+def test_recovery_of_the_scanners_restarts_them_all_unfrozen():
+    effects, _ = _effects(["ksmd"])
+    names = _names(effects)
+    assert "freeze" not in names and "thaw" not in names
+    assert names[:4] == ["notifier_lost 0 ksmd", "notifier_lost 0 ksmd1", "notifier_lost 1 ksmd",
+                         "notifier_lost 1 ksmd1"]
+    assert names[-1] == "respawn ksmd" and names.count("respawn ksmd") == 1
+    assert recovery.victims(["ksmd", "faultd"], ["ksmd", "ksmd1"]) == ["ksmd", "ksmd1", "faultd"]
+
+
+def test_recovery_breaks_remove_their_step():
+    assert "notifier_lost 1 faultd" not in _names(_effects(["faultd"], ["no-notifier-lost"])[0])
+    names = _names(_effects(["faultd"], ["respawn-before-repair"])[0])
+    assert names.index("respawn faultd") < names.index("thaw") < names.index("fsck")
+    assert "fsck" not in _names(_effects(["faultd"], ["no-repair"])[0])
+
+
+def test_a_repair_that_cannot_lock_still_restarts_and_thaws():
+    """A ptl held by a hung actor: the repair gives up (TimeoutError), the successor starts, ksmd thaws."""
+    gen = recover(["faultd"], ["ksmd"], lambda: [0], lambda: [0], lambda a, m: True, 4)
+    seen, send, exc = [], None, None
+    while True:
+        try:
+            e = gen.throw(exc) if exc else gen.send(send)
+        except StopIteration as st:
+            fixed = st.value
+            break
+        seen.append(e.__class__.__name__)
+        send, exc = (True if e.__class__ is Freeze else None), (TimeoutError("ptl(mm0) held") if e.__class__ is Lock
+                                                                 else None)
+    assert seen == ["Freeze", "NotifierLost", "Lock", "Respawn", "Thaw"]
+    assert fixed == {"repair_failed": "ptl(mm0) held"}
+
+
+def test_supervisor_and_checker_run_the_one_recovery_program():
+    """No second copy: both import mm.recovery.recover and neither writes its own freeze/repair/respawn order."""
+    sup = (ROOT / "workers/actors/supervisor.py").read_text()
+    world = (ROOT / "workers/check/world.py").read_text()
+    for src in (sup, world):
+        assert "from workers.mm.recovery import" in src and "recover(" in src
+        assert "repair_frames(" not in src.replace("from workers.mm.repair import repair_frames", "") \
+            or "repair_frames(list(self.mm_segs)" in src        # (Machine.repair: the on-demand repair)
+
+
+@pytest.mark.parametrize("kill", ["faultd", "ksmd"])
+def test_kill_sweep_is_clean_and_covers_merges_and_cows_in_flight(kill):
+    """A kill at every step of one fixed schedule: no violation, and the kills hit the victim mid-work."""
+    sw = explore.kill_sweep(world_factory("wrapped", kill=kill), victims=(kill,))
+    assert sw.found is None, sw.found and sw.found[1]
+    assert sw.points > 100
+    want = {"alloc", "copy", "reply", "wait"} if kill == "faultd" else {"trylock", "memcmp", "put", "pin"}
+    assert want <= set(sw.covered), sw.covered
+
+
+def test_kill_sweep_finds_the_missing_repair():
+    sw = explore.kill_sweep(world_factory("wrapped", "no-repair"), victims=("faultd",))
+    assert sw.found is not None and any("PTEs map it" in v for v in sw.found[1]), sw.found
+
+
+def check(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "workers.tools.cli", "check", *args], capture_output=True,
+                          text=True, timeout=timeout, cwd=ROOT)
+
+
+@pytest.mark.parametrize("kill", ["faultd", "ksmd"])
+def test_check_kill_is_clean_in_every_scenario_and_mode(kill):
+    """(A fault handler dying right after a fork once met a checker's supervisor that did not know the
+    child: KeyError at every seed.)"""
+    p = check("--kill", kill, "--runs", "40", "--seed", "1", "--jobs", "2")
+    assert p.returncode == 0, p.stdout + p.stderr
+    lines = p.stdout.splitlines()
+    assert [ln.split(":")[0] for ln in lines] == [f"{m} {sc}" for m in ("change_pte", "wrapped", "invalidate")
+                                                  for sc in ("base", "fork")]
+    assert all("41 schedules" in ln and ln.endswith("no violation") for ln in lines), p.stdout
+
+
+def test_check_kill_with_two_scanners_in_the_fork_scenario():
+    p = check("--kill", "ksmd", "--scanners", "2", "--scenario", "fork", "--mode", "wrapped", "--runs", "40",
+              "--seed", "2", "--jobs", "2")
+    assert p.returncode == 0 and p.stdout.rstrip().endswith("no violation"), p.stdout + p.stderr
+
+
+def test_check_sweep_cli_names_what_it_covered():
+    p = check("--sweep", "--break", "no-repair", "--mode", "invalidate")
+    assert p.returncode == 1, p.stdout + p.stderr
+    assert re.search(r"invalidate base: kill sweep of faultd: \d+ kill points", p.stdout)
+    assert "search kill sweep, kill at step" in p.stdout
+
+
+def test_a_depth_past_the_recursion_is_refused_clearly():
+    p = check("--exhaustive", "--depth", "100000000000000000000")
+    assert p.returncode == 2 and "--depth: at most 200" in p.stderr and "Traceback" not in p.stderr
+    with pytest.raises(ValueError, match="out of range 1..200"):
+        explore.exhaustive(world_factory("wrapped"), depth=201)

@@ -164,3 +164,23 @@ def test_a_depth_past_the_recursion_is_refused_clearly():
     assert p.returncode == 2 and "--depth: at most 200" in p.stderr and "Traceback" not in p.stderr
     with pytest.raises(ValueError, match="out of range 1..200"):
         explore.exhaustive(world_factory("wrapped"), depth=201)
+
+
+@pytest.mark.parametrize("kill", ["faultd", "faultd1"])
+def test_two_fault_handlers_one_killed_the_other_serving(kill):
+    """Two fault handlers (each serves every other VM): the one killed is recovered for the VMs it
+    served alone (its notifier_lost goes to them only), the other goes on; in every scenario and mode."""
+    p = check("--kill", kill, "--fault-handlers", "2", "--runs", "30", "--seed", "3", "--jobs", "2")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert len(p.stdout.splitlines()) == 6 and all(ln.endswith("no violation") for ln in p.stdout.splitlines())
+    f = world_factory("wrapped", kill=kill, fault_handlers=2)
+    w = f()
+    assert [w.faultd_of(v.id) for v in w.vms] == ["faultd", "faultd1"]
+    effects, _ = _effects([kill], serves=w._serves)
+    lost = [e.mm for e in effects if e.__class__ is NotifierLost]
+    assert lost == [0 if kill == "faultd" else 1]
+
+
+def test_a_kill_of_an_actor_the_world_lacks_is_a_usage_error():
+    p = check("--kill", "faultd1", "--runs", "3")
+    assert p.returncode == 2 and "this world's actors are ksmd, faultd" in p.stderr

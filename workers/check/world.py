@@ -111,7 +111,7 @@ BREAK_SCENARIO = {n: b.scenario for n, b in DECLARED.items() if b.scenario != "b
 # pages): the next round's visits follow the merges at once
 SHARDED = dict(scanners=2, fill=(2, 1), writes=(((1, -1), (0, 1), (1, 2)), ((1, 1), (1, 2), (0, 1))),
                smart_scan=0, complete=True, pages_to_scan=1000, first_scan=1)
-KILLS = ("ksmd", "faultd")
+KILLS = ("ksmd", "faultd", "faultd1")
 RECOVER = ("recover",)          # the supervisor's recover_lock: a recovery and a VM's spawn (fork) exclude
 
 # The writers' programs.  An op is (page, byte) to write and read back, (page, -1) for
@@ -229,13 +229,16 @@ class KsmWorld:
                  use_zero_pages: int = 0, settle_scans: int = 2, nframes: int = 16, pace: bool = True,
                  early_reply: bool = True, scanners: int = 1, fill: tuple = (1,), smart_scan: int = 1,
                  complete: bool = False, pages_to_scan: int | None = None, first_scan: int = 2,
-                 kill: str | None = None, cow_reply: bool = True):
+                 kill: str | None = None, cow_reply: bool = True, fault_handlers: int = 1):
         if mode not in MODES:
             raise ValueError(f"mode {mode!r} is not one of {MODES}")
-        if kill is not None and kill not in KILLS:
-            raise ValueError(f"kill {kill!r} is not one of {KILLS}")
+        if fault_handlers not in (1, 2):
+            raise ValueError(f"the KSM world runs 1 or 2 fault handlers, not {fault_handlers}")
+        self.faultd_names = ["faultd", "faultd1"][:fault_handlers]
+        if kill is not None and kill not in ["ksmd"] + self.faultd_names:
+            raise ValueError(f"kill {kill!r} is not one of {['ksmd'] + self.faultd_names}")
         self.kill = kill
-        self.up = {a: True for a in KILLS}          # False from the kill to the restart
+        self.up = {a: True for a in ["ksmd"] + self.faultd_names}   # False from the kill to the restart
         self.links: dict[tuple, NotifierLink] = {}  # (notifier, mm) -> the VM's end of its channel
         self.lost: set[int] = set()                 # FAULT corrs the dead fault handler never answered
         self.frozen = False
@@ -310,7 +313,8 @@ class KsmWorld:
         mm.hdr[MMH_ID] = mm_id
         mm.hdr[MMH_NPAGES] = npages
         self.mem.mms[mm_id] = mm
-        for q in (("faultd", mm_id), (mm_id, "faultd"), (mm_id, "faultd.ack")):
+        fd = self.faultd_of(mm_id)
+        for q in ((fd, mm_id), (mm_id, fd), (mm_id, f"{fd}.ack")):
             self.queues[q] = collections.deque()
         for name in self.scanner_names:
             self.queues[(name, mm_id)] = collections.deque()
@@ -366,7 +370,14 @@ class KsmWorld:
 
     def _faults_running(self) -> bool:
         """A fault handler task still at work (an early reply leaves it holding ptl until its acks)."""
-        return any(t.actor == "faultd" and not t.done for t in self.threads)
+        return any(t.actor in self.faultd_names and not t.done for t in self.threads)
+
+    def faultd_of(self, mm: int) -> str:
+        """The fault handler serving mm (its number: mm modulo their count, as Machine.faultd_name)."""
+        return self.faultd_names[mm % len(self.faultd_names)]
+
+    def _serves(self, actor: str, mm: int) -> bool:
+        return actor not in self.faultd_names or self.faultd_of(mm) == actor
 
     def follower_main(self, scan: KsmScan):
         """Another scanner: the leader's rounds until it says stop."""
@@ -380,7 +391,7 @@ class KsmWorld:
         yield _Kill(target)
         yield Lock(RECOVER)     # (the supervisor's recover_lock: no VM is spawned, by fork or not, meanwhile)
         fixed = yield from recover([target], self.scanner_names, lambda: [v.id for v in self.vms],
-                                   lambda: list(self.mem.mms), lambda actor, mm: True, self.nframes, self.brk)
+                                   lambda: list(self.mem.mms), self._serves, self.nframes, self.brk)
         yield Unlock(RECOVER)
         return fixed
 
@@ -510,7 +521,7 @@ class KsmWorld:
                 t.stack.pop()
                 if not t.stack:
                     t.done, t.pending = True, None
-                    err = fault_reply_errno(x, t.mm) if t.actor == "faultd" else None
+                    err = fault_reply_errno(x, t.mm) if t.actor in self.faultd_names else None
                     if err is not None:         # an error reply, as faultd sends it
                         self._reply(t, *err)
                     else:
@@ -687,8 +698,9 @@ class KsmWorld:
         if c is WaitIdle:
             return e.sub.in_progress == 0 or e.sub.released
         if c is _AwaitReply:
-            return e.corr in t.vm.replies or (e.corr in self.lost and self.up["faultd"]
-                                              and "faultd" not in self.pending_loss[t.vm.id])
+            fd = self.faultd_of(t.vm.id)
+            return e.corr in t.vm.replies or (e.corr in self.lost and self.up[fd]
+                                              and fd not in self.pending_loss[t.vm.id])
         if c is _AwaitScan:
             return self.scan.c["full_scans"] >= e.n
         if c is _Micro and e.enabled is not None:
@@ -733,16 +745,16 @@ class KsmWorld:
         elif c is Notify:
             fp += (((("chan", t.actor.split("/")[0], e.mm)), "w"),)
         elif c is FaultCall:
-            fp += ((("chan", t.vm.id, "faultd"), "w"),)
+            fp += ((("chan", t.vm.id, self.faultd_of(t.vm.id)), "w"),)
         elif c is Reply:
-            fp += ((("chan", "faultd", t.mm), "w"),)
+            fp += ((("chan", t.actor, t.mm), "w"),)
         elif c is _AwaitReply:
-            fp += ((("chan", t.vm.id, "faultd"), "w"), (("up",), "r"))
+            fp += ((("chan", t.vm.id, self.faultd_of(t.vm.id)), "w"), (("up",), "r"))
         elif c in (_Kill, Respawn, Freeze, Thaw, _Boundary):    # the kill and restart touch everything
             fp += ((("up",), "w"), (("ft",), "w"), (("scans",), "w"), (("frozen",), "w")) + tuple(
                 (k, "w") for k in self.locks) + tuple(((("chan",) + q), "w") for q in self.queues) + tuple(
                 (("vm", v.id), "w") for v in self.vms) + tuple((("acks", a), "w")
-                                                               for a in self.scanner_names + ["faultd"])
+                                                               for a in self.scanner_names + self.faultd_names)
         return fp
 
     def _queue_actor(self, q) -> str:
@@ -806,7 +818,7 @@ class KsmWorld:
                 result = None
             elif c is FaultCall:
                 corr = self._new_id()
-                self.queues[(t.vm.id, "faultd")].append(("FAULT", corr, e.idx, e.flags))
+                self.queues[(t.vm.id, self.faultd_of(t.vm.id))].append(("FAULT", corr, e.idx, e.flags))
                 rec["flow_out"] = corr
                 t.pending = _AwaitReply(corr, e.idx, e.flags)
                 return
@@ -814,7 +826,7 @@ class KsmWorld:
                 if e.corr not in t.vm.replies:       # lost with the dead fault handler: sent again
                     self.lost.discard(e.corr)
                     corr = self._new_id()
-                    self.queues[(t.vm.id, "faultd")].append(("FAULT", corr, e.idx, e.flags))
+                    self.queues[(t.vm.id, self.faultd_of(t.vm.id))].append(("FAULT", corr, e.idx, e.flags))
                     rec["flow_out"] = corr
                     t.pending = _AwaitReply(corr, e.idx, e.flags)
                     return
@@ -849,7 +861,7 @@ class KsmWorld:
         except Exception as x:
             exc = x
         self._advance(t, result, exc)
-        if t.done and t.actor == "faultd":
+        if t.done and t.actor in self.faultd_names:
             err = 0
             self._reply(t, err, "")
 
@@ -893,7 +905,7 @@ class KsmWorld:
             h = self._new_id()          # record (a list of its one pair, decode_record), more an n x 2 array
             self.acks[h] = [1]
             entries = [tuple(entries[0])] if len(entries) == 1 else np.array(entries, dtype=np.uint64).reshape(-1, 2)
-        self.queues[("faultd", t.mm)].append(("FAULT_REPLY", t.corr, err, msg, entries, h))
+        self.queues[(t.actor, t.mm)].append(("FAULT_REPLY", t.corr, err, msg, entries, h))
         return [h] if h is not None else []
 
     def _deliver(self, q, rec: dict) -> None:
@@ -905,10 +917,10 @@ class KsmWorld:
         if kind == "FAULT":          # a new handle_mm_fault task in the fault handler
             _, corr, idx, flags = item
             mm = src
-            if not self.up["faultd"]:       # written to a dead fault handler's channel: lost
+            if not self.up[dst]:            # written to a dead fault handler's channel: lost
                 self.lost.add(corr)
                 return
-            t = Thread(f"faultd/{corr}", "faultd", handle_mm_fault(mm, self.mem.mms[mm].npages, idx, flags,
+            t = Thread(f"{dst}/{corr}", dst, handle_mm_fault(mm, self.mem.mms[mm].npages, idx, flags,
                                                                      self.mode, self.early_reply, self.brk,
                                                                      self.cow_reply))
             t.mm, t.corr = mm, corr
@@ -964,7 +976,7 @@ class KsmWorld:
             for gen in reversed(t.stack):
                 gen.close()
             t.stack, t.done, t.pending = [], True, None
-            if target == "faultd" and not getattr(t, "replied", False):
+            if target in self.faultd_names and not getattr(t, "replied", False):
                 self.lost.add(t.corr)
             for key, holder in self.locks.items():
                 if holder == t.name:
@@ -972,11 +984,13 @@ class KsmWorld:
         if target == "ksmd":
             self.shardq.clear()         # the mesh dies with them
         for v in self.vms:
+            if not any(self._serves(m, v.id) for m in members):
+                continue
             self.pending_loss[v.id].update(members)
-            if target == "faultd":      # FAULTs not read yet die with the socket
-                for item in self.queues[(v.id, "faultd")]:
+            if target == self.faultd_of(v.id):      # FAULTs not read yet die with the socket
+                for item in self.queues[(v.id, target)]:
                     self.lost.add(item[1])
-                self.queues[(v.id, "faultd")].clear()
+                self.queues[(v.id, target)].clear()
             for m in members:
                 self.queues[(v.id, f"{m}.ack")].clear()
 
@@ -1025,7 +1039,7 @@ class KsmWorld:
 
     def _in_flight(self, mm: int, s: int, i: int) -> bool:
         addr = USER_BASE + (i << PAGE_SHIFT)
-        for src in self.scanner_names + ["faultd"]:
+        for src in self.scanner_names + [self.faultd_of(mm)]:
             for item in self.queues[(src, mm)]:
                 if item[0] == "FAULT_REPLY":        # a COW's reply carries set_pte_at_notify for every sub
                     e = item[4]                     # (one page: a record's [(addr, pte)]; more: an array)
@@ -1157,6 +1171,9 @@ def world_factory(mode: str, brk: str | None = None, scenario: str | None = None
         raise ValueError(f"unknown scenario {scenario!r}; one of: {', '.join(SCENARIOS)}")
     if brk in BREAK_KILLS and config.get("kill") is None:
         config["kill"] = BREAK_KILLS[brk]
+    kills = ["ksmd", "faultd"] + (["faultd1"] if config.get("fault_handlers", 1) == 2 else [])
+    if config.get("kill") is not None and config["kill"] not in kills:
+        raise ValueError(f"--kill {config['kill']!r}: this world's actors are {', '.join(kills)}")
     sharded = {}
     if scanners == 2:
         sharded = SHARDED if scenario == "base" else {k: SHARDED[k] for k in ("scanners", "fill", "smart_scan",
@@ -1167,4 +1184,5 @@ def world_factory(mode: str, brk: str | None = None, scenario: str | None = None
         return KsmWorld(mode, brk, **config)
     factory.scenario = scenario
     factory.scanners = scanners
+    factory.fault_handlers = config.get("fault_handlers", 1)
     return factory

@@ -6,7 +6,7 @@
     ksm-proto bench [--quick] [--cores N] [--trace-overhead] ...
     ksm-proto check [--mode M|all] [--scenario S|all] [--seed S] [--runs N] [--exhaustive [--depth D]] [--break STEP]
                     [--scanners 2] [--list-breaks] [--trace FILE] [--replay SCHEDULE.json] [--save-schedule FILE]
-                    [--max-steps N] [--world ksm|toy] [--kill ksmd|faultd]
+                    [--max-steps N] [--world ksm|toy] [--kill ksmd|faultd|faultd1 [--sweep]] [--fault-handlers 2]
     ksm-proto estimate [--pid PID...] [--all-pids] [--file PATH...] [--dir DIR...] [--json] [--plot FILE]
                        [--max-page-sharing N] [--use-zero-pages 0|1] [--merge-across-nodes 0|1] [--verify-kernel]
 
@@ -379,6 +379,7 @@ def cmd_check(a) -> int:
         a.world, a.mode, a.brk, a.max_steps = doc["world"], doc.get("mode"), doc.get("break"), doc.get("max_steps")
         a.scanners = doc.get("scanners")
         a.kill = doc.get("kill")
+        a.fault_handlers = doc.get("fault_handlers")
         a.scenario = doc.get("scenario")
     world_factory, breaks, scenarios = _check_world(a.world)
     if a.list_breaks:
@@ -402,7 +403,8 @@ def cmd_check(a) -> int:
     for mode, scenario in [(m, sc) for m in (CHECK_MODES if a.mode == "all" else (a.mode,)) for sc in runs]:
         try:
             factory = world_factory(mode, a.brk, scenario=scenario, **({"kill": a.kill} if a.kill else {}),
-                                    **({"scanners": a.scanners} if a.world == "ksm" else {}))
+                                    **({"scanners": a.scanners} if a.world == "ksm" else {}),
+                                    **({"fault_handlers": a.fault_handlers} if a.fault_handlers else {}))
         except ValueError as e:
             print(f"ksm-proto check: {e}", file=sys.stderr)
             return 2
@@ -438,6 +440,8 @@ def cmd_check(a) -> int:
                 "scanners": a.scanners}
         if a.kill:
             meta["kill"] = a.kill
+        if a.fault_handlers:
+            meta["fault_handlers"] = a.fault_handlers
         return _check_report(explore, tr, meta, found_by, a)
     return 0
 
@@ -547,9 +551,11 @@ def main(argv=None) -> int:
                     "nothing readable, 3 --verify-kernel failed or the kernel's counters differ."))
     c.add_argument("--sweep", action="store_true",
                    help="with --kill: kill at each step of one fixed schedule (every kill point of it), not at random")
-    c.add_argument("--kill", choices=["ksmd", "faultd"],
+    c.add_argument("--kill", choices=["ksmd", "faultd", "faultd1"],
                    help="kill -9 that actor at a point the schedule picks, then recover as the supervisor does "
-                        "(ksmd: every scanner)")
+                        "(ksmd: every scanner; faultd1: the second fault handler, with --fault-handlers 2)")
+    c.add_argument("--fault-handlers", type=int, choices=[1, 2],
+                   help="fault handlers in the checked world (2: each serves every other VM)")
     args, rest = p.parse_known_args(argv)
     try:
         return _main(p, c, args, rest)

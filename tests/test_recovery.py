@@ -184,3 +184,23 @@ def test_two_fault_handlers_one_killed_the_other_serving(kill):
 def test_a_kill_of_an_actor_the_world_lacks_is_a_usage_error():
     p = check("--kill", "faultd1", "--runs", "3")
     assert p.returncode == 2 and "this world's actors are ksmd, faultd" in p.stderr
+
+
+@pytest.mark.parametrize("kills", ["faultd,ksmd", "ksmd,faultd", "faultd,faultd"])
+def test_a_second_kill_during_the_first_recovery(kills):
+    """A second death at any time after the first, its recovery included: recovered in turn (as the
+    supervisor's watcher does), no violation, and some runs do kill during a recovery."""
+    import random
+    f = world_factory("wrapped", kill=kills)
+    during = 0
+    for seed in range(40):
+        w, rng = f(), random.Random(seed)
+        for _ in range(20_000):
+            en = w.enabled()
+            if not en:
+                break
+            w.take(rng.randrange(len(en)))
+            assert not w.violations()
+        assert w.finished() and w.final_violations() == []
+        during += w.coverage["a kill during a recovery"]
+    assert during > 0

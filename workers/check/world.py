@@ -229,15 +229,20 @@ class KsmWorld:
                  use_zero_pages: int = 0, settle_scans: int = 2, nframes: int = 16, pace: bool = True,
                  early_reply: bool = True, scanners: int = 1, fill: tuple = (1,), smart_scan: int = 1,
                  complete: bool = False, pages_to_scan: int | None = None, first_scan: int = 2,
-                 kill: str | None = None, cow_reply: bool = True, fault_handlers: int = 1):
+                 kill: str | None = None, cow_reply: bool = True, fault_handlers: int = 1,
+                 kill2: str | None = None):
         if mode not in MODES:
             raise ValueError(f"mode {mode!r} is not one of {MODES}")
         if fault_handlers not in (1, 2):
             raise ValueError(f"the KSM world runs 1 or 2 fault handlers, not {fault_handlers}")
         self.faultd_names = ["faultd", "faultd1"][:fault_handlers]
-        if kill is not None and kill not in ["ksmd"] + self.faultd_names:
-            raise ValueError(f"kill {kill!r} is not one of {['ksmd'] + self.faultd_names}")
+        for k in (kill, kill2):
+            if k is not None and k not in ["ksmd"] + self.faultd_names:
+                raise ValueError(f"kill {k!r} is not one of {['ksmd'] + self.faultd_names}")
+        if kill2 and not kill:
+            raise ValueError("kill2 is a second kill: it needs kill")
         self.kill = kill
+        self.killed = False
         self.up = {a: True for a in ["ksmd"] + self.faultd_names}   # False from the kill to the restart
         self.links: dict[tuple, NotifierLink] = {}  # (notifier, mm) -> the VM's end of its channel
         self.lost: set[int] = set()                 # FAULT corrs the dead fault handler never answered
@@ -293,6 +298,8 @@ class KsmWorld:
                                        vm=v))
         if kill:
             self.threads.append(Thread("supervisor", "supervisor", self.supervisor(kill)))
+        if kill2:       # a second death any time after the first, its recovery included (recovered in turn)
+            self.threads.append(Thread("supervisor2", "supervisor2", self.supervisor(kill2)))
         for t in self.threads:
             self._advance(t, None)
         self._warm_up()
@@ -714,6 +721,8 @@ class KsmWorld:
             return k is None or k.done or isinstance(k.pending, _Boundary)
         if c is NotifierLost:
             return not self.queues[(e.peer, e.mm)]
+        if c is _Kill:          # (the second kill: of a live actor, once the first has died)
+            return self.up[e.target] and (t.name == "supervisor" or self.killed)
         if c is _AwaitRestore:
             return self.restoring == 0
         return True
@@ -968,7 +977,9 @@ class KsmWorld:
     def _kill(self, target: str) -> None:
         """The process dies between two steps: generators abandoned, locks dropped by the kernel.
         (Any scanner's death takes the others down: the round protocol has no way to take one back.)"""
-        self.up[target] = False
+        self.up[target], self.killed = False, True
+        if self.locks[RECOVER] is not None:
+            self.coverage["a kill during a recovery"] += 1
         members = victims([target], self.scanner_names)
         for t in self.threads:
             if t.actor not in members or t.done:
@@ -1172,8 +1183,11 @@ def world_factory(mode: str, brk: str | None = None, scenario: str | None = None
     if brk in BREAK_KILLS and config.get("kill") is None:
         config["kill"] = BREAK_KILLS[brk]
     kills = ["ksmd", "faultd"] + (["faultd1"] if config.get("fault_handlers", 1) == 2 else [])
-    if config.get("kill") is not None and config["kill"] not in kills:
-        raise ValueError(f"--kill {config['kill']!r}: this world's actors are {', '.join(kills)}")
+    if isinstance(config.get("kill"), str) and "," in config["kill"]:     # "faultd,ksmd": a second kill
+        config["kill"], config["kill2"] = config["kill"].split(",", 1)
+    for k in (config.get("kill"), config.get("kill2")):
+        if k is not None and k not in kills:
+            raise ValueError(f"--kill {k!r}: this world's actors are {', '.join(kills)}")
     sharded = {}
     if scanners == 2:
         sharded = SHARDED if scenario == "base" else {k: SHARDED[k] for k in ("scanners", "fill", "smart_scan",

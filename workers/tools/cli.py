@@ -411,7 +411,7 @@ def cmd_check(a) -> int:
         scenario = getattr(factory, "scenario", scenario)
         name = mode if len(scenarios) == 1 else f"{mode} {scenario}"
         if doc is None and a.sweep:
-            kill = a.kill or BREAKS[a.brk].kill
+            kill = (a.kill or BREAKS[a.brk].kill).split(",")[0]
             sw = explore.kill_sweep(factory, a.max_steps, victims=(kill,))
             what = ", ".join(f"{k} {n}" for k, n in sw.covered.most_common())
             verdict = "no violation" if sw.found is None else f"VIOLATION: {sw.found[1][0]}"
@@ -551,9 +551,10 @@ def main(argv=None) -> int:
                     "nothing readable, 3 --verify-kernel failed or the kernel's counters differ."))
     c.add_argument("--sweep", action="store_true",
                    help="with --kill: kill at each step of one fixed schedule (every kill point of it), not at random")
-    c.add_argument("--kill", choices=["ksmd", "faultd", "faultd1"],
-                   help="kill -9 that actor at a point the schedule picks, then recover as the supervisor does "
-                        "(ksmd: every scanner; faultd1: the second fault handler, with --fault-handlers 2)")
+    c.add_argument("--kill", metavar="ACTOR[,ACTOR]",
+                   help="kill -9 that actor (ksmd, faultd, faultd1) at a point the schedule picks, then recover as the "
+                        "supervisor does (ksmd: every scanner; faultd1: with --fault-handlers 2); a second one after "
+                        "a comma dies any time after the first, during its recovery too")
     c.add_argument("--fault-handlers", type=int, choices=[1, 2],
                    help="fault handlers in the checked world (2: each serves every other VM)")
     args, rest = p.parse_known_args(argv)

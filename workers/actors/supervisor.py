@@ -64,6 +64,7 @@ from workers.mm.pte import check_range, task_size
 from workers.mm.invariants import frame_problems
 from workers.mm.recovery import Freeze, NotifierLost, Respawn, Thaw, recover
 from workers.mm.repair import repair_frames
+from workers.mm.vma import exit_mmap
 from workers.runtime.frames import FrameAllocator, ShmLock
 from workers.runtime.driver import MODES
 
@@ -833,46 +834,54 @@ class Machine:
 
     def _run_with_ptls(self, gen, other):
         """Run a core generator here (mm.effects.run_effects): its ptl locks and memory effects over the
-        run's shared memory (the mms as they are when it takes its first ptl, no mm freed until it let
-        go of its last: mm_lock is held meanwhile), any other effect through other(e)."""
+        run's shared memory, any other effect through other(e).  The mms are taken as they are at its
+        first lock or memory effect, and none is freed until it let go of its last ptl (or ended):
+        mm_lock is held meanwhile, not across what it does between (a restart's wait, say)."""
         held = []
         st = {}
+
+        def begin():
+            if not st:
+                self.mm_lock.acquire()
+                mms = {mm_id: MMView(seg) for mm_id, (seg, _) in self.mm_segs.items()}
+                st.update(mms=mms, mem=Memory(self.alloc, self.stats, mms),
+                          ptls={mm_id: ptl for mm_id, (_, ptl) in self.mm_segs.items()})
+
+        def end():
+            if st and not held:
+                st.clear()
+                self.mm_lock.release()
 
         def perform(e):
             c = e.__class__
             if c is Lock:
-                if not held:
-                    self.mm_lock.acquire()
-                    st["mms"] = {mm_id: MMView(seg) for mm_id, (seg, _) in self.mm_segs.items()}
-                    st["ptls"] = {mm_id: ptl for mm_id, (_, ptl) in self.mm_segs.items()}
-                    st["mem"] = Memory(self.alloc, self.stats, st["mms"])
+                begin()
                 try:
                     st["ptls"][e.key[1]].acquire(self.ack_timeout * 4)
                 except BaseException:
-                    if not held:
-                        self.mm_lock.release()
+                    end()
                     raise
                 held.append(e.key)
                 return None
             if c is Unlock:
                 st["ptls"][e.key[1]].release()
                 held.remove(e.key)
-                if not held:
-                    st.clear()
-                    self.mm_lock.release()
+                end()
                 return None
             if c in MEM_EFFECTS:
+                begin()
                 return apply_mem(st["mem"], e)
+            end()
             if other is None:
                 raise TypeError(f"effect {e!r} has no driver in the supervisor")
             return other(e)
         try:
             return run_effects(gen, perform)
         finally:
-            if held:            # (a generator that ended holding ptls: let go of them)
-                for key in held:
-                    st["ptls"][key[1]].release()
-                self.mm_lock.release()
+            for key in held:        # (a generator that ended holding ptls: let go of them)
+                st["ptls"][key[1]].release()
+            held.clear()
+            end()
 
     def spawn_vm(self, name: str, pages: int = 16384, device: bool = False, node: int = 0,
                  fork_from: VM | None = None) -> VM:
@@ -1022,27 +1031,22 @@ class Machine:
             self._free_mm_locked(mm_id)
 
     def _free_mm_locked(self, mm_id: int) -> None:
-        seg, ptl = self.mm_segs.pop(mm_id)
-        mm = MMView(seg)
-        try:     # a fault still finishing on this mm completes (PTE set, old frame dropped) first
-            ptl.acquire(self.ack_timeout * 2)
-        except TimeoutError as e:
-            log.error("mm %d: %s; freeing its frames anyway", mm_id, e)
-        pte = mm.pte
-        present = (pte & np.uint64(PTE_PRESENT)) != 0
-        pfns = (pte[present] >> np.uint64(PAGE_SHIFT)).astype(np.int64)
+        """exit_mmap (mm.vma.exit_mmap) under its ptl, so a fault still finishing on this mm completes
+        (PTE set, old frame dropped) first; then the mm's segments go."""
         try:
-            self.alloc.put(pfns)
-        except TimeoutError as e:
-            log.error("could not free frames of mm %d: %s", mm_id, e)
-        zi = MM_STATS.index("ksm_zero_pages")
+            self._run_with_ptls(exit_mmap(mm_id), None)
+        except TimeoutError as e:       # a ptl a hung actor holds: the frames are freed all the same
+            log.error("mm %d: %s; freeing its frames anyway", mm_id, e)
+            try:
+                self._run_with_ptls(exit_mmap(mm_id, lock=False), None)
+            except TimeoutError as e2:
+                log.error("could not free frames of mm %d: %s", mm_id, e2)
+        seg, ptl = self.mm_segs.pop(mm_id)
         try:
             with self.frame_lock:
-                self.stats.counters[COUNTERS.index("ksm_zero_pages")] -= self.stats.mm[mm_id, zi]
                 self.stats.mm[mm_id] = 0
         except TimeoutError as e:
-            log.error("could not update ksm_zero_pages for mm %d: %s", mm_id, e)
-        del mm, pte, present
+            log.error("could not reset the counters of mm %d: %s", mm_id, e)
         seg.close()
         Segment.unlink(seg.name)
         Segment.unlink(seg_name(self.run, f"rmap.{mm_id}"))

@@ -38,9 +38,8 @@ import time
 import numpy as np
 
 from proto.channel import Channel, PollSet, expire_after, halt_poll
-from proto.layout import (KNOB_FAULT_POLL_US, MMF_VM_MERGE_ANY, MMF_VM_MERGEABLE, MMH_FLAGS, PAGE_SHIFT, PAGE_SIZE, SUB_ACTIVE,
-                          SUB_CHANGE_PTE, USER_BASE, VM_EXEC, VM_KSM_IGNORED, VM_MERGEABLE, VM_READ, VM_WRITE,
-                          MMView, Segment, seg_name)
+from proto.layout import (KNOB_FAULT_POLL_US, MMF_VM_MERGE_ANY, MMH_FLAGS, PAGE_SHIFT, PAGE_SIZE, SUB_ACTIVE,
+                          USER_BASE, VM_EXEC, VM_READ, VM_WRITE, MMView, Segment, seg_name)
 from proto.messages import HEADER, HEADER_SIZE, MAGIC, MAX_DATA, RECORD, Frame, Msg, NOTIFIER_TYPES, call_payload, encode
 from proto import (MADV_DONTNEED, MADV_MERGEABLE, MADV_UNMERGEABLE, PR_GET_MEMORY_MERGE, PR_SET_MEMORY_MERGE,
                    PROT_EXEC, PROT_READ, PROT_WRITE)
@@ -49,11 +48,11 @@ from proto.trace import Tracer
 from workers.runtime.actor import RunMemory, actor_args, receive_fd, req_int, run_actor, setup
 from workers.mm.kvm import FaultCall, Touch, WaitIdle, touch, vm_access
 from workers.mm.effects import VMAS, Load, Memory
-from workers.mm.vma import (break_ksm_range, do_mprotect, do_munmap, dup_mmap, ksm_disable_merge_any,
-                      ksm_enable_merge_any, madvise_dontneed, mmap_flags)
+from workers.mm.vma import (do_mmap, do_mprotect, do_munmap, dup_mmap, ksm_disable_merge_any,
+                            ksm_enable_merge_any, ksm_madvise, madvise_dontneed)
 from workers.mm.mmu_notifier import (LOG_LEN, LocalNotify, NotifierLink, SecondaryMMU, apply_cow_reply, notifier_lost,
                                      receive_notification, register, unregister)
-from workers.mm.pte import check_range, page_range, task_size, vma_table
+from workers.mm.pte import check_range, task_size
 from workers.runtime.driver import Driver, lock_ptl
 
 log = logging.getLogger("ksm_proto.vm")
@@ -404,32 +403,7 @@ class VMWorker:
 
     async def mmap(self, length: int, vm_flags: int = 0) -> int:
         npages = check_range("mmap", 0, length, self.task_size)[1] >> PAGE_SHIFT
-        await self.take_ptl()
-        try:
-            vmas = self.mm.vma_list()
-            start = USER_BASE
-            for s, e, _ in vmas:          # first fit, one guard page between areas
-                if start + npages * PAGE_SIZE <= s:
-                    break
-                start = max(start, e + PAGE_SIZE)
-            end = start + npages * PAGE_SIZE
-            if end > USER_BASE + self.mm.npages * PAGE_SIZE:
-                raise OSError(errno.ENOMEM, f"no room for {length} bytes in the address space of {self.name}")
-            flags = mmap_flags(int(self.mm.hdr[MMH_FLAGS]), VM_READ | VM_WRITE | vm_flags)
-            self._set_vmas(vmas + [(start, end, flags)])
-            if flags & VM_MERGEABLE:
-                self.mm.hdr[MMH_FLAGS] |= MMF_VM_MERGEABLE       # ksm_enter (merge-any: the mm rejoins ksmd's list)
-            return start
-        finally:
-            self.ptl.release()
-
-    def _set_vmas(self, vmas: list[tuple[int, int, int]]) -> None:
-        """Write the VMA table (merging neighbours with equal flags); caller holds ptl."""
-        merged = vma_table(vmas)
-        table = self.mm.vmas
-        table[:] = 0
-        for k, v in enumerate(merged):
-            table[k] = v
+        return await self.drive(do_mmap(self.mm_id, npages, self.mm.npages, vm_flags))
 
     @property
     def task_size(self) -> int:
@@ -452,49 +426,7 @@ class VMWorker:
         if advice == MADV_DONTNEED:
             await self.drive(madvise_dontneed(self.mm_id, self.subs_list(), *rng))
             return
-        addr, end = rng
-        unmapped = False
-        unshare: list[tuple[int, int]] = []
-        await self.take_ptl()
-        try:
-            vmas = []
-            covered = addr
-            for s, e, f in self.mm.vma_list():
-                if e <= addr or s >= end:
-                    vmas.append((s, e, f))
-                    continue
-                if s > covered:
-                    unmapped = True
-                covered = max(covered, e)
-                lo, hi = max(s, addr), min(e, end)
-                nf = f
-                if not f & VM_KSM_IGNORED:
-                    if advice == MADV_MERGEABLE:
-                        nf = f | VM_MERGEABLE
-                    elif f & VM_MERGEABLE:
-                        nf = f & ~VM_MERGEABLE
-                        unshare.append((lo, hi))
-                vmas += [(s, lo, f), (lo, hi, nf), (hi, e, f)]
-            if covered < end:
-                unmapped = True
-            self._set_vmas(vmas)
-            if advice == MADV_MERGEABLE:
-                self.mm.hdr[MMH_FLAGS] |= MMF_VM_MERGEABLE   # ksm_enter
-        finally:
-            self.ptl.release()
-        for lo, hi in unshare:   # unmerge_ksm_pages: break COW of every merged page
-            await self.unmerge_range(lo, hi)
-        if unmapped:
-            raise OSError(errno.ENOMEM, f"part of [{addr:#x}, {end:#x}) is not mapped (advice applied to the rest)")
-
-    async def unmerge_range(self, lo: int, hi: int) -> None:
-        """unmerge_ksm_pages of [lo, hi) (core.mm.break_ksm_range); out of memory is EAGAIN, as madvise says."""
-        try:
-            await self.drive(break_ksm_range(self.mm_id, *page_range(lo, hi)))
-        except OSError as e:
-            if e.errno == errno.ENOMEM:
-                raise OSError(errno.EAGAIN, f"out of memory while unmerging: {e.strerror}") from None
-            raise
+        await self.drive(ksm_madvise(self.mm_id, *rng, advice == MADV_MERGEABLE))
 
     async def mprotect(self, addr: int, length: int, prot: int) -> None:
         """mprotect with the kernel's errno rules (do_mprotect_pkey): EINVAL for an unaligned start or

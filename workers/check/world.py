@@ -76,8 +76,8 @@ import numpy as np
 
 from proto.knobs import DEFAULTS
 from proto.layout import (COUNTERS, FRAME_FREE, FRAME_KSM, MM_STATS, MMF_VM_MERGEABLE, MMH_FLAGS, MMH_ID,
-                          MMH_NPAGES, PAGE_SHIFT, PAGE_SIZE, PTE_PRESENT, PTE_SPECIAL, PTE_WRITE, SUB_ACTIVE,
-                          SUB_CHANGE_PTE, USER_BASE, VM_MERGEABLE, VM_READ, VM_WRITE, ZERO_PFN, FrameTable, MMView,
+                          MMH_NPAGES, PAGE_SHIFT, PAGE_SIZE, PTE_PRESENT, PTE_SPECIAL, PTE_WRITE,
+                          USER_BASE, VM_MERGEABLE, VM_READ, VM_WRITE, ZERO_PFN, FrameTable, MMView,
                           StatsView)
 from proto.messages import Msg
 

@@ -38,9 +38,9 @@ import errno
 
 import numpy as np
 
-from proto.layout import (FRAME_ANON, FRAME_KSM, FRAME_ZERO, MMF_VM_MERGE_ANY, MMF_VM_MERGEABLE, PAGE_SHIFT,
+from proto.layout import (FRAME_ANON, FRAME_KSM, FRAME_ZERO, MMF_VM_MERGE_ANY, MMF_VM_MERGEABLE, PAGE_SHIFT, PAGE_SIZE,
                           PTE_PRESENT, PTE_SPECIAL, PTE_WRITE, PTE_YOUNG, VM_KSM_IGNORED, VM_MERGEABLE,
-                          VM_PFNMAP, VM_WRITE, ZERO_PFN)
+                          USER_BASE, VM_PFNMAP, VM_READ, VM_WRITE, ZERO_PFN)
 from proto.messages import FAULT_UNSHARE, Msg
 
 from workers.mm.kvm import FAULT_BATCH, FaultCall
@@ -319,3 +319,97 @@ def mmap_flags(mmflags: int, vm_flags: int) -> int:
         return vm_flags | VM_MERGEABLE
     return vm_flags
 
+
+
+# ---------------------------------------------------------------- mmap, ksm_madvise, exit_mmap
+def get_unmapped_area(vmas, npages: int, mm_pages: int) -> int:
+    """The address a new area of npages goes to: first fit from USER_BASE, one guard page between
+    areas; ENOMEM when the address space (mm_pages pages) has no such room."""
+    start = USER_BASE
+    for s, e, _ in vmas:
+        if start + npages * PAGE_SIZE <= s:
+            break
+        start = max(start, e + PAGE_SIZE)
+    if start + npages * PAGE_SIZE > USER_BASE + mm_pages * PAGE_SIZE:
+        raise OSError(errno.ENOMEM, f"no room for {npages} pages in the address space")
+    return start
+
+
+def do_mmap(mm: int, npages: int, mm_pages: int, vm_flags: int):
+    """mmap of an anonymous area of npages (VM_READ | VM_WRITE | vm_flags): its place, its flags
+    (merge-any makes it VM_MERGEABLE, and then the mm joins ksmd's list: ksm_enter); returns its start."""
+    def body():
+        vmas = yield Load(VMAS, mm)
+        start = get_unmapped_area(vmas, npages, mm_pages)
+        mmflags = yield Load(MMFLAGS, mm)
+        flags = mmap_flags(mmflags, VM_READ | VM_WRITE | vm_flags)
+        yield Store(VMAS, mm, None, vma_table(vmas + [(start, start + npages * PAGE_SIZE, flags)]))
+        if flags & VM_MERGEABLE and not mmflags & MMF_VM_MERGEABLE:
+            yield Store(MMFLAGS, mm, None, mmflags | MMF_VM_MERGEABLE)
+        return start
+    return (yield from _locked(mm, body()))
+
+
+def ksm_madvise(mm: int, start: int, end: int, mergeable: bool):
+    """MADV_MERGEABLE / MADV_UNMERGEABLE of [start, end) (page-aligned, checked by the caller).
+
+    Under ptl: each VMA the range touches is split at its bounds and the part inside gains (or
+    loses) VM_MERGEABLE, unless KSM cannot work on it (VM_KSM_IGNORED: shared, hugetlb, PFN or IO
+    maps are silently left alone); MADV_MERGEABLE puts the mm on ksmd's list (ksm_enter).  Then
+    MADV_UNMERGEABLE breaks COW of every merged page of what lost the flag (unmerge_ksm_pages,
+    break_ksm_range): out of memory there is EAGAIN.  A range not wholly mapped is ENOMEM, raised
+    after the mapped part got the advice, as the kernel does."""
+    def body():
+        vmas = yield Load(VMAS, mm)
+        out, unshare, covered, unmapped = [], [], start, False
+        for s, e, f in vmas:
+            if e <= start or s >= end:
+                out.append((s, e, f))
+                continue
+            unmapped |= s > covered
+            covered = max(covered, e)
+            lo, hi = max(s, start), min(e, end)
+            nf = f
+            if not f & VM_KSM_IGNORED:
+                if mergeable:
+                    nf = f | VM_MERGEABLE
+                elif f & VM_MERGEABLE:
+                    nf = f & ~VM_MERGEABLE
+                    unshare.append((lo, hi))
+            out += [(s, lo, f), (lo, hi, nf), (hi, e, f)]
+        yield Store(VMAS, mm, None, vma_table(out))
+        if mergeable:
+            mmflags = yield Load(MMFLAGS, mm)
+            if not mmflags & MMF_VM_MERGEABLE:
+                yield Store(MMFLAGS, mm, None, mmflags | MMF_VM_MERGEABLE)
+        return unshare, unmapped or covered < end
+    unshare, unmapped = yield from _locked(mm, body())
+    for lo, hi in unshare:
+        try:
+            yield from break_ksm_range(mm, *page_range(lo, hi))
+        except OSError as e:
+            if e.errno == errno.ENOMEM:
+                raise OSError(errno.EAGAIN, f"out of memory while unmerging: {e.strerror}") from None
+            raise
+    if unmapped:
+        raise OSError(errno.ENOMEM, f"part of [{start:#x}, {end:#x}) is not mapped (advice applied to the rest)")
+
+
+def exit_mmap(mm: int, lock: bool = True):
+    """The mm is gone (its VM exited or died): every frame its PTEs map loses that mapping (freed
+    when it was the last), its KSM zero pages leave ksm_zero_pages, its PTEs are cleared.  Its
+    secondary MMUs were released (or died with it) and ksmd and its fault handler forgot it before.
+    lock=False: without ptl (a hung actor holds it and the mm must go all the same)."""
+    def body():
+        pte = yield Load(PTE, mm, None)
+        present = np.flatnonzero((pte & U64(PTE_PRESENT)) != 0)
+        if not len(present):
+            return 0
+        live = pte[present]
+        zero = int(((live & U64(PTE_SPECIAL)) != 0).sum())
+        yield Put((live >> U64(PAGE_SHIFT)).astype(np.int64))
+        if zero:
+            yield ZeroPagesAdd(mm, -zero)
+        yield Store(PTE, mm, present, np.zeros(len(present), dtype=U64))
+        return len(present)
+    return (yield from (_locked(mm, body()) if lock else body()))

@@ -45,6 +45,7 @@ from proto.messages import Frame, Msg, call_payload, encode
 from proto.trace import Tracer
 
 from .actor import RunMemory, actor_args, receive_fd, req_int, run_actor, setup
+from .advisor import DEFAULT_PAGES_TO_SCAN, advisor_start_pages
 from .core.effects import Memory, TryLock
 from .core.fault import unmerge_ksm_pages
 from .core.scan import BATCH, KsmScan
@@ -250,8 +251,9 @@ class Ksmd:
                 await self.driver.run(self.scan.control("reset_tree"))
             if name == "pages_to_scan" and self.knobs["advisor_mode"] != 0:
                 raise OSError(errno.EINVAL, "pages_to_scan is set by the advisor while advisor_mode is scan-time: EINVAL")
-            if name == "advisor_mode" and v != self.knobs[name]:
-                self.set_knob_value("pages_to_scan", 100 if v == 0 else self.knobs["advisor_min_pages_to_scan"])
+            if name == "advisor_mode" and v != self.knobs[name]:      # set_advisor_defaults()
+                self.scan.advisor_ctx, start = advisor_start_pages(self.knobs["advisor_min_pages_to_scan"])
+                self.set_knob_value("pages_to_scan", DEFAULT_PAGES_TO_SCAN if v == 0 else start)
             if name == "run" and v == 2 and self.knobs["run"] != 2:
                 self.set_knob_value("run", 2)
                 try:

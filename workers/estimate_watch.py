@@ -323,7 +323,8 @@ def simulate(plan: Plan, knobs: dict, cost: dict, horizon: float, runtime0_ns: i
     """
     n = plan.n
     pre = [np.concatenate([[0.0], np.cumsum(c)]) for c in (plan.cost_first, plan.cost_second, plan.cost_steady)]
-    sleep = ksmd_cost.jiffies_seconds(int(knobs["sleep_millisecs"]), cost.get("hz")) + cost["batch"]
+    sleep = ksmd_cost.jiffies_seconds(int(knobs["sleep_millisecs"]), cost.get("hz"))
+    batch_cpu = cost.get("batch_cpu", 0.0)
     advisor_on = int(knobs.get("advisor_mode", 0)) == 1
     if advisor_on:
         ctx, pts = adv.advisor_start_pages(int(knobs["advisor_min_pages_to_scan"]))
@@ -342,10 +343,10 @@ def simulate(plan: Plan, knobs: dict, cost: dict, horizon: float, runtime0_ns: i
     while t < horizon:
         k = max(0, min(pts, n - pos))
         c = pre[min(scans, 2)]
-        dcpu = float(c[pos + k] - c[pos])
+        dcpu = float(c[pos + k] - c[pos]) + batch_cpu
         if scans == 1 and nmerge:
             merged = int(np.searchsorted(plan.merge_pos, pos + k))
-        t += dcpu
+        t += ksmd_cost.batch_wall(dcpu, cost)
         cpu += dcpu
         pos += k
         sharing = round(final * merged / nmerge) if nmerge else 0
@@ -849,15 +850,16 @@ def cli(a) -> int:
     runtime0 = ksmd_cost.ksmd_runtime_ns() or 0
     pred = predict(w, knobs, cost, horizon, runtime0 if knobs.get("advisor_mode") else 0)
     dt = classify(w, 1.0)["dt"]
+    notes = []
     if pred["full_scan_seconds"] is not None and dt and pred["full_scan_seconds"] < dt:
-        problems.append(f"the full scan ({pred['full_scan_seconds']} s) is shorter than --interval ({dt:.3g} s): pages "
-                        f"that change between two samples are all counted volatile; a shorter --interval tells more")
-        say(problems[-1])
+        notes.append(f"the full scan ({pred['full_scan_seconds']} s) is shorter than --interval ({dt:.3g} s): pages "
+                     f"that change between two samples are all counted volatile; a shorter --interval tells more")
+        say(f"note: {notes[-1]}")
     res = {"watch_seconds": round(max(s.times[-1] for s in w.alive()), 3), "samples": S, "interval": interval,
            "knobs": knobs, "cost": {k: cost[k] for k in ksmd_cost.COST_KEYS}, "cost_from": cost_from,
            "sources": [{"name": s.src.name, "pages": int(len(s.ids[-1])) if s.times else 0,
                         "gone_at": s.gone_at} for s in w.series],
-           "predicted": pred, "problems": problems}
+           "predicted": pred, "problems": problems, "notes": notes}
     for k in ("pages_volatile", "full_scan_seconds", "seconds_to_50", "seconds_to_90", "ksmd_cpu_share", "curve",
               "pages_shared", "pages_sharing", "pages_unshared", "bytes_saved"):
         res[k] = pred[k]

@@ -13,8 +13,18 @@ seconds of ksmd CPU:
              the page waits in the unstable tree)
     merge    a page merged on this visit (with the unstable tree's page or a KSM page)
     ksm      a KSM page visited again (its stable tree lookup finds itself)
+    batch_cpu  ksmd's CPU per batch beyond its pages' (waking, the mm walk), seconds
     batch    the extra wall time of one batch beyond sleep_millisecs rounded up to
-             jiffies (timer, wake-up and scheduling latency), in seconds
+             jiffies (timer and wake-up latency), in seconds
+    kappa    wall time per second of ksmd CPU within a batch (above 1 when ksmd has to
+             wait for a CPU on a busy machine)
+
+The five page costs are first measured hot (sleep_millisecs 0, one batch per scan: their
+ratios), then scaled to what a unique page costs in place, at two batch sizes with
+sleep_millisecs 20 (two equations give the per-page and per-batch CPU, and the
+per-batch wall time and kappa); a third run with one batch per scan gives `wall_points`,
+the batch's wall time beyond its sleep at three batch lengths, which batch_wall()
+interpolates (a batch longer than a scheduler slice waits for a CPU in proportion).
 
 Every run has smart_scan=0 (the model assumes it).  The result is kept in
 ~/.cache/ksm-proto/ksmd-cost-<kernel release>.json with the CPU model and kernel it
@@ -31,10 +41,10 @@ import numpy as np
 
 from workers import kernel_ksm
 
-__all__ = ["COST_KEYS", "ksmd_pid", "ksmd_runtime_ns", "hz", "jiffies_seconds", "cache_path", "load_cost",
+__all__ = ["COST_KEYS", "batch_wall", "ksmd_pid", "ksmd_runtime_ns", "hz", "jiffies_seconds", "cache_path", "load_cost",
            "calibrate", "get_cost"]
 
-COST_KEYS = ("first", "volatile", "unique", "merge", "ksm", "batch")
+COST_KEYS = ("first", "volatile", "unique", "merge", "ksm", "batch", "batch_cpu", "kappa")
 PAGE = kernel_ksm.PAGE
 
 
@@ -87,6 +97,23 @@ def jiffies_seconds(ms: int, hz_: int | None = None) -> float:
     """msecs_to_jiffies(ms) in seconds: the timeout ksmd sleeps between batches, rounded up to a jiffy."""
     h = hz_ or hz()
     return -(-int(ms) * h // 1000) / h
+
+
+def batch_wall(cpu_s: float, cost: dict) -> float:
+    """The wall time of a batch of ksmd that takes cpu_s seconds of CPU, sleep aside (its wake-up latency and
+    the time it waits for a CPU included): interpolated between the calibration's wall_points, else
+    batch + kappa * cpu_s."""
+    pts = cost.get("wall_points")
+    if not pts:
+        return cost.get("batch", 0.0) + cost.get("kappa", 1.0) * cpu_s
+    xs = [p[0] for p in pts]
+    os_ = [p[1] for p in pts]
+    if cpu_s <= xs[0]:
+        return max(cpu_s, os_[0] - (xs[0] - cpu_s))
+    if cpu_s >= xs[-1]:
+        slope = (os_[-1] - os_[-2]) / (xs[-1] - xs[-2]) if len(xs) > 1 and xs[-1] > xs[-2] else 1.0
+        return os_[-1] + (cpu_s - xs[-1]) * max(1.0, slope)
+    return float(np.interp(cpu_s, xs, os_))
 
 
 def cache_path() -> str:
@@ -194,13 +221,34 @@ def calibrate(npages: int = 16384, timeout: float = 120, progress=None) -> dict:
             progress("ksmd cost: volatile pages")
         cpu, _ = one(_pages(npages // 4, 3), 6, {**fast, "pages_to_scan": npages // 4}, rewrite=npages // 4)
         out["volatile"] = float(np.median(cpu[2:])) / 1e9 / (npages // 4)
-        if progress:
-            progress("ksmd cost: batches and sleeps")
-        pts, sleep_ms = npages // 32, 20
-        cpu, wall = one(_pages(npages, 4), 4, {**fast, "pages_to_scan": pts, "sleep_millisecs": sleep_ms})
-        batches = -(-npages // pts)
-        per_batch = [(w - c / 1e9) / batches for c, w in zip(cpu[2:], wall[2:])]
-        out["batch"] = max(0.0, float(np.median(per_batch)) - jiffies_seconds(sleep_ms))
+        # In place, batch by batch: ksmd wakes every sleep_millisecs, its caches cold, the machine busy.  On
+        # unique pages at two batch sizes: CPU per scan = batches * batch_cpu + pages * unique', wall per
+        # batch = jiffies(sleep) + batch + kappa * CPU per batch (kappa > 1: ksmd waits for a CPU meanwhile).
+        n2, sleep_ms = npages // 4, 20
+        pts = (n2 // 64, n2 // 4, n2)
+        runs = []
+        for p in pts:
+            if progress:
+                progress(f"ksmd cost: batches of {p} pages, sleep_millisecs {sleep_ms}")
+            cpu, wall = one(_pages(n2, 4), 4, {**fast, "pages_to_scan": p, "sleep_millisecs": sleep_ms})
+            runs.append((-(-n2 // p), float(np.mean(cpu[2:])) / 1e9, float(np.mean(wall[2:]))))
+        (b1, c1, w1), (b2, c2, w2), (b3, c3, w3) = runs
+        per_page = max(1e-9, (c2 * b1 - c1 * b2) / (n2 * (b1 - b2)))     # the two equations, solved
+        batch_cpu = max(0.0, (c1 - n2 * per_page) / b1)
+        o1, o2 = w1 / b1 - jiffies_seconds(sleep_ms), w2 / b2 - jiffies_seconds(sleep_ms)
+        x1, x2 = c1 / b1, c2 / b2
+        kappa = (o2 - o1) / (x2 - x1) if x2 > x1 else 1.0
+        kappa = min(max(kappa, 1.0), 20.0)
+        scale = per_page / out["unique"] if out["unique"] else 1.0
+        for key in ("first", "volatile", "unique", "merge", "ksm"):
+            out[f"{key}_hot"] = out[key]
+            out[key] = out[key] * scale
+        out["batch_cpu"] = batch_cpu
+        out["kappa"] = kappa
+        out["batch"] = max(0.0, float(np.mean([o1 - kappa * x1, o2 - kappa * x2])))
+        # the wall time of a batch beyond its sleep, at three batch lengths (a long batch is time-sliced
+        # with whatever else runs: ksmd runs at nice 5), for batch_wall() to interpolate
+        out["wall_points"] = [[x, o] for x, o in ((x1, o1), (x2, o2), (c3 / b3, w3 / b3 - jiffies_seconds(sleep_ms)))]
     out.update({"hz": hz(), "kernel": platform.release(), "cpu_model": _cpu_model(), "npages": npages,
                 "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     return out

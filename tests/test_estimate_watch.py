@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from proto.layout import PAGE_SIZE
-from workers import kernel_ksm, ksmd_cost
+from workers import kernel_ksm
 from workers.estimate_watch import Plan, Watch, _Series, classify, plan_pages, predict, simulate, watch
 from workers.memsource import PidSource, Source
 from workers.watch_demo import Demo, DemoShape

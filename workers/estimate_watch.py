@@ -45,7 +45,8 @@ run=1 until pages_sharing reaches that share of its final value, ksmd_cpu_share
 ksmd's CPU time over the horizon divided by the horizon.  --verify-kernel loads each
 source's pages (as last read) into a helper process of its own (an anonymous private
 mapping, MADV_MERGEABLE, registered in the sources' order) that keeps rewriting every
-page at the rate the watch saw it change, runs the kernel's KSM with the same knobs for
+page at the rate the watch saw it change (a page seen changing in every interval: every
+5 ms, since it may change faster than the samples tell), runs the kernel's KSM with the same knobs for
 the horizon (smart_scan=0), samples its counters, and puts the same quantities beside
 the predicted ones.  The knobs are restored afterwards and run is left 0
 (kernel_ksm.KernelKSM); it is refused while KSM is in use (run != 0, pages_shared != 0
@@ -220,9 +221,10 @@ def _changed(d: np.ndarray, present: np.ndarray, lag: int) -> np.ndarray:
 
 def classify(w: Watch, scan_seconds: float, upto: int | None = None) -> dict:
     """Per page of the last sample (of each source still there): the probability it changes between two visits
-    `scan_seconds` apart.  Returns {"p": [per source array], "rate": [...], "lag": m, "dt": interval}.
+    `scan_seconds` apart.  Returns {"p": [per source array], "rate": [...], "saturated": [changed in every
+    interval: it may change faster than the samples tell], "lag": m, "dt": interval}.
     `upto`: use only the first `upto` samples (for the series over the watch)."""
-    out_p, out_rate, lags = [], [], []
+    out_p, out_rate, out_sat, lags = [], [], [], []
     dt = None
     for s in w.alive():
         ids, d, present = _matrix(s)
@@ -236,6 +238,7 @@ def classify(w: Watch, scan_seconds: float, upto: int | None = None) -> dict:
         if S < 2:
             out_p.append(np.zeros(n))
             out_rate.append(np.zeros(n))
+            out_sat.append(np.zeros(n, bool))
             continue
         ch1 = _changed(d, present, 1)
         changes = ch1.sum(axis=0)
@@ -247,8 +250,9 @@ def classify(w: Watch, scan_seconds: float, upto: int | None = None) -> dict:
             p = np.minimum(1.0, rate * scan_seconds)
         out_p.append(p.astype(float))
         out_rate.append(rate)
+        out_sat.append(changes == S - 1)
         lags.append(m)
-    return {"p": out_p, "rate": out_rate, "lag": max(lags) if lags else 1, "dt": dt}
+    return {"p": out_p, "rate": out_rate, "saturated": out_sat, "lag": max(lags) if lags else 1, "dt": dt}
 
 
 # ---------------------------------------------------------------------------- what ksmd does with them
@@ -371,12 +375,11 @@ def simulate(plan: Plan, knobs: dict, cost: dict, horizon: float, runtime0_ns: i
             t = horizon
             break
         t += sleep
-    end_cpu = cpu - max(0.0, 0.0)
     if len(curve) > CURVE_POINTS:
         idx = np.unique(np.linspace(0, len(curve) - 1, CURVE_POINTS).astype(int))
         curve = [curve[i] for i in idx]
     return {"curve": [(round(a, 4), int(b), int(c), int(d)) for a, b, c, d in curve], "scan_ends": scan_ends,
-            "cpu_seconds": end_cpu, "seconds_to_50": t50, "seconds_to_90": t90, "pages_to_scan": pts_seq,
+            "cpu_seconds": cpu, "seconds_to_50": t50, "seconds_to_90": t90, "pages_to_scan": pts_seq,
             "elapsed": t}
 
 
@@ -389,7 +392,6 @@ def _scan_period(sim: dict) -> float | None:
 
 def predict(w: Watch, knobs: dict, cost: dict, horizon: float, runtime0_ns: int = 0) -> dict:
     """Classify at the scan period the knobs give (twice: the period depends on the classes), plan, simulate."""
-    guess = max(1, w.alive()[0].ids[-1].size if w.alive() else 1)
     cls = classify(w, 1e-9)                           # a first plan at the shortest lag
     sim = None
     for _ in range(3):
@@ -403,18 +405,15 @@ def predict(w: Watch, knobs: dict, cost: dict, horizon: float, runtime0_ns: int 
         if all(np.array_equal(a, b) for a, b in zip(new["p"], cls["p"])):
             break
         cls = new
-    del guess
     T = _scan_period(sim)
     out = dict(plan.counters)
-    cpu_h = sim["cpu_seconds"] if sim["elapsed"] <= horizon else None
     out.update({
         "full_scan_seconds": round(T, 4) if T is not None else None,
         "first_full_scan_seconds": round(sim["scan_ends"][0], 4) if sim["scan_ends"] else None,
         "full_scans": len(sim["scan_ends"]),
         "seconds_to_50": None if sim["seconds_to_50"] is None else round(sim["seconds_to_50"], 4),
         "seconds_to_90": None if sim["seconds_to_90"] is None else round(sim["seconds_to_90"], 4),
-        "ksmd_cpu_share": round(sim["cpu_seconds"] / max(sim["elapsed"], 1e-9), 5) if cpu_h is None
-        else round(cpu_h / horizon, 5),
+        "ksmd_cpu_share": round(sim["cpu_seconds"] / max(sim["elapsed"], 1e-9), 5),
         "horizon_seconds": horizon,
         "pages_to_scan_sequence": sim["pages_to_scan"][:50],
         "curve": [{"t": a, "pages_sharing": b, "bytes_saved": b * PAGE_SIZE, "full_scans": c, "pages_to_scan": d}
@@ -469,6 +468,7 @@ class _Helper:
             os.close(r_ready)
 
     fds: set = set()
+    TICK = 0.005
 
     @staticmethod
     def _child(pages, period, seed, w_ready, r_go) -> int:
@@ -493,7 +493,7 @@ class _Helper:
         per = period[moving]
         due = time.monotonic() + rng.random(len(moving)) * per
         stamp = np.uint64(1)
-        while not select.select([r_go], [], [], 0.005 if len(moving) else None)[0]:
+        while not select.select([r_go], [], [], _Helper.TICK if len(moving) else None)[0]:
             if not len(moving):
                 continue
             now = time.monotonic()
@@ -568,8 +568,9 @@ def verify_live(w: Watch, cls: dict, knobs: dict, cost: dict, horizon: float, sa
             return {"error": reason}
         try:
             kernel_ksm._start(k, _kernel_knobs(knobs), 60)
-            for i, (s, rate) in enumerate(zip(w.alive(), cls["rate"])):
+            for i, (s, rate, sat) in enumerate(zip(w.alive(), cls["rate"], cls["saturated"])):
                 period = np.where(rate > 0, 1.0 / np.maximum(rate, 1e-12), np.inf)
+                period[sat] = _Helper.TICK                  # seen changing every interval: as fast as it goes
                 helpers.append(_Helper(s.last_pages, period, seed=i))
             runtime0 = ksmd_cost.ksmd_runtime_ns(pid) or 0
             pred = predict(w, knobs, cost, horizon, runtime0)

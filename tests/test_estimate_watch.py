@@ -21,7 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KOK, KWHY = kernel_ksm.available()
 root_only = pytest.mark.skipif(os.geteuid() != 0, reason="reading other processes' memory needs root")
 COST = {"first": 0.001, "volatile": 0.001, "unique": 0.002, "merge": 0.003, "ksm": 0.0005, "batch": 0.0,
-        "batch_cpu": 0.0, "kappa": 1.0, "hz": 250}
+        "batch_cpu": 0.0, "kappa": 1.0, "scan_wall": 0.0, "hz": 250}
 
 
 def synthetic(rows: list[list[int | None]]) -> Watch:

@@ -328,7 +328,7 @@ def simulate(plan: Plan, knobs: dict, cost: dict, horizon: float, runtime0_ns: i
     n = plan.n
     pre = [np.concatenate([[0.0], np.cumsum(c)]) for c in (plan.cost_first, plan.cost_second, plan.cost_steady)]
     sleep = ksmd_cost.jiffies_seconds(int(knobs["sleep_millisecs"]), cost.get("hz"))
-    batch_cpu = cost.get("batch_cpu", 0.0)
+    batch_cpu, scan_wall = cost.get("batch_cpu", 0.0), cost.get("scan_wall", 0.0)
     advisor_on = int(knobs.get("advisor_mode", 0)) == 1
     if advisor_on:
         ctx, pts = adv.advisor_start_pages(int(knobs["advisor_min_pages_to_scan"]))
@@ -350,7 +350,7 @@ def simulate(plan: Plan, knobs: dict, cost: dict, horizon: float, runtime0_ns: i
         dcpu = float(c[pos + k] - c[pos]) + batch_cpu
         if scans == 1 and nmerge:
             merged = int(np.searchsorted(plan.merge_pos, pos + k))
-        t += ksmd_cost.batch_wall(dcpu, cost)
+        t += ksmd_cost.batch_wall(dcpu, cost) + (scan_wall if pos == 0 else 0.0)
         cpu += dcpu
         pos += k
         sharing = round(final * merged / nmerge) if nmerge else 0

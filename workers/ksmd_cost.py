@@ -18,13 +18,13 @@ seconds of ksmd CPU:
              jiffies (timer and wake-up latency), in seconds
     kappa    wall time per second of ksmd CPU within a batch (above 1 when ksmd has to
              wait for a CPU on a busy machine)
+    scan_wall  the wall time each full scan adds (it starts with lru_add_drain_all(),
+             which waits for a kworker on every CPU)
 
 The five page costs are first measured hot (sleep_millisecs 0, one batch per scan: their
-ratios), then scaled to what a unique page costs in place, at two batch sizes with
-sleep_millisecs 20 (two equations give the per-page and per-batch CPU, and the
-per-batch wall time and kappa); a third run with one batch per scan gives `wall_points`,
-the batch's wall time beyond its sleep at three batch lengths, which batch_wall()
-interpolates (a batch longer than a scheduler slice waits for a CPU in proportion).
+ratios), then scaled to what a unique page costs in place, at three batch sizes with
+sleep_millisecs 20 (32, 4 and 1 batches a full scan), which also give batch_cpu and,
+by least squares, batch, kappa and scan_wall.
 
 Every run has smart_scan=0 (the model assumes it).  The result is kept in
 ~/.cache/ksm-proto/ksmd-cost-<kernel release>.json with the CPU model and kernel it
@@ -45,7 +45,7 @@ from workers import kernel_ksm
 __all__ = ["COST_KEYS", "batch_wall", "ksmd_nice", "ksmd_pid", "ksmd_runtime_ns", "hz", "jiffies_seconds", "cache_path", "load_cost",
            "calibrate", "get_cost"]
 
-COST_KEYS = ("first", "volatile", "unique", "merge", "ksm", "batch", "batch_cpu", "kappa")
+COST_KEYS = ("first", "volatile", "unique", "merge", "ksm", "batch", "batch_cpu", "kappa", "scan_wall")
 PAGE = kernel_ksm.PAGE
 
 
@@ -120,35 +120,10 @@ def jiffies_seconds(ms: int, hz_: int | None = None) -> float:
     return -(-int(ms) * h // 1000) / h
 
 
-def _monotone(ys: list[float]) -> list[float]:
-    """The closest non-decreasing sequence (pool adjacent violators): a longer batch never takes less wall time."""
-    blocks = [[y, 1] for y in ys]
-    i = 0
-    while i < len(blocks) - 1:
-        if blocks[i][0] > blocks[i + 1][0]:
-            (a, n), (b, m) = blocks[i], blocks[i + 1]
-            blocks[i:i + 2] = [[(a * n + b * m) / (n + m), n + m]]
-            i = max(0, i - 1)
-        else:
-            i += 1
-    return [v for v, n in blocks for _ in range(n)]
-
-
 def batch_wall(cpu_s: float, cost: dict) -> float:
-    """The wall time of a batch of ksmd that takes cpu_s seconds of CPU, sleep aside (its wake-up latency and
-    the time it waits for a CPU included): interpolated between the calibration's wall_points, else
-    batch + kappa * cpu_s."""
-    pts = cost.get("wall_points")
-    if not pts:
-        return cost.get("batch", 0.0) + cost.get("kappa", 1.0) * cpu_s
-    xs = [p[0] for p in pts]
-    os_ = [p[1] for p in pts]
-    if cpu_s <= xs[0]:
-        return max(cpu_s, os_[0] - (xs[0] - cpu_s))
-    if cpu_s >= xs[-1]:
-        slope = (os_[-1] - os_[-2]) / (xs[-1] - xs[-2]) if len(xs) > 1 and xs[-1] > xs[-2] else 1.0
-        return os_[-1] + (cpu_s - xs[-1]) * max(1.0, slope)
-    return float(np.interp(cpu_s, xs, os_))
+    """The wall time of a batch of ksmd that takes cpu_s seconds of CPU, its sleep aside: its wake-up latency
+    (batch) and, on a busy machine, the time it waits for a CPU meanwhile (kappa)."""
+    return cost.get("batch", 0.0) + cost.get("kappa", 1.0) * cpu_s
 
 
 def cache_path() -> str:
@@ -257,35 +232,36 @@ def calibrate(npages: int = 16384, timeout: float = 120, progress=None) -> dict:
         cpu, _ = one(_pages(npages // 4, 3), 6, {**fast, "pages_to_scan": npages // 4}, rewrite=npages // 4)
         out["volatile"] = float(np.median(cpu[2:])) / 1e9 / (npages // 4)
         # In place, batch by batch: ksmd wakes every sleep_millisecs, its caches cold, the machine busy.  On
-        # unique pages at two batch sizes: CPU per scan = batches * batch_cpu + pages * unique', wall per
-        # batch = jiffies(sleep) + batch + kappa * CPU per batch (kappa > 1: ksmd waits for a CPU meanwhile).
+        # unique pages at three batch sizes (32, 4 and 1 batches a scan), per full scan:
+        #   CPU  = batches * batch_cpu + pages * unique'
+        #   wall = batches * (jiffies(sleep) + batch) + kappa * CPU + scan_wall
+        # scan_wall: each scan starts with lru_add_drain_all(), which waits for a kworker on every CPU.
         n2, sleep_ms = npages // 4, 20
-        pts = (n2 // 32, n2 // 4, n2)
+        jf = jiffies_seconds(sleep_ms)
         runs = []
-        for p in pts:
+        for p in (n2 // 32, n2 // 4, n2):
             if progress:
                 progress(f"ksmd cost: batches of {p} pages, sleep_millisecs {sleep_ms}")
             cpu, wall = one(_pages(n2, 4), 7, {**fast, "pages_to_scan": p, "sleep_millisecs": sleep_ms})
             runs.append((-(-n2 // p), float(np.median(cpu[2:])) / 1e9, float(np.median(wall[2:]))))
-        (b1, c1, w1), (b2, c2, w2), (b3, c3, w3) = runs
-        per_page = max(1e-9, (c2 * b1 - c1 * b2) / (n2 * (b1 - b2)))     # the two equations, solved
-        batch_cpu = max(0.0, (c1 - n2 * per_page) / b1)
-        o1, o2 = w1 / b1 - jiffies_seconds(sleep_ms), w2 / b2 - jiffies_seconds(sleep_ms)
-        x1, x2 = c1 / b1, c2 / b2
-        kappa = (o2 - o1) / (x2 - x1) if x2 > x1 else 1.0
-        kappa = min(max(kappa, 1.0), 20.0)
+        (b1, c1, w1), _, (b3, c3, w3) = runs
+        batch_cpu = max(0.0, (c1 - c3) / (b1 - b3))
+        per_page = max(1e-9, (c3 - b3 * batch_cpu) / n2)
         scale = per_page / out["unique"] if out["unique"] else 1.0
         for key in ("first", "volatile", "unique", "merge", "ksm"):
             out[f"{key}_hot"] = out[key]
             out[key] = out[key] * scale
+        a = np.array([[1.0, b, c] for b, c, _ in runs])
+        y = np.array([w - b * jf for b, _, w in runs])
+        scan_wall, lat, kappa = np.linalg.lstsq(a, y, rcond=None)[0]
+        if kappa < 1 or lat < 0 or scan_wall < 0:              # ksmd did not wait for a CPU: kappa 1
+            scan_wall, lat = np.linalg.lstsq(a[:, :2], y - a[:, 2], rcond=None)[0]
+            kappa = 1.0
         out["batch_cpu"] = batch_cpu
-        out["kappa"] = kappa
-        out["batch"] = max(0.0, float(np.mean([o1 - kappa * x1, o2 - kappa * x2])))
-        # the wall time of a batch beyond its sleep, at three batch lengths (a long batch is time-sliced
-        # with whatever else runs: ksmd runs at nice 5), for batch_wall() to interpolate
-        xs = [x1, x2, c3 / b3]
-        os_ = _monotone([o1, o2, w3 / b3 - jiffies_seconds(sleep_ms)])
-        out["wall_points"] = [[x, max(o, x)] for x, o in zip(xs, os_)]
+        out["kappa"] = float(min(max(kappa, 1.0), 20.0))
+        out["batch"] = float(max(0.0, lat))
+        out["scan_wall"] = float(max(0.0, scan_wall))
+        out["runs"] = [{"batches": b, "cpu_s": c, "wall_s": w} for b, c, w in runs]
     out.update({"hz": hz(), "kernel": platform.release(), "cpu_model": _cpu_model(), "npages": npages,
                 "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     return out

@@ -35,13 +35,22 @@ SETTINGS = [
 ]
 
 
+def _nice_up() -> None:
+    """In the child before exec: nice -10 where allowed (root), so that its samples, 20 ms apart, are on
+    time on a busy machine (the watch's reads and the kernel's counters); else as it is."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, -10)
+    except OSError:
+        pass
+
+
 def run_setting(pids: list[int], args: list[str], verify_s: float, watch_s: float, interval: float,
                 cost_file: str, timeout: float = 300) -> dict:
     """One `estimate --watch --verify-kernel --json` run; its JSON (with "exit" added)."""
     cmd = [sys.executable, "-m", "workers.cli", "estimate", "--pid", *map(str, pids), "--watch", str(watch_s),
            "--interval", str(interval), "--verify-kernel", "--verify-seconds", str(verify_s), "--ksmd-cost",
            cost_file, "--json", *args]
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, preexec_fn=_nice_up)
     try:
         res = json.loads(r.stdout)
     except ValueError:

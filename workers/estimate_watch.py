@@ -39,7 +39,7 @@ the end state and the rest is counted.
 
 Predicted and measured
 ----------------------
-full_scan_seconds is the length of the last full scan of the prediction's horizon
+full_scan_seconds is the mean full scan over the last half of the prediction's horizon
 (the --watch length, or --verify-seconds), seconds_to_50 / seconds_to_90 the time from
 run=1 until pages_sharing reaches that share of its final value, ksmd_cpu_share
 ksmd's CPU time over the horizon divided by the horizon.  --verify-kernel loads each
@@ -384,8 +384,12 @@ def simulate(plan: Plan, knobs: dict, cost: dict, horizon: float, runtime0_ns: i
 
 
 def _scan_period(sim: dict) -> float | None:
+    """The mean full scan over the scans that end in the last half of the run (the last one if only one)."""
     e = sim["scan_ends"]
     if len(e) >= 2:
+        late = [t for t in e if t >= e[-1] / 2]
+        if len(late) >= 2:
+            return (late[-1] - late[0]) / (len(late) - 1)
         return e[-1] - e[-2]
     return e[0] if e else None
 
@@ -607,16 +611,19 @@ def measured(samples: list[dict], horizon: float) -> dict:
     final = samples[-1]["pages_sharing"]
     t50 = next((s["t"] for s in samples if final and s["pages_sharing"] >= 0.5 * final), None)
     t90 = next((s["t"] for s in samples if final and s["pages_sharing"] >= 0.9 * final), None)
-    ends = []
-    for a, b in zip(samples, samples[1:]):
-        if b["full_scans"] > a["full_scans"]:
-            ends.append(b["t"])
+    # the mean full scan over the last half of the run (samples 20 ms apart may see several scans end)
+    half = [s for s in samples if s["t"] >= samples[-1]["t"] / 2]
+    first = next((b for a, b in zip(half, half[1:]) if b["full_scans"] > a["full_scans"]), None)
+    last = next((b for a, b in zip(half[::-1][1:], half[::-1]) if b["full_scans"] > a["full_scans"]), None)
+    period = None
+    if first is not None and last is not None and last["full_scans"] > first["full_scans"]:
+        period = (last["t"] - first["t"]) / (last["full_scans"] - first["full_scans"])
     tail = [s["pages_volatile"] for s in samples if s["t"] >= 0.75 * samples[-1]["t"]]
     return {"pages_sharing": final, "pages_shared": samples[-1]["pages_shared"],
             "pages_unshared": samples[-1]["pages_unshared"], "bytes_saved": final * PAGE_SIZE,
             "pages_volatile": int(round(float(np.mean(tail)))) if tail else samples[-1]["pages_volatile"],
             "full_scans": samples[-1]["full_scans"],
-            "full_scan_seconds": round(ends[-1] - ends[-2], 4) if len(ends) >= 2 else None,
+            "full_scan_seconds": round(period, 4) if period is not None else None,
             "seconds_to_50": t50, "seconds_to_90": t90,
             "ksmd_cpu_share": round(samples[-1]["ksmd_runtime_ns"] / 1e9 / max(samples[-1]["t"], 1e-9), 5),
             "pages_to_scan_sequence": sorted({s["pages_to_scan"] for s in samples}, key=[

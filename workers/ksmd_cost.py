@@ -8,7 +8,8 @@ which the scan-time advisor uses too) at the end of each full scan.  Per page, i
 seconds of ksmd CPU:
 
     first    a page's first visit (an rmap item is made, its checksum recorded)
-    volatile a page whose checksum changed since the last visit (checksum, nothing else)
+    volatile a page whose checksum changed since the last visit, being rewritten meanwhile
+             (measured in place: pages rewritten every 5 ms, as --verify-kernel's helpers do)
     unique   a page that holds still but matches nothing (checksum, both trees searched,
              the page waits in the unstable tree)
     merge    a page merged on this visit (with the unstable tree's page or a KSM page)
@@ -22,7 +23,8 @@ seconds of ksmd CPU:
              which waits for a kworker on every CPU)
 
 The five page costs are first measured hot (sleep_millisecs 0, one batch per scan: their
-ratios), then scaled to what a unique page costs in place, at three batch sizes with
+ratios), then scaled to what a unique page costs in place (beside a stable tree of a few
+thousand KSM pages, which its visit searches first), at three batch sizes with
 sleep_millisecs 20 (32, 4 and 1 batches a full scan), which also give batch_cpu and,
 by least squares, batch, kappa and scan_wall.
 
@@ -205,11 +207,15 @@ def calibrate(npages: int = 16384, timeout: float = 120, progress=None) -> dict:
             raise RuntimeError(f"KSM is in use on this machine (run={kernel_ksm.read_knob('run')}, "
                                f"pages_shared={now.get('pages_shared')}): not calibrating")
 
-        def one(pages, scans, knobs, rewrite=0):
+        def one(pages, scans, knobs, rewrite=0, every=None):
             vm = None
             try:
                 kernel_ksm._start(k, knobs, max(1.0, deadline - time.monotonic()))
-                vm = kernel_ksm.KernelVM(pages, rewrite=rewrite)
+                if every is not None:               # the --verify-kernel helper: every page rewritten so often
+                    from workers.estimate_watch import _Helper
+                    vm = _Helper(pages, np.full(len(pages), every), seed=0)
+                else:
+                    vm = kernel_ksm.KernelVM(pages, rewrite=rewrite)
                 return _scan_cpu(k, pid, scans, max(1.0, deadline - time.monotonic()))
             finally:
                 kernel_ksm._write("run", 0)
@@ -236,19 +242,24 @@ def calibrate(npages: int = 16384, timeout: float = 120, progress=None) -> dict:
         #   CPU  = batches * batch_cpu + pages * unique'
         #   wall = batches * (jiffies(sleep) + batch) + kappa * CPU + scan_wall
         # scan_wall: each scan starts with lru_add_drain_all(), which waits for a kworker on every CPU.
+        # The region: n2 unique pages, then n2 // 4 contents twice each, which become as many KSM pages: a
+        # unique page's visit searches the stable tree first, so its cost is taken with one there.
         n2, sleep_ms = npages // 4, 20
+        nd = n2 // 2
+        region = np.concatenate([_pages(n2, 4), _pages(nd, 6, copies=2)])
+        nt = len(region)
         jf = jiffies_seconds(sleep_ms)
         runs = []
-        for p in (n2 // 32, n2 // 4, n2):
+        for p in (nt // 32, nt // 4, nt):
             if progress:
                 progress(f"ksmd cost: batches of {p} pages, sleep_millisecs {sleep_ms}")
-            cpu, wall = one(_pages(n2, 4), 7, {**fast, "pages_to_scan": p, "sleep_millisecs": sleep_ms})
-            runs.append((-(-n2 // p), float(np.median(cpu[2:])) / 1e9, float(np.median(wall[2:]))))
+            cpu, wall = one(region, 7, {**fast, "pages_to_scan": p, "sleep_millisecs": sleep_ms})
+            runs.append((-(-nt // p), float(np.median(cpu[2:])) / 1e9, float(np.median(wall[2:]))))
         (b1, c1, w1), _, (b3, c3, w3) = runs
         batch_cpu = max(0.0, (c1 - c3) / (b1 - b3))
-        per_page = max(1e-9, (c3 - b3 * batch_cpu) / n2)
+        per_page = max(1e-9, (c3 - b3 * batch_cpu - nd * out["ksm"]) / n2)
         scale = per_page / out["unique"] if out["unique"] else 1.0
-        for key in ("first", "volatile", "unique", "merge", "ksm"):
+        for key in ("first", "volatile", "unique", "merge", "ksm"):      # (volatile: measured in place below)
             out[f"{key}_hot"] = out[key]
             out[key] = out[key] * scale
         a = np.array([[1.0, b, c] for b, c, _ in runs])
@@ -261,6 +272,12 @@ def calibrate(npages: int = 16384, timeout: float = 120, progress=None) -> dict:
         out["kappa"] = float(min(max(kappa, 1.0), 20.0))
         out["batch"] = float(max(0.0, lat))
         out["scan_wall"] = float(max(0.0, scan_wall))
+        # A page being rewritten, in place: it costs ksmd more than its checksum (measured here, not scaled)
+        nv = n2 // 4
+        if progress:
+            progress(f"ksmd cost: {nv} pages rewritten every 5 ms, one batch a scan")
+        cpu, _ = one(_pages(nv, 5), 7, {**fast, "pages_to_scan": nv, "sleep_millisecs": sleep_ms}, every=0.005)
+        out["volatile"] = max(1e-9, (float(np.median(cpu[2:])) / 1e9 - batch_cpu) / nv)
         out["runs"] = [{"batches": b, "cpu_s": c, "wall_s": w} for b, c, w in runs]
     out.update({"hz": hz(), "kernel": platform.release(), "cpu_model": _cpu_model(), "npages": npages,
                 "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})

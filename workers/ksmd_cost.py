@@ -292,7 +292,10 @@ def get_cost(path: str | None = None, recalibrate: bool = False, progress=None) 
             raise ValueError(f"{path}: no such file")
         return c, path
     if not recalibrate:
-        c = load_cost()
+        try:
+            c = load_cost()
+        except ValueError:                  # a cache from an older ksm-proto: measured again
+            c = None
         if c is not None:
             return c, cache_path()
     c = calibrate(progress=progress)

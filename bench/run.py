@@ -25,6 +25,11 @@ Parts (each measured beside its anchor in the same run):
   estimate `ksm-proto estimate` on the scan part's bytes (as a file): pages/s beside the scanner's
            and ksmd's on the same bytes, its peak memory per input page, and its counters beside
            the scanner's at stability
+  estimate-live  `ksm-proto estimate --watch --verify-kernel` on the demo workload (workers/estimate/watch_demo.py):
+           predicted beside the kernel's KSM running live, at two knob settings and with the
+           scan-time advisor (workers/estimate/live.py), ksmd's per-page cost measured in the same
+           run; the exit status is 1 when a value is outside its tolerance; also written to
+           estimate-live.json
 
 Every ratio is given with its spread: the median of the per-repetition ratios and their range
 (min-max) over the interleaved repetitions (each repetition measures both sides).
@@ -58,7 +63,7 @@ from workers.oracle import kernel_ksm  # noqa: E402
 from workers.actors.supervisor import Machine  # noqa: E402
 from workers.tools.stress import run_modes  # noqa: E402
 
-PARTS = ("scan", "cow", "modes", "scaling", "trace", "stress", "estimate", "check", "web")
+PARTS = ("scan", "cow", "modes", "scaling", "trace", "stress", "estimate", "check", "web", "estimate-live")
 MODES = ("change_pte", "wrapped", "invalidate")
 
 
@@ -925,6 +930,10 @@ def table(res: dict) -> str:
         rows.append(f"| estimate = scanner at stability (pages_shared, pages_sharing) | "
                     f"{e['dup4']['pages_shared']:,}, {e['dup4']['pages_sharing']:,} | "
                     f"{'same' if e['same_as_scanner'] else 'DIFFERENT'} | | |")
+    el = res.get("estimate-live")
+    if el:
+        from workers.estimate.estimate.live import table_rows
+        rows += table_rows(el) if "settings" in el else [f"| estimate-live | {el.get('error')} | | | |"]
     return "\n".join(rows)
 
 
@@ -996,6 +1005,13 @@ def plots(res: dict, outdir: str) -> list[str]:
         fig.savefig(p, dpi=100, bbox_inches="tight")
         plt.close(fig)
         made.append(p)
+    el = res.get("estimate-live")
+    if el and el.get("settings"):
+        from workers.estimate.estimate.live import plot as plot_live
+        path = os.path.join(outdir, "estimate-live.png")
+        plot_live(el, path)
+        if os.path.exists(path):
+            made.append(path)
     return made
 
 
@@ -1022,8 +1038,8 @@ def main(argv=None) -> int:
         ap.error(f"--reps must be >= 1, not {a.reps}")
     if a.stress_writes < 1 or a.stress_cow < 0:
         ap.error("--stress-writes must be >= 1 and --stress-cow >= 0")
-    parts = a.only or list(PARTS)
     q = a.quick
+    parts = a.only or [p for p in PARTS if not (q and p == "estimate-live")]    # (--quick: not the live one)
     scan_pages = 8192 if q else int(a.gib * (1 << 30) / PAGE_SIZE)
     cow_pages = 1000 if q else 8000
     mode_pages = 256 if q else 4096
@@ -1085,6 +1101,12 @@ def main(argv=None) -> int:
                 res["check"] = bench_check(100 if q else 5000, prog, a.cores, breaks=not q)
             elif part == "web":
                 res["web"] = bench_web(512 if q else 4096, prog, reps=2 if q else 5)
+            elif part == "estimate-live":
+                if not kernel_ok:
+                    res["estimate-live"] = {"error": why}
+                else:
+                    from workers.estimate.estimate.live import compare_live
+                    res["estimate-live"] = compare_live(progress=prog)
             elif part == "estimate":
                 res["estimate"] = bench_estimate(scan_pages, kernel_ok, why, prog, res.get("scan"),
                                                  rounds=1 if q else 3)
@@ -1104,6 +1126,9 @@ def main(argv=None) -> int:
     with open(os.path.join(a.out, "latest.md"), "w") as f:
         f.write(f"ksm-proto bench, {res['date']}, {res['machine']['cores']} cores, {res['machine']['cpu']}, "
                 f"Linux {res['machine']['kernel']}\n\n{md}\n")
+    if "estimate-live" in res:
+        with open(os.path.join(a.out, "estimate-live.json"), "w") as f:
+            json.dump({"date": res["date"], "machine": res["machine"], **res["estimate-live"]}, f, indent=1)
     print(md)
     print(f"\nresults: {os.path.join(a.out, 'latest.json')} (+ latest.md, {', '.join(res['plots'])})")
     st = res.get("stress")
@@ -1119,6 +1144,18 @@ def main(argv=None) -> int:
     if st and not st["cow_goal_met"]:
         print(f"stress: only {st['cow_faults_merged']:,} COW faults of merged pages, "
               f"wanted {st['min_cow_faults']:,}", file=sys.stderr)
+    el = res.get("estimate-live")
+    if el and "settings" in el and not el["ok"]:
+        print("estimate-live: predicted outside the tolerance of the kernel's measured values: " + "; ".join(
+            f"{r['name']}: {k}" for r in el["settings"] for k, c in (r.get("compare") or {"error": {"ok": False}}).items()
+            if c.get("ok") is False), file=sys.stderr)
+        return 1
+    el = res.get("estimate-live")
+    if el and "settings" in el and not el["ok"]:
+        print("estimate-live: predicted outside the tolerance of the kernel's measured values: " + "; ".join(
+            f"{r['name']}: {k}" for r in el["settings"] for k, c in (r.get("compare") or {"error": {"ok": False}}).items()
+            if c.get("ok") is False), file=sys.stderr)
+        return 1
     ck = res.get("check")
     if ck:
         bad = [f"{m}: {r['violation']}" for m, r in ck["modes"].items() if r["violation"]]

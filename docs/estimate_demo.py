@@ -1,6 +1,12 @@
 """The README's `ksm-proto estimate` run: six processes on this machine, estimated, checked against the kernel.
 
     sudo .venv/bin/python docs/estimate_demo.py [--plot docs/estimate.png] [-- more estimate args]
+    sudo .venv/bin/python docs/estimate_demo.py --watch 8 --interval 0.25 --pages-to-scan 1000 \
+        --sleep-millisecs 20 --verify-kernel [--plot docs/estimate-watch.png]
+
+With --watch the workload is the one of workers/estimate/watch_demo.py instead (see docs/estimate.md):
+four processes whose memory has stable duplicates, unique pages, slowly changing pages
+(each rewritten every 6 s) and fast-changing pages (every 50 ms).
 
 Four "replicas" hold the same 32 MiB of data (as identical VMs or service replicas do) plus
 16 MiB of zeroed buffers; two "batch" jobs hold 32 MiB each of their own data.  Each names
@@ -26,6 +32,12 @@ sys.stdin.read()
 
 
 def main(argv: list[str]) -> int:
+    if "--watch" in argv:
+        sys.path.insert(0, ROOT)
+        from workers.estimate.watch_demo import Demo
+        with Demo() as d:
+            cmd = [sys.executable, "-m", "workers.tools.cli", "estimate", "--pid", *map(str, d.pids), *argv]
+            return subprocess.run(cmd, cwd=ROOT).returncode
     procs = []
     try:
         for name, seed in [(f"replica-{i}", 42) for i in range(1, 5)] + [("batch-1", 1), ("batch-2", 2)]:

@@ -52,6 +52,7 @@ from workers.mm.ksm.shard import DONE, LEAD, ROUTED, Done, Routed, from_wire, to
 from workers.runtime.frames import OutOfFrames, ShmLock
 from workers.mm.ksm.stable_tree import RmapItems
 from workers.runtime.driver import Driver, MMUNotifier, bind_vm_channel
+from workers.mm.ksm.advisor import DEFAULT_PAGES_TO_SCAN, advisor_start_pages
 
 log = logging.getLogger("ksm_proto.ksmd")
 KSMD_NICE = 5               # the kernel's ksmd: set_user_nice(current, 5)
@@ -250,8 +251,9 @@ class Ksmd:
                 await self.driver.run(self.scan.control("reset_tree"))
             if name == "pages_to_scan" and self.knobs["advisor_mode"] != 0:
                 raise OSError(errno.EINVAL, "pages_to_scan is set by the advisor while advisor_mode is scan-time: EINVAL")
-            if name == "advisor_mode" and v != self.knobs[name]:
-                self.set_knob_value("pages_to_scan", 100 if v == 0 else self.knobs["advisor_min_pages_to_scan"])
+            if name == "advisor_mode" and v != self.knobs[name]:      # set_advisor_defaults()
+                self.scan.advisor_ctx, start = advisor_start_pages(self.knobs["advisor_min_pages_to_scan"])
+                self.set_knob_value("pages_to_scan", DEFAULT_PAGES_TO_SCAN if v == 0 else start)
             if name == "run" and v == 2 and self.knobs["run"] != 2:
                 self.set_knob_value("run", 2)
                 try:

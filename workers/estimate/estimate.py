@@ -884,6 +884,8 @@ def add_arguments(p) -> None:
                    help="load the same pages into helper processes, let the real KSM merge them, compare")
     p.add_argument("--top", type=int, default=10, metavar="N", help="most duplicated contents to show (10)")
     p.add_argument("--threads", type=int, metavar="N", help="hashing threads (default: one per CPU)")
+    from workers.estimate.watch import add_watch_arguments
+    add_watch_arguments(p)
 
 
 def _mem_available() -> int:
@@ -900,6 +902,9 @@ def _mem_available() -> int:
 def cli(a) -> int:
     """Run `ksm-proto estimate`; returns the exit status (0 ok, 1 some input unreadable, 2 usage, 3 kernel)."""
     err = sys.stderr
+    if getattr(a, "watch", None) is not None:
+        from workers.estimate.watch import cli as watch_cli
+        return watch_cli(a)
     if not a.sources:
         print("ksm-proto estimate: nothing to estimate: give --pid, --all-pids, --file or --dir", file=err)
         return EXIT_USAGE

@@ -38,12 +38,15 @@ under the frame lock before anything is merged into it.
 """
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 from proto.knobs import DEFAULTS
 from proto.layout import (FRAME_ANON, FRAME_KSM, MMF_VM_MERGEABLE, MMH_FLAGS, MMH_NODE, PAGE_SHIFT, PAGE_SIZE,
                           PTE_PRESENT, PTE_SPECIAL, ZERO_PFN)
 
+from workers.mm.ksm.advisor import AdvisorCtx, scan_time_advisor
 from workers.mm.ksm.hashtab import HashIndex
 from workers.mm.ksm.stable_tree import HAS, STABLE, UNSTABLE, RmapItems, StableTree, should_skip
 from workers.mm.effects import (FLAGS, MMFLAGS, PTE, STABLE as STABLE_OF, VMAS, ZERO_KEY, Checksum, Load, Lock, ShardRecv,
@@ -127,6 +130,8 @@ class KsmScan:
         self.c = {k: 0 for k in COUNTER_NAMES}
         self.knobs = dict(DEFAULTS)
         self.scan_start = clock()
+        self.cpu_clock = time.process_time_ns   # ksmd's CPU time, for the advisor (task_sched_runtime)
+        self.advisor_ctx = AdvisorCtx()         # zeroed whenever advisor_mode is written (ksmd.set_knobs)
         self.last_prune = clock()
         self.merges = 0
         self.merge_failures = 0
@@ -319,14 +324,14 @@ class KsmScan:
         self.scan_start = now
 
     def advise(self, seconds: float) -> None:
-        """The scan-time advisor: scale pages_to_scan so a full scan takes advisor_target_scan_time."""
+        """The scan-time advisor (mm/ksm.c scan_time_advisor, in workers/mm/ksm/advisor.py): at the end of a
+        full scan, a new pages_to_scan from the scan's length and this scanner's CPU time."""
         if self.knobs["advisor_mode"] != 1:
             return
-        target = self.knobs["advisor_target_scan_time"]
-        pts = self.knobs["pages_to_scan"]
-        factor = max(1e-3, seconds) / target
-        self.knobs["pages_to_scan"] = int(min(max(pts * factor, self.knobs["advisor_min_pages_to_scan"]),
-                                              self.knobs["advisor_max_pages_to_scan"]))
+        self.knobs["pages_to_scan"], _ = scan_time_advisor(
+            self.advisor_ctx, self.knobs["pages_to_scan"], int(seconds * 1000), self.cpu_clock(),
+            target_scan_time=self.knobs["advisor_target_scan_time"], max_cpu=self.knobs["advisor_max_cpu"],
+            max_pages_to_scan=self.knobs["advisor_max_pages_to_scan"])
 
     # ------------------------------------------------------------------ one batch (a round)
     def ksm_do_scan(self, budget: int):

@@ -1,0 +1,186 @@
+"""`ksm-proto estimate --watch`: volatility read off the samples, ksmd's timeline, the command, and (kernel-marked)
+the prediction against the kernel's KSM running live on the demo workload."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+
+from proto.layout import PAGE_SIZE
+from workers.oracle import kernel_ksm
+from workers.estimate.watch import Plan, Watch, _Series, classify, plan_pages, predict, simulate, watch
+from workers.estimate.memsource import PidSource, Source
+from workers.estimate.watch_demo import Demo, DemoShape
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+KOK, KWHY = kernel_ksm.available()
+root_only = pytest.mark.skipif(os.geteuid() != 0, reason="reading other processes' memory needs root")
+COST = {"first": 0.001, "volatile": 0.001, "unique": 0.002, "merge": 0.003, "ksm": 0.0005, "batch": 0.0,
+        "batch_cpu": 0.0, "kappa": 1.0, "scan_wall": 0.0, "hz": 250}
+
+
+def synthetic(rows: list[list[int | None]]) -> Watch:
+    """A watch of one source, a sample per row (1 s apart), a digest per page (None: the page was not there)."""
+    w = Watch([])
+    s = _Series(Source(name="synthetic"))
+    for j, row in enumerate(rows):
+        ids = np.array([i for i, v in enumerate(row) if v is not None], np.int64) * PAGE_SIZE
+        d = np.array([[v, 7] for v in row if v is not None], np.int64).reshape(-1, 2)
+        s.times.append(float(j))
+        s.ids.append(ids)
+        s.digs.append(d)
+    w.series = [s]
+    return w
+
+
+# pages: A still, B new bytes every sample, C changes at samples 4 and 8, D absent from sample 0,
+# E and F the same bytes, still
+ROWS = [[1, 100 + j, 50 + (j >= 4) + (j >= 8), None if j == 0 else 60, 9, 9] for j in range(9)]
+
+
+def test_classify_reads_the_probability_off_the_samples():
+    w = synthetic(ROWS)
+    c1 = classify(w, 1.0)                      # lag 1: 8 pairs of samples
+    assert c1["lag"] == 1 and c1["dt"] == 1.0
+    assert c1["p"][0].tolist() == [0.0, 1.0, 2 / 8, 1 / 8, 0.0, 0.0]
+    c2 = classify(w, 2.0)                      # lag 2: 7 pairs; C differs across 4 at j=2,3 and across 8 at j=6
+    assert c2["lag"] == 2
+    assert c2["p"][0].tolist() == [0.0, 1.0, 3 / 7, 1 / 7, 0.0, 0.0]
+    c3 = classify(w, 20.0)                     # longer than the watch: from the change rate, at most 1
+    assert c3["p"][0].tolist() == [0.0, 1.0, 1.0, 1.0, 0.0, 0.0]
+    assert c1["rate"][0].tolist() == [0.0, 1.0, 0.25, 0.125, 0.0, 0.0]
+
+
+def test_plan_counts_the_stable_part_only():
+    w = synthetic(ROWS)
+    knobs = {"max_page_sharing": 256, "use_zero_pages": 0}
+    plan = plan_pages(w, classify(w, 2.0), COST, knobs)
+    # stable: A, C (3/7 < 1/2), D (1/7), E, F; E and F merge: one KSM page, one sharing
+    assert plan.counters["pages_volatile"] == round(1 + 3 / 7 + 1 / 7)
+    assert (plan.counters["pages_shared"], plan.counters["pages_sharing"], plan.counters["pages_unshared"]) == (1, 1, 3)
+    assert plan.counters["pages_stable"] == 5 and plan.merge_pos.tolist() == [5]
+    assert plan.counters["bytes_saved"] == PAGE_SIZE
+
+
+def test_simulate_batch_by_batch():
+    """pages_to_scan 4 over 10 pages, sleep 20 ms (5 jiffies at HZ 250): scan ends and the merge, by hand."""
+    plan = Plan(10, np.full(10, 0.001), np.full(10, 0.002), np.full(10, 0.0005), np.array([7]),
+                {"pages_sharing": 1})
+    sim = simulate(plan, {"pages_to_scan": 4, "sleep_millisecs": 20}, COST, horizon=0.2)
+    # scan 1: batches of 4, 4, 2 pages at 1 ms each with 20 ms between: ends at .004+.02+.004+.02+.002 = .050
+    # scan 2 (2 ms a page) starts at .070: .078, .098 + .008 = .106 (page 7 merges: 50% and 90%), .126 + .004 = .130
+    # scan 3 (0.5 ms a page): .152, .174, .195
+    assert sim["scan_ends"] == pytest.approx([0.050, 0.130, 0.195])
+    assert sim["seconds_to_50"] == pytest.approx(0.106) and sim["seconds_to_90"] == pytest.approx(0.106)
+    assert sim["cpu_seconds"] == pytest.approx(0.010 + 0.020 + 0.005)    # (scan 4 would start at .215)
+    assert sim["pages_to_scan"] == [4]
+
+
+def test_simulate_runs_the_kernels_advisor():
+    """With advisor_mode=scan-time the pages_to_scan sequence is workers/mm/ksm/advisor.py's on the simulated scans."""
+    from workers.mm.ksm.advisor import advisor_start_pages, scan_time_advisor
+    n = 3000
+    plan = Plan(n, np.full(n, 1e-4), np.full(n, 1e-4), np.full(n, 1e-4), np.array([], np.int64), {"pages_sharing": 0})
+    knobs = {"advisor_mode": 1, "sleep_millisecs": 100, "advisor_min_pages_to_scan": 500, "advisor_target_scan_time": 2,
+             "advisor_max_cpu": 70, "advisor_max_pages_to_scan": 30000}
+    sim = simulate(plan, knobs, COST, horizon=30, runtime0_ns=3_000_000_000)
+    ctx, pts = advisor_start_pages(500)
+    want = [pts]
+    start = 0.0
+    for end in sim["scan_ends"]:
+        cpu = 3.0 + n * 1e-4 * (len(want))
+        pts, _ = scan_time_advisor(ctx, pts, int((end - start) * 1000), int(cpu * 1e9), target_scan_time=2,
+                                   max_cpu=70, max_pages_to_scan=30000)
+        want.append(pts)
+        start = end + 0.1
+    assert sim["pages_to_scan"] == want and len(want) > 3
+
+
+def _estimate(*args, timeout=120):
+    return subprocess.run([sys.executable, "-m", "workers.tools.cli", "estimate", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_watch_a_file_exact(tmp_path):
+    """A still file: nothing volatile; 8 copies of A and 4 of B merge (7 + 3 sharing), 4 unique pages wait; the
+    times follow the given per-page costs exactly (one batch a scan)."""
+    pages = [b"A" * PAGE_SIZE] * 8 + [b"B" * PAGE_SIZE] * 4 + [bytes([i]) * PAGE_SIZE for i in range(1, 5)]
+    f = tmp_path / "img"
+    f.write_bytes(b"".join(pages))
+    cost = tmp_path / "cost.json"
+    cost.write_text(json.dumps(COST))
+    r = _estimate("--file", str(f), "--watch", "1", "--interval", "0.25", "--pages-to-scan", "100",
+                  "--sleep-millisecs", "20", "--ksmd-cost", str(cost), "--max-page-sharing", "256",
+                  "--use-zero-pages", "0", "--json")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["samples"] == 5
+    assert (res["pages_volatile"], res["pages_shared"], res["pages_sharing"], res["pages_unshared"]) == (0, 2, 10, 4)
+    assert res["bytes_saved"] == 10 * PAGE_SIZE
+    # scan 1: 16 pages at 1 ms = .016; scan 2 from .036: A's first copy .002, 7 merges .003, B: .002 + 3 * .003,
+    # 4 unique .002 = .042 -> .078 (every merge in its one batch); then .02 asleep + 12 KSM pages * .0005 + 4 * .002
+    assert res["seconds_to_50"] == res["seconds_to_90"] == 0.078
+    assert res["full_scan_seconds"] == 0.034
+    assert res["curve"][0]["t"] == 0.0 and res["curve"][-1]["pages_sharing"] == 10
+    assert 0 < res["ksmd_cpu_share"] < 1
+
+
+def test_watch_bad_input(tmp_path):
+    f = tmp_path / "img"
+    f.write_bytes(b"x" * PAGE_SIZE)
+    r = _estimate("--file", str(f), "--watch", "0")
+    assert r.returncode == 2 and "--watch must be a positive number of seconds, not 0.0" in r.stderr
+    r = _estimate("--file", str(f), "--watch", "1", "--interval", "2")
+    assert r.returncode == 2 and "--interval must be above 0 and at most the --watch length" in r.stderr
+    r = _estimate("--file", str(f), "--watch", "1", "--pages-to-scan", "5", "--advisor-mode", "scan-time")
+    assert r.returncode == 2 and "the advisor sets pages_to_scan itself" in r.stderr
+    r = _estimate("--file", str(f), "--watch", "1", "--advisor-target-scan-time", "0")
+    assert r.returncode == 2 and "advisor_target_scan_time=0 out of range" in r.stderr
+    bad = tmp_path / "cost.json"
+    bad.write_text(json.dumps({"first": 1}))
+    r = _estimate("--file", str(f), "--watch", "1", "--ksmd-cost", str(bad))
+    assert r.returncode == 2 and "missing or negative volatile" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+@root_only
+def test_a_source_that_exits_is_reported_and_the_rest_counted():
+    shape = DemoShape(procs=2, dup=64, uniq=32, slow=0, fast=16)
+    with Demo(shape) as d:
+        srcs = [PidSource(p).open() for p in d.pids]
+        timer = threading.Timer(1.0, d.end, args=(1,))
+        timer.start()
+        try:
+            w = watch(srcs, 2.5, 0.25)
+        finally:
+            timer.join()
+        assert len(w.problems) == 1
+        assert w.problems[0].startswith(f"pid:{d.pids[1]} (demo-2): exited during the watch")
+        assert [s.src.pid for s in w.alive()] == [d.pids[0]]
+        assert w.series[1].gone_at is not None and len(w.series[0].times) > len(w.series[1].times)
+        pred = predict(w, {"pages_to_scan": 1000, "sleep_millisecs": 20, "max_page_sharing": 256,
+                           "use_zero_pages": 0}, COST, 2.0)
+        assert pred["pages"] == len(w.series[0].ids[-1])
+        assert pred["pages_volatile"] >= 16                     # the survivor's fast pages
+
+
+@root_only
+@pytest.mark.kernel
+@pytest.mark.skipif(not KOK, reason=f"kernel KSM not usable here (/sys/kernel/mm/ksm not writable?): {KWHY}")
+def test_predicted_against_the_kernel_live():
+    """Short: ksmd's cost measured now, the demo watched 5 s, the kernel running 9 s at pages_to_scan 100,
+    sleep 20 ms; savings within 10%, pages_volatile within 20%, time to 90% and ksmd CPU within 25%."""
+    from workers.estimate.live import compare_live
+    out = compare_live(settings=[("pages_to_scan=100", ["--pages-to-scan", "100", "--sleep-millisecs", "20"], 9.0)],
+                       shape=DemoShape(procs=3), watch_s=5.0, interval=0.25, calibrate_pages=8192)
+    row = out["settings"][0]
+    assert "compare" in row, row.get("error")
+    bad = {k: v for k, v in row["compare"].items() if v.get("ok") is False}
+    assert not bad, bad
+    assert row["compare"]["bytes_saved"]["measured"] >= 2 * 1024 * PAGE_SIZE     # the dup pages of 3 processes
+    assert kernel_ksm.read_knob("run") == "0"

@@ -351,7 +351,7 @@ def bench_cow(npages: int, kernel_ok: bool, why: str, prog, rounds: int = 3) -> 
         rs["channel"].append(pct(h, 50))
         rs["cow_asleep"].append(pct(z, 50))
         rs["pipe_polling"].append(pct(pp, 50))
-        per_round.append((pct(c, 50) / pct(p, 50), pct(h, 50) / pct(p, 50)))
+        per_round.append((pct(c, 50) / pct(p, 50), pct(h, 50) / pct(p, 50), pct(c, 50) / pct(pp, 50)))
         if kernel_ok:
             k = kernel_ksm.kernel_cow_us(min(npages, 4096))
             kern += k.pop("_samples", [])
@@ -369,11 +369,19 @@ def bench_cow(npages: int, kernel_ok: bool, why: str, prog, rounds: int = 3) -> 
            "round_p50s_us": {n: [round(x, 1) for x in v] for n, v in rs.items()},
            "handler_mean_us": round(float(np.mean(handler)), 1) if handler else None}
     res["ratio_vs_pipe"] = round(res["p50_us"] / res["pipe_p50_us"], 2)
-    res["ratio_vs_pipe_spread"] = spread([a for a, _ in per_round])
-    res["channel_ratio_spread"] = spread([b for _, b in per_round])
+    res["ratio_vs_pipe_spread"] = spread([r[0] for r in per_round])
+    res["channel_ratio_spread"] = spread([r[1] for r in per_round])
+    # the two pipe regimes of this host, measured in the same rounds: a ratio that holds on any host
+    res["ratio_vs_polling_pipe"] = round(res["p50_us"] / res["pipe_polling_p50_us"], 2)
+    res["ratio_vs_polling_pipe_spread"] = spread([r[2] for r in per_round])
+    res["ratio_vs_kernel"] = round(res["p50_us"] / res["kernel_us"], 1) if res["kernel_us"] else None
     res["p99_ratio_vs_pipe"] = round(res["p99_us"] / res["pipe_p99_us"], 2)
-    res["goal_p50_met"] = res["ratio_vs_pipe"] <= 1.5
+    res["channel_ratio_vs_pipe"] = round(res["channel_p50_us"] / res["pipe_p50_us"], 2)
+    # the goals (issue 22): <= 3x the sleeping pipe and <= 6x the polling one at p50, <= 3x the pipe at p99,
+    # the bare channel <= 1.5x the pipe
+    res["goal_p50_met"] = res["ratio_vs_pipe"] <= 3.0 and res["ratio_vs_polling_pipe"] <= 6.0
     res["goal_p99_met"] = res["p99_ratio_vs_pipe"] <= 3.0
+    res["goal_channel_met"] = res["channel_ratio_vs_pipe"] <= 1.5
     if not kernel_ok:
         res["kernel_note"] = why
     res["_samples"] = s
@@ -838,7 +846,13 @@ def table(res: dict) -> str:
             v = c.get("round_p50s_us", {}).get(n) or []
             return f" (rounds {min(v):.1f}-{max(v):.1f})" if len(v) > 1 else ""
         rows.append(f"| COW fault round trip p50 (us) | {c['p50_us']}{rounds('cow')} | pipe ping-pong "
-                    f"{c['pipe_p50_us']}{rounds('pipe')} | {fs(c.get('ratio_vs_pipe_spread'))} | <= 1.5x |")
+                    f"{c['pipe_p50_us']}{rounds('pipe')} | {fs(c.get('ratio_vs_pipe_spread'))} | <= 3x |")
+        if c.get("ratio_vs_polling_pipe") is not None:
+            rows.append(f"| COW fault p50 against both ends polling (us) | {c['p50_us']} | polling pipe "
+                        f"{c['pipe_polling_p50_us']} | {fs(c.get('ratio_vs_polling_pipe_spread'))} | <= 6x |")
+        if c.get("ratio_vs_kernel") is not None:
+            rows.append(f"| COW fault p50 against the kernel's COW of a KSM page (us) | {c['p50_us']} | kernel "
+                        f"{c['kernel_us']} | {c['ratio_vs_kernel']}x | |")
         rows.append(f"| COW fault round trip p99 (us) | {c['p99_us']} | pipe p99 {c['pipe_p99_us']} | "
                     f"{c.get('p99_ratio_vs_pipe', 'n/a')}x | <= 3x |")
         if c.get("asleep_p50_us") is not None:

@@ -30,8 +30,9 @@ def test_bench_quick_writes_every_key(tmp_path):
     assert res["trace"]["ratio_spread"]["n"] == 2 and res["trace"]["wall_ratio_spread"]["n"] == 2
     assert res["trace"]["cpu_seconds_on"] > 0 and res["cow"]["ratio_vs_pipe_spread"]["n"] == 2
     for key in ("p50_us", "p99_us", "pipe_p50_us", "ratio_vs_pipe", "kernel_us", "asleep_p50_us",
-                "pipe_polling_p50_us"):
+                "pipe_polling_p50_us", "ratio_vs_polling_pipe", "ratio_vs_kernel", "channel_ratio_vs_pipe"):
         assert key in res["cow"]
+    assert res["cow"]["ratio_vs_polling_pipe_spread"]["n"] == 2
     assert res["cow"]["poll_us"] == 200 and len(res["cow"]["round_p50s_us"]["cow_asleep"]) == 2
     assert res["cow"]["rounds"] == 2        # (--quick; a whole run: at least 5)
     assert "skipped" in res["web"] or (res["web"]["ratio_spread"]["n"] == 2 and res["web"]["frames"] == 65536)

@@ -65,8 +65,8 @@ def test_recovery_of_a_fault_handler_in_order():
     """freeze, each VM it served handles the loss, repair under every ptl (the mm a fork is filling
     included), respawn, thaw."""
     effects, fixed = _effects(["faultd1"], serves=lambda actor, mm: mm % 2 == 1)
-    assert _names(effects) == ["freeze", "notifier_lost 1 faultd1", "lock 0", "lock 1", "lock 2", "load", "load",
-                               "load", "fsck", "unlock 2", "unlock 1", "unlock 0", "respawn faultd1", "thaw"]
+    assert _names(effects) == ["freeze", "notifier_lost 1 faultd1", "freeze", "lock 0", "lock 1", "lock 2", "load",
+                               "load", "load", "fsck", "unlock 2", "unlock 1", "unlock 0", "thaw", "respawn faultd1"]
     assert fixed == {"freed": 1}
 
 
@@ -84,7 +84,23 @@ def test_recovery_breaks_remove_their_step():
     assert "notifier_lost 1 faultd" not in _names(_effects(["faultd"], ["no-notifier-lost"])[0])
     names = _names(_effects(["faultd"], ["respawn-before-repair"])[0])
     assert names.index("respawn faultd") < names.index("thaw") < names.index("fsck")
+    assert names.count("freeze") == 1
     assert "fsck" not in _names(_effects(["faultd"], ["no-repair"])[0])
+
+
+def test_no_repair_beside_a_live_ksmd_that_did_not_stop():
+    """Freeze answered False (ksmd alive, not held): the repair is skipped, the successor still starts."""
+    gen = recover(["faultd"], ["ksmd"], lambda: [0], lambda: [0], lambda a, m: True, 4)
+    seen, send = [], None
+    while True:
+        try:
+            e = gen.send(send)
+        except StopIteration as st:
+            fixed = st.value
+            break
+        seen.append(e.__class__.__name__)
+        send = False if e.__class__ is Freeze else None
+    assert seen == ["Freeze", "NotifierLost", "Respawn"] and fixed == {"repair_skipped": "ksmd could not be frozen"}
 
 
 def test_a_repair_that_cannot_lock_still_restarts_and_thaws():
@@ -100,7 +116,7 @@ def test_a_repair_that_cannot_lock_still_restarts_and_thaws():
         seen.append(e.__class__.__name__)
         send, exc = (True if e.__class__ is Freeze else None), (TimeoutError("ptl(mm0) held") if e.__class__ is Lock
                                                                  else None)
-    assert seen == ["Freeze", "NotifierLost", "Lock", "Respawn", "Thaw"]
+    assert seen == ["Freeze", "NotifierLost", "Freeze", "Lock", "Thaw", "Respawn"]
     assert fixed == {"repair_failed": "ptl(mm0) held"}
 
 

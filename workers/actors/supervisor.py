@@ -722,7 +722,7 @@ class Machine:
         c = e.__class__
         if c is Freeze:             # the scanners between two rounds: no ptl, no pinned frame held
             if "ksmd" in self.gone:
-                return False
+                return None         # (no live scanner to hold)
             try:
                 self.ksmd.call("freeze", self.ack_timeout * 4, for_s=int(self.ack_timeout * 6) + 1)
                 return True

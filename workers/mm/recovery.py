@@ -3,16 +3,17 @@
 `recover` is what the supervisor does once it has seen an actor die, in order:
 
   1. freeze ksmd between two rounds (a fault handler died and the scanners live): no scanner
-     then holds a ptl or a pinned frame outside the page tables while the frames are repaired;
+     then holds a ptl or a pinned frame outside the page tables while the frames are repaired
+     (renewed right before the repair; a live ksmd that cannot be frozen means no repair);
   2. each VM the dead actor served handles its loss (`NotifierLost`: the VM ends the
      invalidations the dead one started and drops every secondary translation, for the dead one
      may have changed PTEs it never told about: mmu_notifier.notifier_lost);
   3. repair the frame table from the PTEs under every ptl (repair.repair_frames): whatever the
      dead actor left half done (a frame allocated and not mapped, a mapcount not yet dropped);
-  4. start the successor (`Respawn`: new processes, fresh channels to every VM it serves, which
+  4. thaw ksmd (the repair was all it had to wait for);
+  5. start the successor (`Respawn`: new processes, fresh channels to every VM it serves, which
      reconnect and send again the faults the dead one never answered; new scanners rebuild
-     their state from shared memory, the followers before the leader);
-  5. thaw ksmd.
+     their state from shared memory, the followers before the leader).
 
 The supervisor (actors/supervisor.py) runs it with effects that are control calls to real
 processes; `ksm-proto check` (check/world.py) runs it as one more thread of its world, with a
@@ -26,7 +27,8 @@ from workers.mm.repair import repair_frames
 
 
 class Freeze(Effect):
-    """Hold the scanners at their next round boundary; returns whether they are held."""
+    """Hold the scanners at their next round boundary (again: renew the hold); returns True (held),
+    False (they live but did not stop) or None (no live scanner to hold)."""
     __slots__ = ()
 
     def __repr__(self):
@@ -81,7 +83,7 @@ def recover(groups: list[str], scanners: list[str], live_vms, all_mms, serves, n
     notifies mm (a fault handler serves the mms whose id is its number modulo their count, each
     scanner every mm).  Returns the repair's counts (repair_frames)."""
     dead = victims(groups, scanners)
-    frozen = False
+    frozen = None                   # (None: no live ksmd to hold; False: a live one that did not stop)
     if "ksmd" not in groups:
         frozen = yield Freeze()
     if "no-notifier-lost" not in brk:
@@ -95,15 +97,19 @@ def recover(groups: list[str], scanners: list[str], live_vms, all_mms, serves, n
             yield Respawn(g)
         if frozen:
             yield Thaw()
-            frozen = False
-    if "no-repair" not in brk:
+            frozen = None
+    elif frozen:
+        frozen = yield Freeze()     # renewed: the repair never meets a ksmd whose freeze ran out
+    if frozen is False:             # a live ksmd may hold frame references outside any ptl: no repair
+        fixed = {"repair_skipped": "ksmd could not be frozen"}
+    elif "no-repair" not in brk:
         try:
             fixed = yield from repair_frames(all_mms(), nframes)
         except TimeoutError as x:       # a ptl a hung actor holds: the successor starts all the same
             fixed = {"repair_failed": str(x)}
+    if frozen:                      # the repair was all ksmd had to wait for
+        yield Thaw()
     if "respawn-before-repair" not in brk:
         for g in groups:
             yield Respawn(g)
-    if frozen:
-        yield Thaw()
     return fixed

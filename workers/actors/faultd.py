@@ -46,7 +46,7 @@ from workers.mm.effects import APPLY_MEM, Lock, Memory, Reply, Unlock, WaitAcks
 from workers.mm.fault import fault_reply_errno, handle_mm_fault
 from workers.mm.mmu_notifier import clear_flush_young, entries_for
 from workers.mm.pte import check_range, task_size
-from workers.runtime.driver import Driver, MMUNotifier, bind_vm_channel, lock_ptl
+from workers.runtime.driver import Driver, MMUNotifierSubscriptions, bind_vm_channel, lock_ptl
 
 log = logging.getLogger("ksm_proto.faultd")
 U64 = np.uint64
@@ -67,7 +67,7 @@ class FaultHandler:
         self.mem = RunMemory(args.run)
         self.memory = Memory(self.mem.alloc, self.mem.stats)
         self.ptls: dict = {}
-        self.notifiers: dict[int, MMUNotifier] = {}
+        self.notifiers: dict[int, MMUNotifierSubscriptions] = {}
         self.peers: dict[int, str] = {}
         self.driver = Driver(self.memory, self.ptls, self.notifiers, args.ack_timeout * 2)
         self.mode = args.mode
@@ -99,7 +99,7 @@ class FaultHandler:
         ch.fd = fd
         ch.records = _RECORDS
         self.peers[mm_id] = name
-        self.notifiers[mm_id] = MMUNotifier(self.name, name, self.memory.mms[mm_id], ch, self.tr,
+        self.notifiers[mm_id] = MMUNotifierSubscriptions(self.name, name, self.memory.mms[mm_id], ch, self.tr,
                                             self.args.ack_timeout)
 
     def refuse(self, what: str) -> None:

@@ -46,12 +46,12 @@ from proto.trace import Tracer
 
 from workers.runtime.actor import RunMemory, actor_args, receive_fd, req_int, run_actor, setup
 from workers.mm.effects import Memory, TryLock
-from workers.mm.fault import unmerge_ksm_pages
+from workers.mm.fault import unmerge_ksm_pages_of_mm
 from workers.mm.ksm.scan import BATCH, KsmScan
 from workers.mm.ksm.shard import DONE, LEAD, ROUTED, Done, Routed, from_wire, to_wire
 from workers.runtime.frames import OutOfFrames, ShmLock
 from workers.mm.ksm.stable_tree import RmapItems
-from workers.runtime.driver import Driver, MMUNotifier, bind_vm_channel
+from workers.runtime.driver import Driver, MMUNotifierSubscriptions, bind_vm_channel
 from workers.mm.ksm.advisor import DEFAULT_PAGES_TO_SCAN, advisor_start_pages
 
 log = logging.getLogger("ksm_proto.ksmd")
@@ -136,7 +136,7 @@ class Ksmd:
         self.ptls: dict = {}
         self.ksm_locks: dict = {}
         self.rmaps: dict = {}
-        self.notifiers: dict[int, MMUNotifier] = {}
+        self.notifiers: dict[int, MMUNotifierSubscriptions] = {}
         self.mesh = Mesh(self.name, args.ack_timeout * 4)
         self.driver = Driver(self.memory, self.ptls, self.notifiers, args.ack_timeout * 2, self.ksm_locks, self.mesh)
         self.tr = Tracer.open(args.trace, self.name)
@@ -188,13 +188,13 @@ class Ksmd:
         """run=2: every KSM page and KSM zero page becomes a private copy; all rmap items go."""
         for slot in list(self.scan.slots.values()):
             if slot.alive:
-                await self.driver.run(unmerge_ksm_pages(slot.id, self.args.mode))
-        await self.driver.run(self.scan.forget_all())
+                await self.driver.run(unmerge_ksm_pages_of_mm(slot.id, self.args.mode))
+        await self.driver.run(self.scan.unmerge_and_remove_all_rmap_items())
         self.publish()
 
-    async def mm_exit(self, mm_id: int) -> None:
+    async def ksm_exit(self, mm_id: int) -> None:
         """The leader: every scanner forgets the mm (its items leave the trees) before the reply."""
-        if await self.driver.run(self.scan.mm_exit(mm_id)) is None:
+        if await self.driver.run(self.scan.ksm_exit(mm_id)) is None:
             return
         self.drop_mm(mm_id)
         self.publish()
@@ -277,7 +277,7 @@ class Ksmd:
         if new:
             self.scan.add_mm(mm_id, self.memory.mms[mm_id], RmapItems(self.rmaps[mm_id]))
         ch.peer, ch.hello = mm_id, False
-        self.notifiers[mm_id] = MMUNotifier(self.name, name, self.memory.mms[mm_id], ch, self.tr,
+        self.notifiers[mm_id] = MMUNotifierSubscriptions(self.name, name, self.memory.mms[mm_id], ch, self.tr,
                                             self.args.ack_timeout)
 
     def refuse(self, what: str) -> None:
@@ -370,7 +370,7 @@ class Ksmd:
                     raise OSError(errno.EINVAL, f"knobs must be an object, not {knobs!r}")
                 await self.set_knobs(knobs)
             elif op == "mm_exit":
-                await self.mm_exit(req_int(req, "mm"))
+                await self.ksm_exit(req_int(req, "mm"))
             elif op == "info":
                 reply.update(self.info())
             elif op == "ping":

@@ -261,7 +261,7 @@ def put_uninstalled(mm: int, idx: list, new: list):
         yield Put(lost)
 
 
-def unmerge_ksm_pages(mm: int, mode: str, chunk: int = 4096):
+def unmerge_ksm_pages_of_mm(mm: int, mode: str, chunk: int = 4096):
     """run=2 for one mm: every KSM page and KSM zero page becomes a private copy (break_ksm)."""
     yield Lock(ptl(mm))
     try:

@@ -290,13 +290,13 @@ def ksm_disable_merge_any(mm: int):
     ranges = yield from _locked(mm, body())
     try:
         for i0, i1 in ranges:
-            yield from break_ksm_range(mm, i0, i1)
+            yield from unmerge_ksm_pages(mm, i0, i1)
     except OSError:
         yield from ksm_enable_merge_any(mm)
         raise
 
 
-def break_ksm_range(mm: int, i0: int, i1: int):
+def unmerge_ksm_pages(mm: int, i0: int, i1: int):
     """unmerge_ksm_pages: FAULT_UNSHARE every KSM page and KSM zero page of [i0, i1) into a private
     copy (break_ksm; the fault handler ignores the VMA's protection for it, as the kernel does)."""
     idx = np.arange(i0, i1, dtype=np.int64)
@@ -356,8 +356,8 @@ def ksm_madvise(mm: int, start: int, end: int, mergeable: bool):
     Under ptl: each VMA the range touches is split at its bounds and the part inside gains (or
     loses) VM_MERGEABLE, unless KSM cannot work on it (VM_KSM_IGNORED: shared, hugetlb, PFN or IO
     maps are silently left alone); MADV_MERGEABLE puts the mm on ksmd's list (ksm_enter).  Then
-    MADV_UNMERGEABLE breaks COW of every merged page of what lost the flag (unmerge_ksm_pages,
-    break_ksm_range): out of memory there is EAGAIN.  A range not wholly mapped is ENOMEM, raised
+    MADV_UNMERGEABLE breaks COW of every merged page of what lost the flag (unmerge_ksm_pages:
+    break_ksm of each page): out of memory there is EAGAIN.  A range not wholly mapped is ENOMEM, raised
     after the mapped part got the advice, as the kernel does."""
     def body():
         vmas = yield Load(VMAS, mm)
@@ -386,7 +386,7 @@ def ksm_madvise(mm: int, start: int, end: int, mergeable: bool):
     unshare, unmapped = yield from _locked(mm, body())
     for lo, hi in unshare:
         try:
-            yield from break_ksm_range(mm, *page_range(lo, hi))
+            yield from unmerge_ksm_pages(mm, *page_range(lo, hi))
         except OSError as e:
             if e.errno == errno.ENOMEM:
                 raise OSError(errno.EAGAIN, f"out of memory while unmerging: {e.strerror}") from None

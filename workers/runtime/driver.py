@@ -7,7 +7,7 @@ actor (ksmd, the fault handler) on asyncio/uvloop:
   * TryLock / Lock / Unlock: the page-table locks (Lock polls with a backoff and
     throws TimeoutError into the core after its timeout, whose finally blocks then
     release what it held);
-  * Notify: one frame per subscriber on the mm's channel to this actor (`MMUNotifier`),
+  * Notify: one frame per subscriber on the mm's channel to this actor (`MMUNotifierSubscriptions`),
     corked until the next wait so back-to-back messages leave in one write;
   * WaitAcks: every ack, with a timeout; a subscriber that does not answer in time is
     released (unregistered), never waited on forever;
@@ -40,7 +40,7 @@ from workers.mm.mmu_notifier import MODES
 
 log = logging.getLogger("ksm_proto.notifier")
 
-__all__ = ["MODES", "MMUNotifier", "Driver", "lock_ptl"]
+__all__ = ["MODES", "MMUNotifierSubscriptions", "Driver", "lock_ptl"]
 
 
 async def lock_ptl(ptl, timeout: float) -> None:
@@ -56,7 +56,7 @@ async def lock_ptl(ptl, timeout: float) -> None:
         delay = min(delay * 2, 0.001)
 
 
-class MMUNotifier:
+class MMUNotifierSubscriptions:
     """The channel from this actor to one mm's secondary MMUs (they live in the VM worker)."""
 
     def __init__(self, actor: str, peer: str, mm: MMView, channel, tracer=None, timeout: float = 5.0):
@@ -136,7 +136,7 @@ class Driver:
                  shards=None):
         self.mem = mem
         self.ptls = ptls                # mm id -> page-table lock
-        self.notifiers = notifiers      # mm id -> MMUNotifier (absent: nobody to notify yet)
+        self.notifiers = notifiers      # mm id -> MMUNotifierSubscriptions (absent: nobody to notify yet)
         self.lock_timeout = lock_timeout
         self.ksm_locks = {} if ksm_locks is None else ksm_locks    # mm id -> the scanners' ksm lock
         self.shards = shards            # the scanner mesh: send(dst, kind, msg), async recv(kind, srcs, seq)

@@ -25,6 +25,8 @@ included.  Each `brk` name removes one step, for the checker to show why it exis
 """
 from __future__ import annotations
 
+from enum import IntEnum
+
 import numpy as np
 
 from proto.layout import (FRAME_ANON, FRAME_KSM, PAGE_SHIFT, PTE_DIRTY, PTE_PRESENT, PTE_SPECIAL, PTE_WRITE,
@@ -38,7 +40,17 @@ from workers.mm.ksm.shard import ksm_lock
 
 U64 = np.uint64
 KSM_ZERO_PTE = (ZERO_PFN << PAGE_SHIFT) | PTE_PRESENT | PTE_SPECIAL | PTE_DIRTY | PTE_YOUNG
-STABLE_OP, PAIR_OP, ZERO_OP = 0, 1, 2
+
+
+class MergeKind(IntEnum):
+    """The ways cmp_and_merge_page merges a page, named after mm/ksm.c's functions."""
+    TRY_TO_MERGE_WITH_KSM_PAGE = 0      # into the KSM page of a stable node (stable_tree_search found it)
+    TRY_TO_MERGE_TWO_PAGES = 1          # with an unstable tree page: a new KSM page, a new stable node
+    TRY_TO_MERGE_WITH_ZERO_PAGE = 2     # use_zero_pages: onto the zero page (try_to_merge_with_zero_page)
+
+
+# (plain ints, for the numpy arrays of a batch's merges: Ops.kind)
+MERGE_WITH_KSM_PAGE, MERGE_TWO_PAGES, MERGE_WITH_ZERO_PAGE = (int(k) for k in MergeKind)
 
 
 def try_to_merge_pages(scan, ops):
@@ -53,7 +65,7 @@ def try_to_merge_pages(scan, ops):
                 locked.append(sid)
         # stable node -> its KSM frame is referenced by us; a node this batch creates from a pair
         # has no frame yet (kpfn -1): its frame is the pair's own page, held by its PTE under our ptl
-        st = np.flatnonzero(ops.kind == STABLE_OP)
+        st = np.flatnonzero(ops.kind == MERGE_WITH_KSM_PAGE)
         nodes = np.unique(ops.d[st])
         k = scan.tree.kpfn[nodes].astype(np.int64)
         need = k >= 0
@@ -88,7 +100,7 @@ def merge_in_groups(scan, ops):
     KSM pages they make), each under the ksm lock of its mms.  A set another scanner is merging into
     (a ksm lock busy) waits at the back while others go; when only such sets are left, the first is
     waited for, its locks taken in mm order holding none.  A lock not had in time fails the set."""
-    pair = ops.kind == PAIR_OP
+    pair = ops.kind == MERGE_TWO_PAGES
     for first in (True, False):
         rows = np.flatnonzero(pair == first)
         if not len(rows):
@@ -196,7 +208,7 @@ def write_protect_page(scan, pages: dict):
 def compare(scan, ops):
     """memcmp after write-protect (pairs first); a pair's page becomes the KSM page (in place)."""
     tree = scan.tree
-    r = np.flatnonzero(ops.ok & (ops.kind == PAIR_OP))
+    r = np.flatnonzero(ops.ok & (ops.kind == MERGE_TWO_PAGES))
     if len(r):
         eq = np.asarray((yield Compare(ops.pfn[r], ops.tpfn[r])), dtype=bool)
         ops.ok[r] = eq
@@ -210,10 +222,10 @@ def compare(scan, ops):
         if len(r):
             yield SetFrame(ops.pfn[r], FRAME_KSM, scan.gid(ops.d[r]))
             tree.kpfn[ops.d[r]] = ops.pfn[r]
-    r = np.flatnonzero(ops.ok & (ops.kind == ZERO_OP))
+    r = np.flatnonzero(ops.ok & (ops.kind == MERGE_WITH_ZERO_PAGE))
     if len(r):
         ops.ok[r] = np.asarray((yield Compare(ops.pfn[r], None)), dtype=bool)
-    r = np.flatnonzero(ops.ok & (ops.kind == STABLE_OP))
+    r = np.flatnonzero(ops.ok & (ops.kind == MERGE_WITH_KSM_PAGE))
     if len(r):
         k = tree.kpfn[ops.d[r]].astype(np.int64)
         there = (k >= 0) & (tree.live[ops.d[r]] != 0)
@@ -226,7 +238,7 @@ def compare(scan, ops):
 def replace_page(scan, ops):
     """Point each PTE at its KSM page (or the zero page), notify, put the old frames after the acks."""
     ok = ops.ok
-    st, zr, pr = ok & (ops.kind == STABLE_OP), ok & (ops.kind == ZERO_OP), ok & (ops.kind == PAIR_OP)
+    st, zr, pr = ok & (ops.kind == MERGE_WITH_KSM_PAGE), ok & (ops.kind == MERGE_WITH_ZERO_PAGE), ok & (ops.kind == MERGE_TWO_PAGES)
     sid = np.concatenate([ops.sid[st], ops.sid[zr], ops.tsid[pr]])
     if not len(sid):
         return

@@ -51,7 +51,8 @@ from workers.mm.ksm.hashtab import HashIndex
 from workers.mm.ksm.stable_tree import HAS, STABLE, UNSTABLE, RmapItems, StableTree, should_skip
 from workers.mm.effects import (FLAGS, MMFLAGS, PTE, STABLE as STABLE_OF, VMAS, ZERO_KEY, Checksum, Load, Lock, ShardRecv,
                       ShardSend, Store, Unlock, ptl)
-from workers.mm.ksm.merge import merge_in_groups, try_to_merge_pages
+from workers.mm.ksm.merge import (MERGE_TWO_PAGES, MERGE_WITH_KSM_PAGE, MERGE_WITH_ZERO_PAGE, merge_in_groups,
+                                  try_to_merge_pages)
 from workers.mm.pte import mergeable_ranges
 from workers.mm.ksm.shard import DONE, GID_SHIFT, LEAD, ROUTED, Ctl, Done, Round, Routed, shard_of
 from workers.mm.breaks import NONE
@@ -63,7 +64,6 @@ NODE_MIX = np.int64(-7046029254386353131)   # 0x9E3779B97F4A7C15 as int64: separ
 COUNTER_NAMES = ("pages_shared", "pages_sharing", "pages_unshared", "pages_scanned", "pages_skipped",
                  "full_scans")
 SUMMED = ("pages_shared", "pages_sharing", "pages_unshared", "pages_scanned", "pages_skipped")
-STABLE_OP, PAIR_OP, ZERO_OP = 0, 1, 2
 
 
 class MMSlot:
@@ -79,8 +79,8 @@ class MMSlot:
 
 
 class Ops:
-    """The merges a batch plans, one row each: kind (STABLE_OP: page -> KSM page of node d;
-    PAIR_OP: page + tree page (tsid, tidx) -> new node d; ZERO_OP), the page (sid, idx, pfn),
+    """The merges a batch plans, one row each: kind (MERGE_WITH_KSM_PAGE: page -> KSM page of node d;
+    MERGE_TWO_PAGES: page + tree page (tsid, tidx) -> new node d; MERGE_WITH_ZERO_PAGE), the page (sid, idx, pfn),
     and ok, which the merge clears for those that fail."""
     __slots__ = ("kind", "sid", "idx", "pfn", "d", "tsid", "tidx", "tpfn", "ok")
     FIELDS = ("kind", "sid", "idx", "pfn", "d", "tsid", "tidx", "tpfn")
@@ -164,7 +164,7 @@ class KsmScan:
         return bool(self.ft.flags[k] & FRAME_KSM) and int(self.ft.stable[k]) == self.gid(d)
 
     # ------------------------------------------------------------------ tree removal
-    def unlink(self, slot: MMSlot, idx: np.ndarray, out: list) -> None:
+    def remove_rmap_item_from_tree(self, slot: MMSlot, idx: np.ndarray, out: list) -> None:
         """remove_rmap_item_from_tree (visitor side): the items leave their trees; a stable node's
         owner hears of each item that left it (out[owner].unlinks) and fixes the counts."""
         it = slot.items
@@ -195,12 +195,12 @@ class KsmScan:
         self.c["pages_shared"] -= int(((k >= cnt) & (cnt > 0)).sum())
         self.tree.count[nodes] = np.maximum(cnt - k, 0)
 
-    def free_items(self, slot: MMSlot, idx: np.ndarray, out: list) -> None:
+    def remove_trailing_rmap_items(self, slot: MMSlot, idx: np.ndarray, out: list) -> None:
         """Free rmap items (the cursor passed pages that are no longer candidates)."""
         idx = idx[(slot.items.flags[idx] & HAS) != 0]
         if not len(idx):
             return
-        self.unlink(slot, idx, out)
+        self.remove_rmap_item_from_tree(slot, idx, out)
         slot.items.flags[idx] = 0
 
     def teardown_stale(self, nodes: list[int]) -> None:
@@ -277,7 +277,7 @@ class KsmScan:
             slot.listed = False
         return left
 
-    def next_chunk(self, want: int, out: list):
+    def scan_get_next_rmap_item(self, want: int, out: list):
         """The next (slot, first page, end) to visit, or None at the end of a full scan."""
         while True:
             if self.pos >= len(self.order):
@@ -290,7 +290,7 @@ class KsmScan:
                     keep = np.zeros(len(it.flags), dtype=bool)
                     for a, b in ranges:
                         keep[a:b] = True
-                    self.free_items(slot, np.flatnonzero(~keep & ((it.flags & HAS) != 0)), out)
+                    self.remove_trailing_rmap_items(slot, np.flatnonzero(~keep & ((it.flags & HAS) != 0)), out)
                 if ranges:
                     slot.items.ensure(max(b for _, b in ranges))
                 self.cur = [ranges, 0, ranges[0][0] if ranges else 0]
@@ -380,7 +380,7 @@ class KsmScan:
         one contiguous part per scanner with about as many candidates each: ([[(mm, a, b)...]...], ended)."""
         chunks, counted, ended = [], 0, False
         while counted < budget:
-            chunk = yield from self.next_chunk(max(256, budget - counted), out)
+            chunk = yield from self.scan_get_next_rmap_item(max(256, budget - counted), out)
             if chunk is None:
                 ended = True
                 break
@@ -446,13 +446,13 @@ class KsmScan:
         for r in ins:
             if len(r.c_gid):
                 plan_in += self.runs(r.c_gid, r.c_pfn, r.c_key)
-        ops = yield from self.plan(plan_in)
+        ops = yield from self.cmp_and_merge_page(plan_in)
         if len(ops):
             if self.nshards == 1:
                 yield from try_to_merge_pages(self, ops)
             else:
                 yield from merge_in_groups(self, ops)
-            self.commit(ops)
+            self.stable_tree_append_merged(ops)
         if self.tree.stale:
             stale, self.tree.stale = self.tree.stale, []
             self.teardown_stale(stale)
@@ -488,7 +488,7 @@ class KsmScan:
         pfn = (pte >> U64(PAGE_SHIFT)).astype(np.int64)
         fl = yield Load(FLAGS, None, pfn)
         cand = candidates(pte, pfn, fl)
-        self.free_items(slot, idx[~cand], out)
+        self.remove_trailing_rmap_items(slot, idx[~cand], out)
         idx, pfn, fl = idx[cand], pfn[cand], fl[cand]
         if not len(idx):
             return 0
@@ -500,7 +500,7 @@ class KsmScan:
             mine = ((it.flags[ki] & STABLE) != 0) & (it.sn[ki] == owner)
             if not mine.all():        # a KSM page whose item is not on its node: back on it (its owner)
                 ki, owner = ki[~mine], owner[~mine]
-                self.unlink(slot, ki, out)
+                self.remove_rmap_item_from_tree(slot, ki, out)
                 ok = owner >= 0
                 dest = owner % self.nshards
                 for k in np.unique(dest[ok]).tolist():
@@ -513,13 +513,13 @@ class KsmScan:
             skip = should_skip(it, idx)
             if skip.any():
                 self.c["pages_skipped"] += int(skip.sum())
-                self.unlink(slot, idx[skip], out)
+                self.remove_rmap_item_from_tree(slot, idx[skip], out)
                 idx, pfn = idx[~skip], pfn[~skip]
         nscan += len(idx)
         self.c["pages_scanned"] += nscan
         if not len(idx):
             return nscan
-        self.unlink(slot, idx, out)
+        self.remove_rmap_item_from_tree(slot, idx, out)
         keys = yield Checksum(pfn)
         keep = keys == it.cs[idx]          # unchanged since the last visit: not volatile
         it.cs[idx] = keys
@@ -547,7 +547,7 @@ class KsmScan:
         it.flags[idx] |= np.uint8(STABLE)
         it.sn[idx] = g
 
-    def plan(self, plan_in: list):
+    def cmp_and_merge_page(self, plan_in: list):
         """cmp_and_merge_page's decisions for each unchanged page, in the kernel's page-by-page order.
 
         plan_in: [(slot, idx, pfn, keys)] in page order.  Pages of different contents do not
@@ -567,7 +567,7 @@ class KsmScan:
         if self.knobs["use_zero_pages"]:
             z = keys == ZERO_KEY
             if z.any():
-                parts.append(Ops.part(ZERO_OP, sid[z], idx[z], pfn[z]))
+                parts.append(Ops.part(MERGE_WITH_ZERO_PAGE, sid[z], idx[z], pfn[z]))
                 sid, idx, pfn, keys, node = sid[~z], idx[~z], pfn[~z], keys[~z], node[~z]
         if not len(sid):
             return Ops(parts)
@@ -630,36 +630,36 @@ class KsmScan:
         if len(g):
             p = order[start[g]]
             ts, ti = uh[g] >> GID_SHIFT, uh[g] & GID_MASK
-            parts.append(Ops.part(PAIR_OP, sid[p], idx[p], pfn[p], dg[g], ts, ti))
+            parts.append(Ops.part(MERGE_TWO_PAGES, sid[p], idx[p], pfn[p], dg[g], ts, ti))
             for s in np.unique(ts).tolist():
                 self.slots[s].items.flags[ti[ts == s]] &= ~np.uint8(UNSTABLE)
             self.c["pages_unshared"] -= len(g)
             j = np.flatnonzero(b1[grp] & (rank > 0))
             if len(j):
-                parts.append(Ops.part(STABLE_OP, sid[j], idx[j], pfn[j], dg[grp[j]]))
+                parts.append(Ops.part(MERGE_WITH_KSM_PAGE, sid[j], idx[j], pfn[j], dg[grp[j]]))
         g = np.flatnonzero(b2)
         if len(g):
             t, p = order[start[g]], order[start[g] + 1]
-            parts.append(Ops.part(PAIR_OP, sid[p], idx[p], pfn[p], dg[g], sid[t], idx[t]))
+            parts.append(Ops.part(MERGE_TWO_PAGES, sid[p], idx[p], pfn[p], dg[g], sid[t], idx[t]))
             j = np.flatnonzero(b2[grp] & (rank > 1))
             if len(j):
-                parts.append(Ops.part(STABLE_OP, sid[j], idx[j], pfn[j], dg[grp[j]]))
+                parts.append(Ops.part(MERGE_WITH_KSM_PAGE, sid[j], idx[j], pfn[j], dg[grp[j]]))
         j = np.flatnonzero(c1[grp])
         if len(j):
-            parts.append(Ops.part(STABLE_OP, sid[j], idx[j], pfn[j], heads[grp[j]]))
+            parts.append(Ops.part(MERGE_WITH_KSM_PAGE, sid[j], idx[j], pfn[j], heads[grp[j]]))
             tree.count[heads[c1]] += cnt[c1].astype(tree.count.dtype)
         rest = np.flatnonzero(~(one | b1 | b2 | c1)[grp])
         if len(rest):
-            yield from self._plan_one_by_one(rest, sid, idx, pfn, tk, heads[grp], uh[grp], parts, maxs)
+            yield from self._cmp_and_merge_one_by_one(rest, sid, idx, pfn, tk, heads[grp], uh[grp], parts, maxs)
         ops = Ops(parts)
-        pr = np.flatnonzero(ops.kind == PAIR_OP)
+        pr = np.flatnonzero(ops.kind == MERGE_TWO_PAGES)
         for s in np.unique(ops.tsid[pr]).tolist():     # the tree pages' frames, as their PTEs say now
             m = pr[ops.tsid[pr] == s]
             tpte = yield Load(PTE, s, ops.tidx[m])
             ops.tpfn[m] = (np.asarray(tpte) >> U64(PAGE_SHIFT)).astype(np.int64)
         return ops
 
-    def _plan_one_by_one(self, rows, sid, idx, pfn, tk, heads, uhits, parts, maxs):
+    def _cmp_and_merge_one_by_one(self, rows, sid, idx, pfn, tk, heads, uhits, parts, maxs):
         """The page-by-page decisions (chains, dead nodes, full nodes, forked pages), as the kernel takes them."""
         tree, unstable = self.tree, self.unstable
         filling: dict[int, int] = {}
@@ -703,20 +703,20 @@ class KsmScan:
             self.c["pages_unshared"] += 1
         if rows_st:
             a = np.array(rows_st, dtype=np.int64)
-            parts.append(Ops.part(STABLE_OP, a[:, 0], a[:, 1], a[:, 2], a[:, 3]))
+            parts.append(Ops.part(MERGE_WITH_KSM_PAGE, a[:, 0], a[:, 1], a[:, 2], a[:, 3]))
         if rows_pair:
             a = np.array(rows_pair, dtype=np.int64)
-            parts.append(Ops.part(PAIR_OP, a[:, 0], a[:, 1], a[:, 2], a[:, 3], a[:, 4], a[:, 5]))
+            parts.append(Ops.part(MERGE_TWO_PAGES, a[:, 0], a[:, 1], a[:, 2], a[:, 3], a[:, 4], a[:, 5]))
         if ulocal:
             k = np.fromiter(ulocal, dtype=np.int64, count=len(ulocal))
             v = np.fromiter(ulocal.values(), dtype=np.int64, count=len(ulocal))
             unstable.delete(k[v < 0])
             unstable.insert(k[v >= 0], v[v >= 0])
 
-    def commit(self, ops: Ops) -> None:
+    def stable_tree_append_merged(self, ops: Ops) -> None:
         """stable_tree_append for every merge that succeeded; undo the plan of those that failed."""
         tree, ok = self.tree, ops.ok
-        pair, st = ops.kind == PAIR_OP, ops.kind == STABLE_OP
+        pair, st = ops.kind == MERGE_TWO_PAGES, ops.kind == MERGE_WITH_KSM_PAGE
         good_pair = pair & ok
         live = np.zeros(len(ops), dtype=bool)
         has_d = ops.d >= 0
@@ -780,7 +780,7 @@ class KsmScan:
             slot = self.slots.pop(m.mm, None)
             if slot is not None:
                 slot.alive = False
-        elif m.op == "forget_all":
+        elif m.op == "unmerge_and_remove_all_rmap_items":
             self._forget_own()
         elif m.op == "prune":
             self.prune()
@@ -810,12 +810,12 @@ class KsmScan:
         for k in ("pages_shared", "pages_sharing", "pages_unshared", "full_scans"):
             self.c[k] = 0
 
-    def forget_all(self):
+    def unmerge_and_remove_all_rmap_items(self):
         """The leader, after run=2 unmerged every page: no rmap item, empty trees, counters back to 0."""
         for slot in self.slots.values():
             slot.items.reset()
         self.pos, self.cur = 0, None
-        yield from self.control("forget_all")
+        yield from self.control("unmerge_and_remove_all_rmap_items")
         for r in self.reports.values():
             r.update({k: 0 for k in ("pages_shared", "pages_sharing", "pages_unshared")})
 
@@ -871,7 +871,7 @@ class KsmScan:
                 self.stable_tree_append(slot, ix, g)
         return found
 
-    def mm_exit(self, mm_id: int):
+    def ksm_exit(self, mm_id: int):
         """The leader: an mm exits; its items leave the trees (their owners fix the counts)."""
         slot = self.slots.get(mm_id)
         if slot is None:
@@ -879,7 +879,7 @@ class KsmScan:
         out = [Routed() for _ in range(self.nshards)]
         it = slot.items
         if len(it.flags):
-            self.free_items(slot, np.flatnonzero(it.flags & HAS), out)
+            self.remove_trailing_rmap_items(slot, np.flatnonzero(it.flags & HAS), out)
         if slot.id in self.order:
             k = self.order.index(slot.id)
             self.order.remove(slot.id)

@@ -100,7 +100,7 @@ class Round:
 
 
 class Ctl:
-    """The leader's control request: op in ('mm_exit', 'forget_all', 'prune', 'reset_tree', 'stop')."""
+    """The leader's control request: op in ('mm_exit', 'unmerge_and_remove_all_rmap_items', 'prune', 'reset_tree', 'stop')."""
     __slots__ = ("seq", "op", "mm", "unlinks")
 
     def __init__(self, seq, op, mm=-1, unlinks=None):

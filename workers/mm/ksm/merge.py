@@ -12,7 +12,7 @@ trees are ordered by the content itself; ours are indexed by its hash).  One not
 message per mm and step carries every page of the batch.  ksmd only *tries* each
 ptl, as the kernel's ksmd does; a busy mm is skipped this time.
 
-The batch is core.scan.Ops (arrays, one row per merge).  Pairs are compared first:
+The batch is mm.ksm.mm_slot.Ops (arrays, one row per merge).  Pairs are compared first:
 a pair's page becomes the KSM page (in place) that later merges of the batch into
 the same node compare with.  With several scanners (`merge_in_groups`) an owner
 merges its batch one set of mms at a time, pairs first, holding the scanners' ksm
@@ -54,7 +54,7 @@ MERGE_WITH_KSM_PAGE, MERGE_TWO_PAGES, MERGE_WITH_ZERO_PAGE = (int(k) for k in Me
 
 
 def try_to_merge_pages(scan, ops):
-    """Run the planned merges `ops` (core.scan.Ops); clears ops.ok of those that fail."""
+    """Run the planned merges `ops` (mm.ksm.mm_slot.Ops); clears ops.ok of those that fail."""
     sids = np.unique(np.concatenate([ops.sid, ops.tsid[ops.tsid >= 0]])).tolist()
     locked = []
     held = np.empty(0, dtype=np.int64)      # KSM frames we took a reference on (get_ksm_page)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -29,6 +30,9 @@ def test_bench_quick_writes_every_key(tmp_path):
         assert rows[0]["speedup"] == 1.0 and all(r["speedup_spread"]["n"] == 2 for r in rows)
     assert res["trace"]["ratio_spread"]["n"] == 2 and res["trace"]["wall_ratio_spread"]["n"] == 2
     assert res["trace"]["cpu_seconds_on"] > 0 and res["cow"]["ratio_vs_pipe_spread"]["n"] == 2
+    rc = res["trace"]["record_cost_us"]
+    assert rc["records"] == 20_000 and min(rc["append"], rc["serialize_write"], rc["all_in"]) > 0
+    assert "trace cost per record" in r.stdout
     for key in ("p50_us", "p99_us", "pipe_p50_us", "ratio_vs_pipe", "kernel_us", "asleep_p50_us",
                 "pipe_polling_p50_us"):
         assert key in res["cow"]
@@ -54,3 +58,69 @@ def test_bench_quick_writes_every_key(tmp_path):
     assert "| what |" in r.stdout
     trace = json.loads((tmp_path / "bench.trace.json").read_text())
     assert trace["traceEvents"]
+
+
+# ---------------------------------------------------------------------------- bench --report
+def _table_cells(text: str) -> list[tuple[list[str], list[str]]]:
+    """(header, row) of every data row of every table with a `key` column in a markdown page."""
+    out, header = [], None
+    for line in text.splitlines():
+        if not line.startswith("|"):
+            header = None
+            continue
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if header is None:
+            header = cells
+        elif not set(line) <= set("|-"):
+            if "key" in header:
+                out.append((header, cells))
+    return out
+
+
+def test_report_puts_every_results_file_side_by_side_and_every_figure_comes_from_one(tmp_path):
+    from bench import report
+    src = os.path.join(ROOT, "bench", "results")
+    names = ["20261123-161705-vm.json", "20261125-224841-vm-cow.json", "20261126-052150-vm.json"]
+    for n in names:
+        shutil.copy(os.path.join(src, n), tmp_path / n)
+    shutil.copy(os.path.join(src, "20261126-052150-vm.json"), tmp_path / "latest.json")   # a copy: left out
+    page = tmp_path / "docs" / "performance.md"
+    r = subprocess.run([sys.executable, "-m", "workers.cli", "bench", "--report", str(page), "--out", str(tmp_path)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert f"from 3 results file(s) in {tmp_path}" in r.stdout
+    text = page.read_text()
+    runs = {n[:-len(".json")]: json.loads((tmp_path / n).read_text()) for n in names}
+    # the runs table: one row per file, newest first, each linking to its file
+    assert [ln.split("]")[0][3:] for ln in text.splitlines() if ln.startswith("| [")][:3] == sorted(runs, reverse=True)
+    assert "latest" not in text
+    rows = _table_cells(text)
+    assert len(rows) > 60
+    seen = set()
+    for header, cells in rows:
+        key = cells[1].strip("`")
+        for col, value in zip(header[3:], cells[3:]):
+            name = col[1:col.index("]")]
+            assert col == f"[{name}](../{name}.json)"
+            assert value == report.cell(report.get(runs[name], key), key), (name, key, value)
+            seen.add(name)
+    assert seen == set(runs)
+    # one figure each way: a ratio over repetitions, an older run's one ratio, a run without the part
+    assert "| scanner / ksmd, pages/s | `scan.ratio_vs_kernel_spread` | >= 1.8x with 2 scanners | 2.41 (2.17-2.55, n=3) | - |" in text
+    cow = next(c for h, c in rows if c[1] == "`cow.p50_us`")
+    assert cow[3:] == ["73.2", "212.1", "164.1"]          # 052150, 224841-cow, 161705
+
+
+def test_performance_page_is_the_report_of_the_committed_results():
+    """docs/performance.md holds no hand-typed figure: it is what `ksm-proto bench --report` writes now."""
+    from bench import report
+    with open(report.PAGE) as f:
+        assert f.read() == report.render(), "docs/performance.md is stale: run `ksm-proto bench --report`"
+
+
+def test_report_of_a_broken_results_file_names_it(tmp_path):
+    (tmp_path / "x.json").write_text("{not json")
+    r = subprocess.run([sys.executable, "-m", "workers.cli", "bench", "--report", str(tmp_path / "p.md"), "--out",
+                        str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.startswith(f"ksm-proto bench --report: {tmp_path / 'x.json'}: not JSON")
+    assert "Traceback" not in r.stderr and not (tmp_path / "p.md").exists()

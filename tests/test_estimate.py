@@ -324,6 +324,10 @@ def test_sparse_file_holes_are_zero_pages_not_read(tmp_path):
     src = FileSource(str(p)).open()
     segs = src._segments(os.open(str(p), os.O_RDONLY))
     assert sum(n for kind, _, n in segs if kind == "data") <= 32
+    # what reading hands to the hashing: the holes as counts of zero pages, a few pages of data
+    pieces = list(src.read(lambda: np.zeros((64, PAGE_SIZE), np.uint8)))
+    assert sum(pc.npages for pc in pieces) == (1 << 30) // PAGE_SIZE
+    assert sum(pc.npages for pc in pieces if pc.kind == "data") <= 32
     res, _ = run_json("--file", str(p), "--use-zero-pages", "0", "--max-page-sharing", "256")
     total = (1 << 30) // PAGE_SIZE
     assert res["pages_scanned"] == total
@@ -331,7 +335,6 @@ def test_sparse_file_holes_are_zero_pages_not_read(tmp_path):
     assert E.content_outcome(total - 3, 256) == (1024, 1, 1024, -1)
     assert (res["pages_shared"], res["pages_sharing"], res["pages_unshared"]) == (1025, total - 3 - 1024 + 1, 1)
     assert (res["stable_node_chains"], res["stable_node_dups"]) == (1, 1024)
-    assert res["seconds"] < 30
 
 
 # ---------------------------------------------------------------------------- the kernel, through the CLI

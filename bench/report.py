@@ -184,7 +184,8 @@ def render(results_dir: str = RESULTS, page: str = PAGE) -> str:
            "machines, and one machine's speed from hour to hour, differ by more than the spreads inside one "
            "run. What each part measures: `ksm-proto bench --help` and the top of `bench/run.py`.", "",
            "## The runs", "",
-           "| results file | date | host | cores | CPU | Linux | Python | quick | parts |", "|---|---|---|---|---|---|---|---|---|"]
+           "| results file | date | host | cores | CPU | Linux | Python | quick | parts |",
+           "|---|---|---|---|---|---|---|---|---|"]
     for c, (n, res) in zip(col, runs):
         mach = res.get("machine", {})
         parts = [p for p in PARTS if p in res]

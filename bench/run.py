@@ -18,8 +18,8 @@ Parts (each measured beside its anchor in the same run):
   check    `ksm-proto check` at bench size: 5000 random schedules per mode, schedules/s, each
            --break caught in every mode, and the volume tests/test_check.py runs smaller: 1000 per
            mode of the fork scenario and of two scanners, 500 per mode and actor of kill -9 of
-           ksmd or the fault handler and its recovery (250 with two scanners); the exit status
-           is 1 on any violation or missed break
+           ksmd or the fault handler and its recovery (250 with two scanners, and every schedule
+           to depth 6); the exit status is 1 on any violation or missed break
   stress   no lost writes: 10M writes and >= 1M COW faults of merged pages across the three
            notifier modes (workers/stress.py), every byte checked, frames checked; the exit
            status is 1 on any lost write, frame problem or stress error
@@ -728,7 +728,7 @@ def bench_check(runs: int, prog, jobs: int, breaks: bool = True, more: bool = Tr
     (tests/test_check.py catches them too; --quick leaves them to it). more: the volume that
     tests/test_check.py runs smaller, seeded: the fork scenario and two scanners (runs / 5 per mode),
     kill -9 of ksmd or of the fault handler and the recovery (runs / 10 per mode and actor; with
-    two scanners runs / 20)."""
+    two scanners runs / 20; every schedule to depth 6 of either kill in change_pte mode)."""
     from workers import explore
     from workers.check_world import BREAK_MODES, BREAKS, world_factory
     out = {"runs": runs, "jobs": jobs, "modes": {}, "breaks": {}}
@@ -746,6 +746,14 @@ def bench_check(runs: int, prog, jobs: int, breaks: bool = True, more: bool = Tr
                 kill["schedules"] += k["schedules"]
                 kill["violations"] += k["violations"]
         out["kill"] = kill
+        for actor in ("ksmd", "faultd"):      # every schedule of the first 6 choices (the suite: 5)
+            prog(f"check: exhaustive to depth 6, kill -9 {actor}")
+            x = explore.exhaustive(world_factory("change_pte", kill=actor), depth=6, max_steps=4000)
+            kill["actors"][f"{actor}, exhaustive to depth 6"] = {
+                "schedules": x.schedules, "seconds": round(x.seconds, 2), "violation": x.found and x.found.violations}
+            kill["schedules"] += x.schedules
+            if x.found:
+                kill["violations"].append(f"kill -9 {actor}, exhaustive to depth 6: {x.found.violations}")
     for mode in MODES:
         prog(f"check: {runs:,} schedules, {mode}")
         r = explore.parallel_random_runs(world_factory(mode), seed=20261125, runs=runs, max_steps=4000, jobs=jobs)

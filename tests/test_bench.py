@@ -7,9 +7,12 @@ import shutil
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.kernel          # (its scan, COW and estimate parts run the kernel's ksmd beside ours)
 def test_bench_quick_writes_every_key(tmp_path):
     r = subprocess.run([sys.executable, "-m", "workers.cli", "bench", "--quick", "--out", str(tmp_path),
                         "--trace", str(tmp_path / "bench.trace.json")],
@@ -106,7 +109,8 @@ def test_report_puts_every_results_file_side_by_side_and_every_figure_comes_from
             seen.add(name)
     assert seen == set(runs)
     # one figure each way: a ratio over repetitions, an older run's one ratio, a run without the part
-    assert "| scanner / ksmd, pages/s | `scan.ratio_vs_kernel_spread` | >= 1.8x with 2 scanners | 2.41 (2.17-2.55, n=3) | - |" in text
+    assert ("| scanner / ksmd, pages/s | `scan.ratio_vs_kernel_spread` | >= 1.8x with 2 scanners | "
+            "2.41 (2.17-2.55, n=3) | - |") in text
     cow = next(c for h, c in rows if c[1] == "`cow.p50_us`")
     assert cow[3:] == ["73.2", "212.1", "164.1"]          # 052150, 224841-cow, 161705
 

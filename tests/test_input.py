@@ -65,7 +65,7 @@ def test_vm_larger_than_shared_memory_is_refused_before_allocation(ksm_machine):
     assert run_entries(ksm_machine.run) == before and ksm_machine.vms == {}
 
 
-def test_scenario_larger_than_shared_memory_is_refused_at_once(tmp_path):
+def test_scenario_larger_than_shared_memory_is_refused_before_allocation(tmp_path):
     shm, avail = shm_capacity()
     pages = min(shm, avail) // PAGE_SIZE + 4096
     sc = tmp_path / "big.toml"

@@ -349,7 +349,9 @@ def test_notifier_channels_fuzzed_with_bytes_and_frames(ksm_machine_factory):
         assert victim() == start
 
     one()
-    assert seen["examples"] == 40 and seen["answered"] > 10 and seen["closed"] == seen["broken"] > 5, seen
+    # every broken stream was closed by the actor; (the draw is derandomized, seeded by this test's source:
+    # the floors say the fuzz reached both outcomes often, whatever the draw)
+    assert seen["examples"] == 40 and seen["answered"] >= 5 and seen["closed"] == seen["broken"] >= 5, seen
     assert m.check_frames() == []
 
 

@@ -15,8 +15,12 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/ksm-proto run $(ARGS)
 
+# the suite on TEST_JOBS processes (pytest-xdist); the tests that use the kernel's KSM run one at a time
+# (tests/conftest.py). TEST_JOBS=0: in this process, as before.
+TEST_JOBS ?= 2
+
 test: $(STAMP)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_JOBS) --dist loadgroup $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/ksm-proto bench $(ARGS)

@@ -17,8 +17,11 @@ Parts (each measured beside its anchor in the same run):
   trace    the same workload with tracing on beside off, interleaved repetitions
   web      the same kind of workload on 65,536 frames with the web view open in headless Chromium
            beside no page, interleaved repetitions; the page's updates/s and draw time per update
-  check    `ksm-proto check` at bench size: 5000 random schedules per mode, schedules/s, and
-           each --break caught in every mode (the exit status is 1 otherwise)
+  check    `ksm-proto check` at bench size: 5000 random schedules per mode, schedules/s, each
+           --break caught in every mode, and the volume tests/test_check.py runs smaller: 1000 per
+           mode of the fork scenario and of two scanners, 500 per mode and actor of kill -9 of
+           ksmd or the fault handler and its recovery (250 with two scanners, and every schedule
+           to depth 6); the exit status is 1 on any violation or missed break
   stress   no lost writes: 10M writes and >= 1M COW faults of merged pages across the three
            notifier modes (workers/tools/stress.py), every byte checked, frames checked; the exit
            status is 1 on any lost write, frame problem or stress error
@@ -62,6 +65,8 @@ from proto.knobs import DEFAULTS  # noqa: E402
 from workers.oracle import kernel_ksm  # noqa: E402
 from workers.actors.supervisor import Machine  # noqa: E402
 from workers.tools.stress import run_modes  # noqa: E402
+
+from bench import report  # noqa: E402
 
 PARTS = ("scan", "cow", "modes", "scaling", "trace", "stress", "estimate", "check", "web", "estimate-live")
 MODES = ("change_pte", "wrapped", "invalidate")
@@ -590,6 +595,31 @@ def merge_cow_rounds(npages: int, rounds: int, trace: str | None = None) -> tupl
         return wall, sum(_cpu_seconds(p) for p in pids) - cpu0
 
 
+def trace_record_cost(n: int, d: str) -> dict:
+    """One Tracer's cost per record, in this process (us): the hot path alone (append, never flushed),
+    the serialization and write of those records, and all in with the default flushing."""
+    from proto.trace import Tracer
+    args = ("ksmd", "CHANGE_PTE", 3, 1, 0x7f0000000000, 1, 0x8000000012345067, 0x8000000054321067)
+    tr = Tracer.open(d, "vm:bench", flush_records=1 << 30, flush_interval_s=3600)
+    t = time.perf_counter()
+    for i in range(n):
+        if tr:
+            tr.send(*args, i)
+    hot = time.perf_counter() - t
+    t = time.perf_counter()
+    tr.flush()
+    ser = time.perf_counter() - t
+    tr.close()
+    tr = Tracer.open(d, "vm:bench2")
+    t = time.perf_counter()
+    for i in range(n):
+        tr.send(*args, i)
+    tr.close()
+    total = time.perf_counter() - t
+    return {"records": n, "append": round(hot / n * 1e6, 3), "serialize_write": round(ser / n * 1e6, 3),
+            "all_in": round(total / n * 1e6, 3)}
+
+
 def bench_trace(npages: int, prog, reps: int = 5, keep: str | None = None) -> dict:
     """The same fixed work with tracing off and on, interleaved (off/on, then on/off, ...): the median
     of the per-repetition ratios and their range, of the CPU seconds the run's processes spent (what
@@ -608,6 +638,8 @@ def bench_trace(npages: int, prog, reps: int = 5, keep: str | None = None) -> di
                 size = os.path.getsize(path)
             if path != keep:
                 os.unlink(path)
+        prog("trace: cost per record")
+        per_record = trace_record_cost(20_000 if reps < 3 else 200_000, d)
     cpu = spread([b[1] / a[1] for a, b in zip(offs, ons)])
     wall = spread([b[0] / a[0] for a, b in zip(offs, ons)])
     return {"seconds_off": round(statistics.median(w for w, _ in offs), 3),
@@ -615,7 +647,8 @@ def bench_trace(npages: int, prog, reps: int = 5, keep: str | None = None) -> di
             "cpu_seconds_off": round(statistics.median(c for _, c in offs), 3),
             "cpu_seconds_on": round(statistics.median(c for _, c in ons), 3),
             "ratio": cpu["median"], "ratio_spread": cpu, "wall_ratio_spread": wall, "reps": reps,
-            "work": f"3 rounds x (merge {2 * npages} pages + {2 * npages} COW faults)", "trace_bytes": size}
+            "work": f"3 rounds x (merge {2 * npages} pages + {2 * npages} COW faults)", "trace_bytes": size,
+            "record_cost_us": per_record}
 
 
 # ---------------------------------------------------------------------------- web view
@@ -790,12 +823,52 @@ def fs(sp: dict | None, unit: str = "x") -> str:
     return f"{sp['median']:.2f}{unit} ({sp['min']:.2f}-{sp['max']:.2f}, n={sp['n']})"
 
 
-def bench_check(runs: int, prog, jobs: int, breaks: bool = True) -> dict:
+def _check_volume(factory_of, runs: int, seed: int, jobs: int, prog, what: str) -> dict:
+    """Random schedules of one configuration in every mode: {schedules, violations, modes: {mode: ...}}."""
+    from workers.check import explore
+    out = {"runs": runs, "schedules": 0, "violations": [], "modes": {}}
+    for mode in MODES:
+        prog(f"check: {runs:,} schedules, {what}, {mode}")
+        r = explore.parallel_random_runs(factory_of(mode), seed=seed, runs=runs, max_steps=4000, jobs=jobs)
+        out["schedules"] += r.schedules
+        out["modes"][mode] = {"schedules": r.schedules, "seconds": round(r.seconds, 2),
+                              "violation": r.found and r.found.violations}
+        if r.found:
+            out["violations"].append(f"{what}, {mode}: {r.found.violations}")
+    return out
+
+
+def bench_check(runs: int, prog, jobs: int, breaks: bool = True, more: bool = True) -> dict:
     """`ksm-proto check` at bench size: random schedules in each mode, and every --break caught
-    (tests/test_check.py catches them too; --quick leaves them to it)."""
+    (tests/test_check.py catches them too; --quick leaves them to it). more: the volume that
+    tests/test_check.py runs smaller, seeded: the fork scenario and two scanners (runs / 5 per mode),
+    kill -9 of ksmd or of the fault handler and the recovery (runs / 10 per mode and actor; with
+    two scanners runs / 20; every schedule to depth 6 of either kill in change_pte mode)."""
     from workers.check import explore
     from workers.check.world import BREAK_MODES, BREAKS, world_factory
     out = {"runs": runs, "jobs": jobs, "modes": {}, "breaks": {}}
+    if more:
+        out["fork"] = _check_volume(lambda m: world_factory(m, scenario="fork"), max(1, runs // 5), 7, jobs, prog,
+                                    "fork")
+        out["two_scanners"] = _check_volume(lambda m: world_factory(m, scanners=2), max(1, runs // 5), 1, jobs,
+                                            prog, "two scanners")
+        kill = {"schedules": 0, "violations": [], "actors": {}}
+        for actor in ("ksmd", "faultd"):
+            for scanners, n in ((1, max(1, runs // 10)), (2, max(1, runs // 20))):
+                k = _check_volume(lambda m: world_factory(m, scanners=scanners, kill=actor), n, 2, jobs, prog,
+                                  f"kill -9 {actor}, {scanners} scanner(s)")
+                kill["actors"][f"{actor}, {scanners} scanner(s)"] = k
+                kill["schedules"] += k["schedules"]
+                kill["violations"] += k["violations"]
+        out["kill"] = kill
+        for actor in ("ksmd", "faultd"):      # every schedule of the first 6 choices (the suite: 5)
+            prog(f"check: exhaustive to depth 6, kill -9 {actor}")
+            x = explore.exhaustive(world_factory("change_pte", kill=actor), depth=6, max_steps=4000)
+            kill["actors"][f"{actor}, exhaustive to depth 6"] = {
+                "schedules": x.schedules, "seconds": round(x.seconds, 2), "violation": x.found and x.found.violations}
+            kill["schedules"] += x.schedules
+            if x.found:
+                kill["violations"].append(f"kill -9 {actor}, exhaustive to depth 6: {x.found.violations}")
     for mode in MODES:
         prog(f"check: {runs:,} schedules, {mode}")
         r = explore.parallel_random_runs(world_factory(mode), seed=20261125, runs=runs, max_steps=4000, jobs=jobs)
@@ -908,12 +981,21 @@ def table(res: dict) -> str:
         rows.append(f"| the page at {w['frames']:,} frames: updates/s (server sends every {w['interval_s']} s); "
                     f"draw per update p50 / p99 (ms) | {fs(w['updates_per_s_spread'], '/s')}; "
                     f"{f(dm.get('p50'))} / {f(dm.get('p99'))} | | | |")
+        rc = t.get("record_cost_us")
+        if rc:
+            rows.append(f"| trace cost per record, one process (us): append / serialize+write / all in | "
+                        f"{rc['append']} / {rc['serialize_write']} / {rc['all_in']} | | | |")
     ck = res.get("check")
     if ck:
         for mode, r in ck["modes"].items():
             rows.append(f"| check, {mode}: {r['schedules']:,} random schedules ({ck['jobs']} jobs) | "
                         f"{'VIOLATION' if r['violation'] else 'no violation'}, {f(r['schedules_per_s'])} schedules/s, "
                         f"{r['steps_per_s']:,} steps/s | | | none |")
+        for key, what in (("fork", "the fork scenario"), ("two_scanners", "two scanners"),
+                          ("kill", "kill -9 of ksmd or faultd and the recovery")):
+            if key in ck:
+                rows.append(f"| check, {what}: random schedules, every mode | {ck[key]['schedules']:,}, "
+                            f"{'no violation' if not ck[key]['violations'] else 'VIOLATION'} | | | none |")
         caught = {b: all(v is not None for v in m.values()) for b, m in ck["breaks"].items()}
         if caught:
             rows.append(f"| check --break caught in every mode | "
@@ -946,7 +1028,7 @@ def table(res: dict) -> str:
                     f"{'same' if e['same_as_scanner'] else 'DIFFERENT'} | | |")
     el = res.get("estimate-live")
     if el:
-        from workers.estimate.estimate.live import table_rows
+        from workers.estimate.live import table_rows
         rows += table_rows(el) if "settings" in el else [f"| estimate-live | {el.get('error')} | | | |"]
     return "\n".join(rows)
 
@@ -1021,7 +1103,7 @@ def plots(res: dict, outdir: str) -> list[str]:
         made.append(p)
     el = res.get("estimate-live")
     if el and el.get("settings"):
-        from workers.estimate.estimate.live import plot as plot_live
+        from workers.estimate.live import plot as plot_live
         path = os.path.join(outdir, "estimate-live.png")
         plot_live(el, path)
         if os.path.exists(path):
@@ -1045,7 +1127,17 @@ def main(argv=None) -> int:
     ap.add_argument("--only", nargs="+", choices=PARTS, help="run only these parts")
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results"))
     ap.add_argument("--trace", metavar="FILE", help="keep the trace of the traced run of the trace part here")
+    ap.add_argument("--report", nargs="?", const=report.PAGE, metavar="PAGE",
+                    help="measure nothing: rewrite docs/performance.md (or PAGE) from every results file in --out, "
+                         "side by side")
     a = ap.parse_args(argv)
+    if a.report:
+        try:
+            print(f"wrote {report.write(a.out, a.report)} from {len(report.load(a.out))} results file(s) in {a.out}")
+        except (OSError, ValueError) as e:
+            print(f"ksm-proto bench --report: {e}", file=sys.stderr)
+            return 2
+        return 0
     if a.cores < 1:
         ap.error(f"--cores must be >= 1, not {a.cores}")
     if a.reps is not None and a.reps < 1:
@@ -1112,14 +1204,14 @@ def main(argv=None) -> int:
                 res["stress"] = run_modes(stress_writes, stress_cow, modes=a.stress_modes, progress=sprog)
                 progress.remove_task(bar)
             elif part == "check":
-                res["check"] = bench_check(100 if q else 5000, prog, a.cores, breaks=not q)
+                res["check"] = bench_check(100 if q else 5000, prog, a.cores, breaks=not q, more=not q)
             elif part == "web":
                 res["web"] = bench_web(512 if q else 4096, prog, reps=2 if q else 5)
             elif part == "estimate-live":
                 if not kernel_ok:
                     res["estimate-live"] = {"error": why}
                 else:
-                    from workers.estimate.estimate.live import compare_live
+                    from workers.estimate.live import compare_live
                     res["estimate-live"] = compare_live(progress=prog)
             elif part == "estimate":
                 res["estimate"] = bench_estimate(scan_pages, kernel_ok, why, prog, res.get("scan"),
@@ -1145,6 +1237,8 @@ def main(argv=None) -> int:
             json.dump({"date": res["date"], "machine": res["machine"], **res["estimate-live"]}, f, indent=1)
     print(md)
     print(f"\nresults: {os.path.join(a.out, 'latest.json')} (+ latest.md, {', '.join(res['plots'])})")
+    if os.path.realpath(a.out) == os.path.realpath(report.RESULTS):
+        print(f"every run side by side: {report.write()}")
     st = res.get("stress")
     if st and st["lost"]:
         for r in st["modes"].values():
@@ -1173,6 +1267,7 @@ def main(argv=None) -> int:
     ck = res.get("check")
     if ck:
         bad = [f"{m}: {r['violation']}" for m, r in ck["modes"].items() if r["violation"]]
+        bad += [v for key in ("fork", "two_scanners", "kill") for v in ck.get(key, {}).get("violations", [])]
         bad += [f"--break {b} missed in {m}" for b, ms in ck["breaks"].items() for m, v in ms.items() if v is None]
         if bad:
             print("check: " + "; ".join(bad), file=sys.stderr)

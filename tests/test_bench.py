@@ -3,18 +3,36 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_bench_quick_writes_every_key(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "workers.tools.cli", "bench", "--quick", "--out", str(tmp_path),
-                        "--trace", str(tmp_path / "bench.trace.json")],
+def quick(out, *parts, trace=None):
+    """`ksm-proto bench --quick --only PARTS --out OUT`: (the process, its latest.json)."""
+    r = subprocess.run([sys.executable, "-m", "workers.tools.cli", "bench", "--quick", "--out", str(out), "--only", *parts,
+                        *(["--trace", str(trace)] if trace else [])],
                        cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
-    res = json.loads((tmp_path / "latest.json").read_text())
+    res = json.loads((out / "latest.json").read_text())
+    assert [p for p in ("scan", "cow", "modes", "scaling", "trace", "stress", "check", "estimate") if p in res] == \
+        [p for p in ("scan", "cow", "modes", "scaling", "trace", "stress", "check", "estimate") if p in parts]
+    assert {"cores", "cpu", "kernel"} <= set(res["machine"])
+    assert (out / "latest.md").exists() and "| what |" in r.stdout
+    assert len([p for p in os.listdir(out) if p.endswith(".json") and p != "latest.json"
+                and not p.startswith("bench")]) == 1
+    return r, res
+
+
+# (the bench's parts in two runs, so that the suite's processes run them side by side: the kernel's
+# and the others)
+@pytest.mark.kernel          # (the scan, COW and estimate parts run the kernel's ksmd beside ours)
+def test_bench_quick_scan_cow_and_estimate_write_every_key(tmp_path):
+    r, res = quick(tmp_path, "scan", "cow", "estimate")
     for key in ("pages_per_s", "kernel_pages_per_s", "ratio_vs_kernel", "merge_time_ratio_vs_kernel",
                 "ratio_vs_kernel_spread", "merge_time_ratio_vs_kernel_spread", "unique_pages_per_s"):
         assert key in res["scan"]
@@ -22,13 +40,7 @@ def test_bench_quick_writes_every_key(tmp_path):
     if os.cpu_count() > 1:
         assert res["scan"]["one_scanner"]["pages_per_s"] > 0
     assert res["scan"]["detail"]["dup4"]["proto"][0]["pages_shared"] == 2048
-    for part in ("ceiling", "scan", "cow"):
-        rows = res["scaling"][part]
-        assert [r["procs" if part == "ceiling" else "scanners" if part == "scan" else "vms"] for r in rows] == \
-            list(range(1, os.cpu_count() + 1))
-        assert rows[0]["speedup"] == 1.0 and all(r["speedup_spread"]["n"] == 2 for r in rows)
-    assert res["trace"]["ratio_spread"]["n"] == 2 and res["trace"]["wall_ratio_spread"]["n"] == 2
-    assert res["trace"]["cpu_seconds_on"] > 0 and res["cow"]["ratio_vs_pipe_spread"]["n"] == 2
+    assert res["scanner_bytes_per_page"] > 0 and res["cow"]["ratio_vs_pipe_spread"]["n"] == 2
     for key in ("p50_us", "p99_us", "pipe_p50_us", "ratio_vs_pipe", "kernel_us", "asleep_p50_us",
                 "pipe_polling_p50_us", "ratio_vs_polling_pipe", "ratio_vs_kernel", "channel_ratio_vs_pipe"):
         assert key in res["cow"]
@@ -37,22 +49,98 @@ def test_bench_quick_writes_every_key(tmp_path):
     assert res["cow"]["rounds"] == 2        # (--quick; a whole run: at least 5)
     assert "skipped" in res["web"] or (res["web"]["ratio_spread"]["n"] == 2 and res["web"]["frames"] == 65536)
     assert "fault_poll_us=0" in r.stdout and (tmp_path / "latency.png").exists()
+    e = res["estimate"]
+    assert e["same_as_scanner"] and e["dup4"]["pages_per_s"] > 0 and e["scanner_pages_per_s"] > 0
+    assert e["dup4"]["memory_bytes_per_page"] > 0 and "ratio_vs_scanner" in e
+
+
+def test_bench_quick_modes_scaling_trace_stress_and_check_write_every_key(tmp_path):
+    r, res = quick(tmp_path, "modes", "scaling", "trace", "stress", "check", trace=tmp_path / "bench.trace.json")
+    for part in ("ceiling", "scan", "cow"):
+        rows = res["scaling"][part]
+        assert [r["procs" if part == "ceiling" else "scanners" if part == "scan" else "vms"] for r in rows] == \
+            list(range(1, os.cpu_count() + 1))
+        assert rows[0]["speedup"] == 1.0 and all(r["speedup_spread"]["n"] == 2 for r in rows)
+    assert (tmp_path / "scaling.png").exists()
+    assert res["trace"]["ratio_spread"]["n"] == 2 and res["trace"]["wall_ratio_spread"]["n"] == 2
+    assert res["trace"]["cpu_seconds_on"] > 0 and res["trace_overhead_ratio"] > 0
+    rc = res["trace"]["record_cost_us"]
+    assert rc["records"] == 20_000 and min(rc["append"], rc["serialize_write"], rc["all_in"]) > 0
+    assert "trace cost per record" in r.stdout
+    trace = json.loads((tmp_path / "bench.trace.json").read_text())
+    assert trace["traceEvents"]
     for mode in ("change_pte", "wrapped", "invalidate"):
         assert "secondary_faults_per_merged_page" in res["modes"][mode]
     assert res["modes"]["change_pte"]["secondary_faults_per_merged_page"] == 0
     assert res["modes"]["wrapped"]["secondary_faults_per_merged_page"] == 1
-    assert res["trace_overhead_ratio"] > 0 and res["scanner_bytes_per_page"] > 0
     assert res["stress"]["writes"] == 20000 and res["stress"]["lost"] == 0
     for mode in ("change_pte", "wrapped", "invalidate"):
         ck = res["check"]["modes"][mode]
         assert ck["violation"] is None and ck["schedules"] == 101 and ck["schedules_per_s"] > 0
-    e = res["estimate"]
-    assert e["same_as_scanner"] and e["dup4"]["pages_per_s"] > 0 and e["scanner_pages_per_s"] > 0
-    assert e["dup4"]["memory_bytes_per_page"] > 0 and "ratio_vs_scanner" in e
-    assert {"cores", "cpu", "kernel"} <= set(res["machine"])
-    assert (tmp_path / "latest.md").exists() and (tmp_path / "scaling.png").exists()
-    assert len([p for p in os.listdir(tmp_path) if p.endswith(".json") and p != "latest.json"
-                and not p.startswith("bench")]) == 1
-    assert "| what |" in r.stdout
-    trace = json.loads((tmp_path / "bench.trace.json").read_text())
-    assert trace["traceEvents"]
+
+
+# ---------------------------------------------------------------------------- bench --report
+def _table_cells(text: str) -> list[tuple[list[str], list[str]]]:
+    """(header, row) of every data row of every table with a `key` column in a markdown page."""
+    out, header = [], None
+    for line in text.splitlines():
+        if not line.startswith("|"):
+            header = None
+            continue
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if header is None:
+            header = cells
+        elif not set(line) <= set("|-"):
+            if "key" in header:
+                out.append((header, cells))
+    return out
+
+
+def test_report_puts_every_results_file_side_by_side_and_every_figure_comes_from_one(tmp_path):
+    from bench import report
+    src = os.path.join(ROOT, "bench", "results")
+    names = ["20261123-161705-vm.json", "20261125-224841-vm-cow.json", "20261126-052150-vm.json"]
+    for n in names:
+        shutil.copy(os.path.join(src, n), tmp_path / n)
+    shutil.copy(os.path.join(src, "20261126-052150-vm.json"), tmp_path / "latest.json")   # a copy: left out
+    page = tmp_path / "docs" / "performance.md"
+    r = subprocess.run([sys.executable, "-m", "workers.tools.cli", "bench", "--report", str(page), "--out", str(tmp_path)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert f"from 3 results file(s) in {tmp_path}" in r.stdout
+    text = page.read_text()
+    runs = {n[:-len(".json")]: json.loads((tmp_path / n).read_text()) for n in names}
+    # the runs table: one row per file, newest first, each linking to its file
+    assert [ln.split("]")[0][3:] for ln in text.splitlines() if ln.startswith("| [")][:3] == sorted(runs, reverse=True)
+    assert "latest" not in text
+    rows = _table_cells(text)
+    assert len(rows) > 60
+    seen = set()
+    for header, cells in rows:
+        key = cells[1].strip("`")
+        for col, value in zip(header[3:], cells[3:]):
+            name = col[1:col.index("]")]
+            assert col == f"[{name}](../{name}.json)"
+            assert value == report.cell(report.get(runs[name], key), key), (name, key, value)
+            seen.add(name)
+    assert seen == set(runs)
+    # one figure each way: a ratio over repetitions, an older run's one ratio, a run without the part
+    assert ("| scanner / ksmd, pages/s | `scan.ratio_vs_kernel_spread` | >= 1.8x with 2 scanners | "
+            "2.41 (2.17-2.55, n=3) | - |") in text
+    cow = next(c for h, c in rows if c[1] == "`cow.p50_us`")
+    assert cow[3:] == ["73.2", "212.1", "164.1"]          # 052150, 224841-cow, 161705
+
+
+def test_performance_page_is_the_report_of_the_committed_results():
+    """docs/performance.md holds no hand-typed figure: it is what `ksm-proto bench --report` writes now."""
+    from bench import report
+    with open(report.PAGE) as f:
+        assert f.read() == report.render(), "docs/performance.md is stale: run `ksm-proto bench --report`"
+
+
+def test_report_of_a_broken_results_file_names_it(tmp_path):
+    (tmp_path / "x.json").write_text("{not json")
+    r = subprocess.run([sys.executable, "-m", "workers.tools.cli", "bench", "--report", str(tmp_path / "p.md"), "--out",
+                        str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.startswith(f"ksm-proto bench --report: {tmp_path / 'x.json'}: not JSON")
+    assert "Traceback" not in r.stderr and not (tmp_path / "p.md").exists()

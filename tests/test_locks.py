@@ -219,10 +219,8 @@ def test_lock_of_a_killed_holder_is_free_at_once(run, counters, procs, kind):
     lk = own_lock(run, kind)
     try:
         assert not lk.try_acquire()
-        procs.kill(holder)
-        t0 = time.monotonic()
-        lk.acquire(5)
-        assert time.monotonic() - t0 < 2.0
+        procs.kill(holder)                  # (and reaped: its file descriptions are closed)
+        assert lk.try_acquire()             # the first try, no waiting: the kernel dropped its OFD lock
         lk.release()
     finally:
         lk.close()
@@ -326,7 +324,7 @@ def test_acquire_times_out_with_the_locks_name(run):
         with pytest.raises(TimeoutError, match=r"^lock ptl\.2 \(byte 3 of /dev/shm/ksmp\..*\.locks\) "
                                                r"busy for over 0\.1s$"):
             b.acquire(0.1)
-        assert 0.1 <= time.monotonic() - t0 < 2.0
+        assert time.monotonic() - t0 >= 0.1     # it waited its timeout out before giving up
         a.release()
         b.acquire(0.1)                          # a timed-out acquire leaves nothing behind
         b.release()

@@ -184,7 +184,8 @@ def test_malformed_requests_keep_the_vm_running(ksm_machine):
 
 def test_broken_framing_closes_the_channel_not_resynced(ksm_machine):
     """Garbage on a control channel: the VM closes it (never skips to the next magic) and exits;
-    the caller hears at once, the dead VM's frames are freed, the others go on."""
+    the caller's next call fails with ESRCH (not its timeout), the dead VM's frames are freed, the others go
+    on."""
     m = ksm_machine
     vm, other = m.spawn_vm("a"), m.spawn_vm("b")
     x = other.mmap(PAGE_SIZE)
@@ -193,10 +194,9 @@ def test_broken_framing_closes_the_channel_not_resynced(ksm_machine):
     a = vm.mmap(2 * PAGE_SIZE)
     vm.write(a, b"q" * 2 * PAGE_SIZE)
     vm.actor.ch.sock.sendall(b"\x00garbage-bytes-that-are-no-frame" * 3)
-    t0 = time.monotonic()
     with pytest.raises(OSError) as ei:
-        vm.read(a, 1)
-    assert ei.value.errno == errno.ESRCH and time.monotonic() - t0 < 10
+        vm.read(a, 1)                       # (a VM that kept the channel open: TimeoutError after call_timeout)
+    assert ei.value.errno == errno.ESRCH
     deadline = time.monotonic() + 10
     while m.dead_vms != ["a"] and time.monotonic() < deadline:
         time.sleep(0.02)

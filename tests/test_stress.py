@@ -47,6 +47,11 @@ def test_ksm_page_churn_keeps_frame_accounting(ksm_machine_factory, mode):
                        workers_per_vm=1, worker_pages=32, worker_writes=40000, round_writes=40000,
                        values=2, max_page_sharing=256, use_zero_pages=0, seed=5)
     assert r["writes"] == 2 * 40001
+    # merged at the start: all 128 pages (3 contents, ~42 copies each, max_page_sharing 256); then the one
+    # round writes all 32 pages of each worker slice, and each parent thread's one write (seed 5) spans 2
+    # pages: 2 * 32 + 2 * 2 pages each owe a COW fault of a merged page, and the fault handler made at least those
+    assert r["merged_at_start"] == r["pages"] == 128 and r["rounds"] == 1
+    assert r["cow_faults_merged"] >= r["cow_faults_merged_guaranteed"] == 2 * 32 + 2 * 2
     assert r["mismatches"] == 0, r["mismatch_examples"]
     assert r["frame_problems"] == []
     assert lost(r) == 0, (r["errors"], r["exit_frame_problems"], r["unmerge"])

@@ -1,0 +1,219 @@
+"""`ksm-proto bench --report`: docs/performance.md, written from bench/results/*.json and nothing else.
+
+Every results file of the directory is one column (newest first), named after the file, so each
+figure in the page can be traced to the file it was read from and, by the row's key, to the place
+in that file (`scan.pages_per_s` is res["scan"]["pages_per_s"]). A run that did not measure a row
+(an older file, a run with --only) shows "-" there. latest.json is left out when it is a copy of a
+dated file (bench/run.py writes both); otherwise it is a column of its own. No figure in the page is
+typed by hand: change a row here, run `ksm-proto bench --report`, commit the page.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "bench", "results")
+PAGE = os.path.join(ROOT, "docs", "performance.md")
+MODES = ("change_pte", "wrapped", "invalidate")
+
+# (part, label, key, goal): key is a dotted path into one results file; "[k=v]" picks the element of a
+# list whose k is v (scaling.scan[scanners=2].speedup_spread); a spread ({median, min, max, n}) is shown
+# as "median (min-max)".
+ROWS = [
+    ("scan", "pages of 4x duplicates scanned", "scan.pages", ""),
+    ("scan", "scanners (as many as cores)", "scan.scanners", ""),
+    ("scan", "scanner, 4x duplicates (pages/s)", "scan.pages_per_s", ""),
+    ("scan", "ksmd, the same bytes (pages/s)", "scan.kernel_pages_per_s", ""),
+    ("scan", "scanner / ksmd, pages/s", "scan.ratio_vs_kernel_spread", ">= 1.8x with 2 scanners"),
+    ("scan", "scanner / ksmd, pages/s (one ratio, older runs)", "scan.ratio_vs_kernel", ""),
+    ("scan", "time to merge them all (s)", "scan.merge_seconds", ""),
+    ("scan", "ksmd's time to merge them all (s)", "scan.kernel_merge_seconds", ""),
+    ("scan", "merge time / ksmd's", "scan.merge_time_ratio_vs_kernel_spread", "<= 0.6x"),
+    ("scan", "1 scanner (pages/s)", "scan.one_scanner.pages_per_s", ""),
+    ("scan", "all scanners / 1 scanner, pages/s", "scan.one_scanner.speedup_spread", ""),
+    ("scan", "scanner, unique pages (pages/s)", "scan.unique_pages_per_s", ""),
+    ("scan", "ksmd, unique pages (pages/s)", "scan.kernel_unique_pages_per_s", ""),
+    ("scan", "scanner / ksmd, unique pages", "scan.unique_ratio_vs_kernel_spread", ""),
+    ("scan", "scanner metadata (bytes/page; the kernel's rmap_item: 64)", "scanner_bytes_per_page", "<= 64"),
+    ("cow", "rounds", "cow.rounds", ""),
+    ("cow", "fault_poll_us", "cow.poll_us", ""),
+    ("cow", "COW fault round trip p50 (us)", "cow.p50_us", ""),
+    ("cow", "COW fault round trip p99 (us)", "cow.p99_us", ""),
+    ("cow", "pipe ping-pong across two CPUs p50 (us)", "cow.pipe_p50_us", ""),
+    ("cow", "pipe ping-pong p99 (us)", "cow.pipe_p99_us", ""),
+    ("cow", "COW p50 / pipe p50, over rounds", "cow.ratio_vs_pipe_spread", "<= 1.5x"),
+    ("cow", "COW p50 / pipe p50 (one ratio)", "cow.ratio_vs_pipe", ""),
+    ("cow", "COW p99 / pipe p99", "cow.p99_ratio_vs_pipe", "<= 3x"),
+    ("cow", "COW p50 with fault_poll_us=0, both ends asleep (us)", "cow.asleep_p50_us", ""),
+    ("cow", "of a COW: the fault handler, FAULT read to reply sent, mean (us)", "cow.handler_mean_us", ""),
+    ("cow", "pipe ping-pong, both ends polling (us)", "cow.pipe_polling_p50_us", ""),
+    ("cow", "pipe ping-pong, both ends on one CPU (us)", "cow.pipe_same_cpu_p50_us", ""),
+    ("cow", "channel ping-pong p50 (us), the transport floor", "cow.channel_p50_us", ""),
+    ("cow", "channel / pipe, over rounds", "cow.channel_ratio_spread", ""),
+    ("cow", "kernel COW of a KSM page (us)", "cow.kernel_us", ""),
+    ("cow", "COW samples", "cow.samples", ""),
+    *[("modes", f"{m}: {what}", f"modes.{m}.{key}", "")
+      for m in MODES for what, key in (("secondary faults per merged page", "secondary_faults_per_merged_page"),
+                                       ("messages per merged page", "messages_per_merged_page"),
+                                       ("re-read (us/page)", "reread_us_per_page"))],
+    *[("scaling", f"the machine's ceiling, {k} process(es) hashing: {what}", f"scaling.ceiling[procs={k}].{key}", "")
+      for k in (1, 2, 4, 8, 16) for what, key in (("digests/s", "digests_per_s"), ("speedup", "speedup_spread"))],
+    *[("scaling", f"unique pages scanned/s, {k} scanner(s): {what}", f"scaling.scan[scanners={k}].{key}",
+       ">= 0.7 of linear on 16 cores" if k == 16 and key == "efficiency_spread" else "")
+      for k in (1, 2, 4, 8, 16) for what, key in (("pages/s", "pages_per_s"), ("speedup", "speedup_spread"),
+                                                  ("efficiency", "efficiency_spread"), ("cores busy", "cores_busy"))],
+    *[("scaling", f"COW faults/s, {k} VM(s): {what}", f"scaling.cow[vms={k}].{key}", "")
+      for k in (1, 2, 4, 8, 16) for what, key in (("faults/s", "cow_faults_per_s"), ("speedup", "speedup_spread"),
+                                                  ("cores busy", "cores_busy"))],
+    ("trace", "the work", "trace.work", ""),
+    ("trace", "tracing on / off, CPU seconds of the run's processes", "trace.ratio_spread", "<= 1.10x"),
+    ("trace", "tracing on / off, wall seconds", "trace.wall_ratio_spread", ""),
+    ("trace", "CPU seconds off", "trace.cpu_seconds_off", ""),
+    ("trace", "CPU seconds on", "trace.cpu_seconds_on", ""),
+    ("trace", "trace file (bytes)", "trace.trace_bytes", ""),
+    ("trace", "cost per record, append (us)", "trace.record_cost_us.append", ""),
+    ("trace", "cost per record, serialize and write (us)", "trace.record_cost_us.serialize_write", ""),
+    ("trace", "cost per record, all in (us)", "trace.record_cost_us.all_in", ""),
+    *[("check", f"{m}: random schedules, schedules/s, violation", f"check.modes.{m}", "none") for m in MODES],
+    ("check", "--break caught (in every mode it breaks)", "check.breaks", "all"),
+    *[("check", f"{sc}: random schedules per mode, violations", f"check.{sc}", "none")
+      for sc in ("fork", "two_scanners", "kill")],
+    ("stress", "writes (all modes)", "stress.writes", ">= writes asked"),
+    ("stress", "writes asked", "stress.writes_requested", ""),
+    ("stress", "COW faults of merged pages", "stress.cow_faults_merged", ">= COW asked"),
+    ("stress", "COW faults asked", "stress.min_cow_faults", ""),
+    ("stress", "lost (pages, frame problems, errors)", "stress.lost", "0"),
+    ("stress", "seconds", "stress.seconds", ""),
+    *[("stress", f"{m}: writes/s", f"stress.modes.{m}.writes_per_s", "") for m in MODES],
+    *[("stress", f"{m}: COW faults of merged pages/s", f"stress.modes.{m}.cow_faults_merged_per_s", "") for m in MODES],
+    ("estimate", "pages of 4x duplicates", "estimate.pages", ""),
+    ("estimate", "estimate, 4x duplicates (pages/s)", "estimate.dup4.pages_per_s", ""),
+    ("estimate", "estimate / scanner, pages/s", "estimate.ratio_vs_scanner", ">= 1.0x"),
+    ("estimate", "estimate / ksmd, pages/s", "estimate.ratio_vs_ksmd", ""),
+    ("estimate", "estimate, unique pages (pages/s)", "estimate.unique.pages_per_s", ""),
+    ("estimate", "peak memory, 4x duplicates (bytes per input page)", "estimate.dup4.memory_bytes_per_page", ""),
+    ("estimate", "peak memory, unique pages (bytes per input page)", "estimate.unique.memory_bytes_per_page", ""),
+    ("estimate", "same counters as the scanner at stability", "estimate.same_as_scanner", "yes"),
+]
+PARTS = {
+    "scan": "Scanner beside ksmd on the same bytes",
+    "cow": "COW fault round trip",
+    "modes": "Notifier modes: after merging, what a re-read costs",
+    "scaling": "Scaling with cores",
+    "trace": "Tracing on against off",
+    "check": "ksm-proto check at bench size",
+    "stress": "No lost writes (the stress)",
+    "estimate": "ksm-proto estimate",
+}
+_STEP = re.compile(r"([^.\[]+)(?:\[([^=\]]+)=([^\]]+)\])?")
+
+
+def get(res: dict, key: str):
+    """The value at a dotted key (see ROWS), or None where the file has no such value."""
+    x = res
+    for part in key.split("."):
+        m = _STEP.fullmatch(part)
+        if not m or not isinstance(x, dict) or m.group(1) not in x:
+            return None
+        x = x[m.group(1)]
+        if m.group(2):
+            if not isinstance(x, list):
+                return None
+            x = next((e for e in x if isinstance(e, dict) and str(e.get(m.group(2))) == m.group(3)), None)
+    return x
+
+
+def cell(v, key: str = "") -> str:
+    """One figure as the page shows it."""
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "NO"
+    if isinstance(v, dict) and {"median", "min", "max"} <= set(v):
+        if v["median"] is None:
+            return "-"
+        return f"{v['median']:.2f} ({v['min']:.2f}-{v['max']:.2f}, n={v.get('n', '?')})"
+    if key.startswith("check.modes."):
+        return (f"{v['schedules']:,}, {v['schedules_per_s']:,}/s, "
+                f"{'no violation' if not v.get('violation') else 'VIOLATION'}")
+    if key == "check.breaks":
+        caught = [b for b, ms in v.items() if all(x is not None for x in ms.values())]
+        missed = [b for b in v if b not in caught]
+        return f"{len(caught)} of {len(v)}" + (f" (missed: {', '.join(missed)})" if missed else "")
+    if key.startswith("check.") and isinstance(v, dict):        # the extra scenarios: {runs, violations}
+        return f"{v.get('schedules', '?'):,}, {'no violation' if not v.get('violations') else 'VIOLATION'}"
+    if isinstance(v, float):
+        return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:,.3g}" if abs(v) < 10 else f"{v:,.1f}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return str(v).replace("|", "\\|")
+
+
+def load(results_dir: str) -> list[tuple[str, dict]]:
+    """(file name, results) of every results file, newest first; latest.json only where it is no copy."""
+    names = sorted((n for n in os.listdir(results_dir) if n.endswith(".json")), reverse=True)
+    runs, texts = [], {}
+    for n in names:
+        with open(os.path.join(results_dir, n)) as f:
+            text = f.read()
+        try:
+            res = json.loads(text)
+        except ValueError as e:
+            raise ValueError(f"{os.path.join(results_dir, n)}: not JSON ({e})") from None
+        if not isinstance(res, dict) or "machine" not in res:
+            continue                                  # (not a bench results file)
+        texts[n] = text
+        runs.append((n, res))
+    if "latest.json" in texts and any(t == texts["latest.json"] for n, t in texts.items() if n != "latest.json"):
+        runs = [(n, r) for n, r in runs if n != "latest.json"]
+    return runs
+
+
+def render(results_dir: str = RESULTS, page: str = PAGE) -> str:
+    runs = load(results_dir)
+    rel = os.path.relpath(results_dir, os.path.dirname(os.path.abspath(page)))
+    col = [f"[{os.path.splitext(n)[0]}]({rel}/{n})" for n, _ in runs]
+    out = ["# Performance: every `make bench` run, side by side", "",
+           "Written by `ksm-proto bench --report` from the results files in "
+           f"[`{os.path.relpath(results_dir, ROOT)}/`]({rel}/); do not edit it by hand. Each column is one "
+           "results file (newest first), each row one key in it (`scan.pages_per_s` is "
+           "`res[\"scan\"][\"pages_per_s\"]`); \"-\" where that run did not measure it. A ratio over "
+           "repetitions reads `median (min-max, n=repetitions)`. Compare ratios within a column: the "
+           "machines, and one machine's speed from hour to hour, differ by more than the spreads inside one "
+           "run. What each part measures: `ksm-proto bench --help` and the top of `bench/run.py`.", "",
+           "## The runs", "",
+           "| results file | date | host | cores | CPU | Linux | Python | quick | parts |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for c, (n, res) in zip(col, runs):
+        mach = res.get("machine", {})
+        parts = [p for p in PARTS if p in res]
+        out.append(f"| {c} | {res.get('date', '-')} | {mach.get('host', '-')} | {mach.get('cores', '-')} | "
+                   f"{mach.get('cpu', '-')} | {mach.get('kernel', '-')} | {mach.get('python', '-')} | "
+                   f"{'yes' if res.get('quick') else 'no'} | {', '.join(parts)} |")
+    for part, title in PARTS.items():
+        rows = [(label, key, goal) for p, label, key, goal in ROWS if p == part]
+        have = [i for i, (_, res) in enumerate(runs) if part in res]
+        rows = [r for r in rows if any(get(runs[i][1], r[1]) is not None for i in have)]
+        if not have or not rows:
+            continue
+        out += ["", f"## {title}", "", "| what | key | goal | " + " | ".join(col[i] for i in have) + " |",
+                "|---|---|---|" + "---|" * len(have)]
+        for label, key, goal in rows:
+            out.append(f"| {label} | `{key}` | {goal} | " + " | ".join(cell(get(runs[i][1], key), key)
+                                                                   for i in have) + " |")
+    plots = sorted(n for n in os.listdir(results_dir) if n.endswith(".png"))
+    if plots:
+        out += ["", "## Plots kept with the results", ""]
+        out += [f"- [{n}]({rel}/{n})" for n in plots]
+    out += [""]
+    return "\n".join(out)
+
+
+def write(results_dir: str = RESULTS, page: str = PAGE) -> str:
+    text = render(results_dir, page)
+    os.makedirs(os.path.dirname(os.path.abspath(page)), exist_ok=True)
+    with open(page, "w") as f:
+        f.write(text)
+    return page

@@ -38,7 +38,7 @@ import socket
 import time
 
 
-from proto.channel import Channel
+from proto.channel import Channel, ChannelClosed
 from proto.knobs import BUSY_WHEN_MERGED, OWN, check_knob
 from proto.layout import COUNTERS, KNOBS, MAX_MMS, MM_STATS
 from proto.messages import Frame, Msg, call_payload, encode
@@ -341,11 +341,13 @@ class Ksmd:
             if self.shard != 0 and op not in FOLLOWER_OPS:
                 raise OSError(errno.EINVAL, f"{self.name} serves the leader; ask ksmd (scanner 0)")
             if op == "freeze":        # outside batch_lock: freeze takes it and keeps it until thaw
+                for_s = float(req_int(req, "for_s", 60, 1, 3600))
                 if self.frozen is None:
                     await self.batch_lock.acquire()
-                    self.frozen = asyncio.get_running_loop().call_later(
-                        float(req_int(req, "for_s", 60, 1, 3600)), self._thaw,
-                        "thawed: the supervisor did not thaw within the freeze timeout")
+                else:                 # frozen already: the timeout starts again (the supervisor renews it
+                    self.frozen.cancel()    # right before its repair, which must not meet a thawed ksmd)
+                self.frozen = asyncio.get_running_loop().call_later(
+                    for_s, self._thaw, "thawed: the supervisor did not thaw within the freeze timeout")
             elif op == "thaw":
                 self._thaw("")
             elif op == "restore":
@@ -393,6 +395,11 @@ class Ksmd:
                 try:
                     async with self.batch_lock:
                         n, ended = await self.ksm_do_scan(min(budget, BATCH * self.nshards))
+                except (PeerGone, ChannelClosed) as e:    # a scanner died: the supervisor restarts us all
+                    log.warning("%s: round cut short, another scanner is gone: %s", self.name, e)
+                    self.scan_errors += 1
+                    await asyncio.sleep(0.05)
+                    break
                 except Exception:      # a bug must not stop ksmd silently: log it, go on scanning
                     log.exception("%s: scan round failed", self.name)
                     self.scan_errors += 1

@@ -719,13 +719,7 @@ class Machine:
                     self.gone[g] = f"died {len(recent)} times within {RESTART_WINDOW:.0f}s; not restarted"
                     log.error("%s %s", g, self.gone[g])
             mark("stop")
-            frozen = False
-            if "ksmd" not in groups and "ksmd" not in self.gone:
-                try:                # the scanners between two rounds: no ptl, no pinned frame held
-                    self.ksmd.call("freeze", self.ack_timeout * 4, for_s=int(self.ack_timeout * 6) + 1)
-                    frozen = True
-                except (OSError, TimeoutError, ChannelClosed) as e:
-                    log.error("could not freeze ksmd for the repair: %s", e)
+            frozen = self._freeze(groups)
             mark("freeze")
             live = [vm for vm in list(self.vms.values()) if vm.alive]
             for vm in live:         # nothing a dead notifier may have changed stays mapped by a secondary MMU
@@ -738,9 +732,20 @@ class Machine:
                         log.error("VM %s did not drop what %s had mapped: %s", vm.name, name, e)
             mark("notifier_lost")
             try:
-                rec["repair"] = self.repair()
+                if frozen:          # renewed: the repair never meets a ksmd whose freeze ran out
+                    frozen = self._freeze(groups)
+                if frozen or "ksmd" in groups or "ksmd" in self.gone:
+                    rec["repair"] = self.repair()
+                else:               # a live ksmd may hold frame references outside any ptl: no repair
+                    log.error("ksmd could not be frozen: the frame table is not repaired")
             except Exception:          # e.g. a ptl held by a hung actor: logged; the run goes on
                 log.exception("repair after the death of %s failed", " and ".join(dead))
+            finally:
+                if frozen:          # the repair was all it had to wait for
+                    try:
+                        self.ksmd.call("thaw", self.ack_timeout * 2)
+                    except (OSError, TimeoutError, ChannelClosed) as e:
+                        log.error("could not thaw ksmd: %s", e)
             mark("repair")
             try:
                 for g in groups:
@@ -748,15 +753,22 @@ class Machine:
                         self._respawn(g, mark)
                 rec["serving_s"] = round(time.monotonic() - seen, 4)
             finally:
-                if frozen:
-                    try:
-                        self.ksmd.call("thaw", self.ack_timeout * 2)
-                    except (OSError, TimeoutError, ChannelClosed) as e:
-                        log.error("could not thaw ksmd: %s", e)
-                mark("thaw")
                 self.recoveries.append(rec)
             for g in groups:            # the next death's successor
                 self._start_spare(g)
+
+    def _freeze(self, groups: list) -> bool:
+        """Hold the leader ksmd between two rounds (no ptl, no pinned frame: the followers wait on
+        its rounds) for a repair; called again right before the repair, it renews the freeze's
+        timeout.  False if the scanners are dead (nothing to freeze) or did not answer."""
+        if "ksmd" in groups or "ksmd" in self.gone:
+            return False
+        try:
+            self.ksmd.call("freeze", self.ack_timeout * 4, for_s=int(self.ack_timeout * 6) + 1)
+            return True
+        except (OSError, TimeoutError, ChannelClosed) as e:
+            log.error("could not freeze ksmd for the repair: %s", e)
+            return False
 
     def _faultd_args(self, k: int) -> list[str]:
         return self.common_args + ["--shard", str(k), "--handlers", str(self.fault_handlers)]

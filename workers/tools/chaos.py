@@ -18,14 +18,17 @@ open (`Machine.recoveries`, the VMs' stats): a run of kills at quiet moments sho
 """
 from __future__ import annotations
 
+import fcntl
 import os
 import random
 import signal
+import struct
 import time
 
 import numpy as np
 
 from proto import MADV_MERGEABLE, PAGE_SIZE
+from proto.layout import ksm_lock_byte, lock_file, ptl_lock_byte
 
 KINDS = ("ksmd", "faultd", "vm")
 STAMP = 16
@@ -111,6 +114,27 @@ class Load:
         return out
 
 
+_FLOCK = "hhqqi4x"       # struct flock (workers.runtime.frames._flock)
+
+
+def lock_held(fd: int, byte: int) -> bool:
+    """Whether some process holds the OFD lock `byte` of the run's lock file now (F_OFD_GETLK: a test
+    that takes nothing)."""
+    got = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, struct.pack(_FLOCK, fcntl.F_WRLCK, os.SEEK_SET, byte, 1, 0))
+    return struct.unpack(_FLOCK, got)[0] != fcntl.F_UNLCK
+
+
+def aim(m, fd: int, timeout: float) -> bool:
+    """Wait (spinning, up to `timeout`) for a moment when a page-table lock or a scanners' ksm lock is
+    held: a merge or a COW is under way.  True if one came."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for mm in list(m.mm_segs):
+            if lock_held(fd, ptl_lock_byte(mm)) or lock_held(fd, ksm_lock_byte(mm)):
+                return True
+    return False
+
+
 def wait_successor(m, name: str, old_pid: int, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -133,17 +157,19 @@ def chaos(mode: str = "change_pte", scanners: int = 1, fault_handlers: int = 1, 
            "kills": {k: 0 for k in kinds}, "recovery_s": {k: [] for k in kinds}, "hit_in_flight": {k: 0 for k in kinds},
            "repairs_fixed": {k: 0 for k in kinds}, "resent_faults": 0, "ended_invalidations": 0,
            "writes": 0, "lost": 0, "bad_pages": 0, "writer_errors": [], "frame_problems": [], "failed_rounds": 0,
-           "vm_deaths_torn_down": 0}
+           "vm_deaths_torn_down": 0, "aimed": {k: 0 for k in kinds}, "aimed_hit": {k: 0 for k in kinds}}
     t_start = time.monotonic()
     with Machine(frames=frames, notifier_mode=mode, scanners=scanners, fault_handlers=fault_handlers,
                  restart_timeout=retry_s) as m:
         load = Load(m, nvms, npages, values, period_ms, rng)
         m.ksm.set(pages_to_scan=2000, sleep_millisecs=5, run=1)
         load.start()
+        lfd = os.open(lock_file(m.run), os.O_RDONLY | os.O_CLOEXEC)
         for n, kind in enumerate(order):
             time.sleep(rng.uniform(*settle))
             before = _vm_counts(load)
             nrec = len(m.recoveries)
+            aimed = n % 2 == 1 and aim(m, lfd, 1.0)   # every other kill: when a lock says work is under way
             if kind == "vm":
                 v = rng.choice(load.vms)
                 vm = v["vm"]
@@ -191,7 +217,10 @@ def chaos(mode: str = "change_pte", scanners: int = 1, fault_handlers: int = 1, 
             res["repairs_fixed"][kind] += fixed
             res["resent_faults"] += resent
             res["ended_invalidations"] += ended
-            res["hit_in_flight"][kind] += bool(fixed or resent or ended)
+            hit = bool(fixed or resent or ended)
+            res["hit_in_flight"][kind] += hit
+            res["aimed"][kind] += aimed
+            res["aimed_hit"][kind] += aimed and hit
             res["writes"] += st["writes"]
             res["lost"] += st["lost"]
             res["bad_pages"] += st["bad_pages"]
@@ -202,7 +231,8 @@ def chaos(mode: str = "change_pte", scanners: int = 1, fault_handlers: int = 1, 
                 if not ok:
                     res["writer_errors"].append(f"kill {n} ({kind}): no successor within the wait")
             if progress:
-                progress(f"{mode} s{scanners}/f{fault_handlers} kill {n + 1}/{len(order)} {kind}: "
+                progress(f"{mode} s{scanners}/f{fault_handlers} kill {n + 1}/{len(order)} {kind}"
+                         f"{' (aimed)' if aimed else ''}: "
                          f"recovered in {res['recovery_s'][kind][-1]:.3f}s, fixed {fixed}, resent {resent}, "
                          f"ended {ended}, {'ok' if not (st['errors'] or problems) else 'FAILED'}")
             m.ksm.set(run=1)
@@ -214,7 +244,8 @@ def chaos(mode: str = "change_pte", scanners: int = 1, fault_handlers: int = 1, 
         res["bad_pages"] += st["bad_pages"]
         res["frame_problems"] += m.check_frames()
         res["writer_errors"] += st["errors"]
-        res["recoveries"] = [{k: v for k, v in r.items() if k != "repair_fixes"} for r in m.recoveries]
+        os.close(lfd)
+        res["recoveries"] = list(m.recoveries)
     res["seconds"] = round(time.monotonic() - t_start, 1)
     return res
 
@@ -244,6 +275,8 @@ def summary(runs: list) -> dict:
         out["recovery_max_s"][k] = max(rs) if rs else None
         out["hit_in_flight"][k] = sum(r["hit_in_flight"].get(k, 0) for r in runs)
         out["repairs_fixed"][k] = sum(r["repairs_fixed"].get(k, 0) for r in runs)
+        out.setdefault("aimed", {})[k] = sum(r["aimed"].get(k, 0) for r in runs)
+        out.setdefault("aimed_hit", {})[k] = sum(r["aimed_hit"].get(k, 0) for r in runs)
     for key in ("writes", "lost", "bad_pages", "failed_rounds", "resent_faults", "ended_invalidations"):
         out[key] = sum(r[key] for r in runs)
     out["writer_errors"] = [e for r in runs for e in r["writer_errors"]][:20]

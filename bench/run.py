@@ -721,7 +721,7 @@ def bench_chaos(kills: int, prog, seed: int = 21) -> dict:
     out = summary(runs)
     out["configs"] = [{k: r[k] for k in ("mode", "scanners", "fault_handlers", "kills", "hit_in_flight",
                                           "aimed", "aimed_hit", "lost", "bad_pages", "failed_rounds", "writes",
-                                          "resent_faults", "ended_invalidations", "seconds")}
+                                          "resent_faults", "ended_invalidations", "orphaned_cows", "seconds")}
                       | {"recovery_p50_s": {k: pct(v, 50) if v else None for k, v in r["recovery_s"].items()},
                          "recovery_p99_s": {k: pct(v, 99) if v else None for k, v in r["recovery_s"].items()}}
                       for r in runs]

@@ -155,7 +155,7 @@ def chaos(mode: str = "change_pte", scanners: int = 1, fault_handlers: int = 1, 
     rng.shuffle(order)
     res = {"mode": mode, "scanners": scanners, "fault_handlers": fault_handlers, "seed": seed,
            "kills": {k: 0 for k in kinds}, "recovery_s": {k: [] for k in kinds}, "hit_in_flight": {k: 0 for k in kinds},
-           "repairs_fixed": {k: 0 for k in kinds}, "resent_faults": 0, "ended_invalidations": 0,
+           "repairs_fixed": {k: 0 for k in kinds}, "resent_faults": 0, "ended_invalidations": 0, "orphaned_cows": 0,
            "writes": 0, "lost": 0, "bad_pages": 0, "writer_errors": [], "frame_problems": [], "failed_rounds": 0,
            "vm_deaths_torn_down": 0, "aimed": {k: 0 for k in kinds}, "aimed_hit": {k: 0 for k in kinds}}
     t_start = time.monotonic()
@@ -173,6 +173,8 @@ def chaos(mode: str = "change_pte", scanners: int = 1, fault_handlers: int = 1, 
             if kind == "vm":
                 v = rng.choice(load.vms)
                 vm = v["vm"]
+                fname = m.faultd_name(vm.mm_id)
+                orphaned0 = _orphaned(m, fname)
                 t0 = time.monotonic()
                 os.kill(vm.pid, signal.SIGKILL)     # a process this Machine started, by its pid
                 deadline = t0 + 30
@@ -183,6 +185,7 @@ def chaos(mode: str = "change_pte", scanners: int = 1, fault_handlers: int = 1, 
                 res["vm_deaths_torn_down"] += ok
                 load.vms.remove(v)
                 rec = m.recoveries[-1] if len(m.recoveries) > nrec else None
+                orphaned = max(0, _orphaned(m, fname) - orphaned0)     # its COWs the fault handler was holding
                 nv = load.add_vm()
                 seed_new = rng.randrange(1, 2**31)
                 nv["seed"] = seed_new
@@ -196,7 +199,7 @@ def chaos(mode: str = "change_pte", scanners: int = 1, fault_handlers: int = 1, 
                 os.kill(old, signal.SIGKILL)        # a process this Machine started, by its pid
                 ok = wait_successor(m, name, old, 60)
                 dt = time.monotonic() - t0
-                rec = None
+                orphaned = 0
                 deadline = time.monotonic() + 5
                 while len(m.recoveries) <= nrec and time.monotonic() < deadline:
                     time.sleep(0.002)
@@ -217,7 +220,8 @@ def chaos(mode: str = "change_pte", scanners: int = 1, fault_handlers: int = 1, 
             res["repairs_fixed"][kind] += fixed
             res["resent_faults"] += resent
             res["ended_invalidations"] += ended
-            hit = bool(fixed or resent or ended)
+            res["orphaned_cows"] += orphaned
+            hit = bool(fixed or resent or ended or orphaned)
             res["hit_in_flight"][kind] += hit
             res["aimed"][kind] += aimed
             res["aimed_hit"][kind] += aimed and hit
@@ -234,7 +238,7 @@ def chaos(mode: str = "change_pte", scanners: int = 1, fault_handlers: int = 1, 
                 progress(f"{mode} s{scanners}/f{fault_handlers} kill {n + 1}/{len(order)} {kind}"
                          f"{' (aimed)' if aimed else ''}: "
                          f"recovered in {res['recovery_s'][kind][-1]:.3f}s, fixed {fixed}, resent {resent}, "
-                         f"ended {ended}, {'ok' if not (st['errors'] or problems) else 'FAILED'}")
+                         f"ended {ended}, orphaned {orphaned}, {'ok' if not (st['errors'] or problems) else 'FAILED'}")
             m.ksm.set(run=1)
             load.start()
         st = load.stop()
@@ -248,6 +252,13 @@ def chaos(mode: str = "change_pte", scanners: int = 1, fault_handlers: int = 1, 
         res["recoveries"] = list(m.recoveries)
     res["seconds"] = round(time.monotonic() - t_start, 1)
     return res
+
+
+def _orphaned(m, fname: str) -> int:
+    try:
+        return m.actor_call(fname, "stats", timeout=10)[0].get("orphaned", 0)
+    except (OSError, TimeoutError):
+        return 0
 
 
 def _vm_counts(load) -> dict:
@@ -277,7 +288,8 @@ def summary(runs: list) -> dict:
         out["repairs_fixed"][k] = sum(r["repairs_fixed"].get(k, 0) for r in runs)
         out.setdefault("aimed", {})[k] = sum(r["aimed"].get(k, 0) for r in runs)
         out.setdefault("aimed_hit", {})[k] = sum(r["aimed_hit"].get(k, 0) for r in runs)
-    for key in ("writes", "lost", "bad_pages", "failed_rounds", "resent_faults", "ended_invalidations"):
+    for key in ("writes", "lost", "bad_pages", "failed_rounds", "resent_faults", "ended_invalidations",
+                "orphaned_cows"):
         out[key] = sum(r[key] for r in runs)
     out["writer_errors"] = [e for r in runs for e in r["writer_errors"]][:20]
     out["frame_problems"] = [e for r in runs for e in r["frame_problems"]][:20]

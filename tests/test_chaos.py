@@ -154,3 +154,42 @@ def test_blocking_channel_calls_from_two_threads_do_not_wait_on_each_other():
     assert got == [("fast", "fast"), ("slow", "slow")]
     ch.close()
     b.close()
+
+
+@pytest.mark.parametrize("victim,n", [("faultd", 1), ("ksmd", 2)])
+def test_a_kill_during_the_recovery(ksm_machine_factory, victim, n):
+    """The successor (being promoted) or the spare is killed within 60 ms of the first death: the
+    recovery starts again, and still nothing is lost and every frame is exact."""
+    from workers.tools.chaos import Load
+    rng = random.Random(victim)
+    m = ksm_machine_factory(frames=4096, scanners=n, fault_handlers=n, restart_timeout=5.0)
+    load_ = Load(m, NVMS, NPAGES, 3, 1.0, rng)
+    m.ksm.set(pages_to_scan=2000, sleep_millisecs=5, run=1)
+    group = "ksmd" if victim == "ksmd" else victim
+    promoted = 0                # second kills that hit the promoted successor (a death the watcher sees)
+    for _ in range(3):
+        load_.start()
+        time.sleep(rng.uniform(0.3, 0.8))
+        old = m.actors[victim].pid
+        os.kill(old, signal.SIGKILL)                # processes this test's Machine started, by pid
+        time.sleep(rng.uniform(0, 0.06))
+        second = None
+        while second is None:       # (between the spare's taking and its promotion there is neither)
+            now, spare = m.actors[victim], m.spares.get(group)
+            second = now if now.pid != old else next(iter(spare.values())) if spare else None
+            time.sleep(0.001)
+        promoted += second is now
+        second.proc.kill()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            a = m.actors[victim]
+            if a.pid not in (old, second.pid) and a.proc.poll() is None and m.ready[victim].is_set():
+                break
+            time.sleep(0.01)
+        time.sleep(0.3)
+        st = load_.stop()
+        m.ksm.set(run=0)
+        assert (st["errors"], st["lost"], st["bad_pages"]) == ([], 0, 0)
+        assert m.check_frames() == []
+        m.ksm.set(run=1)
+    assert len(m.repairs) == 3 + promoted and len(m.recoveries) == 3 + promoted   # (a dead spare is not used)

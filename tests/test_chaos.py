@@ -173,11 +173,12 @@ def test_a_kill_during_the_recovery(ksm_machine_factory, victim, n):
         old = m.actors[victim].pid
         os.kill(old, signal.SIGKILL)                # processes this test's Machine started, by pid
         time.sleep(rng.uniform(0, 0.06))
-        second = None
-        while second is None:       # (between the spare's taking and its promotion there is neither)
+        second, until = None, time.monotonic() + 30
+        while second is None and time.monotonic() < until:   # (between a spare's taking and its promotion: neither)
             now, spare = m.actors[victim], m.spares.get(group)
             second = now if now.pid != old else next(iter(spare.values())) if spare else None
             time.sleep(0.001)
+        assert second is not None, f"no successor and no spare of {group}"
         promoted += second is now
         second.proc.kill()
         deadline = time.monotonic() + 60

@@ -690,7 +690,8 @@ class Machine:
         round protocol has no way to take one back into a mesh, and each owns a shard of the
         trees the others' rmap items point into).  A fault handler is restarted alone."""
         seen = time.monotonic()
-        rec = {"dead": list(dead), "seen": time.time(), "phases": {}, "serving_s": None, "repair": None}
+        rec = {"dead": list(dead), "pids": [self.actors[n].pid for n in dead], "seen": time.time(), "phases": {},
+               "serving_s": None, "repair": None}
         last = [seen]
 
         def mark(what):

@@ -293,51 +293,140 @@ def _tname(t: int) -> str:
 
 
 class BlockingChannel:
-    """A thread-safe request/reply channel over a blocking socket (parent side)."""
+    """A thread-safe request/reply channel over a blocking socket (parent side).
+
+    Calls from several threads are in flight together, each matched to its reply by its
+    correlation id: one waiting caller at a time reads the socket and hands the replies it
+    reads to their callers.  (One lock held across a whole call made any call wait behind
+    another thread's: a user's write that faults on a dead fault handler, waiting up to the
+    VM's restart timeout for the successor, kept the supervisor's recovery calls to that VM
+    (notifier_lost, reconnect) out until it failed: the successor could not be handed to the
+    VM it was waiting for, issue 21.)
+    """
 
     def __init__(self, sock: socket.socket, name: str):
         self.sock = sock
         self.name = name
-        self.lock = threading.Lock()
+        self.lock = threading.Lock()        # one sender at a time (a frame goes out whole)
         self.splitter = FrameSplitter()
-        self.ready: list[bytes] = []
+        self.ready: list[bytes] = []        # frames read by wait_ready (before any call) or not yet handed out
         self._corr = itertools.count(1)
+        self._cv = threading.Condition()
+        self._reading = False               # a caller is reading the socket for everyone
+        self._waiting: set[int] = set()     # corrs of the calls in flight
+        self._replies: dict[int, Frame] = {}
+        self._closed: str | None = None     # why the channel is unusable (every caller hears it)
 
     def call(self, type: int, payload: bytes = b"", timeout: float = 30.0, mm: int = 0) -> Frame:
         """Send one request and wait for its answer; ChannelClosed if the peer is gone or broke
         the framing (the socket is then closed), TimeoutError after `timeout` seconds."""
-        with self.lock:
+        deadline = time.monotonic() + timeout
+        with self._cv:
+            if self._closed:
+                raise ChannelClosed(self._closed)
             corr = next(self._corr)
+            self._waiting.add(corr)
+        try:
             data = encode(type, mm=mm, corr=corr, payload=payload)
-            try:
-                self.sock.settimeout(timeout)
-                self.sock.sendall(data)
-            except socket.timeout:
-                raise TimeoutError(f"{self.name}: could not send within {timeout:.1f}s") from None
-            except OSError as e:       # EPIPE, ECONNRESET: the peer is gone
-                raise ChannelClosed(f"{self.name}: peer closed the channel ({e.strerror})") from None
-            deadline = time.monotonic() + timeout
-            while True:
-                while self.ready:
-                    try:
-                        f = decode(self.ready.pop(0))
-                    except ProtocolError as e:
-                        self._broken(e)
-                    if f.corr == corr and f.type in _REPLY_TYPES:
-                        return f
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise TimeoutError(f"{self.name}: no reply within {timeout:.1f}s")
-                self.sock.settimeout(left)
+            with self.lock:
                 try:
-                    data = self.sock.recv(1 << 20)
+                    self.sock.settimeout(max(0.001, deadline - time.monotonic()))
+                    self.sock.sendall(data)
                 except socket.timeout:
-                    raise TimeoutError(f"{self.name}: no reply within {timeout:.1f}s") from None
-                except OSError as e:
+                    raise TimeoutError(f"{self.name}: could not send within {timeout:.1f}s") from None
+                except OSError as e:       # EPIPE, ECONNRESET, EBADF: the peer is gone
                     raise ChannelClosed(f"{self.name}: peer closed the channel ({e.strerror})") from None
-                if not data:
-                    raise ChannelClosed(f"{self.name}: peer closed the channel")
-                self.feed(data)
+            with self._cv:
+                while True:
+                    self._hand_out()
+                    f = self._replies.pop(corr, None)
+                    if f is not None:
+                        return f
+                    if self._closed:
+                        raise ChannelClosed(self._closed)
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise TimeoutError(f"{self.name}: no reply within {timeout:.1f}s")
+                    if self._reading:       # another caller reads; it wakes us when it hands out
+                        self._cv.wait(left)
+                        continue
+                    self._reading = True
+                    self._cv.release()
+                    try:
+                        data = self._recv(left)
+                    finally:
+                        self._cv.acquire()
+                        self._reading = False
+                        self._cv.notify_all()
+                    if data:
+                        self._feed_locked(data)
+        finally:
+            with self._cv:
+                self._waiting.discard(corr)
+                self._replies.pop(corr, None)
+
+    def _recv(self, left: float) -> bytes | None:
+        """What the socket has within `left` seconds (None: nothing yet); ChannelClosed at EOF.
+        (Called without the condition held: only the reading caller calls it.)"""
+        try:
+            r, _, _ = select.select([self.sock], [], [], left)
+        except (OSError, ValueError) as e:     # closed under us
+            self._close_all(f"{self.name}: peer closed the channel ({e})")
+            raise ChannelClosed(f"{self.name}: peer closed the channel") from None
+        if not r:
+            return None
+        try:
+            data = self.sock.recv(1 << 20)      # (readable: returns at once)
+        except (BlockingIOError, InterruptedError, socket.timeout):
+            return None
+        except OSError as e:
+            self._close_all(f"{self.name}: peer closed the channel ({e.strerror})")
+            raise ChannelClosed(f"{self.name}: peer closed the channel ({e.strerror})") from None
+        if not data:
+            self._close_all(f"{self.name}: peer closed the channel")
+            raise ChannelClosed(f"{self.name}: peer closed the channel")
+        return data
+
+    def _close_all(self, why: str) -> None:
+        with self._cv:
+            if not self._closed:
+                self._closed = why
+            self._cv.notify_all()
+
+    def _feed_locked(self, data: bytes) -> None:
+        try:
+            self.ready.extend(self.splitter.feed(data))
+        except ProtocolError as e:
+            self._closed = f"{self.name}: framing broken: {e}"
+            self._cv.notify_all()
+            self._cv.release()
+            try:
+                self._broken(e)
+            finally:
+                self._cv.acquire()
+        self._hand_out()
+
+    def _hand_out(self) -> None:
+        """Give each frame read to the call waiting for it (the condition held); others are dropped (a
+        reply to a call that timed out, as before)."""
+        handed = False
+        while self.ready:
+            raw = self.ready.pop(0)
+            try:
+                f = decode(raw)
+            except ProtocolError as e:
+                self._closed = f"{self.name}: framing broken: {e}"
+                self._cv.notify_all()
+                self._cv.release()
+                try:
+                    self._broken(e)
+                finally:
+                    self._cv.acquire()
+            if f.type in _REPLY_TYPES and f.corr in self._waiting:
+                self._replies[f.corr] = f
+                handed = True
+        if handed:
+            self._cv.notify_all()
 
     def feed(self, data: bytes) -> None:
         """Queue the frames in data; broken framing closes the channel (ChannelClosed)."""
@@ -353,6 +442,10 @@ class BlockingChannel:
         raise ChannelClosed(f"{self.name}: framing broken: {e}")
 
     def close(self):
+        with self._cv:
+            if not self._closed:
+                self._closed = f"{self.name}: channel closed"
+            self._cv.notify_all()
         try:
             self.sock.close()
         except OSError:

@@ -72,6 +72,10 @@ def test_bench_quick_modes_scaling_trace_stress_and_check_write_every_key(tmp_pa
     for mode in ("change_pte", "wrapped", "invalidate"):
         assert "secondary_faults_per_merged_page" in res["modes"][mode]
     assert res["modes"]["change_pte"]["secondary_faults_per_merged_page"] == 0
+    ch = res["chaos"]           # (--quick: 6 kills of each kind, one per configuration)
+    assert ch["kills"] == {"faultd": 6, "ksmd": 6, "vm": 6} and len(ch["configs"]) == 6
+    assert (ch["lost"], ch["bad_pages"], ch["failed_rounds"], ch["frame_problems"]) == (0, 0, 0, [])
+    assert list(tmp_path.glob("chaos-*.json"))
     assert res["modes"]["wrapped"]["secondary_faults_per_merged_page"] == 1
     assert res["stress"]["writes"] == 20000 and res["stress"]["lost"] == 0
     for mode in ("change_pte", "wrapped", "invalidate"):

@@ -76,6 +76,7 @@ class FaultHandler:
         self.cow_copies = 0
         self.reuses = 0
         self.refused = 0
+        self.orphaned = 0           # COWs parked on an APPLIED whose VM's channel closed first (it died)
         self.bound: set[int] = set()
         self._sweeping = False
         self.batched = 0            # FAULTs that waited behind another of their mm (run right after its unlock)
@@ -163,6 +164,7 @@ class FaultHandler:
         # translation (notifier_lost), or is gone
         for corr, w in list(ch.applied.items()):
             del ch.applied[corr]
+            self.orphaned += 1
             if w.__class__ is _Fault:
                 self._applied(w, f"channel of mm {ch.peer} closed before APPLIED {corr}")
             elif not w.done():
@@ -397,7 +399,7 @@ class FaultHandler:
             elif op == "stats":
                 reply = {"faults": self.faults, "cow_copies": self.cow_copies, "reuses": self.reuses,
                          "refused": self.refused, "reply_ns": self.reply_ns,
-                         "batched": self.batched, "polled": self.polled}
+                         "batched": self.batched, "polled": self.polled, "orphaned": self.orphaned}
             elif op == "ping":
                 pass
             else:

@@ -38,7 +38,7 @@ import socket
 import time
 
 
-from proto.channel import Channel
+from proto.channel import Channel, ChannelClosed
 from proto.knobs import BUSY_WHEN_MERGED, OWN, check_knob
 from proto.layout import COUNTERS, KNOBS, MAX_MMS, MM_STATS
 from proto.messages import Frame, Msg, call_payload, encode
@@ -151,15 +151,20 @@ class Ksmd:
         self.bound: set[int] = set()
         self.frozen = None             # the timer that thaws a freeze the supervisor forgot
         self.restored = asyncio.Event()
-        # knobs and cumulative counters live in the stats segment: a restarted ksmd goes on from them
+        self.load_stats()
+        if not args.restarted:
+            self.restored.set()
+
+    def load_stats(self) -> None:
+        """Knobs and cumulative counters live in the stats segment: a restarted ksmd goes on from them.
+        Read at start and again at `restore`: a restarted scanner may have been started long before
+        (the supervisor's spare, waiting to replace a dead one), while ksmd went on changing them."""
         for k in KNOBS:
             self.knobs[k] = self.stats.knob(k)
         self.knobs["scanners"] = self.nshards
         if self.shard == 0:     # (the published counters are the leader's plus the followers' reports)
             for k in ("pages_scanned", "pages_skipped", "full_scans"):
                 self.scan.c[k] = int(self.stats.counters[COUNTERS.index(k)])
-        if not args.restarted:
-            self.restored.set()
 
     async def ksm_do_scan(self, budget: int) -> tuple[int, bool]:
         """One round of the scan, its merges included; returns (pages scanned, full scan ended)."""
@@ -317,6 +322,7 @@ class Ksmd:
         """After a restart: this scanner's shard of the stable tree and the rmap items of its merged
         pages, from shared memory (the supervisor restores the followers before the leader)."""
         async with self.batch_lock:
+            self.load_stats()
             n = await self.driver.run(self.scan.restore())
             log.warning("%s: restarted; %d KSM pages and their rmap items rebuilt from shared memory", self.name, n)
             if self.shard == 0:
@@ -337,11 +343,13 @@ class Ksmd:
             if self.shard != 0 and op not in FOLLOWER_OPS:
                 raise OSError(errno.EINVAL, f"{self.name} serves the leader; ask ksmd (scanner 0)")
             if op == "freeze":        # outside batch_lock: freeze takes it and keeps it until thaw
+                for_s = float(req_int(req, "for_s", 60, 1, 3600))
                 if self.frozen is None:
                     await self.batch_lock.acquire()
-                    self.frozen = asyncio.get_running_loop().call_later(
-                        float(req_int(req, "for_s", 60, 1, 3600)), self._thaw,
-                        "thawed: the supervisor did not thaw within the freeze timeout")
+                else:                 # frozen already: the timeout starts again (the supervisor renews it
+                    self.frozen.cancel()    # right before its repair, which must not meet a thawed ksmd)
+                self.frozen = asyncio.get_running_loop().call_later(
+                    for_s, self._thaw, "thawed: the supervisor did not thaw within the freeze timeout")
             elif op == "thaw":
                 self._thaw("")
             elif op == "restore":
@@ -389,6 +397,11 @@ class Ksmd:
                 try:
                     async with self.batch_lock:
                         n, ended = await self.ksm_do_scan(min(budget, BATCH * self.nshards))
+                except (PeerGone, ChannelClosed) as e:    # a scanner died: the supervisor restarts us all
+                    log.warning("%s: round cut short, another scanner is gone: %s", self.name, e)
+                    self.scan_errors += 1
+                    await asyncio.sleep(0.05)
+                    break
                 except Exception:      # a bug must not stop ksmd silently: log it, go on scanning
                     log.exception("%s: scan round failed", self.name)
                     self.scan_errors += 1
@@ -434,8 +447,8 @@ class Ksmd:
         _, ctl = await loop.create_connection(
             lambda: Channel(f"{self.name}<-ctl", lambda ch, f: loop.create_task(self.on_ctl(ch, f)),
                             lambda ch: done.done() or done.set_result(None)), sock=ctl_sock)
-        if self.shard == 0:
-            self.publish()
+        if self.shard == 0 and not self.args.restarted:     # (a restarted one publishes at restore: until
+            self.publish()                                   # then the dead one's counters stand, or a live one's)
         ctl.send(encode(Msg.REPLY, corr=0, payload=call_payload({"ready": True})))
         worker = loop.create_task(self.scan_loop() if self.shard == 0 else self.follow_loop())
         await done

@@ -354,9 +354,11 @@ class VM:
         self._call("unregister", sub=sub)
 
     def writer_start(self, addr: int, npages: int, seed: int, count: int = 0, values: int = 4,
-                     period_ms: float = 0) -> int:
+                     period_ms: float = 0, counter: bool = False) -> int:
+        """Start a writer in the VM (VMWorker.writer); counter=True: every write its own value, each
+        checked at the next write to its page (writer_peek/writer_stop report "lost")."""
         return self._call("writer_start", addr=addr, npages=npages, seed=seed, count=count, values=values,
-                          period_ms=period_ms)[0]["id"]
+                          period_ms=period_ms, counter=counter)[0]["id"]
 
     def writer_peek(self, wid: int) -> dict:
         return self._call("writer_peek", id=wid)[0]
@@ -451,12 +453,13 @@ class Machine:
     def __init__(self, frames: int = 65536, notifier_mode: str = "change_pte", trace: str | None = None,
                  ksm_enabled: bool = True, ack_timeout: float = 10.0, call_timeout: float = 60.0,
                  knobs: dict | None = None, nodes: int = 1, scanners: int | None = None,
-                 fault_handlers: int | None = None):
+                 fault_handlers: int | None = None, restart_timeout: float = 30.0, spares: bool = True):
         if notifier_mode not in MODES:
             raise ValueError(f"notifier_mode {notifier_mode!r} is not one of {', '.join(MODES)}")
         if isinstance(frames, bool) or not isinstance(frames, int) or not 16 <= frames <= MAX_FRAMES:
             raise ValueError(f"frames={frames!r}: a machine has 16 to {MAX_FRAMES} frames")
-        for name, v in (("ack_timeout", ack_timeout), ("call_timeout", call_timeout)):
+        for name, v in (("ack_timeout", ack_timeout), ("call_timeout", call_timeout),
+                        ("restart_timeout", restart_timeout)):
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 3600:
                 raise ValueError(f"{name}={v!r} must be a number of seconds in (0, 3600]")
         check_capacity(f"a machine of {frames} frames", machine_bytes(frames))
@@ -466,6 +469,7 @@ class Machine:
         self.ksm_enabled = ksm_enabled
         self.ack_timeout = ack_timeout
         self.call_timeout = call_timeout
+        self.restart_timeout = restart_timeout  # how long a VM's fault waits for a restarted fault handler
         self.nodes = nodes
         self.initial_knobs = dict(knobs or {})
         for k, v in self.initial_knobs.items():
@@ -492,6 +496,9 @@ class Machine:
         self.gone: dict[str, str] = {}          # "ksmd" (the scanners) or a fault handler that kept dying: why
         self.restarts: dict[str, list[float]] = {}  # the same keys: when each was restarted
         self.repairs: list[dict] = []           # what each repair after a death found and fixed
+        self.recoveries: list[dict] = []        # each death: who, the phases' seconds, serving_s, the repair
+        self.use_spares = spares
+        self.spares: dict[str, dict[str, ActorProcess]] = {}   # group -> its successor, started and waiting
         self.recover_lock = threading.RLock()   # one recovery at a time; spawn_vm waits for it
         self.watch_stop = threading.Event()
         self.mm_lock = threading.RLock()        # the mm table: repair vs. tearing an mm down
@@ -536,6 +543,8 @@ class Machine:
             for ev in self.ready.values():
                 ev.set()
             self._started = True
+            for g in ["ksmd"] + self.faultd_names:
+                self._start_spare(g)
             if self.initial_knobs:
                 self.ksm.set(**self.initial_knobs)
             self.watcher = threading.Thread(target=self._watch, name="ksm-proto-watch", daemon=True)
@@ -605,10 +614,15 @@ class Machine:
                 if vm.alive and vm.actor.proc.poll() is not None and not vm.actor.expected_exit:
                     log.error("VM %s (pid %d) died with status %s: freeing its frames", vm.name, vm.pid,
                               vm.actor.proc.returncode)
+                    t0 = time.monotonic()
+                    rec = {"dead": [f"vm:{vm.name}"], "seen": time.time(), "phases": {}, "serving_s": None,
+                           "repair": None}
                     try:
                         self._teardown_vm(vm)
+                        rec["serving_s"] = round(time.monotonic() - t0, 4)     # (its frames are free again)
                     except Exception:
                         log.exception("tearing down dead VM %s", vm.name)
+                    self.recoveries.append(rec)
                     self.dead_vms.append(vm.name)
             dead = [n for n, a in list(self.actors.items()) if a.proc.poll() is not None and not a.expected_exit]
             if dead and not self.closed:
@@ -682,6 +696,15 @@ class Machine:
         The scanners are restarted together: a dead scanner takes the others down with it (the
         round protocol has no way to take one back into a mesh, and each owns a shard of the
         trees the others' rmap items point into).  A fault handler is restarted alone."""
+        seen = time.monotonic()
+        rec = {"dead": list(dead), "pids": [self.actors[n].pid for n in dead], "seen": time.time(), "phases": {},
+               "serving_s": None, "repair": None}
+        last = [seen]
+
+        def mark(what):     # (a phase's seconds, summed over its steps: the freeze and its renewal, say)
+            now = time.monotonic()
+            rec["phases"][what] = round(rec["phases"].get(what, 0) + now - last[0], 4)
+            last[0] = now
         with self.recover_lock:
             now = time.monotonic()
             groups = list(dict.fromkeys(self._group(n) for n in dead))
@@ -692,8 +715,10 @@ class Machine:
                 a.expected_exit = True
                 if name in dead:
                     log.error("%s (pid %d) died with status %s: replacing it", name, a.pid, a.proc.returncode)
-                else:
+                else:       # (killed, not asked: it may be waiting on the dead one; the repair follows)
                     log.error("%s (pid %d) stopped: the scanners restart together", name, a.pid)
+                    if a.proc.poll() is None:
+                        a.proc.kill()       # by its Popen: a process this Machine started
                 a.stop(1)
             for g in groups:
                 recent = [t for t in self.restarts.get(g, []) if now - t < RESTART_WINDOW] + [now]
@@ -701,34 +726,44 @@ class Machine:
                 if len(recent) > MAX_RESTARTS:
                     self.gone[g] = f"died {len(recent)} times within {RESTART_WINDOW:.0f}s; not restarted"
                     log.error("%s %s", g, self.gone[g])
+            mark("stop")
             program = recover(groups, self.scanner_names,
                               lambda: [vm.mm_id for vm in list(self.vms.values()) if vm.alive],
                               lambda: list(self.mm_segs), self._serves, self.nframes)
+            done = None
             try:
-                done = self._run_with_ptls(program, self._recovery_effect)
+                done = self._run_with_ptls(program, lambda e: self._recovery_effect(e, mark))
+                rec["serving_s"] = round(time.monotonic() - seen, 4)
             except Exception:          # e.g. a ptl held by a hung actor: logged; the run goes on
                 log.exception("recovery after the death of %s failed", " and ".join(dead))
-                return
+            finally:
+                rec["repair"] = done
+                self.recoveries.append(rec)
             self.repairs.append(done or {})
             if done and any(done.values()):
                 log.warning("repair after an actor's death: %s", done)
+            for g in groups:            # the next death's successor
+                self._start_spare(g)
 
     def _serves(self, actor: str, mm_id: int) -> bool:
         """Whether `actor` notifies mm mm_id: every scanner does, a fault handler the mms it serves."""
         return actor not in self.faultd_names or self.faultd_name(mm_id) == actor
 
-    def _recovery_effect(self, e):
-        """The recovery program's own effects (mm/recovery.py), as control calls to the processes."""
+    def _recovery_effect(self, e, mark=lambda what: None):
+        """The recovery program's own effects (mm/recovery.py), as control calls to the processes;
+        mark(phase) closes each phase of Machine.recoveries' record (the repair: up to the thaw)."""
         c = e.__class__
         if c is Freeze:             # the scanners between two rounds: no ptl, no pinned frame held
             if "ksmd" in self.gone:
                 return None         # (no live scanner to hold)
-            try:
+            try:                    # (again before the repair: ksmd restarts the freeze's timeout)
                 self.ksmd.call("freeze", self.ack_timeout * 4, for_s=int(self.ack_timeout * 6) + 1)
                 return True
             except (OSError, TimeoutError, ChannelClosed) as x:
                 log.error("could not freeze ksmd for the repair: %s", x)
                 return False
+            finally:
+                mark("freeze")
         if c is NotifierLost:       # nothing a dead notifier may have changed stays mapped by a secondary MMU
             vm = next((v for v in list(self.vms.values()) if v.mm_id == e.mm and v.alive), None)
             if vm is not None:
@@ -736,33 +771,71 @@ class Machine:
                     vm.actor.call("notifier_lost", self.ack_timeout * 2, peer=e.peer)
                 except (OSError, TimeoutError, ChannelClosed) as x:
                     log.error("VM %s did not drop what %s had mapped: %s", vm.name, e.peer, x)
+            mark("notifier_lost")
             return None
-        if c is Respawn:
-            if e.group not in self.gone and not self.closed:
-                self._respawn(e.group)
-            return None
-        if c is Thaw:
+        if c is Thaw:               # the repair was all ksmd had to wait for
             try:
                 self.ksmd.call("thaw", self.ack_timeout * 2)
             except (OSError, TimeoutError, ChannelClosed) as x:
                 log.error("could not thaw ksmd: %s", x)
+            mark("repair")
+            return None
+        if c is Respawn:
+            mark("repair")          # (up to here: the repair, where no thaw closed it)
+            if e.group not in self.gone and not self.closed:
+                self._respawn(e.group, mark)
             return None
         raise TypeError(f"effect {e!r} has no driver in the supervisor")
 
     def _faultd_args(self, k: int) -> list[str]:
         return self.common_args + ["--shard", str(k), "--handlers", str(self.fault_handlers)]
 
-    def _respawn(self, group: str) -> None:
-        """Start `group` again: every scanner ("ksmd"), or one fault handler; bind every VM it serves."""
+    def _new_group(self, group: str) -> dict[str, ActorProcess]:
+        """New processes for `group`, by name (not waited for): every scanner, restarted (they rebuild
+        their shards at `restore`), or one fault handler."""
+        if group == "ksmd":
+            return self._start_scanners(self.run, self.common_args, restarted=True)
+        return {group: ActorProcess(group, "workers.actors.faultd", self.run,
+                                    self._faultd_args(self.faultd_names.index(group)))}
+
+    def _start_spare(self, group: str) -> None:
+        """Start the successor of `group` now, before anything died: a Python interpreter and its imports
+        take 0.4 to 2 s on a busy 2-core machine, which would otherwise be most of a recovery (the
+        repair itself takes milliseconds).  A spare attaches the run's memory and waits: a fault
+        handler serves no mm until attach_mm, a restarted scanner neither scans nor publishes until
+        `restore` (which reloads the knobs and counters from the stats segment first)."""
+        if not self.use_spares or self.closed or group in self.gone or group in self.spares:
+            return
+        try:
+            self.spares[group] = self._new_group(group)
+        except Exception as e:          # no spare: the recovery starts a process as before
+            log.error("could not start a spare for %s: %s", group, e)
+
+    def _take_spare(self, group: str) -> dict[str, ActorProcess] | None:
+        spare = self.spares.pop(group, None)
+        if spare is not None and any(a.proc.poll() is not None for a in spare.values()):
+            for a in spare.values():    # (one of them died while waiting: not used)
+                a.expected_exit = True
+                a.stop(1)
+            return None
+        return spare
+
+    def _stop_spares(self) -> None:
+        for group in list(self.spares):
+            for a in self.spares.pop(group).values():
+                a.expected_exit = True
+                a.stop(2)
+
+    def _respawn(self, group: str, mark=lambda what: None) -> None:
+        """Start `group` again: every scanner ("ksmd"), or one fault handler; bind every VM it serves.
+        Its spare (started beforehand, `_start_spare`) if it has one, else new processes."""
         if group == "ksmd":
             self._wipe_rmaps()          # the new scanners rebuild their items (restore)
-            new = self._start_scanners(self.run, self.common_args, restarted=True)
-        else:
-            new = {group: ActorProcess(group, "workers.actors.faultd", self.run,
-                                       self._faultd_args(self.faultd_names.index(group)))}
+        new = self._take_spare(group) or self._new_group(group)
         try:
             for a in new.values():
                 a.wait_ready(30)
+            mark("start")
         except Exception as e:
             for a in new.values():
                 a.stop(1)
@@ -782,12 +855,14 @@ class Machine:
                         theirs.close()
                 except (OSError, TimeoutError, ChannelClosed) as e:
                     log.error("VM %s could not reconnect to the new %s: %s", vm.name, name, e)
+        mark("reconnect")
         if group == "ksmd":         # each its own shard; the followers first: the leader then starts the rounds
             for name in self.scanner_names[1:] + self.scanner_names[:1]:
                 try:
                     new[name].call("restore", max(60.0, self.call_timeout))
                 except (OSError, TimeoutError, ChannelClosed) as e:
                     log.error("the new %s could not restore its state: %s", name, e)
+        mark("restore")
         for name, a in new.items():
             log.warning("%s restarted as pid %d", name, a.pid)
             self.ready[name].set()
@@ -918,6 +993,7 @@ class Machine:
                 for a in [fname] + self.scanner_names:     # its fault handler, then every scanner
                     ends.append(self._bind(a, mm_id, name))
                 args = ["--mode", self.mode, "--ack-timeout", str(self.ack_timeout), "--mm", str(mm_id),
+                        "--restart-timeout", str(self.restart_timeout),
                         f"--name={name}", "--ksm", str(int(self.ksm_enabled)),
                         "--fault-fd", str(ends[0].fileno()), f"--fault-peer={fname}"]
                 for e in ends[1:]:
@@ -1069,6 +1145,7 @@ class Machine:
                         log.error("closing VM %s: %s", vm.name, e)
             for actor in getattr(self, "scanner_procs", [])[::-1] + getattr(self, "faultds", []):
                 actor.stop(5)       # (the leader last: the others serve it)
+            self._stop_spares()
         finally:
             self.watch_stop.set()
             self._unlink_all()

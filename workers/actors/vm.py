@@ -90,7 +90,8 @@ class VMWorker:
         self.fault_ready = asyncio.Event()   # set while fault_ch is a live channel to the fault handler
         self.notifier_losses = {p: 0 for p in [self.fault_peer] + self.scanner_peers}
         self.refused = 0                     # frames refused on a notifier channel (wrong mm or type)
-        self.fault_retries = 0
+        self.fault_retries = 0               # faults sent again to a restarted fault handler
+        self.ended_on_loss = 0               # invalidations a lost notifier had started, ended here
         self.fast_replies = 0                # fault replies read on the socket itself (_reply_now)
         self.polled_replies = 0              # of which came while it polled (fault_poll_us), before sleeping
         self.writers: dict[int, dict] = {}
@@ -138,6 +139,7 @@ class VMWorker:
         log.warning("%s: lost the %s channel: ended %d open invalidation(s), dropped all translations",
                     self.name, ch.peer, opened)
         for s, n in ended.items():
+            self.ended_on_loss += n
             if self.tr:
                 for _ in range(n):
                     self.tr.recv(ch.peer, "END", self.mm_id, s, 0, 0, 0, 0, 0)
@@ -478,7 +480,7 @@ class VMWorker:
 
     # ------------------------------------------------------------------ workloads
     async def writer(self, wid: int, addr: int, npages: int, seed: int, count: int, values: int,
-                     period_ms: float) -> None:
+                     period_ms: float, counter: bool = False) -> None:
         """Write `count` pages (count 0: until stopped) from a seeded RNG.
 
         Write k fills page rng.randrange(npages) with the byte rng.randrange(values) + 1 and
@@ -486,10 +488,23 @@ class VMWorker:
         replays the same RNG to know every byte, independently of this process.  values=0
         instead stamps a growing counter into each page in turn: pages that never settle;
         values=-v fills each page in turn with the byte v.
+
+        counter=True (values > 0): every write carries a value of its own, so that no lost write
+        can hide behind a later equal one, and pages still keep becoming identical.  The writes to
+        a page alternate: a *stamp* (its first 16 bytes: the write's number k+1 and the seed, the
+        rest of the page left as it is) then a *fill* (the whole page the byte drawn for write k),
+        stamp, fill...: each write changes the page to bytes it never had (a fill follows a stamp,
+        which no other write wrote).  Before each write the writer reads the page back
+        (`counter_expect`: the page as the writes so far left it, from the first write on) and
+        counts a mismatch in st["lost"] (the first few in st["lost_pages"]): a lost write is seen
+        at the next write to its page, under load, not only in the final bytes.  The parent replays
+        the same sequence (workers.tools.chaos.counter_sequence).
         """
         st = self.writers[wid]
         rng = random.Random(seed)
         k = 0
+        if counter:
+            return await self._counter_writer(st, rng, addr, npages, seed, count, values, period_ms)
         try:
             while not st["stop"] and (count == 0 or k < count):
                 if values < 0:          # fill mode: every page in turn gets the byte -values
@@ -503,6 +518,45 @@ class VMWorker:
                     page = rng.randrange(npages)
                     val = rng.randrange(values) + 1
                     await self.access(addr + page * PAGE_SIZE, PAGE_SIZE, True, bytes([val]) * PAGE_SIZE)
+                k += 1
+                st["done"] = k
+                if period_ms:
+                    await asyncio.sleep(period_ms / 1000)
+                elif k % 64 == 0:
+                    await asyncio.sleep(0)
+        except Exception as e:   # reported by writer_stop
+            st["error"] = repr(e)
+
+    async def _counter_writer(self, st: dict, rng, addr: int, npages: int, seed: int, count: int, values: int,
+                              period_ms: float) -> None:
+        """VMWorker.writer with counter=True (see there)."""
+        stamped = [False] * npages          # the page's last write was a stamp (the next is a fill)
+        expect: list = [None] * npages      # (fill byte, stamp bytes or None) once the page was written
+        tail = 8                            # bytes read back from the page's end (the fill shows there)
+        k = 0
+        try:
+            while not st["stop"] and (count == 0 or k < count):
+                page = rng.randrange(npages)
+                val = rng.randrange(values) + 1
+                pa = addr + page * PAGE_SIZE
+                want = expect[page]
+                if want is not None:        # read back what the writes so far left there
+                    head = bytes(await self.access(pa, 16, False))
+                    end = bytes(await self.access(pa + PAGE_SIZE - tail, tail, False))
+                    fill, stamp = want
+                    if end != bytes([fill]) * tail or head != (stamp or bytes([fill]) * 16):
+                        st["lost"] += 1
+                        if len(st["lost_pages"]) < 8:
+                            st["lost_pages"].append({"page": page, "write": k, "head": head.hex(),
+                                                     "expected": (stamp or bytes([fill]) * 16).hex()})
+                if stamped[page]:
+                    await self.access(pa, PAGE_SIZE, True, bytes([val]) * PAGE_SIZE)
+                    expect[page] = (val, None)
+                else:
+                    stamp = (k + 1).to_bytes(8, "little") + (seed & (2**64 - 1)).to_bytes(8, "little")
+                    await self.access(pa, 16, True, stamp)
+                    expect[page] = (want[0], stamp) if want is not None else None
+                stamped[page] = not stamped[page]
                 k += 1
                 st["done"] = k
                 if period_ms:
@@ -527,7 +581,7 @@ class VMWorker:
                               "change_pte": s.has_change_pte} for s in self.subs.values()},
             "notifier_losses": dict(self.notifier_losses),
             "refused": self.refused,
-            "fault_retries": self.fault_retries,
+            "fault_retries": self.fault_retries, "ended_on_loss": self.ended_on_loss,
             "fast_replies": self.fast_replies, "polled_replies": self.polled_replies,
         }
 
@@ -587,22 +641,26 @@ class VMWorker:
                 check_range("access", addr, npages * PAGE_SIZE, self.task_size)
                 seed, count = req_int(req, "seed"), req_int(req, "count", 0, 0, 2**63 - 1)
                 values = req_int(req, "values", 4, -255, 255)
+                counter = bool(req.get("counter", False))
+                if counter and values <= 0:
+                    raise OSError(errno.EINVAL, f"a counter writer draws its fills from values > 0, not {values}")
                 period = req.get("period_ms", 0)
                 if isinstance(period, bool) or not isinstance(period, (int, float)) or not 0 <= period <= 3.6e6:
                     raise OSError(errno.EINVAL, f"period_ms must be a number in [0, 3600000], not {period!r}")
                 wid = len(self.writers)
-                self.writers[wid] = {"stop": False, "done": 0, "error": None}
+                self.writers[wid] = {"stop": False, "done": 0, "error": None, "lost": 0, "lost_pages": []}
                 self.writers[wid]["task"] = asyncio.get_running_loop().create_task(self.writer(
-                    wid, addr, npages, seed, count, values, float(period)))
+                    wid, addr, npages, seed, count, values, float(period), counter))
                 reply["id"] = wid
             elif op == "writer_peek":
                 st = self.writers[req_int(req, "id")]
-                reply = {"done": st["done"], "finished": st["task"].done(), "error": st["error"]}
+                reply = {"done": st["done"], "finished": st["task"].done(), "error": st["error"],
+                         "lost": st["lost"], "lost_pages": st["lost_pages"]}
             elif op == "writer_stop":
                 st = self.writers[req_int(req, "id")]
                 st["stop"] = True
                 await asyncio.wait_for(st["task"], self.args.ack_timeout * 4)
-                reply = {"done": st["done"], "error": st["error"]}
+                reply = {"done": st["done"], "error": st["error"], "lost": st["lost"], "lost_pages": st["lost_pages"]}
             elif op == "unregister":
                 await self.unregister(req_int(req, "sub"))
             elif op == "reconnect":          # the supervisor restarted a notifier: its new channel end

@@ -327,6 +327,7 @@ class FrameAllocator:
         with self.lock:
             mc = ft.mapcount.astype(np.int64)
             fl = ft.flags
+            old_fl = fl.copy()
             leaked = (maps == 0) & (fl != FRAME_FREE)
             revived = (maps > 0) & (fl == FRAME_FREE)
             recount = (maps > 0) & (mc != maps)
@@ -340,8 +341,14 @@ class FrameAllocator:
             ft.free_stack[:len(free)] = free
             ft.hdr[FTH_FREE_TOP] = len(free)
             stack_changed = not np.array_equal(old_stack, np.sort(free.astype(np.int64)))
+            fixed = np.flatnonzero(leaked | revived | recount)
+            # what the dead actor left, frame by frame (the first 8): the frame, its mapcount and flags
+            # before, and the mappings the PTEs have (a pinned KSM frame: one over; a new frame no PTE
+            # took, or an old one never put: mapped 0 times)
+            fixes = [{"pfn": int(p), "mapcount": int(mc[p]), "mapped": int(maps[p]), "flags": int(old_fl[p])}
+                     for p in fixed[:8]]
         return {"freed": int(leaked.sum()), "recounted": int((recount & ~revived).sum()),
-                "revived": int(revived.sum()), "free_stack_changed": int(stack_changed)}
+                "revived": int(revived.sum()), "free_stack_changed": int(stack_changed), "fixes": fixes}
 
     def pin_ksm(self, pfn: int, node: int) -> bool:
         """Take a reference on KSM frame pfn if it is still the KSM page of stable node `node`.

@@ -96,6 +96,17 @@ ROWS = [
     ("estimate", "peak memory, 4x duplicates (bytes per input page)", "estimate.dup4.memory_bytes_per_page", ""),
     ("estimate", "peak memory, unique pages (bytes per input page)", "estimate.unique.memory_bytes_per_page", ""),
     ("estimate", "same counters as the scanner at stability", "estimate.same_as_scanner", "yes"),
+    *[("chaos", f"kill -9 {k}: {what}", f"chaos.{key}.{k}", goal)
+      for k in ("ksmd", "faultd", "vm") for what, key, goal in (
+          ("kills", "kills", ">= 50"), ("death seen to successor serving p50 (s)", "recovery_p50_s", ""),
+          ("death seen to successor serving p99 (s)", "recovery_p99_s", "< 2"),
+          ("kills that hit a merge or COW in flight", "hit_in_flight", ""))],
+    ("chaos", "counter writes", "chaos.writes", ""),
+    ("chaos", "writes lost", "chaos.lost", "0"),
+    ("chaos", "rounds with a frame problem or a writer error", "chaos.failed_rounds", "0"),
+    ("web", "run with the page open / closed, wall seconds", "web.ratio_spread", "<= 1.05x"),
+    ("web", "the same, CPU seconds of the run's processes", "web.cpu_ratio_spread", ""),
+    ("web", "page updates per second at 65,536 frames", "web.updates_per_s_spread", ""),
 ]
 PARTS = {
     "scan": "Scanner beside ksmd on the same bytes",
@@ -106,6 +117,8 @@ PARTS = {
     "check": "ksm-proto check at bench size",
     "stress": "No lost writes (the stress)",
     "estimate": "ksm-proto estimate",
+    "chaos": "kill -9 under load (the chaos part)",
+    "web": "The web view's cost",
 }
 _STEP = re.compile(r"([^.\[]+)(?:\[([^=\]]+)=([^\]]+)\])?")
 
@@ -212,8 +225,76 @@ def render(results_dir: str = RESULTS, page: str = PAGE) -> str:
 
 
 def write(results_dir: str = RESULTS, page: str = PAGE) -> str:
+    """Write the page; from the project's own results into its own page, the README's headline too."""
     text = render(results_dir, page)
     os.makedirs(os.path.dirname(os.path.abspath(page)), exist_ok=True)
     with open(page, "w") as f:
         f.write(text)
+    if os.path.realpath(results_dir) == os.path.realpath(RESULTS) and os.path.realpath(page) == os.path.realpath(PAGE):
+        write_headline()
     return page
+
+
+# ---------------------------------------------------------------------------- the README's headline figures
+README = os.path.join(ROOT, "README.md")
+BEGIN, END = "<!-- headline: written by `ksm-proto bench --report` -->", "<!-- /headline -->"
+
+
+def _ms(v) -> str:
+    return "-" if v is None else f"{v * 1000:,.0f} ms"
+
+
+# (what, the keys it reads, how it reads): each figure from the newest results file that has all its keys
+HEADLINE = [
+    ("Scanning: pages/s against the kernel's ksmd on the same bytes (1 GiB of 4x duplicates)",
+     ("scan.ratio_vs_kernel_spread", "scan.scanners"),
+     lambda r: f"{cell(get(r, 'scan.ratio_vs_kernel_spread'))}x with {get(r, 'scan.scanners')} scanners"),
+    ("A COW fault of a merged page, p50 and its ratio to a pipe ping-pong between two processes",
+     ("cow.p50_us", "cow.ratio_vs_pipe_spread"),
+     lambda r: f"{cell(get(r, 'cow.p50_us'))} us, {cell(get(r, 'cow.ratio_vs_pipe_spread'))}x the pipe"),
+    ("No lost write: racing writes and COW faults of merged pages over the three notifier modes",
+     ("stress.writes", "stress.cow_faults_merged", "stress.lost"),
+     lambda r: f"{cell(get(r, 'stress.writes'))} writes, {cell(get(r, 'stress.cow_faults_merged'))} COW faults, "
+               f"{cell(get(r, 'stress.lost'))} lost"),
+    ("kill -9 under load: kills of ksmd / fault handlers / VMs, writes lost, recovery p99",
+     ("chaos.kills", "chaos.lost", "chaos.recovery_p99_s"),
+     lambda r: " / ".join(f"{get(r, 'chaos.kills.' + k)}" for k in ("ksmd", "faultd", "vm"))
+               + f" kills, {get(r, 'chaos.lost')} lost, p99 "
+               + " / ".join(_ms(get(r, 'chaos.recovery_p99_s.' + k)) for k in ("ksmd", "faultd", "vm"))),
+    ("The interleaving checker: random schedules per notifier mode, and the `--break`s it catches",
+     ("check.modes.change_pte", "check.breaks"),
+     lambda r: f"{cell(get(r, 'check.modes.change_pte'), 'check.modes.change_pte')} (change_pte); "
+               f"{cell(get(r, 'check.breaks'), 'check.breaks')} breaks caught in every mode"),
+]
+
+
+def headline(results_dir: str = RESULTS) -> str:
+    """The README's table of headline figures, each with the results file, date and host it comes from."""
+    runs = load(results_dir)
+    rel = os.path.relpath(results_dir, ROOT)
+    out = [BEGIN, "", "| what | figure | from (date, host) |", "|---|---|---|"]
+    for what, keys, fmt in HEADLINE:
+        src = next(((n, r) for n, r in runs if all(get(r, k) is not None for k in keys)), None)
+        if src is None:
+            out.append(f"| {what} | - | no results file has it |")
+            continue
+        n, r = src
+        mach = r.get("machine", {})
+        out.append(f"| {what} | {fmt(r)} | [{n}]({rel}/{n}) ({str(r.get('date', '-'))[:10]}, "
+                   f"{mach.get('host', '-')}, {mach.get('cores', '?')} cores) |")
+    out += ["", END]
+    return "\n".join(out)
+
+
+def write_headline(readme: str = README, results_dir: str = RESULTS) -> bool:
+    """Rewrite the block between the markers in the README; False where it has no such block."""
+    with open(readme) as f:
+        text = f.read()
+    a, b = text.find(BEGIN), text.find(END)
+    if a < 0 or b < a:
+        return False
+    new = text[:a] + headline(results_dir) + text[b + len(END):]
+    if new != text:
+        with open(readme, "w") as f:
+            f.write(new)
+    return True

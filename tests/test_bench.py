@@ -148,3 +148,15 @@ def test_report_of_a_broken_results_file_names_it(tmp_path):
                         str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.startswith(f"ksm-proto bench --report: {tmp_path / 'x.json'}: not JSON")
     assert "Traceback" not in r.stderr and not (tmp_path / "p.md").exists()
+
+
+def test_readme_headline_is_the_report_of_the_committed_results():
+    """The README's headline figures are typed by no one: the block is what `ksm-proto bench --report`
+    writes from bench/results, each figure with the file, date and host it comes from."""
+    from bench import report
+    with open(report.README) as f:
+        text = f.read()
+    a, b = text.index(report.BEGIN), text.index(report.END) + len(report.END)
+    assert text[a:b] == report.headline(), "README.md's headline is stale: run `ksm-proto bench --report`"
+    for line in report.headline().splitlines()[4:-2]:
+        assert "](bench/results/" in line and "no results file" not in line, line

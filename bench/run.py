@@ -569,6 +569,25 @@ def bench_scaling(max_cores: int, reps: int, prog, scan_pages: int, cow_pages: i
 
 
 # ---------------------------------------------------------------------------- 5. trace
+def merge_then_cow(m: Machine, vms: list, npages: int, r: int) -> None:
+    """One round of fixed work: the VMs' pages merged again, then every page written (a COW each).
+    Merged again only after two full scans: the one that sees the COWed pages change (until then
+    pages_sharing still counts them) and the one that merges them."""
+    scans = m.ksm.stats()["full_scans"] + 2
+    m.ksm.set(run=1)
+    deadline = time.monotonic() + 120
+    while (s := m.ksm.stats())["pages_sharing"] < 2 * npages - 1 or s["full_scans"] < scans:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"round {r}: not merged: {m.ksm.stats()}")
+        time.sleep(0.0005)
+    m.ksm.set(run=0)
+    wids = [vm.writer_start(a, npages, seed=0, count=npages, values=-(r + 2)) for vm, a in vms]
+    for (vm, _), w in zip(vms, wids):
+        while not vm.writer_peek(w)["finished"]:
+            time.sleep(0.01)        # (each peek costs the VM a control call: not too often)
+        vm.writer_stop(w)
+
+
 def merge_cow_rounds(npages: int, rounds: int, trace: str | None = None) -> tuple[float, float]:
     """Fixed work: two VMs' pages merged, then every page written (a COW each), `rounds` times.
 
@@ -582,21 +601,7 @@ def merge_cow_rounds(npages: int, rounds: int, trace: str | None = None) -> tupl
         cpu0 = sum(_cpu_seconds(p) for p in pids)
         t0 = time.monotonic()
         for r in range(rounds):
-            # merged again only after two full scans: the one that sees the COWed pages change (until
-            # then pages_sharing still counts them) and the one that merges them
-            scans = m.ksm.stats()["full_scans"] + 2
-            m.ksm.set(run=1)
-            deadline = time.monotonic() + 120
-            while (s := m.ksm.stats())["pages_sharing"] < 2 * npages - 1 or s["full_scans"] < scans:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"round {r}: not merged: {m.ksm.stats()}")
-                time.sleep(0.0005)
-            m.ksm.set(run=0)
-            wids = [vm.writer_start(a, npages, seed=0, count=npages, values=-(r + 2)) for vm, a in vms]
-            for (vm, _), w in zip(vms, wids):
-                while not vm.writer_peek(w)["finished"]:
-                    time.sleep(0.01)        # (each peek costs the VM a control call: not too often)
-                vm.writer_stop(w)
+            merge_then_cow(m, vms, npages, r)
         wall = time.monotonic() - t0
         return wall, sum(_cpu_seconds(p) for p in pids) - cpu0
 
@@ -698,19 +703,7 @@ def web_rounds(npages: int, rounds: int, driver=None) -> dict:
             cpu0, own0, br0 = sum(_cpu_seconds(p) for p in pids), time.process_time(), _chromium_cpu()
             t0 = time.monotonic()
             for r in range(rounds):
-                scans = m.ksm.stats()["full_scans"] + 2
-                m.ksm.set(run=1)
-                deadline = time.monotonic() + 120
-                while (s := m.ksm.stats())["pages_sharing"] < 2 * npages - 1 or s["full_scans"] < scans:
-                    if time.monotonic() > deadline:
-                        raise TimeoutError(f"round {r}: not merged: {m.ksm.stats()}")
-                    time.sleep(0.0005)
-                m.ksm.set(run=0)
-                wids = [vm.writer_start(a, npages, seed=0, count=npages, values=-(r + 2)) for vm, a in vms]
-                for (vm, _), w in zip(vms, wids):
-                    while not vm.writer_peek(w)["finished"]:
-                        time.sleep(0.01)
-                    vm.writer_stop(w)
+                merge_then_cow(m, vms, npages, r)
             wall = time.monotonic() - t0
             out = {"seconds": wall, "cpu_seconds": sum(_cpu_seconds(p) for p in pids) - cpu0,
                    "supervisor_cpu_seconds": time.process_time() - own0, "browser_cpu_seconds": _chromium_cpu() - br0}

@@ -397,14 +397,18 @@ class BlockingChannel:
         try:
             self.ready.extend(self.splitter.feed(data))
         except ProtocolError as e:
-            self._closed = f"{self.name}: framing broken: {e}"
-            self._cv.notify_all()
-            self._cv.release()
-            try:
-                self._broken(e)
-            finally:
-                self._cv.acquire()
+            self._framing_broken(e)
         self._hand_out()
+
+    def _framing_broken(self, e: ProtocolError) -> None:
+        """The stream is garbage from here on: closed for every caller (told with the condition let go)."""
+        self._closed = f"{self.name}: framing broken: {e}"
+        self._cv.notify_all()
+        self._cv.release()
+        try:
+            self._broken(e)
+        finally:
+            self._cv.acquire()
 
     def _hand_out(self) -> None:
         """Give each frame read to the call waiting for it (the condition held); others are dropped (a
@@ -415,13 +419,9 @@ class BlockingChannel:
             try:
                 f = decode(raw)
             except ProtocolError as e:
-                self._closed = f"{self.name}: framing broken: {e}"
-                self._cv.notify_all()
-                self._cv.release()
-                try:
-                    self._broken(e)
-                finally:
-                    self._cv.acquire()
+                self._framing_broken(e)
+                self.ready.clear()          # (nothing after a broken frame can be trusted)
+                break
             if f.type in _REPLY_TYPES and f.corr in self._waiting:
                 self._replies[f.corr] = f
                 handed = True

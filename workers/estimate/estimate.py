@@ -67,6 +67,7 @@ import numpy as np
 from proto.knobs import DEFAULTS, check_knob
 from proto.layout import PAGE_SIZE
 
+from workers.mm.ksm.merge import MERGE_TWO_PAGES, MERGE_WITH_KSM_PAGE, cmp_and_merge_decision
 from workers.mm.ksm.stable_tree import StableTree
 from workers.estimate.memsource import FileSource, NodeMap, PidSource, Source, SourceError, all_pids, dir_sources
 from workers.mm.ksm.pagehash import _digest, default_threads, start_page_digests
@@ -104,11 +105,12 @@ def content_outcome(n: int, max_page_sharing: int) -> tuple[int, int, int, int]:
     key, waiting, r = 0, -1, 0
     while r < n:
         d = tree.candidate(key, m, lambda _d: True)
-        if d >= 0:                                   # stable tree: a dup with room takes the next pages
+        kind = cmp_and_merge_decision(d, waiting >= 0)
+        if kind == MERGE_WITH_KSM_PAGE:              # stable tree: a dup with room takes the next pages
             take = min(m - int(tree.count[d]), n - r)
             tree.count[d] += take
             r += take
-        elif waiting >= 0:                           # unstable tree hit: the two become a new KSM page
+        elif kind == MERGE_TWO_PAGES:                # unstable tree hit: the two become a new KSM page
             d = tree.insert(key)
             tree.count[d] = 2
             waiting = -1

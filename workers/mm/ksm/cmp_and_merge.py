@@ -13,8 +13,8 @@ from proto.layout import FRAME_KSM, PAGE_SHIFT, PTE_PRESENT
 
 from workers.mm.ksm.stable_tree import HAS, STABLE, UNSTABLE, should_skip
 from workers.mm.effects import FLAGS, PTE, ZERO_KEY, Checksum, Load
-from workers.mm.ksm.merge import (MERGE_TWO_PAGES, MERGE_WITH_KSM_PAGE, MERGE_WITH_ZERO_PAGE, merge_in_groups,
-                                  try_to_merge_pages)
+from workers.mm.ksm.merge import (MERGE_TWO_PAGES, MERGE_WITH_KSM_PAGE, MERGE_WITH_ZERO_PAGE, cmp_and_merge_decision,
+                                  merge_in_groups, try_to_merge_pages)
 from workers.mm.ksm.shard import GID_SHIFT, shard_of
 from workers.mm.ksm.mm_slot import GID_MASK, U64, MMSlot, Ops, candidates
 
@@ -263,28 +263,30 @@ class CmpAndMerge:
                 d = tree.candidate(key, maxs, self.node_alive, None if key in filling else hd)
                 if len(tree.stale) != nstale:
                     filling[key] = -1          # the head moved: look it up afresh next time
-            if d >= 0:
+            t = ulocal[key] if key in ulocal else uh
+            ts = self.slots.get(t >> GID_SHIFT) if t >= 0 and d < 0 else None
+            ti = t & GID_MASK
+            match = (ts is not None and ts.alive and bool(ts.items.flags[ti] & UNSTABLE)
+                     and (ts is not slot or ti != i))
+            if match and self.ft.mapcount[p] > 1:     # mapped twice: maybe shared with a fork child
+                tpte = int((yield Load(PTE, ts.id, ti)))
+                if tpte & PTE_PRESENT and tpte >> PAGE_SHIFT == p:
+                    continue    # the tree page is this very frame (fork): no KSM page for a forked page
+            kind = cmp_and_merge_decision(d, match)
+            if kind == MERGE_WITH_KSM_PAGE:
                 count[d] += 1
                 filling[key] = d
                 rows_st.append((s, i, p, d))
                 continue
-            t = ulocal[key] if key in ulocal else uh
-            if t >= 0:
-                ts = self.slots.get(t >> GID_SHIFT)
-                ti = t & GID_MASK
-                if ts is not None and ts.alive and (ts.items.flags[ti] & UNSTABLE) and (ts is not slot or ti != i):
-                    if self.ft.mapcount[p] > 1:     # mapped twice: maybe shared with a fork child
-                        tpte = int((yield Load(PTE, ts.id, ti)))
-                        if tpte & PTE_PRESENT and tpte >> PAGE_SHIFT == p:
-                            continue    # the tree page is this very frame (fork): no KSM page for a forked page
-                    ulocal[key] = -1
-                    ts.items.flags[ti] &= ~np.uint8(UNSTABLE)
-                    self.c["pages_unshared"] -= 1
-                    d = tree.insert(key, None if key in filling else hd)
-                    tree.count[d] = 2
-                    filling[key] = d
-                    rows_pair.append((s, i, p, d, ts.id, ti))
-                    continue
+            if kind == MERGE_TWO_PAGES:
+                ulocal[key] = -1
+                ts.items.flags[ti] &= ~np.uint8(UNSTABLE)
+                self.c["pages_unshared"] -= 1
+                d = tree.insert(key, None if key in filling else hd)
+                tree.count[d] = 2
+                filling[key] = d
+                rows_pair.append((s, i, p, d, ts.id, ti))
+                continue
             ulocal[key] = (s << GID_SHIFT) | i
             slot.items.flags[i] |= np.uint8(UNSTABLE)
             self.c["pages_unshared"] += 1

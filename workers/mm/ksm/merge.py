@@ -51,6 +51,20 @@ class MergeKind(IntEnum):
 
 # (plain ints, for the numpy arrays of a batch's merges: Ops.kind)
 MERGE_WITH_KSM_PAGE, MERGE_TWO_PAGES, MERGE_WITH_ZERO_PAGE = (int(k) for k in MergeKind)
+WAIT_IN_UNSTABLE_TREE = -1
+
+
+def cmp_and_merge_decision(stable_dup: int, unstable_match: bool) -> int:
+    """cmp_and_merge_page's rule for a page of a content (its checksum unchanged since the last scan):
+    a stable dup of the content with room (stable_dup >= 0: stable_tree_search found it) takes the
+    page; else an unstable tree page of the content (unstable_tree_search_insert) makes the two a new
+    KSM page; else the page waits in the unstable tree.  The scanner (page by page, and in its batch
+    form) and `ksm-proto estimate` (its replay of a content's copies) both decide so."""
+    if stable_dup >= 0:
+        return MERGE_WITH_KSM_PAGE
+    if unstable_match:
+        return MERGE_TWO_PAGES
+    return WAIT_IN_UNSTABLE_TREE
 
 
 def try_to_merge_pages(scan, ops):

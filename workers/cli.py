@@ -81,7 +81,8 @@ def load_vms(m, sc: Scenario, rep: Reporter) -> dict:
                 vm = parent.fork(spec.name, device=spec.device)
                 regions = [(addr, dataclasses.replace(r, writer=None), data) for addr, r, data in inherited]
             else:
-                vm = m.spawn_vm(spec.name, pages=sc.address_space(spec), device=spec.device, node=spec.node)
+                vm = m.spawn_vm(spec.name, pages=sc.address_space(spec), device=spec.device, node=spec.node,
+                               domain=spec.domain)
                 regions = []
             if spec.merge_any:
                 vm.prctl(PR_SET_MEMORY_MERGE, 1)
@@ -418,6 +419,13 @@ def main(argv=None) -> int:
         description="What KSM would reach at stability on real pages, with the scanner's hashing and tree rules. "
                     "Exit status: 0 done, 1 some input could not be read (the rest counted), 2 bad usage or "
                     "nothing readable, 3 --verify-kernel failed or the kernel's counters differ."))
+    from . import sidechannel
+    sidechannel.add_arguments(sub.add_parser(
+        "sidechannel", help="the dedup timing side channel: attack ksm-proto (or --kernel) and its defences",
+        description="A victim holds a secret page or not; an attacker times a write to its guess after the "
+                    "scanner ran. Prints AUC, accuracy, the write latencies and the memory the defence keeps "
+                    "saved (see docs/security.md). Exit status: 0 done, 1 the kernel's KSM cannot be used, "
+                    "2 bad usage."))
     c.add_argument("--kill", choices=["ksmd", "faultd"],
                    help="kill -9 that actor at a point the schedule picks, then recover as the supervisor does "
                         "(ksmd: every scanner)")
@@ -437,6 +445,9 @@ def _main(p, c, args, rest) -> int:
         return estimate.cli(args)
     if rest:
         p.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.cmd == "sidechannel":
+        from . import sidechannel
+        return sidechannel.cli(args)
     if args.cmd == "check":
         if args.depth is not None and not args.exhaustive:
             c.error("--depth needs --exhaustive")

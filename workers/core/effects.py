@@ -170,6 +170,22 @@ class ZeroPagesAdd(Effect):
         return f"ksm_zero_pages {self.n:+d} (mm {self.mm})"
 
 
+class Candidates(Effect):
+    """ksmd considered pages idx of mm as merge candidates and (mitigation "vusion") treated them as
+    merged ones: write-protected.  Changes nothing: the checker's mark for its "same behaviour"
+    invariant (a write to a candidate behaves alike whether it was merged or not)."""
+    __slots__ = ("mm", "idx")
+
+    def __init__(self, mm, idx):
+        self.mm, self.idx = mm, idx
+
+    def footprint(self):
+        return _keys(PTE, self.mm, self.idx, "r")
+
+    def __repr__(self):
+        return f"candidates mm{self.mm}{_short(self.idx)}"
+
+
 class SetFrame(Effect):
     """Make frame pfn the KSM page of stable node d (flags KSM, stable d)."""
     __slots__ = ("pfn", "flags", "d")
@@ -448,6 +464,10 @@ def _zero_pages_add(m: Memory, e) -> None:
     m.zero_pages_add(e.mm, e.n)
 
 
+def _candidates(m: Memory, e) -> None:
+    return None
+
+
 def _set_frame(m: Memory, e) -> None:
     m.ft.flags[e.pfn] = e.flags
     m.ft.stable[e.pfn] = e.d
@@ -486,7 +506,7 @@ def _checksum(m: Memory, e):
 # effect class -> what runs it (one dict lookup per effect, no isinstance chain)
 APPLY_MEM = {Load: _load, Store: _store, Alloc: _alloc, Put: _put, Get: _get, PinKsm: _pin_ksm,
              ZeroPagesAdd: _zero_pages_add, SetFrame: _set_frame, CopyPages: _copy_pages, Compare: _compare,
-             Checksum: _checksum, Fsck: _fsck}
+             Checksum: _checksum, Fsck: _fsck, Candidates: _candidates}
 MEM_EFFECTS = frozenset(APPLY_MEM)
 
 

@@ -21,7 +21,12 @@ scanners never fail each other's trylock.
 
 Pins (get_ksm_page) and locks taken here are released on every path, exceptions
 included.  Each `brk` name removes one step, for the checker to show why it exists:
-`no-write-protect`, `no-recheck-pte`, `free-before-acks`, `no-ksm-lock`.
+`no-write-protect`, `no-recheck-pte`, `free-before-acks`, `no-ksm-lock`,
+`vusion-no-fake-protect` (fake_merge leaves unmerged candidates writable).
+
+`fake_merge` is VUsion's fake merging (Oliverio et al., SOSP 2017; mitigation "vusion"):
+after the batch's merges every candidate page that did not merge is write-protected too,
+as if it had, so its next write faults and copies like a write to a merged page.
 """
 from __future__ import annotations
 
@@ -30,7 +35,7 @@ import numpy as np
 from proto.layout import (FRAME_ANON, FRAME_KSM, PAGE_SHIFT, PTE_DIRTY, PTE_PRESENT, PTE_SPECIAL, PTE_WRITE,
                           PTE_YOUNG, ZERO_PFN)
 
-from .effects import (FLAGS, PTE, VMAS, Checksum, Compare, Get, Load, Lock, PinKsm, Put, SetFrame, TryLock, Unlock,
+from .effects import (FLAGS, PTE, VMAS, Candidates, Checksum, Compare, Get, Load, Lock, PinKsm, Put, SetFrame, TryLock, Unlock,
                       WaitAcks, ZeroPagesAdd, ptl)
 from .notify import set_pte_at_notify
 from .pte import mergeable_ranges
@@ -180,6 +185,50 @@ def validate(scan, ops, locked):
     return {s: np.unique(np.concatenate(v)) for s, v in pages.items()}
 
 
+def fake_merge(scan, plan_in: list, ops):
+    """VUsion's fake merging: every candidate of the batch (plan_in: [(slot, idx, pfn, keys)]) that is
+    still an anonymous, non-KSM page mapping the frame it was checksummed in is write-protected, under
+    its ptl (tried, as for a merge; with several scanners under the mm's ksm lock), then marked
+    (`Candidates`).  Merged pages are KSM pages, write-protected already."""
+    per: dict = {}
+    for slot, idx, pfn, _ in plan_in:
+        per.setdefault(slot.id, []).append((np.asarray(idx, dtype=np.int64), np.asarray(pfn, dtype=np.int64)))
+    for sid in sorted(per):
+        slot = scan.slots.get(sid)
+        if slot is None or not slot.alive:
+            continue
+        idx = np.concatenate([i for i, _ in per[sid]])
+        pfn = np.concatenate([p for _, p in per[sid]])
+        shared = scan.nshards > 1 and "no-ksm-lock" not in scan.brk
+        if shared:
+            yield Lock(ksm_lock(sid))
+        locked = False
+        try:
+            locked = yield TryLock(ptl(sid))
+            if locked:
+                pte = np.asarray((yield Load(PTE, sid, idx)))
+                flags = np.asarray((yield Load(FLAGS, None, pfn)))
+                ok = (((pte & U64(PTE_PRESENT)) != 0) & ((pte & U64(PTE_SPECIAL)) == 0)
+                      & ((pte >> U64(PAGE_SHIFT)).astype(np.int64) == pfn)
+                      & ((flags & FRAME_ANON) != 0) & ((flags & FRAME_KSM) == 0))
+                if ok.any():
+                    if "vusion-no-fake-protect" not in scan.brk:
+                        yield from write_protect_page(scan, {sid: np.unique(idx[ok])})
+                    yield Candidates(sid, np.unique(idx[ok]))
+        except GeneratorExit:
+            raise
+        except BaseException:
+            if locked:
+                yield Unlock(ptl(sid))
+            if shared:
+                yield Unlock(ksm_lock(sid))
+            raise
+        if locked:
+            yield Unlock(ptl(sid))
+        if shared:
+            yield Unlock(ksm_lock(sid))
+
+
 def write_protect_page(scan, pages: dict):
     """Clear WRITE (and DIRTY) and make every secondary MMU drop its writable translation."""
     jobs = []
@@ -203,7 +252,7 @@ def compare(scan, ops):
         r = r[eq]
         if len(r):      # the new KSM page's content is the one its node is keyed by
             keys = np.asarray((yield Checksum(ops.pfn[r])), dtype=np.int64)
-            nodes = np.array([scan.slots[s].node for s in ops.sid[r].tolist()], dtype=np.int64)
+            nodes = np.array([scan.part(scan.slots[s]) for s in ops.sid[r].tolist()], dtype=np.int64)
             same = scan.tree_keys_nodes(keys, nodes) == tree.key[ops.d[r]]
             ops.ok[r[~same]] = False
             r = r[same]

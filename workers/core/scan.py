@@ -16,6 +16,12 @@ page, `pages_to_scan` pages per wake-up.  For each present anonymous page
      frame (a page shared with a fork child) is no match and the page goes in no tree
      (unstable_tree_search_insert: "don't substitute a ksm page for a forked page").
 
+Side-channel defences (the `mitigation` knob, docs/security.md): "domain" keys both trees by
+the mm's security domain too (MMH_DOMAIN, as merge_across_nodes=0 keys them by NUMA node), so
+pages of VMs of different domains never meet; "zero" makes only zero-filled pages candidates;
+"vusion" write-protects every candidate the batch did not merge (`fake_merge`, after the
+merges), so a write to it faults and copies as a write to a merged page does (core.fault).
+
 The unstable tree is emptied at the start of every full scan.  Both trees are
 hash-indexed (ksm_tree.py).  Work is done in batches: `visit` takes each page's
 first steps, `plan` takes the decisions for a batch in the kernel's page-by-page
@@ -41,14 +47,15 @@ from __future__ import annotations
 import numpy as np
 
 from proto.knobs import DEFAULTS
-from proto.layout import (FRAME_ANON, FRAME_KSM, MMF_VM_MERGEABLE, MMH_FLAGS, MMH_NODE, PAGE_SHIFT, PAGE_SIZE,
-                          PTE_PRESENT, PTE_SPECIAL, ZERO_PFN)
+from proto.knobs import MITIGATIONS
+from proto.layout import (FRAME_ANON, FRAME_KSM, MMF_VM_MERGEABLE, MMH_DOMAIN, MMH_FLAGS, MMH_NODE, PAGE_SHIFT,
+                          PAGE_SIZE, PTE_PRESENT, PTE_SPECIAL, ZERO_PFN)
 
 from ..hashtab import HashIndex
 from ..ksm_tree import HAS, STABLE, UNSTABLE, RmapItems, StableTree, should_skip
 from .effects import (FLAGS, MMFLAGS, PTE, STABLE as STABLE_OF, VMAS, ZERO_KEY, Checksum, Load, Lock, ShardRecv,
                       ShardSend, Store, Unlock, ptl)
-from .merge import merge_in_groups, try_to_merge_pages
+from .merge import fake_merge, merge_in_groups, try_to_merge_pages
 from .pte import mergeable_ranges
 from .shard import DONE, GID_SHIFT, LEAD, ROUTED, Ctl, Done, Round, Routed, shard_of
 
@@ -60,6 +67,7 @@ COUNTER_NAMES = ("pages_shared", "pages_sharing", "pages_unshared", "pages_scann
                  "full_scans")
 SUMMED = ("pages_shared", "pages_sharing", "pages_unshared", "pages_scanned", "pages_skipped")
 STABLE_OP, PAIR_OP, ZERO_OP = 0, 1, 2
+VUSION, DOMAIN, ZERO_ONLY = (MITIGATIONS.index(k) for k in ("vusion", "domain", "zero"))
 
 
 class MMSlot:
@@ -72,6 +80,7 @@ class MMSlot:
         self.alive = True
         self.listed = False
         self.node = int(mm.hdr[MMH_NODE])
+        self.domain = int(mm.hdr[MMH_DOMAIN])      # security domain (mitigation "domain")
 
 
 class Ops:
@@ -141,15 +150,23 @@ class KsmScan:
     def local(self, g):
         return g // self.nshards
 
-    def tree_keys(self, keys: np.ndarray, node: int) -> np.ndarray:
-        if self.knobs["merge_across_nodes"] or node == 0:
-            return keys
-        return keys ^ (NODE_MIX * np.int64(node))
+    def part(self, slot: "MMSlot") -> int:
+        """The tree partition of an mm's pages: its NUMA node (merge_across_nodes=0) and its security
+        domain (mitigation "domain"); pages of different partitions never merge.  0: the one tree."""
+        p = 0 if self.knobs["merge_across_nodes"] else slot.node
+        if self.knobs.get("mitigation", 0) == DOMAIN:
+            p += (slot.domain + 1) << 8
+        return p
 
-    def tree_keys_nodes(self, keys: np.ndarray, nodes: np.ndarray) -> np.ndarray:
-        if self.knobs["merge_across_nodes"] or not nodes.any():
+    def tree_keys(self, keys: np.ndarray, part: int) -> np.ndarray:
+        if part == 0:
             return keys
-        return np.where(nodes == 0, keys, keys ^ (NODE_MIX * nodes.astype(np.int64)))
+        return keys ^ (NODE_MIX * np.int64(part))
+
+    def tree_keys_nodes(self, keys: np.ndarray, parts: np.ndarray) -> np.ndarray:
+        if not parts.any():
+            return keys
+        return np.where(parts == 0, keys, keys ^ (NODE_MIX * parts.astype(np.int64)))
 
     def node_alive(self, d: int) -> bool:
         k = int(self.tree.kpfn[d])
@@ -447,6 +464,8 @@ class KsmScan:
             else:
                 yield from merge_in_groups(self, ops)
             self.commit(ops)
+        if plan_in and self.knobs.get("mitigation", 0) == VUSION:
+            yield from fake_merge(self, plan_in, ops)
         if self.tree.stale:
             stale, self.tree.stale = self.tree.stale, []
             self.teardown_stale(stale)
@@ -517,6 +536,8 @@ class KsmScan:
         keys = yield Checksum(pfn)
         keep = keys == it.cs[idx]          # unchanged since the last visit: not volatile
         it.cs[idx] = keys
+        if self.knobs.get("mitigation", 0) == ZERO_ONLY:
+            keep &= keys == ZERO_KEY      # (mitigation "zero": only zero-filled pages are candidates)
         if keep.any():
             idx, pfn, keys = idx[keep], pfn[keep], keys[keep]
             gids = (np.int64(slot.id) << GID_SHIFT) | idx
@@ -525,7 +546,7 @@ class KsmScan:
             elif "no-shard-routing" in self.brk:     # (the break: every visitor plans its own pages)
                 dest = np.full(len(idx), self.shard, dtype=np.int64)
             else:
-                dest = shard_of(self.tree_keys(keys, slot.node), self.nshards)
+                dest = shard_of(self.tree_keys(keys, self.part(slot)), self.nshards)
                 if self.knobs["use_zero_pages"]:
                     dest[keys == ZERO_KEY] = self.shard    # merged with the zero page: no tree, no owner
             for k in np.unique(dest).tolist():
@@ -557,7 +578,7 @@ class KsmScan:
         idx = np.concatenate([i for _, i, _, _ in plan_in]).astype(np.int64)
         pfn = np.concatenate([p for _, _, p, _ in plan_in]).astype(np.int64)
         keys = np.concatenate([k for _, _, _, k in plan_in]).astype(np.int64)
-        node = np.concatenate([np.full(len(i), s.node, dtype=np.int64) for s, i, _, _ in plan_in])
+        node = np.concatenate([np.full(len(i), self.part(s), dtype=np.int64) for s, i, _, _ in plan_in])
         if self.knobs["use_zero_pages"]:
             z = keys == ZERO_KEY
             if z.any():
@@ -731,7 +752,7 @@ class KsmScan:
                 tree.release(d)
             ts, ti = self.slots.get(int(ops.tsid[r])), int(ops.tidx[r])
             if ts is not None and ts.alive and ts.items.flags[ti] & HAS:   # the tree page stays in the unstable tree
-                tk = int(self.tree_keys(np.array([ts.items.cs[ti]]), ts.node)[0])
+                tk = int(self.tree_keys(np.array([ts.items.cs[ti]]), self.part(ts))[0])
                 if self.unstable.get(tk) < 0:
                     self.unstable.put(tk, (ts.id << GID_SHIFT) | ti)
                     ts.items.flags[ti] |= np.uint8(UNSTABLE)
@@ -848,7 +869,7 @@ class KsmScan:
             maps = frames[p]
             if d < self.tree.top and self.tree.live[d]:
                 continue       # one restored already: the cursor sorts it out
-            tk = int(self.tree_keys(np.array([key], dtype=np.int64), maps[0][0].node)[0])
+            tk = int(self.tree_keys(np.array([key], dtype=np.int64), self.part(maps[0][0]))[0])
             self.tree.restore(d, tk, p, len(maps))
             found += 1
             self.c["pages_shared"] += 1

@@ -56,7 +56,7 @@ from workers import kernel_ksm  # noqa: E402
 from workers.machine import Machine  # noqa: E402
 from workers.stress import run_modes  # noqa: E402
 
-PARTS = ("scan", "cow", "modes", "scaling", "trace", "stress", "estimate", "check")
+PARTS = ("scan", "cow", "modes", "scaling", "trace", "stress", "estimate", "check", "sidechannel")
 MODES = ("change_pte", "wrapped", "invalidate")
 
 
@@ -675,6 +675,37 @@ def fs(sp: dict | None, unit: str = "x") -> str:
     return f"{sp['median']:.2f}{unit} ({sp['min']:.2f}-{sp['max']:.2f}, n={sp['n']})"
 
 
+def bench_sidechannel(trials: int, reps: int, prog, kernel_ok: bool, why: str, outdir: str) -> dict:
+    """The dedup side channel (workers/sidechannel.py): every defence side by side on the same data, reps
+    times (seeds 0..reps-1), and the same attack on the kernel; the spread of each figure over the reps,
+    and a plot of the last rep's latency distributions and ROC curves."""
+    from workers import sidechannel as sc
+    per: dict = {}
+    last = []
+    keys = ("auc", "accuracy", "saved_fraction", "within_domain_saved_fraction", "faults_per_full_scan",
+            "write_p50_all_us", "write_p99_all_us", "scan_pages_per_s")
+    for r in range(reps):
+        prog(f"sidechannel: {trials} trials, every defence (rep {r + 1}/{reps})")
+        rows = sc.compare(trials, seed=r)
+        if kernel_ok and not sc.kernel_unavailable():
+            prog(f"sidechannel: {trials} trials on the kernel (rep {r + 1}/{reps})")
+            rows.append(sc.attack_kernel(trials, seed=r))
+        for x in rows:
+            d = per.setdefault(f"{x['backend']}/{x['mitigation']}", {k: [] for k in keys + ("p50_held", "p50_not")})
+            for k in keys:
+                d[k].append(x.get(k))
+            d["p50_held"].append(x["write_p50_us"]["present"])
+            d["p50_not"].append(x["write_p50_us"]["absent"])
+        last = rows
+    out = {"trials": trials, "reps": reps, "kernel": None if kernel_ok else why,
+           "rows": {name: {k: spread(v) for k, v in d.items()} for name, d in per.items()}}
+    os.makedirs(outdir, exist_ok=True)
+    png = os.path.join(outdir, f"sidechannel-{datetime.datetime.now().strftime('%Y%m%d')}.png")
+    sc.plot(last, png)
+    out["plot"] = os.path.basename(png)
+    return out
+
+
 def bench_check(runs: int, prog, jobs: int, breaks: bool = True) -> dict:
     """`ksm-proto check` at bench size: random schedules in each mode, and every --break caught
     (tests/test_check.py catches them too; --quick leaves them to it)."""
@@ -808,6 +839,15 @@ def table(res: dict) -> str:
         rows.append(f"| estimate = scanner at stability (pages_shared, pages_sharing) | "
                     f"{e['dup4']['pages_shared']:,}, {e['dup4']['pages_sharing']:,} | "
                     f"{'same' if e['same_as_scanner'] else 'DIFFERENT'} | | |")
+    sc = res.get("sidechannel")
+    if sc:
+        rows.append(f"| sidechannel, {sc['trials']} trials x {sc['reps']} reps: AUC / saved (of undefended) / "
+                    f"faults per full scan / write p50 held, not held (us) / scan pages/s, median (min-max) | | | | |")
+        for name, d in sc["rows"].items():
+            rows.append(f"| {name} | {fs(d['auc'], '')} / {fs(d['saved_fraction'], '')} / "
+                        f"{fs(d['faults_per_full_scan'], '')} / {fs(d['p50_held'], '')}, {fs(d['p50_not'], '')} / "
+                        f"{fs(d['scan_pages_per_s'], '')} | | | "
+                        f"{'AUC >= 0.95' if name.endswith('/none') else 'AUC <= 0.6'} |")
     return "\n".join(rows)
 
 
@@ -966,6 +1006,8 @@ def main(argv=None) -> int:
                 progress.remove_task(bar)
             elif part == "check":
                 res["check"] = bench_check(100 if q else 5000, prog, a.cores, breaks=not q)
+            elif part == "sidechannel":
+                res["sidechannel"] = bench_sidechannel(200 if q else 1000, reps, prog, kernel_ok, why, a.out)
             elif part == "estimate":
                 res["estimate"] = bench_estimate(scan_pages, kernel_ok, why, prog, res.get("scan"),
                                                  rounds=1 if q else 3)

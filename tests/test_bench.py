@@ -38,6 +38,9 @@ def test_bench_quick_writes_every_key(tmp_path):
     for mode in ("change_pte", "wrapped", "invalidate"):
         assert "secondary_faults_per_merged_page" in res["modes"][mode]
     assert res["modes"]["change_pte"]["secondary_faults_per_merged_page"] == 0
+    sc = res["sidechannel"]["rows"]
+    assert sc["proto/none"]["auc"]["n"] == 2 and set(sc) >= {f"proto/{m}" for m in ("none", "vusion", "domain", "zero")}
+    assert (tmp_path / res["sidechannel"]["plot"]).exists()
     assert res["modes"]["wrapped"]["secondary_faults_per_merged_page"] == 1
     assert res["trace_overhead_ratio"] > 0 and res["scanner_bytes_per_page"] > 0
     assert res["stress"]["writes"] == 20000 and res["stress"]["lost"] == 0

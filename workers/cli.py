@@ -283,6 +283,7 @@ def cmd_check(a) -> int:
         a.scanners = doc.get("scanners")
         a.kill = doc.get("kill")
         a.scenario = doc.get("scenario")
+        a.mitigation = doc.get("mitigation")
     world_factory, breaks, scenarios = _check_world(a.world)
     if a.list_breaks:
         print("\n".join(breaks))
@@ -299,12 +300,14 @@ def cmd_check(a) -> int:
               f"{', '.join(scenarios)}", file=sys.stderr)
         return 2
     if a.scenario == "all" or (a.scenario is None and a.brk is None and doc is None):
-        runs = scenarios                    # every scenario (a break alone: the one it shows in)
+        runs = tuple(sc for sc in scenarios         # every scenario (a break alone: the one it shows in);
+                     if sc != "same" or a.mitigation == "vusion")   # "same": vusion's own
     else:
         runs = (a.scenario,)
     for mode, scenario in [(m, sc) for m in (CHECK_MODES if a.mode == "all" else (a.mode,)) for sc in runs]:
         try:
             factory = world_factory(mode, a.brk, scenario=scenario, **({"kill": a.kill} if a.kill else {}),
+                                    **({"mitigation": a.mitigation} if a.mitigation else {}),
                                     **({"scanners": a.scanners} if a.world == "ksm" else {}))
         except ValueError as e:
             print(f"ksm-proto check: {e}", file=sys.stderr)
@@ -331,6 +334,8 @@ def cmd_check(a) -> int:
                 "scanners": a.scanners}
         if a.kill:
             meta["kill"] = a.kill
+        if a.mitigation:
+            meta["mitigation"] = a.mitigation
         return _check_report(explore, tr, meta, found_by, a)
     return 0
 
@@ -426,6 +431,9 @@ def main(argv=None) -> int:
                     "scanner ran. Prints AUC, accuracy, the write latencies and the memory the defence keeps "
                     "saved (see docs/security.md). Exit status: 0 done, 1 the kernel's KSM cannot be used, "
                     "2 bad usage."))
+    c.add_argument("--mitigation", choices=["none", "vusion", "domain", "zero"],
+                   help="the side-channel defence ksmd and the fault handler run (vusion adds the scenario "
+                        "'same' and the invariant 'same behaviour')")
     c.add_argument("--kill", choices=["ksmd", "faultd"],
                    help="kill -9 that actor at a point the schedule picks, then recover as the supervisor does "
                         "(ksmd: every scanner)")

@@ -63,10 +63,10 @@ def test_undefended_leaks_defended_do_not(side_by_side):
     assert r["vusion"]["faults_per_full_scan"] == TRIALS
     # domain: nothing across domains, everything within the victim's
     assert r["domain"]["cross_domain_pages"] == 0 and r["domain"]["faults_per_full_scan"] == 0
-    assert r["domain"]["within_domain_pages"] == none["within_domain_pages"] == none["shared"]
+    assert r["domain"]["within_domain_pages"] == none["within_domain_pages"] == none["shared_pages"]
     assert r["domain"]["saved_pages"] == none["saved_pages"] - present
     # zero: only the zero-filled half of the shared pages
-    assert r["zero"]["cross_domain_pages"] == 0 and r["zero"]["within_domain_pages"] == none["shared"] // 2
+    assert r["zero"]["cross_domain_pages"] == 0 and r["zero"]["within_domain_pages"] == none["shared_pages"] // 2
 
 
 def test_cli_json_and_plot(tmp_path):

@@ -51,7 +51,7 @@ import time
 import numpy as np
 
 from proto.channel import BlockingChannel, ChannelClosed, send_fd
-from proto.knobs import DEFAULTS, OWN, check_knob
+from proto.knobs import DEFAULTS, MITIGATIONS, OWN, check_knob
 from proto.layout import (COUNTERS, KNOBS, MAX_MMS, MM_STATS, MMF_VM_MERGE_ANY, MMH_FLAGS, MMH_ID, MMH_NODE, MMH_DOMAIN,
                           MMH_NPAGES, MMH_OWNER_PID, PAGE_SHIFT, PAGE_SIZE, PTE_PRESENT, SHM_DIR, USER_BASE,
                           VM_MERGEABLE, FrameTable, MMView, RmapView, Segment, StatsView, create_lock_file,
@@ -395,6 +395,8 @@ class KSMControl:
 
     def get(self, name: str):
         v = self.m.stats.knob(name)
+        if name == "mitigation":
+            return MITIGATIONS[v]
         return ("none", "scan-time")[v] if name == "advisor_mode" else v
 
     def knobs(self) -> dict:

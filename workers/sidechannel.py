@@ -183,7 +183,7 @@ def _result(raw: dict, base: dict, mitigation: str) -> dict:
              within_domain_pages=raw["within_domain_pages"],
              within_domain_saved_fraction=(round(raw["within_domain_pages"] / base["within_domain_pages"], 4)
                                            if base["within_domain_pages"] else None),
-             cross_domain_pages=raw["cross_domain_pages"],
+             cross_domain_pages=raw["cross_domain_pages"], shared_pages=raw["shared"],
              faults_per_full_scan=raw["probe_faults"],
              write_p50_all_us=_pct(us, 50), write_p99_all_us=_pct(us, 99),
              scan_pages_per_s=raw["scan_pages_per_s"], _ns=list(map(int, raw["ns"])),

@@ -681,13 +681,16 @@ def bench_sidechannel(trials: int, reps: int, prog, kernel_ok: bool, why: str, o
     and a plot of the last rep's latency distributions and ROC curves."""
     from workers import sidechannel as sc
     per: dict = {}
-    last = []
+    last, skipped = [], []
     keys = ("auc", "accuracy", "saved_fraction", "within_domain_saved_fraction", "faults_per_full_scan",
             "write_p50_all_us", "write_p99_all_us", "scan_pages_per_s")
     for r in range(reps):
         prog(f"sidechannel: {trials} trials, every defence (rep {r + 1}/{reps})")
         rows = sc.compare(trials, seed=r)
-        if kernel_ok and not sc.kernel_unavailable():
+        busy = sc.kernel_unavailable() if kernel_ok else why
+        if busy:
+            skipped.append(f"rep {r + 1}: {busy}")
+        else:
             prog(f"sidechannel: {trials} trials on the kernel (rep {r + 1}/{reps})")
             rows.append(sc.attack_kernel(trials, seed=r))
         for x in rows:
@@ -697,12 +700,16 @@ def bench_sidechannel(trials: int, reps: int, prog, kernel_ok: bool, why: str, o
             d["p50_held"].append(x["write_p50_us"]["present"])
             d["p50_not"].append(x["write_p50_us"]["absent"])
         last = rows
-    out = {"trials": trials, "reps": reps, "kernel": None if kernel_ok else why,
+    out = {"trials": trials, "reps": reps, "kernel_skipped": skipped,
            "rows": {name: {k: spread(v) for k, v in d.items()} for name, d in per.items()}}
     os.makedirs(outdir, exist_ok=True)
     png = os.path.join(outdir, f"sidechannel-{datetime.datetime.now().strftime('%Y%m%d')}.png")
     sc.plot(last, png)
     out["plot"] = os.path.basename(png)
+    out["last_rep"] = [sc.public(x) for x in last]
+    with open(os.path.join(outdir, f"sidechannel-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}.json"),
+              "w") as f:        # (its own file too: a whole bench's latest.json keeps the other parts)
+        json.dump(out, f, indent=2)
     return out
 
 

@@ -122,3 +122,41 @@ def test_kernel_attack_leaks():
     assert r["auc"] >= 0.95
     from workers.kernel_ksm import read_knob
     assert read_knob("run") == "0"
+
+
+def test_domain_scenario_key_and_api_errors():
+    from workers.scenario import ScenarioError, parse
+    doc = {"ksm": {"mitigation": "domain"},
+           "vm": [{"name": "a", "domain": 3, "region": [{"pages": 1}]}, {"name": "b", "fork_of": "a"}]}
+    sc_ = parse(doc)
+    assert [v.domain for v in sc_.vms] == [3, 3] and sc_.ksm["mitigation"] == "domain"
+    for bad, field in (({"name": "a", "domain": -1, "region": [{"pages": 1}]}, "vm[0].domain"),
+                       ({"name": "a", "domain": "x", "region": [{"pages": 1}]}, "vm[0].domain")):
+        with pytest.raises(ScenarioError, match=field.replace("[", r"\[").replace("]", r"\]")):
+            parse({"vm": [bad]})
+    with pytest.raises(ScenarioError, match=r"vm\[1\].domain"):
+        parse({"vm": [{"name": "a", "region": [{"pages": 1}]}, {"name": "b", "fork_of": "a", "domain": 1}]})
+
+
+def test_mitigation_is_busy_while_merged_and_domains_hold(ksm_machine_factory):
+    """Two VMs of different domains and a third in the first's: with "domain" the same page merges
+    only within a domain (exact counters), and the knob cannot change while pages are merged."""
+    from proto import MADV_MERGEABLE, PAGE_SIZE
+    m = ksm_machine_factory(frames=1024, mitigation="domain")
+    assert m.ksm.get("mitigation") == "domain"
+    with pytest.raises(ValueError, match="domain -1 must be an integer"):
+        m.spawn_vm("bad", pages=16, domain=-1)
+    vms = [m.spawn_vm("a", pages=16, domain=0), m.spawn_vm("b", pages=16, domain=1), m.spawn_vm("c", pages=16)]
+    for vm in vms:
+        x = vm.mmap(4 * PAGE_SIZE)
+        vm.write(x, b"\x07" * 4 * PAGE_SIZE)
+        vm.madvise(x, 4 * PAGE_SIZE, MADV_MERGEABLE)
+    m.ksm.set(pages_to_scan=1000, sleep_millisecs=0, run=1)
+    c = m.ksm.wait_full_scans(4, 60)
+    # domain 0: a and c, 8 pages, one KSM page; domain 1: b, 4 pages, another
+    assert (c["pages_shared"], c["pages_sharing"]) == (2, 10)
+    with pytest.raises(OSError, match="EBUSY"):
+        m.ksm.set(mitigation="none")
+    with pytest.raises(ValueError, match="a fork is in its parent's domain"):
+        m.spawn_vm("d", pages=16, domain=1, fork_from=vms[0])
+    m.ksm.set(run=0)

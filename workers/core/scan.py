@@ -161,7 +161,8 @@ class KsmScan:
     def tree_keys(self, keys: np.ndarray, part: int) -> np.ndarray:
         if part == 0:
             return keys
-        return keys ^ (NODE_MIX * np.int64(part))
+        mix = (0x9E3779B97F4A7C15 * part) & 0xFFFFFFFFFFFFFFFF      # NODE_MIX * part, wrapped as the arrays wrap
+        return keys ^ np.int64(mix - (1 << 64) if mix >> 63 else mix)
 
     def tree_keys_nodes(self, keys: np.ndarray, parts: np.ndarray) -> np.ndarray:
         if not parts.any():

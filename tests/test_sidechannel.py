@@ -160,3 +160,31 @@ def test_mitigation_is_busy_while_merged_and_domains_hold(ksm_machine_factory):
     with pytest.raises(ValueError, match="a fork is in its parent's domain"):
         m.spawn_vm("d", pages=16, domain=1, fork_from=vms[0])
     m.ksm.set(run=0)
+
+
+def test_vusion_takes_merged_frames_from_the_free_frames(ksm_machine_factory):
+    """vusion: a new KSM page is a copy in a free frame, not either page of the pair (the kernel keeps
+    one in place); both pages map it, the old frames are freed, the accounting stays exact."""
+    from proto import MADV_MERGEABLE, PAGE_SIZE
+    m = ksm_machine_factory(frames=256, mitigation="vusion")
+    a, b = m.spawn_vm("a", pages=16), m.spawn_vm("b", pages=16)
+    addrs = []
+    for vm in (a, b):
+        x = vm.mmap(2 * PAGE_SIZE)
+        vm.write(x, b"\x07" * PAGE_SIZE + bytes([vm.mm_id + 1]) * PAGE_SIZE)   # page 0 alike, page 1 not
+        vm.madvise(x, 2 * PAGE_SIZE, MADV_MERGEABLE)
+        addrs.append(x)
+    before = [a.pagemap(addrs[0], 2), b.pagemap(addrs[1], 2)]
+    m.ksm.set(pages_to_scan=1000, sleep_millisecs=0, run=1)
+    c = m.ksm.wait_full_scans(3, 60)
+    m.ksm.set(run=0)
+    after = [a.pagemap(addrs[0], 2), b.pagemap(addrs[1], 2)]
+    assert (c["pages_shared"], c["pages_sharing"]) == (1, 1)
+    assert after[0][0] == after[1][0] and after[0][0] not in (before[0][0], before[1][0])
+    assert a.read(addrs[0], PAGE_SIZE) == b"\x07" * PAGE_SIZE
+    assert m.check_frames() == []
+    # the unmerged candidates are write-protected too: their writes fault like the merged page's
+    faults = a.stats()["cow_faults"]
+    ns = a.timed_writes(addrs[0], 2)
+    assert len(ns) == 2 and a.stats()["cow_faults"] - faults == 2
+    assert a.read(addrs[0], 1) == b"\xa5" and a.read(addrs[0] + PAGE_SIZE, 2) == bytes([0xA5, a.mm_id + 1])

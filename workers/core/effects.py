@@ -105,11 +105,12 @@ class Unlock(TryLock):
 
 class Alloc(Effect):
     """n new frames (mapcount 1) under the frame lock, a list of pfns (zeroed if zero); OutOfFrames if
-    not enough are free."""
-    __slots__ = ("n", "flags", "zero")
+    not enough are free.  scatter: one seed per frame, each taken from anywhere in the free frames
+    (FrameAllocator.alloc_scattered), not zeroed."""
+    __slots__ = ("n", "flags", "zero", "scatter")
 
-    def __init__(self, n, flags, zero):
-        self.n, self.flags, self.zero = n, flags, zero
+    def __init__(self, n, flags, zero, scatter=None):
+        self.n, self.flags, self.zero, self.scatter = n, flags, zero, scatter
 
     def footprint(self):
         return (FT_W, ALL_BYTES_W)
@@ -430,6 +431,8 @@ def _store(m: Memory, e):
 
 
 def _alloc(m: Memory, e) -> list:
+    if e.scatter is not None:
+        return m.alloc.alloc_scattered(e.scatter, e.flags).tolist()
     if e.n == 1:
         return [m.alloc.alloc_one(e.flags, e.zero)]
     return m.alloc.alloc(e.n, e.flags, zero=e.zero).tolist()

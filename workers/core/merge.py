@@ -35,7 +35,7 @@ import numpy as np
 from proto.layout import (FRAME_ANON, FRAME_KSM, PAGE_SHIFT, PTE_DIRTY, PTE_PRESENT, PTE_SPECIAL, PTE_WRITE,
                           PTE_YOUNG, ZERO_PFN)
 
-from .effects import (FLAGS, PTE, VMAS, Candidates, Checksum, Compare, Get, Load, Lock, PinKsm, Put, SetFrame, TryLock, Unlock,
+from .effects import (FLAGS, PTE, VMAS, Alloc, Candidates, Checksum, CopyPages, Compare, Get, Load, Lock, PinKsm, Put, SetFrame, TryLock, Unlock,
                       WaitAcks, ZeroPagesAdd, ptl)
 from .notify import set_pte_at_notify
 from .pte import mergeable_ranges
@@ -44,6 +44,7 @@ from .shard import ksm_lock
 U64 = np.uint64
 KSM_ZERO_PTE = (ZERO_PFN << PAGE_SHIFT) | PTE_PRESENT | PTE_SPECIAL | PTE_DIRTY | PTE_YOUNG
 STABLE_OP, PAIR_OP, ZERO_OP = 0, 1, 2
+VUSION = 1          # proto.knobs.MITIGATIONS.index("vusion")
 
 
 def try_to_merge_pages(scan, ops):
@@ -71,8 +72,10 @@ def try_to_merge_pages(scan, ops):
         pages = yield from validate(scan, ops, locked)
         if "no-write-protect" not in scan.brk:
             yield from write_protect_page(scan, pages)
-        yield from compare(scan, ops)
-        yield from replace_page(scan, ops)
+        moved = yield from compare(scan, ops)
+        if len(moved):              # (vusion: new KSM frames, held by us until the end, as pinned ones)
+            held = np.concatenate([held, scan.tree.kpfn[ops.d[moved]].astype(np.int64)])
+        yield from replace_page(scan, ops, moved)
     except GeneratorExit:           # abandoned (a checker run cut short): nothing to release
         raise
     except BaseException:
@@ -243,8 +246,12 @@ def write_protect_page(scan, pages: dict):
 
 
 def compare(scan, ops):
-    """memcmp after write-protect (pairs first); a pair's page becomes the KSM page (in place)."""
+    """memcmp after write-protect (pairs first); a pair's page becomes the KSM page (in place), or,
+    with the mitigation vusion, a copy of it in a frame taken at random from the free frames (VUsion:
+    where the KSM page lands tells nothing of which page it came from).  Returns the rows of the pairs
+    whose KSM page is such a new frame (its reference ours: put by the caller at the end)."""
     tree = scan.tree
+    moved = np.empty(0, dtype=np.int64)
     r = np.flatnonzero(ops.ok & (ops.kind == PAIR_OP))
     if len(r):
         eq = np.asarray((yield Compare(ops.pfn[r], ops.tpfn[r])), dtype=bool)
@@ -255,8 +262,15 @@ def compare(scan, ops):
             nodes = np.array([scan.part(scan.slots[s]) for s in ops.sid[r].tolist()], dtype=np.int64)
             same = scan.tree_keys_nodes(keys, nodes) == tree.key[ops.d[r]]
             ops.ok[r[~same]] = False
-            r = r[same]
-        if len(r):
+            r, keys = r[same], keys[same]
+        if len(r) and scan.knobs.get("mitigation", 0) == VUSION:
+            new = np.asarray((yield Alloc(len(r), FRAME_ANON, False, scatter=keys ^ np.int64(scan.salt))),
+                             dtype=np.int64)
+            yield CopyPages(new, ops.pfn[r])
+            yield SetFrame(new, FRAME_KSM, scan.gid(ops.d[r]))
+            tree.kpfn[ops.d[r]] = new
+            moved = r
+        elif len(r):
             yield SetFrame(ops.pfn[r], FRAME_KSM, scan.gid(ops.d[r]))
             tree.kpfn[ops.d[r]] = ops.pfn[r]
     r = np.flatnonzero(ops.ok & (ops.kind == ZERO_OP))
@@ -270,19 +284,25 @@ def compare(scan, ops):
         r, k = r[there], k[there]
         if len(r):
             ops.ok[r] = np.asarray((yield Compare(ops.pfn[r], k)), dtype=bool)
+    return moved
 
 
-def replace_page(scan, ops):
-    """Point each PTE at its KSM page (or the zero page), notify, put the old frames after the acks."""
+def replace_page(scan, ops, moved=()):
+    """Point each PTE at its KSM page (or the zero page), notify, put the old frames after the acks.
+    A pair whose KSM page is a new frame (`moved`, vusion) has both its pages pointed there."""
     ok = ops.ok
     st, zr, pr = ok & (ops.kind == STABLE_OP), ok & (ops.kind == ZERO_OP), ok & (ops.kind == PAIR_OP)
-    sid = np.concatenate([ops.sid[st], ops.sid[zr], ops.tsid[pr]])
+    mv = np.zeros(len(ops), dtype=bool)
+    mv[np.asarray(moved, dtype=np.int64)] = True
+    mv &= pr
+    sid = np.concatenate([ops.sid[st], ops.sid[zr], ops.tsid[pr], ops.sid[mv]])
     if not len(sid):
         return
-    idx = np.concatenate([ops.idx[st], ops.idx[zr], ops.tidx[pr]])
-    old = np.concatenate([ops.pfn[st], ops.pfn[zr], ops.tpfn[pr]])
+    idx = np.concatenate([ops.idx[st], ops.idx[zr], ops.tidx[pr], ops.idx[mv]])
+    old = np.concatenate([ops.pfn[st], ops.pfn[zr], ops.tpfn[pr], ops.pfn[mv]])
     kp = np.concatenate([scan.tree.kpfn[ops.d[st]].astype(np.int64), np.full(int(zr.sum()), -1, np.int64),
-                         ops.pfn[pr]])
+                         np.where(mv[pr], scan.tree.kpfn[ops.d[pr]].astype(np.int64), ops.pfn[pr]),
+                         scan.tree.kpfn[ops.d[mv]].astype(np.int64)])
     jobs, olds, zeros = [], [], []
     for s in np.unique(sid).tolist():
         m = sid == s

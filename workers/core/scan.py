@@ -138,6 +138,7 @@ class KsmScan:
         self.last_prune = clock()
         self.merges = 0
         self.merge_failures = 0
+        self.salt = 0                   # mitigation vusion: mixed into where new KSM frames are taken (ksmd: random)
         self.seq = 0                    # round / control sequence (leader)
         self.late = 0                   # (the no-round-barrier break: the round whose DONEs are still out)
         self.reports: dict[int, dict] = {k: {} for k in self.others}   # leader: each follower's last DONE

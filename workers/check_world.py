@@ -610,6 +610,8 @@ class KsmWorld:
             if not all(t.done for t in sig["threads"]):
                 keep.append(sig)
                 continue
+            if any(getattr(t, "killed", False) for t in sig["threads"]):
+                continue            # its fault handler was killed mid-fault: the schedule's, not the page's
             vm = [e for e in sig["vm"] if e != "WaitIdle"]      # (an invalidation in flight: the schedule's)
             vm = vm[:vm.index("_AwaitReply") + 1] if "_AwaitReply" in vm else vm
             first = [e for k, e in enumerate(vm) if not k or e != vm[k - 1]]     # (a retried touch: one)
@@ -1120,6 +1122,7 @@ class KsmWorld:
             for gen in reversed(t.stack):
                 gen.close()
             t.stack, t.done, t.pending = [], True, None
+            t.killed = True
             if target == "faultd" and not getattr(t, "replied", False):
                 self.lost.add(t.corr)
             for key, holder in self.locks.items():

@@ -17,7 +17,8 @@ than the wait); 0 sleeps at once.
 
 A fourth, `mitigation`, picks a defence against the dedup timing side channel (docs/security.md):
 "none" (0, the kernel's KSM), "vusion" (1: every merge candidate write-protected, merged or
-not, and every write fault on such a page copies: VUsion's "same behaviour"), "domain" (2: pages
+not, every write fault on such a page copies, new KSM pages in frames taken at random: VUsion's
+"same behaviour"), "domain" (2: pages
 merge only with pages of VMs of the same security domain, `Machine.spawn_vm(..., domain=)`),
 "zero" (3: only zero-filled pages merge).  Like max_page_sharing it cannot change while pages
 are merged (EBUSY).

@@ -84,7 +84,8 @@ def test_cli_json_and_plot(tmp_path):
 
 
 @pytest.mark.parametrize("args, msg", [(["--trials", "1"], "--trials 1: must be in 2..65536"),
-                                       (["--kernel", "--mitigation", "vusion"], "has no --mitigation")])
+                                       (["--kernel", "--mitigation", "vusion"], "has no --mitigation"),
+                                       (["--seed", "-1"], "--seed -1: must be in")])
 def test_cli_bad_usage(args, msg):
     p = subprocess.run([sys.executable, "-m", "workers.cli", "sidechannel", *args], capture_output=True, text=True,
                        timeout=60)

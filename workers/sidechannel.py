@@ -347,6 +347,9 @@ def cli(a) -> int:
     if not 2 <= a.trials <= 65536:
         print(f"ksm-proto sidechannel: --trials {a.trials}: must be in 2..65536", file=sys.stderr)
         return 2
+    if a.seed is not None and not 0 <= a.seed < 2**63:
+        print(f"ksm-proto sidechannel: --seed {a.seed}: must be in 0..2**63-1", file=sys.stderr)
+        return 2
     if a.kernel and a.mitigation != "none":
         print("ksm-proto sidechannel: --kernel attacks the kernel's own KSM, which has no --mitigation",
               file=sys.stderr)

@@ -25,8 +25,9 @@ included.  Each `brk` name removes one step, for the checker to show why it exis
 `vusion-no-fake-protect` (fake_merge leaves unmerged candidates writable).
 
 `fake_merge` is VUsion's fake merging (Oliverio et al., SOSP 2017; mitigation "vusion"):
-after the batch's merges every candidate page that did not merge is write-protected too,
-as if it had, so its next write faults and copies like a write to a merged page.
+after the batch's merges every candidate page that did not merge is write-protected and moved to
+a frame taken at random too, as if it had merged, so its next write faults and copies like a write
+to a merged page; new KSM pages are copies in frames taken at random (`compare`).
 """
 from __future__ import annotations
 
@@ -190,18 +191,22 @@ def validate(scan, ops, locked):
 
 def fake_merge(scan, plan_in: list, ops):
     """VUsion's fake merging: every candidate of the batch (plan_in: [(slot, idx, pfn, keys)]) that is
-    still an anonymous, non-KSM page mapping the frame it was checksummed in is write-protected, under
-    its ptl (tried, as for a merge; with several scanners under the mm's ksm lock), then marked
-    (`Candidates`).  Merged pages are KSM pages, write-protected already."""
+    still an anonymous, non-KSM page mapping the frame it was checksummed in is treated as a merged
+    one, under its ptl (tried, as for a merge; with several scanners under the mm's ksm lock): a
+    writable one is write-protected, copied into a frame taken at random from the free frames (as a
+    new KSM page is) and mapped there read-only (`fake_move`); then all are marked (`Candidates`).
+    Merged pages are KSM pages, write-protected already."""
     per: dict = {}
-    for slot, idx, pfn, _ in plan_in:
-        per.setdefault(slot.id, []).append((np.asarray(idx, dtype=np.int64), np.asarray(pfn, dtype=np.int64)))
+    for slot, idx, pfn, keys in plan_in:
+        per.setdefault(slot.id, []).append((np.asarray(idx, dtype=np.int64), np.asarray(pfn, dtype=np.int64),
+                                            np.asarray(keys, dtype=np.int64)))
     for sid in sorted(per):
         slot = scan.slots.get(sid)
         if slot is None or not slot.alive:
             continue
-        idx = np.concatenate([i for i, _ in per[sid]])
-        pfn = np.concatenate([p for _, p in per[sid]])
+        idx, first = np.unique(np.concatenate([i for i, _, _ in per[sid]]), return_index=True)
+        pfn = np.concatenate([p for _, p, _ in per[sid]])[first]
+        keys = np.concatenate([k for _, _, k in per[sid]])[first]
         shared = scan.nshards > 1 and "no-ksm-lock" not in scan.brk
         if shared:
             yield Lock(ksm_lock(sid))
@@ -214,10 +219,11 @@ def fake_merge(scan, plan_in: list, ops):
                 ok = (((pte & U64(PTE_PRESENT)) != 0) & ((pte & U64(PTE_SPECIAL)) == 0)
                       & ((pte >> U64(PAGE_SHIFT)).astype(np.int64) == pfn)
                       & ((flags & FRAME_ANON) != 0) & ((flags & FRAME_KSM) == 0))
+                w = ok & ((pte & U64(PTE_WRITE)) != 0)
+                if w.any() and "vusion-no-fake-protect" not in scan.brk:
+                    yield from fake_move(scan, sid, idx[w], pfn[w], keys[w])
                 if ok.any():
-                    if "vusion-no-fake-protect" not in scan.brk:
-                        yield from write_protect_page(scan, {sid: np.unique(idx[ok])})
-                    yield Candidates(sid, np.unique(idx[ok]))
+                    yield Candidates(sid, idx[ok])
         except GeneratorExit:
             raise
         except BaseException:
@@ -230,6 +236,28 @@ def fake_merge(scan, plan_in: list, ops):
             yield Unlock(ptl(sid))
         if shared:
             yield Unlock(ksm_lock(sid))
+
+
+def fake_move(scan, sid: int, idx, pfn, keys):
+    """A fake merge of writable pages idx of mm sid (ptl held): write-protect them (so no write lands
+    while they are copied), copy each into a frame taken at random from the free frames, map the copies
+    read-only in their place (notified), put the old frames after the acks."""
+    yield from write_protect_page(scan, {sid: idx})
+    new = np.asarray((yield Alloc(len(idx), FRAME_ANON, False, scatter=keys ^ np.int64(scan.salt ^ 0x5A5A))),
+                     dtype=np.int64)
+    try:
+        yield CopyPages(new, pfn)
+        ptes = ((new.astype(U64) << U64(PAGE_SHIFT)) | U64(PTE_PRESENT | PTE_YOUNG)).astype(U64)
+        yield from set_pte_at_notify([(sid, idx, ptes)], scan.mode)
+    except GeneratorExit:
+        raise
+    except BaseException:       # the new frames no PTE took go back; the old pages stay mapped
+        pte = np.asarray((yield Load(PTE, sid, idx)))
+        lost = new[(pte >> U64(PAGE_SHIFT)).astype(np.int64) != new]
+        if len(lost):
+            yield Put(lost)
+        raise
+    yield Put(pfn)
 
 
 def write_protect_page(scan, pages: dict):

@@ -19,8 +19,9 @@ page, `pages_to_scan` pages per wake-up.  For each present anonymous page
 Side-channel defences (the `mitigation` knob, docs/security.md): "domain" keys both trees by
 the mm's security domain too (MMH_DOMAIN, as merge_across_nodes=0 keys them by NUMA node), so
 pages of VMs of different domains never meet; "zero" makes only zero-filled pages candidates;
-"vusion" write-protects every candidate the batch did not merge (`fake_merge`, after the
-merges), so a write to it faults and copies as a write to a merged page does (core.fault).
+"vusion" treats every candidate the batch did not merge as a merged one (`fake_merge`, after
+the merges: write-protected, moved to a random frame), so a write to it faults and copies as a
+write to a merged page does (core.fault).
 
 The unstable tree is emptied at the start of every full scan.  Both trees are
 hash-indexed (ksm_tree.py).  Work is done in batches: `visit` takes each page's

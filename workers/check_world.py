@@ -89,8 +89,8 @@ from proto.layout import (COUNTERS, FRAME_FREE, FRAME_KSM, MM_STATS, MMF_VM_MERG
 from proto.messages import Msg
 
 from .core.access import FaultCall, Touch, WaitIdle, touch, vm_access
-from .core.effects import (MEM_EFFECTS, Candidates, Checksum, Compare, CopyPages, Effect, Load, Lock, Memory, Notify, Reply,
-                           ShardRecv, ShardSend, TryLock, Unlock, WaitAcks, apply_mem)
+from .core.effects import (MEM_EFFECTS, Candidates, Checksum, Compare, CopyPages, Effect, Load, Lock, Memory, Notify,
+                           Reply, ShardRecv, ShardSend, TryLock, Unlock, WaitAcks, apply_mem)
 from .core.fault import handle_mm_fault
 from .core.mm import do_mprotect, dup_mmap, ksm_disable_merge_any, ksm_enable_merge_any, madvise_dontneed
 from .core.notify import EXPECT, FAILED, GRAMMAR, INIT, MODES, LocalNotify, SecondaryMMU, grammar_why, local_set_pte

@@ -36,8 +36,8 @@ import numpy as np
 from proto.layout import (FRAME_ANON, FRAME_KSM, PAGE_SHIFT, PTE_DIRTY, PTE_PRESENT, PTE_SPECIAL, PTE_WRITE,
                           PTE_YOUNG, ZERO_PFN)
 
-from .effects import (FLAGS, PTE, VMAS, Alloc, Candidates, Checksum, CopyPages, Compare, Get, Load, Lock, PinKsm, Put, SetFrame, TryLock, Unlock,
-                      WaitAcks, ZeroPagesAdd, ptl)
+from .effects import (FLAGS, PTE, VMAS, Alloc, Candidates, Checksum, Compare, CopyPages, Get, Load, Lock, PinKsm,
+                      Put, SetFrame, TryLock, Unlock, WaitAcks, ZeroPagesAdd, ptl)
 from .notify import set_pte_at_notify
 from .pte import mergeable_ranges
 from .shard import ksm_lock

@@ -74,7 +74,7 @@ from workers.tools.stress import run_modes  # noqa: E402
 from bench import report  # noqa: E402
 
 PARTS = ("scan", "cow", "modes", "scaling", "trace", "stress", "estimate", "check", "web", "estimate-live",
-         "chaos")
+         "chaos", "sidechannel")
 MODES = ("change_pte", "wrapped", "invalidate")
 
 
@@ -837,6 +837,44 @@ def _check_volume(factory_of, runs: int, seed: int, jobs: int, prog, what: str) 
     return out
 
 
+def bench_sidechannel(trials: int, reps: int, prog, kernel_ok: bool, why: str, outdir: str) -> dict:
+    """The dedup side channel (workers/tools/sidechannel.py): every defence side by side on the same data, reps
+    times (seeds 0..reps-1), and the same attack on the kernel; the spread of each figure over the reps,
+    and a plot of the last rep's latency distributions and ROC curves."""
+    from workers.tools import sidechannel as sc
+    per: dict = {}
+    last, skipped = [], []
+    keys = ("auc", "accuracy", "saved_fraction", "within_domain_saved_fraction", "faults_per_full_scan",
+            "write_p50_all_us", "write_p99_all_us", "scan_pages_per_s")
+    for r in range(reps):
+        prog(f"sidechannel: {trials} trials, every defence (rep {r + 1}/{reps})")
+        rows = sc.compare(trials, seed=r)
+        busy = sc.kernel_unavailable() if kernel_ok else why
+        if busy:
+            skipped.append(f"rep {r + 1}: {busy}")
+        else:
+            prog(f"sidechannel: {trials} trials on the kernel (rep {r + 1}/{reps})")
+            rows.append(sc.attack_kernel(trials, seed=r))
+        for x in rows:
+            d = per.setdefault(f"{x['backend']}/{x['mitigation']}", {k: [] for k in keys + ("p50_held", "p50_not")})
+            for k in keys:
+                d[k].append(x.get(k))
+            d["p50_held"].append(x["write_p50_us"]["present"])
+            d["p50_not"].append(x["write_p50_us"]["absent"])
+        last = rows
+    out = {"trials": trials, "reps": reps, "kernel_skipped": skipped,
+           "rows": {name: {k: spread(v) for k, v in d.items()} for name, d in per.items()}}
+    os.makedirs(outdir, exist_ok=True)
+    png = os.path.join(outdir, f"sidechannel-{datetime.datetime.now().strftime('%Y%m%d')}.png")
+    sc.plot(last, png)
+    out["plot"] = os.path.basename(png)
+    out["last_rep"] = [sc.public(x) for x in last]
+    with open(os.path.join(outdir, f"sidechannel-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}.json"),
+              "w") as f:        # (its own file too: a whole bench's latest.json keeps the other parts)
+        json.dump(out, f, indent=2)
+    return out
+
+
 def bench_check(runs: int, prog, jobs: int, breaks: bool = True, more: bool = True) -> dict:
     """`ksm-proto check` at bench size: random schedules in each mode, and every --break caught
     (tests/test_check.py catches them too; --quick leaves them to it). more: the volume that
@@ -1064,6 +1102,15 @@ def table(res: dict) -> str:
                         f"{ch['hit_in_flight'][k]} hit a merge or COW in flight) | | | p99 < 2,000 |")
         rows.append(f"| chaos: writes / lost / rounds with a frame problem or a writer error | {ch['writes']:,} / "
                     f"{ch['lost'] + ch['bad_pages']} / {ch['failed_rounds']} | | | 0 / 0 |")
+    sc = res.get("sidechannel")
+    if sc:
+        rows.append(f"| sidechannel, {sc['trials']} trials x {sc['reps']} reps: AUC / saved (of undefended) / "
+                    f"faults per full scan / write p50 held, not held (us) / scan pages/s, median (min-max) | | | | |")
+        for name, d in sc["rows"].items():
+            rows.append(f"| {name} | {fs(d['auc'], '')} / {fs(d['saved_fraction'], '')} / "
+                        f"{fs(d['faults_per_full_scan'], '')} / {fs(d['p50_held'], '')}, {fs(d['p50_not'], '')} / "
+                        f"{fs(d['scan_pages_per_s'], '')} | | | "
+                        f"{'AUC >= 0.95' if name.endswith('/none') else 'AUC <= 0.6'} |")
     return "\n".join(rows)
 
 
@@ -1251,6 +1298,8 @@ def main(argv=None) -> int:
                     res["estimate-live"] = compare_live(progress=prog)
             elif part == "chaos":
                 res["chaos"] = bench_chaos(6 if q else a.chaos_kills, prog)
+            elif part == "sidechannel":
+                res["sidechannel"] = bench_sidechannel(200 if q else 1000, reps, prog, kernel_ok, why, a.out)
             elif part == "estimate":
                 res["estimate"] = bench_estimate(scan_pages, kernel_ok, why, prog, res.get("scan"),
                                                  rounds=1 if q else 3)

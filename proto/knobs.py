@@ -14,6 +14,14 @@ A third, `fault_poll_us`, can change at any time: how long a fault handler, once
 served a fault, and a VM waiting for its fault's reply poll their sockets before they
 sleep (KVM's halt_poll_ns, for the same reason: waking a sleeping process costs more
 than the wait); 0 sleeps at once.
+
+A fourth, `mitigation`, picks a defence against the dedup timing side channel (docs/security.md):
+"none" (0, the kernel's KSM), "vusion" (1: every merge candidate write-protected, merged or
+not, every write fault on such a page copies, new KSM pages in frames taken at random: VUsion's
+"same behaviour"), "domain" (2: pages
+merge only with pages of VMs of the same security domain, `Machine.spawn_vm(..., domain=)`),
+"zero" (3: only zero-filled pages merge).  Like max_page_sharing it cannot change while pages
+are merged (EBUSY).
 """
 from __future__ import annotations
 
@@ -38,13 +46,15 @@ DEFAULTS = {
     "scanners": 1,
     "fault_handlers": 1,
     "fault_poll_us": 200,
+    "mitigation": 0,
 }
 OWN = ("scanners", "fault_handlers")
 MAX_SCANNERS = 64
 MAX_FAULT_POLL_US = 100_000
 ADVISOR_MODES = ("none", "scan-time")
+MITIGATIONS = ("none", "vusion", "domain", "zero")
 # knobs that can only change while nothing is merged
-BUSY_WHEN_MERGED = ("max_page_sharing", "merge_across_nodes")
+BUSY_WHEN_MERGED = ("max_page_sharing", "merge_across_nodes", "mitigation")
 
 
 def knob_error(msg: str, err: int = errno.EINVAL) -> OSError:
@@ -73,6 +83,15 @@ def check_knob(name: str, value) -> int:
         value = _as_int(name, value)
         if value not in (0, 1):
             raise knob_error(f"knob advisor_mode={value!r} must be 'none' or 'scan-time'")
+        return value
+    if name == "mitigation":
+        if isinstance(value, str) and not value.strip().isdigit():
+            if value not in MITIGATIONS:
+                raise knob_error(f"knob mitigation={value!r} must be one of {MITIGATIONS}")
+            return MITIGATIONS.index(value)
+        value = _as_int(name, value)
+        if not 0 <= value < len(MITIGATIONS):
+            raise knob_error(f"knob mitigation={value!r} must be one of {MITIGATIONS} (or 0..{len(MITIGATIONS) - 1})")
         return value
     v = _as_int(name, value)
     limits = {

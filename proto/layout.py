@@ -93,7 +93,7 @@ MAX_VMAS = 64
 MAX_SUBS = 4
 MM_HDR = 16
 # header slots of an mm segment
-MMH_ID, MMH_NPAGES, MMH_FLAGS, MMH_NODE, MMH_OWNER_PID, MMH_RELEASED = range(6)
+MMH_ID, MMH_NPAGES, MMH_FLAGS, MMH_NODE, MMH_OWNER_PID, MMH_RELEASED, MMH_DOMAIN = range(7)   # domain: mitigation "domain"
 SUB_ACTIVE, SUB_CHANGE_PTE = 0, 1
 
 # --- frametab header slots ---
@@ -108,8 +108,10 @@ KNOBS = (
     "advisor_max_pages_to_scan", "advisor_target_scan_time",
     "scanners", "fault_handlers",       # ksm-proto's own (proto/knobs.py), fixed when the machine starts
     "fault_poll_us",                    # ksm-proto's own, any time: how long a fault's ends poll before sleeping
+    "mitigation",                       # ksm-proto's own: the side-channel defence (proto/knobs.py MITIGATIONS)
 )
 KNOB_FAULT_POLL_US = KNOBS.index("fault_poll_us")
+KNOB_MITIGATION = KNOBS.index("mitigation")
 COUNTERS = (
     "pages_shared", "pages_sharing", "pages_unshared", "pages_volatile", "pages_scanned",
     "pages_skipped", "full_scans", "general_profit", "stable_node_chains",

@@ -76,6 +76,9 @@ def test_bench_quick_modes_scaling_trace_stress_and_check_write_every_key(tmp_pa
     assert ch["kills"] == {"faultd": 6, "ksmd": 6, "vm": 6} and len(ch["configs"]) == 6
     assert (ch["lost"], ch["bad_pages"], ch["failed_rounds"], ch["frame_problems"]) == (0, 0, 0, [])
     assert list(tmp_path.glob("chaos-*.json"))
+    sc = res["sidechannel"]["rows"]
+    assert sc["proto/none"]["auc"]["n"] == 2 and set(sc) >= {f"proto/{m}" for m in ("none", "vusion", "domain", "zero")}
+    assert (tmp_path / res["sidechannel"]["plot"]).exists()
     assert res["modes"]["wrapped"]["secondary_faults_per_merged_page"] == 1
     assert res["stress"]["writes"] == 20000 and res["stress"]["lost"] == 0
     for mode in ("change_pte", "wrapped", "invalidate"):

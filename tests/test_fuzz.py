@@ -188,9 +188,9 @@ json_values = st.recursive(
     | st.text(max_size=8) | st.sampled_from([USER_BASE, USER_BASE + PAGE_SIZE, -1, 0, 2**63, 2**64]),
     lambda kids: st.lists(kids, max_size=3) | st.dictionaries(st.text(max_size=5), kids, max_size=3),
     max_leaves=6)
-VM_OPS = ["read", "dma_read", "write", "mmap", "munmap", "madvise", "stats", "msg_log", "cow_samples",
+VM_OPS = ["read", "dma_read", "write", "mmap", "munmap", "madvise", "stats", "msg_log", "cow_samples", "timed_writes",
           "writer_peek", "writer_stop", "unregister", "ping", "no_such_op", "", None, 7]
-VM_FIELDS = ["addr", "length", "vm_flags", "advice", "id", "sub", "clear", "peer", "seq", "npages"]
+VM_FIELDS = ["addr", "length", "vm_flags", "advice", "id", "sub", "clear", "peer", "seq", "npages", "value"]
 
 
 def requests(ops, fields):

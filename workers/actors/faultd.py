@@ -37,7 +37,8 @@ import time
 import numpy as np
 
 from proto.channel import Channel, PollSet, halt_poll
-from proto.layout import KNOB_FAULT_POLL_US, MAX_MMS, PAGE_SHIFT, PAGE_SIZE, PTE_PRESENT, PTE_YOUNG, USER_BASE
+from proto.knobs import MITIGATIONS
+from proto.layout import KNOB_FAULT_POLL_US, KNOB_MITIGATION, MAX_MMS, PAGE_SHIFT, PAGE_SIZE, PTE_PRESENT, PTE_YOUNG, USER_BASE
 from proto.messages import MAGIC, RECORD, Frame, Msg, call_payload, encode
 from proto.trace import Tracer
 
@@ -49,6 +50,7 @@ from workers.mm.pte import check_range, task_size
 from workers.runtime.driver import Driver, MMUNotifierSubscriptions, bind_vm_channel, lock_ptl
 
 log = logging.getLogger("ksm_proto.faultd")
+VUSION = MITIGATIONS.index("vusion")
 U64 = np.uint64
 # Reply once the notifications are sent, before their acks (ptl is still held until they are
 # in, and the reply follows the notifications on the VM's FIFO channel): `ksm-proto check`
@@ -196,7 +198,8 @@ class FaultHandler:
             return
         self.faults += 1
         self._step(st, handle_mm_fault(f.mm, mm.npages, idx, f.flags, self.mode, EARLY_REPLY,
-                                       cow_reply=COW_REPLY), None, None)
+                                       cow_reply=COW_REPLY,
+                                       vusion=int(self.mem.stats.knobs[KNOB_MITIGATION]) == VUSION), None, None)
 
     def _step(self, st: "_Fault", gen, send, exc) -> None:
         mem, ptls, apply = self.memory, self.ptls, APPLY_MEM

@@ -141,6 +141,7 @@ class Ksmd:
         self.driver = Driver(self.memory, self.ptls, self.notifiers, args.ack_timeout * 2, self.ksm_locks, self.mesh)
         self.tr = Tracer.open(args.trace, self.name)
         self.scan = KsmScan(self.mem.ft, args.mode, time.monotonic, shard=self.shard, nshards=self.nshards)
+        self.scan.salt = int.from_bytes(os.urandom(8), "little") >> 1      # (vusion: random KSM frames)
         self.knobs = self.scan.knobs
         self.knobs["scanners"] = self.nshards
         self.knobs["fault_handlers"] = int(self.stats.knobs[KNOBS.index("fault_handlers")])

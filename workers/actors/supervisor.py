@@ -51,8 +51,8 @@ import time
 import numpy as np
 
 from proto.channel import BlockingChannel, ChannelClosed, send_fd
-from proto.knobs import DEFAULTS, OWN, check_knob
-from proto.layout import (COUNTERS, KNOBS, MAX_MMS, MM_STATS, MMF_VM_MERGE_ANY, MMH_FLAGS, MMH_ID, MMH_NODE,
+from proto.knobs import DEFAULTS, MITIGATIONS, OWN, check_knob
+from proto.layout import (COUNTERS, KNOBS, MAX_MMS, MM_STATS, MMF_VM_MERGE_ANY, MMH_FLAGS, MMH_ID, MMH_NODE, MMH_DOMAIN,
                           MMH_NPAGES, MMH_OWNER_PID, PAGE_SHIFT, PAGE_SIZE, PTE_PRESENT, SHM_DIR, USER_BASE,
                           VM_MERGEABLE, FrameTable, MMView, RmapView, Segment, StatsView, create_lock_file,
                           new_run_name, run_owner_pid, seg_name, unlink_lock_file)
@@ -248,7 +248,7 @@ class VM:
         self.actor = actor
         self.npages = npages
         self.alive = True
-        self.node, self.device = 0, False
+        self.node, self.device, self.domain = 0, False, 0
 
     @property
     def pid(self) -> int:
@@ -283,7 +283,13 @@ class VM:
     def fork(self, name: str, device: bool | None = None) -> "VM":
         """fork(2): a new VM worker whose address space is a COW copy of this one (device: like the parent)."""
         return self.machine.spawn_vm(name, pages=self.npages, device=self.device if device is None else device,
-                                     node=self.node, fork_from=self)
+                                     node=self.node, domain=self.domain, fork_from=self)
+
+    def timed_writes(self, addr: int, npages: int, value: int = 0xA5) -> list[int]:
+        """Write byte `value` at the start of each of npages pages from addr, one access each, timed by
+        the VM worker itself around each access (monotonic ns, a COW fault included): the attacker's
+        probe of the dedup side channel (workers/tools/sidechannel.py)."""
+        return self._call("timed_writes", addr=addr, npages=npages, value=value)[0]["ns"]
 
     def pagemap(self, addr: int, npages: int) -> list[int | None]:
         """/proc/<pid>/pagemap: the frame number each page from addr maps (None: nothing present there;
@@ -399,6 +405,8 @@ class KSMControl:
 
     def get(self, name: str):
         v = self.m.stats.knob(name)
+        if name == "mitigation":
+            return MITIGATIONS[v]
         return ("none", "scan-time")[v] if name == "advisor_mode" else v
 
     def knobs(self) -> dict:
@@ -453,7 +461,8 @@ class Machine:
     def __init__(self, frames: int = 65536, notifier_mode: str = "change_pte", trace: str | None = None,
                  ksm_enabled: bool = True, ack_timeout: float = 10.0, call_timeout: float = 60.0,
                  knobs: dict | None = None, nodes: int = 1, scanners: int | None = None,
-                 fault_handlers: int | None = None, restart_timeout: float = 30.0, spares: bool = True):
+                 fault_handlers: int | None = None, restart_timeout: float = 30.0, spares: bool = True,
+                 mitigation: str | None = None):
         if notifier_mode not in MODES:
             raise ValueError(f"notifier_mode {notifier_mode!r} is not one of {', '.join(MODES)}")
         if isinstance(frames, bool) or not isinstance(frames, int) or not 16 <= frames <= MAX_FRAMES:
@@ -472,6 +481,8 @@ class Machine:
         self.restart_timeout = restart_timeout  # how long a VM's fault waits for a restarted fault handler
         self.nodes = nodes
         self.initial_knobs = dict(knobs or {})
+        if mitigation is not None:          # the side-channel defence (proto/knobs.py MITIGATIONS)
+            self.initial_knobs["mitigation"] = mitigation
         for k, v in self.initial_knobs.items():
             check_knob(k, v)
         own = {"scanners": scanners, "fault_handlers": fault_handlers}
@@ -959,8 +970,11 @@ class Machine:
             end()
 
     def spawn_vm(self, name: str, pages: int = 16384, device: bool = False, node: int = 0,
-                 fork_from: VM | None = None) -> VM:
+                 fork_from: VM | None = None, domain: int = 0) -> VM:
         """Start a VM worker with an address space of `pages` pages (and a device TLB if asked).
+
+        domain: its security domain (0..2**31-1); with the mitigation "domain" ksmd merges its pages
+        only with pages of VMs of the same domain.  A fork is in its parent's domain.
 
         fork_from: the new mm is first filled by that VM's fork (VM.fork), before its worker starts."""
         if not self._started or self.closed:
@@ -970,6 +984,10 @@ class Machine:
             raise ValueError(f"pages={pages!r}: a VM has 1 to {MAX_VM_PAGES} pages")
         if isinstance(node, bool) or not isinstance(node, int) or not 0 <= node < max(1, self.nodes):
             raise ValueError(f"node {node!r} out of range: this machine has {self.nodes} node(s)")
+        if isinstance(domain, bool) or not isinstance(domain, int) or not 0 <= domain < 2**31:
+            raise ValueError(f"domain {domain!r} must be an integer in [0, 2**31)")
+        if fork_from is not None and domain != fork_from.domain:
+            raise ValueError(f"domain {domain}: a fork is in its parent's domain ({fork_from.domain})")
         check_capacity(f"VM {name!r} of {pages} pages", MMView.size_for(pages))
         with self.recover_lock:      # not while the scanners or a fault handler are being replaced
             if "ksmd" in self.gone:
@@ -980,7 +998,7 @@ class Machine:
                 fname = self.faultd_name(self.next_mm)
                 if fname in self.gone:
                     raise OSError(errno.EIO, f"{fname} is gone: {self.gone[fname]}")
-                mm_id, mm = self._new_mm(pages, node)
+                mm_id, mm = self._new_mm(pages, node, domain)
             if fork_from is not None:       # dup_mmap fills the new mm before its worker starts
                 try:
                     fork_from._call("fork", child=mm_id)
@@ -1017,11 +1035,11 @@ class Machine:
                 self._free_mm(mm_id)
                 raise
             vm = VM(self, name, mm_id, actor, pages)
-            vm.node, vm.device = node, device
+            vm.node, vm.device, vm.domain = node, device, domain
             self.vms[name] = vm
         return vm
 
-    def _new_mm(self, pages: int, node: int = 0) -> tuple[int, MMView]:
+    def _new_mm(self, pages: int, node: int = 0, domain: int = 0) -> tuple[int, MMView]:
         """A new mm segment and its ptl (ids are never reused)."""
         with self.lock:
             if self.next_mm >= MAX_MMS:
@@ -1034,6 +1052,7 @@ class Machine:
                 mm.hdr[MMH_ID] = mm_id
                 mm.hdr[MMH_NPAGES] = pages
                 mm.hdr[MMH_NODE] = node
+                mm.hdr[MMH_DOMAIN] = domain
                 try:
                     self._create_rmap(mm_id, mm.npages)
                 except BaseException:

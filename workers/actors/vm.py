@@ -633,6 +633,17 @@ class VMWorker:
                 if req.get("clear"):
                     for s in self.subs.values():
                         s.log.clear()
+            elif op == "timed_writes":       # the side channel's probe: one timed write per page
+                addr, n = req_int(req, "addr"), req_int(req, "npages", None, 1, self.mm.npages)
+                check_range("access", addr, n * PAGE_SIZE, self.task_size)
+                val = bytes([req_int(req, "value", 0xA5, 0, 255)])
+                ns = []
+                clock = time.perf_counter_ns
+                for k in range(n):
+                    t0 = clock()
+                    await self.access(addr + k * PAGE_SIZE, 1, True, val)
+                    ns.append(clock() - t0)
+                reply["ns"] = ns
             elif op == "cow_samples":
                 reply["ns"] = self.cow_ns
                 self.cow_ns = []

@@ -62,6 +62,13 @@ stack is exact, every VM reads back its record, and the counters equal what the 
 machine's ksm_zero_pages); with two scanners also the merge is complete, as one
 scanner's would be: each content that two or more candidate pages hold is one KSM page.
 
+With a side-channel defence (`mitigation`, `ksm-proto check --mitigation M`): "vusion" adds the
+invariant "same behaviour": a write to a merge candidate (a page ksmd merged, or one it
+considered and fake-merged: core.merge.fake_merge's `Candidates`) causes the same sequence of
+effects, in the VM and in the fault handler, whether or not the page was merged (the `same`
+scenario writes both kinds; the `vusion-no-fake-protect` break leaves candidates writable);
+"domain" puts vm k in domain k % 2 and checks that no KSM frame is mapped by mms of two domains.
+
 With a kill of ksmd and two scanners, both scanners die and are restarted (as the
 supervisor does: any scanner's death restarts them all), the followers' shards
 restored before the leader's first round.
@@ -74,15 +81,15 @@ import hashlib
 
 import numpy as np
 
-from proto.knobs import DEFAULTS
-from proto.layout import (COUNTERS, FRAME_FREE, FRAME_KSM, MM_STATS, MMF_VM_MERGEABLE, MMH_FLAGS, MMH_ID,
+from proto.knobs import DEFAULTS, MITIGATIONS
+from proto.layout import (COUNTERS, FRAME_FREE, FRAME_KSM, MM_STATS, MMF_VM_MERGEABLE, MMH_DOMAIN, MMH_FLAGS, MMH_ID,
                           MMH_NPAGES, PAGE_SHIFT, PAGE_SIZE, PTE_PRESENT, PTE_SPECIAL, PTE_WRITE,
                           USER_BASE, VM_MERGEABLE, VM_READ, VM_WRITE, ZERO_PFN, FrameTable, MMView,
                           StatsView)
 from proto.messages import Msg
 
 from workers.mm.kvm import FaultCall, Touch, WaitIdle, touch, vm_access
-from workers.mm.effects import (MEM_EFFECTS, Checksum, Compare, CopyPages, Effect, Load, Lock, Memory, Notify, Reply,
+from workers.mm.effects import (MEM_EFFECTS, Candidates, Checksum, Compare, CopyPages, Effect, Load, Lock, Memory, Notify, Reply,
                            ShardRecv, ShardSend, TryLock, Unlock, WaitAcks, apply_mem)
 from workers.mm.fault import fault_reply_errno, handle_mm_fault
 from workers.mm.vma import do_mprotect, dup_mmap, ksm_disable_merge_any, ksm_enable_merge_any, madvise_dontneed
@@ -104,6 +111,7 @@ BREAK_KILLS = {n: b.kill for n, b in DECLARED.items() if b.kill}
 BREAK_MODES = {n: b.modes for n, b in DECLARED.items() if b.modes}
 BREAK_CONFIG = {n: b.config for n, b in DECLARED.items() if b.config}
 BREAK_SCENARIO = {n: b.scenario for n, b in DECLARED.items() if b.scenario != "base"}
+BREAK_MITIGATION = {n: b.mitigation for n, b in DECLARED.items() if b.mitigation}
 # the two-scanner configuration: page 0 of each VM holds a content of shard 0 (byte 2), page 1 one of
 # shard 1 (byte 1).  The first writes race the first merges (vm0 zaps page 1 with MADV_DONTNEED, vm1
 # rewrites what its page 1 holds); the next ones copy contents across shards: COW of one owner's KSM
@@ -123,6 +131,9 @@ RECOVER = ("recover",)          # the supervisor's recover_lock: a recovery and 
 _CHILD = ((0, 5), ("merge_any", 1), ("merge_any", 0), (1, -1))
 SCENARIOS = {
     "base": {},
+    # a write to a merged page (page 1), then, two scans later, to the same page now an unmerged candidate
+    # (its own content, fake-merged under vusion), then to a merged page again (page 0): "same behaviour"
+    "same": dict(writes=(((1, 3), ("wait",), ("wait",), (1, 4), (0, 5)), (("wait",),) * 5)),
     "fork": dict(writes=(((0, 0), ("fork", _CHILD), (1, 3), (0, -1)),
                          (("read", 1), ("prot", 1, 0), ("efault", 1, False), ("prot", 1, VM_READ),
                           ("efault", 1, True), ("prot", 1, VM_READ | VM_WRITE), (1, 4))),
@@ -219,6 +230,7 @@ class VMState:
         self.record: dict[int, int] = {}
         self.replies: dict[int, tuple] = {}
         self.efault_expected = False
+        self.sig: dict | None = None        # the effects of the write being watched ("same behaviour")
 
 
 class KsmWorld:
@@ -230,7 +242,7 @@ class KsmWorld:
                  early_reply: bool = True, scanners: int = 1, fill: tuple = (1,), smart_scan: int = 1,
                  complete: bool = False, pages_to_scan: int | None = None, first_scan: int = 2,
                  kill: str | None = None, cow_reply: bool = True, fault_handlers: int = 1,
-                 kill2: str | None = None):
+                 kill2: str | None = None, mitigation: str = "none"):
         if mode not in MODES:
             raise ValueError(f"mode {mode!r} is not one of {MODES}")
         if fault_handlers not in (1, 2):
@@ -241,6 +253,12 @@ class KsmWorld:
                 raise ValueError(f"kill {k!r} is not one of {['ksmd'] + self.faultd_names}")
         if kill2 and not kill:
             raise ValueError("kill2 is a second kill: it needs kill")
+        if mitigation not in MITIGATIONS:
+            raise ValueError(f"mitigation {mitigation!r} is not one of {MITIGATIONS}")
+        self.mitigation = mitigation
+        self.candidates: set[tuple] = set()        # (mm, page) ksmd fake-merged and nobody wrote since
+        self.same_ref: tuple | None = None         # (signature, what) of the first write to a candidate
+        self.same_pending: list[dict] = []         # watched writes whose fault handler tasks may still run
         self.kill = kill
         self.killed = False
         self.up = {a: True for a in ["ksmd"] + self.faultd_names}   # False from the kill to the restart
@@ -285,7 +303,8 @@ class KsmWorld:
         self.first_scan = first_scan
         self.scan.knobs.update(dict(DEFAULTS, run=1, pages_to_scan=pages_to_scan or nvms * npages, sleep_millisecs=0,
                                     max_page_sharing=max_page_sharing, use_zero_pages=use_zero_pages,
-                                    smart_scan=smart_scan, scanners=scanners))
+                                    smart_scan=smart_scan, scanners=scanners,
+                                    mitigation=MITIGATIONS.index(mitigation)))
         for v in range(nvms):
             self._make_vm(v, npages, device and v == 0)
         self.pending_loss = collections.defaultdict(set)   # mm -> dead notifiers its VM has not noticed yet
@@ -319,6 +338,7 @@ class KsmWorld:
         mm = MMView(ArraySegment(MMView.size_for(npages)))
         mm.hdr[MMH_ID] = mm_id
         mm.hdr[MMH_NPAGES] = npages
+        mm.hdr[MMH_DOMAIN] = mm_id % 2 if self.mitigation == "domain" else 0
         self.mem.mms[mm_id] = mm
         fd = self.faultd_of(mm_id)
         for q in ((fd, mm_id), (mm_id, fd), (mm_id, f"{fd}.ack")):
@@ -452,6 +472,8 @@ class KsmWorld:
         if kind == "merge_any":
             yield from (ksm_enable_merge_any(v.id) if op[1] else ksm_disable_merge_any(v.id))
             return
+        if kind == "wait":          # one more full scan, nothing else
+            return
         page = op[1] % npages if kind != "write" else op[0] % npages
         addr = USER_BASE + page * PAGE_SIZE
         if kind == "read":
@@ -478,7 +500,15 @@ class KsmWorld:
             yield from madvise_dontneed(v.id, subs, addr, addr + PAGE_SIZE, self.brk)
             val = 0
         else:
+            what = self._candidate(v, page)
+            if what:
+                v.sig = {"vm": [], "faultd": [], "threads": [], "what": f"{v.name} page {page} ({what})"}
             yield from vm_access(v.id, sub, addr, PAGE_SIZE, True, bytes([val]) * PAGE_SIZE)
+            if what:
+                self.same_pending.append(v.sig)
+                self.coverage[f"write to a {what} page"] += 1
+                v.sig = None
+        self.candidates.discard((v.id, page))
         v.record[page] = val
         got = bytearray(PAGE_SIZE)
         yield from vm_access(v.id, sub, addr, PAGE_SIZE, False, got)
@@ -502,6 +532,42 @@ class KsmWorld:
                    vm=child)
         self.threads.append(t)
         self._advance(t, None)
+
+    def _candidate(self, v: VMState, page: int) -> str | None:
+        """Under vusion, what page is as a write to it starts: "merged" (it maps a KSM page), "unmerged
+        candidate" (ksmd fake-merged it and nobody wrote it since), else None (not watched)."""
+        if self.mitigation != "vusion":
+            return None
+        pte = int(self.mem.mms[v.id].pte[page])
+        if pte & PTE_PRESENT and not pte & PTE_SPECIAL and self.ft.flags[pte >> PAGE_SHIFT] & FRAME_KSM:
+            return "merged"
+        return "unmerged candidate" if (v.id, page) in self.candidates else None
+
+    def _same_behaviour(self) -> None:
+        """VUsion's invariant: every write to a candidate causes the same effects, merged or not: the same
+        sequence in the VM up to its first fault's reply, and in the fault handler's task for that fault
+        (compared once it ended: interleavings between the two are the schedule's, not the page's).  A
+        second fault of the same write (ksmd fake-merged the copy before the write landed on it) is
+        the schedule's too, whichever the page was."""
+        keep = []
+        for sig in self.same_pending:
+            if not all(t.done for t in sig["threads"]):
+                keep.append(sig)
+                continue
+            if any(getattr(t, "killed", False) for t in sig["threads"]):
+                continue            # its fault handler was killed mid-fault: the schedule's, not the page's
+            vm = [e for e in sig["vm"] if e != "WaitIdle"]      # (an invalidation in flight: the schedule's)
+            vm = vm[:vm.index("_AwaitReply") + 1] if "_AwaitReply" in vm else vm
+            first = [e for k, e in enumerate(vm) if not k or e != vm[k - 1]]     # (a retried touch: one)
+            got = (tuple(first), tuple(sig["faultd"][0]) if sig["faultd"] else ())
+            if self.same_ref is None:
+                self.same_ref = (got, sig["what"])
+            elif got != self.same_ref[0]:
+                show = lambda g: " ".join(g[0]) + " | fault handler: " + (" ".join(g[1]) or "nothing")  # noqa: E731
+                self.violations_found.append(
+                    f"same behaviour: the write to {sig['what']} caused {show(got)}, but the write to "
+                    f"{self.same_ref[1]} caused {show(self.same_ref[0])}: a timed write tells them apart")
+        self.same_pending = keep
 
     def _check_read(self, v: VMState, page: int, got: bytearray, when: str) -> None:
         want = v.record[page]
@@ -620,6 +686,8 @@ class KsmWorld:
         return rec
 
     def violations(self) -> list[str]:
+        if self.same_pending:
+            self._same_behaviour()
         out = list(self.violations_found)
         self.violations_found.clear()
         if self._dirty:         # a step that only read leaves the frame invariants as they were
@@ -784,6 +852,12 @@ class KsmWorld:
     def _run_thread(self, t: Thread, rec: dict) -> None:
         e = t.pending
         c = e.__class__
+        if t.vm is not None and t.vm.sig is not None:
+            t.vm.sig["vm"].append(c.__name__)
+        elif getattr(t, "sig", None) is not None:
+            t.sig.append(c.__name__)
+        if c is Candidates:
+            self.candidates.update((e.mm, int(i)) for i in np.atleast_1d(e.idx))
         if c not in _READ_ONLY:
             self._dirty = True
         result, exc = None, None
@@ -931,8 +1005,13 @@ class KsmWorld:
                 return
             t = Thread(f"{dst}/{corr}", dst, handle_mm_fault(mm, self.mem.mms[mm].npages, idx, flags,
                                                                      self.mode, self.early_reply, self.brk,
-                                                                     self.cow_reply))
+                                                                     self.cow_reply, self.mitigation == "vusion"))
             t.mm, t.corr = mm, corr
+            sig = self.vms[mm].sig
+            if sig is not None:         # a watched write's fault: its task's effects too
+                t.sig = []
+                sig["faultd"].append(t.sig)
+                sig["threads"].append(t)
             self.threads.append(t)
             self._advance(t, None)
             if t.done:
@@ -987,6 +1066,7 @@ class KsmWorld:
             for gen in reversed(t.stack):
                 gen.close()
             t.stack, t.done, t.pending = [], True, None
+            t.killed = True
             if target in self.faultd_names and not getattr(t, "replied", False):
                 self.lost.add(t.corr)
             for key, holder in self.locks.items():
@@ -1063,6 +1143,14 @@ class KsmWorld:
     def _frame_violations(self) -> list[str]:
         out = []
         maps = self._mappings()
+        if self.mitigation == "domain":     # no KSM page is shared across security domains
+            doms: dict[int, set] = {}
+            for v in self.vms:
+                mm = self.mem.mms[v.id]
+                for pte in mm.pte.tolist():
+                    if pte & PTE_PRESENT and not pte & PTE_SPECIAL and self.ft.flags[pte >> PAGE_SHIFT] & FRAME_KSM:
+                        doms.setdefault(pte >> PAGE_SHIFT, set()).add(int(mm.hdr[MMH_DOMAIN]))
+            out += [f"KSM frame {p} is mapped by VMs of domains {sorted(d)}" for p, d in doms.items() if len(d) > 1]
         mc = self.ft.mapcount.tolist()
         flags = self.ft.flags.tolist()
         for p, n in enumerate(maps):
@@ -1178,6 +1266,11 @@ def world_factory(mode: str, brk: str | None = None, scenario: str | None = None
     if brk in SHARD_BREAKS and scanners < 2:
         raise ValueError(f"break {brk} is a step of the scanners' protocol: it needs 2 scanners")
     scenario = scenario or BREAK_SCENARIO.get(brk, "base")
+    if brk in BREAK_MITIGATION:
+        if config.get("mitigation", BREAK_MITIGATION[brk]) != BREAK_MITIGATION[brk]:
+            raise ValueError(f"break {brk} is a step of the mitigation {BREAK_MITIGATION[brk]}: it needs "
+                             f"--mitigation {BREAK_MITIGATION[brk]}")
+        config["mitigation"] = BREAK_MITIGATION[brk]
     if scenario not in SCENARIOS:
         raise ValueError(f"unknown scenario {scenario!r}; one of: {', '.join(SCENARIOS)}")
     if brk in BREAK_KILLS and config.get("kill") is None:

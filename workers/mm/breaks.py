@@ -23,6 +23,7 @@ class Break:
     scenario: str = "base"               # the scenario it shows in
     scanners: int = 1                    # 2: a step of the scanners' round protocol
     config: dict = field(default_factory=dict)   # world overrides it shows itself soonest with
+    mitigation: str | None = None        # the side-channel defence it is a step of ("vusion")
 
 
 _DECLARED = (
@@ -58,6 +59,9 @@ _DECLARED = (
           "repaired the frame table from the PTEs", kill="faultd"),
     Break("fork-no-write-protect", "fork leaves the parent's PTEs (and its secondary MMUs' translations) "
           "writable while the child maps the same frames", scenario="fork"),
+    Break("vusion-no-fake-protect", "mitigation vusion: ksmd leaves the merge candidates it did not merge "
+          "writable (no fake merging), so a write tells a merged page from an unmerged one", scenario="same",
+          mitigation="vusion"),
     Break("dontneed-no-notify", "MADV_DONTNEED clears PTEs and frees frames without invalidate_range_start/end "
           "to the VM's secondary MMUs"),
     Break("mprotect-no-notify", "mprotect changes the VMA and the PTEs without invalidate_range_start/end to "

@@ -105,11 +105,12 @@ class Unlock(TryLock):
 
 class Alloc(Effect):
     """n new frames (mapcount 1) under the frame lock, a list of pfns (zeroed if zero); OutOfFrames if
-    not enough are free."""
-    __slots__ = ("n", "flags", "zero")
+    not enough are free.  scatter: one seed per frame, each taken from anywhere in the free frames
+    (FrameAllocator.alloc_scattered), not zeroed."""
+    __slots__ = ("n", "flags", "zero", "scatter")
 
-    def __init__(self, n, flags, zero):
-        self.n, self.flags, self.zero = n, flags, zero
+    def __init__(self, n, flags, zero, scatter=None):
+        self.n, self.flags, self.zero, self.scatter = n, flags, zero, scatter
 
     def footprint(self):
         return (FT_W, ALL_BYTES_W)
@@ -168,6 +169,22 @@ class ZeroPagesAdd(Effect):
 
     def __repr__(self):
         return f"ksm_zero_pages {self.n:+d} (mm {self.mm})"
+
+
+class Candidates(Effect):
+    """ksmd considered pages idx of mm as merge candidates and (mitigation "vusion") treated them as
+    merged ones: write-protected.  Changes nothing: the checker's mark for its "same behaviour"
+    invariant (a write to a candidate behaves alike whether it was merged or not)."""
+    __slots__ = ("mm", "idx")
+
+    def __init__(self, mm, idx):
+        self.mm, self.idx = mm, idx
+
+    def footprint(self):
+        return _keys(PTE, self.mm, self.idx, "r")
+
+    def __repr__(self):
+        return f"candidates mm{self.mm}{_short(self.idx)}"
 
 
 class SetFrame(Effect):
@@ -414,6 +431,8 @@ def _store(m: Memory, e):
 
 
 def _alloc(m: Memory, e) -> list:
+    if e.scatter is not None:
+        return m.alloc.alloc_scattered(e.scatter, e.flags).tolist()
     if e.n == 1:
         return [m.alloc.alloc_one(e.flags, e.zero)]
     return m.alloc.alloc(e.n, e.flags, zero=e.zero).tolist()
@@ -446,6 +465,10 @@ def _pin_ksm(m: Memory, e):
 
 def _zero_pages_add(m: Memory, e) -> None:
     m.zero_pages_add(e.mm, e.n)
+
+
+def _candidates(m: Memory, e) -> None:
+    return None
 
 
 def _set_frame(m: Memory, e) -> None:
@@ -486,7 +509,7 @@ def _checksum(m: Memory, e):
 # effect class -> what runs it (one dict lookup per effect, no isinstance chain)
 APPLY_MEM = {Load: _load, Store: _store, Alloc: _alloc, Put: _put, Get: _get, PinKsm: _pin_ksm,
              ZeroPagesAdd: _zero_pages_add, SetFrame: _set_frame, CopyPages: _copy_pages, Compare: _compare,
-             Checksum: _checksum, Fsck: _fsck}
+             Checksum: _checksum, Fsck: _fsck, Candidates: _candidates}
 MEM_EFFECTS = frozenset(APPLY_MEM)
 
 

@@ -8,6 +8,9 @@ One fault request names a batch of pages of one mm.  Under the mm's page-table l
     or a frame with mapcount > 1 is copied into a new frame and the PTE set with
     set_pte_at_notify (every secondary MMU hears of it and acks); an anonymous frame
     with mapcount 1 is made writable in place (wp_page_reuse);
+  * with the mitigation "vusion" (VUsion's same behaviour) a write never reuses: every
+    write-protected page is copied, whether it is a KSM page or a candidate ksmd only
+    write-protected (core.merge.fake_merge), so the two faults are one path;
   * FAULT_UNSHARE copies KSM and zero pages without making them writable (break_ksm,
     for MADV_UNMERGEABLE, prctl PR_SET_MEMORY_MERGE 0 and run=2); a page no longer present
     is left alone (nothing to unshare).
@@ -60,12 +63,13 @@ def _ints(v) -> list:
 
 
 def handle_mm_fault(mm: int, npages: int, idx, flags: int, mode: str, early_reply: bool = False,
-                    brk=NONE, cow_reply: bool = True):
+                    brk=NONE, cow_reply: bool = True, vusion: bool = False):
     """Serve one fault request for the page indices idx (a list, or an int array); returns (cow
     copies, reuses).  Raises OSError (EFAULT, ENOMEM).
 
     cow_reply (the fault handler's default): a COW's set_pte_at_notify rides on the reply, applied
-    by the faulting VM on arrival (`wp_page_copy`); off, it is sent as notifier messages."""
+    by the faulting VM on arrival (`wp_page_copy`); off, it is sent as notifier messages.
+    vusion: every write to a write-protected page copies (no wp_page_reuse)."""
     idx = _ints(idx)
     if not idx:
         raise OSError(errno.EINVAL, f"fault request for mm {mm} names no page")
@@ -97,7 +101,7 @@ def handle_mm_fault(mm: int, npages: int, idx, flags: int, mode: str, early_repl
         if absent:
             idx, pte = zip(*[(i, p) for i, p in zip(idx, pte) if p & PTE_PRESENT])
             idx, pte = list(idx), list(pte)
-        return (yield from do_wp_page(mm, idx, pte, write, mode, early_reply, brk, cow_reply))
+        return (yield from do_wp_page(mm, idx, pte, write, mode, early_reply, brk, cow_reply, vusion))
     except GeneratorExit:           # abandoned (a checker run cut short): nothing to release
         abandoned = True
         raise
@@ -121,7 +125,7 @@ def do_anonymous_page(mm: int, idx: list, write: bool):
 
 
 def do_wp_page(mm: int, idx: list, pte: list, write: bool, mode: str, early_reply: bool, brk,
-               cow_reply: bool = False):
+               cow_reply: bool = False, vusion: bool = False):
     """Break COW (write) or unshare KSM pages (no write) for present pages; (copies, reuses).
 
     The pages' decisions are made in one pass over them (a fault is most often one page: each
@@ -134,7 +138,7 @@ def do_wp_page(mm: int, idx: list, pte: list, write: bool, mode: str, early_repl
         mapcount = yield Load(MAPCOUNT, None, pfn)
         reuse, copy = [], []
         for p, f, c in zip(pte, fflags, mapcount):
-            r = not p & PTE_WRITE and c == 1 and not (f & SHARED_FRAME or p & PTE_SPECIAL)
+            r = not p & PTE_WRITE and c == 1 and not (f & SHARED_FRAME or p & PTE_SPECIAL) and not vusion
             reuse.append(r)
             copy.append(not p & PTE_WRITE and not r)
     else:

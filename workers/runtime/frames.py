@@ -228,6 +228,30 @@ class FrameAllocator:
             self.pages[pfns] = 0
         return pfns
 
+    def alloc_scattered(self, seeds, flags: int = FRAME_ANON) -> np.ndarray:
+        """One new frame (mapcount 1, not zeroed) per seed, each taken from anywhere in the free stack (the
+        entry at seed modulo the free count), not from its top: VUsion's merged frames "at random from
+        the free frames" (the seeds are the caller's randomness)."""
+        seeds = [int(s) & (2**63 - 1) for s in np.atleast_1d(seeds).tolist()]
+        ft = self.ft
+        out = []
+        with self.lock:
+            top = int(ft.hdr[FTH_FREE_TOP])
+            if top < len(seeds):
+                raise OutOfFrames(len(seeds), top)
+            for s in seeds:
+                j = s % top
+                pfn = int(ft.free_stack[j])
+                ft.free_stack[j] = ft.free_stack[top - 1]
+                ft.free_stack[top - 1] = pfn
+                self._check_popped(np.array([pfn], dtype=np.int64))
+                top -= 1
+                ft.hdr[FTH_FREE_TOP] = top
+                ft.mapcount[pfn] = 1
+                ft.flags[pfn] = flags
+                out.append(pfn)
+        return np.array(out, dtype=np.int64)
+
     def alloc_one(self, flags: int = FRAME_ANON, zero: bool = False) -> int:
         """One new frame (mapcount 1; zeroed if zero): the single-page fault path, in plain ints (an
         element of a numpy array read as .item(), written as a scalar, no array built)."""

@@ -102,6 +102,7 @@ class VMSpec:
     node: int = 0
     merge_any: bool = False
     fork_of: str | None = None
+    domain: int = 0                 # security domain (the mitigation "domain": merges stay inside one)
 
     @property
     def pages(self) -> int:
@@ -249,10 +250,10 @@ def parse(doc: dict, name: str = "scenario") -> Scenario:
         where = f"{name}: vm[{i}]"
         if not isinstance(v, dict):
             raise _err(where, "must be a table")
-        unknown = set(v) - {"name", "region", "device", "node", "merge_any", "fork_of"}
+        unknown = set(v) - {"name", "region", "device", "node", "merge_any", "fork_of", "domain"}
         if unknown:
             raise _err(f"{where}.{sorted(unknown)[0]}",
-                       "unknown field (expected name, region, device, node, merge_any, fork_of)")
+                       "unknown field (expected name, region, device, node, merge_any, fork_of, domain)")
         vname = _typed(where, v, "name", str, f"vm{i}")
         if not 0 < len(vname) <= VM_NAME_MAX or not vname.isprintable():
             raise _err(f"{where}.name", f"must be 1 to {VM_NAME_MAX} printable characters, not {vname!r}")
@@ -271,9 +272,14 @@ def parse(doc: dict, name: str = "scenario") -> Scenario:
             raise _err(f"{where}.node", f"must be in 0..63, not {node}")
         if parent and node != parent.node:
             raise _err(f"{where}.node", f"a fork lives on its parent's node ({parent.node})")
+        domain = _typed(where, v, "domain", int, parent.domain if parent else 0)
+        if not 0 <= domain < 2**31:
+            raise _err(f"{where}.domain", f"must be in 0..2147483647, not {domain}")
+        if parent and domain != parent.domain:
+            raise _err(f"{where}.domain", f"a fork is in its parent's domain ({parent.domain})")
         vms.append(VMSpec(vname, [_region(f"{where}.region[{j}]", r) for j, r in enumerate(regs)],
                           _typed(where, v, "device", bool, False), node, _typed(where, v, "merge_any", bool, False),
-                          fork_of))
+                          fork_of, domain))
     return Scenario(name, vms, dict(ksm), frames, mode)
 
 

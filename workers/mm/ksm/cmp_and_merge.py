@@ -14,9 +14,9 @@ from proto.layout import FRAME_KSM, PAGE_SHIFT, PTE_PRESENT
 from workers.mm.ksm.stable_tree import HAS, STABLE, UNSTABLE, should_skip
 from workers.mm.effects import FLAGS, PTE, ZERO_KEY, Checksum, Load
 from workers.mm.ksm.merge import (MERGE_TWO_PAGES, MERGE_WITH_KSM_PAGE, MERGE_WITH_ZERO_PAGE, cmp_and_merge_decision,
-                                  merge_in_groups, try_to_merge_pages)
+                                  fake_merge, merge_in_groups, try_to_merge_pages)
 from workers.mm.ksm.shard import GID_SHIFT, shard_of
-from workers.mm.ksm.mm_slot import GID_MASK, U64, MMSlot, Ops, candidates
+from workers.mm.ksm.mm_slot import GID_MASK, U64, VUSION, ZERO_ONLY, MMSlot, Ops, candidates
 
 
 class CmpAndMerge:
@@ -64,6 +64,8 @@ class CmpAndMerge:
         keys = yield Checksum(pfn)
         keep = keys == it.cs[idx]          # unchanged since the last visit: not volatile
         it.cs[idx] = keys
+        if self.knobs.get("mitigation", 0) == ZERO_ONLY:
+            keep &= keys == ZERO_KEY      # (mitigation "zero": only zero-filled pages are candidates)
         if keep.any():
             idx, pfn, keys = idx[keep], pfn[keep], keys[keep]
             gids = (np.int64(slot.id) << GID_SHIFT) | idx
@@ -72,7 +74,7 @@ class CmpAndMerge:
             elif "no-shard-routing" in self.brk:     # (the break: every visitor plans its own pages)
                 dest = np.full(len(idx), self.shard, dtype=np.int64)
             else:
-                dest = shard_of(self.tree_keys(keys, slot.node), self.nshards)
+                dest = shard_of(self.tree_keys(keys, self.part(slot)), self.nshards)
                 if self.knobs["use_zero_pages"]:
                     dest[keys == ZERO_KEY] = self.shard    # merged with the zero page: no tree, no owner
             for k in np.unique(dest).tolist():
@@ -100,6 +102,8 @@ class CmpAndMerge:
             else:
                 yield from merge_in_groups(self, ops)
             self.stable_tree_append_merged(ops)
+        if plan_in and self.knobs.get("mitigation", 0) == VUSION:
+            yield from fake_merge(self, plan_in, ops)
         if self.tree.stale:
             stale, self.tree.stale = self.tree.stale, []
             self.teardown_stale(stale)
@@ -150,7 +154,7 @@ class CmpAndMerge:
         idx = np.concatenate([i for _, i, _, _ in plan_in]).astype(np.int64)
         pfn = np.concatenate([p for _, _, p, _ in plan_in]).astype(np.int64)
         keys = np.concatenate([k for _, _, _, k in plan_in]).astype(np.int64)
-        node = np.concatenate([np.full(len(i), s.node, dtype=np.int64) for s, i, _, _ in plan_in])
+        node = np.concatenate([np.full(len(i), self.part(s), dtype=np.int64) for s, i, _, _ in plan_in])
         if self.knobs["use_zero_pages"]:
             z = keys == ZERO_KEY
             if z.any():
@@ -326,7 +330,7 @@ class CmpAndMerge:
                 tree.release(d)
             ts, ti = self.slots.get(int(ops.tsid[r])), int(ops.tidx[r])
             if ts is not None and ts.alive and ts.items.flags[ti] & HAS:   # the tree page stays in the unstable tree
-                tk = int(self.tree_keys(np.array([ts.items.cs[ti]]), ts.node)[0])
+                tk = int(self.tree_keys(np.array([ts.items.cs[ti]]), self.part(ts))[0])
                 if self.unstable.get(tk) < 0:
                     self.unstable.put(tk, (ts.id << GID_SHIFT) | ti)
                     ts.items.flags[ti] |= np.uint8(UNSTABLE)

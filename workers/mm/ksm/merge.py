@@ -21,7 +21,13 @@ scanners never fail each other's trylock.
 
 Pins (get_ksm_page) and locks taken here are released on every path, exceptions
 included.  Each `brk` name removes one step, for the checker to show why it exists:
-`no-write-protect`, `no-recheck-pte`, `free-before-acks`, `no-ksm-lock`.
+`no-write-protect`, `no-recheck-pte`, `free-before-acks`, `no-ksm-lock`,
+`vusion-no-fake-protect` (fake_merge leaves unmerged candidates writable).
+
+`fake_merge` is VUsion's fake merging (Oliverio et al., SOSP 2017; mitigation "vusion"):
+after the batch's merges every candidate page that did not merge is write-protected and moved to
+a frame taken at random too, as if it had merged, so its next write faults and copies like a write
+to a merged page; new KSM pages are copies in frames taken at random (`compare`).
 """
 from __future__ import annotations
 
@@ -32,8 +38,8 @@ import numpy as np
 from proto.layout import (FRAME_ANON, FRAME_KSM, PAGE_SHIFT, PTE_DIRTY, PTE_PRESENT, PTE_SPECIAL, PTE_WRITE,
                           PTE_YOUNG, ZERO_PFN)
 
-from workers.mm.effects import (FLAGS, PTE, VMAS, Checksum, Compare, Get, Load, Lock, PinKsm, Put, SetFrame, TryLock, Unlock,
-                      WaitAcks, ZeroPagesAdd, ptl)
+from workers.mm.effects import (FLAGS, PTE, VMAS, Alloc, Candidates, Checksum, Compare, CopyPages, Get, Load, Lock,
+                                PinKsm, Put, SetFrame, TryLock, Unlock, WaitAcks, ZeroPagesAdd, ptl)
 from workers.mm.mmu_notifier import set_pte_at_notify
 from workers.mm.pte import mergeable_ranges
 from workers.mm.ksm.shard import ksm_lock
@@ -52,6 +58,7 @@ class MergeKind(IntEnum):
 # (plain ints, for the numpy arrays of a batch's merges: Ops.kind)
 MERGE_WITH_KSM_PAGE, MERGE_TWO_PAGES, MERGE_WITH_ZERO_PAGE = (int(k) for k in MergeKind)
 WAIT_IN_UNSTABLE_TREE = -1
+VUSION = 1          # proto.knobs.MITIGATIONS.index("vusion")
 
 
 def cmp_and_merge_decision(stable_dup: int, unstable_match: bool) -> int:
@@ -92,8 +99,10 @@ def try_to_merge_pages(scan, ops):
         pages = yield from validate(scan, ops, locked)
         if "no-write-protect" not in scan.brk:
             yield from write_protect_page(scan, pages)
-        yield from compare(scan, ops)
-        yield from replace_page(scan, ops)
+        moved = yield from compare(scan, ops)
+        if len(moved):              # (vusion: new KSM frames, held by us until the end, as pinned ones)
+            held = np.concatenate([held, scan.tree.kpfn[ops.d[moved]].astype(np.int64)])
+        yield from replace_page(scan, ops, moved)
     except GeneratorExit:           # abandoned (a checker run cut short): nothing to release
         raise
     except BaseException:
@@ -206,6 +215,77 @@ def validate(scan, ops, locked):
     return {s: np.unique(np.concatenate(v)) for s, v in pages.items()}
 
 
+def fake_merge(scan, plan_in: list, ops):
+    """VUsion's fake merging: every candidate of the batch (plan_in: [(slot, idx, pfn, keys)]) that is
+    still an anonymous, non-KSM page mapping the frame it was checksummed in is treated as a merged
+    one, under its ptl (tried, as for a merge; with several scanners under the mm's ksm lock): a
+    writable one is write-protected, copied into a frame taken at random from the free frames (as a
+    new KSM page is) and mapped there read-only (`fake_move`); then all are marked (`Candidates`).
+    Merged pages are KSM pages, write-protected already."""
+    per: dict = {}
+    for slot, idx, pfn, keys in plan_in:
+        per.setdefault(slot.id, []).append((np.asarray(idx, dtype=np.int64), np.asarray(pfn, dtype=np.int64),
+                                            np.asarray(keys, dtype=np.int64)))
+    for sid in sorted(per):
+        slot = scan.slots.get(sid)
+        if slot is None or not slot.alive:
+            continue
+        idx, first = np.unique(np.concatenate([i for i, _, _ in per[sid]]), return_index=True)
+        pfn = np.concatenate([p for _, p, _ in per[sid]])[first]
+        keys = np.concatenate([k for _, _, k in per[sid]])[first]
+        shared = scan.nshards > 1 and "no-ksm-lock" not in scan.brk
+        if shared:
+            yield Lock(ksm_lock(sid))
+        locked = False
+        try:
+            locked = yield TryLock(ptl(sid))
+            if locked:
+                pte = np.asarray((yield Load(PTE, sid, idx)))
+                flags = np.asarray((yield Load(FLAGS, None, pfn)))
+                ok = (((pte & U64(PTE_PRESENT)) != 0) & ((pte & U64(PTE_SPECIAL)) == 0)
+                      & ((pte >> U64(PAGE_SHIFT)).astype(np.int64) == pfn)
+                      & ((flags & FRAME_ANON) != 0) & ((flags & FRAME_KSM) == 0))
+                w = ok & ((pte & U64(PTE_WRITE)) != 0)
+                if w.any() and "vusion-no-fake-protect" not in scan.brk:
+                    yield from fake_move(scan, sid, idx[w], pfn[w], keys[w])
+                if ok.any():
+                    yield Candidates(sid, idx[ok])
+        except GeneratorExit:
+            raise
+        except BaseException:
+            if locked:
+                yield Unlock(ptl(sid))
+            if shared:
+                yield Unlock(ksm_lock(sid))
+            raise
+        if locked:
+            yield Unlock(ptl(sid))
+        if shared:
+            yield Unlock(ksm_lock(sid))
+
+
+def fake_move(scan, sid: int, idx, pfn, keys):
+    """A fake merge of writable pages idx of mm sid (ptl held): write-protect them (so no write lands
+    while they are copied), copy each into a frame taken at random from the free frames, map the copies
+    read-only in their place (notified), put the old frames after the acks."""
+    yield from write_protect_page(scan, {sid: idx})
+    new = np.asarray((yield Alloc(len(idx), FRAME_ANON, False, scatter=keys ^ np.int64(scan.salt ^ 0x5A5A))),
+                     dtype=np.int64)
+    try:
+        yield CopyPages(new, pfn)
+        ptes = ((new.astype(U64) << U64(PAGE_SHIFT)) | U64(PTE_PRESENT | PTE_YOUNG)).astype(U64)
+        yield from set_pte_at_notify([(sid, idx, ptes)], scan.mode)
+    except GeneratorExit:
+        raise
+    except BaseException:       # the new frames no PTE took go back; the old pages stay mapped
+        pte = np.asarray((yield Load(PTE, sid, idx)))
+        lost = new[(pte >> U64(PAGE_SHIFT)).astype(np.int64) != new]
+        if len(lost):
+            yield Put(lost)
+        raise
+    yield Put(pfn)
+
+
 def write_protect_page(scan, pages: dict):
     """Clear WRITE (and DIRTY) and make every secondary MMU drop its writable translation."""
     jobs = []
@@ -220,8 +300,12 @@ def write_protect_page(scan, pages: dict):
 
 
 def compare(scan, ops):
-    """memcmp after write-protect (pairs first); a pair's page becomes the KSM page (in place)."""
+    """memcmp after write-protect (pairs first); a pair's page becomes the KSM page (in place), or,
+    with the mitigation vusion, a copy of it in a frame taken at random from the free frames (VUsion:
+    where the KSM page lands tells nothing of which page it came from).  Returns the rows of the pairs
+    whose KSM page is such a new frame (its reference ours: put by the caller at the end)."""
     tree = scan.tree
+    moved = np.empty(0, dtype=np.int64)
     r = np.flatnonzero(ops.ok & (ops.kind == MERGE_TWO_PAGES))
     if len(r):
         eq = np.asarray((yield Compare(ops.pfn[r], ops.tpfn[r])), dtype=bool)
@@ -229,11 +313,18 @@ def compare(scan, ops):
         r = r[eq]
         if len(r):      # the new KSM page's content is the one its node is keyed by
             keys = np.asarray((yield Checksum(ops.pfn[r])), dtype=np.int64)
-            nodes = np.array([scan.slots[s].node for s in ops.sid[r].tolist()], dtype=np.int64)
+            nodes = np.array([scan.part(scan.slots[s]) for s in ops.sid[r].tolist()], dtype=np.int64)
             same = scan.tree_keys_nodes(keys, nodes) == tree.key[ops.d[r]]
             ops.ok[r[~same]] = False
-            r = r[same]
-        if len(r):
+            r, keys = r[same], keys[same]
+        if len(r) and scan.knobs.get("mitigation", 0) == VUSION:
+            new = np.asarray((yield Alloc(len(r), FRAME_ANON, False, scatter=keys ^ np.int64(scan.salt))),
+                             dtype=np.int64)
+            yield CopyPages(new, ops.pfn[r])
+            yield SetFrame(new, FRAME_KSM, scan.gid(ops.d[r]))
+            tree.kpfn[ops.d[r]] = new
+            moved = r
+        elif len(r):
             yield SetFrame(ops.pfn[r], FRAME_KSM, scan.gid(ops.d[r]))
             tree.kpfn[ops.d[r]] = ops.pfn[r]
     r = np.flatnonzero(ops.ok & (ops.kind == MERGE_WITH_ZERO_PAGE))
@@ -247,19 +338,25 @@ def compare(scan, ops):
         r, k = r[there], k[there]
         if len(r):
             ops.ok[r] = np.asarray((yield Compare(ops.pfn[r], k)), dtype=bool)
+    return moved
 
 
-def replace_page(scan, ops):
-    """Point each PTE at its KSM page (or the zero page), notify, put the old frames after the acks."""
+def replace_page(scan, ops, moved=()):
+    """Point each PTE at its KSM page (or the zero page), notify, put the old frames after the acks.
+    A pair whose KSM page is a new frame (`moved`, vusion) has both its pages pointed there."""
     ok = ops.ok
     st, zr, pr = ok & (ops.kind == MERGE_WITH_KSM_PAGE), ok & (ops.kind == MERGE_WITH_ZERO_PAGE), ok & (ops.kind == MERGE_TWO_PAGES)
-    sid = np.concatenate([ops.sid[st], ops.sid[zr], ops.tsid[pr]])
+    mv = np.zeros(len(ops), dtype=bool)
+    mv[np.asarray(moved, dtype=np.int64)] = True
+    mv &= pr
+    sid = np.concatenate([ops.sid[st], ops.sid[zr], ops.tsid[pr], ops.sid[mv]])
     if not len(sid):
         return
-    idx = np.concatenate([ops.idx[st], ops.idx[zr], ops.tidx[pr]])
-    old = np.concatenate([ops.pfn[st], ops.pfn[zr], ops.tpfn[pr]])
+    idx = np.concatenate([ops.idx[st], ops.idx[zr], ops.tidx[pr], ops.idx[mv]])
+    old = np.concatenate([ops.pfn[st], ops.pfn[zr], ops.tpfn[pr], ops.pfn[mv]])
     kp = np.concatenate([scan.tree.kpfn[ops.d[st]].astype(np.int64), np.full(int(zr.sum()), -1, np.int64),
-                         ops.pfn[pr]])
+                         np.where(mv[pr], scan.tree.kpfn[ops.d[pr]].astype(np.int64), ops.pfn[pr]),
+                         scan.tree.kpfn[ops.d[mv]].astype(np.int64)])
     jobs, olds, zeros = [], [], []
     for s in np.unique(sid).tolist():
         m = sid == s

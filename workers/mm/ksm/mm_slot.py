@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from proto.layout import FRAME_ANON, FRAME_KSM, MMH_NODE, PTE_PRESENT, PTE_SPECIAL, ZERO_PFN
+from proto.knobs import MITIGATIONS
+from proto.layout import FRAME_ANON, FRAME_KSM, MMH_DOMAIN, MMH_NODE, PTE_PRESENT, PTE_SPECIAL, ZERO_PFN
 
 from workers.mm.ksm.stable_tree import RmapItems
 from workers.mm.ksm.shard import GID_SHIFT
@@ -15,6 +16,7 @@ GID_MASK = (1 << GID_SHIFT) - 1
 NODE_MIX = np.int64(-7046029254386353131)   # 0x9E3779B97F4A7C15 as int64: separates per-node trees
 COUNTER_NAMES = ("pages_shared", "pages_sharing", "pages_unshared", "pages_scanned", "pages_skipped",
                  "full_scans")
+VUSION, DOMAIN, ZERO_ONLY = (MITIGATIONS.index(k) for k in ("vusion", "domain", "zero"))
 SUMMED = ("pages_shared", "pages_sharing", "pages_unshared", "pages_scanned", "pages_skipped")
 
 
@@ -28,6 +30,7 @@ class MMSlot:
         self.alive = True
         self.listed = False
         self.node = int(mm.hdr[MMH_NODE])
+        self.domain = int(mm.hdr[MMH_DOMAIN])      # security domain (mitigation "domain")
 
 
 class Ops:

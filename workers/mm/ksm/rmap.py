@@ -152,7 +152,7 @@ class RmapUpkeep:
             maps = frames[p]
             if d < self.tree.top and self.tree.live[d]:
                 continue       # one restored already: the cursor sorts it out
-            tk = int(self.tree_keys(np.array([key], dtype=np.int64), maps[0][0].node)[0])
+            tk = int(self.tree_keys(np.array([key], dtype=np.int64), self.part(maps[0][0]))[0])
             self.tree.restore(d, tk, p, len(maps))
             found += 1
             self.c["pages_shared"] += 1

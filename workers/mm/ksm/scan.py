@@ -29,6 +29,13 @@ scan_get_next_rmap_item), rmap.py (remove_rmap_item_from_tree and the tree upkee
 restore), cmp_and_merge.py (cmp_and_merge_page for a batch), rounds.py (ksm_do_scan's rounds
 with one scanner or several); this module holds their shared state and the counters.
 
+Side-channel defences (the `mitigation` knob, docs/security.md): "domain" keys both trees by
+the mm's security domain too (MMH_DOMAIN, as merge_across_nodes=0 keys them by NUMA node), so
+pages of VMs of different domains never meet; "zero" makes only zero-filled pages candidates;
+"vusion" treats every candidate the batch did not merge as a merged one (`fake_merge`, after
+the merges: write-protected, moved to a random frame), so a write to it faults and copies as a
+write to a merged page does (mm.fault).
+
 With several scanners (mm/ksm/shard.py) each KsmScan owns one shard of the trees;
 scanner 0 also owns the cursor.  A batch is a *round*: the leader cuts it, every
 scanner visits its part and routes pages to the owners of their contents, each
@@ -56,7 +63,7 @@ from workers.mm.ksm.stable_tree import StableTree
 from workers.mm.breaks import NONE
 from workers.mm.ksm.cmp_and_merge import CmpAndMerge
 from workers.mm.ksm.cursor import ScanCursor
-from workers.mm.ksm.mm_slot import BATCH, COUNTER_NAMES, NODE_MIX, SUMMED, MMSlot
+from workers.mm.ksm.mm_slot import BATCH, COUNTER_NAMES, DOMAIN, NODE_MIX, SUMMED, MMSlot
 from workers.mm.ksm.rmap import RmapUpkeep
 from workers.mm.ksm.rounds import Rounds
 
@@ -88,6 +95,7 @@ class KsmScan(ScanCursor, RmapUpkeep, CmpAndMerge, Rounds):
         self.last_prune = clock()
         self.merges = 0
         self.merge_failures = 0
+        self.salt = 0                   # mitigation vusion: mixed into where new KSM frames are taken (ksmd: random)
         self.seq = 0                    # round / control sequence (leader)
         self.late = 0                   # (the no-round-barrier break: the round whose DONEs are still out)
         self.reports: dict[int, dict] = {k: {} for k in self.others}   # leader: each follower's last DONE
@@ -100,18 +108,25 @@ class KsmScan(ScanCursor, RmapUpkeep, CmpAndMerge, Rounds):
     def local(self, g):
         return g // self.nshards
 
-    def tree_keys(self, keys: np.ndarray, node: int) -> np.ndarray:
-        if self.knobs["merge_across_nodes"] or node == 0:
+    def part(self, slot: "MMSlot") -> int:
+        """The tree partition of an mm's pages: its NUMA node (merge_across_nodes=0) and its security
+        domain (mitigation "domain"); pages of different partitions never merge.  0: the one tree."""
+        p = 0 if self.knobs["merge_across_nodes"] else slot.node
+        if self.knobs.get("mitigation", 0) == DOMAIN:
+            p += (slot.domain + 1) << 8
+        return p
+
+    def tree_keys(self, keys: np.ndarray, part: int) -> np.ndarray:
+        if part == 0:
             return keys
-        return keys ^ (NODE_MIX * np.int64(node))
+        mix = (0x9E3779B97F4A7C15 * part) & 0xFFFFFFFFFFFFFFFF      # NODE_MIX * part, wrapped as the arrays wrap
+        return keys ^ np.int64(mix - (1 << 64) if mix >> 63 else mix)
 
-    def tree_keys_nodes(self, keys: np.ndarray, nodes: np.ndarray) -> np.ndarray:
-        if self.knobs["merge_across_nodes"] or not nodes.any():
+    def tree_keys_nodes(self, keys: np.ndarray, parts: np.ndarray) -> np.ndarray:
+        if not parts.any():
             return keys
-        return np.where(nodes == 0, keys, keys ^ (NODE_MIX * nodes.astype(np.int64)))
+        return np.where(parts == 0, keys, keys ^ (NODE_MIX * parts.astype(np.int64)))
 
-
-    # ------------------------------------------------------------------ counters
     def metadata_bytes(self) -> int:
         own = sum(s.items.nbytes for s in self.slots.values()) + self.tree.nbytes + self.unstable.nbytes
         return own + sum(r.get("bytes", 0) for r in self.reports.values())

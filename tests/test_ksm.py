@@ -331,11 +331,14 @@ def test_fault_poll_us_is_a_knob_of_any_time_and_zero_sleeps(ksm_machine):
                 v1["fast_replies"] - v0["fast_replies"], v1["polled_replies"] - v0["polled_replies"],
                 f1["polled"] - f0["polled"])
 
+    # (how many replies the VM read on the socket itself, `fast`, depends on whether each came within
+    # FAST_WAIT_NS: a wall-clock bound, so it is not asserted; what polling does is)
     m.ksm.set(fault_poll_us=0)
     assert m.ksm.get("fault_poll_us") == 0
-    assert cows(range(0, 8), 7) == (8, 8, 8, 0, 0)     # every reply waited for asleep, nothing polled
+    cow, copies, fast, polled, fd_polled = cows(range(0, 8), 7)
+    assert (cow, copies, polled, fd_polled) == (8, 8, 0, 0)     # every reply waited for asleep, nothing polled
     m.ksm.set(fault_poll_us=100_000)
     cow, copies, fast, polled, fd_polled = cows(range(8, 16), 9)
-    assert (cow, copies, fast) == (8, 8, 8)             # (a KSM page is copied even by its last mapper)
-    assert polled >= 1 and polled + fd_polled >= 1      # (timing: each reply is due well within 100 ms)
+    assert (cow, copies) == (8, 8)                      # (a KSM page is copied even by its last mapper)
+    assert polled + fd_polled >= 1      # (the fault handler polls 100 ms after each frame: the APPLIED comes in it)
     assert vm.read(x, 16 * PAGE_SIZE) == b"\x07" * 8 * PAGE_SIZE + b"\x09" * 8 * PAGE_SIZE

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 import workers.actors.supervisor
+import workers.actors.supervisor_recovery
 from proto import MADV_MERGEABLE, PAGE_SIZE
 from workers.tools.stress import writer_sequence
 
@@ -139,7 +140,7 @@ def test_kill_one_of_two_scanners_restarts_both_and_each_rebuilds_its_shard(ksm_
 
 
 def test_an_actor_that_keeps_dying_is_a_clear_error(ksm_machine, monkeypatch):
-    monkeypatch.setattr(workers.actors.supervisor, "MAX_RESTARTS", 0)
+    monkeypatch.setattr(workers.actors.supervisor_recovery, "MAX_RESTARTS", 0)
     m = ksm_machine
     vm = m.spawn_vm("a")
     x = vm.mmap(PAGE_SIZE)

@@ -121,13 +121,14 @@ def test_a_repair_that_cannot_lock_still_restarts_and_thaws():
 
 
 def test_supervisor_and_checker_run_the_one_recovery_program():
-    """No second copy: both import mm.recovery.recover and neither writes its own freeze/repair/respawn order."""
-    sup = (ROOT / "workers/actors/supervisor.py").read_text()
-    world = (ROOT / "workers/check/world.py").read_text()
+    """No second copy: the supervisor's recovery and the checker's supervisor both run mm.recovery.recover,
+    and neither orders freeze / notifier_lost / repair / respawn itself."""
+    sup = (ROOT / "workers/actors/supervisor_recovery.py").read_text()
+    world = (ROOT / "workers/check/programs.py").read_text()
     for src in (sup, world):
         assert "from workers.mm.recovery import" in src and "recover(" in src
-        assert "repair_frames(" not in src.replace("from workers.mm.repair import repair_frames", "") \
-            or "repair_frames(list(self.mm_segs)" in src        # (Machine.repair: the on-demand repair)
+        assert "notifier_lost\", self.ack_timeout" not in src.split("def _recovery_effect")[0]
+    assert "repair_frames(" not in world
 
 
 @pytest.mark.parametrize("kill", ["faultd", "ksmd"])

@@ -31,34 +31,25 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import errno
-import logging
 import os
 import socket
 import time
 
 
 from proto.channel import Channel, ChannelClosed
-from proto.knobs import BUSY_WHEN_MERGED, OWN, check_knob
-from proto.layout import COUNTERS, KNOBS, MAX_MMS, MM_STATS
+from proto.layout import COUNTERS, KNOBS, MM_STATS
 from proto.messages import Frame, Msg, call_payload, encode
 from proto.trace import Tracer
 
-from workers.runtime.actor import RunMemory, actor_args, receive_fd, req_int, run_actor, setup
+from workers.runtime.actor import RunMemory, actor_args, run_actor, setup
 from workers.mm.effects import Memory, TryLock
 from workers.mm.fault import unmerge_ksm_pages_of_mm
 from workers.mm.ksm.scan import BATCH, KsmScan
 from workers.mm.ksm.shard import DONE, LEAD, ROUTED, Done, Routed, from_wire, to_wire
-from workers.runtime.frames import OutOfFrames, ShmLock
-from workers.mm.ksm.stable_tree import RmapItems
-from workers.runtime.driver import Driver, MMUNotifierSubscriptions, bind_vm_channel
-from workers.mm.ksm.advisor import DEFAULT_PAGES_TO_SCAN, advisor_start_pages
+from workers.runtime.driver import Driver, MMUNotifierSubscriptions
+from workers.actors.ksmd_common import KSMD_NICE, log
+from workers.actors.ksmd_control import KsmdControl
 
-log = logging.getLogger("ksm_proto.ksmd")
-KSMD_NICE = 5               # the kernel's ksmd: set_user_nice(current, 5)
-
-
-FOLLOWER_OPS = frozenset({"ping", "attach_mm", "restore", "freeze", "thaw"})   # what a follower serves itself
 
 
 class PeerGone(TimeoutError):
@@ -124,7 +115,7 @@ class Mesh:
         return out
 
 
-class Ksmd:
+class Ksmd(KsmdControl):
     def __init__(self, args):
         self.args = args
         self.shard, self.nshards = args.shard, args.scanners
@@ -236,156 +227,6 @@ class Ksmd:
             self.tr.counter("pages_sharing", vals["pages_sharing"])
             self.tr.counter("free_frames", self.alloc.nr_free)
 
-    def set_knob_value(self, name: str, v: int) -> None:
-        self.knobs[name] = v
-        self.stats.knobs[KNOBS.index(name)] = v
-
-    async def set_knobs(self, knobs: dict) -> None:
-        for name, value in knobs.items():      # all or nothing: a bad knob changes none
-            check_knob(name, value)
-        for name, value in knobs.items():
-            v = check_knob(name, value)
-            if name in OWN and v != self.knobs[name]:
-                raise OSError(errno.EBUSY, f"{name} is chosen when the machine starts (it runs with "
-                              f"{self.knobs[name]}): EBUSY")
-            if name in BUSY_WHEN_MERGED and v != self.knobs[name]:
-                await self.driver.run(self.scan.control("prune"))
-                shared = self.scan.total("pages_shared")
-                if shared:
-                    raise OSError(errno.EBUSY, f"knob {name} cannot change while {shared} "
-                                  f"KSM pages are shared (write run=2 first): EBUSY")
-                await self.driver.run(self.scan.control("reset_tree"))
-            if name == "pages_to_scan" and self.knobs["advisor_mode"] != 0:
-                raise OSError(errno.EINVAL, "pages_to_scan is set by the advisor while advisor_mode is scan-time: EINVAL")
-            if name == "advisor_mode" and v != self.knobs[name]:      # set_advisor_defaults()
-                self.scan.advisor_ctx, start = advisor_start_pages(self.knobs["advisor_min_pages_to_scan"])
-                self.set_knob_value("pages_to_scan", DEFAULT_PAGES_TO_SCAN if v == 0 else start)
-            if name == "run" and v == 2 and self.knobs["run"] != 2:
-                self.set_knob_value("run", 2)
-                try:
-                    await self.unmerge_all()
-                except (OutOfFrames, TimeoutError) as e:
-                    self.set_knob_value("run", 0)
-                    raise OSError(errno.ENOMEM, f"run=2 could not unmerge everything: {e}") from None
-            self.set_knob_value(name, v)
-        self.wake.set()
-
-    # ------------------------------------------------------------------ channels and main loop
-    def attach_rmap(self, mm_id: int, mm) -> None:
-        """What ksmd keeps per mm beside its memory and ptl: the mm's rmap items and ksm lock."""
-        self.rmaps[mm_id] = self.mem.attach_rmap(mm_id, mm.npages)
-        self.ksm_locks[mm_id] = ShmLock.ksm(self.args.run, mm_id)
-
-    async def attach_mm(self, mm_id: int, name: str, fd: int) -> None:
-        """Bind a channel end the supervisor passed to mm mm_id: once, ever (mm ids are not reused)."""
-        ch, new = await bind_vm_channel(self, mm_id, name, fd, lambda: Channel(f"{self.name}<-{name}", self.on_vm_frame),
-                                        self.attach_rmap)
-        if new:
-            self.scan.add_mm(mm_id, self.memory.mms[mm_id], RmapItems(self.rmaps[mm_id]))
-        ch.peer, ch.hello = mm_id, False
-        self.notifiers[mm_id] = MMUNotifierSubscriptions(self.name, name, self.memory.mms[mm_id], ch, self.tr,
-                                            self.args.ack_timeout)
-
-    def refuse(self, what: str) -> None:
-        self.refused += 1
-        log.error("%s: refused %s", self.name, what)
-
-    def on_vm_frame(self, ch: Channel, f: Frame) -> None:
-        if f.type != Msg.HELLO or ch.hello or f.mm != ch.peer:
-            why = ("a second HELLO" if ch.hello else f"HELLO for mm {f.mm}") if f.type == Msg.HELLO \
-                else f"message type {f.type}"
-            self.refuse(f"{why} on the channel of mm {ch.peer}")
-            if f.type == Msg.HELLO:
-                ch.send(encode(Msg.REPLY, mm=f.mm, corr=f.corr, payload=call_payload(
-                    {"errno": errno.EPERM, "error": f"{why} on the channel of mm {ch.peer}: refused"})))
-            return
-        ch.hello = True
-        ch.send(encode(Msg.ACK, mm=f.mm, corr=f.corr))     # the VM registers its secondary MMUs after this
-
-    def info(self) -> dict:
-        sc = self.scan
-        rs = sc.reports.values()
-        return {"metadata_bytes": sc.metadata_bytes(), "merges": sc.merges + sum(r.get("merges", 0) for r in rs),
-                "merge_failures": sc.merge_failures + sum(r.get("merge_failures", 0) for r in rs),
-                "scan_errors": self.scan_errors, "scanners": self.nshards,
-                "slots": len(sc.slots), "tree_bytes": sc.tree.nbytes, "unstable_bytes": sc.unstable.nbytes,
-                "rmap_bytes": sum(s.items.nbytes for s in sc.slots.values()), "refused": self.refused}
-
-    def _thaw(self, why: str) -> None:
-        if self.frozen is not None:
-            if why:
-                log.error("%s: %s", self.name, why)
-            self.frozen.cancel()
-            self.frozen = None
-            self.batch_lock.release()
-
-    async def restore(self) -> None:
-        """After a restart: this scanner's shard of the stable tree and the rmap items of its merged
-        pages, from shared memory (the supervisor restores the followers before the leader)."""
-        async with self.batch_lock:
-            self.load_stats()
-            n = await self.driver.run(self.scan.restore())
-            log.warning("%s: restarted; %d KSM pages and their rmap items rebuilt from shared memory", self.name, n)
-            if self.shard == 0:
-                if self.knobs["run"] == 2:      # the dead ksmd may have been unmerging: finish it
-                    try:
-                        await self.unmerge_all()
-                    except (OutOfFrames, TimeoutError) as e:
-                        log.error("ksmd: run=2 could not unmerge everything after the restart: %s", e)
-                self.publish()
-        self.restored.set()
-        self.wake.set()
-
-    async def on_ctl(self, ch: Channel, f: Frame) -> None:
-        reply: dict = {}
-        try:
-            req = f.json()
-            op = req.get("op")
-            if self.shard != 0 and op not in FOLLOWER_OPS:
-                raise OSError(errno.EINVAL, f"{self.name} serves the leader; ask ksmd (scanner 0)")
-            if op == "freeze":        # outside batch_lock: freeze takes it and keeps it until thaw
-                for_s = float(req_int(req, "for_s", 60, 1, 3600))
-                if self.frozen is None:
-                    await self.batch_lock.acquire()
-                else:                 # frozen already: the timeout starts again (the supervisor renews it
-                    self.frozen.cancel()    # right before its repair, which must not meet a thawed ksmd)
-                self.frozen = asyncio.get_running_loop().call_later(
-                    for_s, self._thaw, "thawed: the supervisor did not thaw within the freeze timeout")
-            elif op == "thaw":
-                self._thaw("")
-            elif op == "restore":
-                await self.restore()
-            else:
-                await self.on_ctl_locked(req, op, reply)
-        except OSError as e:
-            reply = {"errno": e.errno or errno.EINVAL, "error": e.strerror or str(e)}
-        except (KeyError, ValueError, TypeError, AttributeError) as e:
-            reply = {"errno": errno.EINVAL, "error": f"bad request: {e!r}"}
-        except Exception as e:      # a bug: the supervisor hears of it, ksmd goes on
-            log.exception("%s: control request failed", self.name)
-            reply = {"errno": errno.EIO, "error": f"{self.name}: internal error: {e!r}"}
-        if not ch.closed:
-            ch.send(encode(Msg.REPLY, corr=f.corr, payload=call_payload(reply)))
-
-    async def on_ctl_locked(self, req: dict, op, reply: dict) -> None:
-        async with self.batch_lock:
-            if op == "attach_mm":
-                mm_id = req_int(req, "mm", None, 0, MAX_MMS - 1)
-                name = str(req.get("name", f"vm:{mm_id}"))
-                await self.attach_mm(mm_id, name, receive_fd(self.fd_sock, req_int(req, "seq"), f"mm {mm_id}"))
-            elif op == "set_knobs":
-                knobs = req["knobs"]
-                if not isinstance(knobs, dict):
-                    raise OSError(errno.EINVAL, f"knobs must be an object, not {knobs!r}")
-                await self.set_knobs(knobs)
-            elif op == "mm_exit":
-                await self.ksm_exit(req_int(req, "mm"))
-            elif op == "info":
-                reply.update(self.info())
-            elif op == "ping":
-                pass
-            else:
-                raise OSError(errno.EINVAL, f"unknown ksmd op {op!r}")
 
     async def scan_loop(self) -> None:
         await self.restored.wait()

@@ -1,0 +1,45 @@
+"""The names faultd.py and its parts share (constants, the logger)."""
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+
+from proto.knobs import MITIGATIONS
+from proto.messages import Msg
+
+
+log = logging.getLogger("ksm_proto.faultd")
+
+
+VUSION = MITIGATIONS.index("vusion")
+
+
+U64 = np.uint64
+
+
+# Reply once the notifications are sent, before their acks (ptl is still held until they are
+# in, and the reply follows the notifications on the VM's FIFO channel): `ksm-proto check`
+# runs with it and finds no violation in any mode.  KSM_PROTO_EARLY_REPLY=0 turns it off.
+EARLY_REPLY = os.environ.get("KSM_PROTO_EARLY_REPLY", "1") == "1"
+
+
+# A COW's set_pte_at_notify rides on the reply (core.fault.wp_page_copy_reply): the faulting VM applies
+# it to its own secondary MMUs on arrival and answers APPLIED; the old frame is put after that.
+# KSM_PROTO_COW_REPLY=0: notifier messages and acks as before.
+COW_REPLY = os.environ.get("KSM_PROTO_COW_REPLY", "1") == "1"
+
+
+class _Fault:
+    """One FAULT being served: its channel and frame, whether it was answered, and where it is parked."""
+    __slots__ = ("ch", "f", "replied", "t0", "gen", "deadline")
+
+    def __init__(self, ch, f):
+        self.ch, self.f, self.replied, self.t0, self.gen, self.deadline = ch, f, False, 0, None, 0.0
+
+
+_FAULT, _APPLIED, _FAULT_REPLY = int(Msg.FAULT), int(Msg.APPLIED), int(Msg.FAULT_REPLY)
+
+
+_RECORDS = frozenset({_FAULT})          # a one-page FAULT is read as a record (proto.messages.decode_record)

@@ -1,0 +1,208 @@
+"""The fault handler's fault path: handle_mm_fault (mm.fault) for one FAULT, driven in the callback that
+read it as far as it goes without waiting, parked on the VM's APPLIED, handed to the event loop's
+driver when it must wait; the reply, once.
+
+A mixin of FaultHandler (workers.actors.faultd), which holds the state these methods share.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import errno
+import itertools
+import time
+
+import numpy as np
+
+from proto.channel import Channel
+from proto.layout import KNOB_MITIGATION, PAGE_SHIFT, USER_BASE
+from proto.messages import MAGIC, RECORD, Frame, Msg, call_payload, encode
+
+from workers.mm.effects import APPLY_MEM, Lock, Reply, Unlock, WaitAcks
+from workers.mm.fault import fault_reply_errno, handle_mm_fault
+from workers.actors.faultd_common import COW_REPLY, EARLY_REPLY, VUSION, _FAULT_REPLY, _Fault, log
+
+
+class FaultPath:
+    """The fault path (a FaultHandler mixin)."""
+
+    # ---- faults: a fast path driven in the frame's own callback, the event loop's driver when it must wait
+    def start_fault(self, ch: Channel, f: Frame) -> None:
+        """handle_mm_fault for one FAULT, driven right here, in the callback that read it (no task, no
+        event-loop turn) as far as it goes without waiting: to its end, or to the wait for the VM's
+        APPLIED, where it is parked until that record comes (or the sweep's timeout).  A busy ptl, or
+        notifier messages and their acks (KSM_PROTO_COW_REPLY=0), hand it to the event loop's Driver."""
+        st = _Fault(ch, f)
+        st.t0 = time.monotonic_ns()
+        try:
+            mm = self.memory.mms[f.mm]
+            # (an address below USER_BASE or far above the mm becomes an index the core refuses: EFAULT)
+            e = f.entries
+            if e.__class__ is list:         # (a record: one (addr, 0) pair)
+                idx = [(e[0][0] - USER_BASE) >> PAGE_SHIFT]
+            elif f.n == 1:
+                idx = [(e.item(0) - USER_BASE) >> PAGE_SHIFT]
+            else:
+                idx = [] if f.entries is None else [(a - USER_BASE) >> PAGE_SHIFT for a in f.entries[:, 0].tolist()]
+        except KeyError:
+            self._finish(st, None, KeyError(f.mm))
+            return
+        self.faults += 1
+        self._step(st, handle_mm_fault(f.mm, mm.npages, idx, f.flags, self.mode, EARLY_REPLY,
+                                       cow_reply=COW_REPLY,
+                                       vusion=int(self.mem.stats.knobs[KNOB_MITIGATION]) == VUSION), None, None)
+
+    def _step(self, st: "_Fault", gen, send, exc) -> None:
+        mem, ptls, apply = self.memory, self.ptls, APPLY_MEM
+        while True:
+            try:
+                e = gen.throw(exc) if exc is not None else gen.send(send)
+            except StopIteration as s:
+                self._finish(st, s.value, None)
+                return
+            except Exception as x:
+                self._finish(st, None, x)
+                return
+            send = exc = None
+            c = e.__class__
+            run = apply.get(c)
+            if run is not None:             # a memory effect (core.effects.apply_mem)
+                try:
+                    send = run(mem, e)
+                except Exception as x:      # thrown into the core: its cleanup runs
+                    exc = x
+            elif c is Lock:
+                mm = e.key[1]
+                if ptls[mm].try_acquire():
+                    self.holder[mm] = st
+                elif self.holder.get(mm) is not None:
+                    # another FAULT of this mm holds its ptl here (parked on APPLIED): wait behind it, and
+                    # run right after its unlock, in the same callback (several writers faulting at once)
+                    self.queued.setdefault(mm, collections.deque()).append((st, gen, e))
+                    self.batched += 1
+                    return
+                else:       # ksmd or the VM holds it: the event loop's driver waits (backoff, timeout)
+                    asyncio.get_running_loop().create_task(self._slow(st, gen, e))
+                    return
+            elif c is Unlock:
+                mm = e.key[1]
+                ptls[mm].release()
+                if self.holder.get(mm) is st:
+                    self.holder[mm] = None
+                q = self.queued.get(mm)
+                if q:
+                    self._relock(mm, *q.popleft())
+            elif c is Reply:
+                send = self._reply(st, 0, "", e.entries, True)
+            elif c is WaitAcks and len(e.handles) == 1 and e.handles[0] == [st]:
+                st.gen = gen                # parked until APPLIED (`on_vm_frame`) or its deadline (`_sweep`)
+                st.deadline = time.monotonic() + self.args.ack_timeout
+                st.ch.applied[st.f.corr] = st
+                if not self._sweeping:
+                    self._sweeping = True
+                    asyncio.get_running_loop().call_later(min(1.0, self.args.ack_timeout / 4), self._sweep)
+                return
+            else:
+                asyncio.get_running_loop().create_task(self._slow(st, gen, e))
+                return
+
+    def _relock(self, mm: int, st: "_Fault", gen, e) -> None:
+        """A FAULT queued behind another of its mm takes the ptl that one just let go (or waits again)."""
+        if self.ptls[mm].try_acquire():
+            self.holder[mm] = st
+            self._step(st, gen, None, None)
+        elif self.holder.get(mm) is not None:
+            self.queued[mm].appendleft((st, gen, e))
+        else:
+            asyncio.get_running_loop().create_task(self._slow(st, gen, e))
+
+    async def _slow(self, st: "_Fault", gen, first) -> None:
+        try:
+            value = await self.driver.run(gen, lambda e: self._reply(st, 0, "", e.entries, False), first=first)
+        except Exception as x:
+            self._finish(st, None, x)
+            return
+        finally:        # it took ptl on the fast path and let go of it here: the next in line goes
+            mm = st.f.mm
+            if self.holder.get(mm) is st:
+                self.holder[mm] = None
+                q = self.queued.get(mm)
+                if q:
+                    self._relock(mm, *q.popleft())
+        self._finish(st, value, None)
+
+    def _applied(self, st: "_Fault", why: str | None) -> None:
+        """A parked COW goes on: its APPLIED came (why None), or it never will (why: its subscribers
+        are released, as for a missing ack)."""
+        if why is not None:
+            n = self.notifiers.get(st.f.mm)
+            if n is not None:
+                n.release_all(why)
+        gen, st.gen = st.gen, None
+        if gen is not None:
+            self._step(st, gen, [0] if why is None else [], None)
+
+    def _sweep(self) -> None:
+        now = time.monotonic()
+        left = False
+        for n in list(self.notifiers.values()):
+            ch = n.ch
+            if ch is None:
+                continue
+            for corr, st in list(ch.applied.items()):
+                if st.__class__ is _Fault:
+                    if st.deadline < now:
+                        del ch.applied[corr]
+                        self._applied(st, f"no APPLIED for the COW reply {corr} within "
+                                          f"{self.args.ack_timeout:.1f}s")
+                    else:
+                        left = True
+        self._sweeping = left
+        if left:
+            asyncio.get_running_loop().call_later(min(1.0, self.args.ack_timeout / 4), self._sweep)
+
+    def _reply(self, st: "_Fault", err: int = 0, msg: str = "", entries=None, fast: bool = False) -> list:
+        """FAULT_REPLY, once (early: as soon as the notifications are sent; KSM_PROTO_EARLY_REPLY=0: at
+        the end).  One carrying a COW's new PTEs (entries) returns the WaitAcks handle of the VM's
+        APPLIED: [st] on the fast path (the fault parks on it), a future's on the event loop's."""
+        f, ch = st.f, st.ch
+        if st.replied or (entries is None and not err and not EARLY_REPLY and fast is not None):
+            return []
+        st.replied = True
+        if self.tr:
+            self.tr.send(self.peers.get(f.mm, f"vm:{f.mm}"), "FAULT_REPLY", f.mm, -1, f.addr, f.n, 0,
+                         entries[0][1] if entries else 0, f.corr)
+        if ch.closed:
+            return []
+        self.reply_ns += time.monotonic_ns() - st.t0
+        if entries is not None and len(entries) == 1 and not err:     # entries: [(addr, new pte)]
+            ch.send(RECORD.pack(MAGIC, RECORD.size, _FAULT_REPLY, 0, 0, f.mm, f.corr, f.addr, 1, 0, *entries[0]))
+        else:       # (many entries: into an n x 2 array in one pass, not from a list of tuples)
+            ch.send(encode(Msg.FAULT_REPLY, flags=err, mm=f.mm, corr=f.corr, addr=f.addr,
+                           entries=None if entries is None else np.fromiter(
+                               itertools.chain.from_iterable(entries), np.uint64, 2 * len(entries)).reshape(-1, 2),
+                           payload=call_payload({"error": msg}) if err else b""))
+        if entries is None:
+            return []
+        if fast:
+            return [st]
+        fut = asyncio.get_running_loop().create_future()
+        ch.applied[f.corr] = fut
+        return [(self.notifiers[f.mm], Msg.FAULT_REPLY, None, f.corr, f.addr, fut)]
+
+    def _finish(self, st: "_Fault", value, exc) -> None:
+        f = st.f
+        st.ch.applied.pop(f.corr, None)
+        if exc is None:
+            copies, reuses = value
+            self.cow_copies += copies
+            self.reuses += reuses
+            self._reply(st, fast=None)
+        else:
+            err = fault_reply_errno(exc, f.mm)
+            if err is None:     # a bug: the VM hears of it, this process goes on
+                log.error("%s: fault on mm %d failed", self.name, f.mm, exc_info=exc)
+                err = errno.EIO, f"fault handler error: {exc!r}"
+            self._reply(st, *err, fast=None)
+        if self.tr:
+            self.tr.span("handle_mm_fault", st.t0, time.monotonic_ns(), mm=f.mm, pages=f.n, write=int(f.flags & 1))

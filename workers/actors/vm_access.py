@@ -1,0 +1,197 @@
+"""A VM worker's memory accesses: through a secondary MMU (mm.kvm.vm_access), a FAULT round trip to
+its fault handler (the fast path waits for the reply on the socket itself), the cores of its own
+address-space changes driven with their local notifications.
+
+A mixin of VMWorker (workers.actors.vm), which holds the state these methods share.
+"""
+from __future__ import annotations
+
+import asyncio
+import errno
+import time
+
+import numpy as np
+
+from proto.channel import Channel, expire_after, halt_poll
+from proto.layout import (KNOB_FAULT_POLL_US, PAGE_SHIFT, SUB_ACTIVE, USER_BASE)
+from proto.messages import MAGIC, RECORD, Frame, Msg, encode
+
+from workers.mm.kvm import FaultCall, Touch, WaitIdle, touch, vm_access
+from workers.mm.effects import VMAS, Load
+from workers.mm.mmu_notifier import (LocalNotify, SecondaryMMU)
+from workers.mm.pte import check_range
+from workers.runtime.driver import lock_ptl
+from workers.actors.vm_common import FAST_WAIT_NS, U64, _FAULT, log
+
+
+class VMAccess:
+    """The VM's accesses and faults (a VMWorker mixin)."""
+
+    # ------------------------------------------------------------------ memory access
+    async def fault_call(self, idx: list, flags: int, ncow: int = 0) -> None:
+        """FAULT for pages idx (a list); returns once the reply is in (a COW reply applied on arrival, see
+        `_on_fault_reply`).  A one-page FAULT is one fixed-size record; the reply is waited for on
+        the socket itself while nothing else needs this process (`_reply_now`), else on the loop."""
+        t0 = time.monotonic_ns()
+        n = len(idx)
+        addr0 = USER_BASE + (idx[0] << PAGE_SHIFT)
+        entries = None
+        if n > 1:
+            entries = np.zeros((n, 2), dtype=U64)
+            entries[:, 0] = [USER_BASE + (i << PAGE_SHIFT) for i in idx]
+        while True:      # a fault the dead fault handler did not answer is sent again to its successor
+            if not self.fault_ready.is_set():
+                try:
+                    await asyncio.wait_for(self.fault_ready.wait(), self.args.restart_timeout)
+                except asyncio.TimeoutError:
+                    raise OSError(errno.EIO, f"the fault handler is gone (not back within "
+                                             f"{self.args.restart_timeout:.0f}s)") from None
+            ch = self.fault_ch
+            corr = Channel.next_corr()
+            if self.tr:
+                self.tr.send(self.fault_peer, "FAULT", self.mm_id, -1, addr0, len(idx), 0, 0, corr)
+            data = RECORD.pack(MAGIC, RECORD.size, _FAULT, 0, flags, self.mm_id, corr, addr0, 1, 0, addr0, 0) \
+                if entries is None else encode(Msg.FAULT, flags=flags, mm=self.mm_id, corr=corr, addr=addr0,
+                                               entries=entries)
+            try:
+                fut = ch.request(corr, data)
+                rep = self._reply_now(ch, fut)
+                if rep is not None:
+                    self.fast_replies += 1
+                else:
+                    timer = expire_after([fut], self.args.ack_timeout * 4,
+                                         f"{ch.name}: no answer within {self.args.ack_timeout * 4:.1f}s")
+                    try:
+                        rep = await fut
+                    finally:
+                        timer.cancel()
+                        ch.pending.pop(corr, None)
+                break
+            except ConnectionError:
+                self.notifier_lost(ch)
+                self.fault_retries += 1
+            except asyncio.TimeoutError as e:
+                raise OSError(errno.EFAULT, f"fault handler did not answer: {e!r}") from None
+        if self.tr:
+            self.tr.recv(self.fault_peer, "FAULT_REPLY", self.mm_id, -1, addr0, n, 0,
+                         int(rep.entries[0][1]) if rep.n else 0, corr)
+        t1 = time.monotonic_ns()
+        if self.tr:
+            if ncow:
+                self.tr.span("cow_fault", t0, t1, mm=self.mm_id, pages=ncow)
+        self.primary_faults += 1
+        if ncow:
+            self.cow_faults += ncow
+            if len(self.cow_ns) < 200_000:
+                self.cow_ns.append((t1 - t0) // ncow)
+        if rep.flags:
+            raise OSError(rep.flags, rep.json().get("error") or errno.errorcode.get(rep.flags, "fault failed"))
+
+    def _reply_now(self, ch: Channel, fut) -> Frame | None:
+        """The fast path of a fault: wait for the reply on the fault handler's socket itself, in this
+        thread, with no event-loop turn, and hand what comes to the channel as the loop would (a COW
+        reply is applied and APPLIED sent at once; a CLEAR_YOUNG answered).  Only while nothing else
+        needs this process: once a scanner's channel has something (it may hold a ptl the fault needs
+        and wait for our ack: the lock rule), or after FAST_WAIT_NS, or if the request did not leave at
+        once, None: the event loop waits instead (with the call's timeout).  For the first
+        `fault_poll_us` of them it polls the sockets without sleeping (halt_poll): the reply usually comes
+        sooner than a sleeping process would be woken."""
+        tp = ch.transport
+        if tp is None or tp.get_write_buffer_size() or ch.closed:
+            return None
+        poll = self._polls.over(c.fd for c in [ch] + [self.chans.get(p) for p in self.scanner_peers]
+                                if c is not None and getattr(c, "fd", None) is not None)
+        now = time.monotonic_ns()
+        deadline = now + FAST_WAIT_NS
+        spin_end = min(deadline, now + int(self.mem.stats.knobs[KNOB_FAULT_POLL_US]) * 1000)   # (fault_poll_us)
+        polled = False
+        while not fut.done():
+            now = time.monotonic_ns()
+            if now >= deadline:
+                return None
+            evs = now < spin_end and halt_poll(poll, spin_end - now)
+            polled = bool(evs)
+            if not polled:
+                left = deadline - time.monotonic_ns()
+                evs = left > 0 and poll.poll(left / 1e6)
+                if not evs:
+                    return None
+            for pfd, _ in evs:
+                if pfd != ch.fd:
+                    return None
+            if not ch.read_now() or (ch.closed and not fut.done()):
+                return None     # (EOF or an error: the loop's own read sees it too, and closes the channel)
+        self.polled_replies += polled
+        return fut.result()
+
+    async def access(self, addr: int, length: int, write: bool, data=None, sub: SecondaryMMU | None = None):
+        """Read or write guest memory through a secondary MMU, faulting as needed (core.access)."""
+        sub = sub or self.kvm
+        if not sub.released and not self.mm.subs[sub.sub, SUB_ACTIVE]:
+            # a notifier gave up waiting for our ack and unregistered us: our translations are stale
+            log.error("%s: secondary MMU %s was released by a notifier; dropping its translations",
+                      self.name, sub.name)
+            sub.release()
+        check_range("access", addr, length, self.task_size)     # before a buffer of `length` bytes exists
+        buf = data if write else bytearray(length)
+        gen = vm_access(self.mm_id, sub, addr, length, write, buf)
+        memory, pte, tr = self.memory, self.mm.pte, self.tr
+        send = None
+        t0 = 0
+        while True:
+            try:
+                e = gen.send(send)
+            except StopIteration:
+                return None if write else buf
+            c = e.__class__
+            if c is Touch:
+                send = touch(sub, e, memory)
+                if send and t0:
+                    tr.span("secondary_fault", t0, time.monotonic_ns(), mm=self.mm_id, sub=sub.sub,
+                            addr=USER_BASE + (e.i << PAGE_SHIFT))
+                    t0 = 0
+            elif c is Load:
+                if e.region == VMAS:
+                    send = self.vma_list()
+                elif e.idx.__class__ is int or np.ndim(e.idx) == 0:     # (a page index: an int, as a rule)
+                    send = pte.item(e.idx)
+                    if tr:
+                        t0 = time.monotonic_ns()
+                else:
+                    send = pte[e.idx].tolist() if e.idx.__class__ is list else pte[e.idx].copy()
+            elif c is WaitIdle:
+                try:
+                    await asyncio.wait_for(self.idle[sub.sub].wait(), self.args.ack_timeout * 2)
+                except asyncio.TimeoutError:
+                    raise OSError(errno.EAGAIN, f"invalidation on {self.name} never ended") from None
+                send = None
+            elif c is FaultCall:
+                await self.fault_call(e.idx, e.flags, e.ncow)
+                send = None
+
+    # ------------------------------------------------------------------ address space
+    async def take_ptl(self) -> None:
+        await lock_ptl(self.ptl, self.args.ack_timeout * 2)
+
+    def vma_list(self) -> list:
+        """This mm's VMAs (only this process writes them: re-read when the table's bytes change)."""
+        key = self.mm.vmas.tobytes()
+        if key != self._vmas_key:
+            self._vmas_key, self._vmas = key, self.mm.vma_list()
+        return self._vmas
+
+    def subs_list(self) -> list[SecondaryMMU]:
+        return list(self.subs.values())
+
+    async def drive(self, gen):
+        """Run a core/mm.py generator: memory and ptl through the Driver, LocalNotify and FaultCall here."""
+        return await self.driver.run(gen, other=self._local_effect)
+
+    async def _local_effect(self, e):
+        if e.__class__ is LocalNotify:
+            self.local_notify(e)
+            return None
+        if e.__class__ is FaultCall:
+            await self.fault_call(e.idx, e.flags, e.ncow)
+            return None
+        raise TypeError(f"effect {e!r} has no driver in a VM worker")

@@ -32,6 +32,9 @@ def ensure_chromium() -> str | None:
     return None if os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER) else "apt-get installed no chromium"
 
 
+COMMAND_TIMEOUT_S = 60
+
+
 def new_driver(width: int = 1500, height: int = 1000):
     """Selenium's Chrome driver on the distribution's Chromium, headless, at width x height CSS pixels."""
     from selenium import webdriver
@@ -41,4 +44,10 @@ def new_driver(width: int = 1500, height: int = 1000):
     for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
               f"--window-size={width},{height}", "--force-device-scale-factor=1"):
         opts.add_argument(a)
-    return webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
+    # every wait has a timeout: a command chromedriver never answers (a hung renderer) fails after
+    # COMMAND_TIMEOUT_S instead of blocking its caller forever (selenium's default: no timeout)
+    driver.command_executor.client_config.timeout = COMMAND_TIMEOUT_S
+    driver.set_page_load_timeout(COMMAND_TIMEOUT_S)
+    driver.set_script_timeout(COMMAND_TIMEOUT_S)
+    return driver

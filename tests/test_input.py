@@ -65,6 +65,23 @@ def test_vm_larger_than_shared_memory_is_refused_before_allocation(ksm_machine):
     assert run_entries(ksm_machine.run) == before and ksm_machine.vms == {}
 
 
+
+def test_vm_whose_rmap_items_do_not_fit_is_refused_before_allocation(ksm_machine):
+    """A VM's shared memory is its page table (8 bytes a page) and the scanners' rmap items (15 more):
+    one whose page table alone would fit is refused all the same (counting the page table alone once
+    let a test's VM through when memory freed up meanwhile; formatting its rmap items then took every
+    byte of the machine)."""
+    shm, avail = shm_capacity()
+    pages = min(shm, avail) // 12           # page table 2/3 of the room, page table + rmap items ~1.9x
+    if pages > MAX_VM_PAGES:
+        pytest.skip("this machine's shared memory holds the largest VM")
+    before = run_entries(ksm_machine.run)
+    with pytest.raises(OSError) as ei:
+        ksm_machine.spawn_vm("big", pages=pages)
+    assert ei.value.errno == errno.ENOMEM and SHM_DIR in str(ei.value)
+    assert run_entries(ksm_machine.run) == before and ksm_machine.vms == {}
+
+
 def test_scenario_larger_than_shared_memory_is_refused_before_allocation(tmp_path):
     shm, avail = shm_capacity()
     pages = min(shm, avail) // PAGE_SIZE + 4096

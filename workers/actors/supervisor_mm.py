@@ -42,7 +42,8 @@ class MMTable:
             raise ValueError(f"domain {domain!r} must be an integer in [0, 2**31)")
         if fork_from is not None and domain != fork_from.domain:
             raise ValueError(f"domain {domain}: a fork is in its parent's domain ({fork_from.domain})")
-        check_capacity(f"VM {name!r} of {pages} pages", MMView.size_for(pages))
+        check_capacity(f"VM {name!r} of {pages} pages",   # its page table and the scanners' rmap items
+                       MMView.size_for(pages) + RmapView.size_for(pages))
         with self.recover_lock:      # not while the scanners or a fault handler are being replaced
             if "ksmd" in self.gone:
                 raise OSError(errno.EIO, f"ksmd is gone: {self.gone['ksmd']}")

@@ -201,3 +201,39 @@ class Invariants:
         for mm in self.mem.mms.values():
             h.update(mm.seg.buf)
         return h.hexdigest()
+
+    def _candidate(self, v: VMState, page: int) -> str | None:
+        """Under vusion, what page is as a write to it starts: "merged" (it maps a KSM page), "unmerged
+        candidate" (ksmd fake-merged it and nobody wrote it since), else None (not watched)."""
+        if self.mitigation != "vusion":
+            return None
+        pte = int(self.mem.mms[v.id].pte[page])
+        if pte & PTE_PRESENT and not pte & PTE_SPECIAL and self.ft.flags[pte >> PAGE_SHIFT] & FRAME_KSM:
+            return "merged"
+        return "unmerged candidate" if (v.id, page) in self.candidates else None
+
+    def _same_behaviour(self) -> None:
+        """VUsion's invariant: every write to a candidate causes the same effects, merged or not: the same
+        sequence in the VM up to its first fault's reply, and in the fault handler's task for that fault
+        (compared once it ended: interleavings between the two are the schedule's, not the page's).  A
+        second fault of the same write (ksmd fake-merged the copy before the write landed on it) is
+        the schedule's too, whichever the page was."""
+        keep = []
+        for sig in self.same_pending:
+            if not all(t.done for t in sig["threads"]):
+                keep.append(sig)
+                continue
+            if any(getattr(t, "killed", False) for t in sig["threads"]):
+                continue            # its fault handler was killed mid-fault: the schedule's, not the page's
+            vm = [e for e in sig["vm"] if e != "WaitIdle"]      # (an invalidation in flight: the schedule's)
+            vm = vm[:vm.index("_AwaitReply") + 1] if "_AwaitReply" in vm else vm
+            first = [e for k, e in enumerate(vm) if not k or e != vm[k - 1]]     # (a retried touch: one)
+            got = (tuple(first), tuple(sig["faultd"][0]) if sig["faultd"] else ())
+            if self.same_ref is None:
+                self.same_ref = (got, sig["what"])
+            elif got != self.same_ref[0]:
+                show = lambda g: " ".join(g[0]) + " | fault handler: " + (" ".join(g[1]) or "nothing")  # noqa: E731
+                self.violations_found.append(
+                    f"same behaviour: the write to {sig['what']} caused {show(got)}, but the write to "
+                    f"{self.same_ref[1]} caused {show(self.same_ref[0])}: a timed write tells them apart")
+        self.same_pending = keep

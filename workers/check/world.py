@@ -81,8 +81,8 @@ import numpy as np
 
 from proto.knobs import DEFAULTS, MITIGATIONS
 from proto.layout import (FRAME_KSM, MMF_VM_MERGEABLE, MMH_DOMAIN, MMH_FLAGS, MMH_ID, MMH_NPAGES, PAGE_SHIFT, PAGE_SIZE,
-                          PTE_PRESENT, PTE_SPECIAL, PTE_WRITE, USER_BASE, VM_MERGEABLE, VM_READ,
-                          VM_WRITE, FrameTable, MMView, StatsView)
+                          PTE_PRESENT, PTE_WRITE, USER_BASE, VM_MERGEABLE, VM_READ, VM_WRITE,
+                          FrameTable, MMView, StatsView)
 
 from workers.mm.kvm import FaultCall, Touch, WaitIdle, touch
 from workers.mm.effects import (MEM_EFFECTS, Candidates, CopyPages, Lock, Memory, Notify, Reply, ShardRecv, ShardSend, TryLock, Unlock,
@@ -252,7 +252,6 @@ class KsmWorld(Programs, OldLock, Invariants, Delivery, Scheduling):
         self._add_to_scanners(mm_id, mm)
         self.vms.append(v)
 
-
     def faultd_of(self, mm: int) -> str:
         """The fault handler serving mm (its number: mm modulo their count, as Machine.faultd_name)."""
         return self.faultd_names[mm % len(self.faultd_names)]
@@ -261,41 +260,7 @@ class KsmWorld(Programs, OldLock, Invariants, Delivery, Scheduling):
         return actor not in self.faultd_names or self.faultd_of(mm) == actor
 
 
-    def _candidate(self, v: VMState, page: int) -> str | None:
-        """Under vusion, what page is as a write to it starts: "merged" (it maps a KSM page), "unmerged
-        candidate" (ksmd fake-merged it and nobody wrote it since), else None (not watched)."""
-        if self.mitigation != "vusion":
-            return None
-        pte = int(self.mem.mms[v.id].pte[page])
-        if pte & PTE_PRESENT and not pte & PTE_SPECIAL and self.ft.flags[pte >> PAGE_SHIFT] & FRAME_KSM:
-            return "merged"
-        return "unmerged candidate" if (v.id, page) in self.candidates else None
 
-    def _same_behaviour(self) -> None:
-        """VUsion's invariant: every write to a candidate causes the same effects, merged or not: the same
-        sequence in the VM up to its first fault's reply, and in the fault handler's task for that fault
-        (compared once it ended: interleavings between the two are the schedule's, not the page's).  A
-        second fault of the same write (ksmd fake-merged the copy before the write landed on it) is
-        the schedule's too, whichever the page was."""
-        keep = []
-        for sig in self.same_pending:
-            if not all(t.done for t in sig["threads"]):
-                keep.append(sig)
-                continue
-            if any(getattr(t, "killed", False) for t in sig["threads"]):
-                continue            # its fault handler was killed mid-fault: the schedule's, not the page's
-            vm = [e for e in sig["vm"] if e != "WaitIdle"]      # (an invalidation in flight: the schedule's)
-            vm = vm[:vm.index("_AwaitReply") + 1] if "_AwaitReply" in vm else vm
-            first = [e for k, e in enumerate(vm) if not k or e != vm[k - 1]]     # (a retried touch: one)
-            got = (tuple(first), tuple(sig["faultd"][0]) if sig["faultd"] else ())
-            if self.same_ref is None:
-                self.same_ref = (got, sig["what"])
-            elif got != self.same_ref[0]:
-                show = lambda g: " ".join(g[0]) + " | fault handler: " + (" ".join(g[1]) or "nothing")  # noqa: E731
-                self.violations_found.append(
-                    f"same behaviour: the write to {sig['what']} caused {show(got)}, but the write to "
-                    f"{self.same_ref[1]} caused {show(self.same_ref[0])}: a timed write tells them apart")
-        self.same_pending = keep
 
 
     # ---------------------------------------------------------------- running threads
@@ -331,20 +296,16 @@ class KsmWorld(Programs, OldLock, Invariants, Delivery, Scheduling):
             t.pending = e
             return
 
-
     def _hold(self, key, t) -> None:
         if self.locks[key] is not None and self.locks[key] != t.name:
             self.violations_found.append(f"{_lname(key)} has two holders: {self.locks[key]} and {t.name}")
         self.locks[key] = t.name
 
-
     def finished(self) -> bool:
         return all(t.done for t in self.threads) and not any(self.queues.values()) and not any(self.shardq.values())
 
-
     def state_key(self):
         return None
-
 
     def _run_thread(self, t: Thread, rec: dict) -> None:
         e = t.pending

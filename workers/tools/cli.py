@@ -342,14 +342,19 @@ def _port(text: str) -> int:
     return n
 
 
-def _speed(text: str) -> float:
+def _number_in(text: str, hi: float, what: str) -> float:
+    """A finite number in (0, hi], or argparse's error naming what it must be."""
     try:
         v = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not math.isfinite(v) or not 0 < v <= 1e6:
-        raise argparse.ArgumentTypeError(f"must be a number in (0, 1000000], not {text}")
+    if not math.isfinite(v) or not 0 < v <= hi:
+        raise argparse.ArgumentTypeError(f"must be {what} in (0, {hi:.0f}], not {text}")
     return v
+
+
+def _speed(text: str) -> float:
+    return _number_in(text, 1e6, "a number")
 
 
 CHECK_MODES = ("change_pte", "wrapped", "invalidate")
@@ -499,13 +504,7 @@ def _depth(text: str) -> int:
 
 
 def _seconds(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not math.isfinite(v) or not 0 < v <= 86400:
-        raise argparse.ArgumentTypeError(f"must be a number of seconds in (0, 86400], not {text}")
-    return v
+    return _number_in(text, 86400, "a number of seconds")
 
 
 def main(argv=None) -> int:

@@ -140,13 +140,18 @@ class VMAddressSpace:
                     val = rng.randrange(values) + 1
                     await self.access(addr + page * PAGE_SIZE, PAGE_SIZE, True, bytes([val]) * PAGE_SIZE)
                 k += 1
-                st["done"] = k
-                if period_ms:
-                    await asyncio.sleep(period_ms / 1000)
-                elif k % 64 == 0:
-                    await asyncio.sleep(0)
+                await self._writer_paced(st, k, period_ms)
         except Exception as e:   # reported by writer_stop
             st["error"] = repr(e)
+
+    @staticmethod
+    async def _writer_paced(st: dict, k: int, period_ms: float) -> None:
+        """A writer's step k done: counted, then its pause (period_ms, or a loop turn every 64 writes)."""
+        st["done"] = k
+        if period_ms:
+            await asyncio.sleep(period_ms / 1000)
+        elif k % 64 == 0:
+            await asyncio.sleep(0)
 
     async def _counter_writer(self, st: dict, rng, addr: int, npages: int, seed: int, count: int, values: int,
                               period_ms: float) -> None:
@@ -179,11 +184,7 @@ class VMAddressSpace:
                     expect[page] = (want[0], stamp) if want is not None else None
                 stamped[page] = not stamped[page]
                 k += 1
-                st["done"] = k
-                if period_ms:
-                    await asyncio.sleep(period_ms / 1000)
-                elif k % 64 == 0:
-                    await asyncio.sleep(0)
+                await self._writer_paced(st, k, period_ms)
         except Exception as e:   # reported by writer_stop
             st["error"] = repr(e)
 

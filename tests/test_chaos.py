@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from proto import MADV_MERGEABLE, PAGE_SIZE
+from proto import MADV_MERGEABLE, PAGE_SIZE, USER_BASE
 from proto.channel import BlockingChannel, FrameSplitter
 from proto.messages import Msg, call_payload, decode, encode
 from workers.tools.chaos import chaos, replay_counter
@@ -195,3 +195,35 @@ def test_a_kill_during_the_recovery(ksm_machine_factory, victim, n):
         m.ksm.set(run=1)
     promoted = sum(bool(seconds & set(r["pids"])) for r in m.recoveries)    # second kills of a successor
     assert len(m.repairs) == 3 + promoted and len(m.recoveries) == 3 + promoted
+
+
+def test_check_frames_waits_for_a_cow_still_holding_its_ptl(ksm_machine):
+    """check_frames reads under every ptl.  A COW's write returns once the VM applied the reply, and
+    the fault handler puts the old frame only when it has read the VM's APPLIED, under the ptl it
+    held all along: a check in between saw 'mapcount 5 but 4 PTEs map it' (test_a_kill_during_the_
+    recovery on CI, a successor slow to read its APPLIED).  That moment, built by hand: the ptl held
+    from outside (another open file description, as a fault handler's), one frame's mapcount one
+    over (its put to come); the check waits, and sees the frame once the put is done."""
+    from proto.layout import MMView, PAGE_SHIFT
+    from workers.runtime.frames import ShmLock
+    m = ksm_machine
+    vm = m.spawn_vm("w", pages=64)
+    x = vm.mmap(4 * PAGE_SIZE)
+    vm.write(x, b"\x07" * (4 * PAGE_SIZE))
+    pfn = int(MMView(m.mm_segs[vm.mm_id][0]).pte[(x - USER_BASE) >> PAGE_SHIFT]) >> PAGE_SHIFT
+    assert m.check_frames() == []
+    ptl = ShmLock.ptl(m.run, vm.mm_id)
+    ptl.acquire(5)
+    got = []
+    try:
+        m.ft.mapcount[pfn] += 1                 # the old frame, its put still to come
+        t = threading.Thread(target=lambda: got.append(m.check_frames()))
+        t.start()
+        t.join(0.3)
+        assert t.is_alive() and got == [], "check_frames read the frames while a ptl was held"
+        m.ft.mapcount[pfn] -= 1                 # the put, then the unlock
+    finally:
+        ptl.release()
+        ptl.close()
+    t.join(10)
+    assert got == [[]]

@@ -15,6 +15,7 @@ from proto.layout import (MAX_MMS, MMH_ID, MMH_NODE, MMH_DOMAIN, MMH_NPAGES, MMH
                           seg_name)
 
 from workers.mm.invariants import frame_problems
+from workers.mm.repair import under_every_ptl
 from workers.mm.vma import exit_mmap
 from workers.runtime.frames import ShmLock
 from workers.actors.supervisor_common import ActorProcess, MAX_VM_PAGES, VM, check_capacity, check_vm_name, log
@@ -148,10 +149,14 @@ class MMTable:
         """Frame accounting invariants (call when quiet: run=0, no access in flight).
 
         Every frame's mapcount equals the number of PTEs mapping it; a frame is free
-        exactly when nothing maps it; the free stack holds each free frame once.
+        exactly when nothing maps it; the free stack holds each free frame once.  Read under
+        every ptl: a COW whose write has returned may still hold its ptl until the fault
+        handler has read the VM's APPLIED and put the old frame, and is waited for.
         """
-        with self.mm_lock:
-            return frame_problems(self.ft, [MMView(seg).pte for seg, _ in self.mm_segs.values()], self.nframes)
+        def problems(ptes):         # (read while every ptl is held: no fault or merge is halfway)
+            return frame_problems(self.ft, list(ptes.values()), self.nframes)
+            yield                   # (a generator: under_every_ptl's body)
+        return self._run_with_ptls(under_every_ptl(list(self.mm_segs), problems), None)
 
     def rmap_item_bytes(self) -> int:
         """ksmd's measured metadata bytes per rmap item (the kernel's sizeof(struct ksm_rmap_item))."""

@@ -26,24 +26,38 @@ from workers.mm.effects import PTE, Fsck, Load, Lock, Unlock, ptl
 U64 = np.uint64
 
 
-def repair_frames(mm_ids, nframes: int):
-    """Fix the frame table and zero-page counters from the PTEs of mm_ids; returns what changed."""
+def under_every_ptl(mm_ids, body):
+    """Take every ptl of mm_ids in mm order (nobody else ever waits for two), load each mm's PTEs,
+    and run the generator body(ptes by mm) while they are held; returns its value.  The repair, and
+    `Machine.check_frames`, which must not see a fault or merge halfway (a COW's PTE changed and its
+    old frame's put still to come, under the ptl the fault handler holds until the VM's APPLIED)."""
     held = []
     try:
         for mm in sorted(mm_ids):
             yield Lock(ptl(mm))
             held.append(mm)
-        maps = np.zeros(nframes, dtype=np.int64)
-        zero = {}
+        ptes = {}
         for mm in held:
-            pte = yield Load(PTE, mm, None)
-            present = (pte & U64(PTE_PRESENT)) != 0
-            maps += np.bincount((pte[present] >> U64(PAGE_SHIFT)).astype(np.int64), minlength=nframes)
-            zero[mm] = int((present & ((pte & U64(PTE_SPECIAL)) != 0)).sum())
-        return (yield Fsck(maps, zero))
+            ptes[mm] = yield Load(PTE, mm, None)
+        return (yield from body(ptes))
     except GeneratorExit:           # abandoned (a checker run cut short): nothing to release
         held = []
         raise
     finally:
         for mm in reversed(held):
             yield Unlock(ptl(mm))
+
+
+def repair_frames(mm_ids, nframes: int):
+    """Fix the frame table and zero-page counters from the PTEs of mm_ids; returns what changed."""
+    return (yield from under_every_ptl(mm_ids, lambda ptes: _fsck(ptes, nframes)))
+
+
+def _fsck(ptes: dict, nframes: int):
+    maps = np.zeros(nframes, dtype=np.int64)
+    zero = {}
+    for mm, pte in ptes.items():
+        present = (pte & U64(PTE_PRESENT)) != 0
+        maps += np.bincount((pte[present] >> U64(PAGE_SHIFT)).astype(np.int64), minlength=nframes)
+        zero[mm] = int((present & ((pte & U64(PTE_SPECIAL)) != 0)).sum())
+    return (yield Fsck(maps, zero))

@@ -74,6 +74,8 @@ class FaultHandler(FaultPath):
         self._polls = PollSet()     # over the VMs' channels (_poll_vms)
         self._polling = False       # a _poll_vms is scheduled
         self.polled = 0             # reads made by _poll_vms (frames that came while it polled)
+        self.cur = None             # the FAULT the fast path runs now
+        self.fast = self.fast_backend()
 
     # ---- channels ----
     async def attach_mm(self, mm_id: int, name: str, fd: int) -> None:

@@ -18,7 +18,8 @@ from proto.channel import Channel
 from proto.layout import KNOB_MITIGATION, PAGE_SHIFT, USER_BASE
 from proto.messages import MAGIC, RECORD, Frame, Msg, call_payload, encode
 
-from workers.mm.effects import APPLY_MEM, Lock, Reply, Unlock, WaitAcks
+from workers.mm.effects import Lock, Reply, Unlock, WaitAcks
+from workers.runtime.interp import BLOCK, Backend, run_until_blocked
 from workers.mm.fault import fault_reply_errno, handle_mm_fault
 from workers.actors.faultd_common import COW_REPLY, EARLY_REPLY, VUSION, _FAULT_REPLY, _Fault, log
 
@@ -52,59 +53,61 @@ class FaultPath:
                                        cow_reply=COW_REPLY,
                                        vusion=int(self.mem.stats.knobs[KNOB_MITIGATION]) == VUSION), None, None)
 
+    def fast_backend(self) -> Backend:
+        """The fast path's backend of the one interpreter (runtime/interp.py): memory, a ptl free now,
+        the unlock (and the next FAULT in line), the reply; anything else (a busy ptl, the APPLIED,
+        notifier messages) blocks, and `_step` decides where the fault waits."""
+        b = Backend(self.memory, {Lock: self._fast_lock, Unlock: self._fast_unlock, Reply: self._fast_reply})
+        b.name, b.fallback = "the fault handler's fast path", lambda e: BLOCK
+        return b
+
+    def _fast_lock(self, e):
+        mm = e.key[1]
+        if self.ptls[mm].try_acquire():
+            self.holder[mm] = self.cur
+            return None
+        return BLOCK
+
+    def _fast_unlock(self, e):
+        mm = e.key[1]
+        self.ptls[mm].release()
+        cur = self.cur
+        if self.holder.get(mm) is cur:
+            self.holder[mm] = None
+        q = self.queued.get(mm)
+        if q:
+            self._relock(mm, *q.popleft())
+            self.cur = cur
+
+    def _fast_reply(self, e):
+        return self._reply(self.cur, 0, "", e.entries, True)
+
     def _step(self, st: "_Fault", gen, send, exc) -> None:
-        mem, ptls, apply = self.memory, self.ptls, APPLY_MEM
-        while True:
-            try:
-                e = gen.throw(exc) if exc is not None else gen.send(send)
-            except StopIteration as s:
-                self._finish(st, s.value, None)
-                return
-            except Exception as x:
-                self._finish(st, None, x)
-                return
-            send = exc = None
-            c = e.__class__
-            run = apply.get(c)
-            if run is not None:             # a memory effect (core.effects.apply_mem)
-                try:
-                    send = run(mem, e)
-                except Exception as x:      # thrown into the core: its cleanup runs
-                    exc = x
-            elif c is Lock:
-                mm = e.key[1]
-                if ptls[mm].try_acquire():
-                    self.holder[mm] = st
-                elif self.holder.get(mm) is not None:
-                    # another FAULT of this mm holds its ptl here (parked on APPLIED): wait behind it, and
-                    # run right after its unlock, in the same callback (several writers faulting at once)
-                    self.queued.setdefault(mm, collections.deque()).append((st, gen, e))
-                    self.batched += 1
-                    return
-                else:       # ksmd or the VM holds it: the event loop's driver waits (backoff, timeout)
-                    asyncio.get_running_loop().create_task(self._slow(st, gen, e))
-                    return
-            elif c is Unlock:
-                mm = e.key[1]
-                ptls[mm].release()
-                if self.holder.get(mm) is st:
-                    self.holder[mm] = None
-                q = self.queued.get(mm)
-                if q:
-                    self._relock(mm, *q.popleft())
-            elif c is Reply:
-                send = self._reply(st, 0, "", e.entries, True)
-            elif c is WaitAcks and len(e.handles) == 1 and e.handles[0] == [st]:
-                st.gen = gen                # parked until APPLIED (`on_vm_frame`) or its deadline (`_sweep`)
-                st.deadline = time.monotonic() + self.args.ack_timeout
-                st.ch.applied[st.f.corr] = st
-                if not self._sweeping:
-                    self._sweeping = True
-                    asyncio.get_running_loop().call_later(min(1.0, self.args.ack_timeout / 4), self._sweep)
-                return
-            else:
-                asyncio.get_running_loop().create_task(self._slow(st, gen, e))
-                return
+        """Run st's core through the fast path's backend until it ends or blocks, then park or hand it on."""
+        self.cur = st
+        try:
+            e, value = run_until_blocked(gen, self.fast, send, exc)
+        except Exception as x:
+            self._finish(st, None, x)
+            return
+        if e is None:
+            self._finish(st, value, None)
+            return
+        c = e.__class__
+        if c is Lock and self.holder.get(e.key[1]) is not None:
+            # another FAULT of this mm holds its ptl here (parked on APPLIED): wait behind it, and
+            # run right after its unlock, in the same callback (several writers faulting at once)
+            self.queued.setdefault(e.key[1], collections.deque()).append((st, gen, e))
+            self.batched += 1
+        elif c is WaitAcks and len(e.handles) == 1 and e.handles[0] == [st]:
+            st.gen = gen                # parked until APPLIED (`on_vm_frame`) or its deadline (`_sweep`)
+            st.deadline = time.monotonic() + self.args.ack_timeout
+            st.ch.applied[st.f.corr] = st
+            if not self._sweeping:
+                self._sweeping = True
+                asyncio.get_running_loop().call_later(min(1.0, self.args.ack_timeout / 4), self._sweep)
+        else:       # ksmd or the VM holds the ptl, or notifier messages and their acks: the event loop's driver
+            asyncio.get_running_loop().create_task(self._slow(st, gen, e))
 
     def _relock(self, mm: int, st: "_Fault", gen, e) -> None:
         """A FAULT queued behind another of its mm takes the ptl that one just let go (or waits again)."""

@@ -14,7 +14,8 @@ import time
 from proto.channel import ChannelClosed
 from proto.layout import (MMView, RmapView, Segment, seg_name)
 
-from workers.mm.effects import MEM_EFFECTS, Lock, Memory, Unlock, apply_mem, run_effects
+from workers.mm.effects import APPLY_MEM, Lock, Memory, Unlock
+from workers.runtime.interp import Backend, run_sync
 from workers.mm.recovery import Freeze, NotifierLost, Respawn, Thaw, recover
 from workers.mm.repair import repair_frames
 from workers.actors.supervisor_common import ActorProcess, MAX_RESTARTS, RESTART_WINDOW, log
@@ -290,10 +291,12 @@ class Recovery:
         return done
 
     def _run_with_ptls(self, gen, other):
-        """Run a core generator here (mm.effects.run_effects): its ptl locks and memory effects over the
-        run's shared memory, any other effect through other(e).  The mms are taken as they are at its
-        first lock or memory effect, and none is freed until it let go of its last ptl (or ended):
-        mm_lock is held meanwhile, not across what it does between (a restart's wait, say)."""
+        """Run a core generator here, through the supervisor's backend of the one interpreter
+        (runtime/interp.py `run_sync`): its ptl locks (each taken with its timeout, in this thread)
+        and memory effects over the run's shared memory, any other effect through other(e).  The mms
+        are taken as they are at its first lock or memory effect, and none is freed until it let go
+        of its last ptl (or ended): mm_lock is held meanwhile, not across what it does between (a
+        restart's wait, say)."""
         held = []
         st = {}
 
@@ -309,31 +312,36 @@ class Recovery:
                 st.clear()
                 self.mm_lock.release()
 
-        def perform(e):
-            c = e.__class__
-            if c is Lock:
-                begin()
-                try:
-                    st["ptls"][e.key[1]].acquire(self.ack_timeout * 4)
-                except BaseException:
-                    end()
-                    raise
-                held.append(e.key)
-                return None
-            if c is Unlock:
-                st["ptls"][e.key[1]].release()
-                held.remove(e.key)
+        def lock(e):
+            begin()
+            try:
+                st["ptls"][e.key[1]].acquire(self.ack_timeout * 4)
+            except BaseException:
                 end()
-                return None
-            if c in MEM_EFFECTS:
+                raise
+            held.append(e.key)
+
+        def unlock(e):
+            st["ptls"][e.key[1]].release()
+            held.remove(e.key)
+            end()
+
+        def memory(f):
+            def op(e):
                 begin()
-                return apply_mem(st["mem"], e)
+                return f(st["mem"], e)
+            return op
+
+        def elsewhere(e):
             end()
             if other is None:
                 raise TypeError(f"effect {e!r} has no driver in the supervisor")
             return other(e)
+
+        backend = Backend(None, {Lock: lock, Unlock: unlock, **{c: memory(f) for c, f in APPLY_MEM.items()}})
+        backend.name, backend.fallback = "the supervisor", elsewhere
         try:
-            return run_effects(gen, perform)
+            return run_sync(gen, backend)
         finally:
             for key in held:        # (a generator that ended holding ptls: let go of them)
                 st["ptls"][key[1]].release()

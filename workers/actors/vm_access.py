@@ -21,6 +21,7 @@ from workers.mm.effects import VMAS, Load
 from workers.mm.mmu_notifier import (LocalNotify, SecondaryMMU)
 from workers.mm.pte import check_range
 from workers.runtime.driver import lock_ptl
+from workers.runtime.interp import BLOCK, Backend, run_until_blocked
 from workers.actors.vm_common import FAST_WAIT_NS, U64, _FAULT, log
 
 
@@ -135,39 +136,48 @@ class VMAccess:
         check_range("access", addr, length, self.task_size)     # before a buffer of `length` bytes exists
         buf = data if write else bytearray(length)
         gen = vm_access(self.mm_id, sub, addr, length, write, buf)
-        memory, pte, tr = self.memory, self.mm.pte, self.tr
+        acc = [sub, 0]              # this access's secondary MMU, and when its secondary fault began
         send = None
-        t0 = 0
         while True:
-            try:
-                e = gen.send(send)
-            except StopIteration:
+            self._acc = acc         # (set again after each wait: another access may have run meanwhile)
+            e, _ = run_until_blocked(gen, self.access_path, send)
+            if e is None:
                 return None if write else buf
-            c = e.__class__
-            if c is Touch:
-                send = touch(sub, e, memory)
-                if send and t0:
-                    tr.span("secondary_fault", t0, time.monotonic_ns(), mm=self.mm_id, sub=sub.sub,
-                            addr=USER_BASE + (e.i << PAGE_SHIFT))
-                    t0 = 0
-            elif c is Load:
-                if e.region == VMAS:
-                    send = self.vma_list()
-                elif e.idx.__class__ is int or np.ndim(e.idx) == 0:     # (a page index: an int, as a rule)
-                    send = pte.item(e.idx)
-                    if tr:
-                        t0 = time.monotonic_ns()
-                else:
-                    send = pte[e.idx].tolist() if e.idx.__class__ is list else pte[e.idx].copy()
-            elif c is WaitIdle:
+            if e.__class__ is WaitIdle:
                 try:
                     await asyncio.wait_for(self.idle[sub.sub].wait(), self.args.ack_timeout * 2)
                 except asyncio.TimeoutError:
                     raise OSError(errno.EAGAIN, f"invalidation on {self.name} never ended") from None
-                send = None
-            elif c is FaultCall:
+            else:                   # FaultCall
                 await self.fault_call(e.idx, e.flags, e.ncow)
-                send = None
+            send = None
+
+    def access_backend(self) -> Backend:
+        """The access path's backend of the one interpreter (runtime/interp.py): the secondary MMU's
+        lookups and this mm's PTEs and VMAs, read here; a wait for an invalidation's end and a FAULT
+        block, and `access` awaits them."""
+        b = Backend(None, {Touch: self._touch, Load: self._load_own})
+        b.name, b.fallback = "a VM's access path", lambda e: BLOCK
+        return b
+
+    def _touch(self, e):
+        acc = self._acc
+        hit = touch(acc[0], e, self.memory)
+        if hit and acc[1]:
+            self.tr.span("secondary_fault", acc[1], time.monotonic_ns(), mm=self.mm_id, sub=acc[0].sub,
+                         addr=USER_BASE + (e.i << PAGE_SHIFT))
+            acc[1] = 0
+        return hit
+
+    def _load_own(self, e):
+        if e.region == VMAS:
+            return self.vma_list()
+        pte, idx = self.mm.pte, e.idx
+        if idx.__class__ is int or np.ndim(idx) == 0:     # (a page index: an int, as a rule)
+            if self.tr:
+                self._acc[1] = time.monotonic_ns()
+            return pte.item(idx)
+        return pte[idx].tolist() if idx.__class__ is list else pte[idx].copy()
 
     # ------------------------------------------------------------------ address space
     async def take_ptl(self) -> None:

@@ -85,8 +85,9 @@ from proto.layout import (FRAME_KSM, MMF_VM_MERGEABLE, MMH_DOMAIN, MMH_FLAGS, MM
                           FrameTable, MMView, StatsView)
 
 from workers.mm.kvm import FaultCall, Touch, WaitIdle, touch
-from workers.mm.effects import (MEM_EFFECTS, Candidates, CopyPages, Lock, Memory, Notify, Reply, ShardRecv, ShardSend, TryLock, Unlock,
-                           WaitAcks, apply_mem)
+from workers.mm.effects import (APPLY_MEM, Candidates, CopyPages, Lock, Memory, Notify, Reply, ShardRecv, ShardSend,
+                                TryLock, Unlock, WaitAcks)
+from workers.runtime.interp import BLOCK, Backend, resume
 from workers.mm.fault import fault_reply_errno
 from workers.mm.mmu_notifier import (GRAMMAR, INIT, MODES, LocalNotify, NotifierLink, register)
 from workers.mm.recovery import Freeze, NotifierLost, Respawn, Thaw
@@ -147,6 +148,8 @@ class KsmWorld(Programs, OldLock, Invariants, Delivery, Scheduling):
         self.alloc.format()
         self.stats = StatsView(ArraySegment(StatsView.size_for()))
         self.mem = Memory(self.alloc, self.stats)
+        self.backend = self.world_backend()
+        self.cur, self.cur_rec = None, None         # the thread whose effect runs now, and its step's record
         self.vms: list[VMState] = []
         self.threads: list[Thread] = []
         self.queues: dict[tuple, collections.deque] = {}
@@ -269,14 +272,7 @@ class KsmWorld(Programs, OldLock, Invariants, Delivery, Scheduling):
         while True:
             gen = t.stack[-1]
             try:
-                e = gen.throw(exc) if exc is not None else gen.send(result)
-            except StopIteration as s:
-                t.stack.pop()
-                if not t.stack:
-                    t.done, t.pending, t.result = True, None, s.value
-                    return
-                result, exc = s.value, None
-                continue
+                e, value = resume(gen, result, exc)
             except Exception as x:
                 t.stack.pop()
                 if not t.stack:
@@ -288,6 +284,13 @@ class KsmWorld(Programs, OldLock, Invariants, Delivery, Scheduling):
                         self.violations_found.append(f"{t.name} failed: {type(x).__name__}: {x}")
                     return
                 result, exc = None, x
+                continue
+            if e is None:
+                t.stack.pop()
+                if not t.stack:
+                    t.done, t.pending, t.result = True, None, value
+                    return
+                result, exc = value, None
                 continue
             if "pid-takeover-lock" in self.brk and isinstance(e, TryLock) and e.key[0] == "ptl":
                 t.stack.append(self._old_lock_algo(t, e))
@@ -308,6 +311,7 @@ class KsmWorld(Programs, OldLock, Invariants, Delivery, Scheduling):
         return None
 
     def _run_thread(self, t: Thread, rec: dict) -> None:
+        """Perform t's pending effect through the world's backend, then advance t to its next effect."""
         e = t.pending
         c = e.__class__
         if t.vm is not None and t.vm.sig is not None:
@@ -318,93 +322,117 @@ class KsmWorld(Programs, OldLock, Invariants, Delivery, Scheduling):
             self.candidates.update((e.mm, int(i)) for i in np.atleast_1d(e.idx))
         if c not in _READ_ONLY:
             self._dirty = True
+        self.cur, self.cur_rec = t, rec
         result, exc = None, None
         try:
-            if c in MEM_EFFECTS:
-                if c is CopyPages and (self.ft.flags[np.atleast_1d(e.src)] & FRAME_KSM).any():
-                    self.coverage["cow of a KSM page"] += 1
-                result = apply_mem(self.mem, e)
-            elif c is Touch:
-                result = touch(e.sub, e, memoryview(self.frames))
-            elif c is TryLock:
-                result = self.locks[e.key] is None
-                if result:
-                    self._hold(e.key, t)
-                elif e.key[0] == "ksm":
-                    self.coverage["the other scanner was merging into the same mm"] += 1
-                elif t.actor in self.scanner_names and self.locks[e.key] in self.scanner_names:
-                    self.violations_found.append(
-                        f"{t.name}'s trylock of {_lname(e.key)} failed: {self.locks[e.key]} holds it (another "
-                        f"scanner made merges fail that one scanner would have done)")
-            elif c is Lock:
-                if e.key[0] == "ksm" and any(h in self.scanner_names and h != t.name
-                                             for k, h in self.locks.items() if k[0] == "ksm"):
-                    self.coverage["merge while the other scanner merges"] += 1
-                self._hold(e.key, t)
-            elif c is Unlock:
-                if self.locks[e.key] != t.name:
-                    self.violations_found.append(f"{t.name} unlocks {_lname(e.key)} held by {self.locks[e.key]}")
-                self.locks[e.key] = None
-            elif c is Notify:
-                result = self._notify(t, e, rec)
-            elif c is LocalNotify:
-                self._local_notify(self.vms[e.mm], e)
-            elif c is WaitAcks:
-                flags = []
-                for hs in e.handles:
-                    for h in hs:
-                        flags += self.acks.pop(h)[1:]
-                result = flags
-            elif c is WaitIdle or c is _AwaitScan:
-                result = None
-            elif c is FaultCall:
-                corr = self._new_id()
-                self.queues[(t.vm.id, self.faultd_of(t.vm.id))].append(("FAULT", corr, e.idx, e.flags))
-                rec["flow_out"] = corr
-                t.pending = _AwaitReply(corr, e.idx, e.flags)
-                return
-            elif c is _AwaitReply:
-                if e.corr not in t.vm.replies:       # lost with the dead fault handler: sent again
-                    self.lost.discard(e.corr)
-                    corr = self._new_id()
-                    self.queues[(t.vm.id, self.faultd_of(t.vm.id))].append(("FAULT", corr, e.idx, e.flags))
-                    rec["flow_out"] = corr
-                    t.pending = _AwaitReply(corr, e.idx, e.flags)
-                    return
-                err, msg = t.vm.replies.pop(e.corr)
-                if err:
-                    exc = OSError(err, msg)
-            elif c is _Kill:
-                self._kill(e.target)
-            elif c is Freeze:
-                self.frozen = result = True
-            elif c is Thaw:
-                self.frozen = False
-            elif c is _Boundary or c is _AwaitRestore:
-                result = None
-            elif c is NotifierLost:
-                self._notifier_lost_one(self.vms[e.mm], e.peer)
-            elif c is Respawn:
-                self._restart(e.group)
-            elif c is Reply:
-                result = self._reply(t, e.err, e.msg, e.entries)
-            elif c is _Micro:
-                result = e.run()
-            elif c is ShardSend:
-                self.shardq[(self._scanner_no(t.actor), e.dst, e.kind)].append(e.msg)
-            elif c is ShardRecv:
-                result = []
-                for src in e.srcs:
-                    self._shard_head(src, t.actor, e)
-                    result.append(self.shardq[(src, self._scanner_no(t.actor), e.kind)].popleft())
-            else:
-                exc = TypeError(f"no driver for {e!r}")
+            result = self.backend.perform(e)
         except Exception as x:
             exc = x
+        if result is BLOCK:         # (t waits on something else now: t.pending says what)
+            return
         self._advance(t, result, exc)
         if t.done and t.actor in self.faultd_names:
-            err = 0
-            self._reply(t, err, "")
+            self._reply(t, 0, "")
+
+    # ---------------------------------------------------------------- the world's backend
+    def world_backend(self) -> Backend:
+        """The checker's backend of the one interpreter (runtime/interp.py): in-process arrays for the
+        memory, the lock table, the message queues, the kill and the recovery's control effects.  The
+        scheduler has already decided that the effect can run (a lock free, a message there)."""
+        b = Backend(self.mem, {
+            CopyPages: self._w_copy_pages, Touch: lambda e: touch(e.sub, e, memoryview(self.frames)),
+            TryLock: self._w_trylock, Lock: self._w_lock, Unlock: self._w_unlock,
+            Notify: lambda e: self._notify(self.cur, e, self.cur_rec),
+            LocalNotify: lambda e: self._local_notify(self.vms[e.mm], e),
+            WaitAcks: self._w_wait_acks, FaultCall: self._w_fault_call, _AwaitReply: self._w_await_reply,
+            WaitIdle: _nothing, _AwaitScan: _nothing, _Boundary: _nothing, _AwaitRestore: _nothing,
+            _Kill: lambda e: self._kill(e.target), Freeze: self._w_freeze, Thaw: self._w_thaw,
+            NotifierLost: lambda e: self._notifier_lost_one(self.vms[e.mm], e.peer),
+            Respawn: lambda e: self._restart(e.group),
+            Reply: lambda e: self._reply(self.cur, e.err, e.msg, e.entries),
+            _Micro: lambda e: e.run(), ShardSend: self._w_shard_send, ShardRecv: self._w_shard_recv})
+        b.name = "the checker"
+        return b
+
+    def _w_copy_pages(self, e):
+        if (self.ft.flags[np.atleast_1d(e.src)] & FRAME_KSM).any():
+            self.coverage["cow of a KSM page"] += 1
+        return APPLY_MEM[CopyPages](self.mem, e)
+
+    def _w_trylock(self, e):
+        t = self.cur
+        free = self.locks[e.key] is None
+        if free:
+            self._hold(e.key, t)
+        elif e.key[0] == "ksm":
+            self.coverage["the other scanner was merging into the same mm"] += 1
+        elif t.actor in self.scanner_names and self.locks[e.key] in self.scanner_names:
+            self.violations_found.append(
+                f"{t.name}'s trylock of {_lname(e.key)} failed: {self.locks[e.key]} holds it (another "
+                f"scanner made merges fail that one scanner would have done)")
+        return free
+
+    def _w_lock(self, e):
+        t = self.cur
+        if e.key[0] == "ksm" and any(h in self.scanner_names and h != t.name
+                                     for k, h in self.locks.items() if k[0] == "ksm"):
+            self.coverage["merge while the other scanner merges"] += 1
+        self._hold(e.key, t)
+
+    def _w_unlock(self, e):
+        t = self.cur
+        if self.locks[e.key] != t.name:
+            self.violations_found.append(f"{t.name} unlocks {_lname(e.key)} held by {self.locks[e.key]}")
+        self.locks[e.key] = None
+
+    def _w_wait_acks(self, e):
+        flags = []
+        for hs in e.handles:
+            for h in hs:
+                flags += self.acks.pop(h)[1:]
+        return flags
+
+    def _w_fault_call(self, e):
+        t = self.cur
+        self._send_fault(t, e.idx, e.flags)
+        return BLOCK
+
+    def _w_await_reply(self, e):
+        t = self.cur
+        if e.corr not in t.vm.replies:       # lost with the dead fault handler: sent again
+            self.lost.discard(e.corr)
+            self._send_fault(t, e.idx, e.flags)
+            return BLOCK
+        err, msg = t.vm.replies.pop(e.corr)
+        if err:
+            raise OSError(err, msg)
+
+    def _send_fault(self, t: Thread, idx, flags) -> None:
+        corr = self._new_id()
+        self.queues[(t.vm.id, self.faultd_of(t.vm.id))].append(("FAULT", corr, idx, flags))
+        self.cur_rec["flow_out"] = corr
+        t.pending = _AwaitReply(corr, idx, flags)
+
+    def _w_freeze(self, e):
+        self.frozen = True
+        return True
+
+    def _w_thaw(self, e):
+        self.frozen = False
+
+    def _w_shard_send(self, e):
+        self.shardq[(self._scanner_no(self.cur.actor), e.dst, e.kind)].append(e.msg)
+
+    def _w_shard_recv(self, e):
+        t, result = self.cur, []
+        for src in e.srcs:
+            self._shard_head(src, t.actor, e)
+            result.append(self.shardq[(src, self._scanner_no(t.actor), e.kind)].popleft())
+        return result
+
+
+def _nothing(e):
+    return None
 
 
 def world_factory(mode: str, brk: str | None = None, scenario: str | None = None, scanners: int | None = None,

@@ -536,23 +536,6 @@ def compare_many(mem: memoryview, a, b) -> np.ndarray:
                         for x, y in zip(a.tolist(), b.tolist())), dtype=bool, count=len(a))
 
 
-def run_effects(gen, perform):
-    """Run a core generator to its end, in this thread: perform(effect) gives each effect's result, or
-    raises, and the exception is thrown into the generator (its cleanup runs, as under the checker).
-    Returns the generator's value.  (The supervisor runs its repair and its recovery program so.)"""
-    send, exc = None, None
-    while True:
-        try:
-            e = gen.throw(exc) if exc is not None else gen.send(send)
-        except StopIteration as st:
-            return st.value
-        send, exc = None, None
-        try:
-            send = perform(e)
-        except Exception as x:
-            exc = x
-
-
 # ---------------------------------------------------------------- footprint helpers
 # The frame table (flags, mapcount, stable, the allocator) is one resource; frame bytes are
 # one resource per frame, and allocating (which may zero any free frame) conflicts with all.

@@ -1,9 +1,10 @@
 """Running protocol cores in an actor: effects against shared memory, locks and notifier channels.
 
-The cores (workers/core/) yield effects; `Driver.run` performs them for a notifying
-actor (ksmd, the fault handler) on asyncio/uvloop:
+The cores (workers/mm/) yield effects; `Driver` is an actor's backend of the one interpreter
+(runtime/interp.py), and `Driver.run` runs a core through it on asyncio/uvloop, awaiting
+what cannot be answered at once (`Driver.wait`):
 
-  * memory effects: `core.effects.apply_mem` on the run's shared memory;
+  * memory effects: mm.effects.APPLY_MEM on the run's shared memory;
   * TryLock / Lock / Unlock: the page-table locks (Lock polls with a backoff and
     throws TimeoutError into the core after its timeout, whose finally blocks then
     release what it held);
@@ -34,8 +35,8 @@ from proto.channel import expire_after
 from proto.layout import MMH_RELEASED, SUB_ACTIVE, MMView
 from proto.messages import Msg, encode
 
-from workers.mm.effects import (MEM_EFFECTS, Lock, Memory, Notify, Reply, ShardRecv, ShardSend, TryLock, Unlock, WaitAcks,
-                           apply_mem)
+from workers.mm.effects import Lock, Memory, Notify, Reply, ShardRecv, ShardSend, TryLock, Unlock, WaitAcks
+from workers.runtime.interp import BLOCK, Backend, run_until_blocked
 from workers.mm.mmu_notifier import MODES
 
 log = logging.getLogger("ksm_proto.notifier")
@@ -129,82 +130,103 @@ async def wait_acks(sent: list) -> list[int]:
     return acks
 
 
-class Driver:
-    """Performs a core generator's effects for one actor (see the module docstring)."""
+class Driver(Backend):
+    """An actor's backend of the one interpreter (runtime/interp.py), and its waits on the event loop
+    (see the module docstring)."""
+
+    name = "an actor"
 
     def __init__(self, mem: Memory, ptls: dict, notifiers: dict, lock_timeout: float, ksm_locks: dict | None = None,
                  shards=None):
-        self.mem = mem
+        super().__init__(mem, {TryLock: self._trylock, Lock: self._lock, Unlock: self._unlock,
+                               Notify: self._notify, ShardSend: self._shard_send})
         self.ptls = ptls                # mm id -> page-table lock
         self.notifiers = notifiers      # mm id -> MMUNotifierSubscriptions (absent: nobody to notify yet)
         self.lock_timeout = lock_timeout
         self.ksm_locks = {} if ksm_locks is None else ksm_locks    # mm id -> the scanners' ksm lock
         self.shards = shards            # the scanner mesh: send(dst, kind, msg), async recv(kind, srcs, seq)
+        self.corked: set = set()        # channels whose notifier messages wait for the next wait
 
     def lock(self, key):
         return self.ptls[key[1]] if key[0] == "ptl" else self.ksm_locks[key[1]]
 
+    # ---- the ops answered at once (anything else, WaitAcks and ShardRecv included, waits: `fallback`)
+    def fallback(self, e):
+        return BLOCK
+
+    def _trylock(self, e):
+        return self.lock(e.key).try_acquire()
+
+    def _lock(self, e):
+        return None if self.lock(e.key).try_acquire() else BLOCK
+
+    def _unlock(self, e):
+        self.lock(e.key).release()
+
+    def _notify(self, e):
+        n = self.notifiers.get(e.mm)
+        if n is None:
+            return []
+        if n.ch is not None:
+            self.corked.add(n.ch)
+        return n.send(e.type, e.entries, e.subs)
+
+    def _shard_send(self, e):
+        self.shards.send(e.dst, e.kind, e.msg)
+
+    def uncork(self) -> None:
+        """The notifier messages sent since the last wait leave (back-to-back ones in one write)."""
+        for ch in self.corked:
+            ch.uncork()
+        self.corked.clear()
+
+    # ---- running a core
     async def run(self, gen, reply=None, observe=None, other=None, first=None):
         """Drive gen to its end; returns its value (its exception propagates).  observe(effect), if
-        given, sees each effect before it runs (tracing).  other: an async callable for effects
-        this driver does not know (its result is sent back, its exception thrown into the core).
-        first: the effect gen already yielded (a core another driver started: faultd's fast path)."""
+        given, sees each effect before it runs (tracing).  reply(effect): the Reply effect's answer.
+        other: an async callable for effects this driver does not know (its result is sent back, its
+        exception thrown into the core).  first: the effect gen already yielded (a core another
+        runner started and handed over here: faultd's fast path)."""
         send, exc = None, None
-        corked: set = set()
         try:
-            while True:
-                if first is not None:
-                    e, first = first, None
-                else:
-                    try:
-                        e = gen.throw(exc) if exc is not None else gen.send(send)
-                    except StopIteration as s:
-                        return s.value
-                send, exc = None, None
-                c = e.__class__
+            if first is not None:
                 if observe is not None:
-                    observe(e)
-                if c in MEM_EFFECTS:
-                    try:
-                        send = apply_mem(self.mem, e)
-                    except Exception as x:      # thrown into the core: its cleanup runs
-                        exc = x
-                elif c is Notify:
-                    n = self.notifiers.get(e.mm)
-                    send = n.send(e.type, e.entries, e.subs) if n is not None else []
-                    if n is not None and n.ch is not None:
-                        corked.add(n.ch)
-                elif c is WaitAcks:
-                    corked.clear()
-                    send = await wait_acks([h for hs in e.handles for h in hs])
-                elif c is TryLock:
-                    send = self.lock(e.key).try_acquire()
-                elif c is Lock:
-                    try:
-                        await lock_ptl(self.lock(e.key), self.lock_timeout)
-                    except TimeoutError as x:
-                        exc = x
-                elif c is Unlock:
-                    self.lock(e.key).release()
-                elif c is ShardSend:
-                    self.shards.send(e.dst, e.kind, e.msg)
-                elif c is ShardRecv:
-                    try:
-                        send = await self.shards.recv(e.kind, e.srcs, e.seq)
-                    except TimeoutError as x:
-                        exc = x
-                elif c is Reply:
-                    send = reply(e) if reply is not None else []
-                elif other is not None:
-                    try:
-                        send = await other(e)
-                    except Exception as x:      # thrown into the core: its cleanup runs
-                        exc = x
-                else:
-                    exc = TypeError(f"effect {e!r} has no driver here")
+                    observe(first)
+                send, exc = await self.wait(first, reply, other)
+            while True:
+                e, value = run_until_blocked(gen, self, send, exc, observe)
+                if e is None:
+                    return value
+                send, exc = await self.wait(e, reply, other)
         finally:
-            for ch in corked:
-                ch.uncork()
+            self.uncork()
+
+    async def wait(self, e, reply=None, other=None):
+        """An effect the ops could not answer at once: (its result, None), or (None, the exception to
+        throw into the core)."""
+        c = e.__class__
+        if c is Reply:
+            return (reply(e) if reply is not None else []), None
+        self.uncork()
+        if c is WaitAcks:
+            return await wait_acks([h for hs in e.handles for h in hs]), None
+        if c is Lock:
+            try:
+                await lock_ptl(self.lock(e.key), self.lock_timeout)
+                return None, None
+            except TimeoutError as x:
+                return None, x
+        if c is ShardRecv:
+            try:
+                return await self.shards.recv(e.kind, e.srcs, e.seq), None
+            except TimeoutError as x:
+                return None, x
+        if other is not None:
+            try:
+                return await other(e), None
+            except Exception as x:      # thrown into the core: its cleanup runs
+                return None, x
+        return None, TypeError(f"effect {e!r} has no driver here")
 
 
 async def bind_vm_channel(actor, mm_id: int, name: str, fd: int, protocol_factory, attach_more=None):

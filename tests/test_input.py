@@ -156,6 +156,19 @@ def test_ctrl_c_is_a_clean_exit(tmp_path):
     assert [n for n in os.listdir(SHM_DIR) if n.startswith(f"ksmp.{p.pid}.")] == []
 
 
+def test_actors_are_out_of_the_terminals_reach(ksm_machine):
+    """Every actor, spares included, runs in a session of its own: a terminal's Ctrl-C reaches the
+    supervisor alone, which stops them in order.  (A spare still importing when Ctrl-C came died of
+    it with a KeyboardInterrupt traceback: test_ctrl_c_is_a_clean_exit, under load.)"""
+    m = ksm_machine
+    m.spawn_vm("a")
+    procs = list(m.actors.values()) + [a for g in m.spares.values() for a in g.values()] + \
+        [vm.actor for vm in m.vms.values()]
+    assert len(procs) >= 4
+    assert {a.name: os.getsid(a.pid) for a in procs} == {a.name: a.pid for a in procs}
+    assert all(os.getsid(a.pid) != os.getsid(0) for a in procs)
+
+
 # ---------------------------------------------------------------- hints, traces
 def test_wait_hint_names_what_stops_the_scan(ksm_machine):
     m = ksm_machine

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import errno
 import itertools
 import time
 
@@ -20,7 +19,7 @@ from proto.messages import MAGIC, RECORD, Frame, Msg, call_payload, encode
 
 from workers.mm.effects import Lock, Reply, Unlock, WaitAcks
 from workers.runtime.interp import BLOCK, Backend, run_until_blocked
-from workers.mm.fault import fault_reply_errno, handle_mm_fault
+from workers.mm.fault import serve_fault
 from workers.actors.faultd_common import COW_REPLY, EARLY_REPLY, VUSION, _FAULT_REPLY, _Fault, log
 
 
@@ -29,29 +28,26 @@ class FaultPath:
 
     # ---- faults: a fast path driven in the frame's own callback, the event loop's driver when it must wait
     def start_fault(self, ch: Channel, f: Frame) -> None:
-        """handle_mm_fault for one FAULT, driven right here, in the callback that read it (no task, no
-        event-loop turn) as far as it goes without waiting: to its end, or to the wait for the VM's
-        APPLIED, where it is parked until that record comes (or the sweep's timeout).  A busy ptl, or
-        notifier messages and their acks (KSM_PROTO_COW_REPLY=0), hand it to the event loop's Driver."""
+        """serve_fault (mm.fault: handle_mm_fault and its reply, once) for one FAULT, driven right here,
+        in the callback that read it (no task, no event-loop turn) as far as it goes without waiting:
+        to its end, or to the wait for the VM's APPLIED, where it is parked until that record comes
+        (or the sweep's timeout).  A busy ptl, or notifier messages and their acks
+        (KSM_PROTO_COW_REPLY=0), hand it to the event loop's Driver."""
         st = _Fault(ch, f)
         st.t0 = time.monotonic_ns()
-        try:
-            mm = self.memory.mms[f.mm]
-            # (an address below USER_BASE or far above the mm becomes an index the core refuses: EFAULT)
-            e = f.entries
-            if e.__class__ is list:         # (a record: one (addr, 0) pair)
-                idx = [(e[0][0] - USER_BASE) >> PAGE_SHIFT]
-            elif f.n == 1:
-                idx = [(e.item(0) - USER_BASE) >> PAGE_SHIFT]
-            else:
-                idx = [] if f.entries is None else [(a - USER_BASE) >> PAGE_SHIFT for a in f.entries[:, 0].tolist()]
-        except KeyError:
-            self._finish(st, None, KeyError(f.mm))
-            return
+        mm = self.memory.mms.get(f.mm)
+        # (an address below USER_BASE or far above the mm becomes an index the core refuses: EFAULT)
+        e = f.entries
+        if e.__class__ is list:         # (a record: one (addr, 0) pair)
+            idx = [(e[0][0] - USER_BASE) >> PAGE_SHIFT]
+        elif f.n == 1:
+            idx = [(e.item(0) - USER_BASE) >> PAGE_SHIFT]
+        else:
+            idx = [] if f.entries is None else [(a - USER_BASE) >> PAGE_SHIFT for a in f.entries[:, 0].tolist()]
         self.faults += 1
-        self._step(st, handle_mm_fault(f.mm, mm.npages, idx, f.flags, self.mode, EARLY_REPLY,
-                                       cow_reply=COW_REPLY,
-                                       vusion=int(self.mem.stats.knobs[KNOB_MITIGATION]) == VUSION), None, None)
+        self._step(st, serve_fault(f.mm, None if mm is None else mm.npages, idx, f.flags, self.mode, EARLY_REPLY,
+                                   cow_reply=COW_REPLY,
+                                   vusion=int(self.mem.stats.knobs[KNOB_MITIGATION]) == VUSION), None, None)
 
     def fast_backend(self) -> Backend:
         """The fast path's backend of the one interpreter (runtime/interp.py): memory, a ptl free now,
@@ -80,7 +76,7 @@ class FaultPath:
             self.cur = cur
 
     def _fast_reply(self, e):
-        return self._reply(self.cur, 0, "", e.entries, True)
+        return self._reply(self.cur, e, True)
 
     def _step(self, st: "_Fault", gen, send, exc) -> None:
         """Run st's core through the fast path's backend until it ends or blocks, then park or hand it on."""
@@ -121,7 +117,7 @@ class FaultPath:
 
     async def _slow(self, st: "_Fault", gen, first) -> None:
         try:
-            value = await self.driver.run(gen, lambda e: self._reply(st, 0, "", e.entries, False), first=first)
+            value = await self.driver.run(gen, lambda e: self._reply(st, e, False), first=first)
         except Exception as x:
             self._finish(st, None, x)
             return
@@ -164,13 +160,11 @@ class FaultPath:
         if left:
             asyncio.get_running_loop().call_later(min(1.0, self.args.ack_timeout / 4), self._sweep)
 
-    def _reply(self, st: "_Fault", err: int = 0, msg: str = "", entries=None, fast: bool = False) -> list:
-        """FAULT_REPLY, once (early: as soon as the notifications are sent; KSM_PROTO_EARLY_REPLY=0: at
-        the end).  One carrying a COW's new PTEs (entries) returns the WaitAcks handle of the VM's
-        APPLIED: [st] on the fast path (the fault parks on it), a future's on the event loop's."""
-        f, ch = st.f, st.ch
-        if st.replied or (entries is None and not err and not EARLY_REPLY and fast is not None):
-            return []
+    def _reply(self, st: "_Fault", e: Reply, fast: bool) -> list:
+        """The core's Reply (serve_fault sends exactly one): FAULT_REPLY on the VM's channel.  One
+        carrying a COW's new PTEs (entries) returns the WaitAcks handle of the VM's APPLIED: [st] on
+        the fast path (the fault parks on it), a future's on the event loop's."""
+        f, ch, entries, err = st.f, st.ch, e.entries, e.err
         st.replied = True
         if self.tr:
             self.tr.send(self.peers.get(f.mm, f"vm:{f.mm}"), "FAULT_REPLY", f.mm, -1, f.addr, f.n, 0,
@@ -184,7 +178,7 @@ class FaultPath:
             ch.send(encode(Msg.FAULT_REPLY, flags=err, mm=f.mm, corr=f.corr, addr=f.addr,
                            entries=None if entries is None else np.fromiter(
                                itertools.chain.from_iterable(entries), np.uint64, 2 * len(entries)).reshape(-1, 2),
-                           payload=call_payload({"error": msg}) if err else b""))
+                           payload=call_payload({"error": e.msg}) if err else b""))
         if entries is None:
             return []
         if fast:
@@ -194,18 +188,14 @@ class FaultPath:
         return [(self.notifiers[f.mm], Msg.FAULT_REPLY, None, f.corr, f.addr, fut)]
 
     def _finish(self, st: "_Fault", value, exc) -> None:
+        """The core ended (it has replied): count it, or log the bug it answered EIO."""
         f = st.f
         st.ch.applied.pop(f.corr, None)
-        if exc is None:
+        if exc is not None:
+            log.error("%s: fault on mm %d failed", self.name, f.mm, exc_info=exc)
+        elif value is not None:
             copies, reuses = value
             self.cow_copies += copies
             self.reuses += reuses
-            self._reply(st, fast=None)
-        else:
-            err = fault_reply_errno(exc, f.mm)
-            if err is None:     # a bug: the VM hears of it, this process goes on
-                log.error("%s: fault on mm %d failed", self.name, f.mm, exc_info=exc)
-                err = errno.EIO, f"fault handler error: {exc!r}"
-            self._reply(st, *err, fast=None)
         if self.tr:
             self.tr.span("handle_mm_fault", st.t0, time.monotonic_ns(), mm=f.mm, pages=f.n, write=int(f.flags & 1))

@@ -130,8 +130,10 @@ class ActorProcess:
                "--fd-sock", str(fd_child.fileno()), *args]
         self.name = name
         try:
+            # (a session of its own: a terminal's Ctrl-C goes to the supervisor alone, which stops the actors
+            # in order; an actor still importing, a spare say, would otherwise die of it with a traceback)
             self.proc = subprocess.Popen(cmd, pass_fds=[child.fileno(), fd_child.fileno(), *pass_fds], env=env,
-                                         cwd=ROOT)
+                                         cwd=ROOT, start_new_session=True)
         except BaseException:
             for sk in (parent, fd_parent):
                 sk.close()

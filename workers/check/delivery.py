@@ -12,7 +12,7 @@ import numpy as np
 from proto.messages import Msg
 
 from workers.mm.effects import Notify
-from workers.mm.fault import handle_mm_fault
+from workers.mm.fault import serve_fault
 from workers.mm.mmu_notifier import (FAILED, GRAMMAR, INIT, LocalNotify, NotifierLink, apply_cow_reply, notifier_lost, receive_notification)
 from workers.mm.recovery import victims
 from workers.mm.ksm.scan import KsmScan
@@ -41,9 +41,8 @@ class Delivery:
             sub.apply(e.type, e.entries)
 
     def _reply(self, t: Thread, err: int, msg: str, entries=None):
-        """FAULT_REPLY, once; one carrying a COW's new PTEs returns the handle of the VM's APPLIED."""
-        if getattr(t, "replied", False):
-            return None
+        """FAULT_REPLY (serve_fault sends exactly one); one carrying a COW's new PTEs returns the handle of
+        the VM's APPLIED."""
         t.replied = True
         h = None
         if entries is not None:         # [(addr, new pte)], as the VM reads it off the wire: one page is a
@@ -65,9 +64,9 @@ class Delivery:
             if not self.up[dst]:            # written to a dead fault handler's channel: lost
                 self.lost.add(corr)
                 return
-            t = Thread(f"{dst}/{corr}", dst, handle_mm_fault(mm, self.mem.mms[mm].npages, idx, flags,
-                                                                     self.mode, self.early_reply, self.brk,
-                                                                     self.cow_reply, self.mitigation == "vusion"))
+            t = Thread(f"{dst}/{corr}", dst, serve_fault(mm, self.mem.mms[mm].npages, idx, flags, self.mode,
+                                                         self.early_reply, self.brk, self.cow_reply,
+                                                         self.mitigation == "vusion"))
             t.mm, t.corr = mm, corr
             sig = self.vms[mm].sig
             if sig is not None:         # a watched write's fault: its task's effects too
@@ -76,8 +75,6 @@ class Delivery:
                 sig["threads"].append(t)
             self.threads.append(t)
             self._advance(t, None)
-            if t.done:
-                self._reply(t, 0, "")
             return
         if kind == "FAULT_REPLY":       # a COW's reply: set_pte_at_notify applied here, then APPLIED
             _, corr, err, msg, entries, h = item

@@ -88,7 +88,6 @@ from workers.mm.kvm import FaultCall, Touch, WaitIdle, touch
 from workers.mm.effects import (APPLY_MEM, Candidates, CopyPages, Lock, Memory, Notify, Reply, ShardRecv, ShardSend,
                                 TryLock, Unlock, WaitAcks)
 from workers.runtime.interp import BLOCK, Backend, resume
-from workers.mm.fault import fault_reply_errno
 from workers.mm.mmu_notifier import (GRAMMAR, INIT, MODES, LocalNotify, NotifierLink, register)
 from workers.mm.recovery import Freeze, NotifierLost, Respawn, Thaw
 from workers.mm.ksm.scan import KsmScan
@@ -275,13 +274,9 @@ class KsmWorld(Programs, OldLock, Invariants, Delivery, Scheduling):
                 e, value = resume(gen, result, exc)
             except Exception as x:
                 t.stack.pop()
-                if not t.stack:
+                if not t.stack:     # (a fault handler's errors are replies: serve_fault raises only bugs)
                     t.done, t.pending = True, None
-                    err = fault_reply_errno(x, t.mm) if t.actor in self.faultd_names else None
-                    if err is not None:         # an error reply, as faultd sends it
-                        self._reply(t, *err)
-                    else:
-                        self.violations_found.append(f"{t.name} failed: {type(x).__name__}: {x}")
+                    self.violations_found.append(f"{t.name} failed: {type(x).__name__}: {x}")
                     return
                 result, exc = None, x
                 continue
@@ -331,8 +326,6 @@ class KsmWorld(Programs, OldLock, Invariants, Delivery, Scheduling):
         if result is BLOCK:         # (t waits on something else now: t.pending says what)
             return
         self._advance(t, result, exc)
-        if t.done and t.actor in self.faultd_names:
-            self._reply(t, 0, "")
 
     # ---------------------------------------------------------------- the world's backend
     def world_backend(self) -> Backend:

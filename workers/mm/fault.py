@@ -1,4 +1,5 @@
-"""handle_mm_fault, IO-free: do_anonymous_page, do_wp_page (reuse or wp_page_copy), break_ksm.
+"""handle_mm_fault, IO-free: do_anonymous_page, do_wp_page (reuse or wp_page_copy), break_ksm; and
+serve_fault, the fault handler's side of a FAULT (handle_mm_fault and its one FAULT_REPLY).
 
 One fault request names a batch of pages of one mm.  Under the mm's page-table lock:
 
@@ -62,14 +63,40 @@ def _ints(v) -> list:
     return v.tolist() if isinstance(v, np.ndarray) else [int(x) for x in v]
 
 
+def serve_fault(mm: int, npages: int | None, idx, flags: int, mode: str, early_reply: bool = False,
+                brk=NONE, cow_reply: bool = True, vusion: bool = False):
+    """The fault handler's side of one FAULT: handle_mm_fault, and its FAULT_REPLY exactly once (early,
+    riding a COW's new PTEs, or at the end; an error's errno from `fault_reply_errno`).  npages None:
+    an mm this handler does not know (EFAULT).  Returns (cow copies, reuses), or None after an error
+    reply.  An exception that is a bug is answered EIO, then propagates: the fault handler logs it and
+    goes on, the checker reports it."""
+    replied = []
+    try:
+        if npages is None:
+            raise KeyError(mm)
+        result = yield from handle_mm_fault(mm, npages, idx, flags, mode, early_reply, brk, cow_reply, vusion,
+                                            replied)
+    except Exception as x:
+        err = fault_reply_errno(x, mm)
+        if not replied:
+            yield Reply(*(err or (errno.EIO, f"fault handler error: {x!r}")))
+        if err is None:
+            raise
+        return None
+    if not replied:
+        yield Reply()
+    return result
+
+
 def handle_mm_fault(mm: int, npages: int, idx, flags: int, mode: str, early_reply: bool = False,
-                    brk=NONE, cow_reply: bool = True, vusion: bool = False):
+                    brk=NONE, cow_reply: bool = True, vusion: bool = False, replied: list | None = None):
     """Serve one fault request for the page indices idx (a list, or an int array); returns (cow
     copies, reuses).  Raises OSError (EFAULT, ENOMEM).
 
     cow_reply (the fault handler's default): a COW's set_pte_at_notify rides on the reply, applied
     by the faulting VM on arrival (`wp_page_copy`); off, it is sent as notifier messages.
-    vusion: every write to a write-protected page copies (no wp_page_reuse)."""
+    vusion: every write to a write-protected page copies (no wp_page_reuse).  replied: a list that
+    gets an item when a reply went out (early, or a COW's)."""
     idx = _ints(idx)
     if not idx:
         raise OSError(errno.EINVAL, f"fault request for mm {mm} names no page")
@@ -101,7 +128,7 @@ def handle_mm_fault(mm: int, npages: int, idx, flags: int, mode: str, early_repl
         if absent:
             idx, pte = zip(*[(i, p) for i, p in zip(idx, pte) if p & PTE_PRESENT])
             idx, pte = list(idx), list(pte)
-        return (yield from do_wp_page(mm, idx, pte, write, mode, early_reply, brk, cow_reply, vusion))
+        return (yield from do_wp_page(mm, idx, pte, write, mode, early_reply, brk, cow_reply, vusion, replied))
     except GeneratorExit:           # abandoned (a checker run cut short): nothing to release
         abandoned = True
         raise
@@ -125,7 +152,7 @@ def do_anonymous_page(mm: int, idx: list, write: bool):
 
 
 def do_wp_page(mm: int, idx: list, pte: list, write: bool, mode: str, early_reply: bool, brk,
-               cow_reply: bool = False, vusion: bool = False):
+               cow_reply: bool = False, vusion: bool = False, replied: list | None = None):
     """Break COW (write) or unshare KSM pages (no write) for present pages; (copies, reuses).
 
     The pages' decisions are made in one pass over them (a fault is most often one page: each
@@ -154,21 +181,21 @@ def do_wp_page(mm: int, idx: list, pte: list, write: bool, mode: str, early_repl
         idx, pfn, pte = ([v for v, c in zip(a, copy) if c] for a in (idx, pfn, pte))
     special = [bool(p & PTE_SPECIAL) for p in pte]
     if cow_reply:       # (called directly: a generator level less on every step of the fault path)
-        yield from wp_page_copy_reply(mm, idx, pfn, special, write, mode, brk)
+        yield from wp_page_copy_reply(mm, idx, pfn, special, write, mode, brk, replied)
     else:
-        yield from wp_page_copy(mm, idx, pfn, special, write, mode, early_reply, brk)
+        yield from wp_page_copy(mm, idx, pfn, special, write, mode, early_reply, brk, replied=replied)
     return ncopy, nreuse
 
 
 def wp_page_copy(mm: int, idx: list, old: list, special: list, writable: bool, mode: str,
-                 early_reply: bool = False, brk=NONE, cow_reply: bool = False):
+                 early_reply: bool = False, brk=NONE, cow_reply: bool = False, replied: list | None = None):
     """Copy each frame, set the PTEs with notification, put the old frames after the acks.
 
     The caller holds ptl(mm).  Out of frames: nothing changed.  With cow_reply, see
     `wp_page_copy_reply`.
     """
     if cow_reply:
-        return (yield from wp_page_copy_reply(mm, idx, old, special, writable, mode, brk))
+        return (yield from wp_page_copy_reply(mm, idx, old, special, writable, mode, brk, replied))
     _, handles = yield from copy_and_install(
         mm, idx, old, special, writable,
         lambda ptes: set_pte_at_notify([(mm, idx, ptes)], mode, wait=False, wait_start="free-before-acks" not in brk))
@@ -177,6 +204,8 @@ def wp_page_copy(mm: int, idx: list, old: list, special: list, writable: bool, m
         old = None
     if "cow-reply-before-acks" in brk:      # reply, and let go of ptl, before the acks
         yield Reply()
+        if replied is not None:
+            replied.append(True)
         yield Unlock(ptl(mm))
         if handles:
             yield WaitAcks(handles)
@@ -185,6 +214,8 @@ def wp_page_copy(mm: int, idx: list, old: list, special: list, writable: bool, m
         return
     if early_reply:
         yield Reply()
+        if replied is not None:
+            replied.append(True)
     if handles:
         yield WaitAcks(handles)
     if old is not None:
@@ -192,7 +223,7 @@ def wp_page_copy(mm: int, idx: list, old: list, special: list, writable: bool, m
 
 
 def wp_page_copy_reply(mm: int, idx: list, old: list, special: list, writable: bool, mode: str,
-                       brk=NONE):
+                       brk=NONE, replied: list | None = None):
     """wp_page_copy in one round trip: the reply carries the new PTEs and set_pte_at_notify runs in the VM.
 
     do_wp_page changes only the faulting mm's PTEs, so set_pte_at_notify reaches only that mm's
@@ -215,6 +246,8 @@ def wp_page_copy_reply(mm: int, idx: list, old: list, special: list, writable: b
         yield Put(old)
         old = None
     h = yield Reply(entries=[(USER_BASE + (i << PAGE_SHIFT), p) for i, p in zip(idx, new_ptes)])
+    if replied is not None:
+        replied.append(True)
     if "early-release" in brk and old is not None:      # deferred release skipped: put before APPLIED
         yield Put(old)
         old = None

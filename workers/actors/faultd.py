@@ -42,7 +42,7 @@ from workers.runtime.actor import RunMemory, actor_args, receive_fd, req_int, ru
 from workers.mm.effects import Memory
 from workers.mm.mmu_notifier import clear_flush_young, entries_for
 from workers.mm.pte import check_range, task_size
-from workers.runtime.driver import Driver, MMUNotifierSubscriptions, bind_vm_channel, lock_ptl
+from workers.runtime.driver import Driver, MMUNotifierSubscriptions, answer_hello, bind_vm_channel, lock_ptl
 from workers.actors.faultd_common import U64, _APPLIED, _FAULT, _Fault, _RECORDS, log
 from workers.actors.faultd_fast import FaultPath
 
@@ -123,14 +123,7 @@ class FaultHandler(FaultPath):
             elif not w.done():
                 w.set_result(f)
         elif t == Msg.HELLO:
-            if ch.hello or f.mm != ch.peer:
-                why = "a second HELLO" if ch.hello else f"HELLO for mm {f.mm}"
-                self.refuse(f"{why} on the channel of mm {ch.peer}")
-                ch.send(encode(Msg.REPLY, mm=f.mm, corr=f.corr, payload=call_payload(
-                    {"errno": errno.EPERM, "error": f"{why} on the channel of mm {ch.peer}: refused"})))
-                return
-            ch.hello = True
-            ch.send(encode(Msg.ACK, mm=f.mm, corr=f.corr))
+            answer_hello(self, ch, f)
         else:
             self.refuse(f"{_tname(f.type)} on the channel of mm {ch.peer}")
 

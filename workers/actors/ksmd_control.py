@@ -17,7 +17,7 @@ from proto.messages import Frame, Msg, call_payload, encode
 from workers.runtime.actor import receive_fd, req_int
 from workers.runtime.frames import OutOfFrames, ShmLock
 from workers.mm.ksm.stable_tree import RmapItems
-from workers.runtime.driver import MMUNotifierSubscriptions, bind_vm_channel
+from workers.runtime.driver import MMUNotifierSubscriptions, answer_hello, bind_vm_channel
 from workers.mm.ksm.advisor import DEFAULT_PAGES_TO_SCAN, advisor_start_pages
 from workers.actors.ksmd_common import FOLLOWER_OPS, log
 
@@ -80,16 +80,10 @@ class KsmdControl:
         log.error("%s: refused %s", self.name, what)
 
     def on_vm_frame(self, ch: Channel, f: Frame) -> None:
-        if f.type != Msg.HELLO or ch.hello or f.mm != ch.peer:
-            why = ("a second HELLO" if ch.hello else f"HELLO for mm {f.mm}") if f.type == Msg.HELLO \
-                else f"message type {f.type}"
-            self.refuse(f"{why} on the channel of mm {ch.peer}")
-            if f.type == Msg.HELLO:
-                ch.send(encode(Msg.REPLY, mm=f.mm, corr=f.corr, payload=call_payload(
-                    {"errno": errno.EPERM, "error": f"{why} on the channel of mm {ch.peer}: refused"})))
+        if f.type != Msg.HELLO:         # (the acks are read by the channel: nothing else comes from a VM)
+            self.refuse(f"message type {f.type} on the channel of mm {ch.peer}")
             return
-        ch.hello = True
-        ch.send(encode(Msg.ACK, mm=f.mm, corr=f.corr))     # the VM registers its secondary MMUs after this
+        answer_hello(self, ch, f)       # the VM registers its secondary MMUs after the ACK
 
     def info(self) -> dict:
         sc = self.scan

@@ -33,7 +33,7 @@ import time
 
 from proto.channel import expire_after
 from proto.layout import MMH_RELEASED, SUB_ACTIVE, MMView
-from proto.messages import Msg, encode
+from proto.messages import Msg, call_payload, encode
 
 from workers.mm.effects import Lock, Memory, Notify, Reply, ShardRecv, ShardSend, TryLock, Unlock, WaitAcks
 from workers.runtime.interp import BLOCK, Backend, run_until_blocked
@@ -261,3 +261,17 @@ async def bind_vm_channel(actor, mm_id: int, name: str, fd: int, protocol_factor
     sock.setblocking(False)
     _, ch = await asyncio.get_running_loop().create_connection(protocol_factory, sock=sock)
     return ch, new
+
+
+def answer_hello(actor, ch, f) -> None:
+    """A VM's HELLO on the channel of its mm, for a notifier actor (ksmd, faultd): ACK, once (the VM
+    registers its secondary MMUs after it); a second HELLO, or one naming another mm, is refused,
+    counted (actor.refuse) and answered EPERM."""
+    if ch.hello or f.mm != ch.peer:
+        why = "a second HELLO" if ch.hello else f"HELLO for mm {f.mm}"
+        actor.refuse(f"{why} on the channel of mm {ch.peer}")
+        ch.send(encode(Msg.REPLY, mm=f.mm, corr=f.corr, payload=call_payload(
+            {"errno": errno.EPERM, "error": f"{why} on the channel of mm {ch.peer}: refused"})))
+        return
+    ch.hello = True
+    ch.send(encode(Msg.ACK, mm=f.mm, corr=f.corr))

@@ -48,6 +48,7 @@ ROWS = [
     ("cow", "COW p99 / pipe p99", "cow.p99_ratio_vs_pipe", "<= 3x"),
     ("cow", "COW p50 with fault_poll_us=0, both ends asleep (us)", "cow.asleep_p50_us", ""),
     ("cow", "of a COW: the fault handler, FAULT read to reply sent, mean (us)", "cow.handler_mean_us", ""),
+    ("cow", "of a COW: its core and shared-memory effects alone, no transport, p50 (us)", "cow.core_p50_us", ""),
     ("cow", "pipe ping-pong, both ends polling (us)", "cow.pipe_polling_p50_us", ""),
     ("cow", "pipe ping-pong, both ends on one CPU (us)", "cow.pipe_same_cpu_p50_us", ""),
     ("cow", "channel ping-pong p50 (us), the transport floor", "cow.channel_p50_us", ""),

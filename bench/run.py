@@ -65,7 +65,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from proto import MADV_MERGEABLE, PAGE_SIZE  # noqa: E402
+from proto import MADV_MERGEABLE, PAGE_SHIFT, PAGE_SIZE, USER_BASE  # noqa: E402
 from proto.knobs import DEFAULTS  # noqa: E402
 from workers.oracle import kernel_ksm  # noqa: E402
 from workers.actors.supervisor import Machine  # noqa: E402
@@ -294,6 +294,40 @@ def cow_samples(mode: str, npages: int, handler: list | None = None, poll_us: in
         return [x / 1000 for x in vm.cow_samples_ns()]
 
 
+def cow_core_samples(npages: int) -> list[float]:
+    """The COW's protocol core alone: serve_fault and its effects over a run's real shared memory, OFD
+    locks and frame allocator, run here through the one interpreter (no channel, no other process; the
+    reply and the APPLIED answered at once): what of a fault is our Python and its system calls."""
+    from proto.messages import FAULT_WRITE
+    from workers.mm.effects import Lock, Memory, Reply, Unlock, WaitAcks
+    from workers.mm.fault import serve_fault
+    from workers.runtime.actor import RunMemory
+    from workers.runtime.interp import BLOCK, Backend, run_until_blocked
+    with Machine(frames=3 * npages + 1024) as m:
+        vm, a = merged_vm(m, npages)
+        m.ksm.set(pages_to_scan=100000, sleep_millisecs=0, run=1)
+        m.ksm.wait_stable(60)
+        m.ksm.set(run=0)
+        mem = RunMemory(m.run)
+        mm, ptl = mem.attach_mm(vm.mm_id)
+        try:
+            b = Backend(Memory(mem.alloc, mem.stats, {vm.mm_id: mm}), {
+                Lock: lambda e: None if ptl.try_acquire() else BLOCK, Unlock: lambda e: ptl.release(),
+                Reply: lambda e: ["applied"], WaitAcks: lambda e: [0]})
+            first, ts = (a - USER_BASE) >> PAGE_SHIFT, []
+            for i in range(npages):
+                t = time.perf_counter_ns()
+                e, v = run_until_blocked(serve_fault(vm.mm_id, mm.npages, [first + i], FAULT_WRITE, "change_pte"), b)
+                ts.append((time.perf_counter_ns() - t) / 1000)
+                if e is not None or v != (1, 0):
+                    raise RuntimeError(f"the COW core did not copy page {i}: {e!r}, {v!r}")
+        finally:
+            ptl.close()
+            mm.seg.close()
+            mem.close()
+    return ts
+
+
 def channel_pingpong(n: int) -> list[float]:
     """Our own channel (asyncio on uvloop, framed messages) between two processes: the transport floor."""
     import asyncio
@@ -337,7 +371,7 @@ def bench_cow(npages: int, kernel_ok: bool, why: str, prog, rounds: int = 3) -> 
     in interleaved rounds (CPU state drifts during a run, and the machine may be shared): each round
     runs all four; the figures pool every round, the spread is the range of the per-round p50s (and
     of the per-round ratios to the pipe)."""
-    pipe, same, s, chan, kern, handler, asleep, ppoll = [], [], [], [], [], [], [], []
+    pipe, same, s, chan, kern, handler, asleep, ppoll, core = [], [], [], [], [], [], [], [], []
     rs: dict[str, list] = {"cow": [], "pipe": [], "channel": [], "kernel": [], "cow_asleep": [], "pipe_polling": []}
     per_round = []          # (our COW p50 / pipe p50, channel p50 / pipe p50) of each round
     ncpu = os.cpu_count() or 1
@@ -352,6 +386,7 @@ def bench_cow(npages: int, kernel_ok: bool, why: str, prog, rounds: int = 3) -> 
         c = cow_samples("change_pte", npages, handler)
         z = cow_samples("change_pte", npages // 4, poll_us=0)     # both ends asleep at once: the wake-ups
         h = channel_pingpong(5000 if npages >= 2000 else 1000)
+        core += cow_core_samples(npages // 2)
         pipe += p
         s += c
         chan += h
@@ -378,7 +413,8 @@ def bench_cow(npages: int, kernel_ok: bool, why: str, prog, rounds: int = 3) -> 
            "kernel_p99_us": round(pct(kern, 99), 2) if kern else None,
            "kernel_unmerged_us": k.get("unmerged_p50_us"),
            "round_p50s_us": {n: [round(x, 1) for x in v] for n, v in rs.items()},
-           "handler_mean_us": round(float(np.mean(handler)), 1) if handler else None}
+           "handler_mean_us": round(float(np.mean(handler)), 1) if handler else None,
+           "core_p50_us": round(pct(core, 50), 1), "core_mean_us": round(float(np.mean(core)), 1)}
     res["ratio_vs_pipe"] = round(res["p50_us"] / res["pipe_p50_us"], 2)
     res["ratio_vs_pipe_spread"] = spread([r[0] for r in per_round])
     res["channel_ratio_spread"] = spread([r[1] for r in per_round])
@@ -999,6 +1035,9 @@ def table(res: dict) -> str:
         if c.get("handler_mean_us") is not None:
             rows.append(f"| of a COW: the fault handler, FAULT read to FAULT_REPLY sent, mean (us) | "
                         f"{c['handler_mean_us']} | | | |")
+        if c.get("core_p50_us") is not None:
+            rows.append(f"| of a COW: its core and shared-memory effects alone, one process, no transport, "
+                        f"p50 / mean (us) | {c['core_p50_us']} / {c['core_mean_us']} | | | |")
         rows.append(f"| our channel ping-pong p50 (us), the transport floor | {c['channel_p50_us']} | "
                     f"pipe {c['pipe_p50_us']} | {fs(c.get('channel_ratio_spread'))} | |")
         rows.append(f"| kernel COW of a KSM page (us) | | {f(c['kernel_us'])} (unmerged {f(c['kernel_unmerged_us'])}) | | |")

@@ -42,12 +42,13 @@ def test_bench_quick_scan_cow_and_estimate_write_every_key(tmp_path):
     assert res["scan"]["detail"]["dup4"]["proto"][0]["pages_shared"] == 2048
     assert res["scanner_bytes_per_page"] > 0 and res["cow"]["ratio_vs_pipe_spread"]["n"] == 2
     for key in ("p50_us", "p99_us", "pipe_p50_us", "ratio_vs_pipe", "kernel_us", "asleep_p50_us",
-                "pipe_polling_p50_us", "ratio_vs_polling_pipe", "ratio_vs_kernel", "channel_ratio_vs_pipe"):
+                "pipe_polling_p50_us", "ratio_vs_polling_pipe", "ratio_vs_kernel", "channel_ratio_vs_pipe", "core_p50_us"):
         assert key in res["cow"]
     assert res["cow"]["ratio_vs_polling_pipe_spread"]["n"] == 2
     assert res["cow"]["poll_us"] == 200 and len(res["cow"]["round_p50s_us"]["cow_asleep"]) == 2
     assert res["cow"]["rounds"] == 2        # (--quick; a whole run: at least 5)
-    assert "fault_poll_us=0" in r.stdout and (tmp_path / "latency.png").exists()
+    assert "fault_poll_us=0" in r.stdout and "its core and shared-memory effects alone" in r.stdout
+    assert (tmp_path / "latency.png").exists()
     e = res["estimate"]
     assert e["same_as_scanner"] and e["dup4"]["pages_per_s"] > 0 and e["scanner_pages_per_s"] > 0
     assert e["dup4"]["memory_bytes_per_page"] > 0 and "ratio_vs_scanner" in e

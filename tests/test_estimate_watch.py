@@ -119,6 +119,12 @@ def test_fit_in_place_recovers_the_model():
     assert fit["cold_pages"] == 300
     assert fit["scale"] == pytest.approx(1.2) and fit["cold"] == pytest.approx(0.6)
     assert fit["batch"] == pytest.approx(0.0005)
+    # cold_pages stays at most a sixth of the region (here 341: the grid's 300), so that the one-batch run pins
+    # the warm cost, even where the runs were made with 1000
+    made = {**want, "cold_pages": 1000}
+    runs = [(pts, sum(cs), 0.1) for pts in (100, 400, 1000, n + 1) for cs in [[
+        1.2 * float(pre[p + k] - pre[p]) * ksmd_cost.cold_factor(k, made) for p, k in _batches(n, pts)]]]
+    assert fit_in_place(hot, runs, 20, 250)["cold_pages"] == 300
 
 
 def test_simulate_batch_by_batch():

@@ -148,7 +148,8 @@ def test_simulate_batch_by_batch():
     short = simulate(plan, {"pages_to_scan": 4, "sleep_millisecs": 20}, COST, horizon=0.028)
     assert short["cpu_by_horizon"] == pytest.approx(0.004 + 0.002) and short["cpu_seconds"] == pytest.approx(0.008)
     # 8 pages, pages_to_scan 4: the call after page 8 is a batch of its own (an empty one): the scan ends at .052
-    even = Plan(8, np.full(8, 0.001), np.full(8, 0.001), np.full(8, 0.001), np.array([], np.int64), {"pages_sharing": 0})
+    even = Plan(8, np.full(8, 0.001), np.full(8, 0.001), np.full(8, 0.001), np.array([], np.int64),
+                {"pages_sharing": 0})
     assert simulate(even, {"pages_to_scan": 4, "sleep_millisecs": 20}, COST, horizon=0.06)["scan_ends"] == \
         pytest.approx([0.052])
 

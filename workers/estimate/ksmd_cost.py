@@ -310,7 +310,7 @@ def fit_in_place(hot: np.ndarray, runs: list[tuple[int, float, float]], sleep_ms
 
 
 def calibrate(npages: int = 16384, timeout: float = 180, progress=None) -> dict:
-    """Measure the per-page costs and the batch model (see the module docstring) on this machine's ksmd; ~30 s."""
+    """Measure the per-page costs and the batch model (see the module docstring) on this machine's ksmd; 30-40 s."""
     ok, why = kernel_ksm.available()
     if not ok:
         raise RuntimeError(f"kernel KSM not usable here: {why}")

@@ -359,8 +359,8 @@ def simulate(plan: Plan, knobs: dict, cost: dict, horizon: float, runtime0_ns: i
     t50 = t90 = None
     end = cpu_h = 0.0
     if n == 0 or pts == 0:                           # nothing to scan, or pages_to_scan 0: ksmd sleeps forever
-        return {"curve": curve, "scan_ends": [], "scan_starts": [], "scan_cpu": [], "cpu_seconds": 0.0, "seconds_to_50": None,
-                "seconds_to_90": None, "pages_to_scan": pts_seq, "elapsed": max(horizon, 0.0),
+        return {"curve": curve, "scan_ends": [], "scan_starts": [], "scan_cpu": [], "cpu_seconds": 0.0,
+                "seconds_to_50": None, "seconds_to_90": None, "pages_to_scan": pts_seq, "elapsed": max(horizon, 0.0),
                 "cpu_by_horizon": 0.0}
     while t < horizon:                               # t: this batch's start
         if pos == 0:
@@ -402,8 +402,8 @@ def simulate(plan: Plan, knobs: dict, cost: dict, horizon: float, runtime0_ns: i
         idx = np.unique(np.linspace(0, len(curve) - 1, CURVE_POINTS).astype(int))
         curve = [curve[i] for i in idx]
     return {"curve": [(round(a, 4), int(b), int(c), int(d)) for a, b, c, d in curve], "scan_ends": scan_ends,
-            "scan_starts": scan_starts, "scan_cpu": scan_cpu, "cpu_seconds": cpu, "cpu_by_horizon": cpu_h, "seconds_to_50": t50,
-            "seconds_to_90": t90, "pages_to_scan": pts_seq, "elapsed": t}
+            "scan_starts": scan_starts, "scan_cpu": scan_cpu, "cpu_seconds": cpu, "cpu_by_horizon": cpu_h,
+            "seconds_to_50": t50, "seconds_to_90": t90, "pages_to_scan": pts_seq, "elapsed": t}
 
 
 def _scan_period(sim: dict) -> float | None:

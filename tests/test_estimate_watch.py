@@ -13,6 +13,7 @@ import pytest
 
 from proto.layout import PAGE_SIZE
 from workers.oracle import kernel_ksm
+from workers.estimate import ksmd_cost
 from workers.estimate.watch import Plan, Watch, _Series, classify, plan_pages, predict, simulate, watch
 from workers.estimate.memsource import PidSource, Source
 from workers.estimate.watch_demo import Demo, DemoShape
@@ -21,7 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KOK, KWHY = kernel_ksm.available()
 root_only = pytest.mark.skipif(os.geteuid() != 0, reason="reading other processes' memory needs root")
 COST = {"first": 0.001, "volatile": 0.001, "unique": 0.002, "merge": 0.003, "ksm": 0.0005, "batch": 0.0,
-        "batch_cpu": 0.0, "kappa": 1.0, "scan_wall": 0.0, "hz": 250}
+        "kappa": 1.0, "cold": 0.0, "cold_pages": 0, "hz": 250}
 
 
 def synthetic(rows: list[list[int | None]]) -> Watch:
@@ -54,6 +55,20 @@ def test_classify_reads_the_probability_off_the_samples():
     c3 = classify(w, 20.0)                     # longer than the watch: from the change rate, at most 1
     assert c3["p"][0].tolist() == [0.0, 1.0, 1.0, 1.0, 0.0, 0.0]
     assert c1["rate"][0].tolist() == [0.0, 1.0, 0.25, 0.125, 0.0, 0.0]
+    assert c1["saturated"][0].tolist() == [False, True, False, False, False, False]
+
+
+def test_classify_between_lags_and_below_one_interval():
+    """T between two lags: linear between them (a page rewritten every R s changes between two visits T apart with
+    probability min(1, T / R)); T below the interval: T * rate, a page changed in every interval (B) stays 1 (it may
+    change faster than the samples tell, and --verify-kernel's helper rewrites it every 5 ms)."""
+    w = synthetic(ROWS)
+    c = classify(w, 1.5)
+    assert c["p"][0].tolist() == pytest.approx([0.0, 1.0, (2 / 8 + 3 / 7) / 2, (1 / 8 + 1 / 7) / 2, 0.0, 0.0])
+    c = classify(w, 0.25)
+    assert c["p"][0].tolist() == pytest.approx([0.0, 1.0, 0.25 * 2 / 8, 0.25 * 1 / 8, 0.0, 0.0])
+    assert c["lag"] == 1
+    assert classify(w, 0.0)["p"][0].tolist() == [0.0, 1.0, 0.0, 0.0, 0.0, 0.0]
 
 
 def test_plan_counts_the_stable_part_only():
@@ -67,18 +82,76 @@ def test_plan_counts_the_stable_part_only():
     assert plan.counters["bytes_saved"] == PAGE_SIZE
 
 
+def test_batch_arithmetic():
+    """The timer wheel fires a sleep of J jiffies on the (J + 1)th tick; a scan takes ceil((pages + 1) / pts) batches;
+    the first pages of a batch cost more (cold_factor)."""
+    c = {"hz": 250, "kappa": 1.0, "batch": 0.0}
+    assert ksmd_cost.msecs_to_jiffies(20, 250) == 5 and ksmd_cost.msecs_to_jiffies(1, 250) == 1
+    assert ksmd_cost.batch_cycle(0.001, 20, c) == pytest.approx((0.001, 0.024))        # 6 ticks of 4 ms
+    assert ksmd_cost.batch_cycle(0.010, 20, c) == pytest.approx((0.010, 0.032))        # + (10 - 2) ms
+    assert ksmd_cost.batch_cycle(0.010, 20, {**c, "kappa": 1.5, "batch": 0.001}) == pytest.approx((0.015, 0.038))
+    assert ksmd_cost.batch_cycle(0.010, 20, {**c, "hz": 1000}) == pytest.approx((0.010, 0.0305))
+    assert ksmd_cost.batch_cycle(0.010, 0, c) == (0.010, 0.010)                        # no sleep at all
+    assert [ksmd_cost.batches_per_scan(10, 4), ksmd_cost.batches_per_scan(8, 4), ksmd_cost.batches_per_scan(8, 100)] \
+        == [3, 3, 1]
+    cold = {"cold": 1.0, "cold_pages": 100}
+    assert ksmd_cost.cold_factor(100, cold) == pytest.approx(1 + (1 - np.exp(-1)))
+    assert ksmd_cost.cold_factor(1000, cold) == pytest.approx(1 + 0.1 * (1 - np.exp(-10)))
+    assert ksmd_cost.cold_factor(100, {"cold": 0.0, "cold_pages": 0}) == 1.0
+    pre = np.concatenate([[0.0], np.cumsum(np.full(300, 1e-6))])
+    assert ksmd_cost.batch_cpu_s(pre, 100, 100, cold) == pytest.approx(1e-4 * (2 - np.exp(-1)))
+    assert ksmd_cost.batch_cpu_s(pre, 0, 10, {"batch_cpu": 1e-3}) == pytest.approx(1e-3 + 1e-5)
+
+
+def test_fit_in_place_recovers_the_model():
+    """Runs made by the model itself (scale 1.2, cold 0.6, cold_pages 300, batch 0.5 ms): the fit gives them back."""
+    from workers.estimate.ksmd_cost import _batches, fit_in_place
+    n = 2048
+    hot = np.concatenate([np.full(1024, 4e-6), np.full(1024, 2.5e-7)])
+    pre = np.concatenate([[0.0], np.cumsum(hot)])
+    want = {"hz": 250, "kappa": 1.0, "batch": 0.0005, "cold": 0.6, "cold_pages": 300}
+    runs = []
+    for pts in (100, 400, 1000, n + 1):
+        cs = [1.2 * float(pre[p + k] - pre[p]) * ksmd_cost.cold_factor(k, want) for p, k in _batches(n, pts)]
+        runs.append((pts, sum(cs), sum(ksmd_cost.batch_cycle(c, 20, want)[1] for c in cs)))
+    assert [len(_batches(n, p)) for p in (100, 1024, n + 1)] == [21, 3, 1]
+    fit = fit_in_place(hot, runs, 20, 250)
+    assert fit["cold_pages"] == 300
+    assert fit["scale"] == pytest.approx(1.2) and fit["cold"] == pytest.approx(0.6)
+    assert fit["batch"] == pytest.approx(0.0005)
+    # cold_pages stays at most a sixth of the region (here 341: the grid's 300), so that the one-batch run pins
+    # the warm cost, even where the runs were made with 1000
+    made = {**want, "cold_pages": 1000}
+    runs = [(pts, sum(cs), 0.1) for pts in (100, 400, 1000, n + 1) for cs in [[
+        1.2 * float(pre[p + k] - pre[p]) * ksmd_cost.cold_factor(k, made) for p, k in _batches(n, pts)]]]
+    assert fit_in_place(hot, runs, 20, 250)["cold_pages"] == 300
+
+
 def test_simulate_batch_by_batch():
-    """pages_to_scan 4 over 10 pages, sleep 20 ms (5 jiffies at HZ 250): scan ends and the merge, by hand."""
+    """pages_to_scan 4 over 10 pages, sleep 20 ms (5 jiffies at HZ 250, so 6 ticks, 24 ms, from a short batch's
+    start to the next): scan ends and the merge, by hand."""
     plan = Plan(10, np.full(10, 0.001), np.full(10, 0.002), np.full(10, 0.0005), np.array([7]),
                 {"pages_sharing": 1})
-    sim = simulate(plan, {"pages_to_scan": 4, "sleep_millisecs": 20}, COST, horizon=0.2)
-    # scan 1: batches of 4, 4, 2 pages at 1 ms each with 20 ms between: ends at .004+.02+.004+.02+.002 = .050
-    # scan 2 (2 ms a page) starts at .070: .078, .098 + .008 = .106 (page 7 merges: 50% and 90%), .126 + .004 = .130
-    # scan 3 (0.5 ms a page): .152, .174, .195
-    assert sim["scan_ends"] == pytest.approx([0.050, 0.130, 0.195])
-    assert sim["seconds_to_50"] == pytest.approx(0.106) and sim["seconds_to_90"] == pytest.approx(0.106)
-    assert sim["cpu_seconds"] == pytest.approx(0.010 + 0.020 + 0.005)    # (scan 4 would start at .215)
+    sim = simulate(plan, {"pages_to_scan": 4, "sleep_millisecs": 20}, COST, horizon=0.25)
+    # a batch of w seconds' work starts the next one .024 + max(0, w - .002) later.  Scan 1 (1 ms a page):
+    # 4 pages at 0 (next at .026), 4 at .026 (next .052), 2 pages and the scan's end at .052 + .002 = .054 (next .076).
+    # Scan 2 (2 ms a page): .076 (8 ms, next .106), .106 + .008 = .114 (page 7 merges: 50% and 90%; next .136),
+    # .136 + .004 = .140 (next .162).  Scan 3 (0.5 ms): .162 (next .186), .186 (next .210), .210 + .001 = .211.
+    # Scan 4 starts at .234, its first batch ends at .236, the next would start at .258.
+    assert sim["scan_ends"] == pytest.approx([0.054, 0.140, 0.211])
+    assert sim["scan_starts"] == pytest.approx([0.0, 0.076, 0.162, 0.234])
+    assert sim["seconds_to_50"] == pytest.approx(0.114) and sim["seconds_to_90"] == pytest.approx(0.114)
+    assert sim["cpu_seconds"] == pytest.approx(0.010 + 0.020 + 0.005 + 0.002)
+    assert sim["cpu_by_horizon"] == pytest.approx(0.037) and sim["elapsed"] == pytest.approx(0.258)
     assert sim["pages_to_scan"] == [4]
+    # ksmd's CPU by the horizon, as the kernel's is measured: half of the batch from .026 to .030 by .028
+    short = simulate(plan, {"pages_to_scan": 4, "sleep_millisecs": 20}, COST, horizon=0.028)
+    assert short["cpu_by_horizon"] == pytest.approx(0.004 + 0.002) and short["cpu_seconds"] == pytest.approx(0.008)
+    # 8 pages, pages_to_scan 4: the call after page 8 is a batch of its own (an empty one): the scan ends at .052
+    even = Plan(8, np.full(8, 0.001), np.full(8, 0.001), np.full(8, 0.001), np.array([], np.int64),
+                {"pages_sharing": 0})
+    assert simulate(even, {"pages_to_scan": 4, "sleep_millisecs": 20}, COST, horizon=0.06)["scan_ends"] == \
+        pytest.approx([0.052])
 
 
 def test_simulate_runs_the_kernels_advisor():
@@ -91,14 +164,14 @@ def test_simulate_runs_the_kernels_advisor():
     sim = simulate(plan, knobs, COST, horizon=30, runtime0_ns=3_000_000_000)
     ctx, pts = advisor_start_pages(500)
     want = [pts]
-    start = 0.0
-    for end in sim["scan_ends"]:
+    for start, end in zip(sim["scan_starts"], sim["scan_ends"]):
         cpu = 3.0 + n * 1e-4 * (len(want))
         pts, _ = scan_time_advisor(ctx, pts, int((end - start) * 1000), int(cpu * 1e9), target_scan_time=2,
                                    max_cpu=70, max_pages_to_scan=30000)
         want.append(pts)
-        start = end + 0.1
     assert sim["pages_to_scan"] == want and len(want) > 3
+    # the first scan: 500 pages a batch, 7 batches (the 7th only ends the scan), 26 ticks between short batches
+    assert sim["scan_ends"][0] == pytest.approx(6 * (0.104 + 0.050 - 0.002))
 
 
 def _estimate(*args, timeout=120):
@@ -122,10 +195,12 @@ def test_watch_a_file_exact(tmp_path):
     assert res["samples"] == 5
     assert (res["pages_volatile"], res["pages_shared"], res["pages_sharing"], res["pages_unshared"]) == (0, 2, 10, 4)
     assert res["bytes_saved"] == 10 * PAGE_SIZE
-    # scan 1: 16 pages at 1 ms = .016; scan 2 from .036: A's first copy .002, 7 merges .003, B: .002 + 3 * .003,
-    # 4 unique .002 = .042 -> .078 (every merge in its one batch); then .02 asleep + 12 KSM pages * .0005 + 4 * .002
-    assert res["seconds_to_50"] == res["seconds_to_90"] == 0.078
-    assert res["full_scan_seconds"] == 0.034
+    # one batch a scan; a batch of w s starts the next .024 + (w - .002) later (sleep 20 ms: 6 ticks at HZ 250).
+    # scan 1: 16 pages at 1 ms = .016 (next at .038); scan 2: A's first copy .002, 7 merges .003, B: .002 + 3 * .003,
+    # 4 unique .002 = .042 -> .080 (every merge in its one batch); then 12 KSM pages * .0005 + 4 * .002 = .014, a
+    # scan every .024 + .012
+    assert res["seconds_to_50"] == res["seconds_to_90"] == 0.080
+    assert res["full_scan_seconds"] == 0.036
     assert res["curve"][0]["t"] == 0.0 and res["curve"][-1]["pages_sharing"] == 10
     assert 0 < res["ksmd_cpu_share"] < 1
 

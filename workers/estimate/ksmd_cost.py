@@ -1,11 +1,12 @@
 """What one page costs this machine's kernel ksmd, measured once and cached: the estimate's time/CPU input.
 
 This module owns the calibration that `ksm-proto estimate --watch` predicts ksmd's
-time and CPU from (workers/estimate/watch.py).  The kernel's ksmd is run on regions
-of known pages in this process (kernel_ksm.KernelRegion, MADV_MERGEABLE), and its own
-CPU time is read from /proc/<ksmd>/schedstat (the runtime task_sched_runtime() gives,
-which the scan-time advisor uses too) at the end of each full scan.  Per page, in
-seconds of ksmd CPU:
+time and CPU from (workers/estimate/watch.py), and the arithmetic of one batch's CPU and
+wall time that the prediction and the calibration share (batch_cpu_s, batch_cycle).
+The kernel's ksmd is run on regions of known pages in this process
+(kernel_ksm.KernelVM, MADV_MERGEABLE), and its own CPU time is read from
+/proc/<ksmd>/schedstat (the runtime task_sched_runtime() gives, which the scan-time
+advisor uses too, in ns) at the end of each full scan.  Per page, in seconds of ksmd CPU:
 
     first    a page's first visit (an rmap item is made, its checksum recorded)
     volatile a page whose checksum changed since the last visit, being rewritten meanwhile
@@ -14,20 +15,33 @@ seconds of ksmd CPU:
              the page waits in the unstable tree)
     merge    a page merged on this visit (with the unstable tree's page or a KSM page)
     ksm      a KSM page visited again (its stable tree lookup finds itself)
-    batch_cpu  ksmd's CPU per batch beyond its pages' (waking, the mm walk), seconds
-    batch    the extra wall time of one batch beyond sleep_millisecs rounded up to
-             jiffies (timer and wake-up latency), in seconds
-    kappa    wall time per second of ksmd CPU within a batch (above 1 when ksmd has to
+
+and how a batch adds to that (measured in place, sleep_millisecs 20, on a region of unique
+and KSM pages whose steady state is known, at pages_to_scan 100 to 2000 and one batch a scan,
+twice each):
+
+    cold, cold_pages  page i of a batch costs (1 + cold * exp(-i / cold_pages)) times its warm
+             cost (cold_factor): between two batches ksmd sleeps and the rest of the machine
+             runs, so what it walks (trees, rmap items, page tables) is out of the caches when
+             it wakes, and it warms them as it goes.  On this 2-core VM a full scan in batches
+             of 100 pages costs some 1.3 to 1.7 times the same scan in one batch, in batches
+             of 1000 some 1.0 to 1.5 times: a fixed CPU cost per batch (the optional
+             batch_cpu), which made 100-page batches too dear, does not fit that.
+    kappa    ksmd's wall time per second of its CPU within a batch (above 1 when it has to
              wait for a CPU on a busy machine)
-    scan_wall  the wall time each full scan adds (it starts with lru_add_drain_all(),
-             which waits for a kworker on every CPU)
+    batch    ksmd's wake-up latency after its timer's tick, in seconds
 
-The five page costs are first measured hot (sleep_millisecs 0, one batch per scan: their
-ratios), then scaled to what a unique page costs in place (beside a stable tree of a few
-thousand KSM pages, which its visit searches first), at three batch sizes with
-sleep_millisecs 20 (32, 4 and 1 batches a full scan), which also give batch_cpu and,
-by least squares, batch, kappa and scan_wall.
+The wall time between two batches follows the kernel's timer arithmetic (batch_cycle):
+ksmd sleeps with schedule_timeout(msecs_to_jiffies(sleep_millisecs)), and the timer
+wheel fires a timer of J jiffies on the (J + 1)th tick after the one it was armed in
+(kernel/time/timer.c, calc_index(): a timer must never fire early, so it rounds up by
+one granule).  So at HZ 250 a batch shorter than a tick starts every 6 ticks, 24 ms, at
+sleep_millisecs 20, not every 20 ms.  A full scan ends on the call after its last page
+(scan_get_next_rmap_item() returns NULL), so a scan takes ceil((pages + 1) / pages_to_scan)
+batches: one more, empty, when pages_to_scan divides the pages.
 
+The page costs are first measured hot (sleep_millisecs 0, one batch per scan: their
+ratios), then scaled, with cold and cold_pages, by least squares to the in-place runs.
 Every run has smart_scan=0 (the model assumes it).  The result is kept in
 ~/.cache/ksm-proto/ksmd-cost-<kernel release>.json with the CPU model and kernel it
 was measured on; `--ksmd-cost FILE` or explicit values bypass it.
@@ -36,6 +50,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import platform
 import time
@@ -44,10 +59,10 @@ import numpy as np
 
 from workers.oracle import kernel_ksm
 
-__all__ = ["COST_KEYS", "batch_wall", "ksmd_nice", "ksmd_pid", "ksmd_runtime_ns", "hz", "jiffies_seconds", "cache_path", "load_cost",
-           "calibrate", "get_cost"]
+__all__ = ["COST_KEYS", "batch_cpu_s", "batch_cycle", "batches_per_scan", "ksmd_nice", "ksmd_pid", "ksmd_runtime_ns",
+           "hz", "msecs_to_jiffies", "cold_factor", "fit_in_place", "cache_path", "load_cost", "calibrate", "get_cost"]
 
-COST_KEYS = ("first", "volatile", "unique", "merge", "ksm", "batch", "batch_cpu", "kappa", "scan_wall")
+COST_KEYS = ("first", "volatile", "unique", "merge", "ksm", "batch", "kappa", "cold", "cold_pages")
 PAGE = kernel_ksm.PAGE
 
 
@@ -116,16 +131,50 @@ def hz() -> int:
     return 250
 
 
-def jiffies_seconds(ms: int, hz_: int | None = None) -> float:
-    """msecs_to_jiffies(ms) in seconds: the timeout ksmd sleeps between batches, rounded up to a jiffy."""
+def msecs_to_jiffies(ms: int, hz_: int | None = None) -> int:
+    """The kernel's msecs_to_jiffies(): milliseconds rounded up to whole ticks."""
     h = hz_ or hz()
-    return -(-int(ms) * h // 1000) / h
+    return -(-int(ms) * h // 1000)
 
 
-def batch_wall(cpu_s: float, cost: dict) -> float:
-    """The wall time of a batch of ksmd that takes cpu_s seconds of CPU, its sleep aside: its wake-up latency
-    (batch) and, on a busy machine, the time it waits for a CPU meanwhile (kappa)."""
-    return cost.get("batch", 0.0) + cost.get("kappa", 1.0) * cpu_s
+def batches_per_scan(pages: int, pages_to_scan: int) -> int:
+    """Batches in one full scan of `pages` pages: ksm_do_scan() makes pages_to_scan calls of
+    scan_get_next_rmap_item(), and the scan ends on the call after its last page (it returns NULL)."""
+    return -(-(int(pages) + 1) // max(1, int(pages_to_scan)))
+
+
+def cold_factor(k: int, cost: dict) -> float:
+    """How much more a batch of k pages costs than the same pages in the middle of a long batch: 1 + cold * w(k),
+    w(k) = (m / k) * (1 - exp(-k / m)), m = cold_pages: the page i of a batch costs (1 + cold * exp(-i / m))
+    times its warm cost (ksmd wakes with what it walks out of the caches, and warms them as it goes)."""
+    m, g = float(cost.get("cold_pages", 0) or 0), float(cost.get("cold", 0.0) or 0.0)
+    if k <= 0 or m <= 0 or g <= 0:
+        return 1.0
+    return 1.0 + g * (m / k) * -math.expm1(-k / m)
+
+
+def batch_cpu_s(prefix: np.ndarray, pos: int, k: int, cost: dict) -> float:
+    """ksmd's CPU for the batch of the k pages from position pos (prefix: the cumulative per-page costs, from 0):
+    the pages' costs times cold_factor(k), and batch_cpu if given."""
+    return float(prefix[pos + k] - prefix[pos]) * cold_factor(k, cost) + cost.get("batch_cpu", 0.0)
+
+
+def batch_cycle(cpu_s: float, sleep_ms: int, cost: dict) -> tuple[float, float]:
+    """(work, cycle) of a batch of ksmd that takes cpu_s seconds of CPU: the wall time from its start to its last
+    page (kappa * cpu_s), and to the start of the next batch.
+
+    ksmd starts a batch on the tick its timer fires on, works, and sleeps msecs_to_jiffies(sleep_millisecs) = J
+    jiffies counted from the tick it is in then; the timer wheel fires that timer on the (J + 1)th tick (it rounds
+    up, never early).  So the cycle is (J + 1 + floor((batch + work) / tick)) ticks; over batches whose end falls
+    anywhere within a tick, (J + 1) ticks + max(0, batch + work - tick / 2) on average.  sleep_millisecs 0: no
+    sleep at all (wait_event_freezable_timeout() with 0 returns at once), the cycle is the work."""
+    h = cost.get("hz") or hz()
+    work = cost.get("kappa", 1.0) * cpu_s
+    j = msecs_to_jiffies(sleep_ms, h)
+    if j == 0:
+        return work, work
+    tick = 1.0 / h
+    return work, (j + 1) * tick + max(0.0, cost.get("batch", 0.0) + work - tick / 2)
 
 
 def cache_path() -> str:
@@ -156,7 +205,8 @@ def load_cost(path: str | None = None) -> dict | None:
         raise ValueError(f"{path}: not a ksmd cost file ({e})") from None
     bad = [k for k in COST_KEYS if not isinstance(c.get(k), (int, float)) or c[k] < 0]
     if bad:
-        raise ValueError(f"{path}: missing or negative {', '.join(bad)} (need {', '.join(COST_KEYS)}, in seconds)")
+        raise ValueError(f"{path}: missing or negative {', '.join(bad)} (need {', '.join(COST_KEYS)}: seconds, "
+                         f"except kappa and cold, ratios, and cold_pages, pages)")
     return c
 
 
@@ -189,17 +239,88 @@ def _scan_cpu(k: kernel_ksm.KernelKSM, pid: int, scans: int, timeout: float) -> 
     return cpu, wall
 
 
-def calibrate(npages: int = 16384, timeout: float = 120, progress=None) -> dict:
-    """Measure the per-page costs (see the module docstring) on this machine's ksmd; a few seconds."""
+def _steady(k: kernel_ksm.KernelKSM, pid: int, pts: int, scans: int, deadline: float) -> tuple[float, float]:
+    """With ksmd running: set pages_to_scan, then ksmd's CPU and the wall time per full scan over `scans` whole
+    scans (timed from one full_scans change to another), in seconds."""
+    k.set(pages_to_scan=pts)
+
+    def next_scan(after: int) -> tuple[int, int, float]:
+        while True:
+            cur = int(kernel_ksm.read_knob("full_scans"))
+            if cur > after:
+                return cur, ksmd_runtime_ns(pid), time.perf_counter()
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"ksmd calibration: no full scan at pages_to_scan {pts} in time")
+            time.sleep(0.001)
+
+    f0, _, _ = next_scan(int(kernel_ksm.read_knob("full_scans")))          # the scan under way ends (old pts)
+    f1, c1, t1 = next_scan(f0)
+    f2, c2, t2 = next_scan(f1 + scans - 1)
+    return (c2 - c1) / 1e9 / (f2 - f1), (t2 - t1) / (f2 - f1)
+
+
+def _batches(n: int, pts: int) -> list[tuple[int, int]]:
+    """(first page, pages) of each batch of one full scan of n pages (an empty last one when pts divides n)."""
+    return [(p, min(pts, n - p)) for p in range(0, n + 1, pts)][:batches_per_scan(n, pts)]
+
+
+def fit_in_place(hot: np.ndarray, runs: list[tuple[int, float, float]], sleep_ms: int, hz_: int,
+                 kappa: float = 1.0) -> dict:
+    """The in-place scale of the hot per-page costs, cold and cold_pages, and batch, by least squares (pure).
+
+    hot: each page's cost in one batch a scan with no sleep, in scan order, at steady state; runs:
+    (pages_to_scan, ksmd CPU per full scan, wall per full scan) at sleep_ms, steady state, several at a
+    pages_to_scan allowed.  Model: a batch's CPU = scale * its pages' hot costs * cold_factor(its pages), its
+    wall as batch_cycle() gives.  cold_pages on a grid up to n / 6, cold and scale (linear) by least squares
+    on the relative errors.  Returns {"scale", "cold", "cold_pages", "batch", "kappa"}."""
+    n = len(hot)
+    pre = np.concatenate([[0.0], np.cumsum(hot)])
+    cpu = np.array([c for _, c, _ in runs])
+    best = None
+    # cold_pages at most a sixth of the region: the one-batch runs must be mostly warm to pin the warm cost (a fit
+    # that let it reach 3000 of 6144 pages put half the one-batch scan down to cold, and then priced an 11,302-page
+    # batch 35% below the kernel's)
+    for m in [m for m in (25, 50, 100, 150, 200, 300, 400, 500, 700, 1000) if m <= n // 6] or [max(1, n // 6)]:
+        c1 = {"cold": 1.0, "cold_pages": m}
+        h = np.array([sum(float(pre[p + kb] - pre[p]) for p, kb in _batches(n, pts)) for pts, _, _ in runs])
+        x = np.array([sum(float(pre[p + kb] - pre[p]) * (cold_factor(kb, c1) - 1) for p, kb in _batches(n, pts))
+                      for pts, _, _ in runs])
+        a = np.stack([h, x], axis=1) / cpu[:, None]                 # scale * h + scale * cold * x = cpu, relative
+        (s, sg), *_ = np.linalg.lstsq(a, np.ones(len(runs)), rcond=None)
+        if sg < 0 or s <= 0:
+            s, sg = float(np.sum(a[:, 0]) / np.sum(a[:, 0] ** 2)), 0.0
+        res = float(np.sum((a @ np.array([s, sg]) - 1) ** 2))
+        if best is None or res < best[0] - 1e-12:
+            best = (res, float(s), float(sg / s), m)
+    _, scale, cold, m = best
+    out = {"scale": scale, "cold": cold, "cold_pages": m, "kappa": kappa}
+    costs = [[scale * float(pre[p + kb] - pre[p]) * cold_factor(kb, out) for p, kb in _batches(n, pts)]
+             for pts, _, _ in runs]
+    wall = np.array([w for _, _, w in runs])
+    tick = 1.0 / hz_
+    best_b = None
+    for lat in np.arange(0, tick + 1e-12, tick / 80):
+        c = {"hz": hz_, "kappa": kappa, "batch": float(lat)}
+        model = np.array([sum(batch_cycle(cb, sleep_ms, c)[1] for cb in cs) for cs in costs])
+        res = float(np.sum(np.log(model / wall) ** 2))
+        if best_b is None or res < best_b[0] - 1e-12:
+            best_b = (res, float(lat))
+    out["batch"] = best_b[1]
+    return out
+
+
+def calibrate(npages: int = 16384, timeout: float = 180, progress=None) -> dict:
+    """Measure the per-page costs and the batch model (see the module docstring) on this machine's ksmd; 30-40 s."""
     ok, why = kernel_ksm.available()
     if not ok:
         raise RuntimeError(f"kernel KSM not usable here: {why}")
     pid = ksmd_pid()
     if pid is None or ksmd_runtime_ns(pid) is None:
         raise RuntimeError("no ksmd kernel thread whose /proc/<pid>/schedstat is readable")
-    fast = {"pages_to_scan": npages, "sleep_millisecs": 0, "smart_scan": 0, "max_page_sharing": 256,
+    fast = {"pages_to_scan": npages + 1, "sleep_millisecs": 0, "smart_scan": 0, "max_page_sharing": 256,
             "use_zero_pages": 0, "merge_across_nodes": 1}
     out: dict = {}
+    h = hz()
     deadline = time.monotonic() + timeout
     with kernel_ksm.KernelKSM() as k:
         now = k.stats()
@@ -207,7 +328,8 @@ def calibrate(npages: int = 16384, timeout: float = 120, progress=None) -> dict:
             raise RuntimeError(f"KSM is in use on this machine (run={kernel_ksm.read_knob('run')}, "
                                f"pages_shared={now.get('pages_shared')}): not calibrating")
 
-        def one(pages, scans, knobs, rewrite=0, every=None):
+        @contextlib.contextmanager
+        def region(pages, knobs, rewrite=0, every=None):
             vm = None
             try:
                 kernel_ksm._start(k, knobs, max(1.0, deadline - time.monotonic()))
@@ -216,70 +338,69 @@ def calibrate(npages: int = 16384, timeout: float = 120, progress=None) -> dict:
                     vm = _Helper(pages, np.full(len(pages), every), seed=0)
                 else:
                     vm = kernel_ksm.KernelVM(pages, rewrite=rewrite)
-                return _scan_cpu(k, pid, scans, max(1.0, deadline - time.monotonic()))
+                yield
             finally:
                 kernel_ksm._write("run", 0)
                 if vm is not None:
                     vm.close()
                 k.unmerge_all(max(10.0, deadline - time.monotonic()))
 
+        def one(pages, scans, knobs, rewrite=0, every=None):
+            with region(pages, knobs, rewrite, every):
+                return _scan_cpu(k, pid, scans, max(1.0, deadline - time.monotonic()))
+
         if progress:
             progress("ksmd cost: unique pages")
-        cpu, _ = one(_pages(npages, 1), 5, fast)
-        out["first"] = cpu[0] / 1e9 / npages
+        cpu, wall = one(_pages(npages, 1), 5, fast)
+        firsts = [cpu[0] / 1e9 / npages]
         out["unique"] = float(np.median(cpu[2:])) / 1e9 / npages
+        kappas = [w * 1e9 / c for c, w in zip(cpu[2:], wall[2:]) if c > 0]
         if progress:
             progress("ksmd cost: duplicated pages")
-        cpu, _ = one(_pages(npages, 2, copies=64), 5, fast)
+        cpu, wall = one(_pages(npages, 2, copies=64), 5, fast)
+        firsts.append(cpu[0] / 1e9 / npages)            # a first visit costs the same whatever the page holds
+        # the lower: a first scan now and then costs twice as much or more (measured 0.7-3.0 us a page on this
+        # machine, most runs near 1); one such outlier made the first scan of a 100-page-batch run weigh 11%
+        # of ksmd's CPU over 16 s
+        out["first"] = min(firsts)
+        out["first_runs"] = firsts
         out["merge"] = max(0.0, cpu[1] / 1e9 / npages)
         out["ksm"] = float(np.median(cpu[2:])) / 1e9 / npages
-        if progress:
-            progress("ksmd cost: volatile pages")
-        cpu, _ = one(_pages(npages // 4, 3), 6, {**fast, "pages_to_scan": npages // 4}, rewrite=npages // 4)
-        out["volatile"] = float(np.median(cpu[2:])) / 1e9 / (npages // 4)
-        # In place, batch by batch: ksmd wakes every sleep_millisecs, its caches cold, the machine busy.  On
-        # unique pages at three batch sizes (32, 4 and 1 batches a scan), per full scan:
-        #   CPU  = batches * batch_cpu + pages * unique'
-        #   wall = batches * (jiffies(sleep) + batch) + kappa * CPU + scan_wall
-        # scan_wall: each scan starts with lru_add_drain_all(), which waits for a kworker on every CPU.
-        # The region: n2 unique pages, then n2 // 4 contents twice each, which become as many KSM pages: a
-        # unique page's visit searches the stable tree first, so its cost is taken with one there.
+        kappas += [w * 1e9 / c for c, w in zip(cpu[2:], wall[2:]) if c > 0]
+        # with no sleep ksmd is always runnable: its wall time per CPU second is how much it has to share a CPU
+        kappa = float(min(max(np.median(kappas), 1.0), 3.0)) if kappas else 1.0
+        # In place, batch by batch, steady state: n2 unique pages, then n2 // 4 contents twice each, which become
+        # as many KSM pages (a unique page's visit searches the stable tree first, so its cost is taken with one
+        # there); full scans at pages_to_scan 100, 400, 1000 and in one batch, sleep_millisecs 20.
         n2, sleep_ms = npages // 4, 20
         nd = n2 // 2
-        region = np.concatenate([_pages(n2, 4), _pages(nd, 6, copies=2)])
-        nt = len(region)
-        jf = jiffies_seconds(sleep_ms)
+        reg = np.concatenate([_pages(n2, 4), _pages(nd, 6, copies=2)])
+        nt = len(reg)
+        hot = np.concatenate([np.full(n2, out["unique"]), np.full(nd, out["ksm"])])
         runs = []
-        for p in (nt // 32, nt // 4, nt):
-            if progress:
-                progress(f"ksmd cost: batches of {p} pages, sleep_millisecs {sleep_ms}")
-            cpu, wall = one(region, 7, {**fast, "pages_to_scan": p, "sleep_millisecs": sleep_ms})
-            runs.append((-(-nt // p), float(np.median(cpu[2:])) / 1e9, float(np.median(wall[2:]))))
-        (b1, c1, w1), _, (b3, c3, w3) = runs
-        batch_cpu = max(0.0, (c1 - c3) / (b1 - b3))
-        per_page = max(1e-9, (c3 - b3 * batch_cpu - nd * out["ksm"]) / n2)
-        scale = per_page / out["unique"] if out["unique"] else 1.0
-        for key in ("first", "volatile", "unique", "merge", "ksm"):      # (volatile: measured in place below)
+        with region(reg, {**fast, "pages_to_scan": nt + 1, "sleep_millisecs": sleep_ms}):
+            k.set(run=1)
+            k.wait_full_scans(3, max(1.0, deadline - time.monotonic()))
+            for p, scans in ((nt + 1, 8), (100, 2), (200, 2), (400, 3), (1000, 4), (2000, 6)) * 2:
+                if progress:
+                    progress(f"ksmd cost: {nt} pages in batches of {min(p, nt)}, sleep_millisecs {sleep_ms}")
+                c, w = _steady(k, pid, p, scans, deadline)
+                runs.append((p, c, w))
+        fit = fit_in_place(hot, runs, sleep_ms, h, kappa)
+        for key in ("first", "unique", "merge", "ksm"):
             out[f"{key}_hot"] = out[key]
-            out[key] = out[key] * scale
-        a = np.array([[1.0, b, c] for b, c, _ in runs])
-        y = np.array([w - b * jf for b, _, w in runs])
-        scan_wall, lat, kappa = np.linalg.lstsq(a, y, rcond=None)[0]
-        if kappa < 1 or lat < 0 or scan_wall < 0:              # ksmd did not wait for a CPU: kappa 1
-            scan_wall, lat = np.linalg.lstsq(a[:, :2], y - a[:, 2], rcond=None)[0]
-            kappa = 1.0
-        out["batch_cpu"] = batch_cpu
-        out["kappa"] = float(min(max(kappa, 1.0), 20.0))
-        out["batch"] = float(max(0.0, lat))
-        out["scan_wall"] = float(max(0.0, scan_wall))
-        # A page being rewritten, in place: it costs ksmd more than its checksum (measured here, not scaled)
+            out[key] = out[key] * fit["scale"]
+        out.update({key: fit[key] for key in ("cold", "cold_pages", "batch", "kappa")})
+        # A page being rewritten, in place: it costs ksmd more than its checksum (measured here, not scaled); one
+        # batch a scan, cold_factor() times its warm cost
         nv = n2 // 4
         if progress:
             progress(f"ksmd cost: {nv} pages rewritten every 5 ms, one batch a scan")
-        cpu, _ = one(_pages(nv, 5), 7, {**fast, "pages_to_scan": nv, "sleep_millisecs": sleep_ms}, every=0.005)
-        out["volatile"] = max(1e-9, (float(np.median(cpu[2:])) / 1e9 - batch_cpu) / nv)
-        out["runs"] = [{"batches": b, "cpu_s": c, "wall_s": w} for b, c, w in runs]
-    out.update({"hz": hz(), "kernel": platform.release(), "cpu_model": _cpu_model(), "npages": npages,
+        cpu, _ = one(_pages(nv, 5), 7, {**fast, "pages_to_scan": nv + 1, "sleep_millisecs": sleep_ms}, every=0.005)
+        out["volatile"] = max(1e-9, float(np.median(cpu[2:])) / 1e9 / nv / cold_factor(nv, out))
+        out["runs"] = [{"pages_to_scan": p, "cpu_s": c, "wall_s": w, "batches": batches_per_scan(nt, p)}
+                       for p, c, w in runs]
+    out.update({"hz": h, "kernel": platform.release(), "cpu_model": _cpu_model(), "npages": npages,
                 "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     return out
 

@@ -10,8 +10,10 @@ The rules it predicts from (mm/ksm.c, smart_scan=0)
 ---------------------------------------------------
 - ksmd visits the pages of every mergeable area in a fixed order (its mm_slot list:
   the order the processes registered, here the sources' order; then address order),
-  `pages_to_scan` pages per batch, sleeping `sleep_millisecs` (rounded up to jiffies)
-  between batches; a batch ends early at the end of a full scan.
+  `pages_to_scan` calls of scan_get_next_rmap_item() per batch, one page each; the call
+  after a scan's last page ends the scan and the batch (ksmd_cost.batches_per_scan).
+  Between batches it sleeps msecs_to_jiffies(sleep_millisecs) jiffies, which the timer
+  wheel stretches to the next tick after that (ksmd_cost.batch_cycle).
 - A page's checksum is recorded on its first visit; it is only compared with others
   on a later visit that finds the same checksum.  So a page that changes within one
   full-scan period never merges and stays counted in pages_volatile; a duplicate that
@@ -21,16 +23,19 @@ The rules it predicts from (mm/ksm.c, smart_scan=0)
 - With advisor_mode=scan-time, pages_to_scan changes at the end of every full scan
   by workers/mm/ksm/advisor.py (the kernel's scan_time_advisor(), also run by the scanner).
 - ksmd's CPU per page is this machine's, measured once (workers/estimate/ksmd_cost.py): a first
-  visit, a volatile page, a unique page, a merge, a KSM page visited again, and the
-  extra wall time of a batch.
+  visit, a volatile page, a unique page, a merge, a KSM page visited again; the first
+  pages of a batch cost more (ksmd wakes with cold caches: ksmd_cost.cold_factor).
 
 Stable or volatile, from the watch
 ----------------------------------
 Samples are `--interval` seconds apart.  For a scan period T the probability that a
-page's checksum differs between two visits T apart is read off the samples directly
-(the fraction of sample pairs m = round(T / interval) apart whose digests differ); for
-a T longer than the watch it is extrapolated from the page's change rate (changes *
-T / watch, at most 1).  pages_volatile is the sum of these probabilities; pages whose
+page's checksum differs between two visits T apart is read off the samples directly:
+the fraction of sample pairs whose digests differ at the two lags on either side of
+T / interval, interpolated linearly (for a page rewritten every R seconds it is
+min(1, T / R), linear in T).  Below one interval that is T * its change rate, except for
+a page that changed in every interval: it may change faster than the samples tell, and
+counts volatile at any T.  For a T longer than the watch it is extrapolated from the
+page's change rate (changes * T / watch, at most 1).  pages_volatile is the sum of these probabilities; pages whose
 probability is below one half count as holding still, and the savings are those of
 the snapshot estimate's rules on the contents they hold at the last sample.  A page
 that was not there in a sample (not yet touched, freed, or its process gone) counts
@@ -221,8 +226,11 @@ def _changed(d: np.ndarray, present: np.ndarray, lag: int) -> np.ndarray:
 
 def classify(w: Watch, scan_seconds: float, upto: int | None = None) -> dict:
     """Per page of the last sample (of each source still there): the probability it changes between two visits
-    `scan_seconds` apart.  Returns {"p": [per source array], "rate": [...], "saturated": [changed in every
-    interval: it may change faster than the samples tell], "lag": m, "dt": interval}.
+    `scan_seconds` apart (T).  Returns {"p": [per source array], "rate": [...], "saturated": [changed in every
+    interval: it may change faster than the samples tell], "lag": m (T / interval, rounded), "dt": interval}.
+    p is the fraction of sample pairs that differ at the lags on either side of T / interval, interpolated
+    linearly (as min(1, T / R) is for a page rewritten every R seconds); below one interval p = T * rate, or 1 for a
+    saturated page; beyond the watch, rate * T (at most 1).
     `upto`: use only the first `upto` samples (for the series over the watch)."""
     out_p, out_rate, out_sat, lags = [], [], [], []
     dt = None
@@ -243,15 +251,21 @@ def classify(w: Watch, scan_seconds: float, upto: int | None = None) -> dict:
         ch1 = _changed(d, present, 1)
         changes = ch1.sum(axis=0)
         rate = changes / span
-        m = max(1, int(round(scan_seconds / dt)))
-        if m <= S - 1:
-            p = _changed(d, present, m).mean(axis=0)
+        sat = changes == S - 1
+        x = max(0.0, float(scan_seconds) / dt)
+        m0, f = int(np.floor(x)), x - np.floor(x)
+        if m0 + (f > 0) <= S - 1:
+            # between the lags m0 and m0 + 1: linear, as a page rewritten every R seconds gives min(1, T / R);
+            # below one interval from p(lag 0) = 0, i.e. T * rate, except a page changed in every interval
+            # (it may change faster than the samples tell: volatile at any T, as --verify-kernel rewrites it)
+            lo = np.where(sat, 1.0, 0.0) if m0 == 0 else _changed(d, present, m0).mean(axis=0)
+            p = lo if f == 0 else (1 - f) * lo + f * _changed(d, present, m0 + 1).mean(axis=0)
         else:
             p = np.minimum(1.0, rate * scan_seconds)
-        out_p.append(p.astype(float))
+        out_p.append(np.asarray(p, float))
         out_rate.append(rate)
-        out_sat.append(changes == S - 1)
-        lags.append(m)
+        out_sat.append(sat)
+        lags.append(max(1, int(round(x))))
     return {"p": out_p, "rate": out_rate, "saturated": out_sat, "lag": max(lags) if lags else 1, "dt": dt}
 
 
@@ -322,13 +336,15 @@ def plan_pages(w: Watch, cls: dict, cost: dict, knobs: dict) -> Plan:
 def simulate(plan: Plan, knobs: dict, cost: dict, horizon: float, runtime0_ns: int = 0) -> dict:
     """ksmd from run=1 for `horizon` seconds on the plan, batch by batch (pure).
 
-    Returns the predicted curve [(t, pages_sharing, full_scans, pages_to_scan)], the time of each
-    full scan's end, the CPU time, and the times to 50% / 90% of the final pages_sharing.
+    A batch makes pages_to_scan calls of scan_get_next_rmap_item(): one page each, and the call after the last
+    page ends the full scan (and the batch; an empty batch when the scan's pages ran out on the batch's last
+    call).  Its CPU and wall time: ksmd_cost.batch_cpu_s() and batch_cycle().  Returns the predicted curve
+    [(t, pages_sharing, full_scans, pages_to_scan)] (t: the end of each batch's work), the time and ksmd's
+    CPU at each full scan's end, the CPU time, and the times to 50% / 90% of the final pages_sharing.
     """
     n = plan.n
     pre = [np.concatenate([[0.0], np.cumsum(c)]) for c in (plan.cost_first, plan.cost_second, plan.cost_steady)]
-    sleep = ksmd_cost.jiffies_seconds(int(knobs["sleep_millisecs"]), cost.get("hz"))
-    batch_cpu, scan_wall = cost.get("batch_cpu", 0.0), cost.get("scan_wall", 0.0)
+    sleep_ms = int(knobs["sleep_millisecs"])
     advisor_on = int(knobs.get("advisor_mode", 0)) == 1
     if advisor_on:
         ctx, pts = adv.advisor_start_pages(int(knobs["advisor_min_pages_to_scan"]))
@@ -339,48 +355,55 @@ def simulate(plan: Plan, knobs: dict, cost: dict, horizon: float, runtime0_ns: i
     t, cpu, pos, scans, scan_start = 0.0, 0.0, 0, 0, 0.0
     merged = 0
     curve = [(0.0, 0, 0, pts)]
-    scan_ends, pts_seq = [], [pts]
+    scan_ends, scan_starts, scan_cpu, pts_seq = [], [], [], [pts]
     t50 = t90 = None
-    if n == 0:
-        return {"curve": curve, "scan_ends": [], "cpu_seconds": 0.0, "seconds_to_50": None, "seconds_to_90": None,
-                "pages_to_scan": pts_seq}
-    while t < horizon:
-        k = max(0, min(pts, n - pos))
-        c = pre[min(scans, 2)]
-        dcpu = float(c[pos + k] - c[pos]) + batch_cpu
+    end = cpu_h = 0.0
+    if n == 0 or pts == 0:                           # nothing to scan, or pages_to_scan 0: ksmd sleeps forever
+        return {"curve": curve, "scan_ends": [], "scan_starts": [], "scan_cpu": [], "cpu_seconds": 0.0,
+                "seconds_to_50": None, "seconds_to_90": None, "pages_to_scan": pts_seq, "elapsed": max(horizon, 0.0),
+                "cpu_by_horizon": 0.0}
+    while t < horizon:                               # t: this batch's start
+        if pos == 0:
+            scan_start = t                           # advisor_start_scan(): the scan's first call
+            scan_starts.append(t)
+        k = min(pts, n - pos)
+        ends = pos + k == n and k < pts              # room left in the batch for the call that ends the scan
+        dcpu = ksmd_cost.batch_cpu_s(pre[min(scans, 2)], pos, k, cost)
         if scans == 1 and nmerge:
             merged = int(np.searchsorted(plan.merge_pos, pos + k))
-        t += ksmd_cost.batch_wall(dcpu, cost) + (scan_wall if pos == 0 else 0.0)
+        work, cycle = ksmd_cost.batch_cycle(dcpu, sleep_ms, cost)
+        end = t + work
+        cpu_h = cpu + (dcpu if end <= horizon or work <= 0 else dcpu * (horizon - t) / work)   # ksmd's CPU by then
         cpu += dcpu
         pos += k
         sharing = round(final * merged / nmerge) if nmerge else 0
         if final:
             if t50 is None and sharing >= 0.5 * final:
-                t50 = t
+                t50 = end
             if t90 is None and sharing >= 0.9 * final:
-                t90 = t
-        if pos >= n:
+                t90 = end
+        if ends:
             scans += 1
             pos = 0
-            scan_ends.append(t)
+            scan_ends.append(end)
+            scan_cpu.append(cpu)
             if advisor_on:
                 pts, _ = adv.scan_time_advisor(
-                    ctx, pts, int((t - scan_start) * 1000), int(runtime0_ns + cpu * 1e9),
+                    ctx, pts, int((end - scan_start) * 1000), int(runtime0_ns + cpu * 1e9),
                     target_scan_time=int(knobs["advisor_target_scan_time"]), max_cpu=int(knobs["advisor_max_cpu"]),
                     max_pages_to_scan=int(knobs["advisor_max_pages_to_scan"]))
                 pts_seq.append(pts)
-            scan_start = t + sleep
-        curve.append((t, sharing, scans, pts))
-        if pts == 0 and k == 0:                      # pages_to_scan 0: ksmd sleeps forever
-            t = horizon
+        curve.append((end, sharing, scans, pts))
+        t += cycle
+        if pts == 0:                                 # the advisor never sets 0, but a sleeping ksmd stays asleep
+            t = max(t, horizon)
             break
-        t += sleep
     if len(curve) > CURVE_POINTS:
         idx = np.unique(np.linspace(0, len(curve) - 1, CURVE_POINTS).astype(int))
         curve = [curve[i] for i in idx]
     return {"curve": [(round(a, 4), int(b), int(c), int(d)) for a, b, c, d in curve], "scan_ends": scan_ends,
-            "cpu_seconds": cpu, "seconds_to_50": t50, "seconds_to_90": t90, "pages_to_scan": pts_seq,
-            "elapsed": t}
+            "scan_starts": scan_starts, "scan_cpu": scan_cpu, "cpu_seconds": cpu, "cpu_by_horizon": cpu_h,
+            "seconds_to_50": t50, "seconds_to_90": t90, "pages_to_scan": pts_seq, "elapsed": t}
 
 
 def _scan_period(sim: dict) -> float | None:
@@ -398,7 +421,7 @@ def predict(w: Watch, knobs: dict, cost: dict, horizon: float, runtime0_ns: int 
     """Classify at the scan period the knobs give (twice: the period depends on the classes), plan, simulate."""
     cls = classify(w, 1e-9)                           # a first plan at the shortest lag
     sim = None
-    for _ in range(3):
+    for _ in range(4):
         plan = plan_pages(w, cls, cost, knobs)
         sim = simulate(plan, knobs, cost, max(horizon, 1e-3), runtime0_ns)
         T = _scan_period(sim)
@@ -406,7 +429,7 @@ def predict(w: Watch, knobs: dict, cost: dict, horizon: float, runtime0_ns: int 
             sim_long = simulate(plan, knobs, cost, max(horizon, 1.0) * 50, runtime0_ns)
             T = _scan_period(sim_long) or max(horizon, 1.0) * 50
         new = classify(w, T)
-        if all(np.array_equal(a, b) for a, b in zip(new["p"], cls["p"])):
+        if all(np.allclose(a, b, rtol=0, atol=1e-3) for a, b in zip(new["p"], cls["p"])):
             break
         cls = new
     T = _scan_period(sim)
@@ -417,7 +440,7 @@ def predict(w: Watch, knobs: dict, cost: dict, horizon: float, runtime0_ns: int 
         "full_scans": len(sim["scan_ends"]),
         "seconds_to_50": None if sim["seconds_to_50"] is None else round(sim["seconds_to_50"], 4),
         "seconds_to_90": None if sim["seconds_to_90"] is None else round(sim["seconds_to_90"], 4),
-        "ksmd_cpu_share": round(sim["cpu_seconds"] / max(sim["elapsed"], 1e-9), 5),
+        "ksmd_cpu_share": round(float(sim["cpu_by_horizon"]) / max(horizon, 1e-9), 5),     # as the kernel's is measured
         "horizon_seconds": horizon,
         "pages_to_scan_sequence": sim["pages_to_scan"][:50],
         "curve": [{"t": a, "pages_sharing": b, "bytes_saved": b * PAGE_SIZE, "full_scans": c, "pages_to_scan": d}

@@ -17,10 +17,10 @@ from proto.layout import FRAME_FREE, FRAME_KSM, PAGE_SHIFT, PAGE_SIZE, PTE_PRESE
 from proto.messages import FAULT_WRITE, Msg
 from workers.check.world import KsmWorld
 from workers.mm.effects import (MEM_EFFECTS, Alloc, Checksum, Compare, CopyPages, Get, Load, Lock, Notify, PinKsm,
-                                  Reply, Store, TryLock, Unlock, WaitAcks, apply_mem)
+                                  Reply, Store, TryLock, Unlock, WaitAcks, apply_mem, run_effects)
 from workers.mm.fault import handle_mm_fault
 from workers.mm.vma import do_mprotect, dup_mmap, ksm_enable_merge_any, madvise_dontneed
-from workers.mm.mmu_notifier import LocalNotify, SecondaryMMU, local_set_pte
+from workers.mm.mmu_notifier import LocalNotify, SecondaryMMU, local_set_pte, page_referenced
 from workers.runtime.frames import OutOfFrames
 
 
@@ -261,3 +261,28 @@ def test_a_one_entry_message_and_the_same_entry_twice_apply_alike(t):
                 got = str(e)
             results.append((got, s.spte.tolist(), s.seq, s.in_progress))
         assert all(r == results[0] for r in results), (t, sptes, i, results)
+
+
+def test_page_referenced_tests_and_clears_young_under_ptl_whatever_fails():
+    """mmu_notifier.page_referenced (faultd's page_referenced call): under ptl, the primary young bits tested
+    and cleared, then clear_flush_young of the secondary MMUs; ptl released whatever fails."""
+    w = KsmWorld("change_pte", pace=False)
+    mm = w.mem.mms[0]
+    mm.pte[0] |= np.uint64(PTE_YOUNG)
+    before = mm.pte[:2].copy()
+
+    def run(acks):
+        seen = []
+
+        def perform(e):
+            seen.append(e.__class__.__name__)
+            if e.__class__ in MEM_EFFECTS:
+                return apply_mem(w.mem, e)
+            return [7] if e.__class__ is Notify else acks if e.__class__ is WaitAcks else None
+        return run_effects(page_referenced(0, [0, 1]), perform), seen
+    assert run([0]) == (1, ["Lock", "Load", "Store", "Load", "Notify", "WaitAcks", "Unlock"])
+    assert mm.pte[:2].tolist() == (before & ~np.uint64(PTE_YOUNG)).tolist()
+    assert run([0])[0] == 0                 # nobody touched them since
+    assert run([0, 1])[0] == 1              # a secondary MMU saw an access
+    for k in range(2):                      # the lock, the PTEs' load
+        assert drive(w, page_referenced(0, [0, 1]), throw_at=k)[1] == set()

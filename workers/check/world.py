@@ -28,7 +28,14 @@ Scheduling points:
     kernel drops OFD locks, FAULTs not yet read are lost), ksmd frozen at a batch
     boundary (a fault handler died), each VM's notifier_lost once the dead actor's
     messages are drained, repair_frames (core.repair) under every ptl, the restart (a new
-    ksmd rebuilds its state with KsmScan.restore; lost FAULTs are sent again), thaw.
+    ksmd rebuilds its state with KsmScan.restore; lost FAULTs are sent again), thaw;
+  * with `kill="vm"` (vm0; or "vmN"), kill -9 of that VM's process at any point: its writer
+    abandoned, its ptl dropped if it held it, its channels closed (what was sent to it is
+    never read, the acks and APPLIEDs ksmd and the fault handler wait on are given up, as
+    the real driver's wait_acks and faultd's on_vm_close do; what it sent before is still
+    read), then mm/recovery.py's vm_died: ksmd (at a batch boundary) and its fault handler
+    (once its tasks of that mm ended) forget the mm, exit_mmap under its ptl (a half-made
+    fork child's too), its page table gone.  The other VMs' writers go on.
 
 Scenarios (`SCENARIOS`): "base" (two VMs writing, one MADV_DONTNEED) and "fork" (a VM
 forks mid-run and parent and child write the COW-shared pages, discard some and unmerge;
@@ -89,12 +96,12 @@ from workers.mm.effects import (MEM_EFFECTS, Candidates, CopyPages, Lock, Memory
                            WaitAcks, apply_mem)
 from workers.mm.fault import fault_reply_errno
 from workers.mm.mmu_notifier import (GRAMMAR, INIT, MODES, LocalNotify, NotifierLink, register)
-from workers.mm.recovery import Freeze, NotifierLost, Respawn, Thaw
+from workers.mm.recovery import ForgetMM, Freeze, NotifierLost, Respawn, Thaw
 from workers.mm.ksm.scan import KsmScan
 from workers.runtime.frames import FrameAllocator
 from workers.mm.ksm.stable_tree import RmapItems
 from workers.mm.breaks import Breaks, check_break
-from workers.check.world_common import ArraySegment, BREAKS, BREAK_CONFIG, BREAK_KILLS, BREAK_MITIGATION, BREAK_MODES, BREAK_SCENARIO, KILLS, NullLock, RECOVER, SCENARIOS, SHARDED, SHARD_BREAKS, Thread, VMState, _AwaitReply, _AwaitRestore, _AwaitScan, _Boundary, _Kill, _Micro, _READ_ONLY, _lname
+from workers.check.world_common import ArraySegment, BREAKS, BREAK_CONFIG, BREAK_KILLS, BREAK_MITIGATION, BREAK_MODES, BREAK_SCENARIO, KILLS, NullLock, RECOVER, SCENARIOS, SHARDED, SHARD_BREAKS, Thread, VMState, _AwaitForget, _AwaitReply, _AwaitRestore, _AwaitScan, _Boundary, _Kill, _Micro, _READ_ONLY, _lname
 from workers.check.programs import Programs
 from workers.check.oldlock import OldLock
 from workers.check.invariants import Invariants
@@ -120,9 +127,11 @@ class KsmWorld(Programs, OldLock, Invariants, Delivery, Scheduling):
         if fault_handlers not in (1, 2):
             raise ValueError(f"the KSM world runs 1 or 2 fault handlers, not {fault_handlers}")
         self.faultd_names = ["faultd", "faultd1"][:fault_handlers]
+        kill, kill2 = ("vm0" if k == "vm" else k for k in (kill, kill2))      # ("vm": the first VM's process)
+        vm_names = [f"vm{v}" for v in range(nvms)]
         for k in (kill, kill2):
-            if k is not None and k not in ["ksmd"] + self.faultd_names:
-                raise ValueError(f"kill {k!r} is not one of {['ksmd'] + self.faultd_names}")
+            if k is not None and k not in ["ksmd"] + self.faultd_names + vm_names:
+                raise ValueError(f"kill {k!r} is not one of {['ksmd'] + self.faultd_names + vm_names}")
         if kill2 and not kill:
             raise ValueError("kill2 is a second kill: it needs kill")
         if mitigation not in MITIGATIONS:
@@ -133,7 +142,9 @@ class KsmWorld(Programs, OldLock, Invariants, Delivery, Scheduling):
         self.same_pending: list[dict] = []         # watched writes whose fault handler tasks may still run
         self.kill = kill
         self.killed = False
-        self.up = {a: True for a in ["ksmd"] + self.faultd_names}   # False from the kill to the restart
+        self.up = {a: True for a in ["ksmd"] + self.faultd_names + vm_names}   # False from the kill to the restart
+        self.exits: list[int] = []                  # mms ksmd is to forget (a dead VM's: ksm_exit at a boundary)
+        self.teardowns = 0                          # dead VMs not torn down yet (ksmd scans on meanwhile)
         self.links: dict[tuple, NotifierLink] = {}  # (notifier, mm) -> the VM's end of its channel
         self.lost: set[int] = set()                 # FAULT corrs the dead fault handler never answered
         self.frozen = False
@@ -302,7 +313,8 @@ class KsmWorld(Programs, OldLock, Invariants, Delivery, Scheduling):
         self.locks[key] = t.name
 
     def finished(self) -> bool:
-        return all(t.done for t in self.threads) and not any(self.queues.values()) and not any(self.shardq.values())
+        """Every thread ended (a kill that can no longer happen, of a VM once ksmd ended, ends too)."""
+        return all(t.done or (t.pending.__class__ is _Kill and not self._runnable(t)) for t in self.threads) and not any(self.queues.values()) and not any(self.shardq.values())
 
     def state_key(self):
         return None
@@ -357,6 +369,9 @@ class KsmWorld(Programs, OldLock, Invariants, Delivery, Scheduling):
                 result = flags
             elif c is WaitIdle or c is _AwaitScan:
                 result = None
+            elif c is _AwaitForget:
+                if e.mm in self.exits:      # (ksmd died before it forgot)
+                    self.exits.remove(e.mm)
             elif c is FaultCall:
                 corr = self._new_id()
                 self.queues[(t.vm.id, self.faultd_of(t.vm.id))].append(("FAULT", corr, e.idx, e.flags))
@@ -376,12 +391,15 @@ class KsmWorld(Programs, OldLock, Invariants, Delivery, Scheduling):
                     exc = OSError(err, msg)
             elif c is _Kill:
                 self._kill(e.target)
-            elif c is Freeze:
-                self.frozen = result = True
+            elif c is Freeze:           # (dead scanners cannot be held: their own recovery repairs)
+                self.frozen = result = self.up["ksmd"]
             elif c is Thaw:
                 self.frozen = False
             elif c is _Boundary or c is _AwaitRestore:
                 result = None
+            elif c is ForgetMM:
+                if self._forget(t, e):      # (ksmd forgets at its next batch boundary: waited for)
+                    return
             elif c is NotifierLost:
                 self._notifier_lost_one(self.vms[e.mm], e.peer)
             elif c is Respawn:
@@ -434,7 +452,7 @@ def world_factory(mode: str, brk: str | None = None, scenario: str | None = None
         raise ValueError(f"unknown scenario {scenario!r}; one of: {', '.join(SCENARIOS)}")
     if brk in BREAK_KILLS and config.get("kill") is None:
         config["kill"] = BREAK_KILLS[brk]
-    kills = ["ksmd", "faultd"] + (["faultd1"] if config.get("fault_handlers", 1) == 2 else [])
+    kills = ["ksmd", "faultd"] + (["faultd1"] if config.get("fault_handlers", 1) == 2 else []) + ["vm"]
     if isinstance(config.get("kill"), str) and "," in config["kill"]:     # "faultd,ksmd": a second kill
         config["kill"], config["kill2"] = config["kill"].split(",", 1)
     for k in (config.get("kill"), config.get("kill2")):

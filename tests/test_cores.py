@@ -286,3 +286,44 @@ def test_page_referenced_tests_and_clears_young_under_ptl_whatever_fails():
     assert run([0, 1])[0] == 1              # a secondary MMU saw an access
     for k in range(2):                      # the lock, the PTEs' load
         assert drive(w, page_referenced(0, [0, 1]), throw_at=k)[1] == set()
+
+
+def _knob_effects(scan, changes, unmerge=None):
+    """set_knobs's effects (by name) and the knobs after them, each SetKnob applied as ksmd applies it."""
+    from workers.mm.ksm.knobs import SetKnob, UnmergeAll, set_knobs
+    seen = []
+
+    def perform(e):
+        seen.append(e)
+        if e.__class__ is SetKnob:
+            scan.knobs[e.name] = e.value
+        elif e.__class__ is UnmergeAll and unmerge is not None:
+            raise unmerge
+    run_effects(set_knobs(scan, changes), perform)
+    return [repr(e) for e in seen]
+
+
+def test_knob_rules_are_one_core():
+    """mm/ksm/knobs.py's set_knobs (ksmd's set_knobs runs it): all or nothing, a knob of the machine's start
+    refused, the advisor's defaults, run=2's unmerge and its failure, a tree knob only while nothing merged."""
+    from workers.mm.ksm.knobs import loaded_knobs
+    w = KsmWorld("change_pte", pace=False)
+    sc = w.scan
+    assert _knob_effects(sc, {"sleep_millisecs": 7}) == ["knob sleep_millisecs <- 7"]
+    with pytest.raises(OSError, match="unknown knob"):
+        _knob_effects(sc, {"sleep_millisecs": 9, "no_such_knob": 1})
+    assert sc.knobs["sleep_millisecs"] == 7            # (all or nothing)
+    with pytest.raises(OSError, match="chosen when the machine starts"):
+        _knob_effects(sc, {"scanners": 2})
+    assert _knob_effects(sc, {"advisor_mode": "scan-time"}) == ["knob pages_to_scan <- 500", "knob advisor_mode <- 1"]
+    with pytest.raises(OSError, match="set by the advisor"):
+        _knob_effects(sc, {"pages_to_scan": 5})
+    assert _knob_effects(sc, {"run": 2}) == ["knob run <- 2", "unmerge everything", "knob run <- 2"]
+    sc.knobs["run"] = 1
+    with pytest.raises(OSError, match="run=2 could not unmerge everything: .*out of frames"):
+        _knob_effects(sc, {"run": 2}, unmerge=OutOfFrames(1, 0))
+    assert sc.knobs["run"] == 0
+    assert _knob_effects(sc, {"max_page_sharing": 256}) == ["knob max_page_sharing <- 256"]   # (no change)
+    assert _knob_effects(sc, {"max_page_sharing": 3}) == ["knob max_page_sharing <- 3"]       # (nothing merged)
+    assert loaded_knobs({"run": 1}.get, 2) == {**{k: None for k in loaded_knobs(lambda k: None, 2)}, "run": 1,
+                                               "scanners": 2}

@@ -343,3 +343,19 @@ def test_the_vm_teardown_breaks_are_caught_in_every_mode(mode):
     assert p.returncode == 1 and "VIOLATION: ksmd failed: KeyError: 0" in p.stdout, p.stdout + p.stderr
     sw = explore.kill_sweep(world_factory(mode, "no-vm-repair"), victims=("vm0",))
     assert sw.found is not None and any("0 PTEs map it" in v for v in sw.found[1]), sw.found
+
+
+def test_the_checkers_restart_loads_the_knobs_as_ksmds_restart_does():
+    """A restarted scanner reloads every knob from the stats segment (mm/ksm/knobs.loaded_knobs, which ksmd's
+    load_stats runs too), not from the dead one's memory: a knob written there meanwhile is the one it runs."""
+    from proto.layout import KNOBS
+    w = world_factory("wrapped", kill="ksmd", scanners=2)()
+    before = dict(w.scan.knobs)
+    assert all(w.stats.knob(k) == v for k, v in before.items())
+    w.stats.knobs[KNOBS.index("sleep_millisecs")] = 77
+    w._kill("ksmd")
+    w._restart("ksmd")
+    assert [sc.knobs for sc in w.scans] == [dict(before, sleep_millisecs=77)] * 2
+    for name in ("workers/check/delivery.py", "workers/actors/ksmd.py"):
+        assert "loaded_knobs(self.stats.knob" in (ROOT / name).read_text()
+    assert "knobs.update(old" not in (ROOT / "workers/check/delivery.py").read_text()

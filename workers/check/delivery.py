@@ -17,6 +17,7 @@ from workers.mm.effects import Notify
 from workers.mm.fault import handle_mm_fault
 from workers.mm.mmu_notifier import (FAILED, GRAMMAR, INIT, LocalNotify, NotifierLink, apply_cow_reply, notifier_lost, receive_notification)
 from workers.mm.recovery import victims
+from workers.mm.ksm.knobs import loaded_knobs
 from workers.mm.ksm.scan import KsmScan
 from workers.check.world_common import RECOVER, Thread, VMState, _AwaitForget
 
@@ -217,8 +218,8 @@ class Delivery:
         old, n = self.scans, len(self.scans)
         self.scans = [KsmScan(self.ft, self.mode, old[0].clock, self.brk, k, n) for k in range(n)]
         self.scan = self.scans[0]
-        for sc in self.scans:
-            sc.knobs.update(old[0].knobs)
+        for sc in self.scans:       # (the knobs from the stats segment, as ksmd's restart loads them)
+            sc.knobs.update(loaded_knobs(self.stats.knob, n))
         for k in ("pages_scanned", "pages_skipped"):      # (the stats segment keeps the published sums)
             self.scan.c[k] = sum(sc.c[k] for sc in old)
         self.scan.c["full_scans"] = old[0].c["full_scans"]

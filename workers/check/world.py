@@ -87,7 +87,7 @@ import collections
 import numpy as np
 
 from proto.knobs import DEFAULTS, MITIGATIONS
-from proto.layout import (FRAME_KSM, MMF_VM_MERGEABLE, MMH_DOMAIN, MMH_FLAGS, MMH_ID, MMH_NPAGES, PAGE_SHIFT, PAGE_SIZE,
+from proto.layout import (KNOBS, FRAME_KSM, MMF_VM_MERGEABLE, MMH_DOMAIN, MMH_FLAGS, MMH_ID, MMH_NPAGES, PAGE_SHIFT, PAGE_SIZE,
                           PTE_PRESENT, PTE_WRITE, USER_BASE, VM_MERGEABLE, VM_READ, VM_WRITE,
                           FrameTable, MMView, StatsView)
 
@@ -188,6 +188,8 @@ class KsmWorld(Programs, OldLock, Invariants, Delivery, Scheduling):
                                     max_page_sharing=max_page_sharing, use_zero_pages=use_zero_pages,
                                     smart_scan=smart_scan, scanners=scanners,
                                     mitigation=MITIGATIONS.index(mitigation)))
+        for k, v in self.scan.knobs.items():        # (sysfs: where a restarted scanner loads them from)
+            self.stats.knobs[KNOBS.index(k)] = v
         for v in range(nvms):
             self._make_vm(v, npages, device and v == 0)
         self.pending_loss = collections.defaultdict(set)   # mm -> dead notifiers its VM has not noticed yet

@@ -61,7 +61,10 @@ _DECLARED = (
           "scanners and its fault handler forget it: ksmd goes on scanning a page table that is gone",
           kill="vm"),
     Break("no-vm-repair", "after a VM's death the supervisor frees its mm without repairing the frame table: "
-          "what the VM left half done in its own page table (a PTE cleared, its frame not put) stays", kill="vm"),
+          "what the VM left half done in its own page table (a PTE cleared, its frame not put) stays", kill="vm",
+          # vm0 discards its pages over and over, unpaced: many kill points inside its own MADV_DONTNEED
+          config={"writes": (((0, -1), (1, -1), (0, 3), (0, -1), (1, -1), (1, 4)), ((1, 2), (1, 1))),
+                  "pace": False}),
     Break("fork-no-write-protect", "fork leaves the parent's PTEs (and its secondary MMUs' translations) "
           "writable while the child maps the same frames", scenario="fork"),
     Break("vusion-no-fake-protect", "mitigation vusion: ksmd leaves the merge candidates it did not merge "

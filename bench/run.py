@@ -915,7 +915,7 @@ def bench_check(runs: int, prog, jobs: int, breaks: bool = True, more: bool = Tr
     """`ksm-proto check` at bench size: random schedules in each mode, and every --break caught
     (tests/test_check.py catches them too; --quick leaves them to it). more: the volume that
     tests/test_check.py runs smaller, seeded: the fork scenario and two scanners (runs / 5 per mode),
-    kill -9 of ksmd or of the fault handler and the recovery (runs / 10 per mode and actor; with
+    kill -9 of ksmd, of the fault handler or of a VM and the recovery (runs / 10 per mode and actor; with
     two scanners runs / 20; every schedule to depth 6 of either kill in change_pte mode)."""
     from workers.check import explore
     from workers.check.world import BREAK_MODES, BREAKS, world_factory
@@ -926,7 +926,7 @@ def bench_check(runs: int, prog, jobs: int, breaks: bool = True, more: bool = Tr
         out["two_scanners"] = _check_volume(lambda m: world_factory(m, scanners=2), max(1, runs // 5), 1, jobs,
                                             prog, "two scanners")
         kill = {"schedules": 0, "violations": [], "actors": {}}
-        for actor in ("ksmd", "faultd"):
+        for actor in ("ksmd", "faultd", "vm"):
             for scanners, n in ((1, max(1, runs // 10)), (2, max(1, runs // 20))):
                 k = _check_volume(lambda m: world_factory(m, scanners=scanners, kill=actor), n, 2, jobs, prog,
                                   f"kill -9 {actor}, {scanners} scanner(s)")

@@ -57,6 +57,10 @@ EXPECTED = {
     "no-ksm-lock": ("another scanner made merges fail",),
     # an unmerged candidate left writable: a write to it takes no fault where one to a merged page does
     "vusion-no-fake-protect": ("same behaviour",),
+    # ksmd scans on a page table that is gone (the dead VM's mm freed before ksmd forgot it)
+    "no-vm-forget": ("ksmd failed: KeyError", "a scanner still scans its mm"),
+    # the VM killed inside its own MADV_DONTNEED: a PTE cleared, its frame never put
+    "no-vm-repair": ("PTEs map it",),
 }
 # the two-scanner world's breaks: the scanners' own, and those of one scanner's protocol it shows
 # (double counting shows as counters that disagree with the KSM frames at the end, or with the trees

@@ -20,8 +20,16 @@ from workers.mm.effects import (MEM_EFFECTS, Alloc, Checksum, Compare, CopyPages
                                   Reply, Store, TryLock, Unlock, WaitAcks, apply_mem)
 from workers.mm.fault import handle_mm_fault
 from workers.mm.vma import do_mprotect, dup_mmap, ksm_enable_merge_any, madvise_dontneed
-from workers.mm.mmu_notifier import LocalNotify, SecondaryMMU, local_set_pte
+from workers.mm.mmu_notifier import LocalNotify, SecondaryMMU, local_set_pte, page_referenced
 from workers.runtime.frames import OutOfFrames
+from workers.runtime.interp import Backend, run_sync
+
+
+def run_effects(gen, perform):
+    """Run a core through the one interpreter, each effect answered by perform(effect)."""
+    b = Backend(None)
+    b.fallback = perform
+    return run_sync(gen, b)
 
 
 class Injected(RuntimeError):
@@ -171,7 +179,7 @@ def _own_op(mode, which):
     """A merged world and one of the VM's own operations on vm0 (core/mm.py)."""
     w, gen = merging_scan(mode)
     drive(w, gen)
-    v, subs = w.vms[0], list(w.vms[0].subs.values())
+    subs = list(w.vms[0].subs.values())
     if which == "fork":
         w._new_mm(len(w.vms), w.mem.mms[0].npages)
         return w, dup_mmap(0, len(w.vms), subs)
@@ -261,3 +269,69 @@ def test_a_one_entry_message_and_the_same_entry_twice_apply_alike(t):
                 got = str(e)
             results.append((got, s.spte.tolist(), s.seq, s.in_progress))
         assert all(r == results[0] for r in results), (t, sptes, i, results)
+
+
+def test_page_referenced_tests_and_clears_young_under_ptl_whatever_fails():
+    """mmu_notifier.page_referenced (faultd's page_referenced call): under ptl, the primary young bits tested
+    and cleared, then clear_flush_young of the secondary MMUs; ptl released whatever fails."""
+    w = KsmWorld("change_pte", pace=False)
+    mm = w.mem.mms[0]
+    mm.pte[0] |= np.uint64(PTE_YOUNG)
+    before = mm.pte[:2].copy()
+
+    def run(acks):
+        seen = []
+
+        def perform(e):
+            seen.append(e.__class__.__name__)
+            if e.__class__ in MEM_EFFECTS:
+                return apply_mem(w.mem, e)
+            return [7] if e.__class__ is Notify else acks if e.__class__ is WaitAcks else None
+        return run_effects(page_referenced(0, [0, 1]), perform), seen
+    assert run([0]) == (1, ["Lock", "Load", "Store", "Load", "Notify", "WaitAcks", "Unlock"])
+    assert mm.pte[:2].tolist() == (before & ~np.uint64(PTE_YOUNG)).tolist()
+    assert run([0])[0] == 0                 # nobody touched them since
+    assert run([0, 1])[0] == 1              # a secondary MMU saw an access
+    for k in range(2):                      # the lock, the PTEs' load
+        assert drive(w, page_referenced(0, [0, 1]), throw_at=k)[1] == set()
+
+
+def _knob_effects(scan, changes, unmerge=None):
+    """set_knobs's effects (by name) and the knobs after them, each SetKnob applied as ksmd applies it."""
+    from workers.mm.ksm.knobs import SetKnob, UnmergeAll, set_knobs
+    seen = []
+
+    def perform(e):
+        seen.append(e)
+        if e.__class__ is SetKnob:
+            scan.knobs[e.name] = e.value
+        elif e.__class__ is UnmergeAll and unmerge is not None:
+            raise unmerge
+    run_effects(set_knobs(scan, changes), perform)
+    return [repr(e) for e in seen]
+
+
+def test_knob_rules_are_one_core():
+    """mm/ksm/knobs.py's set_knobs (ksmd's set_knobs runs it): all or nothing, a knob of the machine's start
+    refused, the advisor's defaults, run=2's unmerge and its failure, a tree knob only while nothing merged."""
+    from workers.mm.ksm.knobs import loaded_knobs
+    w = KsmWorld("change_pte", pace=False)
+    sc = w.scan
+    assert _knob_effects(sc, {"sleep_millisecs": 7}) == ["knob sleep_millisecs <- 7"]
+    with pytest.raises(OSError, match="unknown knob"):
+        _knob_effects(sc, {"sleep_millisecs": 9, "no_such_knob": 1})
+    assert sc.knobs["sleep_millisecs"] == 7            # (all or nothing)
+    with pytest.raises(OSError, match="chosen when the machine starts"):
+        _knob_effects(sc, {"scanners": 2})
+    assert _knob_effects(sc, {"advisor_mode": "scan-time"}) == ["knob pages_to_scan <- 500", "knob advisor_mode <- 1"]
+    with pytest.raises(OSError, match="set by the advisor"):
+        _knob_effects(sc, {"pages_to_scan": 5})
+    assert _knob_effects(sc, {"run": 2}) == ["knob run <- 2", "unmerge everything", "knob run <- 2"]
+    sc.knobs["run"] = 1
+    with pytest.raises(OSError, match="run=2 could not unmerge everything: .*out of frames"):
+        _knob_effects(sc, {"run": 2}, unmerge=OutOfFrames(1, 0))
+    assert sc.knobs["run"] == 0
+    assert _knob_effects(sc, {"max_page_sharing": 256}) == ["knob max_page_sharing <- 256"]   # (no change)
+    assert _knob_effects(sc, {"max_page_sharing": 3}) == ["knob max_page_sharing <- 3"]       # (nothing merged)
+    assert loaded_knobs({"run": 1}.get, 2) == {**{k: None for k in loaded_knobs(lambda k: None, 2)}, "run": 1,
+                                               "scanners": 2}

@@ -343,8 +343,7 @@ def test_notifier_channels_fuzzed_with_bytes_and_frames(ksm_machine_factory):
         finally:
             seen["examples"] += 1
             ch.close()
-            m._drop_mm(mine)
-            m._free_mm(mine)
+            m._exit_mm(mine)
         assert getattr(m, actor).call("ping", 10)[0] == {}
         assert victim() == start
 

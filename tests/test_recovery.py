@@ -13,7 +13,7 @@ from workers.check.world import BREAKS as WORLD_BREAKS, world_factory
 from workers.mm import recovery
 from workers.mm.breaks import BREAKS, NONE, Breaks, check_break
 from workers.mm.effects import Fsck, Load, Lock, Unlock
-from workers.mm.recovery import Freeze, NotifierLost, Respawn, Thaw, recover
+from workers.mm.recovery import Freeze, NotifierLost, Respawn, recover
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -221,3 +221,141 @@ def test_a_second_kill_during_the_first_recovery(kills):
         assert w.finished() and w.final_violations() == []
         during += w.coverage["a kill during a recovery"]
     assert during > 0
+
+
+# ---------------------------------------------------------------- a VM's death: mm/recovery.py's vm_died
+def _vm_died_effects(brk=(), repair=True, answer=None):
+    """vm_died's effects in order, answered as the supervisor would (Freeze: held; exit_mmap's PTEs: one
+    present page of frame 3)."""
+    from workers.mm.recovery import vm_died
+    gen = vm_died(1, ["ksmd", "faultd1"], (lambda: [0, 1]) if repair else None, 4, Breaks(brk))
+    out, send, exc = [], None, None
+    while True:
+        try:
+            e = gen.throw(exc) if exc else gen.send(send)
+        except StopIteration as st:
+            return out, st.value
+        out.append(e)
+        c = e.__class__
+        send, exc = (True if c is Freeze else np.array([(3 << 12) | 1], dtype=np.uint64) if c is Load
+                     else {"freed": 2} if c is Fsck else None), None
+        if answer is not None:
+            exc = answer(e)
+
+
+def _vm_names(effects):
+    return [f"forget {e.actor} {e.mm}" if e.__class__ is recovery.ForgetMM else f"lock {e.key[1]}"
+            if e.__class__ is Lock else f"unlock {e.key[1]}" if e.__class__ is Unlock
+            else e.__class__.__name__.lower() for e in effects]
+
+
+def test_a_dead_vm_is_forgotten_then_unmapped_under_its_ptl_then_repaired():
+    """ksmd and its fault handler forget the mm, exit_mmap under its ptl (the PTEs cleared before their
+    frames are put), then the frame table repaired with ksmd frozen (the VM may have died inside its own
+    MADV_DONTNEED); a clean exit needs no repair."""
+    effects, done = _vm_died_effects()
+    assert _vm_names(effects) == ["forget ksmd 1", "forget faultd1 1", "lock 1", "load", "store", "put", "unlock 1",
+                                  "freeze", "lock 0", "lock 1", "load", "load", "fsck", "unlock 1", "unlock 0",
+                                  "thaw"]
+    assert done == {"unmapped": 1, "freed": 2}
+    effects, done = _vm_died_effects(repair=False)
+    assert _vm_names(effects)[-1] == "unlock 1" and done == {"unmapped": 1}
+
+
+def test_a_dead_vm_whose_ptl_stays_busy_is_freed_without_it():
+    effects, done = _vm_died_effects(repair=False, answer=lambda e: TimeoutError("ptl busy")
+                                     if e.__class__ is Lock else None)
+    assert _vm_names(effects) == ["forget ksmd 1", "forget faultd1 1", "lock 1", "load", "store", "put"]
+    assert done == {"unmapped": 1, "unlocked": True}
+
+
+def test_vm_teardown_breaks_remove_their_step():
+    assert "forget ksmd 1" not in _vm_names(_vm_died_effects(["no-vm-forget"])[0])
+    assert "fsck" not in _vm_names(_vm_died_effects(["no-vm-repair"])[0])
+
+
+def test_supervisor_and_checker_run_the_one_vm_teardown_program():
+    """No second copy: the supervisor's teardown of a VM and the checker's run mm.recovery.vm_died; neither
+    calls exit_mmap or orders mm_exit and the frames' release itself."""
+    sup = (ROOT / "workers/actors/supervisor_mm.py").read_text()
+    world = (ROOT / "workers/check/programs.py").read_text()
+    for src in (sup, world):
+        assert "vm_died(" in src and "exit_mmap(" not in src
+    assert sup.count('"mm_exit"') == 1 and "def _drop_mm" not in sup
+    rec = (ROOT / "workers/actors/supervisor_recovery.py").read_text()
+    assert "self._teardown_vm(vm, died=True)" in rec
+
+
+@pytest.mark.parametrize("mode", ["change_pte", "wrapped", "invalidate"])
+def test_kill_sweep_of_a_vm_is_clean_and_hits_it_mid_work(mode):
+    """kill -9 of vm0 at every step of one schedule of the fork scenario: the other VMs lose nothing, the
+    dead one's frames are freed; the kills hit it mid-fork, mid-write, mid-fault."""
+    sw = explore.kill_sweep(world_factory(mode, scenario="fork", kill="vm"), victims=("vm0",))
+    assert sw.found is None, sw.found and sw.found[1]
+    assert sw.points > 400
+    assert {"lock", "store", "get", "put", "local", "fault", "write"} <= set(sw.covered), sw.covered
+
+
+def test_a_dead_vm_is_torn_down_and_its_frames_freed():
+    """A run that kills vm0 ends with its mm gone and every frame it alone mapped free (frame accounting
+    exact); the other VM read back everything it wrote."""
+    import random
+    f = world_factory("wrapped", kill="vm")
+    torn = 0
+    for seed in range(20):
+        w, rng = f(), random.Random(seed)
+        for _ in range(20_000):
+            en = w.enabled()
+            if not en:
+                break
+            w.take(rng.randrange(len(en)))
+            assert not w.violations()
+        assert w.finished() and w.final_violations() == []
+        if w.vms[0].dead:
+            torn += 1
+            assert 0 not in w.mem.mms and all(0 not in sc.slots for sc in w.scans)
+            mapped = {int(p) >> 12 for p in w.mem.mms[1].pte.tolist() if p & 1}
+            assert w.alloc.nr_free == w.nframes - 1 - len(mapped - {0})
+    assert torn == 20
+
+
+def test_check_kill_vm_is_clean_in_every_scenario_and_mode():
+    p = check("--kill", "vm", "--runs", "40", "--seed", "4", "--jobs", "2")
+    assert p.returncode == 0, p.stdout + p.stderr
+    lines = p.stdout.splitlines()
+    assert [ln.split(":")[0] for ln in lines] == [f"{m} {sc}" for m in ("change_pte", "wrapped", "invalidate")
+                                                  for sc in ("base", "fork")]
+    assert all("41 schedules" in ln and ln.endswith("no violation") for ln in lines), p.stdout
+
+
+@pytest.mark.parametrize("kills", ["vm,faultd", "faultd,vm", "vm,ksmd", "ksmd,vm"])
+def test_a_vm_and_an_actor_killed_one_after_the_other(kills):
+    p = check("--kill", kills, "--mode", "wrapped", "--runs", "40", "--seed", "5", "--jobs", "2")
+    assert p.returncode == 0 and all(ln.endswith("no violation") for ln in p.stdout.splitlines()), \
+        p.stdout + p.stderr
+
+
+@pytest.mark.parametrize("mode", ["change_pte", "wrapped", "invalidate"])
+def test_the_vm_teardown_breaks_are_caught_in_every_mode(mode):
+    """no-vm-forget: ksmd scans the page table of a mm that is gone; no-vm-repair (the kill sweep): a VM
+    killed inside its own MADV_DONTNEED leaves a frame counted that no PTE maps."""
+    p = check("--break", "no-vm-forget", "--mode", mode, "--runs", "20", "--seed", "1")
+    assert p.returncode == 1 and "VIOLATION: ksmd failed: KeyError: 0" in p.stdout, p.stdout + p.stderr
+    sw = explore.kill_sweep(world_factory(mode, "no-vm-repair"), victims=("vm0",))
+    assert sw.found is not None and any("0 PTEs map it" in v for v in sw.found[1]), sw.found
+
+
+def test_the_checkers_restart_loads_the_knobs_as_ksmds_restart_does():
+    """A restarted scanner reloads every knob from the stats segment (mm/ksm/knobs.loaded_knobs, which ksmd's
+    load_stats runs too), not from the dead one's memory: a knob written there meanwhile is the one it runs."""
+    from proto.layout import KNOBS
+    w = world_factory("wrapped", kill="ksmd", scanners=2)()
+    before = dict(w.scan.knobs)
+    assert all(w.stats.knob(k) == v for k, v in before.items())
+    w.stats.knobs[KNOBS.index("sleep_millisecs")] = 77
+    w._kill("ksmd")
+    w._restart("ksmd")
+    assert [sc.knobs for sc in w.scans] == [dict(before, sleep_millisecs=77)] * 2
+    for name in ("workers/check/delivery.py", "workers/actors/ksmd.py"):
+        assert "loaded_knobs(self.stats.knob" in (ROOT / name).read_text()
+    assert "knobs.update(old" not in (ROOT / "workers/check/delivery.py").read_text()

@@ -34,16 +34,16 @@ import socket
 import numpy as np
 
 from proto.channel import Channel, PollSet, halt_poll
-from proto.layout import KNOB_FAULT_POLL_US, MAX_MMS, PAGE_SHIFT, PAGE_SIZE, PTE_PRESENT, PTE_YOUNG, USER_BASE
+from proto.layout import KNOB_FAULT_POLL_US, MAX_MMS, PAGE_SHIFT, PAGE_SIZE, USER_BASE
 from proto.messages import Frame, Msg, call_payload, encode
 from proto.trace import Tracer
 
 from workers.runtime.actor import RunMemory, actor_args, receive_fd, req_int, run_actor, setup
 from workers.mm.effects import Memory
-from workers.mm.mmu_notifier import clear_flush_young, entries_for
+from workers.mm.mmu_notifier import page_referenced
 from workers.mm.pte import check_range, task_size
-from workers.runtime.driver import Driver, MMUNotifierSubscriptions, answer_hello, bind_vm_channel, lock_ptl
-from workers.actors.faultd_common import U64, _APPLIED, _FAULT, _Fault, _RECORDS, log
+from workers.runtime.driver import Driver, MMUNotifierSubscriptions, answer_hello, bind_vm_channel
+from workers.actors.faultd_common import _APPLIED, _FAULT, _Fault, _RECORDS, log
 from workers.actors.faultd_fast import FaultPath
 
 
@@ -158,23 +158,12 @@ class FaultHandler(FaultPath):
 
 
     async def page_referenced(self, mm_id: int, addr: int, npages: int) -> int:
-        """Test and clear the young bit of each page, primary and secondary (clear_flush_young)."""
-        mm, ptl = self.memory.mms[mm_id], self.ptls[mm_id]
+        """Test and clear the young bit of each page, primary and secondary (mmu_notifier.page_referenced,
+        clear_flush_young)."""
+        mm = self.memory.mms[mm_id]
         check_range("access", addr, npages * PAGE_SIZE, task_size(mm.npages))
         idx = np.arange(npages, dtype=np.int64) + ((addr - USER_BASE) >> PAGE_SHIFT)
-        await lock_ptl(ptl, self.args.ack_timeout * 2)
-        try:
-            pte = mm.pte[idx]
-            live = (pte & U64(PTE_PRESENT)) != 0
-            idx, pte = idx[live], pte[live]
-            young = (pte & U64(PTE_YOUNG)) != 0
-            mm.pte[idx] = pte & ~U64(PTE_YOUNG)
-            referenced = int(young.sum())
-            if len(idx) and await self.driver.run(clear_flush_young(mm_id, entries_for(idx, mm.pte[idx]))):
-                referenced = max(referenced, 1)
-            return referenced
-        finally:
-            ptl.release()
+        return await self.driver.run(page_referenced(mm_id, idx))
 
     # ---- control ----
     async def on_ctl(self, ch: Channel, f: Frame) -> None:

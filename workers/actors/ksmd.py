@@ -44,6 +44,7 @@ from proto.trace import Tracer
 from workers.runtime.actor import RunMemory, actor_args, run_actor, setup
 from workers.mm.effects import Memory, TryLock
 from workers.mm.fault import unmerge_ksm_pages_of_mm
+from workers.mm.ksm.knobs import loaded_knobs
 from workers.mm.ksm.scan import BATCH, KsmScan
 from workers.mm.ksm.shard import DONE, LEAD, ROUTED, Done, Routed, from_wire, to_wire
 from workers.runtime.driver import Driver, MMUNotifierSubscriptions
@@ -151,9 +152,7 @@ class Ksmd(KsmdControl):
         """Knobs and cumulative counters live in the stats segment: a restarted ksmd goes on from them.
         Read at start and again at `restore`: a restarted scanner may have been started long before
         (the supervisor's spare, waiting to replace a dead one), while ksmd went on changing them."""
-        for k in KNOBS:
-            self.knobs[k] = self.stats.knob(k)
-        self.knobs["scanners"] = self.nshards
+        self.knobs.update(loaded_knobs(self.stats.knob, self.nshards))
         if self.shard == 0:     # (the published counters are the leader's plus the followers' reports)
             for k in ("pages_scanned", "pages_skipped", "full_scans"):
                 self.scan.c[k] = int(self.stats.counters[COUNTERS.index(k)])

@@ -1,4 +1,4 @@
-"""ksmd's control side: the knobs (the sysfs rules), attaching an mm and its rmap items, the
+"""ksmd's control side: the knobs (the sysfs rules of mm/ksm/knobs.py, run here), attaching an mm and its rmap items, the
 supervisor's calls (freeze, thaw, restore, mm_exit, info).
 
 A mixin of Ksmd (workers.actors.ksmd), which holds the state these methods share.
@@ -10,15 +10,14 @@ import errno
 
 
 from proto.channel import Channel
-from proto.knobs import BUSY_WHEN_MERGED, OWN, check_knob
 from proto.layout import KNOBS, MAX_MMS
 from proto.messages import Frame, Msg, call_payload, encode
 
 from workers.runtime.actor import receive_fd, req_int
 from workers.runtime.frames import OutOfFrames, ShmLock
+from workers.mm.ksm.knobs import SetKnob, UnmergeAll, set_knobs
 from workers.mm.ksm.stable_tree import RmapItems
 from workers.runtime.driver import MMUNotifierSubscriptions, answer_hello, bind_vm_channel
-from workers.mm.ksm.advisor import DEFAULT_PAGES_TO_SCAN, advisor_start_pages
 from workers.actors.ksmd_common import FOLLOWER_OPS, log
 
 
@@ -30,34 +29,17 @@ class KsmdControl:
         self.stats.knobs[KNOBS.index(name)] = v
 
     async def set_knobs(self, knobs: dict) -> None:
-        for name, value in knobs.items():      # all or nothing: a bad knob changes none
-            check_knob(name, value)
-        for name, value in knobs.items():
-            v = check_knob(name, value)
-            if name in OWN and v != self.knobs[name]:
-                raise OSError(errno.EBUSY, f"{name} is chosen when the machine starts (it runs with "
-                              f"{self.knobs[name]}): EBUSY")
-            if name in BUSY_WHEN_MERGED and v != self.knobs[name]:
-                await self.driver.run(self.scan.control("prune"))
-                shared = self.scan.total("pages_shared")
-                if shared:
-                    raise OSError(errno.EBUSY, f"knob {name} cannot change while {shared} "
-                                  f"KSM pages are shared (write run=2 first): EBUSY")
-                await self.driver.run(self.scan.control("reset_tree"))
-            if name == "pages_to_scan" and self.knobs["advisor_mode"] != 0:
-                raise OSError(errno.EINVAL, "pages_to_scan is set by the advisor while advisor_mode is scan-time: EINVAL")
-            if name == "advisor_mode" and v != self.knobs[name]:      # set_advisor_defaults()
-                self.scan.advisor_ctx, start = advisor_start_pages(self.knobs["advisor_min_pages_to_scan"])
-                self.set_knob_value("pages_to_scan", DEFAULT_PAGES_TO_SCAN if v == 0 else start)
-            if name == "run" and v == 2 and self.knobs["run"] != 2:
-                self.set_knob_value("run", 2)
-                try:
-                    await self.unmerge_all()
-                except (OutOfFrames, TimeoutError) as e:
-                    self.set_knob_value("run", 0)
-                    raise OSError(errno.ENOMEM, f"run=2 could not unmerge everything: {e}") from None
-            self.set_knob_value(name, v)
+        """The knob rules of mm/ksm/knobs.py, their effects performed here."""
+        await self.driver.run(set_knobs(self.scan, knobs), other=self._knob_effect)
         self.wake.set()
+
+    async def _knob_effect(self, e) -> None:
+        if e.__class__ is SetKnob:
+            self.set_knob_value(e.name, e.value)
+        elif e.__class__ is UnmergeAll:
+            await self.unmerge_all()
+        else:
+            raise TypeError(f"effect {e!r} has no driver in ksmd's knobs")
 
     # ------------------------------------------------------------------ channels and main loop
     def attach_rmap(self, mm_id: int, mm) -> None:

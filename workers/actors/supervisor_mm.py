@@ -1,5 +1,6 @@
 """The supervisor's mms: a VM spawned (its mm segment, ptl, rmap items, its channels to its fault
-handler and every scanner), exited or dead (ksmd and its fault handler forget it, exit_mmap),
+handler and every scanner), exited or dead (mm/recovery.py's vm_died: ksmd and its fault handler
+forget it, exit_mmap),
 and the frame invariants checked over every mm.
 
 A mixin of Machine (workers.actors.supervisor), which holds the state these methods share.
@@ -15,8 +16,8 @@ from proto.layout import (MAX_MMS, MMH_ID, MMH_NODE, MMH_DOMAIN, MMH_NPAGES, MMH
                           seg_name)
 
 from workers.mm.invariants import frame_problems
+from workers.mm.recovery import ForgetMM, vm_died
 from workers.mm.repair import under_every_ptl
-from workers.mm.vma import exit_mmap
 from workers.runtime.frames import ShmLock
 from workers.actors.supervisor_common import ActorProcess, MAX_VM_PAGES, VM, check_capacity, check_vm_name, log
 
@@ -87,8 +88,7 @@ class MMTable:
                     e.close()
                 if actor is not None:
                     actor.stop(2)
-                self._drop_mm(mm_id)
-                self._free_mm(mm_id)
+                self._exit_mm(mm_id)
                 raise
             vm = VM(self, name, mm_id, actor, pages)
             vm.node, vm.device, vm.domain = node, device, domain
@@ -175,41 +175,55 @@ class MMTable:
         vm.actor.stop(5)
         self._teardown_vm(vm)
 
-    def _teardown_vm(self, vm: VM) -> None:
+    def _teardown_vm(self, vm: VM, died: bool = False) -> dict | None:
+        """A VM exited or died: mm/recovery.py's vm_died (ksmd and its fault handler forget its mm, then
+        exit_mmap under its ptl; after a death, the frame table repaired with ksmd frozen), then its
+        segments go.  Returns the program's counts."""
         with self.lock:
             if not vm.alive:
-                return
+                return None
             vm.alive = False
-        self._drop_mm(vm.mm_id)
-        self._free_mm(vm.mm_id)
+        return self._exit_mm(vm.mm_id, repair=died)
 
-    def _drop_mm(self, mm_id: int) -> None:
-        """The scanners (the leader has every scanner drop it) and the mm's fault handler forget mm
-        mm_id (a restarting one never knew it)."""
-        for a in ("ksmd", self.faultd_name(mm_id)):
-            if a in self.gone:
-                continue
-            try:
-                self.actor_call(a, "mm_exit", timeout=self.ack_timeout * 4, mm=mm_id)
-            except (OSError, TimeoutError, ChannelClosed) as e:
-                log.error("%s did not drop mm %d: %s", a, mm_id, e)
+    def _exit_mm(self, mm_id: int, forget: bool = True, repair: bool = False) -> dict | None:
+        """Run vm_died for mm mm_id (forget: the actors bound to it forget it first; False: none knew it,
+        or none runs any more; repair: its VM died, and may have left its own page table half changed),
+        its ForgetMM effects as mm_exit calls, Freeze and Thaw as the recovery's; then unlink its segments
+        and drop its ptl.  Whatever fails is logged: the mm goes all the same."""
+        notifiers = [a for a in ("ksmd", self.faultd_name(mm_id)) if a not in self.gone] if forget else []
+        program = vm_died(mm_id, notifiers, (lambda: list(self.mm_segs)) if repair else None, self.nframes)
+        done = None
+        try:            # (mm_lock only while it holds a ptl: a forget may wait for a restarting successor)
+            done = self._run_with_ptls(program, self._forget_mm)
+        except Exception as e:
+            log.error("could not free the frames of mm %d: %s", mm_id, e)
+        if done and done.get("unlocked"):
+            log.error("mm %d: its ptl stayed busy; its frames were freed without it", mm_id)
+        if repair and done:
+            self.repairs.append({k: v for k, v in done.items() if k not in ("unmapped", "unlocked")})
+        with self.mm_lock:
+            self._unlink_mm(mm_id)
+        return done
+
+    def _forget_mm(self, e):
+        """vm_died's ForgetMM: the scanners (the leader has every scanner drop it) or the mm's fault handler
+        forget the mm (a restarting one waits for its successor, which never knew it)."""
+        if e.__class__ is not ForgetMM:
+            return self._recovery_effect(e)         # (Freeze, Thaw around the repair)
+        a = self.actors.get(e.actor)
+        if a is None or a.proc.poll() is not None:  # dead: it knew nothing, and its successor binds live VMs only
+            return None
+        try:
+            self.actor_call(e.actor, "mm_exit", timeout=self.ack_timeout * 4, mm=e.mm)
+        except (OSError, TimeoutError, ChannelClosed) as x:
+            log.error("%s did not drop mm %d: %s", e.actor, e.mm, x)
 
     def _free_mm(self, mm_id: int) -> None:
-        """exit_mmap: drop every frame the mm maps, then unlink its segment and drop its ptl."""
-        with self.mm_lock:
-            self._free_mm_locked(mm_id)
+        """exit_mmap of an mm no actor knows (a spawn that failed before its binds, or at close)."""
+        self._exit_mm(mm_id, forget=False)
 
-    def _free_mm_locked(self, mm_id: int) -> None:
-        """exit_mmap (mm.vma.exit_mmap) under its ptl, so a fault still finishing on this mm completes
-        (PTE set, old frame dropped) first; then the mm's segments go."""
-        try:
-            self._run_with_ptls(exit_mmap(mm_id), None)
-        except TimeoutError as e:       # a ptl a hung actor holds: the frames are freed all the same
-            log.error("mm %d: %s; freeing its frames anyway", mm_id, e)
-            try:
-                self._run_with_ptls(exit_mmap(mm_id, lock=False), None)
-            except TimeoutError as e2:
-                log.error("could not free frames of mm %d: %s", mm_id, e2)
+    def _unlink_mm(self, mm_id: int) -> None:
+        """The mm's segments and ptl go (its frames were freed by exit_mmap)."""
         seg, ptl = self.mm_segs.pop(mm_id)
         try:
             with self.frame_lock:

@@ -1,4 +1,5 @@
-"""The supervisor's watch and recovery: a dead VM torn down; a dead scanner or fault handler replaced by
+"""The supervisor's watch and recovery: a dead VM torn down (mm/recovery.py's vm_died, through
+supervisor_mm's _exit_mm); a dead scanner or fault handler replaced by
 the recovery program of mm/recovery.py, whose effects are control calls here (freeze, each VM's
 notifier_lost, thaw, respawn from a spare started beforehand), the repair and exit_mmap run under
 every ptl; calls on a dead actor wait for its successor.
@@ -40,8 +41,8 @@ class Recovery:
                     t0 = time.monotonic()
                     rec = {"dead": [f"vm:{vm.name}"], "seen": time.time(), "phases": {}, "serving_s": None,
                            "repair": None}
-                    try:
-                        self._teardown_vm(vm)
+                    try:        # (mm/recovery.py's vm_died: ksmd and its fault handler forget it, exit_mmap)
+                        rec["repair"] = self._teardown_vm(vm, died=True)
                         rec["serving_s"] = round(time.monotonic() - t0, 4)     # (its frames are free again)
                     except Exception:
                         log.exception("tearing down dead VM %s", vm.name)

@@ -1,6 +1,7 @@
 """The world's messages and deaths: notifier messages, FAULTs and their replies queued and delivered
 (the VM's side through mm/mmu_notifier.py's cores), a kill -9 (generators abandoned, locks dropped
-as the kernel drops OFD locks, unread FAULTs lost), a VM's notifier loss, a restart.
+as the kernel drops OFD locks, unread FAULTs lost; a VM's: its channels closed), a VM's notifier loss,
+a restart, a dead VM's mm forgotten.
 
 A mixin of KsmWorld (workers.check.world), which holds the state these methods share.
 """
@@ -9,14 +10,16 @@ from __future__ import annotations
 
 import numpy as np
 
+from proto.layout import MMH_RELEASED, SUB_ACTIVE
 from proto.messages import Msg
 
 from workers.mm.effects import Notify
 from workers.mm.fault import serve_fault
 from workers.mm.mmu_notifier import (FAILED, GRAMMAR, INIT, LocalNotify, NotifierLink, apply_cow_reply, notifier_lost, receive_notification)
 from workers.mm.recovery import victims
+from workers.mm.ksm.knobs import loaded_knobs
 from workers.mm.ksm.scan import KsmScan
-from workers.check.world_common import RECOVER, Thread, VMState
+from workers.check.world_common import RECOVER, Thread, VMState, _AwaitForget
 
 
 class Delivery:
@@ -25,6 +28,8 @@ class Delivery:
     def _notify(self, t: Thread, e: Notify, rec: dict) -> list:
         src = t.actor
         hs = []
+        if self.vms[e.mm].dead:         # its channel is closed: nothing is sent (MMUNotifierSubscriptions.send)
+            return hs
         for s in e.subs:
             h = self._new_id()
             self.acks[h] = [1]
@@ -44,6 +49,8 @@ class Delivery:
         """FAULT_REPLY (serve_fault sends exactly one); one carrying a COW's new PTEs returns the handle of
         the VM's APPLIED."""
         t.replied = True
+        if self.vms[t.mm].dead:         # to a closed channel: dropped, no APPLIED to wait for
+            return []
         h = None
         if entries is not None:         # [(addr, new pte)], as the VM reads it off the wire: one page is a
             h = self._new_id()          # record (a list of its one pair, decode_record), more an n x 2 array
@@ -63,6 +70,8 @@ class Delivery:
             mm = src
             if not self.up[dst]:            # written to a dead fault handler's channel: lost
                 self.lost.add(corr)
+                return
+            if mm not in self.mem.mms:      # (a dead VM's, its mm torn down: nobody is waiting)
                 return
             t = Thread(f"{dst}/{corr}", dst, serve_fault(mm, self.mem.mms[mm].npages, idx, flags, self.mode,
                                                          self.early_reply, self.brk, self.cow_reply,
@@ -118,6 +127,9 @@ class Delivery:
         self.up[target], self.killed = False, True
         if self.locks[RECOVER] is not None:
             self.coverage["a kill during a recovery"] += 1
+        if target not in self.scanner_names + self.faultd_names:
+            self._kill_vm(next(v for v in self.vms if v.name == target))
+            return
         members = victims([target], self.scanner_names)
         for t in self.threads:
             if t.actor not in members or t.done:
@@ -134,7 +146,7 @@ class Delivery:
         if target == "ksmd":
             self.shardq.clear()         # the mesh dies with them
         for v in self.vms:
-            if not any(self._serves(m, v.id) for m in members):
+            if v.dead or not any(self._serves(m, v.id) for m in members):
                 continue
             self.pending_loss[v.id].update(members)
             if target == self.faultd_of(v.id):      # FAULTs not read yet die with the socket
@@ -143,6 +155,51 @@ class Delivery:
                 self.queues[(v.id, target)].clear()
             for m in members:
                 self.queues[(v.id, f"{m}.ack")].clear()
+
+    def _kill_vm(self, v: VMState) -> None:
+        """A VM's process dies: its writer abandoned (its ptl, or the recover lock of a fork, dropped), its
+        secondary MMUs gone with it, its channels closed: what was sent to it is never read, and each ack
+        or APPLIED a notifier waits on from it is given up, its subscriber released (driver.wait_acks,
+        faultd's on_vm_close); what it sent before its death is still read."""
+        v.dead = True
+        self.teardowns += 1
+        for t in self.threads:
+            if t.vm is not v or t.done:
+                continue
+            for gen in reversed(t.stack):
+                gen.close()
+            t.stack, t.done, t.pending = [], True, None
+            t.killed = True
+            for key, holder in self.locks.items():
+                if holder == t.name:
+                    self.locks[key] = None
+        mm = self.mem.mms[v.id]
+        for src in self.scanner_names + [self.faultd_of(v.id)]:
+            for item in self.queues[(src, v.id)]:
+                h = item[5] if item[0] == "FAULT_REPLY" else item[1]
+                a = self.acks.get(h)
+                if a is not None:
+                    a[0] -= 1               # (no flags: the subscriber did not answer)
+                    if item[0] == "FAULT_REPLY":
+                        mm.subs[:, SUB_ACTIVE] = 0
+                    else:
+                        mm.subs[item[2], SUB_ACTIVE] = 0
+                    mm.hdr[MMH_RELEASED] = 1
+            self.queues[(src, v.id)].clear()
+        self.coverage["a VM killed"] += 1
+
+    def _forget(self, t: Thread, e) -> bool:
+        """vm_died's ForgetMM: ksmd's at its next batch boundary (t waits for it: True; a dead ksmd knew
+        nothing and its successor is bound to the live VMs only); a fault handler's
+        once its tasks of that mm ended (the supervisor's step waits until then): the FAULTs it has not
+        read die with the channel."""
+        if e.actor == "ksmd":
+            if self.up["ksmd"]:         # (dead: its successor knows live VMs only)
+                self.exits.append(e.mm)
+                t.pending = _AwaitForget(e.mm)
+            return self.up["ksmd"]
+        self.queues[(e.mm, e.actor)].clear()
+        return False
 
     def _notifier_lost_one(self, v: VMState, target: str) -> None:
         for s, ended in notifier_lost(v.subs, self._link(target, v.id), self.brk).items():
@@ -158,13 +215,14 @@ class Delivery:
         old, n = self.scans, len(self.scans)
         self.scans = [KsmScan(self.ft, self.mode, old[0].clock, self.brk, k, n) for k in range(n)]
         self.scan = self.scans[0]
-        for sc in self.scans:
-            sc.knobs.update(old[0].knobs)
+        for sc in self.scans:       # (the knobs from the stats segment, as ksmd's restart loads them)
+            sc.knobs.update(loaded_knobs(self.stats.knob, n))
         for k in ("pages_scanned", "pages_skipped"):      # (the stats segment keeps the published sums)
             self.scan.c[k] = sum(sc.c[k] for sc in old)
         self.scan.c["full_scans"] = old[0].c["full_scans"]
-        for v in self.vms:      # the supervisor wiped the shared rmap items
-            self._add_to_scanners(v.id, self.mem.mms[v.id])
+        for v in self.vms:      # the supervisor wiped the shared rmap items; it binds the live VMs
+            if not v.dead:
+                self._add_to_scanners(v.id, self.mem.mms[v.id])
         self.restoring = n - 1
         new = [Thread(f"{self.scanner_names[k]}'", self.scanner_names[k], self.restarted_follower(self.scans[k]))
                for k in range(1, n)] + [Thread("ksmd'", "ksmd", self.restarted_ksmd())]

@@ -1,6 +1,7 @@
 """The checker's invariants, after every step and at the end (see world.py's docstring): the frame
 accounting of mm/invariants.py, secondary MMUs against their PTEs, COW-shared frames read-only,
-the notifier grammar, the counters against the trees and the PTEs, a complete merge.
+the notifier grammar, the counters against the trees and the PTEs, a complete merge, a dead VM torn
+down.
 
 A mixin of KsmWorld (workers.check.world), which holds the state these methods share.
 """
@@ -46,7 +47,10 @@ class Invariants:
                        f"{len(ksm)} KSM frames are mapped {int(sum(maps[p] for p in ksm))} times")
         zi = MM_STATS.index("ksm_zero_pages")
         total = 0
+        out += self._teardown_violations()
         for v in self.vms:
+            if v.dead:
+                continue
             mm = self.mem.mms[v.id]
             pte = mm.pte
             present = (pte & np.uint64(PTE_PRESENT)) != 0
@@ -69,6 +73,20 @@ class Invariants:
                        f"PTEs map the KSM zero page")
         if self.complete:
             out += self._incomplete()
+        return out
+
+    def _teardown_violations(self) -> list[str]:
+        """A dead VM is gone at the end: its mm (and a fork child it was filling) torn down, no scanner
+        scans it, no frame counts a mapping of it (the frame accounting above)."""
+        out = []
+        for v in self.vms:
+            if not v.dead:
+                continue
+            if v.id in self.mem.mms:
+                out.append(f"{v.name} died but its mm was never torn down")
+            if any(v.id in sc.slots for sc in self.scans):
+                out.append(f"{v.name} died but a scanner still scans its mm")
+        out += [f"mm {m} (a fork child) is left without its VM" for m in self.mem.mms if m >= len(self.vms)]
         return out
 
     def totals(self) -> dict:
@@ -122,8 +140,8 @@ class Invariants:
         if self.mitigation == "domain":     # no KSM page is shared across security domains
             doms: dict[int, set] = {}
             for v in self.vms:
-                mm = self.mem.mms[v.id]
-                for pte in mm.pte.tolist():
+                mm = self.mem.mms.get(v.id)
+                for pte in mm.pte.tolist() if mm is not None else ():
                     if pte & PTE_PRESENT and not pte & PTE_SPECIAL and self.ft.flags[pte >> PAGE_SHIFT] & FRAME_KSM:
                         doms.setdefault(pte >> PAGE_SHIFT, set()).add(int(mm.hdr[MMH_DOMAIN]))
             out += [f"KSM frame {p} is mapped by VMs of domains {sorted(d)}" for p, d in doms.items() if len(d) > 1]
@@ -136,7 +154,9 @@ class Invariants:
                 if flags[p] == FRAME_FREE:
                     out.append(f"frame {p} is free but a PTE maps it")
         for v in self.vms:
-            mm = self.mem.mms[v.id]
+            mm = self.mem.mms.get(v.id)
+            if mm is None:          # (a dead VM's, torn down)
+                continue
             pte = mm.pte.tolist()
             free_ptl = self.locks[("ptl", v.id)] is None
             vflags = vma_flags_at(mm.vma_list(), np.arange(len(pte))).tolist() if free_ptl else None
@@ -145,7 +165,7 @@ class Invariants:
                     if pp & PTE_PRESENT and pp & PTE_WRITE and mc[pp >> PAGE_SHIFT] > 1:
                         out.append(f"{v.name} page {i} is writable but its frame {pp >> PAGE_SHIFT} is COW-shared "
                                    f"(mapcount {mc[pp >> PAGE_SHIFT]})")
-            for s, sub in v.subs.items():
+            for s, sub in v.subs.items() if not v.dead else ():     # (a dead VM's died with it)
                 for i, sp in enumerate(sub.spte.tolist()):
                     if not sp:
                         continue

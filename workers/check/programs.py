@@ -1,5 +1,5 @@
 """The programs the checker's world runs as threads: ksmd (and the other scanners), restarted ones,
-the supervisor (a kill -9, then mm/recovery.py's program), the VMs' writers and their ops (writes,
+the supervisor (a kill -9, then mm/recovery.py's programs), the VMs' writers and their ops (writes,
 MADV_DONTNEED, fork, mprotect, merge-any), each checking what it reads back.
 
 A mixin of KsmWorld (workers.check.world), which holds the state these methods share.
@@ -14,7 +14,7 @@ from proto.layout import (PAGE_SIZE, USER_BASE)
 from workers.mm.kvm import vm_access
 from workers.mm.effects import (Lock, Unlock)
 from workers.mm.vma import do_mprotect, dup_mmap, ksm_disable_merge_any, ksm_enable_merge_any, madvise_dontneed
-from workers.mm.recovery import recover
+from workers.mm.recovery import recover, vm_died
 from workers.mm.ksm.scan import KsmScan
 from workers.check.world_common import RECOVER, Thread, VMState, _AwaitRestore, _AwaitScan, _Boundary, _Kill
 
@@ -26,13 +26,16 @@ class Programs:
     def ksmd_main(self):
         """ksmd (the leader): full scans while any writer runs, then settle_scans more; then the others stop."""
         settle = self.settle_scans
-        while self.writers_left or settle > 0:
+        while self.writers_left or settle > 0 or self.teardowns:
             if not self.writers_left and not (self.complete and self._faults_running()):
                 settle -= 1
             ended = False
             while not ended:
                 if self.kill:
                     yield _Boundary()
+                    while self.exits:       # a dead VM's mm: ksm_exit between two batches
+                        yield from self.scan.ksm_exit(self.exits[0])
+                        self.exits.pop(0)
                 _, _, ended = yield from self.scan.ksm_do_scan(self.scan.knobs["pages_to_scan"])
                 self._check_counters()
         yield from self.scan.stop_followers()
@@ -49,13 +52,35 @@ class Programs:
                 return
 
     def supervisor(self, target: str):
-        """kill -9 of `target` at a point the schedule picks, then the supervisor's recovery program."""
+        """kill -9 of `target` at a point the schedule picks, then the supervisor's recovery program (a VM's:
+        vm_died, for its mm and for a fork child it was filling)."""
         yield _Kill(target)
         yield Lock(RECOVER)     # (the supervisor's recover_lock: no VM is spawned, by fork or not, meanwhile)
-        fixed = yield from recover([target], self.scanner_names, lambda: [v.id for v in self.vms],
-                                   lambda: list(self.mem.mms), self._serves, self.nframes, self.brk)
+        v = next((v for v in self.vms if v.name == target), None)
+        if v is None:
+            fixed = yield from recover([target], self.scanner_names, lambda: [v.id for v in self.vms if not v.dead],
+                                       lambda: list(self.mem.mms), self._serves, self.nframes, self.brk)
+        else:
+            for child in [m for m in self.mem.mms if m >= len(self.vms)]:      # (spawn_vm's failed fork)
+                yield from vm_died(child)
+                self._unlink_mm(child)
+            fixed = yield from vm_died(v.id, ["ksmd", self.faultd_of(v.id)], lambda: list(self.mem.mms),
+                                       self.nframes, self.brk)
+            self._unlink_mm(v.id)
+            self._writer_left(v)
+            self.teardowns -= 1
         yield Unlock(RECOVER)
         return fixed
+
+    def _unlink_mm(self, mm: int) -> None:
+        """The mm's page table goes (the supervisor unlinks its segment)."""
+        del self.mem.mms[mm]
+        self.stats.mm[mm] = 0
+
+    def _writer_left(self, v: VMState) -> None:
+        if not v.left:
+            v.left = True
+            self.writers_left -= 1
 
     def restarted_ksmd(self):
         """A new ksmd: its state from shared memory (KsmScan.restore), then the scan goes on.  With two
@@ -90,13 +115,13 @@ class Programs:
                 k += 1
             yield from self._op(v, npages, op)
         if not self.complete:
-            self.writers_left -= 1
+            self._writer_left(v)
         for page in range(npages):
             got = bytearray(PAGE_SIZE)
             yield from vm_access(v.id, sub, USER_BASE + page * PAGE_SIZE, PAGE_SIZE, False, got)
             self._check_read(v, page, got, "final read")
         if self.complete:       # the scans that settle start once no VM touches memory any more
-            self.writers_left -= 1
+            self._writer_left(v)
 
     def _op(self, v: VMState, npages: int, op):
         sub, subs = v.subs[0], list(v.subs.values())

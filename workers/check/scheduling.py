@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from workers.mm.kvm import FaultCall, WaitIdle
 from workers.mm.effects import (Lock, Notify, Reply, ShardRecv, WaitAcks)
-from workers.mm.recovery import Freeze, NotifierLost, Respawn, Thaw
-from workers.check.world_common import Step, Thread, _AwaitReply, _AwaitRestore, _AwaitScan, _Boundary, _Kill, _Micro
+from workers.mm.recovery import ForgetMM, Freeze, NotifierLost, Respawn, Thaw
+from workers.check.world_common import Step, Thread, _AwaitForget, _AwaitReply, _AwaitRestore, _AwaitScan, _Boundary, _Kill, _Micro
 
 
 class Scheduling:
@@ -74,10 +74,17 @@ class Scheduling:
             return k is None or k.done or isinstance(k.pending, _Boundary)
         if c is NotifierLost:
             return not self.queues[(e.peer, e.mm)]
-        if c is _Kill:          # (the second kill: of a live actor, once the first has died)
-            return self.up[e.target] and (t.name == "supervisor" or self.killed)
+        if c is _Kill:          # (the second kill: of a live actor, once the first has died; a VM's while
+            k = self._ksmd_thread()     # ksmd runs, which forgets it: the world's run ends with ksmd's)
+            return self.up[e.target] and (t.name == "supervisor" or self.killed) and (
+                e.target in self.scanner_names + self.faultd_names or (k is not None and not k.done))
         if c is _AwaitRestore:
             return self.restoring == 0
+        if c is _AwaitForget:           # (or ksmd died meanwhile: its successor knows live VMs only)
+            return e.mm not in self.exits or not self.up["ksmd"]
+        if c is ForgetMM and e.actor != "ksmd":     # (the fault handler has ended its tasks of that mm)
+            return not any(u.actor == e.actor and getattr(u, "mm", None) == e.mm and not u.done
+                           for u in self.threads)
         return True
 
     def _scanner_no(self, name: str) -> int:
@@ -112,7 +119,7 @@ class Scheduling:
             fp += ((("chan", t.actor, t.mm), "w"),)
         elif c is _AwaitReply:
             fp += ((("chan", t.vm.id, self.faultd_of(t.vm.id)), "w"), (("up",), "r"))
-        elif c in (_Kill, Respawn, Freeze, Thaw, _Boundary):    # the kill and restart touch everything
+        elif c in (_Kill, Respawn, Freeze, Thaw, _Boundary, ForgetMM):    # the kill and restart touch everything
             fp += ((("up",), "w"), (("ft",), "w"), (("scans",), "w"), (("frozen",), "w")) + tuple(
                 (k, "w") for k in self.locks) + tuple(((("chan",) + q), "w") for q in self.queues) + tuple(
                 (("vm", v.id), "w") for v in self.vms) + tuple((("acks", a), "w")

@@ -28,7 +28,14 @@ Scheduling points:
     kernel drops OFD locks, FAULTs not yet read are lost), ksmd frozen at a batch
     boundary (a fault handler died), each VM's notifier_lost once the dead actor's
     messages are drained, repair_frames (core.repair) under every ptl, the restart (a new
-    ksmd rebuilds its state with KsmScan.restore; lost FAULTs are sent again), thaw.
+    ksmd rebuilds its state with KsmScan.restore; lost FAULTs are sent again), thaw;
+  * with `kill="vm"` (vm0; or "vmN"), kill -9 of that VM's process at any point: its writer
+    abandoned, its ptl dropped if it held it, its channels closed (what was sent to it is
+    never read, the acks and APPLIEDs ksmd and the fault handler wait on are given up, as
+    the real driver's wait_acks and faultd's on_vm_close do; what it sent before is still
+    read), then mm/recovery.py's vm_died: ksmd (at a batch boundary) and its fault handler
+    (once its tasks of that mm ended) forget the mm, exit_mmap under its ptl (a half-made
+    fork child's too), its page table gone.  The other VMs' writers go on.
 
 Scenarios (`SCENARIOS`): "base" (two VMs writing, one MADV_DONTNEED) and "fork" (a VM
 forks mid-run and parent and child write the COW-shared pages, discard some and unmerge;
@@ -80,7 +87,7 @@ import collections
 import numpy as np
 
 from proto.knobs import DEFAULTS, MITIGATIONS
-from proto.layout import (FRAME_KSM, MMF_VM_MERGEABLE, MMH_DOMAIN, MMH_FLAGS, MMH_ID, MMH_NPAGES, PAGE_SHIFT, PAGE_SIZE,
+from proto.layout import (KNOBS, FRAME_KSM, MMF_VM_MERGEABLE, MMH_DOMAIN, MMH_FLAGS, MMH_ID, MMH_NPAGES, PAGE_SHIFT, PAGE_SIZE,
                           PTE_PRESENT, PTE_WRITE, USER_BASE, VM_MERGEABLE, VM_READ, VM_WRITE,
                           FrameTable, MMView, StatsView)
 
@@ -89,12 +96,12 @@ from workers.mm.effects import (APPLY_MEM, Candidates, CopyPages, Lock, Memory, 
                                 TryLock, Unlock, WaitAcks)
 from workers.runtime.interp import BLOCK, Backend, resume
 from workers.mm.mmu_notifier import (GRAMMAR, INIT, MODES, LocalNotify, NotifierLink, register)
-from workers.mm.recovery import Freeze, NotifierLost, Respawn, Thaw
+from workers.mm.recovery import ForgetMM, Freeze, NotifierLost, Respawn, Thaw
 from workers.mm.ksm.scan import KsmScan
 from workers.runtime.frames import FrameAllocator
 from workers.mm.ksm.stable_tree import RmapItems
 from workers.mm.breaks import Breaks, check_break
-from workers.check.world_common import ArraySegment, BREAKS, BREAK_CONFIG, BREAK_KILLS, BREAK_MITIGATION, BREAK_MODES, BREAK_SCENARIO, KILLS, NullLock, RECOVER, SCENARIOS, SHARDED, SHARD_BREAKS, Thread, VMState, _AwaitReply, _AwaitRestore, _AwaitScan, _Boundary, _Kill, _Micro, _READ_ONLY, _lname
+from workers.check.world_common import ArraySegment, BREAKS, BREAK_CONFIG, BREAK_KILLS, BREAK_MITIGATION, BREAK_MODES, BREAK_SCENARIO, KILLS, NullLock, RECOVER, SCENARIOS, SHARDED, SHARD_BREAKS, Thread, VMState, _AwaitForget, _AwaitReply, _AwaitRestore, _AwaitScan, _Boundary, _Kill, _Micro, _READ_ONLY, _lname
 from workers.check.programs import Programs
 from workers.check.oldlock import OldLock
 from workers.check.invariants import Invariants
@@ -120,9 +127,11 @@ class KsmWorld(Programs, OldLock, Invariants, Delivery, Scheduling):
         if fault_handlers not in (1, 2):
             raise ValueError(f"the KSM world runs 1 or 2 fault handlers, not {fault_handlers}")
         self.faultd_names = ["faultd", "faultd1"][:fault_handlers]
+        kill, kill2 = ("vm0" if k == "vm" else k for k in (kill, kill2))      # ("vm": the first VM's process)
+        vm_names = [f"vm{v}" for v in range(nvms)]
         for k in (kill, kill2):
-            if k is not None and k not in ["ksmd"] + self.faultd_names:
-                raise ValueError(f"kill {k!r} is not one of {['ksmd'] + self.faultd_names}")
+            if k is not None and k not in ["ksmd"] + self.faultd_names + vm_names:
+                raise ValueError(f"kill {k!r} is not one of {['ksmd'] + self.faultd_names + vm_names}")
         if kill2 and not kill:
             raise ValueError("kill2 is a second kill: it needs kill")
         if mitigation not in MITIGATIONS:
@@ -133,7 +142,9 @@ class KsmWorld(Programs, OldLock, Invariants, Delivery, Scheduling):
         self.same_pending: list[dict] = []         # watched writes whose fault handler tasks may still run
         self.kill = kill
         self.killed = False
-        self.up = {a: True for a in ["ksmd"] + self.faultd_names}   # False from the kill to the restart
+        self.up = {a: True for a in ["ksmd"] + self.faultd_names + vm_names}   # False from the kill to the restart
+        self.exits: list[int] = []                  # mms ksmd is to forget (a dead VM's: ksm_exit at a boundary)
+        self.teardowns = 0                          # dead VMs not torn down yet (ksmd scans on meanwhile)
         self.links: dict[tuple, NotifierLink] = {}  # (notifier, mm) -> the VM's end of its channel
         self.lost: set[int] = set()                 # FAULT corrs the dead fault handler never answered
         self.frozen = False
@@ -179,6 +190,8 @@ class KsmWorld(Programs, OldLock, Invariants, Delivery, Scheduling):
                                     max_page_sharing=max_page_sharing, use_zero_pages=use_zero_pages,
                                     smart_scan=smart_scan, scanners=scanners,
                                     mitigation=MITIGATIONS.index(mitigation)))
+        for k, v in self.scan.knobs.items():        # (sysfs: where a restarted scanner loads them from)
+            self.stats.knobs[KNOBS.index(k)] = v
         for v in range(nvms):
             self._make_vm(v, npages, device and v == 0)
         self.pending_loss = collections.defaultdict(set)   # mm -> dead notifiers its VM has not noticed yet
@@ -300,7 +313,8 @@ class KsmWorld(Programs, OldLock, Invariants, Delivery, Scheduling):
         self.locks[key] = t.name
 
     def finished(self) -> bool:
-        return all(t.done for t in self.threads) and not any(self.queues.values()) and not any(self.shardq.values())
+        """Every thread ended (a kill that can no longer happen, of a VM once ksmd ended, ends too)."""
+        return all(t.done or (t.pending.__class__ is _Kill and not self._runnable(t)) for t in self.threads) and not any(self.queues.values()) and not any(self.shardq.values())
 
     def state_key(self):
         return None
@@ -343,7 +357,8 @@ class KsmWorld(Programs, OldLock, Invariants, Delivery, Scheduling):
             NotifierLost: lambda e: self._notifier_lost_one(self.vms[e.mm], e.peer),
             Respawn: lambda e: self._restart(e.group),
             Reply: lambda e: self._reply(self.cur, e.err, e.msg, e.entries),
-            _Micro: lambda e: e.run(), ShardSend: self._w_shard_send, ShardRecv: self._w_shard_recv})
+            _Micro: lambda e: e.run(), ShardSend: self._w_shard_send, ShardRecv: self._w_shard_recv,
+            ForgetMM: self._w_forget_mm, _AwaitForget: self._w_await_forget})
         b.name = "the checker"
         return b
 
@@ -406,9 +421,16 @@ class KsmWorld(Programs, OldLock, Invariants, Delivery, Scheduling):
         self.cur_rec["flow_out"] = corr
         t.pending = _AwaitReply(corr, idx, flags)
 
-    def _w_freeze(self, e):
-        self.frozen = True
-        return True
+    def _w_freeze(self, e):         # (dead scanners cannot be held: their own recovery repairs)
+        self.frozen = self.up["ksmd"]
+        return self.frozen
+
+    def _w_forget_mm(self, e):      # (ksmd forgets at its next batch boundary: waited for)
+        return BLOCK if self._forget(self.cur, e) else None
+
+    def _w_await_forget(self, e):
+        if e.mm in self.exits:      # (ksmd died before it forgot)
+            self.exits.remove(e.mm)
 
     def _w_thaw(self, e):
         self.frozen = False
@@ -455,7 +477,7 @@ def world_factory(mode: str, brk: str | None = None, scenario: str | None = None
         raise ValueError(f"unknown scenario {scenario!r}; one of: {', '.join(SCENARIOS)}")
     if brk in BREAK_KILLS and config.get("kill") is None:
         config["kill"] = BREAK_KILLS[brk]
-    kills = ["ksmd", "faultd"] + (["faultd1"] if config.get("fault_handlers", 1) == 2 else [])
+    kills = ["ksmd", "faultd"] + (["faultd1"] if config.get("fault_handlers", 1) == 2 else []) + ["vm"]
     if isinstance(config.get("kill"), str) and "," in config["kill"]:     # "faultd,ksmd": a second kill
         config["kill"], config["kill2"] = config["kill"].split(",", 1)
     for k in (config.get("kill"), config.get("kill2")):

@@ -42,7 +42,7 @@ SHARDED = dict(scanners=2, fill=(2, 1), writes=(((1, -1), (0, 1), (1, 2)), ((1, 
                smart_scan=0, complete=True, pages_to_scan=1000, first_scan=1)
 
 
-KILLS = ("ksmd", "faultd", "faultd1")
+KILLS = ("ksmd", "faultd", "faultd1", "vm")      # "vm": vm0's process
 
 
 RECOVER = ("recover",)          # the supervisor's recover_lock: a recovery and a VM's spawn (fork) exclude
@@ -159,6 +159,22 @@ class VMState:
         self.replies: dict[int, tuple] = {}
         self.efault_expected = False
         self.sig: dict | None = None        # the effects of the write being watched ("same behaviour")
+        self.dead = False                   # its process was killed (its secondary MMUs died with it)
+        self.left = False                   # its writer is no longer counted in writers_left
+
+
+class _AwaitForget(Effect):
+    """The supervisor waits until ksmd has forgotten mm `mm` (ksm_exit at its next batch boundary)."""
+    __slots__ = ("mm",)
+
+    def __init__(self, mm):
+        self.mm = mm
+
+    def footprint(self):
+        return ((("scans",), "r"),)
+
+    def __repr__(self):
+        return f"wait for ksmd to forget mm {self.mm}"
 
 
 class _AwaitRestore(Effect):
@@ -187,7 +203,7 @@ class _Micro(Effect):
 
 
 _READ_ONLY = frozenset({Load, Checksum, Compare, WaitAcks, WaitIdle, _AwaitScan, _AwaitReply, Reply, Notify,
-                        _AwaitRestore})
+                        _AwaitRestore, _AwaitForget})
 
 
 def _lname(key) -> str:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 class Break:
     name: str
     what: str                            # one line: the step removed
-    kill: str | None = None              # the actor whose kill -9 the break needs ("faultd", "ksmd")
+    kill: str | None = None              # the actor whose kill -9 the break needs ("faultd", "ksmd", "vm")
     modes: tuple | None = None           # the notifier modes where it breaks anything (None: all)
     scenario: str = "base"               # the scenario it shows in
     scanners: int = 1                    # 2: a step of the scanners' round protocol
@@ -57,6 +57,14 @@ _DECLARED = (
           kill="ksmd", config={"pace": False}),
     Break("respawn-before-repair", "the supervisor's recovery starts the successor (and thaws ksmd) before it "
           "repaired the frame table from the PTEs", kill="faultd"),
+    Break("no-vm-forget", "after a VM's death the supervisor frees its mm (exit_mmap) without first having the "
+          "scanners and its fault handler forget it: ksmd goes on scanning a page table that is gone",
+          kill="vm"),
+    Break("no-vm-repair", "after a VM's death the supervisor frees its mm without repairing the frame table: "
+          "what the VM left half done in its own page table (a PTE cleared, its frame not put) stays", kill="vm",
+          # vm0 discards its pages over and over, unpaced: many kill points inside its own MADV_DONTNEED
+          config={"writes": (((0, -1), (1, -1), (0, 3), (0, -1), (1, -1), (1, 4)), ((1, 2), (1, 1))),
+                  "pace": False}),
     Break("fork-no-write-protect", "fork leaves the parent's PTEs (and its secondary MMUs' translations) "
           "writable while the child maps the same frames", scenario="fork"),
     Break("vusion-no-fake-protect", "mitigation vusion: ksmd leaves the merge candidates it did not merge "

@@ -27,13 +27,13 @@ import collections
 
 import numpy as np
 
-from proto.layout import PAGE_SHIFT, PTE_YOUNG, USER_BASE
+from proto.layout import PAGE_SHIFT, PTE_PRESENT, PTE_YOUNG, USER_BASE
 from proto.messages import Msg, NOTIFIER_TYPES
 
 from proto.layout import SUB_ACTIVE, SUB_CHANGE_PTE
 
 from workers.mm.breaks import NONE
-from workers.mm.effects import PTE, SUBS, Effect, Load, Notify, Store, WaitAcks
+from workers.mm.effects import PTE, SUBS, Effect, Load, Lock, Notify, Store, Unlock, WaitAcks, ptl
 
 MODES = ("change_pte", "wrapped", "invalidate")
 U64 = np.uint64
@@ -216,6 +216,31 @@ def clear_flush_young(mm: int, entries):
     h = yield Notify(mm, Msg.CLEAR_YOUNG, [s for s, _ in subs], entries)
     acks = yield WaitAcks([h])
     return any(acks)
+
+
+def page_referenced(mm: int, idx):
+    """page_referenced (mm/rmap.c) for pages idx of mm: under its ptl, test and clear the young bit of
+    each present PTE, then clear_flush_young of the secondary MMUs for those pages.  Returns how many
+    pages were referenced (at least 1 if only a secondary MMU had seen an access)."""
+    idx = np.atleast_1d(np.asarray(idx, dtype=np.int64))
+    yield Lock(ptl(mm))
+    try:
+        pte = yield Load(PTE, mm, idx)
+        live = (pte & U64(PTE_PRESENT)) != 0
+        idx, pte = idx[live], pte[live]
+        referenced = int(((pte & U64(PTE_YOUNG)) != 0).sum())
+        if len(idx):
+            old = pte & ~U64(PTE_YOUNG)
+            yield Store(PTE, mm, idx, old)
+            if (yield from clear_flush_young(mm, entries_for(idx, old))):
+                referenced = max(referenced, 1)
+    except GeneratorExit:           # abandoned (a checker run cut short): nothing to release
+        raise
+    except BaseException:
+        yield Unlock(ptl(mm))
+        raise
+    yield Unlock(ptl(mm))
+    return referenced
 
 
 class SecondaryMMU:

@@ -15,15 +15,29 @@
      reconnect and send again the faults the dead one never answered; new scanners rebuild
      their state from shared memory, the followers before the leader).
 
-The supervisor (actors/supervisor.py) runs it with effects that are control calls to real
-processes; `ksm-proto check` (check/world.py) runs it as one more thread of its world, with a
-kill -9 at any step of the others.  Its breaks (mm/breaks.py) remove a step.
+`vm_died` is what the supervisor does once a VM died (kill -9: its secondary MMUs died with it,
+the kernel dropped its ptl if it held it, its channels closed, so ksmd and its fault handler
+waiting on its acks or APPLIED went on as for a subscriber that does not answer), or exited:
+
+  1. the scanners and its fault handler forget its mm (`ForgetMM`; ksm_exit: its rmap items leave
+     the trees, at a batch boundary);
+  2. exit_mmap (mm/vma.py) under its ptl: every frame it maps loses that mapping (freed when it
+     was the last), so a fault or merge still finishing on it under ptl completes first; without
+     the ptl if a hung actor holds it past the timeout;
+  3. a VM that died (not one that exited): ksmd frozen, the frame table repaired from the PTEs under
+     every ptl, ksmd thawed: the VM changes its own page table in its own process (MADV_DONTNEED,
+     mprotect, fork) and a kill -9 halfway leaves a PTE cleared whose frame was not put yet.
+
+The supervisor (actors/supervisor.py) runs both with effects that are control calls to real
+processes; `ksm-proto check` (check/world.py) runs them as one more thread of its world, with a
+kill -9 at any step of the others.  Their breaks (mm/breaks.py) remove a step.
 """
 from __future__ import annotations
 
 from workers.mm.breaks import NONE
 from workers.mm.effects import Effect
 from workers.mm.repair import repair_frames
+from workers.mm.vma import exit_mmap
 
 
 class Freeze(Effect):
@@ -66,6 +80,53 @@ class Respawn(Effect):
 
     def __repr__(self):
         return f"restart {self.group}"
+
+
+class ForgetMM(Effect):
+    """`actor` forgets mm `mm`: "ksmd" (the leader has every scanner drop it: ksm_exit, at a batch
+    boundary) or a fault handler (its channel and mapping of the mm go)."""
+    __slots__ = ("actor", "mm")
+
+    def __init__(self, actor: str, mm: int):
+        self.actor, self.mm = actor, mm
+
+    def footprint(self):
+        return ((("scans",), "w"),) if self.actor == "ksmd" else ()
+
+    def __repr__(self):
+        return f"{self.actor} forgets mm {self.mm}"
+
+
+def vm_died(mm: int, notifiers=(), all_mms=None, nframes: int = 0, brk=NONE):
+    """The teardown of mm `mm` whose VM died or exited: each of `notifiers` (the actors that know the mm:
+    "ksmd" and its fault handler) forgets it, then exit_mmap under its ptl (without it if a hung actor
+    holds it past the lock's timeout: the mm goes all the same).
+
+    all_mms (a VM that died, not one that exited cleanly): then the frame table is repaired from the
+    PTEs of all_mms() with ksmd frozen, as after any actor's death: a VM killed halfway through its own
+    MADV_DONTNEED, mprotect or fork leaves what the kernel would never leave (a PTE cleared and its
+    frame not yet put, a child's PTE set before its reference was taken).  Returns {"unmapped": mappings
+    dropped, "unlocked": True where the ptl could not be taken, and the repair's counts}."""
+    if "no-vm-forget" not in brk:
+        for a in notifiers:
+            yield ForgetMM(a, mm)
+    try:
+        done = {"unmapped": (yield from exit_mmap(mm))}
+    except TimeoutError:
+        done = {"unmapped": (yield from exit_mmap(mm, lock=False)), "unlocked": True}
+    if all_mms is None or "no-vm-repair" in brk:
+        return done
+    frozen = yield Freeze()
+    if frozen is False:             # a live ksmd may hold frame references outside any ptl: no repair
+        done["repair_skipped"] = "ksmd could not be frozen"
+        return done
+    try:
+        done.update((yield from repair_frames(all_mms(), nframes)))
+    except TimeoutError as x:
+        done["repair_failed"] = str(x)
+    if frozen:
+        yield Thaw()
+    return done
 
 
 def victims(groups, scanners: list[str]) -> list[str]:

@@ -407,9 +407,9 @@ def exit_mmap(mm: int, lock: bool = True):
             return 0
         live = pte[present]
         zero = int(((live & U64(PTE_SPECIAL)) != 0).sum())
+        yield Store(PTE, mm, present, np.zeros(len(present), dtype=U64))    # (no PTE maps a frame it put)
         yield Put((live >> U64(PAGE_SHIFT)).astype(np.int64))
         if zero:
             yield ZeroPagesAdd(mm, -zero)
-        yield Store(PTE, mm, present, np.zeros(len(present), dtype=U64))
         return len(present)
     return (yield from (_locked(mm, body()) if lock else body()))

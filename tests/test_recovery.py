@@ -203,22 +203,28 @@ def test_a_kill_of_an_actor_the_world_lacks_is_a_usage_error():
     assert p.returncode == 2 and "this world's actors are ksmd, faultd" in p.stderr
 
 
+def _random_run(factory, seed: int):
+    """One random schedule of a new world, every step's invariants checked; the finished world."""
+    import random
+    w, rng = factory(), random.Random(seed)
+    for _ in range(20_000):
+        en = w.enabled()
+        if not en:
+            break
+        w.take(rng.randrange(len(en)))
+        assert not w.violations()
+    assert w.finished() and w.final_violations() == []
+    return w
+
+
 @pytest.mark.parametrize("kills", ["faultd,ksmd", "ksmd,faultd", "faultd,faultd"])
 def test_a_second_kill_during_the_first_recovery(kills):
     """A second death at any time after the first, its recovery included: recovered in turn (as the
     supervisor's watcher does), no violation, and some runs do kill during a recovery."""
-    import random
     f = world_factory("wrapped", kill=kills)
     during = 0
     for seed in range(40):
-        w, rng = f(), random.Random(seed)
-        for _ in range(20_000):
-            en = w.enabled()
-            if not en:
-                break
-            w.take(rng.randrange(len(en)))
-            assert not w.violations()
-        assert w.finished() and w.final_violations() == []
+        w = _random_run(f, seed)
         during += w.coverage["a kill during a recovery"]
     assert during > 0
 
@@ -299,18 +305,10 @@ def test_kill_sweep_of_a_vm_is_clean_and_hits_it_mid_work(mode):
 def test_a_dead_vm_is_torn_down_and_its_frames_freed():
     """A run that kills vm0 ends with its mm gone and every frame it alone mapped free (frame accounting
     exact); the other VM read back everything it wrote."""
-    import random
     f = world_factory("wrapped", kill="vm")
     torn = 0
     for seed in range(20):
-        w, rng = f(), random.Random(seed)
-        for _ in range(20_000):
-            en = w.enabled()
-            if not en:
-                break
-            w.take(rng.randrange(len(en)))
-            assert not w.violations()
-        assert w.finished() and w.final_violations() == []
+        w = _random_run(f, seed)
         if w.vms[0].dead:
             torn += 1
             assert 0 not in w.mem.mms and all(0 not in sc.slots for sc in w.scans)

@@ -134,15 +134,9 @@ class Delivery:
         for t in self.threads:
             if t.actor not in members or t.done:
                 continue
-            for gen in reversed(t.stack):
-                gen.close()
-            t.stack, t.done, t.pending = [], True, None
-            t.killed = True
+            self._abandon(t)
             if target in self.faultd_names and not getattr(t, "replied", False):
                 self.lost.add(t.corr)
-            for key, holder in self.locks.items():
-                if holder == t.name:
-                    self.locks[key] = None
         if target == "ksmd":
             self.shardq.clear()         # the mesh dies with them
         for v in self.vms:
@@ -156,6 +150,17 @@ class Delivery:
             for m in members:
                 self.queues[(v.id, f"{m}.ack")].clear()
 
+    def _abandon(self, t: Thread) -> None:
+        """t's process died between two of its steps: its generators abandoned, its locks dropped (as the
+        kernel drops a dead process's OFD locks)."""
+        for gen in reversed(t.stack):
+            gen.close()
+        t.stack, t.done, t.pending = [], True, None
+        t.killed = True
+        for key, holder in self.locks.items():
+            if holder == t.name:
+                self.locks[key] = None
+
     def _kill_vm(self, v: VMState) -> None:
         """A VM's process dies: its writer abandoned (its ptl, or the recover lock of a fork, dropped), its
         secondary MMUs gone with it, its channels closed: what was sent to it is never read, and each ack
@@ -164,15 +169,8 @@ class Delivery:
         v.dead = True
         self.teardowns += 1
         for t in self.threads:
-            if t.vm is not v or t.done:
-                continue
-            for gen in reversed(t.stack):
-                gen.close()
-            t.stack, t.done, t.pending = [], True, None
-            t.killed = True
-            for key, holder in self.locks.items():
-                if holder == t.name:
-                    self.locks[key] = None
+            if t.vm is v and not t.done:
+                self._abandon(t)
         mm = self.mem.mms[v.id]
         for src in self.scanner_names + [self.faultd_of(v.id)]:
             for item in self.queues[(src, v.id)]:

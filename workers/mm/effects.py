@@ -536,6 +536,21 @@ def compare_many(mem: memoryview, a, b) -> np.ndarray:
                         for x, y in zip(a.tolist(), b.tolist())), dtype=bool, count=len(a))
 
 
+def under_ptl(mm: int, body):
+    """Run generator body under ptl(mm): the lock is released on every path (not when abandoned: a
+    checker run cut short, a killed actor, whose locks the kernel drops)."""
+    yield Lock(ptl(mm))
+    try:
+        result = yield from body
+    except GeneratorExit:
+        raise
+    except BaseException:
+        yield Unlock(ptl(mm))
+        raise
+    yield Unlock(ptl(mm))
+    return result
+
+
 # ---------------------------------------------------------------- footprint helpers
 # The frame table (flags, mapcount, stable, the allocator) is one resource; frame bytes are
 # one resource per frame, and allocating (which may zero any free frame) conflicts with all.

@@ -45,7 +45,7 @@ from proto.layout import (FRAME_ANON, FRAME_KSM, FRAME_ZERO, PAGE_SHIFT, PTE_DIR
 from proto.messages import FAULT_UNSHARE, FAULT_WRITE
 
 from workers.mm.effects import (FLAGS, MAPCOUNT, PTE, VMAS, Alloc, CopyPages, Load, Lock, Put, Reply, Store, Unlock,
-                      WaitAcks, ZeroPagesAdd, ptl)
+                      WaitAcks, ZeroPagesAdd, ptl, under_ptl)
 from workers.mm.mmu_notifier import set_pte_at_notify
 from workers.mm.pte import may_access, vma_flags_list
 from workers.mm.breaks import NONE
@@ -300,8 +300,7 @@ def put_uninstalled(mm: int, idx: list, new: list):
 
 def unmerge_ksm_pages_of_mm(mm: int, mode: str, chunk: int = 4096):
     """run=2 for one mm: every KSM page and KSM zero page becomes a private copy (break_ksm)."""
-    yield Lock(ptl(mm))
-    try:
+    def body():
         pte = yield Load(PTE, mm, None)
         present = (pte & np.uint64(PTE_PRESENT)) != 0
         pfn = (pte >> np.uint64(PAGE_SHIFT)).astype(np.int64)
@@ -311,13 +310,8 @@ def unmerge_ksm_pages_of_mm(mm: int, mode: str, chunk: int = 4096):
         for k in range(0, len(idx), chunk):
             part = idx[k:k + chunk]
             yield from wp_page_copy(mm, part.tolist(), pfn[part].tolist(), special[part].tolist(), False, mode)
-    except GeneratorExit:
-        raise
-    except BaseException:
-        yield Unlock(ptl(mm))
-        raise
-    yield Unlock(ptl(mm))
-    return len(idx)
+        return len(idx)
+    return (yield from under_ptl(mm, body()))
 
 
 def fault_reply_errno(exc: BaseException, mm: int) -> tuple[int, str] | None:

@@ -33,7 +33,7 @@ from proto.messages import Msg, NOTIFIER_TYPES
 from proto.layout import SUB_ACTIVE, SUB_CHANGE_PTE
 
 from workers.mm.breaks import NONE
-from workers.mm.effects import PTE, SUBS, Effect, Load, Lock, Notify, Store, Unlock, WaitAcks, ptl
+from workers.mm.effects import PTE, SUBS, Effect, Load, Notify, Store, WaitAcks, under_ptl
 
 MODES = ("change_pte", "wrapped", "invalidate")
 U64 = np.uint64
@@ -223,8 +223,8 @@ def page_referenced(mm: int, idx):
     each present PTE, then clear_flush_young of the secondary MMUs for those pages.  Returns how many
     pages were referenced (at least 1 if only a secondary MMU had seen an access)."""
     idx = np.atleast_1d(np.asarray(idx, dtype=np.int64))
-    yield Lock(ptl(mm))
-    try:
+
+    def body(idx):
         pte = yield Load(PTE, mm, idx)
         live = (pte & U64(PTE_PRESENT)) != 0
         idx, pte = idx[live], pte[live]
@@ -234,13 +234,8 @@ def page_referenced(mm: int, idx):
             yield Store(PTE, mm, idx, old)
             if (yield from clear_flush_young(mm, entries_for(idx, old))):
                 referenced = max(referenced, 1)
-    except GeneratorExit:           # abandoned (a checker run cut short): nothing to release
-        raise
-    except BaseException:
-        yield Unlock(ptl(mm))
-        raise
-    yield Unlock(ptl(mm))
-    return referenced
+        return referenced
+    return (yield from under_ptl(mm, body(idx)))
 
 
 class SecondaryMMU:

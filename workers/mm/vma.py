@@ -44,8 +44,7 @@ from proto.layout import (FRAME_ANON, FRAME_KSM, FRAME_ZERO, MMF_VM_MERGE_ANY, M
 from proto.messages import FAULT_UNSHARE, Msg
 
 from workers.mm.kvm import FAULT_BATCH, FaultCall
-from workers.mm.effects import (FLAGS, MAPCOUNT, MMFLAGS, PTE, VMAS, Get, Load, Lock, Put, Store, Unlock, ZeroPagesAdd,
-                      ptl)
+from workers.mm.effects import FLAGS, MAPCOUNT, MMFLAGS, PTE, VMAS, Get, Load, Put, Store, ZeroPagesAdd, under_ptl
 from workers.mm.mmu_notifier import LocalNotify, entries_for
 from workers.mm.pte import PROT_BITS, page_range, vma_mask, vma_pieces, vma_table, vmas_with, vmas_without
 from workers.mm.breaks import NONE
@@ -56,20 +55,6 @@ _FORK_FLAGS = MMF_VM_MERGEABLE | MMF_VM_MERGE_ANY     # what a child's mm inheri
 
 def _store(region, mm, idx, value):
     yield Store(region, mm, idx, value)
-
-
-def _locked(mm: int, body):
-    """Run generator body under ptl(mm); the lock is released on every path (not when abandoned)."""
-    yield Lock(ptl(mm))
-    try:
-        result = yield from body
-    except GeneratorExit:           # abandoned (a checker run cut short): nothing to release
-        raise
-    except BaseException:
-        yield Unlock(ptl(mm))
-        raise
-    yield Unlock(ptl(mm))
-    return result
 
 
 def _invalidated(mm: int, subs, entries, body, notify: bool = True):
@@ -128,7 +113,7 @@ def madvise_dontneed(mm: int, subs, start: int, end: int, brk=NONE):
             return OSError(errno.ENOMEM, f"part of [{start:#x}, {end:#x}) is not mapped (from {holes[0]:#x}; "
                                          f"the rest was discarded)")
         return None
-    err = yield from _locked(mm, body())
+    err = yield from under_ptl(mm, body())
     if err is not None:
         raise err
 
@@ -143,7 +128,7 @@ def do_munmap(mm: int, subs, npages: int, start: int, end: int, brk=NONE):
         yield Store(VMAS, mm, None, vma_table(vmas_without(vmas, start, end)))
         i0, i1 = page_range(start, end)
         yield from zap_page_range(mm, subs, max(0, i0), min(npages, i1), brk)
-    yield from _locked(mm, body())
+    yield from under_ptl(mm, body())
 
 
 # ---------------------------------------------------------------- mprotect
@@ -174,7 +159,7 @@ def do_mprotect(mm: int, subs, start: int, end: int, prot_flags: int, brk=NONE):
         if holes:
             return OSError(errno.ENOMEM, f"mprotect: {holes[0]:#x} is not mapped (the range before it changed)")
         return None
-    err = yield from _locked(mm, body())
+    err = yield from under_ptl(mm, body())
     if err is not None:
         raise err
 
@@ -256,7 +241,7 @@ def dup_mmap(parent: int, child: int, subs, brk=NONE):
         if nzero:
             yield ZeroPagesAdd(child, nzero)
         return len(cidx)
-    return (yield from _locked(parent, body()))
+    return (yield from under_ptl(parent, body()))
 
 
 # ---------------------------------------------------------------- merge-any (prctl PR_SET_MEMORY_MERGE)
@@ -271,7 +256,7 @@ def ksm_enable_merge_any(mm: int):
         yield Store(VMAS, mm, None, vma_table([(s, e, f if f & VM_KSM_IGNORED else f | VM_MERGEABLE)
                                                for s, e, f in vmas]))
         yield Store(MMFLAGS, mm, None, mmflags | MMF_VM_MERGE_ANY | MMF_VM_MERGEABLE)
-    yield from _locked(mm, body())
+    yield from under_ptl(mm, body())
 
 
 def ksm_disable_merge_any(mm: int):
@@ -287,7 +272,7 @@ def ksm_disable_merge_any(mm: int):
         yield Store(VMAS, mm, None, vma_table([(s, e, f & ~VM_MERGEABLE) for s, e, f in vmas]))
         yield Store(MMFLAGS, mm, None, mmflags & ~MMF_VM_MERGE_ANY)
         return [page_range(s, e) for s, e, f in vmas if f & VM_MERGEABLE]
-    ranges = yield from _locked(mm, body())
+    ranges = yield from under_ptl(mm, body())
     try:
         for i0, i1 in ranges:
             yield from unmerge_ksm_pages(mm, i0, i1)
@@ -347,7 +332,7 @@ def do_mmap(mm: int, npages: int, mm_pages: int, vm_flags: int):
         if flags & VM_MERGEABLE and not mmflags & MMF_VM_MERGEABLE:
             yield Store(MMFLAGS, mm, None, mmflags | MMF_VM_MERGEABLE)
         return start
-    return (yield from _locked(mm, body()))
+    return (yield from under_ptl(mm, body()))
 
 
 def ksm_madvise(mm: int, start: int, end: int, mergeable: bool):
@@ -383,7 +368,7 @@ def ksm_madvise(mm: int, start: int, end: int, mergeable: bool):
             if not mmflags & MMF_VM_MERGEABLE:
                 yield Store(MMFLAGS, mm, None, mmflags | MMF_VM_MERGEABLE)
         return unshare, unmapped or covered < end
-    unshare, unmapped = yield from _locked(mm, body())
+    unshare, unmapped = yield from under_ptl(mm, body())
     for lo, hi in unshare:
         try:
             yield from unmerge_ksm_pages(mm, *page_range(lo, hi))
@@ -412,4 +397,4 @@ def exit_mmap(mm: int, lock: bool = True):
         if zero:
             yield ZeroPagesAdd(mm, -zero)
         return len(present)
-    return (yield from (_locked(mm, body()) if lock else body()))
+    return (yield from (under_ptl(mm, body()) if lock else body()))

@@ -175,6 +175,19 @@ def test_record_format_and_file_name(tmp_path):
     assert e[0] == "e" and len(e) == 2
 
 
+def test_each_line_is_the_json_of_its_record():
+    """The formatted fast paths write exactly what the JSON encoder would; a value they do not take (a
+    float counter, a string or bool span argument, numpy ints) goes to the encoder."""
+    from proto.trace import _line
+    recs = [("m", 12345678901, "send", "vm:a\"b", "FAULT_REPLY", 3, -1, 0x7f0000001000, 1, 0, 0x12345067, 42),
+            ("s", 1, 15000, "handle_mm_fault", 3, {"pages": 1, "write": 1}), ("s", 1, 2, "span", -1, {}),
+            ("s", 1, 2, "span", -1, {"ok": True}), ("s", 1, 2, "span", -1, {"what": "x"}),
+            ("c", 1, "pages_shared", 1234), ("c", 1, "ratio", 1.5), ("c", 1, "n", np.int64(7)),
+            ("m", 1, "recv", "ksmd", "ACK", np.int64(2), 0, 0, 0, 0, 0, 9)]
+    for r in recs:
+        assert json.loads(_line(r)) == json.loads(json.dumps([v.item() if hasattr(v, "item") else v for v in r]))
+
+
 def test_tracing_off_is_none_and_no_actor_records(ksm_machine_factory, tmp_path):
     """Off, the tracer is None (each call site is one `if tr:`), and no actor of a Machine gets a trace
     directory or opens a trace file through a merge and a COW. (What off costs beside on: the bench's

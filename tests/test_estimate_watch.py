@@ -102,6 +102,9 @@ def test_batch_arithmetic():
     pre = np.concatenate([[0.0], np.cumsum(np.full(300, 1e-6))])
     assert ksmd_cost.batch_cpu_s(pre, 100, 100, cold) == pytest.approx(1e-4 * (2 - np.exp(-1)))
     assert ksmd_cost.batch_cpu_s(pre, 0, 10, {"batch_cpu": 1e-3}) == pytest.approx(1e-3 + 1e-5)
+    # a volatile visit is not raised by a cold batch: here 40 of the 100 pages' 1 us, counted once
+    flat = np.concatenate([[0.0], np.cumsum(np.where(np.arange(300) % 5 < 2, 1e-6, 0.0))])
+    assert ksmd_cost.batch_cpu_s(pre, 100, 100, cold, flat) == pytest.approx(6e-5 * (2 - np.exp(-1)) + 4e-5)
 
 
 def test_fit_in_place_recovers_the_model():

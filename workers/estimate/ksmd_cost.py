@@ -23,9 +23,9 @@ twice each):
     cold, cold_pages  page i of a batch costs (1 + cold * exp(-i / cold_pages)) times its warm
              cost (cold_factor), a volatile page excepted (batch_cpu_s): between two batches
              ksmd sleeps and the rest of the machine runs, so what it walks (trees, rmap items,
-             page tables) is out of the caches when it wakes, and it warms them as it goes.  On this 2-core VM a full scan in batches
-             of 100 pages costs some 1.3 to 1.7 times the same scan in one batch, in batches
-             of 1000 some 1.0 to 1.5 times: a fixed CPU cost per batch (the optional
+             page tables) is out of the caches when it wakes, and it warms them as it goes.
+             On this 2-core VM a full scan in batches of 100 pages costs some 1.3 to 1.7
+             times the same scan in one batch, in batches of 1000 some 1.0 to 1.5 times: a fixed CPU cost per batch (the optional
              batch_cpu), which made 100-page batches too dear, does not fit that.
     kappa    ksmd's wall time per second of its CPU within a batch (above 1 when it has to
              wait for a CPU on a busy machine)

@@ -105,6 +105,13 @@ ROWS = [
     ("chaos", "counter writes", "chaos.writes", ""),
     ("chaos", "writes lost", "chaos.lost", "0"),
     ("chaos", "rounds with a frame problem or a writer error", "chaos.failed_rounds", "0"),
+    *[("estimate-live", f"{w}: {what}", f"estimate-live.workloads[name={w}].{key}", goal)
+      for w in ("demo", "volatile") for what, key, goal in (
+          ("every value within its tolerance, every setting", "ok", "yes"),
+          ("savings at the end, largest error over the settings", "worst.bytes_saved", "within 10%"),
+          ("pages_volatile, largest error over the settings", "worst.pages_volatile", "within 20%"),
+          ("time to 90% of the savings, largest error over the settings", "worst.seconds_to_90", "within 25%"),
+          ("ksmd CPU share, largest error over the settings", "worst.ksmd_cpu_share", "within 25%"))],
     ("web", "run with the page open / closed, wall seconds", "web.ratio_spread", "<= 1.05x"),
     ("web", "the same, CPU seconds of the run's processes", "web.cpu_ratio_spread", ""),
     ("web", "page updates per second at 65,536 frames", "web.updates_per_s_spread", ""),
@@ -120,6 +127,7 @@ PARTS = {
     "estimate": "ksm-proto estimate",
     "chaos": "kill -9 under load (the chaos part)",
     "web": "The web view's cost",
+    "estimate-live": "ksm-proto estimate --watch against the kernel's KSM running live",
 }
 _STEP = re.compile(r"([^.\[]+)(?:\[([^=\]]+)=([^\]]+)\])?")
 
@@ -158,6 +166,8 @@ def cell(v, key: str = "") -> str:
         return f"{len(caught)} of {len(v)}" + (f" (missed: {', '.join(missed)})" if missed else "")
     if key.startswith("check.") and isinstance(v, dict):        # the extra scenarios: {runs, violations}
         return f"{v.get('schedules', '?'):,}, {'no violation' if not v.get('violations') else 'VIOLATION'}"
+    if key.startswith("estimate-live.") and ".worst." in key:       # a relative error
+        return f"{100 * v:+.1f}%"
     if isinstance(v, float):
         return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:,.3g}" if abs(v) < 10 else f"{v:,.1f}"
     if isinstance(v, int):
@@ -178,6 +188,9 @@ def load(results_dir: str) -> list[tuple[str, dict]]:
             raise ValueError(f"{os.path.join(results_dir, n)}: not JSON ({e})") from None
         if not isinstance(res, dict) or "machine" not in res:
             continue                                  # (not a bench results file)
+        if "tolerances" in res and "settings" in res and "estimate-live" not in res:
+            # estimate-live.json, the part's own file (bench/run.py): its values as a run's estimate-live
+            res = {"date": res.get("date"), "machine": res["machine"], "estimate-live": res}
         texts[n] = text
         runs.append((n, res))
     if "latest.json" in texts and any(t == texts["latest.json"] for n, t in texts.items() if n != "latest.json"):

@@ -24,7 +24,8 @@ The rules it predicts from (mm/ksm.c, smart_scan=0)
   by workers/mm/ksm/advisor.py (the kernel's scan_time_advisor(), also run by the scanner).
 - ksmd's CPU per page is this machine's, measured once (workers/estimate/ksmd_cost.py): a first
   visit, a volatile page, a unique page, a merge, a KSM page visited again; the first
-  pages of a batch cost more (ksmd wakes with cold caches: ksmd_cost.cold_factor).
+  pages of a batch cost more (ksmd wakes with cold caches: ksmd_cost.cold_factor), but for a
+  volatile page's visit, which costs the same in any batch (measured; ksmd_cost.batch_cpu_s).
 
 Stable or volatile, from the watch
 ----------------------------------
@@ -280,6 +281,8 @@ class Plan:
     merge_pos: np.ndarray        # sorted positions of the pages that merge on scan 2 (copies 2.. of a content)
     counters: dict               # at stability on the stable part: pages_shared, pages_sharing, pages_unshared,
                                  # pages_volatile (expected), ksm_zero_pages, bytes_saved
+    flat: np.ndarray | None = None   # the part of scans 2 on's costs a cold batch does not raise: the volatile
+                                     # visits (ksmd_cost.batch_cpu_s); None: none
 
 
 def plan_pages(w: Watch, cls: dict, cost: dict, knobs: dict) -> Plan:
@@ -330,7 +333,8 @@ def plan_pages(w: Watch, cls: dict, cost: dict, knobs: dict) -> Plan:
                 "pages_volatile": int(round(float(p.sum()))), "ksm_zero_pages": int(kzero.sum()),
                 "pages_stable": int(stable.sum()), "pages": n}
     counters["bytes_saved"] = (sharing + counters["ksm_zero_pages"]) * PAGE_SIZE
-    return Plan(n, first, second, steady, merge_pos, counters)
+    flat = np.where(dup | stable | kzero, 0.0, p * cost["volatile"])
+    return Plan(n, first, second, steady, merge_pos, counters, flat)
 
 
 def simulate(plan: Plan, knobs: dict, cost: dict, horizon: float, runtime0_ns: int = 0) -> dict:
@@ -344,6 +348,7 @@ def simulate(plan: Plan, knobs: dict, cost: dict, horizon: float, runtime0_ns: i
     """
     n = plan.n
     pre = [np.concatenate([[0.0], np.cumsum(c)]) for c in (plan.cost_first, plan.cost_second, plan.cost_steady)]
+    pre_flat = None if plan.flat is None else np.concatenate([[0.0], np.cumsum(plan.flat)])
     sleep_ms = int(knobs["sleep_millisecs"])
     advisor_on = int(knobs.get("advisor_mode", 0)) == 1
     if advisor_on:
@@ -368,7 +373,7 @@ def simulate(plan: Plan, knobs: dict, cost: dict, horizon: float, runtime0_ns: i
             scan_starts.append(t)
         k = min(pts, n - pos)
         ends = pos + k == n and k < pts              # room left in the batch for the call that ends the scan
-        dcpu = ksmd_cost.batch_cpu_s(pre[min(scans, 2)], pos, k, cost)
+        dcpu = ksmd_cost.batch_cpu_s(pre[min(scans, 2)], pos, k, cost, pre_flat if scans else None)
         if scans == 1 and nmerge:
             merged = int(np.searchsorted(plan.merge_pos, pos + k))
         work, cycle = ksmd_cost.batch_cycle(dcpu, sleep_ms, cost)

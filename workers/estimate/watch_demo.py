@@ -19,7 +19,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
-__all__ = ["DemoShape", "Demo"]
+__all__ = ["DemoShape", "Demo", "WORKLOADS"]
 
 WORKER = r"""
 import ctypes, mmap, os, random, select, sys, time
@@ -68,6 +68,19 @@ class DemoShape:
     fast: int = 256
     slow_s: float = 6.0
     fast_s: float = 0.05
+
+
+# The workloads `bench --only estimate-live` checks the estimate on (name, shape), the demo first:
+#   demo      mostly duplicates, a small volatile part; slow pages much slower than any full scan
+#             (they hold still over every scan), fast ones far faster (always volatile)
+#   volatile  six processes, few duplicates and a volatile part larger than the rest; slow pages
+#             every 2.5 s, as long as a full scan at pages_to_scan 100 and a few times one at 1000
+#             or with the advisor, so that a part of them changes between two scans and the
+#             prediction rests on the changed-between-scans probability, not on all or nothing
+WORKLOADS: list[tuple[str, DemoShape]] = [
+    ("demo", DemoShape()),
+    ("volatile", DemoShape(procs=6, dup=384, uniq=256, slow=768, fast=512, slow_s=2.5, fast_s=0.15)),
+]
 
 
 class Demo:

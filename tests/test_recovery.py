@@ -357,3 +357,32 @@ def test_the_checkers_restart_loads_the_knobs_as_ksmds_restart_does():
     for name in ("workers/check/delivery.py", "workers/actors/ksmd.py"):
         assert "loaded_knobs(self.stats.knob" in (ROOT / name).read_text()
     assert "knobs.update(old" not in (ROOT / "workers/check/delivery.py").read_text()
+
+
+def test_a_dead_scanners_change_pte_read_after_the_vm_changed_the_pte_is_dropped():
+    """A CHANGE_PTE still in the socket of a scanner that died (its ptl dropped by the kernel) may be read
+    after the VM changed that PTE itself (MADV_DONTNEED, then a fault to the zero page): applied, it
+    left kvm mapping a freed frame (`bench --only check`: kill -9 ksmd, 2 scanners, change_pte, seed 2,
+    run 244).  A CHANGE_PTE whose new PTE is not the primary PTE is stale: the translation is dropped."""
+    from proto.layout import PAGE_SHIFT, PAGE_SIZE, PTE_PRESENT, USER_BASE
+    from proto.messages import Msg
+    from workers.mm.mmu_notifier import NotifierLink, SecondaryMMU, receive_notification
+    kvm = SecondaryMMU(0, "kvm", 4, True)
+    primary = np.zeros(4, dtype=np.uint64)
+    zero, ksm_page = PTE_PRESENT, (2 << PAGE_SHIFT) | PTE_PRESENT
+    primary[1] = zero
+    kvm.spte[1] = zero                          # the VM faulted page 1 in again, to the zero page
+    link = NotifierLink("ksmd1")
+    receive_notification({0: kvm}, link, Msg.CHANGE_PTE, 0, [(USER_BASE + PAGE_SIZE, ksm_page)], primary)
+    assert int(kvm.spte[1]) == 0                # stale: dropped, not pointed at frame 2
+    primary[1] = ksm_page                       # a live sender: its PTE is the primary PTE
+    kvm.spte[1] = zero
+    receive_notification({0: kvm}, link, Msg.CHANGE_PTE, 0, [(USER_BASE + PAGE_SIZE, ksm_page)], primary)
+    assert int(kvm.spte[1]) == ksm_page
+    many = np.array([[USER_BASE, ksm_page], [USER_BASE + PAGE_SIZE, ksm_page]], dtype=np.uint64)
+    kvm.spte[0] = kvm.spte[1] = zero            # (the numpy path: page 0 stale, page 1 fresh)
+    receive_notification({0: kvm}, link, Msg.CHANGE_PTE, 0, many, primary)
+    assert kvm.spte[:2].tolist() == [0, ksm_page]
+    res = explore.random_runs(world_factory("change_pte", scanners=2, kill="ksmd"), seed=2, runs=250, max_steps=4000,
+                              shrink=False)
+    assert res.found is None, res.found and res.found.violations

@@ -35,7 +35,7 @@ class VMNotifierSide:
                          int(f.entries[0, 1]) if f.n else 0, f.corr)
         flags = 0
         try:
-            flags = receive_notification(self.subs, ch.link, f.type, f.sub, f.entries)
+            flags = receive_notification(self.subs, ch.link, f.type, f.sub, f.entries, self.mm.pte)
         except KeyError:
             log.error("%s: %s for unknown secondary MMU %d", self.name, Msg(f.type).name, f.sub)
         except ValueError as e:       # an address outside the mm, END without START: not applied

@@ -104,7 +104,7 @@ class Delivery:
         v = self.vms[dst]                    # a notifier message to one secondary MMU
         _, h, s, entries = item
         self._grammar(v, s, kind, src)
-        flags = receive_notification(v.subs, self._link(src, dst), Msg[kind], s, entries)
+        flags = receive_notification(v.subs, self._link(src, dst), Msg[kind], s, entries, self.mem.mms[dst].pte)
         self.queues[(dst, f"{src}.ack")].append(("ACK", h, flags))
 
     def _link(self, src: str, mm: int) -> NotifierLink:

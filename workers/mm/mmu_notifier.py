@@ -129,12 +129,18 @@ class NotifierLink:
         self.peer, self.open_starts, self.lost = peer, {}, False
 
 
-def receive_notification(subs: dict, link: NotifierLink, t: int, s: int, entries) -> int:
+def receive_notification(subs: dict, link: NotifierLink, t: int, s: int, entries, primary=None) -> int:
     """One notifier message from link's peer to secondary MMU s of subs: applied, its START/END
     counted on the link; returns the ack's flags.  KeyError for an unknown secondary MMU,
     ValueError for a message it cannot take (an address outside the mm, END without START):
-    nothing is applied then, and the caller still acks."""
-    flags = subs[s].apply(t, entries)
+    nothing is applied then, and the caller still acks.
+
+    primary: the mm's PTEs.  A CHANGE_PTE is sent under the ptl, after the PTE was stored, and the
+    sender keeps the ptl until the ack: a live sender's new PTE is the primary PTE when it arrives.
+    One that is not was sent by a notifier that died (its ptl dropped by the kernel) before the
+    mm changed that PTE again (the VM's own MADV_DONTNEED, say): it is stale, and the translation
+    is dropped instead of changed (SecondaryMMU.apply)."""
+    flags = subs[s].apply(t, entries, primary if t == _CHANGE_PTE else None)
     if t == _START:
         link.open_starts[s] = link.open_starts.get(s, 0) + 1
     elif t == _END:
@@ -259,10 +265,12 @@ class SecondaryMMU:
         self.log.append(name)
         self.logged += 1
 
-    def apply(self, t: int, entries) -> int:
+    def apply(self, t: int, entries, primary=None) -> int:
         """Apply one notifier message; returns the ack flags (young, for CLEAR_YOUNG).  entries: n x
         (addr, pte), an (n, 2) array or a list of pairs (a COW reply's).  One entry (a COW, a one-page
-        merge) in plain ints; more with numpy, in one pass over all of them."""
+        merge) in plain ints; more with numpy, in one pass over all of them.  primary (the mm's PTEs,
+        for a CHANGE_PTE from another process): a translation whose new PTE is no longer the primary
+        PTE is dropped, not changed (receive_notification)."""
         n = len(entries)
         name = _NAMES.get(t) or Msg(t).name          # (Msg(t): ValueError for a type that is none)
         self.msgs[name] += n if t != _REGISTER and t != _RELEASE else 1
@@ -284,7 +292,7 @@ class SecondaryMMU:
                 self.seq += 1
             elif t == _CHANGE_PTE:      # like kvm_set_spte_hva: only a translation that exists is changed
                 if spte.item(i):
-                    spte[i] = p
+                    spte[i] = p if primary is None or primary.item(i) == p else 0
                 self.seq += 1
             elif t == _INVALIDATE_PAGE:
                 spte[i] = 0
@@ -314,6 +322,10 @@ class SecondaryMMU:
         elif t == _CHANGE_PTE:
             # like kvm_set_spte_hva: only translations that exist are changed, in place
             live = self.spte[idx] != 0
+            if primary is not None:         # (stale: the primary PTE changed since: dropped)
+                stale = live & (primary[idx] != entries[:, 1])
+                self.spte[idx[stale]] = 0
+                live &= ~stale
             self.spte[idx[live]] = entries[live, 1]
             self.seq += 1
         elif t == _INVALIDATE_PAGE:

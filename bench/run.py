@@ -1092,7 +1092,7 @@ def table(res: dict) -> str:
                         f"{'VIOLATION' if r['violation'] else 'no violation'}, {f(r['schedules_per_s'])} schedules/s, "
                         f"{r['steps_per_s']:,} steps/s | | | none |")
         for key, what in (("fork", "the fork scenario"), ("two_scanners", "two scanners"),
-                          ("kill", "kill -9 of ksmd or faultd and the recovery")):
+                          ("kill", "kill -9 of ksmd, a fault handler or a VM, and the recovery")):
             if key in ck:
                 rows.append(f"| check, {what}: random schedules, every mode | {ck[key]['schedules']:,}, "
                             f"{'no violation' if not ck[key]['violations'] else 'VIOLATION'} | | | none |")

@@ -32,11 +32,11 @@ COW_REPLY = os.environ.get("KSM_PROTO_COW_REPLY", "1") == "1"
 
 
 class _Fault:
-    """One FAULT being served: its channel and frame, whether it was answered, and where it is parked."""
-    __slots__ = ("ch", "f", "replied", "t0", "gen", "deadline")
+    """One FAULT being served: its channel and frame, when it was read, and where it is parked."""
+    __slots__ = ("ch", "f", "t0", "gen", "deadline")
 
     def __init__(self, ch, f):
-        self.ch, self.f, self.replied, self.t0, self.gen, self.deadline = ch, f, False, 0, None, 0.0
+        self.ch, self.f, self.t0, self.gen, self.deadline = ch, f, 0, None, 0.0
 
 
 _FAULT, _APPLIED, _FAULT_REPLY = int(Msg.FAULT), int(Msg.APPLIED), int(Msg.FAULT_REPLY)

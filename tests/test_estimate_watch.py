@@ -23,7 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KOK, KWHY = kernel_ksm.available()
 root_only = pytest.mark.skipif(os.geteuid() != 0, reason="reading other processes' memory needs root")
 COST = {"first": 0.001, "volatile": 0.001, "unique": 0.002, "merge": 0.003, "ksm": 0.0005, "batch": 0.0,
-        "kappa": 1.0, "cold": 0.0, "cold_pages": 0, "hz": 250}
+        "kappa": 1.0, "cold": 0.0, "cold_pages": 0, "cold_first": 0.0, "hz": 250}
 
 
 def synthetic(rows: list[list[int | None]]) -> Watch:
@@ -129,6 +129,29 @@ def test_fit_in_place_recovers_the_model():
     runs = [(pts, sum(cs), 0.1) for pts in (100, 400, 1000, n + 1) for cs in [[
         1.2 * float(pre[p + k] - pre[p]) * ksmd_cost.cold_factor(k, made) for p, k in _batches(n, pts)]]]
     assert fit_in_place(hot, runs, 20, 250)["cold_pages"] == 300
+
+
+def test_the_first_scan_is_priced_by_cold_first_the_rest_by_cold():
+    """Batches of 4 pages, cold_pages 4: w(4) = 1 - 1/e.  Scan 1 (first visits, 1 ms hot) costs 1 + cold_first * w
+    times its hot cost, scans 2 on 1 + cold * w times theirs."""
+    plan = Plan(8, np.full(8, 0.001), np.full(8, 0.002), np.full(8, 0.0005), np.array([], np.int64),
+                {"pages_sharing": 0})
+    w = 1 - np.exp(-1)
+    cost = {**COST, "cold": 1.0, "cold_pages": 4, "cold_first": 0.25}
+    sim = simulate(plan, {"pages_to_scan": 4, "sleep_millisecs": 20}, cost, horizon=1.0)
+    s1 = 2 * 4 * 0.001 * (1 + 0.25 * w)                 # two full batches, then the empty one that ends the scan
+    s2 = 2 * 4 * 0.002 * (1 + w)
+    assert sim["scan_cpu"][:2] == pytest.approx([s1, s1 + s2])
+    old = simulate(plan, {"pages_to_scan": 4, "sleep_millisecs": 20}, {**cost, "cold_first": 1.0}, horizon=1.0)
+    assert old["scan_cpu"][0] == pytest.approx(2 * 4 * 0.001 * (1 + w))
+
+
+def test_fit_in_place_takes_the_median_of_repeats():
+    """A run repeated three times, one of them 24% slow (seen on a busy machine): the fit is that of the median."""
+    from workers.estimate.ksmd_cost import median_runs
+    runs = [(100, 1.0, 2.0), (6145, 0.6, 0.1), (100, 1.1, 2.2), (6145, 0.744, 0.12), (100, 0.9, 1.9),
+            (6145, 0.61, 0.11)]
+    assert median_runs(runs) == [(100, 1.0, 2.0), (6145, 0.61, 0.11)]
 
 
 def test_simulate_batch_by_batch():

@@ -24,8 +24,9 @@ The rules it predicts from (mm/ksm.c, smart_scan=0)
   by workers/mm/ksm/advisor.py (the kernel's scan_time_advisor(), also run by the scanner).
 - ksmd's CPU per page is this machine's, measured once (workers/estimate/ksmd_cost.py): a first
   visit, a volatile page, a unique page, a merge, a KSM page visited again; the first
-  pages of a batch cost more (ksmd wakes with cold caches: ksmd_cost.cold_factor), but for a
-  volatile page's visit, which costs the same in any batch (measured; ksmd_cost.batch_cpu_s).
+  pages of a batch cost more (ksmd wakes with cold caches: ksmd_cost.cold_factor; a first visit
+  by its own measured cold_first), but for a volatile page's visit, which costs the same in any
+  batch (measured; ksmd_cost.batch_cpu_s).
 
 Stable or volatile, from the watch
 ----------------------------------
@@ -350,6 +351,7 @@ def simulate(plan: Plan, knobs: dict, cost: dict, horizon: float, runtime0_ns: i
     pre = [np.concatenate([[0.0], np.cumsum(c)]) for c in (plan.cost_first, plan.cost_second, plan.cost_steady)]
     pre_flat = None if plan.flat is None else np.concatenate([[0.0], np.cumsum(plan.flat)])
     sleep_ms = int(knobs["sleep_millisecs"])
+    cost_first = {**cost, "cold": cost.get("cold_first", cost.get("cold", 0.0))}    # scan 1: first visits only
     advisor_on = int(knobs.get("advisor_mode", 0)) == 1
     if advisor_on:
         ctx, pts = adv.advisor_start_pages(int(knobs["advisor_min_pages_to_scan"]))
@@ -373,7 +375,8 @@ def simulate(plan: Plan, knobs: dict, cost: dict, horizon: float, runtime0_ns: i
             scan_starts.append(t)
         k = min(pts, n - pos)
         ends = pos + k == n and k < pts              # room left in the batch for the call that ends the scan
-        dcpu = ksmd_cost.batch_cpu_s(pre[min(scans, 2)], pos, k, cost, pre_flat if scans else None)
+        dcpu = ksmd_cost.batch_cpu_s(pre[min(scans, 2)], pos, k, cost if scans else cost_first,
+                                     pre_flat if scans else None)
         if scans == 1 and nmerge:
             merged = int(np.searchsorted(plan.merge_pos, pos + k))
         work, cycle = ksmd_cost.batch_cycle(dcpu, sleep_ms, cost)
@@ -446,6 +449,7 @@ def predict(w: Watch, knobs: dict, cost: dict, horizon: float, runtime0_ns: int 
         "seconds_to_50": None if sim["seconds_to_50"] is None else round(sim["seconds_to_50"], 4),
         "seconds_to_90": None if sim["seconds_to_90"] is None else round(sim["seconds_to_90"], 4),
         "ksmd_cpu_share": round(float(sim["cpu_by_horizon"]) / max(horizon, 1e-9), 5),     # as the kernel's is measured
+        "scan_cpu_seconds": [round(float(c), 6) for c in sim["scan_cpu"][:50]],   # ksmd's CPU by each full scan's end
         "horizon_seconds": horizon,
         "pages_to_scan_sequence": sim["pages_to_scan"][:50],
         "curve": [{"t": a, "pages_sharing": b, "bytes_saved": b * PAGE_SIZE, "full_scans": c, "pages_to_scan": d}

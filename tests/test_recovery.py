@@ -326,6 +326,24 @@ def test_check_kill_vm_is_clean_in_every_scenario_and_mode():
     assert all("41 schedules" in ln and ln.endswith("no violation") for ln in lines), p.stdout
 
 
+def test_check_kill_the_second_vm_and_a_vm_that_is_not_there():
+    """--kill vm1: the second VM dies and is torn down (the first wrote on; every run clean); --kill vm7 in a
+    two-VM world: exit 2 naming the actors there are."""
+    f = world_factory("wrapped", kill="vm1")
+    torn = 0
+    for seed in range(10):
+        w = _random_run(f, seed)
+        torn += w.vms[1].dead and not w.vms[0].dead
+        assert 1 not in w.mem.mms or not w.vms[1].dead
+    assert torn == 10
+    p = check("--kill", "vm1", "--mode", "wrapped", "--runs", "20", "--seed", "2", "--jobs", "2")
+    assert p.returncode == 0 and all(ln.endswith("no violation") for ln in p.stdout.splitlines()), \
+        p.stdout + p.stderr
+    p = check("--kill", "vm7", "--mode", "wrapped", "--runs", "2")
+    assert p.returncode == 2 and p.stderr.strip() == \
+        "ksm-proto check: --kill 'vm7': this world's actors are ksmd, faultd, vm0, vm1", p.stderr
+
+
 @pytest.mark.parametrize("kills", ["vm,faultd", "faultd,vm", "vm,ksmd", "ksmd,vm"])
 def test_a_vm_and_an_actor_killed_one_after_the_other(kills):
     p = check("--kill", kills, "--mode", "wrapped", "--runs", "40", "--seed", "5", "--jobs", "2")

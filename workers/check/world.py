@@ -82,6 +82,8 @@ restored before the leader's first round.
 """
 from __future__ import annotations
 
+import re
+
 import collections
 
 import numpy as np
@@ -131,7 +133,7 @@ class KsmWorld(Programs, OldLock, Invariants, Delivery, Scheduling):
         vm_names = [f"vm{v}" for v in range(nvms)]
         for k in (kill, kill2):
             if k is not None and k not in ["ksmd"] + self.faultd_names + vm_names:
-                raise ValueError(f"kill {k!r} is not one of {['ksmd'] + self.faultd_names + vm_names}")
+                raise ValueError(f"--kill {k!r}: this world's actors are {', '.join(['ksmd'] + self.faultd_names + vm_names)}")
         if kill2 and not kill:
             raise ValueError("kill2 is a second kill: it needs kill")
         if mitigation not in MITIGATIONS:
@@ -481,8 +483,8 @@ def world_factory(mode: str, brk: str | None = None, scenario: str | None = None
     if isinstance(config.get("kill"), str) and "," in config["kill"]:     # "faultd,ksmd": a second kill
         config["kill"], config["kill2"] = config["kill"].split(",", 1)
     for k in (config.get("kill"), config.get("kill2")):
-        if k is not None and k not in kills:
-            raise ValueError(f"--kill {k!r}: this world's actors are {', '.join(kills)}")
+        if k is not None and k not in kills and not re.fullmatch(r"vm[0-9]+", k):   # vmN: KsmWorld checks N
+            raise ValueError(f"--kill {k!r}: this world's actors are {', '.join(kills)} (vm: vm0; or vmN)")
     sharded = {}
     if scanners == 2:
         sharded = SHARDED if scenario == "base" else {k: SHARDED[k] for k in ("scanners", "fill", "smart_scan",
@@ -491,6 +493,8 @@ def world_factory(mode: str, brk: str | None = None, scenario: str | None = None
 
     def factory():
         return KsmWorld(mode, brk, **config)
+    if any(k is not None and k not in kills for k in (config.get("kill"), config.get("kill2"))):
+        factory()                       # a vmN: the world names its VMs (ValueError here, not in a job)
     factory.scenario = scenario
     factory.scanners = scanners
     factory.fault_handlers = config.get("fault_handlers", 1)

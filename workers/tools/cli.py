@@ -6,7 +6,7 @@
     ksm-proto bench [--quick] [--cores N] [--trace-overhead] ...
     ksm-proto check [--mode M|all] [--scenario S|all] [--seed S] [--runs N] [--exhaustive [--depth D]] [--break STEP]
                     [--scanners 2] [--list-breaks] [--trace FILE] [--replay SCHEDULE.json] [--save-schedule FILE]
-                    [--max-steps N] [--world ksm|toy] [--kill ksmd|faultd|faultd1|vm [--sweep]] [--fault-handlers 2]
+                    [--max-steps N] [--world ksm|toy] [--kill ksmd|faultd|faultd1|vm|vmN [--sweep]] [--fault-handlers 2]
     ksm-proto estimate [--pid PID...] [--all-pids] [--file PATH...] [--dir DIR...] [--json] [--plot FILE]
                        [--max-page-sharing N] [--use-zero-pages 0|1] [--merge-across-nodes 0|1] [--verify-kernel]
 
@@ -567,10 +567,10 @@ def main(argv=None) -> int:
     c.add_argument("--sweep", action="store_true",
                    help="with --kill: kill at each step of one fixed schedule (every kill point of it), not at random")
     c.add_argument("--kill", metavar="ACTOR[,ACTOR]",
-                   help="kill -9 that actor (ksmd, faultd, faultd1, vm) at a point the schedule picks, then recover as "
-                        "the supervisor does (ksmd: every scanner; faultd1: with --fault-handlers 2; vm: the first "
-                        "VM's process, torn down while the others write on); a second one after a comma dies any "
-                        "time after the first, during its recovery too")
+                   help="kill -9 that actor (ksmd, faultd, faultd1, vm, vmN) at a point the schedule picks, then recover "
+                        "as the supervisor does (ksmd: every scanner; faultd1: with --fault-handlers 2; vm: the first "
+                        "VM's process (vm0; vm1 the second), torn down while the others write on); a second one after "
+                        "a comma dies any time after the first, during its recovery too")
     c.add_argument("--fault-handlers", type=int, choices=[1, 2],
                    help="fault handlers in the checked world (2: each serves every other VM)")
     args, rest = p.parse_known_args(argv)

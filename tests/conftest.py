@@ -20,6 +20,7 @@ def uses_the_kernel(item) -> bool:
     return callspec is not None and callspec.params.get("side") == "kernel"
 
 
+@pytest.hookimpl(tryfirst=True)          # before xdist's own, which reads the groups off the items
 def pytest_collection_modifyitems(config, items):
     if not config.pluginmanager.hasplugin("xdist"):
         return

@@ -245,7 +245,22 @@ class Tracer:
             self.flush()
 
     def span(self, name: str, t0_ns: int, t1_ns: int, mm: int = -1, **args) -> None:
-        self._span(name, t0_ns, t1_ns, mm, args, _now())
+        try:                                    # (the common case inline: a known name, int args)
+            k, st, get, nargs = self._kspan[name]
+            if len(args) != nargs:
+                raise KeyError(name)
+            vals = get(args)
+            for v in vals:
+                if v.__class__ is not int:
+                    raise TypeError(name)
+            off = self._off
+            st.pack_into(self._b, off, k, t0_ns, t1_ns - t0_ns, mm, *vals)
+        except Exception:
+            self._span(name, t0_ns, t1_ns, mm, args, _now())
+            return
+        self._off = off = off + st.size
+        if t1_ns >= self._deadline or off >= self._limit:       # (t1: a stamp of about now)
+            self.flush()
 
     def spanning(self, name: str, mm: int = -1, **args) -> _Spanning:
         """`with tr.spanning("merge", mm=3, pages=8):` records a span around the block."""

@@ -475,7 +475,7 @@ def read_records(path: str) -> tuple[list, int, "TraceFileError | None"]:
                     xi += 1
                     i += 1
                     continue
-                d = defs[k]
+                d = defs[k] if k > 0 else None      # (None: an unknown key, a TypeError below)
                 kind = d[0]
                 if kind == "m":
                     out.append(["m", ws[i + 1], d[1], d[2], d[3], ws[i + 2], ws[i + 3], ws[i + 4] & _U64, ws[i + 5],

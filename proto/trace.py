@@ -1,45 +1,84 @@
-"""The trace recorder (`Tracer`, one per actor process) and the trace record format.
+"""The trace recorder (`Tracer`, one per actor process) and the per-actor trace file format.
 
 Tracing is off unless the actor was given a trace directory; `Tracer.open(None, ...)`
 returns None, so the hot path costs one truth test: `if tr: tr.send(...)`.
 
-Each actor appends to its own file `<dir>/<actor, ':' -> '_'>.<pid>.jsonl`, one JSON
-array per line, the first element naming the kind:
+Each actor appends to its own file `<dir>/<actor, ':' -> '_'>.<pid>.ktrace`, a binary
+file of chunks, one per flush (`read_records(path)` reads one back).  A record is, as
+a tuple, the first element naming the kind:
 
-    ["h", actor, pid, monotonic_ns, wall_time_ns]                     header, first line
-    ["m", ts_ns, dir, peer, type, mm, sub, addr, n, old_pte, new_pte, corr]   a message
-    ["s", ts_start_ns, dur_ns, name, mm, args]                        a span
-    ["c", ts_ns, name, value]                                         a counter sample
-    ["e", ts_ns]                                                      clean end (close())
+    ("h", actor, pid, monotonic_ns, wall_time_ns)                     header, first record
+    ("m", ts_ns, dir, peer, type, mm, sub, addr, n, old_pte, new_pte, corr)   a message
+    ("s", ts_start_ns, dur_ns, name, mm, args)                        a span (args: a dict)
+    ("c", ts_ns, name, value)                                         a counter sample
+    ("e", ts_ns)                                                      clean end (close())
 
 dir is "send" or "recv"; peer the other actor; sub -1 for non-notifier messages; n the
 number of page entries a (possibly batched) message carries; old/new the PTEs of its
 first entry (0 if none); corr the sender's correlation id (a reply carries its request's).
 Timestamps are time.monotonic_ns(), one clock for every process of the machine.
 
-Records are buffered as tuples and serialized only at flush: when 2048 are buffered,
-when 0.25 s passed since the last flush (checked on each record), on flush() and on
-close().  A flush is one os.write() of whole lines, so a SIGKILL can at most truncate
-the last line; a file without its "e" line belongs to an actor that died.
-`workers/tools/tracetool.py` merges the files into one Chrome/Perfetto trace.
+On disk a record is a run of little-endian 8-byte words, packed by struct as it is made:
+a key, then its numbers.  A key names what is not a number, interned once per file (its
+definition goes with the first chunk that uses it):
+
+    ["m", dir, peer, type]     8 words: ts, mm, sub, addr, n, old, new, corr (addr, old, new u64;
+                               the others int64)
+    ["s", name, [arg names]]   3 + len(args) words: ts, dur, mm, the args in that order (int64)
+    ["c", name]                2 words: ts, value (int64)
+
+Key 0 is one word: a record that is not all int64/u64 numbers (the header, the end, a float
+counter, a bool or string span argument, a negative address...), the next of the chunk's
+JSON records.  A chunk is
+
+    b"KTR1", json_len, nwords, crc32 of what follows      (struct "<4sIII", 16 bytes)
+    json_len bytes of JSON: [id of the first new key, [new key definitions], [records of key 0]]
+    nwords words
+
+Records are packed into a preallocated buffer (no object kept per record) and written at
+flush: when the buffer holds 2048 messages' worth of bytes, when 0.25 s passed since the
+last flush (checked on each record), on flush() and on close().  A flush is one write of
+one chunk, so a SIGKILL can at most cut the last chunk short; a file without its "e" record
+belongs to an actor that died.  `workers/tools/tracetool.py` merges the files (these, and
+the .jsonl files of JSON lines that versions before 2026-12-07 wrote) into one Chrome/Perfetto
+trace; `read_records` reads one back, chunk by chunk, up to the first chunk cut short or
+damaged (named in its TraceFileError).
 """
 from __future__ import annotations
 
 import atexit
 import json
+import operator
 import os
+import struct
+import sys
 import time
 import weakref
-from json.encoder import encode_basestring_ascii as _esc
+import zlib
+from array import array
 
 __all__ = ["Tracer", "FLUSH_RECORDS", "FLUSH_INTERVAL_NS", "KINDS", "NOTIFIER_TYPES", "REPLY_TYPES", "file_name",
-           "open_private"]
+           "open_private", "read_records", "MAGIC", "CHUNK", "SUFFIX", "TraceFileError"]
 
 FLUSH_RECORDS = 2048
 FLUSH_INTERVAL_NS = 250_000_000
-KINDS = {"h": 5, "m": 12, "s": 6, "c": 4, "e": 2}          # kind -> length of its line
+KINDS = {"h": 5, "m": 12, "s": 6, "c": 4, "e": 2}          # kind -> length of its record
 NOTIFIER_TYPES = ("REGISTER", "START", "END", "CHANGE_PTE", "INVALIDATE_PAGE", "CLEAR_YOUNG", "RELEASE")
 REPLY_TYPES = ("ACK", "FAULT_REPLY")
+SUFFIX = ".ktrace"
+MAGIC = b"KTR1"
+CHUNK = struct.Struct("<4sIII")          # magic, json_len, nwords, crc32 of the json and the words
+_SWAP = sys.byteorder != "little"          # (the reader's int64 array is in the host's order)
+_M_FMT = "<qqqqQqQQq"                    # a message: key, ts, mm, sub, addr, n, old, new, corr (addr and PTEs u64)
+_PACK_M = struct.Struct(_M_FMT).pack_into
+_M_SIZE = struct.calcsize(_M_FMT)
+_PACK_C = struct.Struct("<qqq").pack_into  # a counter: key, ts, value
+_C_SIZE = 24
+_PACK_0 = struct.Struct("<q").pack_into    # key 0: the next JSON record of the chunk
+_U64 = (1 << 64) - 1
+_SLACK = 1024                              # room past the flush mark: the largest record packed
+_NO_ROOM = struct.Struct("<0q")            # (a span with more arguments than that: never packed)
+_MAX_BUF = 16 << 20
 
 _now = time.monotonic_ns
 
@@ -72,38 +111,15 @@ def open_private(path: str, mode: str = "w"):
 
 
 def file_name(actor: str, pid: int) -> str:
-    return f"{actor.replace(':', '_')}.{pid}.jsonl"
+    return f"{actor.replace(':', '_')}.{pid}{SUFFIX}"
 
 
-_quoted: dict = {}          # a name (actor, message type, span, counter) -> its JSON string
-
-
-def _q(name) -> str:
-    """A name as a JSON string, each distinct one escaped once (there are a few dozen in a run)."""
-    q = _quoted.get(name)
-    if q is None:
-        q = _esc(name) if name.__class__ is str else _enc(name)
-        if len(_quoted) < 4096:
-            _quoted[name] = q
-    return q
-
-
-def _line(r: tuple) -> str:
-    """One record as its JSON line: the common shapes by string formatting (several times faster than
-    the json encoder; "%d" also takes numpy ints and bools), anything else by the encoder."""
+def _hashable(v):
     try:
-        k = r[0]
-        if k == "m":
-            return '["m",%d,"%s",%s,%s,%d,%d,%d,%d,%d,%d,%d]' % (
-                r[1], r[2], _q(r[3]), _q(r[4]), r[5], r[6], r[7], r[8], r[9], r[10], r[11])
-        if k == "s" and all(v.__class__ is int for v in r[5].values()):
-            return '["s",%d,%d,%s,%d,{%s}]' % (r[1], r[2], _q(r[3]), r[4],
-                                                ",".join(["%s:%d" % (_q(a), v) for a, v in r[5].items()]))
-        if k == "c" and r[3].__class__ is int:
-            return '["c",%d,%s,%d]' % (r[1], _q(r[2]), r[3])
-    except (TypeError, ValueError):
-        pass
-    return _enc(r)
+        hash(v)
+        return v
+    except TypeError:
+        return str(v)
 
 
 _live: "weakref.WeakSet[Tracer]" = weakref.WeakSet()
@@ -131,15 +147,15 @@ class _Spanning:
 
     def __exit__(self, *exc):
         t1 = _now()
-        self.tr._add(("s", self.t0, t1 - self.t0, self.name, self.mm, self.args), t1)
+        self.tr._span(self.name, self.t0, t1, self.mm, self.args, t1)
         return False
 
 
 class Tracer:
     """Records one actor's messages, spans and counters; see the module docstring."""
 
-    __slots__ = ("actor", "pid", "path", "_fd", "_buf", "_deadline", "_limit", "_interval", "closed",
-                 "__weakref__")
+    __slots__ = ("actor", "pid", "path", "_fd", "_b", "_off", "_x", "_deadline", "_limit", "_interval", "closed",
+                 "_ksend", "_krecv", "_kspan", "_kctr", "_defs", "_new", "_new_first", "__weakref__")
 
     @classmethod
     def open(cls, trace_dir: str | None, actor: str, *, flush_records: int = FLUSH_RECORDS,
@@ -156,73 +172,212 @@ class Tracer:
         self.pid = os.getpid()
         self.path = os.path.join(trace_dir, file_name(actor, self.pid))
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
-        self._limit = max(1, int(flush_records))
+        # the buffer: flush_records messages' worth of bytes (at most 16 MiB), and room for one more record
+        self._limit = min(max(1, int(flush_records)), _MAX_BUF // _M_SIZE) * _M_SIZE
+        self._b = bytearray(self._limit + _SLACK)
+        self._off = 0
         self._interval = int(flush_interval_s * 1e9)
         self.closed = False
-        t = _now()
-        self._buf: list = [("h", actor, self.pid, t, time.time_ns())]
+        # interned keys: peer -> type -> id per direction, span name -> arg names -> (id, its struct),
+        # counter name -> id
+        self._ksend: dict = {}
+        self._krecv: dict = {}
+        self._kspan: dict = {}
+        self._kctr: dict = {}
+        self._defs: list = [None]          # id -> its definition (0: a JSON record)
+        self._new: list = []               # definitions not yet on disk, from id _new_first on
+        self._new_first = 1
+        self._x: list = []                 # the buffered records of key 0
+        self._deadline = 0
+        self._extra(("h", actor, self.pid, _now(), time.time_ns()), 0)
         self.flush()              # the header is on disk at once: an actor killed early still shows
         _live.add(self)
         atexit.register(self.close)
+
+    # ------------------------------------------------------------------ interning
+    def _define(self, d: tuple) -> int:
+        k = len(self._defs)
+        self._defs.append(d)
+        self._new.append(d)
+        return k
+
+    def _key_m(self, table: dict, dir: str, peer, type) -> int:
+        peer, type = _hashable(peer), _hashable(type)
+        per = table.setdefault(peer, {})
+        k = per.get(type)
+        if k is None:
+            k = per[type] = self._define(("m", dir, peer, type))
+        return k
 
     # ------------------------------------------------------------------ hot path
     def send(self, peer: str, type: str, mm: int, sub: int, addr: int, n: int, old: int, new: int,
              corr: int) -> None:
         t = _now()
-        buf = self._buf
-        buf.append(("m", t, "send", peer, type, mm, sub, addr, n, old, new, corr))
-        if t >= self._deadline or len(buf) >= self._limit:
+        try:
+            k = self._ksend[peer][type]
+        except (KeyError, TypeError):
+            k = self._key_m(self._ksend, "send", peer, type)
+        off = self._off
+        try:
+            _PACK_M(self._b, off, k, t, mm, sub, addr, n, old, new, corr)
+        except Exception:                       # (a value that is no int64 / u64: as JSON)
+            self._extra(self._record(k, (t, mm, sub, addr, n, old, new, corr)), t)
+            return
+        self._off = off = off + _M_SIZE
+        if t >= self._deadline or off >= self._limit:
             self.flush()
 
     def recv(self, peer: str, type: str, mm: int, sub: int, addr: int, n: int, old: int, new: int,
              corr: int) -> None:
         t = _now()
-        buf = self._buf
-        buf.append(("m", t, "recv", peer, type, mm, sub, addr, n, old, new, corr))
-        if t >= self._deadline or len(buf) >= self._limit:
+        try:
+            k = self._krecv[peer][type]
+        except (KeyError, TypeError):
+            k = self._key_m(self._krecv, "recv", peer, type)
+        off = self._off
+        try:
+            _PACK_M(self._b, off, k, t, mm, sub, addr, n, old, new, corr)
+        except Exception:
+            self._extra(self._record(k, (t, mm, sub, addr, n, old, new, corr)), t)
+            return
+        self._off = off = off + _M_SIZE
+        if t >= self._deadline or off >= self._limit:
             self.flush()
 
     def span(self, name: str, t0_ns: int, t1_ns: int, mm: int = -1, **args) -> None:
-        self._add(("s", t0_ns, t1_ns - t0_ns, name, mm, args), _now())
+        try:                                    # (the common case inline: a known name, int args)
+            k, st, get, nargs = self._kspan[name]
+            if len(args) != nargs:
+                raise KeyError(name)
+            vals = get(args)
+            for v in vals:
+                if v.__class__ is not int:
+                    raise TypeError(name)
+            off = self._off
+            st.pack_into(self._b, off, k, t0_ns, t1_ns - t0_ns, mm, *vals)
+        except Exception:
+            self._span(name, t0_ns, t1_ns, mm, args, _now())
+            return
+        self._off = off = off + st.size
+        if t1_ns >= self._deadline or off >= self._limit:       # (t1: a stamp of about now)
+            self.flush()
 
     def spanning(self, name: str, mm: int = -1, **args) -> _Spanning:
         """`with tr.spanning("merge", mm=3, pages=8):` records a span around the block."""
         return _Spanning(self, name, mm, args)
 
+    def _span(self, name, t0: int, t1: int, mm: int, args: dict, t: int) -> None:
+        try:
+            k, st, get, nargs = self._kspan[name]
+            if len(args) != nargs:
+                raise KeyError(name)
+            vals = get(args)                    # (its args by name, in the order of its key)
+        except (KeyError, TypeError):
+            k, st, get, nargs = self._key_s(name, args)
+            vals = get(args)
+        for v in vals:
+            if v.__class__ is not int:          # (a bool, a float, a string...: as JSON, types kept)
+                self._extra(("s", t0, t1 - t0, name, mm, args), t)
+                return
+        off = self._off
+        try:
+            st.pack_into(self._b, off, k, t0, t1 - t0, mm, *vals)
+        except Exception:
+            self._extra(("s", t0, t1 - t0, name, mm, args), t)
+            return
+        self._off = off = off + st.size
+        if t >= self._deadline or off >= self._limit:
+            self.flush()
+
+    def _key_s(self, name, args: dict) -> tuple:
+        """The key of a span of this name with these arg names (a span name that comes with other arg
+        names, or in another order, gets a key of its own: the latest is tried first)."""
+        names = tuple(args)
+        name = _hashable(name)
+        per = self._kspan.setdefault(("all", name), {})
+        ks = per.get(names)
+        if ks is None:
+            st = struct.Struct("<" + "q" * (4 + len(args)))
+            if st.size > _SLACK:
+                st = _NO_ROOM                   # (that many arguments: the span goes as JSON)
+            get = (lambda a: ()) if not names else (
+                (lambda a, _n=names[0]: (a[_n],)) if len(names) == 1 else operator.itemgetter(*names))
+            ks = per[names] = (self._define(("s", name, list(names))), st, get, len(names))
+        self._kspan[name] = ks
+        return ks
+
     def counter(self, name: str, value) -> None:
         t = _now()
-        self._add(("c", t, name, value), t)
-
-    def _add(self, rec: tuple, t: int) -> None:
-        buf = self._buf
-        buf.append(rec)
-        if t >= self._deadline or len(buf) >= self._limit:
+        if value.__class__ is not int:
+            self._extra(("c", t, name, value), t)
+            return
+        try:
+            k = self._kctr[name]
+        except (KeyError, TypeError):
+            name = _hashable(name)
+            k = self._kctr.get(name)
+            if k is None:
+                k = self._kctr[name] = self._define(("c", name))
+        off = self._off
+        try:
+            _PACK_C(self._b, off, k, t, value)
+        except Exception:
+            self._extra(("c", t, name, value), t)
+            return
+        self._off = off = off + _C_SIZE
+        if t >= self._deadline or off >= self._limit:
             self.flush()
+
+    def _extra(self, rec: tuple, t: int) -> None:
+        """A record that is not all int64 words: key 0, the record itself as JSON in its chunk."""
+        self._x.append(rec)
+        off = self._off
+        _PACK_0(self._b, off, 0)
+        self._off = off = off + 8
+        if t >= self._deadline or off >= self._limit:
+            self.flush()
+
+    def _record(self, k: int, v: tuple) -> tuple:
+        d = self._defs[k]
+        return ("m", v[0], d[1], d[2], d[3], *v[1:])
 
     # ------------------------------------------------------------------ flushing
     def flush(self) -> None:
-        """Write every buffered record with one write() of whole lines."""
-        buf, self._buf = self._buf, []
+        """Write every buffered record as one chunk, with one write."""
+        off, self._off = self._off, 0
+        x, self._x = self._x, []
         if self._fd is None:      # closed, or a forked copy: drop
             self._deadline = 0
             return
         self._deadline = _now() + self._interval
-        if not buf:
+        if not off:
             return
-        data = ("\n".join([_line(r) for r in buf]) + "\n").encode()
+        new = self._new
+        js = _enc([self._new_first, new, x]).encode() if (new or x) else b""
+        words = memoryview(self._b)[:off]          # (packed little-endian: "<")
+        head = CHUNK.pack(MAGIC, len(js), off // 8, zlib.crc32(words, zlib.crc32(js)))
         try:
-            while data:
-                k = os.write(self._fd, data)
-                data = data[k:]
+            k = os.writev(self._fd, (head, js, words))
+            if k < len(head) + len(js) + off:       # (a regular file takes it whole; else the rest)
+                data = (head + js + bytes(words))[k:]
+                while data:
+                    data = data[os.write(self._fd, data):]
         except OSError:
-            pass                  # a full disk or a closed fd must not take the actor down
+            return                # a full disk or a closed fd must not take the actor down (the keys
+                                  # not written go with the next chunk)
+        finally:
+            words.release()
+        self._new_first += len(new)
+        self._new = []
 
     def close(self) -> None:
         """Write the end record, flush and close the file; safe to call more than once."""
         if self.closed:
             return
         self.closed = True
-        self._buf.append(("e", _now()))
+        self._x.append(("e", _now()))
+        _PACK_0(self._b, self._off, 0)
+        self._off += 8
         self.flush()
         fd, self._fd = self._fd, None
         if fd is not None:
@@ -235,11 +390,11 @@ class Tracer:
         except Exception:
             pass
         self._deadline = 0        # a record after close() is dropped at once (flush() has no fd)
-        self._buf = []
+        self._off, self._x = 0, []
 
     def _forked(self) -> None:
         fd, self._fd = self._fd, None
-        self._buf = []
+        self._off, self._x = 0, []
         self._deadline = 0
         self.closed = True
         if fd is not None:
@@ -257,3 +412,87 @@ class Tracer:
 
     def __repr__(self) -> str:
         return f"<Tracer {self.actor} pid {self.pid} -> {self.path}{' closed' if self.closed else ''}>"
+
+
+# ============================================================================ reading
+class TraceFileError(ValueError):
+    """A .ktrace file that is cut short or damaged: what is wrong, where (the records before it are read)."""
+
+
+def _def_ok(d) -> bool:
+    if type(d) is not list or not d:
+        return False
+    if d[0] == "m":
+        return len(d) == 4 and d[1] in ("send", "recv")
+    if d[0] == "s":
+        return len(d) == 3 and type(d[2]) is list
+    return d[0] == "c" and len(d) == 2
+
+
+def read_records(path: str) -> tuple[list, int, "TraceFileError | None"]:
+    """Every record of a .ktrace file, in file order, each a list (as a JSON line of the format would
+    read): (records, chunks skipped, the error that stopped the reading or None).  A chunk cut short
+    (a SIGKILL during its write), a damaged one (checksum) or anything that is not a chunk ends the
+    reading there: the records of the chunks before it are returned, with the error naming the file
+    and the byte offset."""
+    with open(path, "rb") as f:
+        data = f.read()
+    name = os.path.basename(path)
+    recs: list = []
+    defs: list = [None]
+    off, size, hs = 0, len(data), CHUNK.size
+    while off < size:
+        if size - off < hs:
+            return recs, 1, TraceFileError(f"{name}: cut short at byte {off}: {size - off} bytes of a "
+                                           f"{hs}-byte chunk header")
+        magic, jl, nw, crc = CHUNK.unpack_from(data, off)
+        if magic != MAGIC:
+            return recs, 1, TraceFileError(f"{name}: no chunk at byte {off} (starts {bytes(data[off:off + 4])!r}, "
+                                           f"expected {MAGIC!r}): not a ksm-proto trace file, or damaged")
+        end = off + hs + jl + 8 * nw
+        if end > size:
+            return recs, 1, TraceFileError(f"{name}: cut short at byte {off}: a chunk of {end - off} bytes, "
+                                           f"{size - off} there")
+        js, wb = data[off + hs:off + hs + jl], data[off + hs + jl:end]
+        if zlib.crc32(wb, zlib.crc32(js)) != crc:
+            return recs, 1, TraceFileError(f"{name}: damaged chunk at byte {off} (checksum mismatch)")
+        try:
+            first, new, extras = json.loads(js) if jl else (len(defs), (), ())
+            if not all(_def_ok(d) for d in new) or not 1 <= first <= len(defs):
+                raise ValueError("a bad key definition")
+            defs[first:first + len(new)] = new
+            words = array("q")
+            words.frombytes(wb)
+            if _SWAP:
+                words.byteswap()
+            ws = words.tolist()
+            out: list = []
+            i, xi, n = 0, 0, len(ws)
+            while i < n:
+                k = ws[i]
+                if k == 0:
+                    out.append(extras[xi])
+                    xi += 1
+                    i += 1
+                    continue
+                d = defs[k] if k > 0 else None      # (None: an unknown key, a TypeError below)
+                kind = d[0]
+                if kind == "m":
+                    out.append(["m", ws[i + 1], d[1], d[2], d[3], ws[i + 2], ws[i + 3], ws[i + 4] & _U64, ws[i + 5],
+                                ws[i + 6] & _U64, ws[i + 7] & _U64, ws[i + 8]])
+                    i += 9
+                elif kind == "s":
+                    names = d[2]
+                    j = i + 4 + len(names)
+                    out.append(["s", ws[i + 1], ws[i + 2], d[1], ws[i + 3], dict(zip(names, ws[i + 4:j]))])
+                    i = j
+                else:
+                    out.append(["c", ws[i + 1], d[1], ws[i + 2]])
+                    i += 3
+            if i != n or xi != len(extras):
+                raise ValueError("the words do not end with a record")
+        except (ValueError, TypeError, IndexError, KeyError) as e:
+            return recs, 1, TraceFileError(f"{name}: bad chunk at byte {off}: {e}")
+        recs += out
+        off = end
+    return recs, 0, None

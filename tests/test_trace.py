@@ -1,8 +1,10 @@
 """Tracing: exact flows of a scripted merge + COW per mode, killed actors, summary and check.
 
 The first part runs real Machines; the second drives proto.trace.Tracer from several
-real child processes (one SIGKILLed, one file cut mid-line) and from hand-written
-.jsonl files with known timestamps, then checks merge, summary and check exactly.
+real child processes (one SIGKILLed, one file cut mid-chunk) and from hand-written
+.jsonl files (the format before 2026-12-07, still read) with known timestamps, then checks
+merge, summary and check exactly; a .ktrace file gives back every record kind exactly, and
+one cut short or damaged is named while the others merge.
 """
 from __future__ import annotations
 
@@ -17,7 +19,8 @@ import numpy as np
 import pytest
 
 from proto import MADV_MERGEABLE, PAGE_SIZE
-from proto.trace import Tracer
+from proto import trace
+from proto.trace import Tracer, read_records
 from workers.tools import tracetool
 
 NOTIFY = {"change_pte": ["CHANGE_PTE"], "wrapped": ["START", "CHANGE_PTE", "END"], "invalidate": ["START", "END"]}
@@ -143,13 +146,15 @@ def test_tracing_is_off_by_default():
 
 # ============================================================================ the recorder
 def _lines(path) -> list:
-    with open(path) as f:
-        return [json.loads(x) for x in f.read().splitlines()]
+    """The records of a .ktrace file, as lists (each as its JSON would read); none may be damaged."""
+    recs, skipped, err = read_records(path)
+    assert (skipped, err) == (0, None)
+    return recs
 
 
 def test_record_format_and_file_name(tmp_path):
     tr = Tracer.open(str(tmp_path / "t"), "vm:x")
-    assert os.path.basename(tr.path) == f"vm_x.{os.getpid()}.jsonl"
+    assert os.path.basename(tr.path) == f"vm_x.{os.getpid()}.ktrace"
     tr.send("ksmd", "START", 3, 1, 0x7f0000001000, 4, 0x11, 0x22, 7)
     tr.recv("ksmd", "ACK", np.int64(3), np.int32(1), np.uint64(0x7f0000001000), 0, 0, 0, np.int64(7))
     tr.span("cow_fault", 1000, 3500, mm=3, pages=2)
@@ -175,17 +180,109 @@ def test_record_format_and_file_name(tmp_path):
     assert e[0] == "e" and len(e) == 2
 
 
-def test_each_line_is_the_json_of_its_record():
-    """The formatted fast paths write exactly what the JSON encoder would; a value they do not take (a
-    float counter, a string or bool span argument, numpy ints) goes to the encoder."""
-    from proto.trace import _line
-    recs = [("m", 12345678901, "send", "vm:a\"b", "FAULT_REPLY", 3, -1, 0x7f0000001000, 1, 0, 0x12345067, 42),
-            ("s", 1, 15000, "handle_mm_fault", 3, {"pages": 1, "write": 1}), ("s", 1, 2, "span", -1, {}),
-            ("s", 1, 2, "span", -1, {"ok": True}), ("s", 1, 2, "span", -1, {"what": "x"}),
-            ("c", 1, "pages_shared", 1234), ("c", 1, "ratio", 1.5), ("c", 1, "n", np.int64(7)),
-            ("m", 1, "recv", "ksmd", "ACK", np.int64(2), 0, 0, 0, 0, 0, 9)]
-    for r in recs:
-        assert json.loads(_line(r)) == json.loads(json.dumps([v.item() if hasattr(v, "item") else v for v in r]))
+def _as_json(rec) -> list:
+    """A record as the JSON line of the format before 2026-12-07 read back (numpy scalars as numbers)."""
+    return json.loads(json.dumps(list(rec), default=lambda o: o.item()))
+
+
+def test_every_record_kind_round_trips_exactly(tmp_path):
+    """Records written by a real Tracer read back equal, kind by kind: the packed ones (messages, int spans
+    and counters), the ones that go as JSON in their chunk (a float, a bool, a string, a PTE past u64, a
+    negative address, numpy scalars...), across chunks (a key defined in the first, used in the third),
+    the header and the end."""
+    big = (1 << 64) - 1
+    tr = Tracer.open(str(tmp_path), "vm:x", flush_interval_s=3600)
+    want = []
+
+    def msg(d, *a):
+        (tr.send if d == "send" else tr.recv)(*a)
+        want.append(["m", None, d, *a])
+
+    def span(name, t0, t1, mm=-1, **args):
+        tr.span(name, t0, t1, mm, **args)
+        want.append(["s", t0, t1 - t0, name, mm, args])
+
+    def ctr(name, v):
+        tr.counter(name, v)
+        want.append(["c", None, name, v])
+
+    msg("send", "ksmd", "START", 3, 1, 0x7f0000001000, 4, 0x11, 0x22, 7)
+    msg("recv", "ksmd", "ACK", np.int64(3), np.int32(-1), np.uint64(0x7f0000001000), 0, 0, big, np.int64(7))
+    msg("send", "faultd", "FAULT", 3, -1, big, 1, big, 0x8000000012345067, -(1 << 63))
+    msg("send", 'peer "odd" é', "WEIRD\n", 0, -1, 0, 0, 0, 0, 1)
+    msg("recv", "ksmd", "START", 3, 1, -1, 1, 0, 1 << 64, 5)              # no u64: as JSON
+    span("cow_fault", 1000, 3500, mm=3, pages=2)
+    span("handle_mm_fault", 10, 25, 2, pages=1, write=1)
+    span("scan_batch", 5, 5)
+    span("odd", 1, 2, ok=True, what="x", ratio=0.5, n=np.int64(9))        # as JSON, types kept
+    span("many", 1, 2, **{f"a{i}": i for i in range(200)})                # past the buffer's slack
+    ctr("pages_shared", 12)
+    ctr("ratio", 1.5)
+    ctr("n", np.int64(-7))
+    ctr("huge", 1 << 70)
+    tr.flush()                                   # the keys are on disk; the next chunk only uses them
+    tr.flush()                                   # (an empty flush writes nothing)
+    msg("send", "ksmd", "START", 3, 1, 0x7f0000002000, 1, 0x33, 0x44, 8)
+    span("cow_fault", 2000, 2600, mm=3, pages=1)
+    ctr("pages_shared", 13)
+    with tr.spanning("merge", mm=1, ops=np.int64(5)):
+        pass
+    tr.close()
+    got = _lines(tr.path)
+    h, e, mid = got[0], got[-1], got[1:-1]
+    assert h[:3] == ["h", "vm:x", os.getpid()] and h[3] <= e[1] and e[0] == "e" and len(e) == 2
+    merge = mid.pop()
+    assert merge[0] == "s" and merge[2] >= 0 and merge[3:] == ["merge", 1, {"ops": 5}]
+    assert len(mid) == len(want)
+    for g, w in zip(mid, want):
+        if w[1] is None:                          # stamped by the tracer: in order, after the header
+            assert h[3] <= g[1] <= e[1]
+            w[1] = g[1]
+        assert g == _as_json(w), (g, w)
+    with open(tr.path, "rb") as f:
+        data = f.read()
+    assert data.count(trace.MAGIC) == 3 and os.stat(tr.path).st_mode & 0o777 == 0o600
+
+
+def test_a_cut_or_damaged_file_is_named_and_the_others_merge(tmp_path):
+    """A .ktrace file cut short mid-chunk, one with a damaged chunk, one that is no trace at all: merge
+    names each (file and byte offset, one line, no traceback), keeps the records of their whole chunks
+    before that, and merges the other files; check and summary read the result."""
+    d = str(tmp_path / "raw")
+    trs = {}
+    for actor in ("ksmd", "vm:a", "vm:b", "vm:c"):
+        tr = trs[actor] = Tracer.open(d, actor, flush_interval_s=3600)
+        for i in range(3):
+            tr.send("vm:x", "START", 1, 0, 0x1000, 1, 0, 0, i)
+            tr.flush()                           # a chunk per record: header, 3 records, end
+        tr.close()
+    paths = {a: t.path for a, t in trs.items()}
+    with open(paths["vm:a"], "rb") as f:
+        a = f.read()
+    with open(paths["vm:a"], "wb") as f:
+        f.write(a[:-10])                         # the end chunk cut short: vm:a looks killed
+    with open(paths["vm:b"], "r+b") as f:
+        at = len(trace.MAGIC.join(f.read().split(trace.MAGIC)[:3]))    # the chunk of the second record
+        f.seek(at + trace.CHUNK.size + 20)
+        f.write(b"\xff")                         # one of its words
+    with open(os.path.join(d, "vm_d.99.ktrace"), "wb") as f:
+        f.write(b'["h","vm:d",99,0,0]\n')         # not a trace file of this format
+    out = str(tmp_path / "m.json")
+    info = tracetool.merge(d, out)
+    ba, bb = os.path.basename(paths["vm:a"]), os.path.basename(paths["vm:b"])
+    cut_at = len(a) - len(trace.MAGIC.join(a.split(trace.MAGIC)[-1:])) - len(trace.MAGIC)
+    assert info["errors"] == [
+        f"{ba}: cut short at byte {cut_at}: a chunk of {len(a) - cut_at} bytes, {len(a) - cut_at - 10} there",
+        f"{bb}: damaged chunk at byte {at} (checksum mismatch)",
+        "vm_d.99.ktrace: no chunk at byte 0 (starts " + repr(b'["h"') + ", expected b'KTR1'): not a ksm-proto "
+        "trace file, or damaged"]
+    assert "\n" not in "".join(info["errors"])
+    # ksmd and vm:c whole (3 each), vm:a its 3 records (no end), vm:b the first only, vm:d nothing
+    assert (info["records"], info["skipped_lines"]) == (3 + 3 + 3 + 1, 3)
+    assert info["actors"] == ["ksmd", "vm:a", "vm:b", "vm:c", "vm:d"]
+    assert info["killed"] == ["vm:a", "vm:b", "vm:d"]
+    doc = tracetool.load(out)
+    assert tracetool.check(doc) == [] and tracetool.summary(doc)["messages"]["START"]["sent"] == 10
 
 
 def test_tracing_off_is_none_and_no_actor_records(ksm_machine_factory, tmp_path):
@@ -213,14 +310,14 @@ def test_tracing_off_is_none_and_no_actor_records(ksm_machine_factory, tmp_path)
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             assert b"--trace" not in f.read().split(b"\0"), pid
         opened = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
-        assert not [p for p in opened if p.endswith(".jsonl")], (pid, opened)
+        assert not [p for p in opened if p.endswith((".ktrace", ".jsonl"))], (pid, opened)
 
 
 def test_flush_on_count_and_on_time(tmp_path):
     from proto import trace
     assert (trace.FLUSH_RECORDS, trace.FLUSH_INTERVAL_NS) == (2048, 250_000_000)
     d = Tracer.open(str(tmp_path), "ksmd")
-    assert (d._limit, d._interval) == (2048, 250_000_000)
+    assert (d._limit, d._interval) == (2048 * 72, 250_000_000)     # (bytes: 2048 messages of 9 words)
     d.close()
     tr = Tracer.open(str(tmp_path), "vm:a", flush_interval_s=3600)
     for i in range(2047):
@@ -401,9 +498,10 @@ def test_merge_of_real_processes_with_a_killed_actor_and_a_cut_line(tmp_path):
             if p.is_alive():
                 p.kill()
     assert procs["vm:b"].exitcode == -signal.SIGKILL and all(procs[a].exitcode == 0 for a in ("ksmd", "faultd", "vm:a"))
-    vb_file = os.path.join(d, f"vm_b.{procs['vm:b'].pid}.jsonl")
-    with open(vb_file, "a") as f:
-        f.write('["m",123,"recv","ks')                       # a write cut by the kill
+    vb_file = os.path.join(d, f"vm_b.{procs['vm:b'].pid}.ktrace")
+    cut = os.path.getsize(vb_file)
+    with open(vb_file, "ab") as f:
+        f.write(trace.MAGIC + b"\x10\x00")                  # a write cut by the kill
 
     out = str(tmp_path / "merged.json")
     info = tracetool.merge(d, out)
@@ -412,6 +510,8 @@ def test_merge_of_real_processes_with_a_killed_actor_and_a_cut_line(tmp_path):
     _assert_well_formed(doc)
     assert info["actors"] == ["supervisor", "ksmd", "faultd", "vm:a", "vm:b"]
     assert info["killed"] == ["vm:b"] and info["skipped_lines"] == 1 and info["files"] == 5
+    assert info["errors"] == [f"vm_b.{procs['vm:b'].pid}.ktrace: cut short at byte {cut}: 6 bytes of a 16-byte "
+                              f"chunk header"]
     # records (no h/e): supervisor 4+1, ksmd 4+12+2+3, faultd 3, vm:a 2+1+6+1+1, vm:b 1+4 flushed
     assert info["records"] == 5 + 21 + 3 + 11 + 5
     assert doc["displayTimeUnit"] == "ns" and doc["otherData"]["killed"] == ["vm:b"]

@@ -104,7 +104,7 @@ class FaultHandler(FaultPath):
             asyncio.get_running_loop().call_soon(self._poll_vms)
         if t == _FAULT:
             if self.tr:
-                self.tr.recv(self.peers.get(ch.peer, f"vm:{ch.peer}"), "FAULT", f.mm, -1, f.addr, f.n, 0, 0, f.corr)
+                self.tr.recv((self.peers.get(ch.peer) or f"vm:{ch.peer}"), "FAULT", f.mm, -1, f.addr, f.n, 0, 0, f.corr)
             if not ch.hello or f.mm != ch.peer:
                 self.refuse(f"FAULT for mm {f.mm} on the channel of mm {ch.peer}"
                             f"{'' if ch.hello else ' before HELLO'}")
@@ -115,7 +115,7 @@ class FaultHandler(FaultPath):
         elif t == _APPLIED:
             w = ch.applied.pop(f.corr, None) if f.mm == ch.peer else None
             if self.tr:
-                self.tr.recv(self.peers.get(ch.peer, f"vm:{ch.peer}"), "APPLIED", f.mm, -1, f.addr, 0, 0, 0, f.corr)
+                self.tr.recv((self.peers.get(ch.peer) or f"vm:{ch.peer}"), "APPLIED", f.mm, -1, f.addr, 0, 0, 0, f.corr)
             if w is None:
                 self.refuse(f"APPLIED {f.corr} for mm {f.mm} on the channel of mm {ch.peer}: no such COW reply")
             elif w.__class__ is _Fault:

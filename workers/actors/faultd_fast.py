@@ -166,7 +166,7 @@ class FaultPath:
         the fast path (the fault parks on it), a future's on the event loop's."""
         f, ch, entries, err = st.f, st.ch, e.entries, e.err
         if self.tr:
-            self.tr.send(self.peers.get(f.mm, f"vm:{f.mm}"), "FAULT_REPLY", f.mm, -1, f.addr, f.n, 0,
+            self.tr.send((self.peers.get(f.mm) or f"vm:{f.mm}"), "FAULT_REPLY", f.mm, -1, f.addr, f.n, 0,
                          entries[0][1] if entries else 0, f.corr)
         if ch.closed:
             return []

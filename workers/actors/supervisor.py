@@ -342,7 +342,8 @@ class Machine(Recovery, MMTable):
     def _merge_trace(self) -> None:
         from workers.tools.tracetool import merge
         try:
-            merge(self.trace_dir, self.trace_path)
+            for err in merge(self.trace_dir, self.trace_path)["errors"]:
+                log.warning("trace: %s", err)       # (a file cut short or damaged: the rest is merged)
         finally:
             shutil.rmtree(self.trace_dir, ignore_errors=True)
 

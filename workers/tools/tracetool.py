@@ -1,6 +1,7 @@
-"""Trace tools: merge the actors' .jsonl trace files into one Chrome/Perfetto trace, summarize it, check it.
+"""Trace tools: merge the actors' trace files into one Chrome/Perfetto trace, summarize it, check it.
 
-    merge(trace_dir, out_path) -> dict    every *.jsonl of a run -> one Chrome Trace Event Format file
+    merge(trace_dir, out_path) -> dict    every *.ktrace (and *.jsonl, the older format) of a run -> one
+                                          Chrome Trace Event Format file
     load(path) -> dict                    a merged file (ValueError if it is not JSON or not merge()'s)
     summary(path) -> dict, format_summary(d) -> str
                                           counts, page entries and latencies per message type,
@@ -8,7 +9,8 @@
     check(path) -> list[Violation]        every secondary MMU follows the mmu_notifier grammar
     messages(path) -> list[dict]          the message records of a merged file, in time order
 
-The record format is proto/trace.py's.  In the merged file: one process per actor (pid 1..N:
+The record format is proto/trace.py's (its .ktrace files; the JSON lines of the .jsonl files that
+versions before 2026-12-07 wrote are read too).  In the merged file: one process per actor (pid 1..N:
 supervisor, ksmd, faultd, vm:* by name, then the rest; "(killed)" appended when a file of it has
 no end record), a thread per actor process file for its messages (0.5 us "X" slices, cat "msg")
 and as many span threads as needed to keep spans properly nested; flow arrows ("s" -> "f", cat
@@ -28,7 +30,7 @@ import os
 from collections import defaultdict, deque
 from json.encoder import encode_basestring_ascii as _esc
 
-from proto.trace import KINDS, NOTIFIER_TYPES, REPLY_TYPES, open_private
+from proto.trace import KINDS, NOTIFIER_TYPES, REPLY_TYPES, SUFFIX, open_private, read_records
 
 from workers.mm.mmu_notifier import DONE, EXPECT, FAILED, INIT, grammar_why
 from workers.mm.mmu_notifier import GRAMMAR as _GRAMMAR_TABLE
@@ -57,7 +59,7 @@ def _bulk(fn):
     return wrapper
 
 
-# ============================================================================ reading .jsonl
+# ============================================================================ reading the actors' files
 def _valid(r) -> bool:
     """A record as proto/trace.py writes it (anything else counts as a garbled line)."""
     if type(r) is not list or not r:
@@ -82,7 +84,7 @@ def _valid(r) -> bool:
 
 
 def _actor_from_file_name(path: str) -> tuple[str, int]:
-    stem = os.path.basename(path)[:-len(".jsonl")]
+    stem = os.path.splitext(os.path.basename(path))[0]
     name, _, pid = stem.rpartition(".")
     if not name:
         name, pid = stem, "0"
@@ -94,8 +96,8 @@ def _actor_from_file_name(path: str) -> tuple[str, int]:
         return stem, 0
 
 
-def _read_file(path: str) -> dict:
-    """One actor file: its header, its records in file order, and how many lines were skipped."""
+def _read_lines(path: str) -> list:
+    """The records of a .jsonl file (None for a line that is not JSON)."""
     with open(path, "rb") as f:
         data = f.read()
     lines = [x for x in data.split(b"\n") if x.strip()]
@@ -110,7 +112,23 @@ def _read_file(path: str) -> dict:
                 parsed.append(json.loads(raw))
             except ValueError:
                 parsed.append(None)
-    header, recs, skipped, ended, end_ts = None, [], 0, False, None
+    return parsed
+
+
+def _read_file(path: str) -> dict:
+    """One actor file: its header, its records in file order, how many lines (chunks of a .ktrace
+    file) were skipped, and the error that cut a .ktrace file short (None if none: the records before
+    it are kept)."""
+    error = None
+    if path.endswith(".jsonl"):
+        parsed, skipped = _read_lines(path), 0
+    else:
+        try:
+            parsed, skipped, err = read_records(path)
+            error = None if err is None else str(err)
+        except OSError as e:
+            parsed, skipped, error = [], 1, f"{os.path.basename(path)}: {e.strerror or e}"
+    header, recs, ended, end_ts = None, [], False, None
     for r in parsed:
         if not _valid(r):
             skipped += 1
@@ -130,7 +148,7 @@ def _read_file(path: str) -> dict:
         actor, pid = _actor_from_file_name(path)
         t_open = wall = None
     return {"path": path, "actor": actor, "os_pid": pid, "t_open": t_open, "wall": wall,
-            "records": recs, "skipped": skipped, "ended": ended, "end_ts": end_ts}
+            "records": recs, "skipped": skipped, "ended": ended, "end_ts": end_ts, "error": error}
 
 
 # ============================================================================ matching
@@ -211,12 +229,15 @@ _FLOW_F = '{"ph":"f","bp":"e","name":%s,"cat":"flow","id":%d,"pid":%d,"tid":%d,"
 
 @_bulk
 def merge(trace_dir: str, out_path: str) -> dict:
-    """Merge every *.jsonl in trace_dir into one Chrome Trace Event Format file at out_path.
+    """Merge every *.ktrace (and *.jsonl) in trace_dir into one Chrome Trace Event Format file at out_path.
 
-    Garbled or truncated lines are skipped and counted; an actor whose file has no end
-    record is marked "(killed)".  Returns what was merged.
+    Garbled or truncated lines, and the chunks of a .ktrace file from the first one cut short or
+    damaged on, are skipped and counted; what is wrong with a file is in "errors" (one line each,
+    naming the file), its records before that are merged, and so are the other files.  An actor
+    whose file has no end record is marked "(killed)".  Returns what was merged.
     """
-    files = [_read_file(p) for p in sorted(glob.glob(os.path.join(trace_dir, "*.jsonl")))]
+    paths = glob.glob(os.path.join(trace_dir, "*" + SUFFIX)) + glob.glob(os.path.join(trace_dir, "*.jsonl"))
+    files = [_read_file(p) for p in sorted(paths)]
     by_actor: dict[str, list] = defaultdict(list)
     for f in files:
         by_actor[f["actor"]].append(f)
@@ -314,7 +335,8 @@ def merge(trace_dir: str, out_path: str) -> dict:
     skipped = sum(f["skipped"] for f in files)
     result = {"actors": actors, "files": len(files), "records": n_records, "skipped_lines": skipped,
               "killed": killed, "flows": len(pairs), "unmatched_sends": len(lone_sends),
-              "unmatched_recvs": sum(1 for r in lone_recvs if r[3] != r[1]), "events": len(meta) + len(events)}
+              "unmatched_recvs": sum(1 for r in lone_recvs if r[3] != r[1]), "events": len(meta) + len(events),
+              "errors": [f["error"] for f in files if f["error"]]}
     other = {"killed": killed, "skipped_lines": skipped,
              "ksm_proto": {"format": FORMAT, "t0_monotonic_ns": t0, "t0_wall_time_ns": wall0,
                            "actors": info, "killed": killed, "records": n_records,

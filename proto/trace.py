@@ -26,6 +26,11 @@ definition goes with the first chunk that uses it):
                                the others int64)
     ["s", name, [arg names]]   3 + len(args) words: ts, dur, mm, the args in that order (int64)
     ["c", name]                2 words: ts, value (int64)
+    ["g", [[dir, peer, type], ...], span name or null, [arg names]]
+                               a group: several records of one event written as one (a COW fault's
+                               messages and its span): 8 words per message, as "m" has them, then,
+                               with a span name, 3 + len(args) words as "s" has them; read back as
+                               those records, in that order (`Tracer.group`, `Tracer.emit`)
 
 Key 0 is one word: a record that is not all int64/u64 numbers (the header, the end, a float
 counter, a bool or string span argument, a negative address...), the next of the chunk's
@@ -35,7 +40,8 @@ JSON records.  A chunk is
     json_len bytes of JSON: [id of the first new key, [new key definitions], [records of key 0]]
     nwords words
 
-Records are packed into a preallocated buffer (no object kept per record) and written at
+`Tracer.group` compiles a group's key and struct once; `Tracer.emit(g, t, *words)` packs it with
+one call (a span alone compiles to an "s" key).  Records are packed into a preallocated buffer (no object kept per record) and written at
 flush: when the buffer holds 2048 messages' worth of bytes, when 0.25 s passed since the
 last flush (checked on each record), on flush() and on close().  A flush is one write of
 one chunk, so a SIGKILL can at most cut the last chunk short; a file without its "e" record
@@ -57,7 +63,7 @@ import weakref
 import zlib
 from array import array
 
-__all__ = ["Tracer", "FLUSH_RECORDS", "FLUSH_INTERVAL_NS", "KINDS", "NOTIFIER_TYPES", "REPLY_TYPES", "file_name",
+__all__ = ["Tracer", "Group", "FLUSH_RECORDS", "FLUSH_INTERVAL_NS", "KINDS", "NOTIFIER_TYPES", "REPLY_TYPES", "file_name",
            "open_private", "read_records", "MAGIC", "CHUNK", "SUFFIX", "TraceFileError"]
 
 FLUSH_RECORDS = 2048
@@ -72,6 +78,7 @@ _SWAP = sys.byteorder != "little"          # (the reader's int64 array is in the
 _M_FMT = "<qqqqQqQQq"                    # a message: key, ts, mm, sub, addr, n, old, new, corr (addr and PTEs u64)
 _PACK_M = struct.Struct(_M_FMT).pack_into
 _M_SIZE = struct.calcsize(_M_FMT)
+_G_MSG = "qqqQqQQq"                      # a message inside a group: ts, mm, sub, addr, n, old, new, corr
 _PACK_C = struct.Struct("<qqq").pack_into  # a counter: key, ts, value
 _C_SIZE = 24
 _PACK_0 = struct.Struct("<q").pack_into    # key 0: the next JSON record of the chunk
@@ -135,6 +142,33 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+class Group:
+    """A compiled group (`Tracer.group`): its key, its packer, its size in bytes, its definition."""
+    __slots__ = ("key", "pack", "size", "d", "nwords")
+
+    def __init__(self, key: int, pack, size: int, d: tuple):
+        if size > _SLACK:
+            raise ValueError(f"a group of {size} bytes: at most {_SLACK}")
+        self.key, self.pack, self.size, self.d, self.nwords = key, pack, size, d, size // 8 - 1
+
+
+def _expand(d, ws: list, i: int = 0, u64: int = _U64) -> list:
+    """The records a group (or "s") key's words stand for, from ws[i] (the word after the key); the
+    words of addr, old and new read as u64 (u64=-1: as they are)."""
+    out = []
+    if d[0] == "s":
+        names = d[2]
+        return [["s", ws[i], ws[i + 1], d[1], ws[i + 2], dict(zip(names, ws[i + 3:i + 3 + len(names)]))]]
+    for dir, peer, type in d[1]:
+        out.append(["m", ws[i], dir, peer, type, ws[i + 1], ws[i + 2], ws[i + 3] & u64, ws[i + 4],
+                    ws[i + 5] & u64, ws[i + 6] & u64, ws[i + 7]])
+        i += 8
+    if d[2] is not None:
+        names = d[3]
+        out.append(["s", ws[i], ws[i + 1], d[2], ws[i + 2], dict(zip(names, ws[i + 3:i + 3 + len(names)]))])
+    return out
+
+
 class _Spanning:
     __slots__ = ("tr", "name", "mm", "args", "t0")
 
@@ -155,7 +189,7 @@ class Tracer:
     """Records one actor's messages, spans and counters; see the module docstring."""
 
     __slots__ = ("actor", "pid", "path", "_fd", "_b", "_off", "_x", "_deadline", "_limit", "_interval", "closed",
-                 "_ksend", "_krecv", "_kspan", "_kctr", "_defs", "_new", "_new_first", "__weakref__")
+                 "_ksend", "_krecv", "_kspan", "_kctr", "_kgroup", "_defs", "_new", "_new_first", "__weakref__")
 
     @classmethod
     def open(cls, trace_dir: str | None, actor: str, *, flush_records: int = FLUSH_RECORDS,
@@ -184,6 +218,7 @@ class Tracer:
         self._krecv: dict = {}
         self._kspan: dict = {}
         self._kctr: dict = {}
+        self._kgroup: dict = {}
         self._defs: list = [None]          # id -> its definition (0: a JSON record)
         self._new: list = []               # definitions not yet on disk, from id _new_first on
         self._new_first = 1
@@ -306,6 +341,46 @@ class Tracer:
         self._kspan[name] = ks
         return ks
 
+    def group(self, msgs, span: tuple | None = None) -> "Group":
+        """Compile a group: the records of one event (its messages, (dir, peer, type) each, then a span
+        (name, (arg names...)) or None) written as one record by `emit`.  Call once, keep the result:
+        `emit(g, t, *words)` takes per message ts, mm, sub, addr, n, old, new, corr, then for the span
+        ts, dur, mm and its args in order (ints; addr, old, new u64).  A span alone is an "s" key."""
+        msgs = tuple((str(d), _hashable(p), _hashable(t)) for d, p, t in msgs)
+        if any(d not in ("send", "recv") for d, _, _ in msgs):
+            raise ValueError(f"a group's message direction must be 'send' or 'recv': {msgs!r}")
+        if span is not None:
+            span = (_hashable(span[0]), tuple(span[1]))
+        if not msgs and span is None:
+            raise ValueError("an empty group")
+        spec = (msgs, span)
+        g = self._kgroup.get(spec)
+        if g is None:
+            fmt = "<q" + _G_MSG * len(msgs) + ("" if span is None else "qqq" + "q" * len(span[1]))
+            st = struct.Struct(fmt)
+            if not msgs:
+                d = ("s", span[0], list(span[1]))
+            else:
+                d = ("g", [list(m) for m in msgs], None if span is None else span[0],
+                     [] if span is None else list(span[1]))
+            g = self._kgroup[spec] = Group(self._define(d), st.pack_into, st.size, d)
+        return g
+
+    def emit(self, g: "Group", t: int, *words) -> None:
+        """One group's records (see `group`); t: a stamp of about now (the latest of its stamps)."""
+        off = self._off
+        try:
+            g.pack(self._b, off, g.key, *words)
+        except Exception:                       # (a value that is no int64 / u64: as JSON)
+            if len(words) != g.nwords:
+                raise TypeError(f"group {g.d!r} takes {g.nwords} words, {len(words)} given") from None
+            for r in _expand(g.d, [w if w.__class__ is int else _hashable(w) for w in words], 0, -1):
+                self._extra(tuple(r), t)
+            return
+        self._off = off = off + g.size
+        if t >= self._deadline or off >= self._limit:
+            self.flush()
+
     def counter(self, name: str, value) -> None:
         t = _now()
         if value.__class__ is not int:
@@ -426,6 +501,10 @@ def _def_ok(d) -> bool:
         return len(d) == 4 and d[1] in ("send", "recv")
     if d[0] == "s":
         return len(d) == 3 and type(d[2]) is list
+    if d[0] == "g":
+        return (len(d) == 4 and type(d[1]) is list and type(d[3]) is list
+                and all(type(m) is list and len(m) == 3 and m[0] in ("send", "recv") for m in d[1])
+                and (d[1] or d[2] is not None) and (d[2] is not None or not d[3]))
     return d[0] == "c" and len(d) == 2
 
 
@@ -481,6 +560,12 @@ def read_records(path: str) -> tuple[list, int, "TraceFileError | None"]:
                     out.append(["m", ws[i + 1], d[1], d[2], d[3], ws[i + 2], ws[i + 3], ws[i + 4] & _U64, ws[i + 5],
                                 ws[i + 6] & _U64, ws[i + 7] & _U64, ws[i + 8]])
                     i += 9
+                elif kind == "g":
+                    j = i + 1 + 8 * len(d[1]) + (0 if d[2] is None else 3 + len(d[3]))
+                    if j > n:
+                        raise ValueError("a group cut short")
+                    out += _expand(d, ws, i + 1)
+                    i = j
                 elif kind == "s":
                     names = d[2]
                     j = i + 4 + len(names)

@@ -244,6 +244,42 @@ def test_every_record_kind_round_trips_exactly(tmp_path):
     assert data.count(trace.MAGIC) == 3 and os.stat(tr.path).st_mode & 0o777 == 0o600
 
 
+def test_a_group_reads_back_as_its_records_exactly(tmp_path):
+    """A group (one record for a COW fault's messages and span, Tracer.group / emit) reads back as the
+    records it stands for, in its order, as separate send / recv / span calls would have written them:
+    packed, with a span alone (an "s" key), across chunks, and as JSON when a word is no int64 / u64;
+    a wrong word count is a TypeError naming the group, and nothing is written for it."""
+    big = (1 << 64) - 1
+    tr = Tracer.open(str(tmp_path), "faultd", flush_interval_s=3600)
+    msgs = (("recv", "vm:a", "FAULT"), ("send", "vm:a", "FAULT_REPLY"), ("recv", "vm:a", "APPLIED"))
+    g3 = tr.group(msgs, ("handle_mm_fault", ("pages", "write")))
+    g1 = tr.group(msgs[:1])
+    gs = tr.group((), ("secondary_fault", ("sub", "addr")))
+    assert tr.group(msgs[:1]) is g1 and (g3.nwords, g1.nwords, gs.nwords) == (29, 8, 5)
+    words3 = (100, 3, -1, 0x7f0000001000, 1, 0, 0, 7, 150, 3, -1, 0x7f0000001000, 1, 0, big, 7,
+              170, 3, -1, 0, 0, 0, 0, 7, 100, 80, 3, 1, 1)
+    tr.emit(g3, 180, *words3)
+    tr.emit(g1, 200, 200, 3, -1, big, 2, 0, 0, -(1 << 63))
+    tr.flush()
+    tr.emit(gs, 300, 250, 50, 3, 0, 0x7f0000002000)
+    tr.emit(g1, 400, 400, 3, -1, -5, 1, 0, 0, 9)                   # a negative address: as JSON
+    tr.emit(g3, 500, *words3[:-1], np.int64(1))                     # a numpy word: as JSON
+    with pytest.raises(TypeError, match="handle_mm_fault.*29 words, 28 given"):
+        tr.emit(g3, 600, *words3[:-2], "x")
+    tr.close()
+    full = [["m", 100, "recv", "vm:a", "FAULT", 3, -1, 0x7f0000001000, 1, 0, 0, 7],
+            ["m", 150, "send", "vm:a", "FAULT_REPLY", 3, -1, 0x7f0000001000, 1, 0, big, 7],
+            ["m", 170, "recv", "vm:a", "APPLIED", 3, -1, 0, 0, 0, 0, 7],
+            ["s", 100, 80, "handle_mm_fault", 3, {"pages": 1, "write": 1}]]
+    got = _lines(tr.path)
+    assert got[1:-1] == full + [["m", 200, "recv", "vm:a", "FAULT", 3, -1, big, 2, 0, 0, -(1 << 63)],
+                                ["s", 250, 50, "secondary_fault", 3, {"sub": 0, "addr": 0x7f0000002000}],
+                                ["m", 400, "recv", "vm:a", "FAULT", 3, -1, -5, 1, 0, 0, 9]] + full
+    assert got[0][0] == "h" and got[-1][0] == "e"
+    merged = tracetool.merge(str(tmp_path), str(tmp_path / "m.json"))
+    assert (merged["records"], merged["errors"]) == (11, [])
+
+
 def test_a_cut_or_damaged_file_is_named_and_the_others_merge(tmp_path):
     """A .ktrace file cut short mid-chunk, one with a damaged chunk, one that is no trace at all: merge
     names each (file and byte offset, one line, no traceback), keeps the records of their whole chunks

@@ -30,6 +30,7 @@ import collections
 import errno
 import os
 import socket
+import time
 
 import numpy as np
 
@@ -57,6 +58,7 @@ class FaultHandler(FaultPath):
         self.ptls: dict = {}
         self.notifiers: dict[int, MMUNotifierSubscriptions] = {}
         self.peers: dict[int, str] = {}
+        self._tgroups: dict = {}        # mm -> the trace's compiled groups of its faults (FaultPath._trace_groups)
         self.driver = Driver(self.memory, self.ptls, self.notifiers, args.ack_timeout * 2)
         self.mode = args.mode
         self.tr = Tracer.open(args.trace, self.name)
@@ -90,6 +92,7 @@ class FaultHandler(FaultPath):
         ch.fd = fd
         ch.records = _RECORDS
         self.peers[mm_id] = name
+        self._tgroups.pop(mm_id, None)
         self.notifiers[mm_id] = MMUNotifierSubscriptions(self.name, name, self.memory.mms[mm_id], ch, self.tr,
                                             self.args.ack_timeout)
 
@@ -102,10 +105,11 @@ class FaultHandler(FaultPath):
         if not self._polling:
             self._polling = True
             asyncio.get_running_loop().call_soon(self._poll_vms)
-        if t == _FAULT:
-            if self.tr:
-                self.tr.recv((self.peers.get(ch.peer) or f"vm:{ch.peer}"), "FAULT", f.mm, -1, f.addr, f.n, 0, 0, f.corr)
+        if t == _FAULT:         # (traced: its record goes with the reply's, FaultPath._trace_fault)
             if not ch.hello or f.mm != ch.peer:
+                if self.tr:
+                    self.tr.recv((self.peers.get(ch.peer) or f"vm:{ch.peer}"), "FAULT", f.mm, -1, f.addr, f.n, 0, 0,
+                                 f.corr)
                 self.refuse(f"FAULT for mm {f.mm} on the channel of mm {ch.peer}"
                             f"{'' if ch.hello else ' before HELLO'}")
                 ch.send(encode(Msg.FAULT_REPLY, flags=errno.EPERM, mm=f.mm, corr=f.corr, addr=f.addr,
@@ -115,7 +119,11 @@ class FaultHandler(FaultPath):
         elif t == _APPLIED:
             w = ch.applied.pop(f.corr, None) if f.mm == ch.peer else None
             if self.tr:
-                self.tr.recv((self.peers.get(ch.peer) or f"vm:{ch.peer}"), "APPLIED", f.mm, -1, f.addr, 0, 0, 0, f.corr)
+                if w.__class__ is _Fault:       # (its record goes with its fault's, FaultPath._trace_fault)
+                    w.t_applied, w.applied_addr = time.monotonic_ns(), f.addr
+                else:
+                    self.tr.recv((self.peers.get(ch.peer) or f"vm:{ch.peer}"), "APPLIED", f.mm, -1, f.addr, 0, 0, 0,
+                                 f.corr)
             if w is None:
                 self.refuse(f"APPLIED {f.corr} for mm {f.mm} on the channel of mm {ch.peer}: no such COW reply")
             elif w.__class__ is _Fault:

@@ -33,10 +33,13 @@ COW_REPLY = os.environ.get("KSM_PROTO_COW_REPLY", "1") == "1"
 
 class _Fault:
     """One FAULT being served: its channel and frame, when it was read, and where it is parked."""
-    __slots__ = ("ch", "f", "t0", "gen", "deadline")
+    __slots__ = ("ch", "f", "t0", "gen", "deadline", "t_reply", "pte", "t_applied", "applied_addr")
 
     def __init__(self, ch, f):
         self.ch, self.f, self.t0, self.gen, self.deadline = ch, f, 0, None, 0.0
+        # (traced: when its FAULT_REPLY went, with which PTE, when its APPLIED came, with which addr;
+        # its records go as one at the end, FaultPath._trace_fault)
+        self.t_reply = self.pte = self.t_applied = self.applied_addr = 0
 
 
 _FAULT, _APPLIED, _FAULT_REPLY = int(Msg.FAULT), int(Msg.APPLIED), int(Msg.FAULT_REPLY)

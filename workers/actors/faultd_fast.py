@@ -165,9 +165,9 @@ class FaultPath:
         carrying a COW's new PTEs (entries) returns the WaitAcks handle of the VM's APPLIED: [st] on
         the fast path (the fault parks on it), a future's on the event loop's."""
         f, ch, entries, err = st.f, st.ch, e.entries, e.err
-        if self.tr:
-            self.tr.send((self.peers.get(f.mm) or f"vm:{f.mm}"), "FAULT_REPLY", f.mm, -1, f.addr, f.n, 0,
-                         entries[0][1] if entries else 0, f.corr)
+        if self.tr:         # (its record goes with the FAULT's, at the end: _trace_fault)
+            st.t_reply = time.monotonic_ns()
+            st.pte = entries[0][1] if entries else 0
         if ch.closed:
             return []
         self.reply_ns += time.monotonic_ns() - st.t0
@@ -197,4 +197,32 @@ class FaultPath:
             self.cow_copies += copies
             self.reuses += reuses
         if self.tr:
-            self.tr.span("handle_mm_fault", st.t0, time.monotonic_ns(), mm=f.mm, pages=f.n, write=int(f.flags & 1))
+            self._trace_fault(st)
+
+    def _trace_fault(self, st: "_Fault") -> None:
+        """A fault's records as one (proto.trace.Tracer.group): recv FAULT (at its start), send
+        FAULT_REPLY, recv APPLIED (those it had), the handle_mm_fault span."""
+        t1 = time.monotonic_ns()
+        f = st.f
+        mm, addr, n, corr, t0 = f.mm, f.addr, f.n, f.corr, st.t0
+        kind = (2 if st.t_applied else 1) if st.t_reply else 0
+        gs = self._tgroups.get(mm)
+        if gs is None:
+            gs = self._tgroups[mm] = self._trace_groups(mm)
+        g = gs[kind]
+        if kind == 2:
+            self.tr.emit(g, t1, t0, mm, -1, addr, n, 0, 0, corr, st.t_reply, mm, -1, addr, n, 0, st.pte, corr,
+                         st.t_applied, mm, -1, st.applied_addr, 0, 0, 0, corr, t0, t1 - t0, mm, n, f.flags & 1)
+        elif kind == 1:
+            self.tr.emit(g, t1, t0, mm, -1, addr, n, 0, 0, corr, st.t_reply, mm, -1, addr, n, 0, st.pte, corr,
+                         t0, t1 - t0, mm, n, f.flags & 1)
+        else:
+            self.tr.emit(g, t1, t0, mm, -1, addr, n, 0, 0, corr, t0, t1 - t0, mm, n, f.flags & 1)
+
+    def _trace_groups(self, mm: int) -> tuple:
+        """The compiled groups of a fault of mm (its VM's name the peer): without a reply, with one, with
+        its APPLIED too."""
+        peer = self.peers.get(mm) or f"vm:{mm}"
+        span = ("handle_mm_fault", ("pages", "write"))
+        msgs = (("recv", peer, "FAULT"), ("send", peer, "FAULT_REPLY"), ("recv", peer, "APPLIED"))
+        return tuple(self.tr.group(msgs[:k], span) for k in (1, 2, 3))

@@ -87,6 +87,7 @@ class VMWorker(VMNotifierSide, VMAccess, VMAddressSpace):
         self.shared = Memory(self.mem.alloc, self.mem.stats, {self.mm_id: self.mm})
         self.driver = Driver(self.shared, {self.mm_id: self.ptl}, {}, args.ack_timeout * 2)
         self._acc = None            # the access the access path runs now: [secondary MMU, secondary fault start]
+        self._tgroups: dict = {}    # the trace's compiled groups, per fault handler (vm_access._trace_groups)
         self.access_path = self.access_backend()
         self._polls = PollSet()              # over the fault handler's and the scanners' channels (_reply_now)
         self._vmas_key: bytes | None = None

@@ -34,6 +34,8 @@ class VMAccess:
         `_on_fault_reply`).  A one-page FAULT is one fixed-size record; the reply is waited for on
         the socket itself while nothing else needs this process (`_reply_now`), else on the loop."""
         t0 = time.monotonic_ns()
+        tr = self.tr
+        t_sent = 0
         n = len(idx)
         addr0 = USER_BASE + (idx[0] << PAGE_SHIFT)
         entries = None
@@ -49,8 +51,8 @@ class VMAccess:
                                              f"{self.args.restart_timeout:.0f}s)") from None
             ch = self.fault_ch
             corr = Channel.next_corr()
-            if self.tr:
-                self.tr.send(self.fault_peer, "FAULT", self.mm_id, -1, addr0, len(idx), 0, 0, corr)
+            if tr:
+                t_sent = time.monotonic_ns()      # (the FAULT's record goes with its reply's, below)
             data = RECORD.pack(MAGIC, RECORD.size, _FAULT, 0, flags, self.mm_id, corr, addr0, 1, 0, addr0, 0) \
                 if entries is None else encode(Msg.FAULT, flags=flags, mm=self.mm_id, corr=corr, addr=addr0,
                                                entries=entries)
@@ -69,17 +71,28 @@ class VMAccess:
                         ch.pending.pop(corr, None)
                 break
             except ConnectionError:
+                if tr:
+                    self._trace_fault_sent(t_sent, addr0, n, corr)
                 self.notifier_lost(ch)
                 self.fault_retries += 1
             except asyncio.TimeoutError as e:
+                if tr:
+                    self._trace_fault_sent(t_sent, addr0, n, corr)
                 raise OSError(errno.EFAULT, f"fault handler did not answer: {e!r}") from None
-        if self.tr:
-            self.tr.recv(self.fault_peer, "FAULT_REPLY", self.mm_id, -1, addr0, n, 0,
-                         int(rep.entries[0][1]) if rep.n else 0, corr)
+            except BaseException:
+                if tr:
+                    self._trace_fault_sent(t_sent, addr0, n, corr)
+                raise
         t1 = time.monotonic_ns()
-        if self.tr:
+        if tr:      # one record: send FAULT, recv FAULT_REPLY (at t1) and the cow_fault span
+            g = self._tgroups.get(self.fault_peer) or self._trace_groups()
+            mm = self.mm_id
+            new = rep.entries[0][1] if rep.n else 0
             if ncow:
-                self.tr.span("cow_fault", t0, t1, mm=self.mm_id, pages=ncow)
+                tr.emit(g[0], t1, t_sent, mm, -1, addr0, n, 0, 0, corr, t1, mm, -1, addr0, n, 0, new, corr,
+                        t0, t1 - t0, mm, ncow)
+            else:
+                tr.emit(g[1], t1, t_sent, mm, -1, addr0, n, 0, 0, corr, t1, mm, -1, addr0, n, 0, new, corr)
         self.primary_faults += 1
         if ncow:
             self.cow_faults += ncow
@@ -125,6 +138,22 @@ class VMAccess:
         self.polled_replies += polled
         return fut.result()
 
+    def _trace_groups(self) -> tuple:
+        """The trace's compiled groups of this VM's fault path (proto.trace.Tracer.group), per fault
+        handler: a COW fault (FAULT, FAULT_REPLY, its span), another fault, a FAULT alone (its reply
+        never came), the secondary fault's span."""
+        fp, tr = self.fault_peer, self.tr
+        msgs = (("send", fp, "FAULT"), ("recv", fp, "FAULT_REPLY"))
+        g = self._tgroups[fp] = (tr.group(msgs, ("cow_fault", ("pages",))), tr.group(msgs), tr.group(msgs[:1]),
+                                 tr.group((), ("secondary_fault", ("sub", "addr"))))
+        return g
+
+    def _trace_fault_sent(self, t_sent: int, addr0: int, n: int, corr: int) -> None:
+        """A FAULT whose reply did not come (its record alone)."""
+        if t_sent:
+            g = self._tgroups.get(self.fault_peer) or self._trace_groups()
+            self.tr.emit(g[2], t_sent, t_sent, self.mm_id, -1, addr0, n, 0, 0, corr)
+
     async def access(self, addr: int, length: int, write: bool, data=None, sub: SecondaryMMU | None = None):
         """Read or write guest memory through a secondary MMU, faulting as needed (core.access)."""
         sub = sub or self.kvm
@@ -164,8 +193,9 @@ class VMAccess:
         acc = self._acc
         hit = touch(acc[0], e, self.memory)
         if hit and acc[1]:
-            self.tr.span("secondary_fault", acc[1], time.monotonic_ns(), mm=self.mm_id, sub=acc[0].sub,
-                         addr=USER_BASE + (e.i << PAGE_SHIFT))
+            t = time.monotonic_ns()
+            self.tr.emit((self._tgroups.get(self.fault_peer) or self._trace_groups())[3], t, acc[1], t - acc[1],
+                         self.mm_id, acc[0].sub, USER_BASE + (e.i << PAGE_SHIFT))
             acc[1] = 0
         return hit
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import socket
+import time
 
 
 from proto.channel import Channel
@@ -121,13 +122,26 @@ class VMNotifierSide:
             self.refused += 1
             log.error("%s: refused a COW reply from the fault handler: %s", self.name, e)
             applied = ()
-        for sub, typ in applied:
-            if self.tr:
-                self.tr.recv(self.name, typ.name, self.mm_id, sub.sub, int(rep.entries[0][0]), rep.n, 0,
-                             int(rep.entries[0][1]), 0)
+        tr = self.tr
+        if tr and len(applied) == 1:        # (as a rule: one record, the message applied and APPLIED)
+            sub, typ = applied[0]
+            t = time.monotonic_ns()
             self._idle_update(sub)
-        if self.tr:
-            self.tr.send(self.fault_peer, "APPLIED", self.mm_id, -1, rep.addr, 0, 0, 0, rep.corr)
+            t1 = time.monotonic_ns()
+            g = self._tgroups.get(typ)
+            if g is None:
+                g = self._tgroups[typ] = tr.group((("recv", self.name, typ.name), ("send", self.fault_peer, "APPLIED")))
+            mm = self.mm_id
+            tr.emit(g, t1, t, mm, sub.sub, rep.entries[0][0], rep.n, 0, rep.entries[0][1], 0,
+                    t1, mm, -1, rep.addr, 0, 0, 0, rep.corr)
+        else:
+            for sub, typ in applied:
+                if tr:
+                    tr.recv(self.name, typ.name, self.mm_id, sub.sub, int(rep.entries[0][0]), rep.n, 0,
+                            int(rep.entries[0][1]), 0)
+                self._idle_update(sub)
+            if tr:
+                tr.send(self.fault_peer, "APPLIED", self.mm_id, -1, rep.addr, 0, 0, 0, rep.corr)
         if not ch.closed:       # (encode(Msg.APPLIED, mm=, corr=), packed at once)
             ch.send(HEADER.pack(MAGIC, HEADER_SIZE, _APPLIED, 0, 0, self.mm_id, rep.corr, 0, 0, 0))
 

@@ -84,11 +84,22 @@ class VMAccess:
                     self._trace_fault_sent(t_sent, addr0, n, corr)
                 raise
         t1 = time.monotonic_ns()
-        if tr:      # one record: send FAULT, recv FAULT_REPLY (at t1) and the cow_fault span
-            g = self._tgroups.get(self.fault_peer) or self._trace_groups()
-            mm = self.mm_id
+        if tr:      # one record: send FAULT, recv FAULT_REPLY (at t1), the cow_fault span; with a COW
+            g = self._tgroups.get(self.fault_peer) or self._trace_groups()     # reply's message applied
+            mm = self.mm_id                                                   # and APPLIED (apply_cow_reply)
             new = rep.entries[0][1] if rep.n else 0
-            if ncow:
+            p = self._tapplied
+            if ncow and p is not None and p[0] == corr:
+                self._tapplied = None
+                _, typ, ta, sub, a_addr, a_n, a_pte, tb, rep_addr = p
+                ga = g[4].get(typ)
+                if ga is None:
+                    ga = g[4][typ] = tr.group((("send", self.fault_peer, "FAULT"), ("recv", self.name, typ.name),
+                                               ("send", self.fault_peer, "APPLIED"),
+                                               ("recv", self.fault_peer, "FAULT_REPLY")), ("cow_fault", ("pages",)))
+                tr.emit(ga, t1, t_sent, mm, -1, addr0, n, 0, 0, corr, ta, mm, sub, a_addr, a_n, 0, a_pte, 0,
+                        tb, mm, -1, rep_addr, 0, 0, 0, corr, t1, mm, -1, addr0, n, 0, new, corr, t0, t1 - t0, mm, ncow)
+            elif ncow:
                 tr.emit(g[0], t1, t_sent, mm, -1, addr0, n, 0, 0, corr, t1, mm, -1, addr0, n, 0, new, corr,
                         t0, t1 - t0, mm, ncow)
             else:
@@ -141,11 +152,12 @@ class VMAccess:
     def _trace_groups(self) -> tuple:
         """The trace's compiled groups of this VM's fault path (proto.trace.Tracer.group), per fault
         handler: a COW fault (FAULT, FAULT_REPLY, its span), another fault, a FAULT alone (its reply
-        never came), the secondary fault's span."""
+        never came), the secondary fault's span, and per message type applied a COW fault with its
+        reply applied (FAULT, the message applied, APPLIED, FAULT_REPLY, its span)."""
         fp, tr = self.fault_peer, self.tr
         msgs = (("send", fp, "FAULT"), ("recv", fp, "FAULT_REPLY"))
         g = self._tgroups[fp] = (tr.group(msgs, ("cow_fault", ("pages",))), tr.group(msgs), tr.group(msgs[:1]),
-                                 tr.group((), ("secondary_fault", ("sub", "addr"))))
+                                 tr.group((), ("secondary_fault", ("sub", "addr"))), {})
         return g
 
     def _trace_fault_sent(self, t_sent: int, addr0: int, n: int, corr: int) -> None:

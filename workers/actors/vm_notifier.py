@@ -123,17 +123,14 @@ class VMNotifierSide:
             log.error("%s: refused a COW reply from the fault handler: %s", self.name, e)
             applied = ()
         tr = self.tr
-        if tr and len(applied) == 1:        # (as a rule: one record, the message applied and APPLIED)
+        if tr and len(applied) == 1:        # (as a rule: its records go with its fault's, fault_call)
             sub, typ = applied[0]
             t = time.monotonic_ns()
             self._idle_update(sub)
             t1 = time.monotonic_ns()
-            g = self._tgroups.get(typ)
-            if g is None:
-                g = self._tgroups[typ] = tr.group((("recv", self.name, typ.name), ("send", self.fault_peer, "APPLIED")))
-            mm = self.mm_id
-            tr.emit(g, t1, t, mm, sub.sub, rep.entries[0][0], rep.n, 0, rep.entries[0][1], 0,
-                    t1, mm, -1, rep.addr, 0, 0, 0, rep.corr)
+            if self._tapplied is not None:
+                self.trace_applied()
+            self._tapplied = (rep.corr, typ, t, sub.sub, rep.entries[0][0], rep.n, rep.entries[0][1], t1, rep.addr)
         else:
             for sub, typ in applied:
                 if tr:
@@ -144,6 +141,20 @@ class VMNotifierSide:
                 tr.send(self.fault_peer, "APPLIED", self.mm_id, -1, rep.addr, 0, 0, 0, rep.corr)
         if not ch.closed:       # (encode(Msg.APPLIED, mm=, corr=), packed at once)
             ch.send(HEADER.pack(MAGIC, HEADER_SIZE, _APPLIED, 0, 0, self.mm_id, rep.corr, 0, 0, 0))
+
+    def trace_applied(self) -> None:
+        """The records of a COW reply applied (the message applied, APPLIED sent) that its fault's record
+        did not take (fault_call): as one record of their own."""
+        p, self._tapplied = self._tapplied, None
+        if p is None:
+            return
+        corr, typ, t, sub, addr, n, pte, t1, rep_addr = p
+        g = self._tgroups.get(typ)
+        if g is None:
+            g = self._tgroups[typ] = self.tr.group((("recv", self.name, typ.name),
+                                                    ("send", self.fault_peer, "APPLIED")))
+        mm = self.mm_id
+        self.tr.emit(g, t1, t, mm, sub, addr, n, 0, pte, 0, t1, mm, -1, rep_addr, 0, 0, 0, corr)
 
     def _idle_update(self, sub: SecondaryMMU) -> None:
         """The secondary MMU's idle event follows its in-progress count (WaitIdle waits on it)."""

@@ -26,11 +26,11 @@ definition goes with the first chunk that uses it):
                                the others int64)
     ["s", name, [arg names]]   3 + len(args) words: ts, dur, mm, the args in that order (int64)
     ["c", name]                2 words: ts, value (int64)
-    ["g", [[dir, peer, type], ...], span name or null, [arg names]]
-                               a group: several records of one event written as one (a COW fault's
-                               messages and its span): 8 words per message, as "m" has them, then,
-                               with a span name, 3 + len(args) words as "s" has them; read back as
-                               those records, in that order (`Tracer.group`, `Tracer.emit`)
+    ["g", [[dir, peer, type], ...], [[span name, [arg names]], ...]]
+                               a group: several records written as one (a COW fault's messages and
+                               its spans): 8 words per message, as "m" has them, then per span
+                               3 + len(args) words, as "s" has them; read back as those records,
+                               in that order (`Tracer.group`, `Tracer.emit`)
 
 Key 0 is one word: a record that is not all int64/u64 numbers (the header, the end, a float
 counter, a bool or string span argument, a negative address...), the next of the chunk's
@@ -163,9 +163,10 @@ def _expand(d, ws: list, i: int = 0, u64: int = _U64) -> list:
         out.append(["m", ws[i], dir, peer, type, ws[i + 1], ws[i + 2], ws[i + 3] & u64, ws[i + 4],
                     ws[i + 5] & u64, ws[i + 6] & u64, ws[i + 7]])
         i += 8
-    if d[2] is not None:
-        names = d[3]
-        out.append(["s", ws[i], ws[i + 1], d[2], ws[i + 2], dict(zip(names, ws[i + 3:i + 3 + len(names)]))])
+    for name, names in d[2]:
+        j = i + 3 + len(names)
+        out.append(["s", ws[i], ws[i + 1], name, ws[i + 2], dict(zip(names, ws[i + 3:j]))])
+        i = j
     return out
 
 
@@ -341,28 +342,25 @@ class Tracer:
         self._kspan[name] = ks
         return ks
 
-    def group(self, msgs, span: tuple | None = None) -> "Group":
-        """Compile a group: the records of one event (its messages, (dir, peer, type) each, then a span
-        (name, (arg names...)) or None) written as one record by `emit`.  Call once, keep the result:
-        `emit(g, t, *words)` takes per message ts, mm, sub, addr, n, old, new, corr, then for the span
-        ts, dur, mm and its args in order (ints; addr, old, new u64).  A span alone is an "s" key."""
+    def group(self, msgs, *spans) -> "Group":
+        """Compile a group: records written as one by `emit` (its messages, (dir, peer, type) each, then
+        its spans, (name, (arg names...)) each).  Call once, keep the result: `emit(g, t, *words)` takes
+        per message ts, mm, sub, addr, n, old, new, corr, then per span ts, dur, mm and its args in order
+        (ints; addr, old, new u64).  A span alone is an "s" key."""
         msgs = tuple((str(d), _hashable(p), _hashable(t)) for d, p, t in msgs)
         if any(d not in ("send", "recv") for d, _, _ in msgs):
             raise ValueError(f"a group's message direction must be 'send' or 'recv': {msgs!r}")
-        if span is not None:
-            span = (_hashable(span[0]), tuple(span[1]))
-        if not msgs and span is None:
+        spans = tuple((_hashable(name), tuple(names)) for name, names in spans)
+        if not msgs and not spans:
             raise ValueError("an empty group")
-        spec = (msgs, span)
+        spec = (msgs, spans)
         g = self._kgroup.get(spec)
         if g is None:
-            fmt = "<q" + _G_MSG * len(msgs) + ("" if span is None else "qqq" + "q" * len(span[1]))
-            st = struct.Struct(fmt)
-            if not msgs:
-                d = ("s", span[0], list(span[1]))
+            st = struct.Struct("<q" + _G_MSG * len(msgs) + "".join("qqq" + "q" * len(a) for _, a in spans))
+            if not msgs and len(spans) == 1:
+                d = ("s", spans[0][0], list(spans[0][1]))
             else:
-                d = ("g", [list(m) for m in msgs], None if span is None else span[0],
-                     [] if span is None else list(span[1]))
+                d = ("g", [list(m) for m in msgs], [[name, list(names)] for name, names in spans])
             g = self._kgroup[spec] = Group(self._define(d), st.pack_into, st.size, d)
         return g
 
@@ -502,9 +500,9 @@ def _def_ok(d) -> bool:
     if d[0] == "s":
         return len(d) == 3 and type(d[2]) is list
     if d[0] == "g":
-        return (len(d) == 4 and type(d[1]) is list and type(d[3]) is list
+        return (len(d) == 3 and type(d[1]) is list and type(d[2]) is list and bool(d[1] or d[2])
                 and all(type(m) is list and len(m) == 3 and m[0] in ("send", "recv") for m in d[1])
-                and (d[1] or d[2] is not None) and (d[2] is not None or not d[3]))
+                and all(type(x) is list and len(x) == 2 and type(x[1]) is list for x in d[2]))
     return d[0] == "c" and len(d) == 2
 
 
@@ -519,6 +517,7 @@ def read_records(path: str) -> tuple[list, int, "TraceFileError | None"]:
     name = os.path.basename(path)
     recs: list = []
     defs: list = [None]
+    glen: dict = {}                # group key -> its words
     off, size, hs = 0, len(data), CHUNK.size
     while off < size:
         if size - off < hs:
@@ -539,6 +538,8 @@ def read_records(path: str) -> tuple[list, int, "TraceFileError | None"]:
             first, new, extras = json.loads(js) if jl else (len(defs), (), ())
             if not all(_def_ok(d) for d in new) or not 1 <= first <= len(defs):
                 raise ValueError("a bad key definition")
+            if first < len(defs):
+                glen.clear()
             defs[first:first + len(new)] = new
             words = array("q")
             words.frombytes(wb)
@@ -561,7 +562,10 @@ def read_records(path: str) -> tuple[list, int, "TraceFileError | None"]:
                                 ws[i + 6] & _U64, ws[i + 7] & _U64, ws[i + 8]])
                     i += 9
                 elif kind == "g":
-                    j = i + 1 + 8 * len(d[1]) + (0 if d[2] is None else 3 + len(d[3]))
+                    w = glen.get(k)
+                    if w is None:
+                        w = glen[k] = 1 + 8 * len(d[1]) + sum(3 + len(x[1]) for x in d[2])
+                    j = i + w
                     if j > n:
                         raise ValueError("a group cut short")
                     out += _expand(d, ws, i + 1)

@@ -245,7 +245,7 @@ def test_every_record_kind_round_trips_exactly(tmp_path):
 
 
 def test_a_group_reads_back_as_its_records_exactly(tmp_path):
-    """A group (one record for a COW fault's messages and span, Tracer.group / emit) reads back as the
+    """A group (one record for a COW fault's messages and spans, Tracer.group / emit) reads back as the
     records it stands for, in its order, as separate send / recv / span calls would have written them:
     packed, with a span alone (an "s" key), across chunks, and as JSON when a word is no int64 / u64;
     a wrong word count is a TypeError naming the group, and nothing is written for it."""
@@ -264,6 +264,8 @@ def test_a_group_reads_back_as_its_records_exactly(tmp_path):
     tr.emit(gs, 300, 250, 50, 3, 0, 0x7f0000002000)
     tr.emit(g1, 400, 400, 3, -1, -5, 1, 0, 0, 9)                   # a negative address: as JSON
     tr.emit(g3, 500, *words3[:-1], np.int64(1))                     # a numpy word: as JSON
+    g2s = tr.group(msgs[1:2], ("cow_fault", ("pages",)), ("secondary_fault", ("sub", "addr")))
+    tr.emit(g2s, 700, 650, 3, -1, 0x1000, 1, 0, 5, 11, 640, 20, 3, 1, 630, 70, 3, 2, 0x1000)   # two spans
     with pytest.raises(TypeError, match="handle_mm_fault.*29 words, 28 given"):
         tr.emit(g3, 600, *words3[:-2], "x")
     tr.close()
@@ -274,10 +276,13 @@ def test_a_group_reads_back_as_its_records_exactly(tmp_path):
     got = _lines(tr.path)
     assert got[1:-1] == full + [["m", 200, "recv", "vm:a", "FAULT", 3, -1, big, 2, 0, 0, -(1 << 63)],
                                 ["s", 250, 50, "secondary_fault", 3, {"sub": 0, "addr": 0x7f0000002000}],
-                                ["m", 400, "recv", "vm:a", "FAULT", 3, -1, -5, 1, 0, 0, 9]] + full
+                                ["m", 400, "recv", "vm:a", "FAULT", 3, -1, -5, 1, 0, 0, 9]] + full + [
+                                ["m", 650, "send", "vm:a", "FAULT_REPLY", 3, -1, 0x1000, 1, 0, 5, 11],
+                                ["s", 640, 20, "cow_fault", 3, {"pages": 1}],
+                                ["s", 630, 70, "secondary_fault", 3, {"sub": 2, "addr": 0x1000}]]
     assert got[0][0] == "h" and got[-1][0] == "e"
     merged = tracetool.merge(str(tmp_path), str(tmp_path / "m.json"))
-    assert (merged["records"], merged["errors"]) == (11, [])
+    assert (merged["records"], merged["errors"]) == (14, [])
 
 
 def test_a_cut_or_damaged_file_is_named_and_the_others_merge(tmp_path):

@@ -89,6 +89,7 @@ class VMWorker(VMNotifierSide, VMAccess, VMAddressSpace):
         self._acc = None            # the access the access path runs now: [secondary MMU, secondary fault start]
         self._tgroups: dict = {}    # the trace's compiled groups, per fault handler (vm_access._trace_groups)
         self._tapplied = None       # traced: the COW reply applied last, its records not yet written (trace_applied)
+        self._tcow = None           # traced: the last COW fault's record, held for its secondary fault's span (trace_cow)
         self.access_path = self.access_backend()
         self._polls = PollSet()              # over the fault handler's and the scanners' channels (_reply_now)
         self._vmas_key: bytes | None = None
@@ -241,6 +242,7 @@ class VMWorker(VMNotifierSide, VMAccess, VMAddressSpace):
         ctl.send(encode(Msg.REPLY, corr=0, payload=call_payload({"ready": True})))
         await self.done
         if self.tr:
+            self.trace_cow()
             self.trace_applied()
             self.tr.close()
 

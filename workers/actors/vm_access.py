@@ -92,13 +92,12 @@ class VMAccess:
             if ncow and p is not None and p[0] == corr:
                 self._tapplied = None
                 _, typ, ta, sub, a_addr, a_n, a_pte, tb, rep_addr = p
-                ga = g[4].get(typ)
-                if ga is None:
-                    ga = g[4][typ] = tr.group((("send", self.fault_peer, "FAULT"), ("recv", self.name, typ.name),
-                                               ("send", self.fault_peer, "APPLIED"),
-                                               ("recv", self.fault_peer, "FAULT_REPLY")), ("cow_fault", ("pages",)))
-                tr.emit(ga, t1, t_sent, mm, -1, addr0, n, 0, 0, corr, ta, mm, sub, a_addr, a_n, 0, a_pte, 0,
-                        tb, mm, -1, rep_addr, 0, 0, 0, corr, t1, mm, -1, addr0, n, 0, new, corr, t0, t1 - t0, mm, ncow)
+                if self._tcow is not None:
+                    self.trace_cow()
+                # (held until the secondary fault ends, `_touch`: its span goes in the same record)
+                self._tcow = (typ, (t_sent, mm, -1, addr0, n, 0, 0, corr, ta, mm, sub, a_addr, a_n, 0, a_pte, 0,
+                                    tb, mm, -1, rep_addr, 0, 0, 0, corr, t1, mm, -1, addr0, n, 0, new, corr,
+                                    t0, t1 - t0, mm, ncow))
             elif ncow:
                 tr.emit(g[0], t1, t_sent, mm, -1, addr0, n, 0, 0, corr, t1, mm, -1, addr0, n, 0, new, corr,
                         t0, t1 - t0, mm, ncow)
@@ -153,12 +152,31 @@ class VMAccess:
         """The trace's compiled groups of this VM's fault path (proto.trace.Tracer.group), per fault
         handler: a COW fault (FAULT, FAULT_REPLY, its span), another fault, a FAULT alone (its reply
         never came), the secondary fault's span, and per message type applied a COW fault with its
-        reply applied (FAULT, the message applied, APPLIED, FAULT_REPLY, its span)."""
+        reply applied (FAULT, the message applied, APPLIED, FAULT_REPLY, its span; `_trace_cow_group`)."""
         fp, tr = self.fault_peer, self.tr
         msgs = (("send", fp, "FAULT"), ("recv", fp, "FAULT_REPLY"))
         g = self._tgroups[fp] = (tr.group(msgs, ("cow_fault", ("pages",))), tr.group(msgs), tr.group(msgs[:1]),
                                  tr.group((), ("secondary_fault", ("sub", "addr"))), {})
         return g
+
+    def _trace_cow_group(self, typ, secondary: bool):
+        """The compiled group of a COW fault with its reply applied (a message of type typ), with or
+        without the span of the secondary fault around it."""
+        g = self._tgroups.get(self.fault_peer) or self._trace_groups()
+        k = (typ, secondary)
+        ga = g[4].get(k)
+        if ga is None:
+            fp = self.fault_peer
+            spans = (("cow_fault", ("pages",)),) + ((("secondary_fault", ("sub", "addr")),) if secondary else ())
+            ga = g[4][k] = self.tr.group((("send", fp, "FAULT"), ("recv", self.name, typ.name), ("send", fp, "APPLIED"),
+                                          ("recv", fp, "FAULT_REPLY")), *spans)
+        return ga
+
+    def trace_cow(self) -> None:
+        """The held record of the last COW fault (fault_call), that no secondary fault's end took: alone."""
+        p, self._tcow = self._tcow, None
+        if p is not None:
+            self.tr.emit(self._trace_cow_group(p[0], False), p[1][24], *p[1])
 
     def _trace_fault_sent(self, t_sent: int, addr0: int, n: int, corr: int) -> None:
         """A FAULT whose reply did not come (its record alone)."""
@@ -206,8 +224,14 @@ class VMAccess:
         hit = touch(acc[0], e, self.memory)
         if hit and acc[1]:
             t = time.monotonic_ns()
-            self.tr.emit((self._tgroups.get(self.fault_peer) or self._trace_groups())[3], t, acc[1], t - acc[1],
-                         self.mm_id, acc[0].sub, USER_BASE + (e.i << PAGE_SHIFT))
+            p = self._tcow
+            if p is None:
+                self.tr.emit((self._tgroups.get(self.fault_peer) or self._trace_groups())[3], t, acc[1], t - acc[1],
+                             self.mm_id, acc[0].sub, USER_BASE + (e.i << PAGE_SHIFT))
+            else:       # the COW fault's record held by fault_call, with this span: one record
+                self._tcow = None
+                g = self._tgroups[self.fault_peer][4].get((p[0], True)) or self._trace_cow_group(p[0], True)
+                self.tr.emit(g, t, *p[1], acc[1], t - acc[1], self.mm_id, acc[0].sub, USER_BASE + (e.i << PAGE_SHIFT))
             acc[1] = 0
         return hit
 

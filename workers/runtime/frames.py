@@ -44,6 +44,7 @@ def _flock(l_type: int, start: int) -> bytes:
 
 
 _BUSY = (errno.EAGAIN, errno.EACCES)
+_F_OFD_SETLK = fcntl.F_OFD_SETLK
 _BACKOFF_MIN, _BACKOFF_MAX = 20e-6, 2e-3     # seconds between two tries of a blocking acquire
 _live: "weakref.WeakSet[ShmLock]" = weakref.WeakSet()
 
@@ -101,16 +102,20 @@ class ShmLock:
         return True
 
     def try_acquire(self) -> bool:
-        if not self._threads.acquire(blocking=False):
+        # (_try_record inlined: this is every fault's ptl and frame lock, a Python call less each)
+        if not self._threads.acquire(False):
             return False
         try:
-            if self._try_record():
-                return True
+            fcntl.fcntl(self.fd, _F_OFD_SETLK, self._lock)
+            return True
+        except OSError as e:
+            self._threads.release()
+            if e.errno in _BUSY:
+                return False
+            raise
         except BaseException:
             self._threads.release()
             raise
-        self._threads.release()
-        return False
 
     def acquire(self, timeout: float = 5.0) -> None:
         """Take the lock, polling with a growing backoff; TimeoutError after `timeout` seconds."""
@@ -135,15 +140,17 @@ class ShmLock:
         return TimeoutError(f"lock {self.name} (byte {self.byte} of {self.path}) busy for over {timeout:.1f}s")
 
     def release(self) -> None:
-        fcntl.fcntl(self.fd, fcntl.F_OFD_SETLK, self._unlock)
+        fcntl.fcntl(self.fd, _F_OFD_SETLK, self._unlock)
         self._threads.release()
 
     def __enter__(self):
-        self.acquire()
+        if not self.try_acquire():
+            self.acquire()
         return self
 
     def __exit__(self, *exc):
-        self.release()
+        fcntl.fcntl(self.fd, _F_OFD_SETLK, self._unlock)
+        self._threads.release()
 
     def close(self) -> None:
         """Close the file (which drops the lock if this object holds it)."""

@@ -303,6 +303,7 @@ def cow_core_samples(npages: int) -> list[float]:
     reply and the APPLIED answered at once): what of a fault is our Python and its system calls."""
     from proto.messages import FAULT_WRITE
     from workers.mm.effects import Lock, Memory, Reply, Unlock, WaitAcks
+    from workers.actors.faultd_common import FRAME_RESERVE
     from workers.mm.fault import serve_fault
     from workers.runtime.actor import RunMemory
     from workers.runtime.interp import BLOCK, Backend, run_until_blocked
@@ -312,6 +313,7 @@ def cow_core_samples(npages: int) -> list[float]:
         m.ksm.wait_stable(60)
         m.ksm.set(run=0)
         mem = RunMemory(m.run)
+        mem.alloc.keep_reserve(FRAME_RESERVE)      # (the fault handler's allocator: its frame reserve)
         mm, ptl = mem.attach_mm(vm.mm_id)
         try:
             b = Backend(Memory(mem.alloc, mem.stats, {vm.mm_id: mm}), {
@@ -325,6 +327,7 @@ def cow_core_samples(npages: int) -> list[float]:
                 if e is not None or v != (1, 0):
                     raise RuntimeError(f"the COW core did not copy page {i}: {e!r}, {v!r}")
         finally:
+            mem.alloc.release_reserve()
             ptl.close()
             mm.seg.close()
             mem.close()

@@ -61,6 +61,7 @@ class FaultHandler(FaultPath):
         self.driver = Driver(self.memory, self.ptls, self.notifiers, args.ack_timeout * 2)
         self.mode = args.mode
         self.tr = Tracer.open(args.trace, self.name)
+        self.driver.tr = self.tr          # (its lock and barrier waits as spans)
         self.faults = 0
         self.cow_copies = 0
         self.reuses = 0

@@ -86,6 +86,7 @@ class VMWorker(VMNotifierSide, VMAccess, VMAddressSpace):
         self.exiting = False
         self.shared = Memory(self.mem.alloc, self.mem.stats, {self.mm_id: self.mm})
         self.driver = Driver(self.shared, {self.mm_id: self.ptl}, {}, args.ack_timeout * 2)
+        self.driver.tr = self.tr          # (its page-table lock waits as spans)
         self._acc = None            # the access the access path runs now: [secondary MMU, secondary fault start]
         self.access_path = self.access_backend()
         self._polls = PollSet()              # over the fault handler's and the scanners' channels (_reply_now)

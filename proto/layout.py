@@ -69,6 +69,7 @@ FRAME_FREE = 0
 FRAME_ANON = 1 << 0
 FRAME_KSM = 1 << 1
 FRAME_ZERO = 1 << 2
+FRAME_RESERVED = 1 << 3    # off the free stack, in a fault handler's reserve (runtime/frames.py): free, not on it
 ZERO_PFN = 0
 
 # --- VMA flags (the kernel's names) ---
@@ -97,7 +98,7 @@ MMH_ID, MMH_NPAGES, MMH_FLAGS, MMH_NODE, MMH_OWNER_PID, MMH_RELEASED, MMH_DOMAIN
 SUB_ACTIVE, SUB_CHANGE_PTE = 0, 1
 
 # --- frametab header slots ---
-FTH_NFRAMES, FTH_FREE_TOP, FTH_NODES = range(3)
+FTH_NFRAMES, FTH_FREE_TOP, FTH_NODES, FTH_RESERVE_GEN = range(4)   # reserve gen: bumped when a repair takes every reserve back
 
 # --- stats segment: knobs, counters, per-mm rows ---
 MAX_MMS = 256

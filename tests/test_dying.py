@@ -20,6 +20,8 @@ import pytest
 import workers.actors.supervisor
 import workers.actors.supervisor_recovery
 from proto import MADV_MERGEABLE, PAGE_SIZE
+from proto.layout import FRAME_RESERVED
+from workers.actors.faultd_common import FRAME_RESERVE
 from workers.tools.stress import writer_sequence
 
 FAST = dict(pages_to_scan=1000, sleep_millisecs=0)
@@ -108,6 +110,28 @@ def test_kill_fault_handler_faults_go_on(ksm_machine):
     assert m.faultd.call("stats")[0]["cow_copies"] == 8
     assert m.check_frames() == []
     assert a.stats()["notifier_losses"] == {"ksmd": 0, "faultd": 1}
+
+
+def test_a_dead_fault_handlers_frame_reserve_is_given_back(ksm_machine):
+    """The fault handler's one-page faults take frames from a reserve (FRAME_RESERVE of them, taken
+    together); killed, it never gives them back itself: the recovery's repair does, exactly, and the
+    free frames (reserves counted) are what the mapped pages leave."""
+    m = ksm_machine
+    free0 = m.alloc.nr_free
+    a = m.spawn_vm("a")
+    x = a.mmap(5 * PAGE_SIZE)
+    for k in range(4):                              # four one-page write faults
+        a.write(x + k * PAGE_SIZE, bytes([k + 1]))
+    reserved = lambda: int((m.alloc.ft.flags == FRAME_RESERVED).sum())    # noqa: E731
+    assert reserved() == FRAME_RESERVE - 3 and m.alloc.nr_free == free0 - 4
+    kill_and_wait(m, "faultd")
+    assert m.repairs[-1]["reserves_returned"] == FRAME_RESERVE - 3 and m.repairs[-1]["freed"] == 0
+    assert reserved() == 0 and m.alloc.nr_free == free0 - 4 and m.check_frames() == []
+    a.write(x + 4 * PAGE_SIZE, b"\x05")              # the successor takes a reserve of its own
+    assert reserved() == FRAME_RESERVE and m.alloc.nr_free == free0 - 5 and m.check_frames() == []
+    assert [a.read(x + k * PAGE_SIZE, 1) for k in range(5)] == [bytes([k + 1]) for k in range(5)]
+    m.exit_vm(a)
+    assert m.alloc.nr_free == free0
 
 
 def test_kill_one_of_two_scanners_restarts_both_and_each_rebuilds_its_shard(ksm_machine_factory):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from proto.layout import (FRAME_ANON, FRAME_FREE, FRAME_KSM, FTH_FREE_TOP, PAGE_SIZE, ZERO_PFN, FrameTable,
+from proto.layout import (FRAME_ANON, FRAME_FREE, FRAME_KSM, FRAME_RESERVED, FTH_FREE_TOP, PAGE_SIZE, ZERO_PFN, FrameTable,
                           Segment, create_lock_file, new_run_name, seg_name, unlink_lock_file)
 from workers.runtime.frames import FrameAccountingError, FrameAllocator, OutOfFrames, ShmLock
 from workers.actors.supervisor import run_entries
@@ -139,3 +139,110 @@ def test_pin_ksm_takes_a_reference_only_on_the_live_ksm_page(alloc):
     assert not alloc.pin_ksm(k, 8)
     assert alloc.put(np.array([k, k])) == 1
     assert not alloc.pin_ksm(k, 7)                              # freed: no reference on a free frame
+
+
+# ---- a fault handler's free-frame reserve (FrameAllocator.keep_reserve)
+class _NoLock:
+    """The frame lock of an allocator that must not take it."""
+
+    def __enter__(self):
+        raise AssertionError("the frame lock was taken")
+
+    def __exit__(self, *exc):
+        return False
+
+
+@pytest.fixture
+def big_alloc():
+    run = new_run_name()
+    create_lock_file(run)
+    n = 128
+    seg = Segment.create(seg_name(run, "frametab"), FrameTable.size_for(n))
+    lock = ShmLock.frame_lock(run)
+    a = FrameAllocator(FrameTable(seg, n), np.zeros(n * PAGE_SIZE, dtype=np.uint8), lock)
+    a.format()
+    yield a
+    lock.close()
+    del a
+    seg.close()
+    Segment.unlink(seg.name)
+    unlink_lock_file(run)
+    assert run_entries(run) == []
+
+
+def test_reserve_hands_out_the_stacks_frames_in_its_order_without_the_frame_lock(big_alloc):
+    a = big_alloc
+    free0 = a.nr_free
+    a.keep_reserve(4)
+    assert a.alloc_one() == 1                       # under the lock, and 4 more taken aside
+    assert a.reserve == [5, 4, 3, 2] and a.ft.hdr[FTH_FREE_TOP] == free0 - 5 and a.nr_free == free0 - 1
+    assert a.ft.flags[[2, 3, 4, 5]].tolist() == [FRAME_RESERVED] * 4 and a.ft.mapcount[[2, 3, 4, 5]].tolist() == [0] * 4
+    lock, a.lock = a.lock, _NoLock()
+    try:
+        assert [a.alloc_one() for _ in range(4)] == [2, 3, 4, 5]    # what the stack would have handed out
+    finally:
+        a.lock = lock
+    assert a.reserve == [] and a.nr_free == free0 - 5
+    assert a.ft.flags[[2, 3, 4, 5]].tolist() == [FRAME_ANON] * 4 and a.ft.mapcount[[2, 3, 4, 5]].tolist() == [1] * 4
+    assert a.alloc_one() == 6 and a.reserve == [10, 9, 8, 7]      # refilled under the lock
+
+
+def test_reserve_given_back_leaves_the_table_exactly_as_formatted(big_alloc):
+    a = big_alloc
+    before = table(a)
+    a.keep_reserve(4)
+    pfn = a.alloc_one()
+    assert a.release_reserve() == 4 and a.reserve == [] and a.nr_free == 127 - 1
+    a.put_one(pfn)
+    assert a.nr_free == 127 and a.release_reserve() == 0
+    assert_same(before, table(a))                   # the free stack in its own order again
+
+
+def test_out_of_frames_first_takes_the_own_reserve_back(big_alloc):
+    a = big_alloc
+    a.keep_reserve(8)
+    a.alloc_one()
+    assert len(a.reserve) == 8 and a.ft.hdr[FTH_FREE_TOP] == 127 - 9
+    pfns = a.alloc(127 - 1)                         # more than the stack holds: the reserve goes back first
+    assert len(pfns) == 126 and a.reserve == [] and a.nr_free == 0
+    with pytest.raises(OutOfFrames):
+        a.alloc_one()
+    assert a.put(pfns) == 126 and a.nr_free == 126
+
+
+def test_no_reserve_is_taken_near_out_of_memory(big_alloc):
+    a = big_alloc
+    a.keep_reserve(16)                              # 8 batches of 16 = 128: more than the 127 free frames
+    assert a.alloc_one() == 1 and a.reserve == [] and a.ft.hdr[FTH_FREE_TOP] == 126
+
+
+def test_a_repair_takes_every_reserve_back_and_its_holder_learns_it(big_alloc):
+    a = big_alloc
+    a.keep_reserve(4)
+    pfn = a.alloc_one()
+    other = FrameAllocator(a.ft, a.mem, a.lock)     # a second handler's view (another process's, in a run)
+    other.keep_reserve(4)
+    assert other.alloc_one() == 6 and other.reserve == [10, 9, 8, 7]
+    maps = np.zeros(128, dtype=np.int64)
+    maps[[pfn, 6]] = 1                              # the PTEs map the two frames handed out
+    done = a.rebuild(maps)
+    assert done == {"freed": 0, "recounted": 0, "revived": 0, "free_stack_changed": 0, "fixes": [],
+                    "reserves_returned": 8}
+    assert a.nr_free == 127 - 2 and (a.ft.flags == FRAME_RESERVED).sum() == 0
+    assert a.alloc_one() == 2 and a.reserve == [7, 5, 4, 3]     # the old reserves forgotten, new ones taken
+    assert other.alloc_one() == 8 and other.reserve == [12, 11, 10, 9]
+    assert a.release_reserve() == 4 and other.release_reserve() == 4 and a.nr_free == 127 - 4
+
+
+def test_a_reserved_frame_cannot_be_put_or_got(big_alloc):
+    a = big_alloc
+    a.keep_reserve(4)
+    a.alloc_one()
+    before = table(a)
+    with pytest.raises(FrameAccountingError):
+        a.put_one(2)
+    with pytest.raises(FrameAccountingError):
+        a.put(np.array([3]))
+    with pytest.raises(FrameAccountingError):
+        a.get(np.array([4]))
+    assert_same(before, table(a))

@@ -719,3 +719,54 @@ def test_check_valid_sequence_and_killed_actor(tmp_path):
     # unfinished on a killed actor: fine; a real violation before the kill is still reported
     v = _check(tmp_path, {"vm:k": VALID[:3], "vm:j": [(500, "END")] + VALID[:3]}, killed=("vm:k", "vm:j"))
     assert [(x.actor, x.ts_us, x.got) for x in v] == [("vm:j", 0.5, "END")]
+
+
+def test_a_scanner_blocked_on_a_ksm_lock_shows_as_a_wait_span_until_it_is_let_go(ksm_machine_factory, tmp_path):
+    """With two scanners an owner waits for the ksm lock of an mm another holds (mm.ksm.merge.merge_in_groups):
+    the trace shows that wait (Driver.wait's `wait_ksm_lock` span), which is what makes the scanners'
+    serialised merges visible.  Here the test holds the lock: no merge while it does, the scan stalls on
+    it, and the one wait that spans the moment of release is a scanner's, on that mm."""
+    from workers.runtime.frames import ShmLock
+    path = str(tmp_path / "t.json")
+    m = ksm_machine_factory(scanners=2, trace=path)
+    m.ksm.set(pages_to_scan=1000, sleep_millisecs=0)
+    vm = m.spawn_vm("a")
+    x = vm.mmap(64 * PAGE_SIZE)
+    vm.write(x, b"\x07" * (64 * PAGE_SIZE))       # 64 equal pages: one content, one owner
+    vm.madvise(x, 64 * PAGE_SIZE, MADV_MERGEABLE)
+    held = ShmLock.ksm(m.run, vm.mm_id)
+    assert held.try_acquire()
+    try:
+        m.ksm.set(run=1)
+        s = m.ksm.wait_full_scans(1, 30)       # checksums taken: the next scan merges, and must wait
+        last, since = s["full_scans"], time.monotonic()
+        deadline = since + 30
+        while time.monotonic() - since < 0.5:  # the scan stalls: the owner waits for our lock
+            assert time.monotonic() < deadline, "the scan never stalled on the held ksm lock"
+            time.sleep(0.05)
+            s = m.ksm.stats()
+            if s["full_scans"] != last:
+                last, since = s["full_scans"], time.monotonic()
+        assert (s["pages_shared"], s["pages_sharing"]) == (0, 0)
+        t_release = time.monotonic_ns()
+    finally:
+        held.release()
+        held.close()
+    s = m.ksm.wait_stable(30)
+    m.ksm.set(run=0)
+    assert (s["pages_shared"], s["pages_sharing"]) == (1, 63)
+    m.close()
+    doc = tracetool.load(path)
+    t0 = doc["otherData"]["ksm_proto"]["t0_monotonic_ns"]
+    names = {a["pid"]: name for name, a in doc["otherData"]["ksm_proto"]["actors"].items()}
+    over = [e for e in doc["traceEvents"] if e.get("name") == "wait_ksm_lock" and e.get("ph") == "X"
+            and t0 + e["ts"] * 1000 <= t_release <= t0 + (e["ts"] + e["dur"]) * 1000]
+    assert len(over) == 1, over
+    assert names[over[0]["pid"]].startswith("ksmd")
+    assert over[0]["args"]["mm"] == vm.mm_id
+    # the summary counts it: one wait on a ksm lock in the whole run (uncontended locks make no span)
+    waits = tracetool.summary(doc)["waits"]
+    assert {a: w["wait_ksm_lock"]["count"] for a, w in waits.items() if "wait_ksm_lock" in w} == \
+        {names[over[0]["pid"]]: 1}
+    assert waits[names[over[0]["pid"]]]["wait_ksm_lock"]["total_ms"] == round(over[0]["dur"] / 1000, 3)
+    assert "wait_ksm_lock" in tracetool.format_summary(tracetool.summary(doc))

@@ -44,7 +44,7 @@ from workers.mm.effects import Memory
 from workers.mm.mmu_notifier import page_referenced
 from workers.mm.pte import check_range, task_size
 from workers.runtime.driver import Driver, MMUNotifierSubscriptions, answer_hello, bind_vm_channel
-from workers.actors.faultd_common import _APPLIED, _FAULT, _Fault, _RECORDS, log
+from workers.actors.faultd_common import _APPLIED, _FAULT, _Fault, _RECORDS, FRAME_RESERVE, log
 from workers.actors.faultd_fast import FaultPath
 
 
@@ -54,6 +54,7 @@ class FaultHandler(FaultPath):
         self.args = args
         self.name = "faultd" if args.shard == 0 else f"faultd{args.shard}"
         self.mem = RunMemory(args.run)
+        self.mem.alloc.keep_reserve(FRAME_RESERVE)     # (every allocation of a fault is under its ptl)
         self.memory = Memory(self.mem.alloc, self.mem.stats)
         self.ptls: dict = {}
         self.notifiers: dict[int, MMUNotifierSubscriptions] = {}
@@ -62,6 +63,7 @@ class FaultHandler(FaultPath):
         self.driver = Driver(self.memory, self.ptls, self.notifiers, args.ack_timeout * 2)
         self.mode = args.mode
         self.tr = Tracer.open(args.trace, self.name)
+        self.driver.tr = self.tr          # (its lock and barrier waits as spans)
         self.faults = 0
         self.cow_copies = 0
         self.reuses = 0
@@ -225,6 +227,10 @@ class FaultHandler(FaultPath):
                             lambda ch: done.done() or done.set_result(None)), sock=ctl_sock)
         ctl.send(encode(Msg.REPLY, corr=0, payload=call_payload({"ready": True})))
         await done
+        try:
+            self.mem.alloc.release_reserve()        # the frames it held aside, back to the free stack
+        except Exception:       # (a repair took them back meanwhile, or the run is gone: nothing held)
+            log.exception("%s: could not give back its frame reserve", self.name)
         if self.tr:
             self.tr.close()
 

@@ -46,3 +46,21 @@ _FAULT, _APPLIED, _FAULT_REPLY = int(Msg.FAULT), int(Msg.APPLIED), int(Msg.FAULT
 
 
 _RECORDS = frozenset({_FAULT})          # a one-page FAULT is read as a record (proto.messages.decode_record)
+
+
+# One-frame allocations (a COW's copy) from a reserve of this many free frames, taken off the free stack
+# together under one hold of the frame lock (runtime/frames.py `keep_reserve`); given back on exit, taken
+# back by the supervisor's repair when the handler dies.  KSM_PROTO_FRAME_RESERVE=0: one frame-lock hold
+# per frame, as before.
+def _reserve_batch() -> int:
+    v = os.environ.get("KSM_PROTO_FRAME_RESERVE", "32")
+    try:
+        n = int(v)
+    except ValueError:
+        raise SystemExit(f"KSM_PROTO_FRAME_RESERVE={v!r}: not a whole number of frames") from None
+    if n < 0:
+        raise SystemExit(f"KSM_PROTO_FRAME_RESERVE={v!r}: must be >= 0")
+    return n
+
+
+FRAME_RESERVE = _reserve_batch()

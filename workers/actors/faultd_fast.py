@@ -47,7 +47,7 @@ class FaultPath:
         self.faults += 1
         self._step(st, serve_fault(f.mm, None if mm is None else mm.npages, idx, f.flags, self.mode, EARLY_REPLY,
                                    cow_reply=COW_REPLY,
-                                   vusion=int(self.mem.stats.knobs[KNOB_MITIGATION]) == VUSION), None, None)
+                                   vusion=self.mem.stats.knobs.item(KNOB_MITIGATION) == VUSION), None, None)
 
     def fast_backend(self) -> Backend:
         """The fast path's backend of the one interpreter (runtime/interp.py): memory, a ptl free now,

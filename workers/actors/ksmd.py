@@ -132,6 +132,7 @@ class Ksmd(KsmdControl):
         self.mesh = Mesh(self.name, args.ack_timeout * 4)
         self.driver = Driver(self.memory, self.ptls, self.notifiers, args.ack_timeout * 2, self.ksm_locks, self.mesh)
         self.tr = Tracer.open(args.trace, self.name)
+        self.driver.tr = self.tr          # (its lock and barrier waits as spans)
         self.scan = KsmScan(self.mem.ft, args.mode, time.monotonic, shard=self.shard, nshards=self.nshards)
         self.scan.salt = int.from_bytes(os.urandom(8), "little") >> 1      # (vusion: random KSM frames)
         self.knobs = self.scan.knobs

@@ -154,7 +154,8 @@ class MMTable:
         handler has read the VM's APPLIED and put the old frame, and is waited for.
         """
         def problems(ptes):         # (read while every ptl is held: no fault or merge is halfway)
-            return frame_problems(self.ft, list(ptes.values()), self.nframes)
+            with self.frame_lock:   # (and the frame lock: a fault handler gives its reserve back under it alone)
+                return frame_problems(self.ft, list(ptes.values()), self.nframes)
             yield                   # (a generator: under_every_ptl's body)
         return self._run_with_ptls(under_every_ptl(list(self.mm_segs), problems), None)
 

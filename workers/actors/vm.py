@@ -86,6 +86,7 @@ class VMWorker(VMNotifierSide, VMAccess, VMAddressSpace):
         self.exiting = False
         self.shared = Memory(self.mem.alloc, self.mem.stats, {self.mm_id: self.mm})
         self.driver = Driver(self.shared, {self.mm_id: self.ptl}, {}, args.ack_timeout * 2)
+        self.driver.tr = self.tr          # (its page-table lock waits as spans)
         self._acc = None            # the access the access path runs now: [secondary MMU, secondary fault start]
         self._tgroups: dict = {}    # the trace's compiled groups, per fault handler (vm_access._trace_groups)
         self._tapplied = None       # traced: the COW reply applied last, its records not yet written (trace_applied)

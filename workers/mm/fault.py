@@ -120,7 +120,10 @@ def handle_mm_fault(mm: int, npages: int, idx, flags: int, mode: str, early_repl
                     raise OSError(errno.EFAULT, f"segfault: {'write to' if write else 'read of'} {bad:#x}, "
                                                 f"which the VMA of mm {mm} does not allow")
         pte = yield Load(PTE, mm, idx)
-        absent = [i for i, p in zip(idx, pte) if not p & PTE_PRESENT]
+        absent = []                 # (plain loops, not comprehensions: a fault is most often one page)
+        for i, p in zip(idx, pte):
+            if not p & PTE_PRESENT:
+                absent.append(i)
         if absent and (write or not unshare):
             yield from do_anonymous_page(mm, absent, write)
         if not (write or unshare) or len(absent) == len(idx):
@@ -155,35 +158,45 @@ def do_wp_page(mm: int, idx: list, pte: list, write: bool, mode: str, early_repl
                cow_reply: bool = False, vusion: bool = False, replied: list | None = None):
     """Break COW (write) or unshare KSM pages (no write) for present pages; (copies, reuses).
 
-    The pages' decisions are made in one pass over them (a fault is most often one page: each
-    list built per page costs about as much as the page's work)."""
-    pfn = [p >> PAGE_SHIFT for p in pte]
+    The pages' decisions are made in one plain loop over them, which also builds the lists of the
+    pages to reuse and to copy (a fault is most often one page: each list comprehension, a function
+    call in CPython 3.11, costs about as much as the page's work)."""
+    pfn = [pte[0] >> PAGE_SHIFT] if len(pte) == 1 else [p >> PAGE_SHIFT for p in pte]
     fflags = yield Load(FLAGS, None, pfn)
+    ri, rp, ci, cpfn, special = [], [], [], [], []
     if write:
-        if all(p & PTE_WRITE for p in pte):
+        for p in pte:
+            if not p & PTE_WRITE:
+                break
+        else:
             return 0, 0
         mapcount = yield Load(MAPCOUNT, None, pfn)
-        reuse, copy = [], []
-        for p, f, c in zip(pte, fflags, mapcount):
-            r = not p & PTE_WRITE and c == 1 and not (f & SHARED_FRAME or p & PTE_SPECIAL) and not vusion
-            reuse.append(r)
-            copy.append(not p & PTE_WRITE and not r)
+        for i, pf, p, f, c in zip(idx, pfn, pte, fflags, mapcount):
+            if p & PTE_WRITE:
+                continue
+            if c == 1 and not (f & SHARED_FRAME or p & PTE_SPECIAL) and not vusion:
+                ri.append(i)
+                rp.append(p | REUSE_BITS)
+            else:
+                ci.append(i)
+                cpfn.append(pf)
+                special.append(bool(p & PTE_SPECIAL))
     else:
-        reuse = None
-        copy = [bool(f & SHARED_FRAME or p & PTE_SPECIAL) for f, p in zip(fflags, pte)]
-    nreuse = 0 if reuse is None else sum(reuse)
+        for i, pf, p, f in zip(idx, pfn, pte, fflags):
+            if f & SHARED_FRAME or p & PTE_SPECIAL:
+                ci.append(i)
+                cpfn.append(pf)
+                special.append(bool(p & PTE_SPECIAL))
+    nreuse = len(ri)
     if nreuse:      # wp_page_reuse: writable in place, no notification (no translation was writable)
-        yield Store(PTE, mm, [i for i, r in zip(idx, reuse) if r], [p | REUSE_BITS for p, r in zip(pte, reuse) if r])
-    ncopy = sum(copy)
+        yield Store(PTE, mm, ri, rp)
+    ncopy = len(ci)
     if not ncopy:
         return 0, nreuse
-    if ncopy < len(idx):
-        idx, pfn, pte = ([v for v, c in zip(a, copy) if c] for a in (idx, pfn, pte))
-    special = [bool(p & PTE_SPECIAL) for p in pte]
     if cow_reply:       # (called directly: a generator level less on every step of the fault path)
-        yield from wp_page_copy_reply(mm, idx, pfn, special, write, mode, brk, replied)
+        yield from wp_page_copy_reply(mm, ci, cpfn, special, write, mode, brk, replied)
     else:
-        yield from wp_page_copy(mm, idx, pfn, special, write, mode, early_reply, brk, replied=replied)
+        yield from wp_page_copy(mm, ci, cpfn, special, write, mode, early_reply, brk, replied=replied)
     return ncopy, nreuse
 
 
@@ -242,16 +255,17 @@ def wp_page_copy_reply(mm: int, idx: list, old: list, special: list, writable: b
     The checker's `early-release` break puts the old frames right after the reply.
     """
     new_ptes, _ = yield from copy_and_install(mm, idx, old, special, writable, None)
-    if "free-before-acks" in brk:
+    if brk and "free-before-acks" in brk:       # (brk empty, as in every actor: no break asked about)
         yield Put(old)
         old = None
-    h = yield Reply(entries=[(USER_BASE + (i << PAGE_SHIFT), p) for i, p in zip(idx, new_ptes)])
+    h = yield Reply(entries=[(USER_BASE + (idx[0] << PAGE_SHIFT), new_ptes[0])] if len(idx) == 1 else
+                    [(USER_BASE + (i << PAGE_SHIFT), p) for i, p in zip(idx, new_ptes)])
     if replied is not None:
         replied.append(True)
-    if "early-release" in brk and old is not None:      # deferred release skipped: put before APPLIED
+    if brk and "early-release" in brk and old is not None:  # deferred release skipped: put before APPLIED
         yield Put(old)
         old = None
-    if "cow-reply-before-acks" in brk:      # let go of ptl before the VM applied the reply
+    if brk and "cow-reply-before-acks" in brk:      # let go of ptl before the VM applied the reply
         yield Unlock(ptl(mm))
         if h:
             yield WaitAcks([h])
@@ -274,7 +288,7 @@ def copy_and_install(mm: int, idx: list, old: list, special: list, writable: boo
     try:
         yield CopyPages(new, old)
         bits = PTE_PRESENT | PTE_DIRTY | PTE_YOUNG | (PTE_WRITE if writable else 0)
-        new_ptes = [(p << PAGE_SHIFT) | bits for p in new]
+        new_ptes = [(new[0] << PAGE_SHIFT) | bits] if len(new) == 1 else [(p << PAGE_SHIFT) | bits for p in new]
         if install is None:
             result = yield Store(PTE, mm, idx, new_ptes)
         else:

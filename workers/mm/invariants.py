@@ -3,8 +3,9 @@
 On a quiet machine (no fault, merge or recovery in flight) the PTEs are the truth:
 
   * every frame's mapcount equals the number of PTEs that map it (the zero page aside);
-  * a frame is free exactly when nothing maps it;
-  * the free stack holds each free frame exactly once, and nothing else.
+  * a frame is free exactly when nothing maps it (free: on the free stack, or in a fault handler's
+    reserve, flagged FRAME_RESERVED: runtime/frames.py);
+  * the free stack holds each free frame exactly once, and nothing else (a reserved frame is on no stack).
 
 `frame_problems` reads a FrameTable and the PTE arrays of every mm and returns one line per kind
 of problem (empty: all hold).  The checker also checks its finer invariants after every step
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from proto.layout import FRAME_FREE, FTH_FREE_TOP, PAGE_SHIFT, PTE_PRESENT, ZERO_PFN
+from proto.layout import FRAME_FREE, FRAME_RESERVED, FTH_FREE_TOP, PAGE_SHIFT, PTE_PRESENT, ZERO_PFN
 
 U64 = np.uint64
 
@@ -48,7 +49,12 @@ def frame_problems(ft, ptes, nframes: int) -> list[str]:
                         f"{len(flagged)} flagged free)")
     if len(free) and ((ft.flags[free] != FRAME_FREE).any() or (maps[free] != 0).any()):
         problems.append("a frame on the free stack is in use")
-    unused = np.flatnonzero((maps == 0) & (ft.flags != FRAME_FREE))
+    if len(free) and (ft.flags[free] == FRAME_RESERVED).any():
+        problems.append("a reserved frame is on the free stack")
+    reserved = np.flatnonzero(ft.flags == FRAME_RESERVED)
+    if len(reserved) and (maps[reserved] != 0).any():
+        problems.append(f"a reserved frame is mapped, e.g. frame {reserved[maps[reserved] != 0][0]}")
+    unused = np.flatnonzero((maps == 0) & (ft.flags != FRAME_FREE) & (ft.flags != FRAME_RESERVED))
     unused = unused[unused != ZERO_PFN]
     if len(unused):
         problems.append(f"{len(unused)} frame(s) nothing maps are not free, e.g. frame {unused[0]}")

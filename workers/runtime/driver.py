@@ -146,6 +146,7 @@ class Driver(Backend):
         self.ksm_locks = {} if ksm_locks is None else ksm_locks    # mm id -> the scanners' ksm lock
         self.shards = shards            # the scanner mesh: send(dst, kind, msg), async recv(kind, srcs, seq)
         self.corked: set = set()        # channels whose notifier messages wait for the next wait
+        self.tr = None                  # a proto.trace.Tracer: the waits below become spans
 
     def lock(self, key):
         return self.ptls[key[1]] if key[0] == "ptl" else self.ksm_locks[key[1]]
@@ -211,16 +212,24 @@ class Driver(Backend):
         if c is WaitAcks:
             return await wait_acks([h for hs in e.handles for h in hs]), None
         if c is Lock:
+            t0 = time.monotonic_ns()
             try:
                 await lock_ptl(self.lock(e.key), self.lock_timeout)
                 return None, None
             except TimeoutError as x:
                 return None, x
+            finally:
+                if self.tr is not None:       # (a lock another actor held: who waited how long, on what)
+                    self.tr.span(f"wait_{e.key[0]}_lock", t0, time.monotonic_ns(), mm=e.key[1])
         if c is ShardRecv:
+            t0 = time.monotonic_ns()
             try:
                 return await self.shards.recv(e.kind, e.srcs, e.seq), None
             except TimeoutError as x:
                 return None, x
+            finally:
+                if self.tr is not None:       # (the scanners' barriers: waiting for the others' part)
+                    self.tr.span(f"wait_{e.kind}", t0, time.monotonic_ns())
         if other is not None:
             try:
                 return await other(e), None

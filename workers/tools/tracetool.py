@@ -427,6 +427,7 @@ def summary(path_or_doc) -> dict:
     round_trips[request type]: request sent by A to B with corr c -> the ACK/FAULT_REPLY B sent back
       to A with corr c, up to A's recv of it (or B's send when A's recv is missing).
     faults[actor]: secondary_fault and cow_fault span counts, p50/p99 durations, per VM actor.
+    waits[actor][span]: the wait_* spans (runtime.driver.Driver.wait): count, total_ms, p50/p99.
     """
     doc = _doc(path_or_doc)
     od = doc["otherData"]["ksm_proto"]
@@ -493,7 +494,15 @@ def summary(path_or_doc) -> dict:
             p = _pcts(v, (50, 99))
             vms[a][name] = {"count": len(v), "p50_us": p["p50"], "p99_us": p["p99"]}
 
-    return {"messages": dict(sorted(per.items())), "round_trips": round_trips, "faults": vms,
+    # waits: an actor blocked on a lock another holds, or a scanner on the others' part of a round
+    wait_spans: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
+    for e in doc["traceEvents"]:
+        if e.get("ph") == "X" and e.get("cat") == "span" and e["name"].startswith("wait_"):
+            wait_spans[names.get(e["pid"], str(e["pid"]))][e["name"]].append(e["dur"])
+    waits = {a: {n: {"count": len(v), "total_ms": round(sum(v) / 1000, 3), **_pcts(v, (50, 99))}
+                 for n, v in sorted(wait_spans[a].items())} for a in sorted(wait_spans, key=_actor_order)}
+
+    return {"messages": dict(sorted(per.items())), "round_trips": round_trips, "faults": vms, "waits": waits,
             "killed": list(od.get("killed", [])), "actors": list(od["actors"]),
             "skipped_lines": od.get("skipped_lines", 0), "records": od.get("records", 0)}
 
@@ -534,6 +543,10 @@ def format_summary(d: dict) -> str:
                           v["cow_fault"]["p99_us"]] for a, v in d["faults"].items()])
     else:
         lines.append("  (none)")
+    lines += ["", "waits per actor (a lock another held; a scanner's barrier: wait_lead, wait_routed, wait_done)"]
+    rows = [[a, n, w["count"], w["total_ms"], w["p50"], w["p99"]] for a, ws in d.get("waits", {}).items()
+            for n, w in ws.items()]
+    lines += _table(["actor", "wait", "count", "total ms", "p50 us", "p99 us"], rows) if rows else ["  (none)"]
     lines += ["", f"killed actors: {', '.join(d['killed']) if d['killed'] else 'none'}"]
     return "\n".join(lines)
 

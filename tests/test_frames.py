@@ -12,13 +12,13 @@ from workers.actors.supervisor import run_entries
 NFRAMES = 16
 
 
-@pytest.fixture
-def alloc():
+def _allocator(n: int):
+    """A formatted allocator over n frames of a run of its own; nothing of the run left after."""
     run = new_run_name()
     create_lock_file(run)
-    seg = Segment.create(seg_name(run, "frametab"), FrameTable.size_for(NFRAMES))
+    seg = Segment.create(seg_name(run, "frametab"), FrameTable.size_for(n))
     lock = ShmLock.frame_lock(run)
-    a = FrameAllocator(FrameTable(seg, NFRAMES), np.zeros(NFRAMES * PAGE_SIZE, dtype=np.uint8), lock)
+    a = FrameAllocator(FrameTable(seg, n), np.zeros(n * PAGE_SIZE, dtype=np.uint8), lock)
     a.format()
     yield a
     lock.close()
@@ -27,6 +27,11 @@ def alloc():
     Segment.unlink(seg.name)
     unlink_lock_file(run)
     assert run_entries(run) == []
+
+
+@pytest.fixture
+def alloc():
+    yield from _allocator(NFRAMES)
 
 
 def table(a: FrameAllocator) -> tuple:
@@ -154,20 +159,7 @@ class _NoLock:
 
 @pytest.fixture
 def big_alloc():
-    run = new_run_name()
-    create_lock_file(run)
-    n = 128
-    seg = Segment.create(seg_name(run, "frametab"), FrameTable.size_for(n))
-    lock = ShmLock.frame_lock(run)
-    a = FrameAllocator(FrameTable(seg, n), np.zeros(n * PAGE_SIZE, dtype=np.uint8), lock)
-    a.format()
-    yield a
-    lock.close()
-    del a
-    seg.close()
-    Segment.unlink(seg.name)
-    unlink_lock_file(run)
-    assert run_entries(run) == []
+    yield from _allocator(128)
 
 
 def test_reserve_hands_out_the_stacks_frames_in_its_order_without_the_frame_lock(big_alloc):

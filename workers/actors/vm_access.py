@@ -25,6 +25,9 @@ from workers.runtime.interp import BLOCK, Backend, run_until_blocked
 from workers.actors.vm_common import FAST_WAIT_NS, U64, _FAULT, log
 
 
+_TCOW_T_REPLY = 24      # (in fault_call's held COW record, `_tcow`: the FAULT_REPLY's arrival, the record's time)
+
+
 class VMAccess:
     """The VM's accesses and faults (a VMWorker mixin)."""
 
@@ -85,7 +88,7 @@ class VMAccess:
                 raise
         t1 = time.monotonic_ns()
         if tr:      # one record: send FAULT, recv FAULT_REPLY (at t1), the cow_fault span; with a COW
-            g = self._tgroups.get(self.fault_peer) or self._trace_groups()     # reply's message applied
+            g = self._trace_groups()     # reply's message applied
             mm = self.mm_id                                                   # and APPLIED (apply_cow_reply)
             new = rep.entries[0][1] if rep.n else 0
             p = self._tapplied
@@ -154,6 +157,9 @@ class VMAccess:
         never came), the secondary fault's span, and per message type applied a COW fault with its
         reply applied (FAULT, the message applied, APPLIED, FAULT_REPLY, its span; `_trace_cow_group`)."""
         fp, tr = self.fault_peer, self.tr
+        g = self._tgroups.get(fp)
+        if g is not None:           # (compiled once per fault handler)
+            return g
         msgs = (("send", fp, "FAULT"), ("recv", fp, "FAULT_REPLY"))
         g = self._tgroups[fp] = (tr.group(msgs, ("cow_fault", ("pages",))), tr.group(msgs), tr.group(msgs[:1]),
                                  tr.group((), ("secondary_fault", ("sub", "addr"))), {})
@@ -162,7 +168,7 @@ class VMAccess:
     def _trace_cow_group(self, typ, secondary: bool):
         """The compiled group of a COW fault with its reply applied (a message of type typ), with or
         without the span of the secondary fault around it."""
-        g = self._tgroups.get(self.fault_peer) or self._trace_groups()
+        g = self._trace_groups()
         k = (typ, secondary)
         ga = g[4].get(k)
         if ga is None:
@@ -176,12 +182,12 @@ class VMAccess:
         """The held record of the last COW fault (fault_call), that no secondary fault's end took: alone."""
         p, self._tcow = self._tcow, None
         if p is not None:
-            self.tr.emit(self._trace_cow_group(p[0], False), p[1][24], *p[1])
+            self.tr.emit(self._trace_cow_group(p[0], False), p[1][_TCOW_T_REPLY], *p[1])
 
     def _trace_fault_sent(self, t_sent: int, addr0: int, n: int, corr: int) -> None:
         """A FAULT whose reply did not come (its record alone)."""
         if t_sent:
-            g = self._tgroups.get(self.fault_peer) or self._trace_groups()
+            g = self._trace_groups()
             self.tr.emit(g[2], t_sent, t_sent, self.mm_id, -1, addr0, n, 0, 0, corr)
 
     async def access(self, addr: int, length: int, write: bool, data=None, sub: SecondaryMMU | None = None):
@@ -226,7 +232,7 @@ class VMAccess:
             t = time.monotonic_ns()
             p = self._tcow
             if p is None:
-                self.tr.emit((self._tgroups.get(self.fault_peer) or self._trace_groups())[3], t, acc[1], t - acc[1],
+                self.tr.emit(self._trace_groups()[3], t, acc[1], t - acc[1],
                              self.mm_id, acc[0].sub, USER_BASE + (e.i << PAGE_SHIFT))
             else:       # the COW fault's record held by fault_call, with this span: one record
                 self._tcow = None

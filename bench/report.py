@@ -75,6 +75,7 @@ ROWS = [
                                                   ("cores busy", "cores_busy"))],
     ("trace", "the work", "trace.work", ""),
     ("trace", "tracing on / off, CPU seconds of the run's processes", "trace.ratio_spread", "<= 1.10x"),
+    ("trace", "the same, the processes all on one CPU", "trace.one_cpu_ratio_spread", "<= 1.10x"),
     ("trace", "tracing on / off, wall seconds", "trace.wall_ratio_spread", ""),
     ("trace", "CPU seconds off", "trace.cpu_seconds_off", ""),
     ("trace", "CPU seconds on", "trace.cpu_seconds_on", ""),
@@ -276,6 +277,10 @@ HEADLINE = [
      lambda r: f"{cell(get(r, 'cow.p50_us'))} us: {cell(get(r, 'cow.ratio_vs_pipe_spread'))}x the sleeping pipe, "
                f"{cell(get(r, 'cow.ratio_vs_polling_pipe_spread'))}x the polling pipe, "
                f"{cell(get(r, 'cow.ratio_vs_kernel'))}x the kernel", 2),
+    ("Tracing every message and fault: CPU seconds on / off, the run's processes free on every CPU, and all on one "
+     "CPU (tracing's own work, without the cross-CPU wake-ups that move the first by +-10 %)",
+     ("trace.ratio_spread", "trace.one_cpu_ratio_spread"),
+     lambda r: f"{cell(get(r, 'trace.ratio_spread'))}x; {cell(get(r, 'trace.one_cpu_ratio_spread'))}x on one CPU"),
     ("No lost write: racing writes and COW faults of merged pages over the three notifier modes",
      ("stress.writes", "stress.cow_faults_merged", "stress.lost"),
      lambda r: f"{cell(get(r, 'stress.writes'))} writes, {cell(get(r, 'stress.cow_faults_merged'))} COW faults, "

@@ -68,6 +68,7 @@ def test_bench_quick_modes_scaling_trace_stress_and_check_write_every_key(tmp_pa
         assert rows[0]["speedup"] == 1.0 and all(r["speedup_spread"]["n"] == 2 for r in rows)
     assert (tmp_path / "scaling.png").exists()
     assert res["trace"]["ratio_spread"]["n"] == 2 and res["trace"]["wall_ratio_spread"]["n"] == 2
+    assert res["trace"]["one_cpu_ratio_spread"]["n"] == 2 and res["trace"]["cpu"] in os.sched_getaffinity(0)
     assert res["trace"]["cpu_seconds_on"] > 0 and res["trace_overhead_ratio"] > 0
     rc = res["trace"]["record_cost_us"]
     assert rc["records"] == 20_000 and min(rc["append"], rc["serialize_write"], rc["all_in"]) > 0

@@ -39,8 +39,7 @@ _BACKEND_START, _BACKEND_END = "class _Block:", "def resume("
 TRIAL_EDITS = [
     # type errors mypy reports (mypyc compiles only what type-checks)
     ("workers/mm/fault.py", "    replied = []\n", "    replied: list = []\n"),
-    ("workers/mm/fault.py", "        reuse = None\n", "        reuse = []\n"),
-    ("workers/mm/fault.py", "    nreuse = 0 if reuse is None else sum(reuse)\n", "    nreuse = sum(reuse)\n"),
+    # (`reuse = None` on the unshare path needed one more: do_wp_page's plain loop since has lists only)
     ("workers/mm/fault.py", "def wp_page_copy(mm: int, idx: list, old: list,", "def wp_page_copy(mm: int, idx: list, old: list | None,"),
     ("workers/mm/fault.py", "def wp_page_copy_reply(mm: int, idx: list, old: list,",
      "def wp_page_copy_reply(mm: int, idx: list, old: list | None,"),
@@ -87,11 +86,16 @@ def _edit(tree: str) -> None:
         f.write(s[:a] + "from workers.runtime.interp_backend import BLOCK, Backend  # noqa: F401\n\n\n" + s[b:])
 
 
-def build(tree: str) -> None:
+def copy_and_edit(tree: str) -> None:
+    """The sources copied to `tree` and edited as mypyc needs them (still plain Python)."""
     for d in ("proto", "workers", "bench"):
         shutil.copytree(os.path.join(ROOT, d), os.path.join(tree, d),
                         ignore=shutil.ignore_patterns("__pycache__", "*.so", "results"))
     _edit(tree)
+
+
+def build(tree: str) -> None:
+    copy_and_edit(tree)
     with open(os.path.join(tree, "setup_mypyc.py"), "w") as f:
         f.write(_SETUP % (MODULES,))
     r = subprocess.run([sys.executable, "setup_mypyc.py", "build_ext", "--inplace"], cwd=tree, capture_output=True,

@@ -175,3 +175,22 @@ def test_readme_headline_is_the_report_of_the_committed_results():
     assert text[a:b] == report.headline(), "README.md's headline is stale: run `ksm-proto bench --report`"
     for line in report.headline().splitlines()[4:-2]:
         assert "](bench/results/" in line and "no results file" not in line, line
+
+
+def test_the_mypyc_trials_source_edits_still_apply_and_leave_the_cow_core_working(tmp_path):
+    """bench/mypyc_trial.py compiles an edited copy of the fault path's cores (TRIAL_EDITS, and the
+    Backend moved to a module of its own): every edit still finds its text exactly once, and the edited
+    copy, as plain Python (no mypy needed), still serves the trial's round: each page a COW copy."""
+    from bench import mypyc_trial
+    mypyc_trial.copy_and_edit(str(tmp_path))
+    assert (tmp_path / "workers/runtime/interp_backend.py").exists()
+    try:
+        import mypy_extensions  # noqa: F401  (the edited effects.py imports its mypyc_attr)
+    except ImportError:         # (not a dependency: interpreted, mypyc_attr is a decorator that does nothing)
+        (tmp_path / "mypy_extensions.py").write_text("def mypyc_attr(*attrs, **kwattrs):\n    return lambda x: x\n")
+    script = "import workers.runtime.interp_backend\n" + mypyc_trial._ROUND     # (only the edited copy has it)
+    r = subprocess.run([sys.executable, "-c", script, "32", "0"], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads(r.stdout.splitlines()[-1])
+    assert out["compiled"] is False and out["core_p50_us"] > 0

@@ -74,16 +74,22 @@ def cmp_and_merge_decision(stable_dup: int, unstable_match: bool) -> int:
     return WAIT_IN_UNSTABLE_TREE
 
 
-def try_to_merge_pages(scan, ops):
-    """Run the planned merges `ops` (mm.ksm.mm_slot.Ops); clears ops.ok of those that fail."""
+def try_to_merge_pages(scan, ops, ksm: list | None = None):
+    """Run the planned merges `ops` (mm.ksm.mm_slot.Ops); clears ops.ok of those that fail.
+
+    ksm (several scanners): the mms whose scanners' ksm locks the caller holds.  Then the pages are
+    compared out of every lock, as mm/ksm.c compares between write_protect_page and replace_page: each
+    page to compare is pinned (a reference: do_wp_page reuses a page only at mapcount 1, so a write
+    to it copies and its PTE moves; and it cannot be freed and reused meanwhile), the ptls and ksm
+    locks are let go for the memcmp (`compare_pairs`, `compare_rest`), taken again, and a merge goes on only where
+    the PTE still maps the pinned page write-protected (`recheck_pte`).  `ksm` is kept up to date
+    (the locks held now), for the caller to let go."""
     sids = np.unique(np.concatenate([ops.sid, ops.tsid[ops.tsid >= 0]])).tolist()
     locked = []
     held = np.empty(0, dtype=np.int64)      # KSM frames we took a reference on (get_ksm_page)
+    pinned = np.empty(0, dtype=np.int64)    # pages we took a reference on for a compare out of the locks
     try:
-        for sid in sids:
-            slot = scan.slots.get(sid)
-            if slot is not None and slot.alive and (yield TryLock(ptl(sid))):     # ksmd only tries the lock
-                locked.append(sid)
+        locked = yield from _trylock_ptls(scan, sids)
         # stable node -> its KSM frame is referenced by us; a node this batch creates from a pair
         # has no frame yet (kpfn -1): its frame is the pair's own page, held by its PTE under our ptl
         st = np.flatnonzero(ops.kind == MERGE_WITH_KSM_PAGE)
@@ -99,16 +105,66 @@ def try_to_merge_pages(scan, ops):
         pages = yield from validate(scan, ops, locked)
         if "no-write-protect" not in scan.brk:
             yield from write_protect_page(scan, pages)
-        moved = yield from compare(scan, ops)
+        if ksm is None:
+            keys = yield from compare_pairs(scan, ops)
+            moved = yield from make_ksm_pages(scan, ops, keys)
+            yield from compare_rest(scan, ops)
+        else:                       # the memcmp out of the locks
+            pinned = _pages_to_compare(scan, ops)
+            if len(pinned):
+                yield Get(pinned)
+            yield from _unlock_unpin(locked, ())
+            locked = []
+            for mm in reversed(ksm):
+                yield Unlock(ksm_lock(mm))
+            mms, ksm[:] = list(ksm), []
+            keys = yield from compare_pairs(scan, ops)
+            yield from compare_rest(scan, ops)
+            for mm in mms:
+                yield Lock(ksm_lock(mm))
+                ksm.append(mm)
+            locked = yield from _trylock_ptls(scan, sids)
+            yield from recheck_pte(scan, ops, locked)
+            moved = yield from make_ksm_pages(scan, ops, keys)
         if len(moved):              # (vusion: new KSM frames, held by us until the end, as pinned ones)
             held = np.concatenate([held, scan.tree.kpfn[ops.d[moved]].astype(np.int64)])
         yield from replace_page(scan, ops, moved)
     except GeneratorExit:           # abandoned (a checker run cut short): nothing to release
         raise
     except BaseException:
-        yield from _unlock_unpin(locked, held)
+        yield from _unlock_unpin(locked, np.concatenate([held, pinned]))
         raise
-    yield from _unlock_unpin(locked, held)
+    yield from _unlock_unpin(locked, np.concatenate([held, pinned]))
+
+
+def _trylock_ptls(scan, sids):
+    """Try the ptl of each live mm of sids (ksmd only tries a ptl, as the kernel's); the ones taken."""
+    locked = []
+    for sid in sids:
+        slot = scan.slots.get(sid)
+        if slot is not None and slot.alive and (yield TryLock(ptl(sid))):
+            locked.append(sid)
+    return locked
+
+
+def _pages_to_compare(scan, ops) -> np.ndarray:
+    """The frames a compare reads that no lock of ours will keep: each page to merge, a pair's both."""
+    pr = ops.ok & (ops.kind == MERGE_TWO_PAGES)
+    return np.concatenate([ops.pfn[ops.ok], ops.tpfn[pr]]).astype(np.int64)
+
+
+def recheck_pte(scan, ops, locked):
+    """After a compare out of the locks (ptls held again): `validate` again (the PTE still maps the
+    page, in a mergeable area: an madvise or a munmap may have run meanwhile) and each PTE still
+    write-protected (the pin made a write copy the page: its PTE maps the copy then; a pinned page
+    is never made writable again in place); a merge into the KSM page of a pair that failed fails too."""
+    pr0 = ops.ok & (ops.kind == MERGE_TWO_PAGES)
+    yield from validate(scan, ops, locked, again=True)
+    lost = pr0 & ~ops.ok                    # (their nodes' KSM page will not be)
+    if lost.any():
+        nodes = ops.d[lost]
+        scan.tree.kpfn[nodes] = -1
+        ops.ok[(ops.kind == MERGE_WITH_KSM_PAGE) & np.isin(ops.d, nodes)] = False
 
 
 def _unlock_unpin(locked, held):
@@ -159,7 +215,7 @@ def merge_in_groups(scan, ops):
                         deferred.add(j)
                         queue.append(j)
                         continue
-                yield from try_to_merge_pages(scan, sub)
+                yield from try_to_merge_pages(scan, sub, taken if "no-ksm-lock" not in scan.brk else None)
             except TimeoutError:         # another scanner held an mm too long: these merges wait a scan
                 sub.ok[:] = False
             except GeneratorExit:        # abandoned (a checker run cut short): nothing to release
@@ -173,9 +229,11 @@ def merge_in_groups(scan, ops):
             ops.put_back(m, sub)
 
 
-def validate(scan, ops, locked):
+def validate(scan, ops, locked, again: bool = False):
     """Under ptl: each PTE still maps the frame we checksummed, anonymous, in a mergeable area.
 
+    again (after a compare out of the locks, `recheck_pte`): each PTE also still write-protected; the
+    frames' flags are not read again (a pinned page is neither freed nor merged by anyone else).
     Clears ops.ok where not; returns {mm: sorted page indices} of the pages to write-protect.
     """
     held = np.array(sorted(s for s in locked if scan.slots.get(s) is not None and scan.slots[s].alive),
@@ -184,8 +242,9 @@ def validate(scan, ops, locked):
     for sid, _, _, used in sides:
         ops.ok &= ~used | np.isin(sid, held)
     if "no-recheck-pte" not in scan.brk and len(held):
-        pfns = np.unique(np.concatenate([ops.pfn, ops.tpfn[ops.tpfn >= 0]]))
-        flags = np.asarray((yield Load(FLAGS, None, pfns)))
+        pfns = np.unique(np.concatenate([ops.pfn, ops.tpfn[ops.tpfn >= 0]])) if not again else None
+        flags = np.asarray((yield Load(FLAGS, None, pfns))) if not again else None
+        bad = U64(PTE_SPECIAL | (PTE_WRITE if again else 0))
         for s in held.tolist():
             r = mergeable_ranges((yield Load(VMAS, s)))
             starts = np.array([a for a, _ in r], dtype=np.int64)
@@ -200,12 +259,13 @@ def validate(scan, ops, locked):
                 if not len(rows):
                     continue
                 e = pte[np.searchsorted(idx, i[rows])]
-                f = flags[np.searchsorted(pfns, p[rows])]
                 k = np.searchsorted(starts, i[rows], side="right") - 1
                 inside = (k >= 0) & (i[rows] < ends[np.maximum(k, 0)]) if len(starts) else np.zeros(len(rows), bool)
-                ok = (((e & U64(PTE_PRESENT)) != 0) & ((e & U64(PTE_SPECIAL)) == 0)
-                      & ((e >> U64(PAGE_SHIFT)).astype(np.int64) == p[rows])
-                      & ((f & FRAME_ANON) != 0) & ((f & FRAME_KSM) == 0) & inside)
+                ok = (((e & U64(PTE_PRESENT)) != 0) & ((e & bad) == 0)
+                      & ((e >> U64(PAGE_SHIFT)).astype(np.int64) == p[rows]) & inside)
+                if not again:
+                    f = flags[np.searchsorted(pfns, p[rows])]
+                    ok &= ((f & FRAME_ANON) != 0) & ((f & FRAME_KSM) == 0)
                 ops.ok[rows[~ok]] = False
     pages = {}
     for sid, i, _, used in sides:
@@ -299,34 +359,30 @@ def write_protect_page(scan, pages: dict):
         yield from set_pte_at_notify(jobs, scan.mode)
 
 
-def compare(scan, ops):
-    """memcmp after write-protect (pairs first); a pair's page becomes the KSM page (in place), or,
-    with the mitigation vusion, a copy of it in a frame taken at random from the free frames (VUsion:
-    where the KSM page lands tells nothing of which page it came from).  Returns the rows of the pairs
-    whose KSM page is such a new frame (its reference ours: put by the caller at the end)."""
+def compare_pairs(scan, ops) -> np.ndarray:
+    """memcmp of each pair after write-protect; a pair's page has its checksum taken again, and must
+    still hold what its new node is keyed by; it is its node's KSM page from now on for the merges of
+    the batch into the node (tree.kpfn: make_ksm_pages marks the frame).  Returns the checksums (by
+    row; 0 where none)."""
     tree = scan.tree
-    moved = np.empty(0, dtype=np.int64)
+    keys = np.zeros(len(ops), dtype=np.int64)
     r = np.flatnonzero(ops.ok & (ops.kind == MERGE_TWO_PAGES))
     if len(r):
         eq = np.asarray((yield Compare(ops.pfn[r], ops.tpfn[r])), dtype=bool)
         ops.ok[r] = eq
         r = r[eq]
         if len(r):      # the new KSM page's content is the one its node is keyed by
-            keys = np.asarray((yield Checksum(ops.pfn[r])), dtype=np.int64)
+            keys[r] = np.asarray((yield Checksum(ops.pfn[r])), dtype=np.int64)
             nodes = np.array([scan.part(scan.slots[s]) for s in ops.sid[r].tolist()], dtype=np.int64)
-            same = scan.tree_keys_nodes(keys, nodes) == tree.key[ops.d[r]]
+            same = scan.tree_keys_nodes(keys[r], nodes) == tree.key[ops.d[r]]
             ops.ok[r[~same]] = False
-            r, keys = r[same], keys[same]
-        if len(r) and scan.knobs.get("mitigation", 0) == VUSION:
-            new = np.asarray((yield Alloc(len(r), FRAME_ANON, False, scatter=keys ^ np.int64(scan.salt))),
-                             dtype=np.int64)
-            yield CopyPages(new, ops.pfn[r])
-            yield SetFrame(new, FRAME_KSM, scan.gid(ops.d[r]))
-            tree.kpfn[ops.d[r]] = new
-            moved = r
-        elif len(r):
-            yield SetFrame(ops.pfn[r], FRAME_KSM, scan.gid(ops.d[r]))
-            tree.kpfn[ops.d[r]] = ops.pfn[r]
+            tree.kpfn[ops.d[r[same]]] = ops.pfn[r[same]]
+    return keys
+
+
+def compare_rest(scan, ops):
+    """memcmp of each merge into the zero page or a KSM page (a pair's of this batch included)."""
+    tree = scan.tree
     r = np.flatnonzero(ops.ok & (ops.kind == MERGE_WITH_ZERO_PAGE))
     if len(r):
         ops.ok[r] = np.asarray((yield Compare(ops.pfn[r], None)), dtype=bool)
@@ -338,7 +394,28 @@ def compare(scan, ops):
         r, k = r[there], k[there]
         if len(r):
             ops.ok[r] = np.asarray((yield Compare(ops.pfn[r], k)), dtype=bool)
-    return moved
+
+
+def make_ksm_pages(scan, ops, keys):
+    """Each pair that compared equal: its page becomes the KSM page of its new node (in place), or,
+    with the mitigation vusion, a copy of it in a frame taken at random from the free frames (VUsion:
+    where the KSM page lands tells nothing of which page it came from; keys: the pairs' checksums).
+    Returns the rows of the pairs whose KSM page is such a new frame (its reference ours: put by the
+    caller at the end)."""
+    tree = scan.tree
+    r = np.flatnonzero(ops.ok & (ops.kind == MERGE_TWO_PAGES))
+    if not len(r):
+        return np.empty(0, dtype=np.int64)
+    if scan.knobs.get("mitigation", 0) == VUSION:
+        new = np.asarray((yield Alloc(len(r), FRAME_ANON, False, scatter=keys[r] ^ np.int64(scan.salt))),
+                         dtype=np.int64)
+        yield CopyPages(new, ops.pfn[r])
+        yield SetFrame(new, FRAME_KSM, scan.gid(ops.d[r]))
+        tree.kpfn[ops.d[r]] = new
+        return r
+    yield SetFrame(ops.pfn[r], FRAME_KSM, scan.gid(ops.d[r]))
+    tree.kpfn[ops.d[r]] = ops.pfn[r]
+    return np.empty(0, dtype=np.int64)
 
 
 def replace_page(scan, ops, moved=()):

@@ -5,7 +5,10 @@
                  ->  memcmp  ->  replace_page (+ notify, acks)  ->  put old frames  ->  unlock
 
 Protect first, compare second: a write racing the merge either lands before the
-write-protect (and the compare fails) or faults afterwards (COW).  A pair also has
+write-protect (and the compare fails) or faults afterwards (COW).  With several
+scanners the memcmp runs out of every lock (try_to_merge_pages' `ksm`): pin, unlock,
+compare, lock, validate again (the PTE still maps the pinned page write-protected),
+replace_page.  A pair also has
 its checksum taken again once protected: both pages may have changed alike since
 they were checksummed, and a stable node must hold what its key says (the kernel's
 trees are ordered by the content itself; ours are indexed by its hash).  One notifier

@@ -664,7 +664,8 @@ def merge_then_cow(m: Machine, vms: list, npages: int, r: int) -> None:
         vm.writer_stop(w)
 
 
-def merge_cow_rounds(npages: int, rounds: int, trace: str | None = None, cpu: int | None = None) -> tuple[float, float]:
+def merge_cow_rounds(npages: int, rounds: int, trace: str | None = None,
+                     cpu: int | None = None) -> tuple[float, float]:
     """Fixed work: two VMs' pages merged, then every page written (a COW each), `rounds` times.
 
     Returns (wall seconds, CPU seconds of the run's processes: scanners, fault handlers, VMs).
@@ -718,10 +719,11 @@ def bench_trace(npages: int, prog, reps: int = 5, keep: str | None = None) -> di
 
     Each repetition runs the work twice per side: with the run's processes free on every CPU, as a
     user's run (the CPU and wall ratios), and all on one CPU (one_cpu_ratio_spread).  On every CPU
-    the same work's CPU seconds move by +-10 % from run to run, tracing or not: whether a hand-off between the VM and the fault handler wakes a sleeping CPU (an
-    interprocessor interrupt, an idle exit, on a VM a hypervisor exit) or switches on a busy one
-    changes with each run's placement; on one CPU every hand-off is a switch, and what is left to
-    move the ratio is tracing's own work (docs/performance-notes.md)."""
+    the same work's CPU seconds move by +-10 % from run to run, tracing or not: whether a hand-off
+    between the VM and the fault handler wakes a sleeping CPU (an interprocessor interrupt, an idle
+    exit, on a VM a hypervisor exit) or switches on a busy one changes with each run's placement; on
+    one CPU every hand-off is a switch, and what is left to move the ratio is tracing's own work
+    (docs/performance-notes.md)."""
     cpu = max(os.sched_getaffinity(0))
     runs: dict[tuple, list] = {(on, pinned): [] for on in (False, True) for pinned in (False, True)}
     with tempfile.TemporaryDirectory() as d:

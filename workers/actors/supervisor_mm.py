@@ -158,15 +158,15 @@ class MMTable:
                 return frame_problems(self.ft, list(ptes.values()), self.nframes)
             yield                   # (a generator: under_every_ptl's body)
         # several scanners compare pages out of the locks, each pinned (a reference): held between two
-        # rounds, as for the repair, they have none out
+        # rounds (Recovery.freeze_scanners), as for the repair, they have none out
         frozen = self.scanners > 1 and "ksmd" not in self.gone
         if frozen:
-            self.ksmd.call("freeze", self.ack_timeout * 4, for_s=int(self.ack_timeout * 6) + 1)
+            self.freeze_scanners()
         try:
             return self._run_with_ptls(under_every_ptl(list(self.mm_segs), problems), None)
         finally:
             if frozen:
-                self.ksmd.call("thaw", self.ack_timeout * 2)
+                self.thaw_scanners()
 
     def rmap_item_bytes(self) -> int:
         """ksmd's measured metadata bytes per rmap item (the kernel's sizeof(struct ksm_rmap_item))."""

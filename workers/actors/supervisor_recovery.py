@@ -147,6 +147,14 @@ class Recovery:
         """Whether `actor` notifies mm mm_id: every scanner does, a fault handler the mms it serves."""
         return actor not in self.faultd_names or self.faultd_name(mm_id) == actor
 
+    def freeze_scanners(self) -> None:
+        """Hold the scanners between two rounds (ksmd's freeze: no ptl, no pinned frame held), for at
+        most a few ack timeouts if nobody thaws them."""
+        self.ksmd.call("freeze", self.ack_timeout * 4, for_s=int(self.ack_timeout * 6) + 1)
+
+    def thaw_scanners(self) -> None:
+        self.ksmd.call("thaw", self.ack_timeout * 2)
+
     def _recovery_effect(self, e, mark=lambda what: None):
         """The recovery program's own effects (mm/recovery.py), as control calls to the processes;
         mark(phase) closes each phase of Machine.recoveries' record (the repair: up to the thaw)."""
@@ -155,7 +163,7 @@ class Recovery:
             if "ksmd" in self.gone:
                 return None         # (no live scanner to hold)
             try:                    # (again before the repair: ksmd restarts the freeze's timeout)
-                self.ksmd.call("freeze", self.ack_timeout * 4, for_s=int(self.ack_timeout * 6) + 1)
+                self.freeze_scanners()
                 return True
             except (OSError, TimeoutError, ChannelClosed) as x:
                 log.error("could not freeze ksmd for the repair: %s", x)
@@ -173,7 +181,7 @@ class Recovery:
             return None
         if c is Thaw:               # the repair was all ksmd had to wait for
             try:
-                self.ksmd.call("thaw", self.ack_timeout * 2)
+                self.thaw_scanners()
             except (OSError, TimeoutError, ChannelClosed) as x:
                 log.error("could not thaw ksmd: %s", x)
             mark("repair")

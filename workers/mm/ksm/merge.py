@@ -84,9 +84,9 @@ def try_to_merge_pages(scan, ops, ksm: list | None = None):
     compared out of every lock, as mm/ksm.c compares between write_protect_page and replace_page: each
     page to compare is pinned (a reference: do_wp_page reuses a page only at mapcount 1, so a write
     to it copies and its PTE moves; and it cannot be freed and reused meanwhile), the ptls and ksm
-    locks are let go for the memcmp (`compare_pairs`, `compare_rest`), taken again, and a merge goes on only where
-    the PTE still maps the pinned page write-protected (`recheck_pte`).  `ksm` is kept up to date
-    (the locks held now), for the caller to let go."""
+    locks are let go for the memcmp (`compare_pairs`, `compare_rest`), taken again, and a merge goes
+    on only where the PTE still maps the pinned page write-protected (`recheck_pte`).  `ksm` is kept
+    up to date (the locks held now), for the caller to let go."""
     sids = np.unique(np.concatenate([ops.sid, ops.tsid[ops.tsid >= 0]])).tolist()
     locked = []
     held = np.empty(0, dtype=np.int64)      # KSM frames we took a reference on (get_ksm_page)
@@ -113,9 +113,10 @@ def try_to_merge_pages(scan, ops, ksm: list | None = None):
             moved = yield from make_ksm_pages(scan, ops, keys)
             yield from compare_rest(scan, ops)
         else:                       # the memcmp out of the locks
-            pinned = _pages_to_compare(scan, ops)
-            if len(pinned):
-                yield Get(pinned)
+            pages_read = _pages_to_compare(ops)
+            if len(pages_read):
+                yield Get(pages_read)
+                pinned = pages_read
             yield from _unlock_unpin(locked, ())
             locked = []
             for mm in reversed(ksm):
@@ -150,7 +151,7 @@ def _trylock_ptls(scan, sids):
     return locked
 
 
-def _pages_to_compare(scan, ops) -> np.ndarray:
+def _pages_to_compare(ops) -> np.ndarray:
     """The frames a compare reads that no lock of ours will keep: each page to merge, a pair's both."""
     pr = ops.ok & (ops.kind == MERGE_TWO_PAGES)
     return np.concatenate([ops.pfn[ops.ok], ops.tpfn[pr]]).astype(np.int64)
@@ -245,8 +246,9 @@ def validate(scan, ops, locked, again: bool = False):
     for sid, _, _, used in sides:
         ops.ok &= ~used | np.isin(sid, held)
     if "no-recheck-pte" not in scan.brk and len(held):
-        pfns = np.unique(np.concatenate([ops.pfn, ops.tpfn[ops.tpfn >= 0]])) if not again else None
-        flags = np.asarray((yield Load(FLAGS, None, pfns))) if not again else None
+        if not again:
+            pfns = np.unique(np.concatenate([ops.pfn, ops.tpfn[ops.tpfn >= 0]]))
+            flags = np.asarray((yield Load(FLAGS, None, pfns)))
         bad = U64(PTE_SPECIAL | (PTE_WRITE if again else 0))
         for s in held.tolist():
             r = mergeable_ranges((yield Load(VMAS, s)))

@@ -201,7 +201,8 @@ def load(results_dir: str) -> list[tuple[str, dict]]:
         runs.append((n, res))
     if "latest.json" in texts and any(t == texts["latest.json"] for n, t in texts.items() if n != "latest.json"):
         runs = [(n, r) for n, r in runs if n != "latest.json"]
-    return runs
+    # newest first by the run's own date (a name's prefix, chaos- or none, says nothing of its age)
+    return sorted(runs, key=lambda x: (str(x[1].get("date") or ""), x[0]), reverse=True)
 
 
 def render(results_dir: str = RESULTS, page: str = PAGE) -> str:

@@ -39,7 +39,7 @@ _BACKEND_START, _BACKEND_END = "class _Block:", "def resume("
 TRIAL_EDITS = [
     # type errors mypy reports (mypyc compiles only what type-checks)
     ("workers/mm/fault.py", "    replied = []\n", "    replied: list = []\n"),
-    # (`reuse = None` on the unshare path needed one more: do_wp_page's plain loop since has lists only)
+    # (two more made `reuse = None` on the unshare path a list: do_wp_page's plain loop has lists only since)
     ("workers/mm/fault.py", "def wp_page_copy(mm: int, idx: list, old: list,", "def wp_page_copy(mm: int, idx: list, old: list | None,"),
     ("workers/mm/fault.py", "def wp_page_copy_reply(mm: int, idx: list, old: list,",
      "def wp_page_copy_reply(mm: int, idx: list, old: list | None,"),

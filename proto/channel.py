@@ -31,6 +31,7 @@ import socket
 import struct
 import threading
 import time
+from typing import Any, Coroutine
 
 from .messages import HEADER_SIZE, MAGIC, MAX_FRAME, Frame, Msg, ProtocolError, decode, decode_record, encode
 
@@ -122,6 +123,9 @@ class Channel(asyncio.Protocol):
         self.peer = None          # set by the handler (e.g. the mm id after HELLO)
         self.on_reply = None      # optional: sees each answer frame first, on arrival (a COW reply's PTEs)
         self.records = frozenset()  # types whose one-entry frames, read whole, are records (decode_record)
+        self._due: dict[int, tuple] = {}   # corr -> (deadline, future, timeout) of the calls `answer` waits on
+        self._watch_at: float | None = None
+        self._watch_timer: asyncio.TimerHandle | None = None
 
     # transport side
     def connection_made(self, transport):
@@ -130,8 +134,16 @@ class Channel(asyncio.Protocol):
     def data_received(self, data):
         if self.closed:
             return
-        f = decode_record(data, self.records) if self.records and not self.splitter.buf else None
-        if f is not None:       # one whole record, nothing buffered before it (the fault path)
+        f = None
+        if not self.splitter.buf:   # most reads are one whole frame, nothing buffered before it
+            if self.records:        # (the fault path's records, without numpy)
+                f = decode_record(data, self.records)
+            if f is None:
+                try:
+                    f = decode(data)
+                except ProtocolError:   # not one whole frame (several, a part, a bad one): cut below
+                    pass
+        if f is not None:
             frames = (f,)
         else:
             try:
@@ -180,6 +192,9 @@ class Channel(asyncio.Protocol):
             if not fut.done():
                 fut.set_exception(ChannelClosed(f"{self.name}: channel closed"))
         self.pending.clear()
+        if self._watch_timer is not None:
+            self._watch_timer.cancel()
+            self._watch_at = self._watch_timer = None
         if self.on_close:
             self.on_close(self)
 
@@ -217,15 +232,43 @@ class Channel(asyncio.Protocol):
             raise
         return fut
 
-    async def call(self, corr: int, data: bytes, timeout: float) -> Frame:
+    def call(self, corr: int, data: bytes, timeout: float) -> Coroutine[Any, Any, Frame]:
         """Send and wait for the answer to `corr`; asyncio.TimeoutError after `timeout` seconds."""
-        fut = self.request(corr, data)
-        timer = expire_after([fut], timeout, f"{self.name}: no answer within {timeout:.1f}s")
+        return self.answer(corr, self.request(corr, data), timeout)     # (one coroutine less to wake)
+
+    async def answer(self, corr: int, fut: asyncio.Future, timeout: float) -> Frame:
+        """Wait for the answer to the request `corr` (its future `fut`); asyncio.TimeoutError after
+        `timeout` seconds.  The channel's one watchdog timer keeps every call's deadline: a loop
+        timer armed and cancelled per call cost more than the rest of the call's Python."""
+        loop = fut.get_loop()
+        at = loop.time() + timeout
+        self._due[corr] = (at, fut, timeout)
+        if self._watch_at is None or at < self._watch_at:
+            self._watch(loop, at)
         try:
             return await fut
         finally:
-            timer.cancel()
+            self._due.pop(corr, None)
             self.pending.pop(corr, None)
+
+    def _watch(self, loop: asyncio.AbstractEventLoop, at: float) -> None:
+        if self._watch_timer is not None:
+            self._watch_timer.cancel()
+        self._watch_at, self._watch_timer = at, loop.call_at(at, self._expire, loop)
+
+    def _expire(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The watchdog: fail the calls past their deadline, and wake again at the next one."""
+        self._watch_at = self._watch_timer = None
+        now, nxt = loop.time(), None
+        for corr, (at, fut, timeout) in list(self._due.items()):
+            if at <= now:
+                del self._due[corr]
+                if not fut.done():
+                    fut.set_exception(asyncio.TimeoutError(f"{self.name}: no answer within {timeout:.1f}s"))
+            elif nxt is None or at < nxt:
+                nxt = at
+        if nxt is not None:
+            self._watch(loop, nxt)
 
     def close(self):
         if self.transport is not None:

@@ -160,6 +160,49 @@ def test_limits_on_both_sides():
         decode(encode(Msg.CALL, payload=len(nested).to_bytes(4, "little") + nested)).json()
 
 
+def test_channel_calls_each_time_out_at_their_own_deadline_and_a_close_fails_the_rest():
+    """The channel's one watchdog (Channel.answer) keeps every call's deadline: a later call with a
+    shorter timeout fails first, an answered call is not failed, a late answer is dropped, and closing
+    the channel fails what is pending at once (ChannelClosed) and stops the watchdog."""
+    import asyncio
+    import time
+
+    import uvloop
+    a, b = socket.socketpair()
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        _, ch = await loop.create_connection(lambda: Channel("t", lambda c, f: None), sock=a)
+        t0 = time.monotonic()
+        done: dict[str, float] = {}
+
+        async def timed(name, corr, timeout):
+            with pytest.raises(asyncio.TimeoutError, match=f"t: no answer within {timeout:.1f}s"):
+                await ch.call(corr, encode(Msg.START, corr=corr), timeout)
+            done[name] = time.monotonic() - t0
+        slow = asyncio.ensure_future(timed("slow", 1, 0.9))
+        await asyncio.sleep(0.05)
+        fast = asyncio.ensure_future(timed("fast", 2, 0.3))
+        answered = asyncio.ensure_future(ch.call(3, encode(Msg.START, corr=3), 0.3))
+        await asyncio.sleep(0.01)
+        b.sendall(encode(Msg.ACK, corr=3))
+        assert (await answered).corr == 3
+        await asyncio.gather(slow, fast)
+        assert 0.3 <= done["fast"] < 0.9 <= done["slow"], done
+        assert not ch._due and ch._watch_timer is None and not ch.pending
+        b.sendall(encode(Msg.ACK, corr=1))          # a late answer: nobody waits for it, nothing breaks
+        await asyncio.sleep(0.05)
+        assert not ch.closed and ch.bad_frames == 0
+        left = asyncio.ensure_future(ch.call(4, encode(Msg.START, corr=4), 30))
+        await asyncio.sleep(0.01)
+        assert ch._watch_timer is not None
+        b.close()                                   # the peer goes: the call fails now, not in 30 s
+        with pytest.raises(ChannelClosed):
+            await asyncio.wait_for(left, 5)
+        assert ch._watch_timer is None and not ch._due
+    uvloop.run(main())
+
+
 def test_blocking_channel_closes_on_garbage_at_once():
     a, b = socket.socketpair()
     ch = BlockingChannel(a, "test")

@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 
-from proto.channel import Channel, expire_after, halt_poll
+from proto.channel import Channel, halt_poll
 from proto.layout import (KNOB_FAULT_POLL_US, PAGE_SHIFT, SUB_ACTIVE, USER_BASE)
 from proto.messages import MAGIC, RECORD, Frame, Msg, encode
 
@@ -65,13 +65,7 @@ class VMAccess:
                 if rep is not None:
                     self.fast_replies += 1
                 else:
-                    timer = expire_after([fut], self.args.ack_timeout * 4,
-                                         f"{ch.name}: no answer within {self.args.ack_timeout * 4:.1f}s")
-                    try:
-                        rep = await fut
-                    finally:
-                        timer.cancel()
-                        ch.pending.pop(corr, None)
+                    rep = await ch.answer(corr, fut, self.args.ack_timeout * 4)
                 break
             except ConnectionError:
                 if tr:

@@ -108,6 +108,8 @@ def call_payload(obj: dict, data: bytes | memoryview = b"") -> bytes:
 
 def encode(type: int, sub: int = 0, flags: int = 0, mm: int = 0, corr: int = 0,
            addr: int = 0, entries: np.ndarray | None = None, payload: bytes = b"") -> bytes:
+    if entries is None and not payload:     # (a header alone: most messages)
+        return HEADER.pack(MAGIC, HEADER_SIZE, type, sub, flags, mm, corr, addr, 0, 0)
     eb = b"" if entries is None else np.ascontiguousarray(entries, dtype=np.uint64).tobytes()
     n = len(eb) // 16
     total = HEADER_SIZE + len(eb) + len(payload)
@@ -151,6 +153,8 @@ def decode(buf: bytes | memoryview) -> Frame:
         raise ProtocolError(f"length {total} does not match header (n={n}, plen={plen}, got {len(buf)})")
     if type not in _VALID_TYPES:
         raise ProtocolError(f"unknown message type {type}")
+    if total == HEADER_SIZE:                # (a header alone: most messages)
+        return Frame(type, sub, flags, mm, corr, addr)
     entries = None
     if n:       # read-only either way: a view of the (immutable) frame, or of a copy of the memoryview's bytes
         entries = np.ndarray((n, 2), _U64, buf if buf.__class__ is bytes else bytes(buf), HEADER_SIZE)

@@ -186,11 +186,38 @@ class _Spanning:
         return False
 
 
+def _message_recorder(dir: str):
+    """Tracer.send and Tracer.recv, one body: a message this actor sent to / received from `peer`
+    (its first entry's old and new PTEs; corr the request's).  The direction's key table is picked
+    here, once, so that the hot path makes no call but the record's own."""
+    i = ("send", "recv").index(dir)
+
+    def record(self: "Tracer", peer: str, type: str, mm: int, sub: int, addr: int, n: int, old: int, new: int,
+               corr: int) -> None:
+        t = _now()
+        try:
+            k = self._kmsg[i][peer][type]
+        except (KeyError, TypeError):
+            k = self._key_m(self._kmsg[i], dir, peer, type)
+        off = self._off
+        try:
+            _PACK_M(self._b, off, k, t, mm, sub, addr, n, old, new, corr)
+        except Exception:                       # (a value that is no int64 / u64: as JSON)
+            self._extra(self._record(k, (t, mm, sub, addr, n, old, new, corr)), t)
+            return
+        self._off = off = off + _M_SIZE
+        if t >= self._deadline or off >= self._limit:
+            self.flush()
+    record.__name__ = dir
+    record.__qualname__ = f"Tracer.{dir}"
+    return record
+
+
 class Tracer:
     """Records one actor's messages, spans and counters; see the module docstring."""
 
     __slots__ = ("actor", "pid", "path", "_fd", "_b", "_off", "_x", "_deadline", "_limit", "_interval", "closed",
-                 "_ksend", "_krecv", "_kspan", "_kctr", "_kgroup", "_defs", "_new", "_new_first", "__weakref__")
+                 "_kmsg", "_kspan", "_kctr", "_kgroup", "_defs", "_new", "_new_first", "__weakref__")
 
     @classmethod
     def open(cls, trace_dir: str | None, actor: str, *, flush_records: int = FLUSH_RECORDS,
@@ -213,10 +240,9 @@ class Tracer:
         self._off = 0
         self._interval = int(flush_interval_s * 1e9)
         self.closed = False
-        # interned keys: peer -> type -> id per direction, span name -> arg names -> (id, its struct),
-        # counter name -> id
-        self._ksend: dict = {}
-        self._krecv: dict = {}
+        # interned keys: peer -> type -> id per direction (send, recv), span name -> arg names -> (id, its
+        # struct), counter name -> id
+        self._kmsg: tuple[dict, dict] = ({}, {})     # (send, recv)
         self._kspan: dict = {}
         self._kctr: dict = {}
         self._kgroup: dict = {}
@@ -246,39 +272,8 @@ class Tracer:
         return k
 
     # ------------------------------------------------------------------ hot path
-    def send(self, peer: str, type: str, mm: int, sub: int, addr: int, n: int, old: int, new: int,
-             corr: int) -> None:
-        t = _now()
-        try:
-            k = self._ksend[peer][type]
-        except (KeyError, TypeError):
-            k = self._key_m(self._ksend, "send", peer, type)
-        off = self._off
-        try:
-            _PACK_M(self._b, off, k, t, mm, sub, addr, n, old, new, corr)
-        except Exception:                       # (a value that is no int64 / u64: as JSON)
-            self._extra(self._record(k, (t, mm, sub, addr, n, old, new, corr)), t)
-            return
-        self._off = off = off + _M_SIZE
-        if t >= self._deadline or off >= self._limit:
-            self.flush()
-
-    def recv(self, peer: str, type: str, mm: int, sub: int, addr: int, n: int, old: int, new: int,
-             corr: int) -> None:
-        t = _now()
-        try:
-            k = self._krecv[peer][type]
-        except (KeyError, TypeError):
-            k = self._key_m(self._krecv, "recv", peer, type)
-        off = self._off
-        try:
-            _PACK_M(self._b, off, k, t, mm, sub, addr, n, old, new, corr)
-        except Exception:
-            self._extra(self._record(k, (t, mm, sub, addr, n, old, new, corr)), t)
-            return
-        self._off = off = off + _M_SIZE
-        if t >= self._deadline or off >= self._limit:
-            self.flush()
+    send = _message_recorder("send")
+    recv = _message_recorder("recv")
 
     def span(self, name: str, t0_ns: int, t1_ns: int, mm: int = -1, **args) -> None:
         try:                                    # (the common case inline: a known name, int args)

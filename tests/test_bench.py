@@ -23,8 +23,9 @@ def quick(out, *parts, trace=None):
         [p for p in ("scan", "cow", "modes", "scaling", "trace", "stress", "check", "estimate") if p in parts]
     assert {"cores", "cpu", "kernel"} <= set(res["machine"])
     assert (out / "latest.md").exists() and "| what |" in r.stdout
-    assert len([p for p in os.listdir(out) if p.endswith(".json") and p != "latest.json"
-                and not p.startswith(("bench", "chaos-", "sidechannel-"))]) == 1    # (those parts' own files too)
+    dated = [p for p in os.listdir(out) if p.endswith(".json") and p != "latest.json"
+             and not p.startswith(("bench", "sidechannel-"))]      # (those parts' own files too)
+    assert len(dated) == 1 and dated[0].startswith("chaos-") == ("chaos" in parts), dated   # one copy of the run
     return r, res
 
 

@@ -738,7 +738,9 @@ def test_a_scanner_blocked_on_a_ksm_lock_shows_as_a_wait_span_until_it_is_let_go
     assert held.try_acquire()
     try:
         m.ksm.set(run=1)
-        s = m.ksm.wait_full_scans(1, 30)       # checksums taken: the next scan merges, and must wait
+        # the first full scan takes the checksums; the next merges, and must wait.  (at_least: the first
+        # scan may end before a wait for "one more" reads its start, and that wait is for the stalled one)
+        s = m.ksm.wait_full_scans(timeout=30, at_least=1)
         last, since = s["full_scans"], time.monotonic()
         deadline = since + 30
         while time.monotonic() - since < 0.5:  # the scan stalls: the owner waits for our lock

@@ -195,3 +195,24 @@ def test_the_mypyc_trials_source_edits_still_apply_and_leave_the_cow_core_workin
     assert r.returncode == 0, r.stderr[-2000:]
     out = json.loads(r.stdout.splitlines()[-1])
     assert out["compiled"] is False and out["core_p50_us"] > 0
+
+
+def test_the_channel_probe_runs_every_pair_of_ends_and_says_what_each_adds(tmp_path):
+    """bench/channel_probe.py (docs/performance-notes.md, "The channel"): the pipe and the four pairs of
+    ends (raw uvloop or our Channel, echo/caller), each a real round trip between two processes, and the
+    differences it reports are those of its own figures."""
+    out = tmp_path / "probe.json"
+    r = subprocess.run([sys.executable, "bench/channel_probe.py", "--reps", "2", "--n", "300", "--json", str(out)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(out.read_text())
+    p = res["p50_us"]
+    assert list(p) == ["pipe", "raw/raw", "raw/channel", "channel/raw", "channel/channel"]
+    assert all(len(v) == 2 and min(v) > 0 for v in p.values())
+    both = [y - x for x, y in zip(p["raw/raw"], p["channel/channel"])]
+    assert res["added_us"]["both"]["n"] == 2
+    assert abs(res["added_us"]["both"]["median"] - (both[0] + both[1]) / 2) < 0.2     # (of rounded p50s)
+    assert "added over raw uvloop, our echo end" in r.stdout
+    bad = subprocess.run([sys.executable, "bench/channel_probe.py", "--reps", "0"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=60)
+    assert bad.returncode == 2 and "--reps and --n must be at least 1" in bad.stderr

@@ -349,6 +349,7 @@ class Memory:
         self.stats = stats
         self.mms = {} if mms is None else mms
         self.memory = memoryview(alloc.mem)
+        self.words = alloc.mem.view(np.uint64).reshape(-1, PAGE_SIZE // 8)   # frame i is row i (Compare)
         self._vmas: dict = {}           # mm id -> (table bytes, VMA list): a fault reads the list each time
 
     def vma_list(self, mm_id: int) -> list:
@@ -490,7 +491,7 @@ def _copy_pages(m: Memory, e) -> None:
 
 def _compare(m: Memory, e):
     if np.ndim(e.a):
-        return compare_many(m.memory, e.a, e.b)
+        return compare_many(m.words, e.a, e.b)
     a = m.page_bytes(e.a)
     return a == (_ZERO_PAGE if e.b is None else m.page_bytes(e.b))
 
@@ -524,16 +525,21 @@ def apply_mem(m: Memory, e):
 _ZERO_PAGE = bytes(PAGE_SIZE)
 
 
-def compare_many(mem: memoryview, a, b) -> np.ndarray:
-    """memcmp of frames a[i] and b[i] (b None: with a zero page), as a bool array."""
-    a = np.asarray(a, dtype=np.int64) * PAGE_SIZE
-    if b is None:
-        z = _ZERO_PAGE
-        return np.fromiter((mem[x:x + PAGE_SIZE].tobytes() == z for x in a.tolist()), dtype=bool, count=len(a))
-    b = np.asarray(b, dtype=np.int64) * PAGE_SIZE
-    # (bytes compare: a memoryview == compares element by element, ten times slower)
-    return np.fromiter((mem[x:x + PAGE_SIZE].tobytes() == mem[y:y + PAGE_SIZE].tobytes()
-                        for x, y in zip(a.tolist(), b.tolist())), dtype=bool, count=len(a))
+_COMPARE_ROWS = 64      # pairs compared at once: their 2 x 4 KiB copies stay in the CPU's cache
+
+
+def compare_many(words: np.ndarray, a, b) -> np.ndarray:
+    """memcmp of frames a[i] and b[i] (b None: with a zero page), as a bool array.  words: the frames
+    as rows of uint64 (Memory.words).  Compared with numpy, _COMPARE_ROWS pairs at a time: a loop of
+    per-page bytes compares (two copies and a Python step per pair) cost half as much again."""
+    a = np.asarray(a, dtype=np.int64)
+    out = np.empty(len(a), dtype=bool)
+    if b is not None:
+        b = np.asarray(b, dtype=np.int64)
+    for s in range(0, len(a), _COMPARE_ROWS):
+        x = words[a[s:s + _COMPARE_ROWS]]
+        out[s:s + _COMPARE_ROWS] = ~x.any(axis=1) if b is None else (x == words[b[s:s + _COMPARE_ROWS]]).all(axis=1)
+    return out
 
 
 def under_ptl(mm: int, body):

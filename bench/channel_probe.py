@@ -23,7 +23,6 @@ if __package__ in (None, ""):
 
 import uvloop  # noqa: E402
 
-from bench.run import pct, pipe_pingpong, spread  # noqa: E402
 from proto.channel import Channel  # noqa: E402
 from proto.messages import Msg, encode  # noqa: E402
 
@@ -52,7 +51,9 @@ class _Raw(asyncio.Protocol):
 
 
 def round_trips(n: int, echo: str, caller: str) -> list[float]:
-    """n round trips (us) between a forked echo and this process, each end raw uvloop or our Channel."""
+    """n round trips (us) between a forked echo and this process, each end raw uvloop or our Channel
+    (both ours: `bench --only cow`'s bare channel ping-pong).  One correlation id for every call: the
+    raw echo answers each request with the same ACK."""
     a, b = socket.socketpair()
     pid = os.fork()
     if pid == 0:
@@ -104,6 +105,7 @@ def round_trips(n: int, echo: str, caller: str) -> list[float]:
 def probe(reps: int, n: int, prog=print) -> dict:
     """Interleaved repetitions of the sleeping pipe and the four end pairs: p50s per repetition, and
     what each of our ends adds over raw uvloop (median of the per-repetition differences)."""
+    from bench.run import pct, pipe_pingpong, spread      # (bench.run's channel_pingpong is round_trips)
     rows: dict[str, list[float]] = {"pipe": [], **{f"{e}/{c}": [] for e, c in ENDS}}
     for r in range(reps):
         prog(f"channel probe: repetition {r + 1}/{reps}")

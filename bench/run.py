@@ -370,40 +370,8 @@ def cow_core_samples(npages: int) -> list[float]:
 
 def channel_pingpong(n: int) -> list[float]:
     """Our own channel (asyncio on uvloop, framed messages) between two processes: the transport floor."""
-    import asyncio
-    import uvloop
-    from proto.channel import Channel
-    from proto.messages import Msg, encode
-    a, b = socket.socketpair()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            a.close()
-
-            async def child():
-                loop = asyncio.get_running_loop()
-                done = loop.create_future()
-                await loop.create_connection(
-                    lambda: Channel("echo", lambda ch, f: ch.send(encode(Msg.ACK, corr=f.corr)),
-                                    lambda ch: done.done() or done.set_result(None)), sock=b)
-                await done
-            uvloop.run(child())
-        finally:
-            os._exit(0)
-    b.close()
-    ts: list[float] = []
-
-    async def parent():
-        loop = asyncio.get_running_loop()
-        _, ch = await loop.create_connection(lambda: Channel("ping", lambda c, f: None), sock=a)
-        for i in range(1, n + 1):
-            t = time.perf_counter_ns()
-            await ch.call(i, encode(Msg.START, corr=i), 5)
-            ts.append((time.perf_counter_ns() - t) / 1000)
-        ch.close()
-    uvloop.run(parent())
-    os.waitpid(pid, 0)
-    return ts
+    from bench.channel_probe import round_trips
+    return round_trips(n, "channel", "channel")
 
 
 def bench_cow(npages: int, kernel_ok: bool, why: str, prog, rounds: int = 3) -> dict:

@@ -349,7 +349,7 @@ class Memory:
         self.stats = stats
         self.mms = {} if mms is None else mms
         self.memory = memoryview(alloc.mem)
-        self.words = alloc.mem.view(np.uint64).reshape(-1, PAGE_SIZE // 8)   # frame i is row i (Compare)
+        self.words = alloc.pages.view(np.uint64)     # the frames as rows of words (Compare)
         self._vmas: dict = {}           # mm id -> (table bytes, VMA list): a fault reads the list each time
 
     def vma_list(self, mm_id: int) -> list:

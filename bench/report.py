@@ -33,6 +33,11 @@ ROWS = [
     ("scan", "merge time / ksmd's", "scan.merge_time_ratio_vs_kernel_spread", "<= 0.45x"),
     ("scan", "1 scanner (pages/s)", "scan.one_scanner.pages_per_s", ""),
     ("scan", "all scanners / 1 scanner, pages/s", "scan.one_scanner.speedup_spread", ">= 1.6x with 2"),
+    ("scan", "1 scanner's time to merge / all scanners'", "scan.one_scanner.merge_speedup_spread", ""),
+    ("scan", "all scanners: cores busy while merging", "scan.one_scanner.cores_busy_spread", ""),
+    ("scan", "all scanners' CPU seconds / 1 scanner's, the same merge", "scan.one_scanner.cpu_ratio_spread", ""),
+    ("scan", "other processes' CPU while ksm-proto merged: share of the machine, most in a run",
+     "scan.others_share_max", ""),
     ("scan", "traced run of all scanners: scan seconds", "scan.waits.scan_seconds", ""),
     *[("scan", f"traced run: {who}'s share of the scan waiting for {what}", f"scan.waits.{key}.{who}", "")
       for who in ("ksmd", "ksmd1") for what, key in (("another's ksm lock", "ksm_lock_share"),

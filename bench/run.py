@@ -124,22 +124,97 @@ def load_machine(m: Machine, pages: np.ndarray, nvms: int = 4) -> list:
 
 
 # ---------------------------------------------------------------------------- 1. scan
+def _cpu_seconds(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def machine_cpu() -> tuple[float, float]:
+    """The machine's CPU seconds so far, all CPUs together (/proc/stat): (busy, stolen by the
+    hypervisor).  Busy is user, nice, system, irq and softirq time; (0, 0) where there is no /proc."""
+    try:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return 0.0, 0.0
+    hz = os.sysconf("SC_CLK_TCK")
+    return (v[0] + v[1] + v[2] + v[5] + v[6]) / hz, (v[7] if len(v) > 7 else 0) / hz
+
+
+def tree_cpu(root: int) -> float:
+    """CPU seconds of process `root` and of every live process under it (/proc)."""
+    kids: dict[int, list[int]] = {}
+    for p in os.listdir("/proc"):
+        if p.isdigit():
+            try:
+                with open(f"/proc/{p}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            kids.setdefault(ppid, []).append(int(p))
+    total, todo = 0.0, [root]
+    while todo:
+        p = todo.pop()
+        total += _cpu_seconds(p)
+        todo += kids.get(p, [])
+    return total
+
+
+class CpuShare:
+    """Who used the machine's CPUs over a stretch of a run: this process and its actors, the
+    scanners among them, everyone else (another user's work shares the cores: a loaded hour shows
+    here, not only in the figures), and the hypervisor's steal."""
+
+    def __init__(self, scanners: list):
+        self.pids = [a.pid for a in scanners]
+        self.start = self._now()
+
+    def _now(self) -> tuple:
+        busy, steal = machine_cpu()
+        return busy, steal, tree_cpu(os.getpid()), sum(_cpu_seconds(p) for p in self.pids)
+
+    SHORTEST_S = 0.5        # (CPU time is counted in clock ticks, 10 ms: a shorter stretch gives None)
+
+    def since(self, seconds: float) -> dict:
+        """Over the `seconds` since the start: the scanners' CPU seconds and cores busy, the other
+        processes' CPU seconds and their share of all the CPUs, the stolen seconds (None each, for a
+        stretch too short to tell)."""
+        if seconds < self.SHORTEST_S:
+            return dict.fromkeys(("scanner_cpu_seconds", "cores_busy", "others_cpu_seconds", "others_share",
+                                  "steal_seconds"))
+        b0, s0, o0, c0 = self.start
+        b1, s1, o1, c1 = self._now()
+        others = max(0.0, (b1 - b0) - (o1 - o0))
+        ncpu = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        return {"scanner_cpu_seconds": round(c1 - c0, 3), "cores_busy": round((c1 - c0) / max(seconds, 1e-9), 2),
+                "others_cpu_seconds": round(others, 3),
+                "others_share": round(others / max(ncpu * seconds, 1e-9), 3), "steal_seconds": round(s1 - s0, 3)}
+
+
 def proto_scan(pages: np.ndarray, scanners: int = 1, timeout: float = 600, trace: str | None = None) -> dict:
-    """ksm-proto at full speed on these pages: time to merge, pages/s over whole full scans."""
+    """ksm-proto at full speed on these pages: time to merge, pages/s over whole full scans, and who
+    used the CPUs until the merge was done (`CpuShare`: the scanners' CPU seconds and cores busy, the
+    other processes' share of the machine)."""
     n = len(pages)
     with Machine(frames=n + 8192, scanners=scanners, trace=trace) as m:
         load_machine(m, pages)
         m.ksm.set(pages_to_scan=100000, sleep_millisecs=0)
+        share = CpuShare(m.scanner_procs)
         t0 = time.monotonic()
         m.ksm.set(run=1)
         last, same, s = None, 0, None
         deadline = t0 + timeout
-        t_merged = None
+        t_merged, used = None, None
         while time.monotonic() < deadline:
             s = m.ksm.wait_full_scans(1, max(1.0, deadline - time.monotonic()))
             cur = (s["pages_shared"], s["pages_sharing"])
             if cur != last:
                 t_merged = time.monotonic()
+                used = share.since(t_merged - t0)
             same = same + 1 if cur == last else 0
             last = cur
             if same >= 2 and s["full_scans"] >= 2:
@@ -150,7 +225,8 @@ def proto_scan(pages: np.ndarray, scanners: int = 1, timeout: float = 600, trace
         return {"pages": n, "scanners": scanners, "merge_seconds": round(merge_s, 3),
                 "pages_per_s": round(s["pages_scanned"] / elapsed), "full_scans": s["full_scans"],
                 "pages_shared": s["pages_shared"], "pages_sharing": s["pages_sharing"],
-                "bytes_per_page": round(s["metadata_bytes"] / max(1, s["ksm_rmap_items"]), 2)}
+                "bytes_per_page": round(s["metadata_bytes"] / max(1, s["ksm_rmap_items"]), 2),
+                **(used or share.since(elapsed))}
 
 
 def scan_waits(pages: np.ndarray, scanners: int) -> dict:
@@ -249,7 +325,14 @@ def bench_scan(npages: int, kernel_ok: bool, why: str, prog, scanners: int, reps
             "unique_pages_per_s": med(u["proto_1"], "pages_per_s"),
             "ratio_vs_kernel_spread": ratios(d["proto_1"], d["kernel"], "pages_per_s"),
             "merge_time_ratio_vs_kernel_spread": ratios(d["proto_1"], d["kernel"], "merge_seconds"),
-            "speedup_spread": ratios(d["proto"], d["proto_1"], "pages_per_s")}
+            "speedup_spread": ratios(d["proto"], d["proto_1"], "pages_per_s"),
+            # the merge-time speedup is the cores busy (of N) over the CPU the same merge took, against one's
+            "merge_speedup_spread": ratios(d["proto_1"], d["proto"], "merge_seconds"),
+            "cores_busy_spread": spread([x.get("cores_busy") for x in d["proto"]]),
+            "one_cores_busy_spread": spread([x.get("cores_busy") for x in d["proto_1"]]),
+            "cpu_ratio_spread": ratios(d["proto"], d["proto_1"], "scanner_cpu_seconds")}
+    res["others_share_max"] = max((x["others_share"] for side in ("proto", "proto_1") for x in d[side] + u[side]
+                                   if x.get("others_share") is not None), default=None)
     if not kernel_ok:
         res["kernel_note"] = why
     return res
@@ -487,15 +570,6 @@ def bench_modes(npages: int, prog) -> dict:
 
 
 # ---------------------------------------------------------------------------- 4. scaling
-def _cpu_seconds(pid: int) -> float:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return 0.0
-
-
 def scan_rate(pages: np.ndarray, scanners: int, scans: int = 4) -> dict:
     """Unique pages scanned per second with `scanners` scanners, over `scans` full scans after the first
     two (every scan then does the same CPU-bound work: checksum, compare, unstable-tree insert)."""
@@ -1031,6 +1105,14 @@ def table(res: dict) -> str:
                         f"{fs(one['merge_time_ratio_vs_kernel_spread'])} of ksmd's time | |")
             rows.append(f"| {n} scanners against 1 on the same data (pages/s) | | 1 scanner | "
                         f"{fs(one['speedup_spread'])} | >= 1.6x with 2 |")
+            if one.get("cpu_ratio_spread", {}).get("n"):
+                rows.append(f"| {n} scanners against 1, time to merge: the cores they kept busy while merging "
+                            f"(of {n}; 1 scanner: {fs(one['one_cores_busy_spread'], '')}) over the CPU seconds the "
+                            f"same merge took them against one scanner's | {fs(one['cores_busy_spread'], '')} / "
+                            f"{fs(one['cpu_ratio_spread'])} | 1 scanner | {fs(one['merge_speedup_spread'])} | |")
+        if sc.get("others_share_max") is not None:
+            rows.append(f"| other processes' CPU while ksm-proto merged: their share of the machine, the most "
+                        f"in any run (a loaded hour shows here) | {sc['others_share_max']:.0%} | | | |")
         w = sc.get("waits")
         if w and w.get("per_scanner"):
             rows.append(f"| of a traced run of {n} scanners on the same data: each one's share of the scan spent "

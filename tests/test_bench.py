@@ -46,6 +46,12 @@ def test_bench_quick_scan_cow_and_estimate_write_every_key(tmp_path):
         assert all(0 <= v <= 1 for v in list(w["ksm_lock_share"].values()) + list(w["barrier_share"].values()))
         assert "waiting for another's ksm lock" in r.stdout
     assert res["scan"]["detail"]["dup4"]["proto"][0]["pages_shared"] == 2048
+    for run in res["scan"]["detail"]["dup4"]["proto"]:      # who used the CPUs (None: a merge too short to tell)
+        assert {"scanner_cpu_seconds", "cores_busy", "others_share", "steal_seconds"} <= set(run)
+        assert run["cores_busy"] is None or 0 <= run["cores_busy"] <= os.cpu_count() + 0.1
+    if os.cpu_count() > 1:
+        assert {"merge_speedup_spread", "cores_busy_spread", "cpu_ratio_spread"} <= set(res["scan"]["one_scanner"])
+        assert res["scan"]["one_scanner"]["merge_speedup_spread"]["n"] == 2
     assert res["scanner_bytes_per_page"] > 0 and res["cow"]["ratio_vs_pipe_spread"]["n"] == 2
     for key in ("p50_us", "p99_us", "pipe_p50_us", "ratio_vs_pipe", "kernel_us", "asleep_p50_us",
                 "pipe_polling_p50_us", "ratio_vs_polling_pipe", "ratio_vs_kernel", "channel_ratio_vs_pipe", "core_p50_us"):
@@ -216,3 +222,57 @@ def test_the_channel_probe_runs_every_pair_of_ends_and_says_what_each_adds(tmp_p
     bad = subprocess.run([sys.executable, "bench/channel_probe.py", "--reps", "0"], cwd=ROOT, capture_output=True,
                          text=True, timeout=60)
     assert bad.returncode == 2 and "--reps and --n must be at least 1" in bad.stderr
+
+
+def _spin_cpu(seconds: float) -> None:
+    """Burn `seconds` of this process's own CPU time, then exit (a forked child)."""
+    import time
+    end = time.process_time() + seconds
+    while time.process_time() < end:
+        pass
+    os._exit(0)
+
+
+def test_cpu_share_tells_the_scanners_cpu_from_other_processes(tmp_path):
+    """bench.run.CpuShare, on real processes: a child of ours that burns 0.6 s of CPU is counted as the
+    'scanner' it is named as; a process that is not under us (forked twice, its parent gone) burning
+    0.6 s is counted among the other processes' CPU; a stretch shorter than 0.5 s tells nothing."""
+    import time
+    from bench.run import CpuShare
+
+    class Proc:
+        def __init__(self, pid):
+            self.pid = pid
+    r, w = os.pipe()
+    mid = os.fork()
+    if mid == 0:                                  # the middle process: forks the outsider and is gone
+        os.close(r)
+        pid = os.fork()
+        if pid == 0:
+            time.sleep(0.2)                       # (spins once the share below has started)
+            _spin_cpu(0.6)
+        os.write(w, str(pid).encode())
+        os._exit(0)
+    os.close(w)
+    outsider = int(os.read(r, 64))
+    os.close(r)
+    os.waitpid(mid, 0)
+    kid = os.fork()
+    if kid == 0:
+        time.sleep(0.2)
+        _spin_cpu(0.6)
+    try:
+        share = CpuShare([Proc(kid)])
+        t0 = time.monotonic()
+        assert all(v is None for v in share.since(0.1).values())
+        os.waitid(os.P_PID, kid, os.WEXITED | os.WNOWAIT)     # (ended, not reaped: its CPU times still read)
+        deadline = time.monotonic() + 30
+        while os.path.exists(f"/proc/{outsider}") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not os.path.exists(f"/proc/{outsider}"), "the outsider did not end"
+        got = share.since(time.monotonic() - t0)
+    finally:
+        os.waitpid(kid, 0)
+    assert 0.55 <= got["scanner_cpu_seconds"] <= 0.7, got
+    assert got["others_cpu_seconds"] >= 0.5, got           # (and whatever else ran on the machine)
+    assert 0 < got["cores_busy"] <= 1.05 and 0 < got["others_share"] <= 1, got

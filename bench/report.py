@@ -276,7 +276,11 @@ HEADLINE = [
      ("scan.ratio_vs_kernel_spread", "scan.scanners"),
      lambda r: f"{cell(get(r, 'scan.ratio_vs_kernel_spread'))}x with {get(r, 'scan.scanners')} scanners"
                + (f" ({cell(get(r, 'scan.one_scanner.speedup_spread'))}x one scanner)"
-                  if get(r, "scan.one_scanner.speedup_spread") is not None else "")),
+                  if get(r, "scan.one_scanner.speedup_spread") is not None else "")
+               + (f"; merging, against one scanner: {cell(get(r, 'scan.one_scanner.merge_speedup_spread'))}x as fast, "
+                  f"{cell(get(r, 'scan.one_scanner.cores_busy_spread'))} cores busy, "
+                  f"{cell(get(r, 'scan.one_scanner.cpu_ratio_spread'))}x its CPU seconds"
+                  if get(r, "scan.one_scanner.cpu_ratio_spread") is not None else "")),
     ("A COW fault of a merged page, p50, against a pipe ping-pong between two processes sleeping and "
      "polling, and the kernel's COW (the two newest runs: hosts and hours differ)",
      ("cow.p50_us", "cow.ratio_vs_pipe_spread", "cow.ratio_vs_polling_pipe_spread"),

@@ -61,6 +61,8 @@ EXPECTED = {
     "no-vm-forget": ("ksmd failed: KeyError", "a scanner still scans its mm"),
     # the VM killed inside its own MADV_DONTNEED: a PTE cleared, its frame never put
     "no-vm-repair": ("PTEs map it",),
+    # the fault handler hands out a frame of its reserve after the repair (ksmd's death) freed it
+    "reserve-no-gen": ("the reserve holds a frame not reserved",),
 }
 # the two-scanner world's breaks: the scanners' own, and those of one scanner's protocol it shows
 # (double counting shows as counters that disagree with the KSM frames at the end, or with the trees
@@ -180,6 +182,26 @@ def test_kill_exhaustive_small_configuration_finds_nothing(kill):
     res = explore.exhaustive(world_factory("change_pte", kill=kill), depth=5, max_steps=4000)
     assert res.found is None
     assert res.schedules > 20
+
+
+def test_fault_handlers_keep_a_frame_reserve_and_a_repair_takes_it_back():
+    """The world's fault handlers allocate as faultd does, from a frame reserve of their own
+    (FrameAllocator.keep_reserve): COW copies come off it, and after a kill -9 of ksmd the repair takes
+    back the reserve of the handler that is still alive, which then allocates from the free stack; no
+    violation, with one fault handler and with two."""
+    for handlers in (1, 2):
+        worlds = []
+
+        def made(f=world_factory("change_pte", kill="ksmd", fault_handlers=handlers)):
+            worlds.append(f())
+            return worlds[-1]
+        res = explore.random_runs(made, seed=2, runs=40, max_steps=4000, shrink=False)
+        assert res.found is None, res.found.violations
+        seen = collections.Counter()
+        for w in worlds:
+            seen.update(w.coverage)
+        assert seen["a fault's frame from its handler's reserve"] > 20, seen
+        assert seen["a repair took back a live fault handler's frame reserve"] >= 1, seen
 
 
 def test_kill_happens_and_is_repaired():

@@ -208,6 +208,22 @@ def test_no_reserve_is_taken_near_out_of_memory(big_alloc):
     assert a.alloc_one() == 1 and a.reserve == [] and a.ft.hdr[FTH_FREE_TOP] == 126
 
 
+def test_a_reserve_is_taken_while_min_free_frames_are_free_and_not_below(big_alloc):
+    """keep_reserve(batch, min_free) (the checker's small worlds): a reserve once min_free frames are free
+    after the allocation, none one frame short; a min_free below the batch is refused."""
+    a = big_alloc
+    with pytest.raises(ValueError, match="a reserve of 8 frames taken while only 4 are free"):
+        a.keep_reserve(8, min_free=4)
+    a.alloc(127 - 7)                                # 7 free: the next one-frame allocation leaves 6
+    a.keep_reserve(2, min_free=7)
+    one = a.alloc_one()
+    assert a.reserve == [] and a.ft.hdr[FTH_FREE_TOP] == 6
+    a.put_one(one)                                  # (7 free again)
+    a.keep_reserve(2, min_free=6)
+    a.alloc_one()
+    assert len(a.reserve) == 2 and a.ft.hdr[FTH_FREE_TOP] == 4 and a.nr_free == 6
+
+
 def test_a_repair_takes_every_reserve_back_and_its_holder_learns_it(big_alloc):
     a = big_alloc
     a.keep_reserve(4)

@@ -208,6 +208,8 @@ class Delivery:
 
     def _restart(self, target: str) -> None:
         self.up[target] = True
+        if target in self.faultd_names:
+            self._fault_memory(target)      # (a new process: its own allocator, no reserve yet)
         if target != "ksmd":
             return
         old, n = self.scans, len(self.scans)

@@ -91,11 +91,11 @@ import numpy as np
 from proto.knobs import DEFAULTS, MITIGATIONS
 from proto.layout import (KNOBS, FRAME_KSM, MMF_VM_MERGEABLE, MMH_DOMAIN, MMH_FLAGS, MMH_ID, MMH_NPAGES, PAGE_SHIFT, PAGE_SIZE,
                           PTE_PRESENT, PTE_WRITE, USER_BASE, VM_MERGEABLE, VM_READ, VM_WRITE,
-                          FrameTable, MMView, StatsView)
+                          FTH_RESERVE_GEN, FrameTable, MMView, StatsView)
 
 from workers.mm.kvm import FaultCall, Touch, WaitIdle, touch
-from workers.mm.effects import (APPLY_MEM, Candidates, CopyPages, Lock, Memory, Notify, Reply, ShardRecv, ShardSend,
-                                TryLock, Unlock, WaitAcks)
+from workers.mm.effects import (APPLY_MEM, Alloc, Candidates, CopyPages, Lock, Memory, Notify, Reply, ShardRecv,
+                                ShardSend, TryLock, Unlock, WaitAcks)
 from workers.runtime.interp import BLOCK, Backend, resume
 from workers.mm.mmu_notifier import (GRAMMAR, INIT, MODES, LocalNotify, NotifierLink, register)
 from workers.mm.recovery import ForgetMM, Freeze, NotifierLost, Respawn, Thaw
@@ -111,6 +111,10 @@ from workers.check.delivery import Delivery
 from workers.check.scheduling import Scheduling
 
 
+
+# each fault handler's frame reserve in a world: 2 frames, taken while 6 are free (faultd's: 32, while 256
+# are; a world has 16 frames)
+WORLD_FRAME_RESERVE, WORLD_RESERVE_MIN_FREE = 2, 6
 
 __all__ = ["KsmWorld", "world_factory", "BREAKS", "BREAK_CONFIG", "BREAK_KILLS", "BREAK_MODES", "BREAK_SCENARIO", "KILLS", "SCENARIOS", "SHARDED", "SHARD_BREAKS", "RECOVER"]
 
@@ -160,6 +164,9 @@ class KsmWorld(Programs, OldLock, Invariants, Delivery, Scheduling):
         self.alloc.format()
         self.stats = StatsView(ArraySegment(StatsView.size_for()))
         self.mem = Memory(self.alloc, self.stats)
+        self.fault_mems: dict[str, Memory] = {}     # each fault handler's allocator, with its frame reserve
+        for name in self.faultd_names:
+            self._fault_memory(name)
         self.backend = self.world_backend()
         self.cur, self.cur_rec = None, None         # the thread whose effect runs now, and its step's record
         self.vms: list[VMState] = []
@@ -349,7 +356,7 @@ class KsmWorld(Programs, OldLock, Invariants, Delivery, Scheduling):
         memory, the lock table, the message queues, the kill and the recovery's control effects.  The
         scheduler has already decided that the effect can run (a lock free, a message there)."""
         b = Backend(self.mem, {
-            CopyPages: self._w_copy_pages, Touch: lambda e: touch(e.sub, e, memoryview(self.frames)),
+            CopyPages: self._w_copy_pages, Alloc: self._w_alloc, Touch: lambda e: touch(e.sub, e, memoryview(self.frames)),
             TryLock: self._w_trylock, Lock: self._w_lock, Unlock: self._w_unlock,
             Notify: lambda e: self._notify(self.cur, e, self.cur_rec),
             LocalNotify: lambda e: self._local_notify(self.vms[e.mm], e),
@@ -363,6 +370,28 @@ class KsmWorld(Programs, OldLock, Invariants, Delivery, Scheduling):
             ForgetMM: self._w_forget_mm, _AwaitForget: self._w_await_forget})
         b.name = "the checker"
         return b
+
+    def _fault_memory(self, name: str) -> None:
+        """A fault handler's own FrameAllocator over the world's frames, keeping a frame reserve as
+        faultd does (`keep_reserve`: its one-frame allocations off the reserve, without the frame lock;
+        a repair takes every reserve back).  A new one for each process: a restart starts with none."""
+        a = FrameAllocator(self.ft, self.frames, NullLock())
+        a.keep_reserve(WORLD_FRAME_RESERVE, min_free=WORLD_RESERVE_MIN_FREE)
+        if "reserve-no-gen" in self.brk:        # (the break: a reserve a repair took back is still handed out)
+            a._reserve_valid = lambda: True
+        self.fault_mems[name] = Memory(a, self.stats, self.mem.mms)
+
+    def _w_alloc(self, e):
+        m = self.fault_mems.get(self.cur.actor, self.mem)
+        a = m.alloc
+        had, gen = len(a.reserve), a._reserve_gen
+        out = APPLY_MEM[Alloc](m, e)
+        if had:
+            if gen != self.ft.hdr.item(FTH_RESERVE_GEN):
+                self.coverage["a repair took back a live fault handler's frame reserve"] += 1
+            elif len(a.reserve) == had - 1:
+                self.coverage["a fault's frame from its handler's reserve"] += 1
+        return out
 
     def _w_copy_pages(self, e):
         if (self.ft.flags[np.atleast_1d(e.src)] & FRAME_KSM).any():

@@ -55,6 +55,8 @@ _DECLARED = (
     Break("no-notifier-lost", "the supervisor's recovery skips each VM's notifier_lost: the open "
           "invalidations of the dead actor are never ended and the secondary MMUs keep their translations",
           kill="ksmd", config={"pace": False}),
+    Break("reserve-no-gen", "a fault handler keeps handing out the frames of its reserve after a repair took "
+          "every reserve back (its generation is not checked)", kill="ksmd"),
     Break("respawn-before-repair", "the supervisor's recovery starts the successor (and thaws ksmd) before it "
           "repaired the frame table from the PTEs", kill="faultd"),
     Break("no-vm-forget", "after a VM's death the supervisor frees its mm (exit_mmap) without first having the "

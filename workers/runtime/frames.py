@@ -197,17 +197,22 @@ class FrameAllocator:
         self.lock = lock
         self.reserve: list[int] = []        # this process's reserved frames, the next to hand out last
         self.reserve_batch = 0              # 0: no reserve (keep_reserve)
+        self.reserve_min_free = 0           # a reserve is taken only while this many frames are free
         self._reserve_gen = 0               # FTH_RESERVE_GEN when the reserve was taken
 
     # -- a fault handler's reserve --
-    def keep_reserve(self, batch: int) -> None:
+    def keep_reserve(self, batch: int, min_free: int | None = None) -> None:
         """One-frame allocations (alloc_one) come from a reserve of up to `batch` frames, taken off the
-        free stack together while at least RESERVE_MIN_FREE_BATCHES batches' worth are free (below
-        that, one at a time: near out of memory nobody holds frames aside).  The caller must allocate
-        only under a page-table lock (the fault handler does) and call release_reserve on exit."""
+        free stack together while at least `min_free` frames are free (default RESERVE_MIN_FREE_BATCHES
+        batches' worth; below that, one at a time: near out of memory nobody holds frames aside).  The
+        caller must allocate only under a page-table lock (the fault handler does) and call
+        release_reserve on exit.  (The checker's worlds, of a few frames, pass a smaller min_free.)"""
         if batch < 0:
             raise ValueError(f"reserve batch {batch} < 0")
+        if min_free is not None and min_free < batch:
+            raise ValueError(f"a reserve of {batch} frames taken while only {min_free} are free")
         self.reserve_batch = batch
+        self.reserve_min_free = RESERVE_MIN_FREE_BATCHES * batch if min_free is None else min_free
 
     def _reserve_valid(self) -> bool:
         """The reserve still ours (no repair took it back since); else it is forgotten."""
@@ -246,7 +251,7 @@ class FrameAllocator:
     def _take_reserve_locked(self, top: int) -> None:
         """Refill the reserve from the free stack (the caller holds the frame lock; top: the stack's top)."""
         n = self.reserve_batch
-        if n < 2 or top < RESERVE_MIN_FREE_BATCHES * n:
+        if n < 2 or top < self.reserve_min_free:
             return
         ft = self.ft
         pfns = ft.free_stack[top - n:top][::-1].astype(np.int64)     # pfns[0]: the stack's next

@@ -82,6 +82,8 @@ ROWS = [
     ("trace", "tracing on / off, CPU seconds of the run's processes", "trace.ratio_spread", "<= 1.10x"),
     ("trace", "the same, the processes all on one CPU", "trace.one_cpu_ratio_spread", "<= 1.10x"),
     ("trace", "tracing on / off, wall seconds", "trace.wall_ratio_spread", ""),
+    ("trace", "other processes' CPU during the runs: share of the machine, most in a run", "trace.others_share_max",
+     ""),
     ("trace", "CPU seconds off", "trace.cpu_seconds_off", ""),
     ("trace", "CPU seconds on", "trace.cpu_seconds_on", ""),
     ("trace", "trace file (bytes)", "trace.trace_bytes", ""),
@@ -288,9 +290,9 @@ HEADLINE = [
                f"{cell(get(r, 'cow.ratio_vs_polling_pipe_spread'))}x the polling pipe, "
                f"{cell(get(r, 'cow.ratio_vs_kernel'))}x the kernel", 2),
     ("Tracing every message and fault: CPU seconds on / off, the run's processes free on every CPU, and all on one "
-     "CPU (tracing's own work, without the cross-CPU wake-ups that move the first by +-10 %)",
+     "CPU (tracing's own work, without the cross-CPU wake-ups that move the first by +-10 %; the two newest runs)",
      ("trace.ratio_spread", "trace.one_cpu_ratio_spread"),
-     lambda r: f"{cell(get(r, 'trace.ratio_spread'))}x; {cell(get(r, 'trace.one_cpu_ratio_spread'))}x on one CPU"),
+     lambda r: f"{cell(get(r, 'trace.ratio_spread'))}x; {cell(get(r, 'trace.one_cpu_ratio_spread'))}x on one CPU", 2),
     ("No lost write: racing writes and COW faults of merged pages over the three notifier modes",
      ("stress.writes", "stress.cow_faults_merged", "stress.lost"),
      lambda r: f"{cell(get(r, 'stress.writes'))} writes, {cell(get(r, 'stress.cow_faults_merged'))} COW faults, "

@@ -710,7 +710,8 @@ def merge_cow_rounds(npages: int, rounds: int, trace: str | None = None,
                      cpu: int | None = None) -> tuple[float, float]:
     """Fixed work: two VMs' pages merged, then every page written (a COW each), `rounds` times.
 
-    Returns (wall seconds, CPU seconds of the run's processes: scanners, fault handlers, VMs).
+    Returns (wall seconds, CPU seconds of the run's processes: scanners, fault handlers, VMs, the other
+    processes' share of the machine meanwhile: `CpuShare`).
     fault_poll_us=0: a polling process's CPU seconds count its waits, so tracing's extra work in one
     process would be counted again as the other's longer poll.  cpu: run those processes on that one
     CPU (every hand-off between them a switch on one CPU, never a cross-CPU wake-up)."""
@@ -721,12 +722,13 @@ def merge_cow_rounds(npages: int, rounds: int, trace: str | None = None,
         if cpu is not None:
             for p in pids:
                 os.sched_setaffinity(p, {cpu})
+        share = CpuShare([])
         cpu0 = sum(_cpu_seconds(p) for p in pids)
         t0 = time.monotonic()
         for r in range(rounds):
             merge_then_cow(m, vms, npages, r)
         wall = time.monotonic() - t0
-        return wall, sum(_cpu_seconds(p) for p in pids) - cpu0
+        return wall, sum(_cpu_seconds(p) for p in pids) - cpu0, share.since(wall)["others_share"]
 
 
 def trace_record_cost(n: int, d: str) -> dict:
@@ -789,7 +791,14 @@ def bench_trace(npages: int, prog, reps: int = 5, keep: str | None = None) -> di
     def med(on: bool, pinned: bool, k: int) -> float:
         return round(statistics.median(x[k] for x in runs[on, pinned]), 3)
     cpu_ratio = ratios(False, 1)
-    return {"seconds_off": med(False, False, 0), "seconds_on": med(True, False, 0),
+    # per repetition: each ratio, and the most the other processes took of the machine in its four runs
+    detail = [{"ratio": round(runs[True, False][r][1] / runs[False, False][r][1], 3),
+               "one_cpu_ratio": round(runs[True, True][r][1] / runs[False, True][r][1], 3),
+               "others_share_max": max((x[r][2] for x in runs.values() if x[r][2] is not None), default=None)}
+              for r in range(reps)]
+    return {"reps_detail": detail,
+            "others_share_max": max((d["others_share_max"] for d in detail if d["others_share_max"] is not None),
+                                    default=None),"seconds_off": med(False, False, 0), "seconds_on": med(True, False, 0),
             "cpu_seconds_off": med(False, False, 1), "cpu_seconds_on": med(True, False, 1),
             "cpu_seconds_off_one_cpu": med(False, True, 1), "cpu_seconds_on_one_cpu": med(True, True, 1),
             "ratio": cpu_ratio["median"], "ratio_spread": cpu_ratio, "one_cpu_ratio_spread": ratios(True, 1),
@@ -1184,6 +1193,12 @@ def table(res: dict) -> str:
                         f"{fs(t['one_cpu_ratio_spread'])} | <= 1.10x |")
         rows.append(f"| the same, wall seconds (other load on the machine moves these) | {f(t['seconds_on'])} | "
                     f"off {f(t['seconds_off'])} | {fs(t.get('wall_ratio_spread'))} | |")
+        if t.get("reps_detail"):
+            rows.append("| per repetition: CPU ratio, on one CPU, the other processes' share of the machine "
+                        "(most of its runs) | " + "; ".join(
+                            f"{d['ratio']:.2f}x, {d['one_cpu_ratio']:.2f}x, "
+                            + ("-" if d["others_share_max"] is None else f"{d['others_share_max']:.0%}")
+                            for d in t["reps_detail"]) + " | | | |")
         rc = t.get("record_cost_us")
         if rc:
             rows.append(f"| trace cost per record, one process (us): append / serialize+write / all in | "

@@ -76,6 +76,12 @@ def test_bench_quick_modes_scaling_trace_stress_and_check_write_every_key(tmp_pa
     assert (tmp_path / "scaling.png").exists()
     assert res["trace"]["ratio_spread"]["n"] == 2 and res["trace"]["wall_ratio_spread"]["n"] == 2
     assert res["trace"]["one_cpu_ratio_spread"]["n"] == 2 and res["trace"]["cpu"] in os.sched_getaffinity(0)
+    det = res["trace"]["reps_detail"]       # each repetition's ratios, and what other processes took meanwhile
+    assert len(det) == 2 and all(d["ratio"] > 0 and d["one_cpu_ratio"] > 0 for d in det)
+    assert res["trace"]["ratio_spread"]["min"] == min(d["ratio"] for d in det)
+    assert res["trace"]["one_cpu_ratio_spread"]["max"] == max(d["one_cpu_ratio"] for d in det)
+    assert all(d["others_share_max"] is None or 0 <= d["others_share_max"] <= 1.5 for d in det)
+    assert "per repetition: CPU ratio" in r.stdout
     assert res["trace"]["cpu_seconds_on"] > 0 and res["trace_overhead_ratio"] > 0
     rc = res["trace"]["record_cost_us"]
     assert rc["records"] == 20_000 and min(rc["append"], rc["serialize_write"], rc["all_in"]) > 0

@@ -65,6 +65,7 @@ ROWS = [
     ("cow", "channel / pipe, over rounds", "cow.channel_ratio_spread", "<= 1.5x"),
     ("cow", "kernel COW of a KSM page (us)", "cow.kernel_us", ""),
     ("cow", "COW samples", "cow.samples", ""),
+    ("cow", "other processes' CPU in each round: share of the machine", "cow.round_others_share", ""),
     *[("modes", f"{m}: {what}", f"modes.{m}.{key}", "")
       for m in MODES for what, key in (("secondary faults per merged page", "secondary_faults_per_merged_page"),
                                        ("messages per merged page", "messages_per_merged_page"),
@@ -185,6 +186,8 @@ def cell(v, key: str = "") -> str:
         return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:,.3g}" if abs(v) < 10 else f"{v:,.1f}"
     if isinstance(v, int):
         return f"{v:,}"
+    if isinstance(v, list) and all(x is None or isinstance(x, (int, float)) for x in v):
+        return ", ".join(cell(x) for x in v)
     return str(v).replace("|", "\\|")
 
 

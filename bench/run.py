@@ -175,7 +175,9 @@ class CpuShare:
 
     def _now(self) -> tuple:
         busy, steal = machine_cpu()
-        return busy, steal, tree_cpu(os.getpid()), sum(_cpu_seconds(p) for p in self.pids)
+        t = os.times()          # (and the processes under us that ended and were waited for)
+        ours = tree_cpu(os.getpid()) + t.children_user + t.children_system
+        return busy, steal, ours, sum(_cpu_seconds(p) for p in self.pids)
 
     SHORTEST_S = 0.5        # (CPU time is counted in clock ticks, 10 ms: a shorter stretch gives None)
 
@@ -467,9 +469,11 @@ def bench_cow(npages: int, kernel_ok: bool, why: str, prog, rounds: int = 3) -> 
     per_round = []          # (our COW p50 / pipe p50, channel p50 / pipe p50) of each round
     ncpu = os.cpu_count() or 1
     k = {"skipped": why}
+    others = []             # each round but its kernel part: the other processes' share of the machine
     for r in range(rounds):
         prog(f"cow: round {r + 1} of {rounds}: pipe ping-pong, ksm-proto COW faults (polling, asleep), "
              f"channel ping-pong" + (", kernel COW" if kernel_ok else ""))
+        share, t_round = CpuShare([]), time.monotonic()
         npp = 10000 if npages >= 2000 else 2000
         p = pipe_pingpong(npp, (0, 1) if ncpu > 1 else None)     # across CPUs, as our actors run
         same += pipe_pingpong(npp // 2, (0, 0))
@@ -489,6 +493,7 @@ def bench_cow(npages: int, kernel_ok: bool, why: str, prog, rounds: int = 3) -> 
         rs["cow_asleep"].append(pct(z, 50))
         rs["pipe_polling"].append(pct(pp, 50))
         per_round.append((pct(c, 50) / pct(p, 50), pct(h, 50) / pct(p, 50), pct(c, 50) / pct(pp, 50)))
+        others.append(share.since(time.monotonic() - t_round)["others_share"])    # (before the kernel's ksmd runs)
         if kernel_ok:
             k = kernel_ksm.kernel_cow_us(min(npages, 4096))
             kern += k.pop("_samples", [])
@@ -505,7 +510,8 @@ def bench_cow(npages: int, kernel_ok: bool, why: str, prog, rounds: int = 3) -> 
            "kernel_unmerged_us": k.get("unmerged_p50_us"),
            "round_p50s_us": {n: [round(x, 1) for x in v] for n, v in rs.items()},
            "handler_mean_us": round(float(np.mean(handler)), 1) if handler else None,
-           "core_p50_us": round(pct(core, 50), 1), "core_mean_us": round(float(np.mean(core)), 1)}
+           "core_p50_us": round(pct(core, 50), 1), "core_mean_us": round(float(np.mean(core)), 1),
+           "round_others_share": others}
     res["ratio_vs_pipe"] = round(res["p50_us"] / res["pipe_p50_us"], 2)
     res["ratio_vs_pipe_spread"] = spread([r[0] for r in per_round])
     res["channel_ratio_spread"] = spread([r[1] for r in per_round])
@@ -1164,6 +1170,10 @@ def table(res: dict) -> str:
         rows.append(f"| our channel ping-pong p50 (us), the transport floor | {c['channel_p50_us']} | "
                     f"pipe {c['pipe_p50_us']} | {fs(c.get('channel_ratio_spread'))} | <= 1.5x |")
         rows.append(f"| kernel COW of a KSM page (us) | | {f(c['kernel_us'])} (unmerged {f(c['kernel_unmerged_us'])}) | | |")
+        if c.get("round_others_share"):
+            rows.append("| other processes' CPU in each round: their share of the machine (a loaded hour shows "
+                        "here) | " + ", ".join("-" if v is None else f"{v:.0%}" for v in c["round_others_share"])
+                        + " | | | |")
     for mode, v in res.get("modes", {}).items():
         rows.append(f"| {mode}: secondary faults / messages per merged page, re-read us/page | "
                     f"{v['secondary_faults_per_merged_page']} / {v['messages_per_merged_page']}, "

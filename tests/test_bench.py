@@ -59,6 +59,8 @@ def test_bench_quick_scan_cow_and_estimate_write_every_key(tmp_path):
     assert res["cow"]["ratio_vs_polling_pipe_spread"]["n"] == 2
     assert res["cow"]["poll_us"] == 200 and len(res["cow"]["round_p50s_us"]["cow_asleep"]) == 2
     assert res["cow"]["rounds"] == 2        # (--quick; a whole run: at least 5)
+    assert len(res["cow"]["round_others_share"]) == 2 and "other processes' CPU in each round" in r.stdout
+    assert all(v is None or 0 <= v <= 1.5 for v in res["cow"]["round_others_share"])
     assert "fault_poll_us=0" in r.stdout and "its core and shared-memory effects alone" in r.stdout
     assert (tmp_path / "latency.png").exists()
     e = res["estimate"]

@@ -69,7 +69,7 @@ from proto import MADV_MERGEABLE, PAGE_SHIFT, PAGE_SIZE, USER_BASE  # noqa: E402
 from proto.knobs import DEFAULTS  # noqa: E402
 from workers.oracle import kernel_ksm  # noqa: E402
 from workers.actors.supervisor import Machine  # noqa: E402
-from workers.tools.stress import run_modes  # noqa: E402
+from workers.tools.stress import cpu_seconds, run_modes  # noqa: E402
 
 from bench import report  # noqa: E402
 
@@ -124,15 +124,6 @@ def load_machine(m: Machine, pages: np.ndarray, nvms: int = 4) -> list:
 
 
 # ---------------------------------------------------------------------------- 1. scan
-def _cpu_seconds(pid: int) -> float:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return 0.0
-
-
 def machine_cpu() -> tuple[float, float]:
     """The machine's CPU seconds so far, all CPUs together (/proc/stat): (busy, stolen by the
     hypervisor).  Busy is user, nice, system, irq and softirq time; (0, 0) where there is no /proc."""
@@ -159,7 +150,7 @@ def tree_cpu(root: int) -> float:
     total, todo = 0.0, [root]
     while todo:
         p = todo.pop()
-        total += _cpu_seconds(p)
+        total += cpu_seconds(p)
         todo += kids.get(p, [])
     return total
 
@@ -177,7 +168,7 @@ class CpuShare:
         busy, steal = machine_cpu()
         t = os.times()          # (and the processes under us that ended and were waited for)
         ours = tree_cpu(os.getpid()) + t.children_user + t.children_system
-        return busy, steal, ours, sum(_cpu_seconds(p) for p in self.pids)
+        return busy, steal, ours, sum(cpu_seconds(p) for p in self.pids)
 
     SHORTEST_S = 0.5        # (CPU time is counted in clock ticks, 10 ms: a shorter stretch gives None)
 
@@ -583,11 +574,11 @@ def scan_rate(pages: np.ndarray, scanners: int, scans: int = 4) -> dict:
         load_machine(m, pages)
         m.ksm.set(pages_to_scan=100000, sleep_millisecs=0, smart_scan=0, run=1)
         s0 = m.ksm.wait_full_scans(timeout=600, at_least=2)
-        cpu0 = sum(_cpu_seconds(a.pid) for a in m.scanner_procs)
+        cpu0 = sum(cpu_seconds(a.pid) for a in m.scanner_procs)
         t0 = time.monotonic()
         s1 = m.ksm.wait_full_scans(timeout=600, at_least=2 + scans)
         el = time.monotonic() - t0
-        cpu = sum(_cpu_seconds(a.pid) for a in m.scanner_procs) - cpu0
+        cpu = sum(cpu_seconds(a.pid) for a in m.scanner_procs) - cpu0
         m.ksm.set(run=0)
     return {"scanners": scanners, "pages_per_s": round((s1["pages_scanned"] - s0["pages_scanned"]) / el),
             "cores_busy": round(cpu / el, 2), "seconds": round(el, 3)}
@@ -608,7 +599,7 @@ def cow_rate(nvms: int, pages: int, inflight: int, handlers: int) -> dict:
         m.ksm.set(run=0)
         c0 = [vm.stats()["cow_faults"] for vm, _ in vms]
         procs = [vm.pid for vm, _ in vms] + [m.faultd_of(vm.mm_id).pid for vm, _ in vms]
-        cpu0 = sum(_cpu_seconds(p) for p in set(procs))
+        cpu0 = sum(cpu_seconds(p) for p in set(procs))
         per = pages // inflight
         t0 = time.monotonic()
         wids = [(vm, vm.writer_start(a + j * per * PAGE_SIZE, per, seed=0, count=per, values=-2))
@@ -617,7 +608,7 @@ def cow_rate(nvms: int, pages: int, inflight: int, handlers: int) -> dict:
             while not vm.writer_peek(w)["finished"]:
                 time.sleep(0.002)
         el = time.monotonic() - t0
-        cpu = sum(_cpu_seconds(p) for p in set(procs)) - cpu0
+        cpu = sum(cpu_seconds(p) for p in set(procs)) - cpu0
         errors = [e for e in (vm.writer_stop(w)["error"] for vm, w in wids) if e]
         cow = sum(vm.stats()["cow_faults"] - c for (vm, _), c in zip(vms, c0))
     if errors:
@@ -729,12 +720,12 @@ def merge_cow_rounds(npages: int, rounds: int, trace: str | None = None,
             for p in pids:
                 os.sched_setaffinity(p, {cpu})
         share = CpuShare([])
-        cpu0 = sum(_cpu_seconds(p) for p in pids)
+        cpu0 = sum(cpu_seconds(p) for p in pids)
         t0 = time.monotonic()
         for r in range(rounds):
             merge_then_cow(m, vms, npages, r)
         wall = time.monotonic() - t0
-        return wall, sum(_cpu_seconds(p) for p in pids) - cpu0, share.since(wall)["others_share"]
+        return wall, sum(cpu_seconds(p) for p in pids) - cpu0, share.since(wall)["others_share"]
 
 
 def trace_record_cost(n: int, d: str) -> dict:
@@ -828,7 +819,7 @@ def _chromium_cpu() -> float:
                         continue
             except OSError:
                 continue
-            total += _cpu_seconds(int(pid))
+            total += cpu_seconds(int(pid))
     return total
 
 
@@ -851,12 +842,12 @@ def web_rounds(npages: int, rounds: int, driver=None) -> dict:
             u0 = driver.execute_script("window.ksm.drawTimes = []; return window.ksm.updates")
         pids = [a.pid for a in m.scanner_procs + m.faultds] + [vm.pid for vm, _ in vms]
         try:
-            cpu0, own0, br0 = sum(_cpu_seconds(p) for p in pids), time.process_time(), _chromium_cpu()
+            cpu0, own0, br0 = sum(cpu_seconds(p) for p in pids), time.process_time(), _chromium_cpu()
             t0 = time.monotonic()
             for r in range(rounds):
                 merge_then_cow(m, vms, npages, r)
             wall = time.monotonic() - t0
-            out = {"seconds": wall, "cpu_seconds": sum(_cpu_seconds(p) for p in pids) - cpu0,
+            out = {"seconds": wall, "cpu_seconds": sum(cpu_seconds(p) for p in pids) - cpu0,
                    "supervisor_cpu_seconds": time.process_time() - own0, "browser_cpu_seconds": _chromium_cpu() - br0}
             if driver is not None:
                 u1, draws = driver.execute_script("return [window.ksm.updates, window.ksm.drawTimes]")

@@ -91,7 +91,7 @@ def merged_now(m, vm, first: int, npages: int) -> np.ndarray:
     return same & present & ro & (ksm | zero)
 
 
-def _cpu_seconds(pid: int) -> float:
+def cpu_seconds(pid: int) -> float:
     """utime + stime of a process so far (0.0 where /proc cannot tell)."""
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -102,8 +102,8 @@ def _cpu_seconds(pid: int) -> float:
 
 
 def _cpu(m, vms) -> dict:
-    return {"ksmd": _cpu_seconds(m.ksmd.pid), "faultd": _cpu_seconds(m.faultd.pid),
-            "vms": sum(_cpu_seconds(vm.pid) for vm in vms), "parent": time.process_time()}
+    return {"ksmd": cpu_seconds(m.ksmd.pid), "faultd": cpu_seconds(m.faultd.pid),
+            "vms": sum(cpu_seconds(vm.pid) for vm in vms), "parent": time.process_time()}
 
 
 def _faultd_stats(m) -> dict:

@@ -704,7 +704,7 @@ def merge_then_cow(m: Machine, vms: list, npages: int, r: int) -> None:
 
 
 def merge_cow_rounds(npages: int, rounds: int, trace: str | None = None,
-                     cpu: int | None = None) -> tuple[float, float]:
+                     cpu: int | None = None) -> tuple[float, float, float | None]:
     """Fixed work: two VMs' pages merged, then every page written (a COW each), `rounds` times.
 
     Returns (wall seconds, CPU seconds of the run's processes: scanners, fault handlers, VMs, the other

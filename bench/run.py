@@ -137,20 +137,23 @@ def machine_cpu() -> tuple[float, float]:
 
 
 def tree_cpu(root: int) -> float:
-    """CPU seconds of process `root` and of every live process under it (/proc)."""
+    """CPU seconds of process `root` and of every live process under it (/proc, each stat read once)."""
     kids: dict[int, list[int]] = {}
+    cpu: dict[int, float] = {}
+    hz = os.sysconf("SC_CLK_TCK")
     for p in os.listdir("/proc"):
         if p.isdigit():
             try:
                 with open(f"/proc/{p}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+                    fields = f.read().rsplit(")", 1)[1].split()
+                ppid, cpu[int(p)] = int(fields[1]), (int(fields[11]) + int(fields[12])) / hz
             except (OSError, ValueError, IndexError):
                 continue
             kids.setdefault(ppid, []).append(int(p))
     total, todo = 0.0, [root]
     while todo:
         p = todo.pop()
-        total += cpu_seconds(p)
+        total += cpu.get(p, 0.0)
         todo += kids.get(p, [])
     return total
 

@@ -49,6 +49,7 @@ kernel columns say why they are empty; every kernel knob is restored and run lef
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -191,12 +192,29 @@ class CpuShare:
                 "others_share": round(others / max(ncpu * seconds, 1e-9), 3), "steal_seconds": round(s1 - s0, 3)}
 
 
-def proto_scan(pages: np.ndarray, scanners: int = 1, timeout: float = 600, trace: str | None = None) -> dict:
+@contextlib.contextmanager
+def env_set(name: str, value: str):
+    """The environment variable set while the block runs (the actors a Machine starts read it)."""
+    was = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if was is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = was
+
+
+def proto_scan(pages: np.ndarray, scanners: int = 1, timeout: float = 600, trace: str | None = None,
+               ahead: bool = True) -> dict:
     """ksm-proto at full speed on these pages: time to merge, pages/s over whole full scans, and who
     used the CPUs until the merge was done (`CpuShare`: the scanners' CPU seconds and cores busy, the
-    other processes' share of the machine)."""
+    other processes' share of the machine).  ahead=False: the scanners without the pipelined rounds
+    (KSM_PROTO_HASH_AHEAD=0); with them, how many pages they hashed ahead and how many visits used that."""
     n = len(pages)
-    with Machine(frames=n + 8192, scanners=scanners, trace=trace) as m:
+    with env_set("KSM_PROTO_HASH_AHEAD", "1" if ahead else "0"), \
+            Machine(frames=n + 8192, scanners=scanners, trace=trace) as m:
         load_machine(m, pages)
         m.ksm.set(pages_to_scan=100000, sleep_millisecs=0)
         share = CpuShare(m.scanner_procs)
@@ -218,7 +236,9 @@ def proto_scan(pages: np.ndarray, scanners: int = 1, timeout: float = 600, trace
         elapsed = time.monotonic() - t0
         m.ksm.set(run=0)
         merge_s = t_merged - t0 if t_merged else elapsed
+        info = m.ksmd.call("info")[0]
         return {"pages": n, "scanners": scanners, "merge_seconds": round(merge_s, 3),
+                "hash_ahead": info["hash_ahead"], "hashed_ahead": info["hashed_ahead"], "used_ahead": info["used_ahead"],
                 "pages_per_s": round(s["pages_scanned"] / elapsed), "full_scans": s["full_scans"],
                 "pages_shared": s["pages_shared"], "pages_sharing": s["pages_sharing"],
                 "bytes_per_page": round(s["metadata_bytes"] / max(1, s["ksm_rmap_items"]), 2),
@@ -277,8 +297,10 @@ def bench_scan(npages: int, kernel_ok: bool, why: str, prog, scanners: int, reps
     out: dict = {}
     for name, dup in (("dup4", 4), ("unique", 1)):
         pages = dup_pages(npages, dup)
-        runs = {"kernel": [], "proto": [], "proto_1": []}
-        sides = ["kernel", "proto", "proto_1"] if scanners > 1 else ["kernel", "proto"]
+        runs = {"kernel": [], "proto": [], "proto_1": [], "proto_serial": []}
+        # (N scanners without the pipelined rounds: on the merge-heavy data, what hashing ahead gives)
+        sides = ["kernel", "proto", "proto_1"] + (["proto_serial"] if name == "dup4" else []) if scanners > 1 \
+            else ["kernel", "proto"]
         for r in range(reps):
             for side in sides[r % len(sides):] + sides[:r % len(sides)]:
                 prog(f"scan {name}, repetition {r + 1}/{reps}: {side}")
@@ -286,7 +308,8 @@ def bench_scan(npages: int, kernel_ok: bool, why: str, prog, scanners: int, reps
                     runs[side].append(kernel_ksm.ksmd_throughput(pages, timeout=600) if kernel_ok
                                       else {"skipped": why})
                 else:
-                    runs[side].append(proto_scan(pages, scanners if side == "proto" else 1))
+                    runs[side].append(proto_scan(pages, 1 if side == "proto_1" else scanners,
+                                                 ahead=side != "proto_serial"))
         out[name] = runs
     d, u = out["dup4"], out["unique"]
 
@@ -327,6 +350,11 @@ def bench_scan(npages: int, kernel_ok: bool, why: str, prog, scanners: int, reps
             "cores_busy_spread": spread([x.get("cores_busy") for x in d["proto"]]),
             "one_cores_busy_spread": spread([x.get("cores_busy") for x in d["proto_1"]]),
             "cpu_ratio_spread": ratios(d["proto"], d["proto_1"], "scanner_cpu_seconds")}
+        res["pipelined"] = {      # N scanners with the pipelined rounds against N without, the same data
+            "merge_speedup_spread": ratios(d["proto_serial"], d["proto"], "merge_seconds"),
+            "speedup_spread": ratios(d["proto"], d["proto_serial"], "pages_per_s"),
+            "merge_seconds": med(d["proto_serial"], "merge_seconds"),
+            "hashed_ahead": med(d["proto"], "hashed_ahead"), "used_ahead": med(d["proto"], "used_ahead")}
     res["others_share_max"] = max((x["others_share"] for side in ("proto", "proto_1") for x in d[side] + u[side]
                                    if x.get("others_share") is not None), default=None)
     if not kernel_ok:
@@ -1119,6 +1147,13 @@ def table(res: dict) -> str:
                             f"(of {n}; 1 scanner: {fs(one['one_cores_busy_spread'], '')}) over the CPU seconds the "
                             f"same merge took them against one scanner's | {fs(one['cores_busy_spread'], '')} / "
                             f"{fs(one['cpu_ratio_spread'])} | 1 scanner | {fs(one['merge_speedup_spread'])} | |")
+        pl = sc.get("pipelined")
+        if pl and pl.get("merge_speedup_spread", {}).get("n"):
+            rows.append(f"| {n} scanners with the pipelined rounds (hashing the next round while waiting) against "
+                        f"none: merge time of none / with them (s: {f(pl['merge_seconds'])}); pages/s; pages hashed "
+                        f"ahead, of them used by the next visit | {fs(pl['merge_speedup_spread'])}; "
+                        f"{fs(pl['speedup_spread'])}; {f(pl['hashed_ahead'])}, {f(pl['used_ahead'])} | "
+                        f"{n} scanners, no hashing ahead | | |")
         if sc.get("others_share_max") is not None:
             rows.append(f"| other processes' CPU while ksm-proto merged: their share of the machine, the most "
                         f"in any run (a loaded hour shows here) | {sc['others_share_max']:.0%} | | | |")

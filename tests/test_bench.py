@@ -52,6 +52,11 @@ def test_bench_quick_scan_cow_and_estimate_write_every_key(tmp_path):
     if os.cpu_count() > 1:
         assert {"merge_speedup_spread", "cores_busy_spread", "cpu_ratio_spread"} <= set(res["scan"]["one_scanner"])
         assert res["scan"]["one_scanner"]["merge_speedup_spread"]["n"] == 2
+        pl = res["scan"]["pipelined"]     # N scanners with and without hashing ahead, in the same repetitions
+        assert pl["merge_speedup_spread"]["n"] == 2 and 0 <= pl["used_ahead"] <= pl["hashed_ahead"]
+        assert all(r["hash_ahead"] for r in res["scan"]["detail"]["dup4"]["proto"])
+        assert [(r["hash_ahead"], r["hashed_ahead"]) for r in res["scan"]["detail"]["dup4"]["proto_serial"]] == \
+            [(False, 0)] * 2
     assert res["scanner_bytes_per_page"] > 0 and res["cow"]["ratio_vs_pipe_spread"]["n"] == 2
     for key in ("p50_us", "p99_us", "pipe_p50_us", "ratio_vs_pipe", "kernel_us", "asleep_p50_us",
                 "pipe_polling_p50_us", "ratio_vs_polling_pipe", "ratio_vs_kernel", "channel_ratio_vs_pipe", "core_p50_us"):

@@ -48,7 +48,7 @@ from workers.mm.ksm.knobs import loaded_knobs
 from workers.mm.ksm.scan import BATCH, KsmScan
 from workers.mm.ksm.shard import DONE, LEAD, ROUTED, Done, Routed, from_wire, to_wire
 from workers.runtime.driver import Driver, MMUNotifierSubscriptions
-from workers.actors.ksmd_common import KSMD_NICE, log
+from workers.actors.ksmd_common import KSMD_NICE, hash_ahead_enabled, log
 from workers.actors.ksmd_control import KsmdControl
 
 
@@ -73,7 +73,7 @@ class Mesh:
             _, ch = await loop.create_connection(
                 lambda k=k: Channel(f"{self.name}<->scanner{k}", self.on_frame, lambda ch: self.arrived.set()),
                 sock=socket.socket(fileno=fd))
-            ch.peer = k
+            ch.peer, ch.fd = k, fd
             self.peers[k] = ch
 
     def on_frame(self, ch: Channel, f: Frame) -> None:
@@ -87,6 +87,35 @@ class Mesh:
 
     def send(self, dst: int, kind: str, msg) -> None:
         self.peers[dst].send(encode(Msg.SHARD, payload=call_payload(*to_wire(msg))))
+
+    def ready(self, kind: str, srcs: list, seq) -> bool:
+        """Would `recv(kind, srcs, seq)` return at once?  What the peers' sockets hold is read first,
+        here, outside the event loop (the core polls between two steps of its own: mm.ksm.ahead).
+        A peer that is gone: True (recv then fails at once, nothing is worth hashing); so is a message
+        of ours that did not all leave (only the event loop's turn, in recv, sends the rest)."""
+        if any(ch.transport is not None and ch.transport.get_write_buffer_size() for ch in self.peers.values()):
+            return True
+        for src in srcs:
+            q = self.queues[(src, kind)]
+            ch = self.peers.get(src)
+            if not q and ch is not None and not ch.closed:
+                self._read_now(ch)
+            while q and seq is not None and q[0].seq < seq:
+                q.popleft()         # (recv drops them too, and says so)
+            if not q and ch is not None and not ch.closed:
+                return False
+        return True
+
+    @staticmethod
+    def _read_now(ch: Channel) -> None:
+        while not ch.closed:
+            try:
+                data = os.read(ch.fd, 1 << 20)
+            except OSError:         # (nothing there now, or an error the loop's own read sees too)
+                return
+            if not data:
+                return
+            ch.data_received(data)
 
     async def recv(self, kind: str, srcs: list, seq, timeout: float | None = None) -> list:
         """One `kind` message from each src (of round seq: older ones are dropped); TimeoutError."""
@@ -133,7 +162,8 @@ class Ksmd(KsmdControl):
         self.driver = Driver(self.memory, self.ptls, self.notifiers, args.ack_timeout * 2, self.ksm_locks, self.mesh)
         self.tr = Tracer.open(args.trace, self.name)
         self.driver.tr = self.tr          # (its lock and barrier waits as spans)
-        self.scan = KsmScan(self.mem.ft, args.mode, time.monotonic, shard=self.shard, nshards=self.nshards)
+        self.scan = KsmScan(self.mem.ft, args.mode, time.monotonic, shard=self.shard, nshards=self.nshards,
+                            ahead=hash_ahead_enabled())
         self.scan.salt = int.from_bytes(os.urandom(8), "little") >> 1      # (vusion: random KSM frames)
         self.knobs = self.scan.knobs
         self.knobs["scanners"] = self.nshards

@@ -74,7 +74,8 @@ class KsmdControl:
                 "merge_failures": sc.merge_failures + sum(r.get("merge_failures", 0) for r in rs),
                 "scan_errors": self.scan_errors, "scanners": self.nshards,
                 "slots": len(sc.slots), "tree_bytes": sc.tree.nbytes, "unstable_bytes": sc.unstable.nbytes,
-                "rmap_bytes": sum(s.items.nbytes for s in sc.slots.values()), "refused": self.refused}
+                "rmap_bytes": sum(s.items.nbytes for s in sc.slots.values()), "refused": self.refused,
+                "hash_ahead": sc.ahead, **{k: v + sum(r.get(k, 0) for r in rs) for k, v in sc.ahead_stats.items()}}
 
     def _thaw(self, why: str) -> None:
         if self.frozen is not None:

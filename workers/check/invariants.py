@@ -192,7 +192,8 @@ class Invariants:
         """At a round boundary (every scanner between rounds): the sharing counters agree with the stable trees."""
         for t in self.threads[1:]:
             if t.actor in self.scanner_names and not t.done and not (
-                    isinstance(t.pending, ShardRecv) and t.pending.kind == LEAD
+                    (isinstance(t.pending, ShardRecv) and t.pending.kind == LEAD
+                     or self.scans[self._scanner_no(t.actor)].waiting == LEAD)    # (or hashing ahead meanwhile)
                     and not self.shardq[(0, self._scanner_no(t.actor), LEAD)]):
                 return          # (that scanner is inside a round: its counters move)
         c = self.totals()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 
 from workers.mm.kvm import FaultCall, WaitIdle
-from workers.mm.effects import (Lock, Notify, Reply, ShardRecv, WaitAcks)
+from workers.mm.effects import (Lock, Notify, Reply, ShardReady, ShardRecv, WaitAcks)
 from workers.mm.recovery import ForgetMM, Freeze, NotifierLost, Respawn, Thaw
 from workers.check.world_common import Step, Thread, _AwaitForget, _AwaitReply, _AwaitRestore, _AwaitScan, _Boundary, _Kill, _Micro
 
@@ -105,7 +105,7 @@ class Scheduling:
             fp += ((("vm", t.vm.id), "w"),)
         if t.actor in self.scanner_names:
             fp += ((("ft",), "r"), (("scans",), "w"), (("rmap",), "w"))
-        if c is ShardRecv:
+        if c is ShardRecv or c is ShardReady:
             fp += ((("shardq", self._scanner_no(t.actor)), "w"),)
         if c is _AwaitScan:
             fp += ((("scans",), "r"),)

@@ -94,8 +94,8 @@ from proto.layout import (KNOBS, FRAME_KSM, MMF_VM_MERGEABLE, MMH_DOMAIN, MMH_FL
                           FTH_RESERVE_GEN, FrameTable, MMView, StatsView)
 
 from workers.mm.kvm import FaultCall, Touch, WaitIdle, touch
-from workers.mm.effects import (APPLY_MEM, Alloc, Candidates, CopyPages, Lock, Memory, Notify, Reply, ShardRecv,
-                                ShardSend, TryLock, Unlock, WaitAcks)
+from workers.mm.effects import (APPLY_MEM, Alloc, Candidates, CopyPages, Lock, Memory, Notify, Reply, ShardReady,
+                                ShardRecv, ShardSend, TryLock, Unlock, WaitAcks)
 from workers.runtime.interp import BLOCK, Backend, resume
 from workers.mm.mmu_notifier import (GRAMMAR, INIT, MODES, LocalNotify, NotifierLink, register)
 from workers.mm.recovery import ForgetMM, Freeze, NotifierLost, Respawn, Thaw
@@ -367,6 +367,7 @@ class KsmWorld(Programs, OldLock, Invariants, Delivery, Scheduling):
             Respawn: lambda e: self._restart(e.group),
             Reply: lambda e: self._reply(self.cur, e.err, e.msg, e.entries),
             _Micro: lambda e: e.run(), ShardSend: self._w_shard_send, ShardRecv: self._w_shard_recv,
+            ShardReady: self._w_shard_ready,
             ForgetMM: self._w_forget_mm, _AwaitForget: self._w_await_forget})
         b.name = "the checker"
         return b
@@ -468,6 +469,12 @@ class KsmWorld(Programs, OldLock, Invariants, Delivery, Scheduling):
 
     def _w_shard_send(self, e):
         self.shardq[(self._scanner_no(self.cur.actor), e.dst, e.kind)].append(e.msg)
+
+    def _w_shard_ready(self, e):
+        ready = all(self._shard_head(src, self.cur.actor, e) is not None for src in e.srcs)
+        if not ready:
+            self.coverage["a scanner hashes ahead while the others' messages are not there"] += 1
+        return ready
 
     def _w_shard_recv(self, e):
         t, result = self.cur, []

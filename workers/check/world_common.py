@@ -62,6 +62,10 @@ SCENARIOS = {
     # a write to a merged page (page 1), then, two scans later, to the same page now an unmerged candidate
     # (its own content, fake-merged under vusion), then to a merged page again (page 0): "same behaviour"
     "same": dict(writes=(((1, 3), ("wait",), ("wait",), (1, 4), (0, 5)), (("wait",),) * 5)),
+    # the two-scanner writes with a full scan in three rounds (pages_to_scan 2: vm0's pages, vm1's, the empty
+    # round that ends the scan): with two scanners the pipelined rounds run, each scanner hashing its part of
+    # vm1's pages ahead while it waits at the first round's barriers (mm.ksm.ahead)
+    "pipelined": dict(writes=SHARDED["writes"], complete=True, first_scan=1, pages_to_scan=2),
     "fork": dict(writes=(((0, 0), ("fork", _CHILD), (1, 3), (0, -1)),
                          (("read", 1), ("prot", 1, 0), ("efault", 1, False), ("prot", 1, VM_READ),
                           ("efault", 1, True), ("prot", 1, VM_READ | VM_WRITE), (1, 4))),

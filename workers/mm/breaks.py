@@ -44,6 +44,8 @@ _DECLARED = (
           "finished the last round's merges (its DONE is collected a round late)", scanners=2),
     Break("no-shard-routing", "two scanners: each plans the pages it visited in its own trees, instead of "
           "routing each page to the owner of its content", scanners=2),
+    Break("ahead-across-scans", "two scanners: the pipelined rounds hash the next round's pages ahead across a "
+          "full scan's end, so a new full scan takes checksums from before it began", scanners=2),
     Break("no-ksm-lock", "two scanners: an owner tries an mm's page-table lock without first taking the "
           "scanners' ksm lock of that mm", scanners=2),
     Break("no-repair", "after a kill -9 of the fault handler the supervisor restarts it without repairing the "

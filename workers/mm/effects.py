@@ -7,8 +7,9 @@ A core generator yields one effect at a time and receives its result:
     ok = yield TryLock(ptl(mm))           # page-table lock, as ksmd takes it
     h = yield Notify(mm, Msg.CHANGE_PTE, subs, entries)   # one message per subscriber
     acks = yield WaitAcks(h)              # block until each subscriber acked (or was released)
-    yield ShardSend(k, ROUTED, msg)       # to scanner k (several scanners: core/shard.py)
+    yield ShardSend(k, ROUTED, msg)       # to scanner k (several scanners: mm/ksm/shard.py)
     [m] = yield ShardRecv(LEAD, [0], seq) # block until scanner 0's message of round seq is in
+    if not (yield ShardReady(LEAD, [0], seq)): ...   # would it block?  (a poll: hash ahead meanwhile)
 
 Every effect is one scheduling point of the interleaving checker, so the core's
 granularity *is* the checked granularity: a field loaded twice is two steps.
@@ -299,6 +300,18 @@ class ShardRecv(Effect):
 
     def __repr__(self):
         return f"wait {self.kind} from scanner(s) {self.srcs}"
+
+
+class ShardReady(Effect):
+    """Would ShardRecv(kind, srcs, seq) be answered now?  True or False, never waits (a poll: what a
+    scanner does while the others are not ready, mm/ksm/ahead.py; older rounds' messages dropped)."""
+    __slots__ = ("kind", "srcs", "seq")
+
+    def __init__(self, kind, srcs, seq=None):
+        self.kind, self.srcs, self.seq = kind, list(srcs), seq
+
+    def __repr__(self):
+        return f"poll {self.kind} from scanner(s) {self.srcs}"
 
 
 class Reply(Effect):

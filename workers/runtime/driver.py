@@ -35,7 +35,7 @@ from proto.channel import expire_after
 from proto.layout import MMH_RELEASED, SUB_ACTIVE, MMView
 from proto.messages import Msg, call_payload, encode
 
-from workers.mm.effects import Lock, Memory, Notify, Reply, ShardRecv, ShardSend, TryLock, Unlock, WaitAcks
+from workers.mm.effects import Lock, Memory, Notify, Reply, ShardReady, ShardRecv, ShardSend, TryLock, Unlock, WaitAcks
 from workers.runtime.interp import BLOCK, Backend, run_until_blocked
 from workers.mm.mmu_notifier import MODES
 
@@ -139,7 +139,7 @@ class Driver(Backend):
     def __init__(self, mem: Memory, ptls: dict, notifiers: dict, lock_timeout: float, ksm_locks: dict | None = None,
                  shards=None):
         super().__init__(mem, {TryLock: self._trylock, Lock: self._lock, Unlock: self._unlock,
-                               Notify: self._notify, ShardSend: self._shard_send})
+                               Notify: self._notify, ShardSend: self._shard_send, ShardReady: self._shard_ready})
         self.ptls = ptls                # mm id -> page-table lock
         self.notifiers = notifiers      # mm id -> MMUNotifierSubscriptions (absent: nobody to notify yet)
         self.lock_timeout = lock_timeout
@@ -174,6 +174,10 @@ class Driver(Backend):
 
     def _shard_send(self, e):
         self.shards.send(e.dst, e.kind, e.msg)
+
+    def _shard_ready(self, e):
+        self.uncork()           # (a scanner that polls is as good as waiting: its messages go now)
+        return self.shards.ready(e.kind, e.srcs, e.seq)
 
     def uncork(self) -> None:
         """The notifier messages sent since the last wait leave (back-to-back ones in one write)."""

@@ -405,7 +405,8 @@ def cmd_check(a) -> int:
         return 2
     if a.scenario == "all" or (a.scenario is None and a.brk is None and doc is None):
         runs = tuple(sc for sc in scenarios         # every scenario (a break alone: the one it shows in);
-                     if sc != "same" or a.mitigation == "vusion")   # "same": vusion's own
+                     if (sc != "same" or a.mitigation == "vusion")  # "same": vusion's own;
+                     and (sc != "pipelined" or a.scanners == 2))    # "pipelined": the two scanners' rounds
     else:
         runs = (a.scenario,)
     for mode, scenario in [(m, sc) for m in (CHECK_MODES if a.mode == "all" else (a.mode,)) for sc in runs]:

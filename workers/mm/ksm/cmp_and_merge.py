@@ -61,7 +61,14 @@ class CmpAndMerge:
         if not len(idx):
             return nscan
         self.remove_rmap_item_from_tree(slot, idx, out)
-        keys = yield Checksum(pfn)
+        got = self.keys_hashed_ahead(slot.id, idx, pfn) if self.ahead_now else None
+        if got is None:
+            keys = yield Checksum(pfn)
+        else:       # (the pipelined rounds: checksums taken while this scanner waited, mm.ksm.ahead)
+            keys, found = got
+            if not found.all():
+                keys[~found] = yield Checksum(pfn[~found])
+            self.ahead_stats["used_ahead"] += int(found.sum())
         keep = keys == it.cs[idx]          # unchanged since the last visit: not volatile
         it.cs[idx] = keys
         if self.knobs.get("mitigation", 0) == ZERO_ONLY:

@@ -10,7 +10,7 @@ import numpy as np
 
 from proto.layout import PAGE_SHIFT
 
-from workers.mm.effects import FLAGS, PTE, Load, ShardRecv, ShardSend
+from workers.mm.effects import FLAGS, PTE, Load, ShardSend
 from workers.mm.ksm.shard import DONE, LEAD, ROUTED, Ctl, Done, Round, Routed
 from workers.mm.ksm.mm_slot import SUMMED, U64, candidates
 
@@ -29,8 +29,10 @@ class Rounds:
         new_scan = self.pos == 0 and self.cur is None
         parts, ended = yield from self.take_batch(budget, out)
         prune = ended and (self.clock() - self.last_prune) * 1000 >= self.knobs["stable_node_chains_prune_millisecs"]
+        across = "ahead-across-scans" in self.brk      # (the break: a guess past the full scan's end)
+        ahead = (yield from self.peek_batch(budget, ended)) if self.ahead and (across or not ended) else None
         self.seq += 1
-        rnd = Round(self.seq, self.knobs, parts, new_scan, ended, prune)
+        rnd = Round(self.seq, self.knobs, parts, new_scan, ended, prune, ahead)
         for k in self.others:
             yield ShardSend(k, LEAD, rnd)
         scanned, nops = yield from self.run_round(rnd, out)
@@ -55,7 +57,7 @@ class Rounds:
         if not self.others:
             return 0, 0
         scanned = nops = 0
-        for k, d in zip(self.others, (yield ShardRecv(DONE, self.others, seq))):
+        for k, d in zip(self.others, (yield from self.wait_shard(DONE, self.others, seq))):
             self.reports[k] = d.report
             scanned, nops = scanned + d.scanned, nops + d.nops
         return scanned, nops
@@ -74,17 +76,25 @@ class Rounds:
                 chunks.append((slot.id, a, b, None))
                 counted += b - a      # (an upper bound: visit counts exactly, the caller loops on it)
                 continue
-            idx = np.arange(a, b, dtype=np.int64)
-            pte = yield Load(PTE, slot.id, idx)
-            pfn = (pte >> U64(PAGE_SHIFT)).astype(np.int64)
-            fl = yield Load(FLAGS, None, pfn)
-            cand = candidates(pte, pfn, fl)
-            chunks.append((slot.id, a, b, np.cumsum(cand)))
-            counted += int(cand.sum())
+            cum = yield from self.count_candidates(slot.id, a, b)
+            chunks.append((slot.id, a, b, cum))
+            counted += int(cum[-1])
+        return self.split_parts(chunks, counted), ended
+
+    def count_candidates(self, sid: int, a: int, b: int):
+        """The running count of candidate pages over pages a..b of mm sid (their PTEs and frame flags)."""
+        idx = np.arange(a, b, dtype=np.int64)
+        pte = yield Load(PTE, sid, idx)
+        pfn = (pte >> U64(PAGE_SHIFT)).astype(np.int64)
+        fl = yield Load(FLAGS, None, pfn)
+        return np.cumsum(candidates(pte, pfn, fl))
+
+    def split_parts(self, chunks: list, counted: int) -> list:
+        """One contiguous part per scanner, about as many candidates each: [[(mm, a, b)...]...]."""
         parts = [[] for _ in range(self.nshards)]
         if self.nshards == 1:
             parts[0] = [(s, a, b) for s, a, b, _ in chunks]
-            return parts, ended
+            return parts
         per = max(1, -(-counted // self.nshards))
         done = 0
         for sid, a, b, cum in chunks:        # page i goes where its candidate's rank falls
@@ -93,12 +103,14 @@ class Rounds:
             for x, y in zip([0] + cut.tolist(), cut.tolist() + [b - a]):
                 parts[int(pk[x])].append((sid, a + x, a + y))
             done += int(cum[-1])
-        return parts, ended
+        return parts
 
     def run_round(self, rnd: Round, out: list):
         """Every scanner's part of a round: visit its pages, route, own: plan, merge, commit."""
         if not self.leader:
             self.knobs.update(rnd.knobs)
+        if self.ahead:
+            self.start_round_ahead(rnd)
         if rnd.new_scan:
             self.unstable.clear()         # a new full scan starts with an empty unstable tree
         scanned = 0
@@ -111,7 +123,7 @@ class Rounds:
             r.seal()
         for k in self.others:
             yield ShardSend(k, ROUTED, out[k])
-        got = dict(zip(self.others, (yield ShardRecv(ROUTED, self.others, rnd.seq)))) if self.others else {}
+        got = dict(zip(self.others, (yield from self.wait_shard(ROUTED, self.others, rnd.seq)))) if self.others else {}
         ins = [out[j] if j == self.shard else got[j] for j in range(self.nshards)]
         nops = yield from self.own(ins)
         if rnd.ended:
@@ -124,7 +136,7 @@ class Rounds:
     def follow_one(self):
         """A follower: serve the leader's next message; returns (op, mm) ('round', -1), ('mm_exit', mm),
         ('stop', -1)..."""
-        [m] = yield ShardRecv(LEAD, [0])
+        [m] = yield from self.wait_shard(LEAD, [0], None)
         if isinstance(m, Round):
             out = [Routed() for _ in range(self.nshards)]
             scanned, nops = yield from self.run_round(m, out)
@@ -139,7 +151,7 @@ class Rounds:
         """What a follower's DONE carries: its counters and sizes (the leader sums them)."""
         r = {k: self.c[k] for k in SUMMED}
         r.update(chains=self.tree.chains, dups=self.tree.dups, bytes=self.tree.nbytes + self.unstable.nbytes,
-                 merges=self.merges, merge_failures=self.merge_failures)
+                 merges=self.merges, merge_failures=self.merge_failures, **self.ahead_stats)
         return r
 
     def apply_control(self, m: Ctl) -> None:

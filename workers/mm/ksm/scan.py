@@ -27,7 +27,8 @@ pages joining a node with room; page by page for the rest), then mm.ksm.merge ru
 KsmScan is split along mm/ksm.c's lines: cursor.py (the mm_slot cursor,
 scan_get_next_rmap_item), rmap.py (remove_rmap_item_from_tree and the tree upkeep, ksm_exit,
 restore), cmp_and_merge.py (cmp_and_merge_page for a batch), rounds.py (ksm_do_scan's rounds
-with one scanner or several); this module holds their shared state and the counters.
+with one scanner or several), ahead.py (the pipelined rounds: hashing the next round's pages while
+waiting at a barrier); this module holds their shared state and the counters.
 
 Side-channel defences (the `mitigation` knob, docs/security.md): "domain" keys both trees by
 the mm's security domain too (MMH_DOMAIN, as merge_across_nodes=0 keys them by NUMA node), so
@@ -58,6 +59,7 @@ from proto.knobs import DEFAULTS
 from proto.layout import PAGE_SIZE
 
 from workers.mm.ksm.advisor import AdvisorCtx
+from workers.mm.ksm.ahead import HashAhead
 from workers.mm.ksm.hashtab import HashIndex
 from workers.mm.ksm.stable_tree import StableTree
 from workers.mm.breaks import NONE
@@ -70,10 +72,10 @@ from workers.mm.ksm.rounds import Rounds
 __all__ = ["BATCH", "SUMMED", "KsmScan", "MMSlot"]
 
 
-class KsmScan(ScanCursor, RmapUpkeep, CmpAndMerge, Rounds):
+class KsmScan(ScanCursor, RmapUpkeep, CmpAndMerge, Rounds, HashAhead):
     """One scanner's state and steps: shard `shard` of `nshards`; `ft` is the frame table (advisory reads)."""
 
-    def __init__(self, ft, mode: str, clock, brk=NONE, shard: int = 0, nshards: int = 1):
+    def __init__(self, ft, mode: str, clock, brk=NONE, shard: int = 0, nshards: int = 1, ahead: bool = True):
         self.ft = ft
         self.mode = mode
         self.clock = clock              # seconds, injected (time.monotonic in ksmd, a step count in the checker)
@@ -99,6 +101,7 @@ class KsmScan(ScanCursor, RmapUpkeep, CmpAndMerge, Rounds):
         self.seq = 0                    # round / control sequence (leader)
         self.late = 0                   # (the no-round-barrier break: the round whose DONEs are still out)
         self.reports: dict[int, dict] = {k: {} for k in self.others}   # leader: each follower's last DONE
+        self.ahead_init(ahead)          # the pipelined rounds (several scanners): hashing ahead while waiting
 
     # ------------------------------------------------------------------ helpers
     def gid(self, d):

@@ -25,6 +25,11 @@ The scan goes in *rounds*, in lockstep (a round is one batch of the single scann
      the next round (the barrier: visits of round r+1 never overlap the owners'
      work of round r).
 
+The rounds are pipelined where that rule allows: each ROUND carries the leader's guess at
+the next round's parts, and a scanner that would wait at a barrier hashes its guessed part
+meanwhile (mm.ksm.ahead); hashing writes nothing shared, and the next visit takes those
+checksums for the pages that still map the frame hashed.
+
 Rmap items are shared (one segment per mm, proto.layout.RmapView) and written under
 this rule: in a round's visit phase only the visitor of a page writes its item; in
 the owner phase only the owner of the page's content (cands, appends), of the node
@@ -88,12 +93,14 @@ class Routed:
 
 
 class Round:
-    """The leader's ROUND: knobs, each scanner's part [(mm, start, stop)], scan boundaries."""
-    __slots__ = ("seq", "knobs", "parts", "new_scan", "ended", "prune")
+    """The leader's ROUND: knobs, each scanner's part [(mm, start, stop)], scan boundaries, and its
+    guess at the next round's parts (`ahead`, the pipelined rounds: mm.ksm.ahead; None: no guess)."""
+    __slots__ = ("seq", "knobs", "parts", "new_scan", "ended", "prune", "ahead")
 
-    def __init__(self, seq, knobs, parts, new_scan, ended, prune):
+    def __init__(self, seq, knobs, parts, new_scan, ended, prune, ahead=None):
         self.seq, self.knobs, self.parts = seq, dict(knobs), parts
         self.new_scan, self.ended, self.prune = new_scan, ended, prune
+        self.ahead = ahead
 
     def __repr__(self):
         return f"round {self.seq}: {[sum(b - a for _, a, b in p) for p in self.parts]} pages"
@@ -135,7 +142,7 @@ def to_wire(msg) -> tuple[dict, bytes]:
                 b"".join(np.ascontiguousarray(a, dtype=np.int64).tobytes() for a in arrs))
     if isinstance(msg, Round):
         return ({"t": "round", "seq": msg.seq, "knobs": msg.knobs, "parts": msg.parts, "new_scan": msg.new_scan,
-                 "ended": msg.ended, "prune": msg.prune}, b"")
+                 "ended": msg.ended, "prune": msg.prune, "ahead": msg.ahead}, b"")
     if isinstance(msg, Ctl):
         return {"t": "ctl", "seq": msg.seq, "op": msg.op, "mm": msg.mm}, msg.unlinks.astype(np.int64).tobytes()
     if isinstance(msg, Done):
@@ -154,8 +161,10 @@ def from_wire(head: dict, data: bytes):
             off += n
         return r.seal()
     if t == "round":
+        ahead = head.get("ahead")
         return Round(head["seq"], head["knobs"], [[tuple(x) for x in p] for p in head["parts"]],
-                     head["new_scan"], head["ended"], head["prune"])
+                     head["new_scan"], head["ended"], head["prune"],
+                     None if ahead is None else [[tuple(x) for x in p] for p in ahead])
     if t == "ctl":
         return Ctl(head["seq"], head["op"], head["mm"], np.frombuffer(data, dtype=np.int64).copy())
     if t == "done":

@@ -95,18 +95,27 @@ class HashAhead:
         return got
 
     def start_round_ahead(self, rnd) -> None:
-        """A round begins: what was hashed for it serves its visits; its guess of the next is the work."""
-        now: dict = {}
-        for sid, idx, pfn, key in self.ahead_next:
-            now.setdefault(sid, []).append((idx, pfn, key))
-        self.ahead_now = {}
-        for sid, parts in now.items():
+        """A round begins: what was hashed for it joins what this scan hashed ahead and did not visit yet
+        (a guess may cover pages of a later round: the last round before ksmd sleeps is short); its
+        guess of the next round is the work.  A page hashed twice keeps its newer checksum."""
+        if rnd.new_scan:
+            self.ahead_now = {}
+        got: dict = {}
+        for sid, idx, pfn, key in reversed(self.ahead_next):         # (newest first)
+            got.setdefault(sid, []).append((idx, pfn, key))
+        for sid, parts in got.items():
+            if sid in self.ahead_now:
+                parts.append(self.ahead_now[sid])
             idx, pfn, key = (np.concatenate(x) for x in zip(*parts))
-            o = np.argsort(idx, kind="stable")
-            self.ahead_now[sid] = (idx[o], pfn[o], key[o])
+            idx, first = np.unique(idx, return_index=True)      # (sorted; each page's first: its newest)
+            self.ahead_now[sid] = (idx, pfn[first], key[first])
         self.ahead_next = []
         nxt = rnd.ahead
         self.ahead_todo = list(nxt[self.shard]) if self.ahead and nxt else []
+
+    def end_scan_ahead(self) -> None:
+        """A full scan ended: nothing hashed in it serves the next (see the module docstring)."""
+        self.ahead_now = {}
 
     def hash_ahead_step(self):
         """Hash the next AHEAD_CHUNK pages of this scanner's guessed part: the candidates that are not

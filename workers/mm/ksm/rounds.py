@@ -128,6 +128,7 @@ class Rounds:
         nops = yield from self.own(ins)
         if rnd.ended:
             self.unstable.clear()
+            self.end_scan_ahead()
             if rnd.prune:
                 self.prune()
         return scanned, nops

@@ -47,6 +47,7 @@ class HashAhead:
         self.ahead_todo: list = []      # [(mm, start, stop)] of the next round's guessed part, not hashed yet
         self.ahead_next: list = []      # [(mm, idx, pfn, key)] hashed for the next round
         self.ahead_now: dict = {}       # mm -> (idx sorted, pfn, key): this round's, for its visits
+        # pages hashed ahead, of them visited with that checksum, polls of the others' messages
         self.ahead_stats = {"hashed_ahead": 0, "used_ahead": 0, "polls": 0}
         self.waiting: str | None = None     # the kind of message wait_shard waits for, if it does
 
@@ -112,6 +113,20 @@ class HashAhead:
         self.ahead_next = []
         nxt = rnd.ahead
         self.ahead_todo = list(nxt[self.shard]) if self.ahead and nxt else []
+
+    def drop_visited_ahead(self, part: list) -> None:
+        """This round's visits took what they could of the checksums hashed ahead of their pages: those
+        pages are not visited again this scan, their entries go (what is left stays small)."""
+        for sid, a, b in part:
+            got = self.ahead_now.get(sid)
+            if got is not None:
+                lo, hi = np.searchsorted(got[0], [a, b]).tolist()
+                if hi > lo:
+                    keep = np.r_[0:lo, hi:len(got[0])]
+                    if len(keep):
+                        self.ahead_now[sid] = tuple(x[keep] for x in got)
+                    else:
+                        del self.ahead_now[sid]
 
     def end_scan_ahead(self) -> None:
         """A full scan ended: nothing hashed in it serves the next (see the module docstring)."""

@@ -118,6 +118,8 @@ class Rounds:
             slot = self.slots.get(sid)
             if slot is not None and slot.alive:
                 scanned += yield from self.visit(slot, np.arange(a, b, dtype=np.int64), out)
+        if self.ahead_now:
+            self.drop_visited_ahead(rnd.parts[self.shard])
         for r in out:
             r.seq = rnd.seq
             r.seal()

@@ -98,7 +98,7 @@ ROWS = [
     *[("check", f"{m}: random schedules, schedules/s, violation", f"check.modes.{m}", "none") for m in MODES],
     ("check", "--break caught (in every mode it breaks)", "check.breaks", "all"),
     *[("check", f"{sc}: random schedules per mode, violations", f"check.{sc}", "none")
-      for sc in ("fork", "two_scanners", "kill")],
+      for sc in ("fork", "two_scanners", "two_scanners_pipelined", "kill")],
     ("stress", "writes (all modes)", "stress.writes", ">= writes asked"),
     ("stress", "writes asked", "stress.writes_requested", ""),
     ("stress", "COW faults of merged pages", "stress.cow_faults_merged", ">= COW asked"),
@@ -281,7 +281,8 @@ def _ms(v) -> str:
 
 # (what, the keys it reads, how it reads): each figure from the newest results file that has all its keys
 HEADLINE = [
-    ("Scanning: pages/s against the kernel's ksmd on the same bytes (1 GiB of 4x duplicates)",
+    ("Scanning: pages/s against the kernel's ksmd on the same bytes (1 GiB of 4x duplicates; the two newest runs: "
+     "hours differ)",
      ("scan.ratio_vs_kernel_spread", "scan.scanners"),
      lambda r: f"{cell(get(r, 'scan.ratio_vs_kernel_spread'))}x with {get(r, 'scan.scanners')} scanners"
                + (f" ({cell(get(r, 'scan.one_scanner.speedup_spread'))}x one scanner)"
@@ -289,7 +290,10 @@ HEADLINE = [
                + (f"; merging, against one scanner: {cell(get(r, 'scan.one_scanner.merge_speedup_spread'))}x as fast, "
                   f"{cell(get(r, 'scan.one_scanner.cores_busy_spread'))} cores busy, "
                   f"{cell(get(r, 'scan.one_scanner.cpu_ratio_spread'))}x its CPU seconds"
-                  if get(r, "scan.one_scanner.cpu_ratio_spread") is not None else "")),
+                  if get(r, "scan.one_scanner.cpu_ratio_spread") is not None else "")
+               + (f"; the pipelined rounds: {cell(get(r, 'scan.pipelined.merge_speedup_spread'))}x as fast as "
+                  f"{get(r, 'scan.scanners')} scanners without"
+                  if get(r, "scan.pipelined.merge_speedup_spread") is not None else ""), 2),
     ("A COW fault of a merged page, p50, against a pipe ping-pong between two processes sleeping and "
      "polling, and the kernel's COW (the two newest runs: hosts and hours differ)",
      ("cow.p50_us", "cow.ratio_vs_pipe_spread", "cow.ratio_vs_polling_pipe_spread"),

@@ -1062,6 +1062,9 @@ def bench_check(runs: int, prog, jobs: int, breaks: bool = True, more: bool = Tr
                                     "fork")
         out["two_scanners"] = _check_volume(lambda m: world_factory(m, scanners=2), max(1, runs // 5), 1, jobs,
                                             prog, "two scanners")
+        out["two_scanners_pipelined"] = _check_volume(
+            lambda m: world_factory(m, scanners=2, scenario="pipelined"), max(1, runs // 5), 1, jobs, prog,
+            "two scanners, pipelined rounds")
         kill = {"schedules": 0, "violations": [], "actors": {}}
         for actor in ("ksmd", "faultd", "vm"):
             for scanners, n in ((1, max(1, runs // 10)), (2, max(1, runs // 20))):
@@ -1264,6 +1267,7 @@ def table(res: dict) -> str:
                         f"{'VIOLATION' if r['violation'] else 'no violation'}, {f(r['schedules_per_s'])} schedules/s, "
                         f"{r['steps_per_s']:,} steps/s | | | none |")
         for key, what in (("fork", "the fork scenario"), ("two_scanners", "two scanners"),
+                          ("two_scanners_pipelined", "two scanners, a full scan in three rounds (pipelined rounds)"),
                           ("kill", "kill -9 of ksmd, a fault handler or a VM, and the recovery")):
             if key in ck:
                 rows.append(f"| check, {what}: random schedules, every mode | {ck[key]['schedules']:,}, "
@@ -1565,7 +1569,8 @@ def main(argv=None) -> int:
     ck = res.get("check")
     if ck:
         bad = [f"{m}: {r['violation']}" for m, r in ck["modes"].items() if r["violation"]]
-        bad += [v for key in ("fork", "two_scanners", "kill") for v in ck.get(key, {}).get("violations", [])]
+        bad += [v for key in ("fork", "two_scanners", "two_scanners_pipelined", "kill")
+                for v in ck.get(key, {}).get("violations", [])]
         bad += [f"--break {b} missed in {m}" for b, ms in ck["breaks"].items() for m, v in ms.items() if v is None]
         if bad:
             print("check: " + "; ".join(bad), file=sys.stderr)

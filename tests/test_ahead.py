@@ -104,3 +104,23 @@ def test_a_bad_hash_ahead_setting_is_refused_by_name(monkeypatch):
         hash_ahead_enabled()
     monkeypatch.setenv("KSM_PROTO_HASH_AHEAD", "0")
     assert hash_ahead_enabled() is False
+
+
+def test_check_runs_the_pipelined_scenario_with_two_scanners_and_only_then():
+    """`ksm-proto check --scanners 2` runs the pipelined world among its scenarios; with one scanner it is
+    not among "all" (nothing would be pipelined), and named alone it still runs (multi-round scans)."""
+    import subprocess
+    import sys
+
+    def check(*args):
+        p = subprocess.run([sys.executable, "-m", "workers.tools.cli", "check", "--mode", "change_pte", "--jobs", "1",
+                            "--runs", "10", *args], capture_output=True, text=True, timeout=600)
+        assert p.returncode == 0, p.stdout + p.stderr
+        return [ln.split(":")[0] for ln in p.stdout.splitlines()], p.stdout
+
+    heads, out = check("--scanners", "2", "--scenario", "pipelined")
+    assert heads == ["change_pte pipelined"] and "11 schedules" in out and out.rstrip().endswith("no violation")
+    heads, _ = check("--scanners", "2", "--scenario", "all")
+    assert heads == ["change_pte base", "change_pte pipelined", "change_pte fork"]
+    heads, _ = check("--scenario", "all")
+    assert heads == ["change_pte base", "change_pte fork"]

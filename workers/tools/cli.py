@@ -535,7 +535,7 @@ def main(argv=None) -> int:
     c.add_argument("--runs", type=_positive, default=1000, help="random schedules per mode (default 1000)")
     c.add_argument("--exhaustive", action="store_true", help="search every schedule up to --depth choices")
     c.add_argument("--depth", type=_depth, help="exhaustive search depth (default 20, at most 200)")
-    c.add_argument("--scenario", metavar="S", help="ksm world: base, fork or all (default: all; with --break, "
+    c.add_argument("--scenario", metavar="S", help="ksm world: base, fork, pipelined (two scanners) or all (default: all; with --break, "
                                                    "the break's own)")
     c.add_argument("--break", dest="brk", metavar="STEP", help="remove one protocol step (see --list-breaks)")
     c.add_argument("--list-breaks", action="store_true", help="print the --break names, one per line")

@@ -46,7 +46,7 @@ class HashAhead:
         self.ahead = on and bool(self.others)     # (one scanner never waits on another)
         self.ahead_todo: list = []      # [(mm, start, stop)] of the next round's guessed part, not hashed yet
         self.ahead_next: list = []      # [(mm, idx, pfn, key)] hashed for the next round
-        self.ahead_now: dict = {}       # mm -> (idx sorted, pfn, key): this round's, for its visits
+        self.ahead_now: dict = {}       # mm -> (idx sorted, pfn, key): hashed ahead in this scan, not visited yet
         # pages hashed ahead, of them visited with that checksum, polls of the others' messages
         self.ahead_stats = {"hashed_ahead": 0, "used_ahead": 0, "polls": 0}
         self.waiting: str | None = None     # the kind of message wait_shard waits for, if it does

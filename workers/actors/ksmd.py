@@ -96,15 +96,20 @@ class Mesh:
         if any(ch.transport is not None and ch.transport.get_write_buffer_size() for ch in self.peers.values()):
             return True
         for src in srcs:
-            q = self.queues[(src, kind)]
             ch = self.peers.get(src)
-            if not q and ch is not None and not ch.closed:
+            if not self._head(src, kind, seq) and ch is not None and not ch.closed:
                 self._read_now(ch)
-            while q and seq is not None and q[0].seq < seq:
-                q.popleft()         # (recv drops them too, and says so)
-            if not q and ch is not None and not ch.closed:
-                return False
+                if not self._head(src, kind, seq):
+                    return False
         return True
+
+    def _head(self, src: int, kind: str, seq):
+        """The `kind` queue of src, its messages of rounds before seq dropped (and said so)."""
+        q = self.queues[(src, kind)]
+        while q and seq is not None and q[0].seq < seq:
+            log.warning("%s: dropped a late %s from scanner %d (round %d, now %d)", self.name, kind, src, q[0].seq, seq)
+            q.popleft()
+        return q
 
     @staticmethod
     def _read_now(ch: Channel) -> None:
@@ -122,12 +127,8 @@ class Mesh:
         deadline = None if timeout is None and seq is None else time.monotonic() + (timeout or self.timeout)
         out = []
         for src in srcs:
-            q = self.queues[(src, kind)]
             while True:
-                while q and seq is not None and q[0].seq < seq:
-                    log.warning("%s: dropped a late %s from scanner %d (round %d, now %d)", self.name, kind, src,
-                                q[0].seq, seq)
-                    q.popleft()
+                q = self._head(src, kind, seq)
                 if q:
                     out.append(q.popleft())
                     break

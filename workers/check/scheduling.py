@@ -66,7 +66,7 @@ class Scheduling:
         if c is _Micro and e.enabled is not None:
             return e.enabled()
         if c is ShardRecv:
-            return all(self._shard_head(src, t.actor, e) is not None for src in e.srcs)
+            return self._shard_ready(t.actor, e)
         if c is _Boundary:
             return not self.frozen
         if c is Freeze:
@@ -89,6 +89,10 @@ class Scheduling:
 
     def _scanner_no(self, name: str) -> int:
         return self.scanner_names.index(name)
+
+    def _shard_ready(self, me: str, e) -> bool:
+        """Would e (a ShardRecv or ShardReady of scanner me) find a message from each of its sources?"""
+        return all(self._shard_head(src, me, e) is not None for src in e.srcs)
 
     def _shard_head(self, src: int, me: str, e: ShardRecv):
         """The message e would take from scanner src (older rounds' dropped first), or None."""

@@ -471,7 +471,7 @@ class KsmWorld(Programs, OldLock, Invariants, Delivery, Scheduling):
         self.shardq[(self._scanner_no(self.cur.actor), e.dst, e.kind)].append(e.msg)
 
     def _w_shard_ready(self, e):
-        ready = all(self._shard_head(src, self.cur.actor, e) is not None for src in e.srcs)
+        ready = self._shard_ready(self.cur.actor, e)
         if not ready:
             self.coverage["a scanner hashes ahead while the others' messages are not there"] += 1
         return ready

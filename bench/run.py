@@ -355,7 +355,8 @@ def bench_scan(npages: int, kernel_ok: bool, why: str, prog, scanners: int, reps
             "speedup_spread": ratios(d["proto"], d["proto_serial"], "pages_per_s"),
             "merge_seconds": med(d["proto_serial"], "merge_seconds"),
             "hashed_ahead": med(d["proto"], "hashed_ahead"), "used_ahead": med(d["proto"], "used_ahead")}
-    res["others_share_max"] = max((x["others_share"] for side in ("proto", "proto_1") for x in d[side] + u[side]
+    res["others_share_max"] = max((x["others_share"] for side in ("proto", "proto_1", "proto_serial")
+                                   for x in d[side] + u[side]
                                    if x.get("others_share") is not None), default=None)
     if not kernel_ok:
         res["kernel_note"] = why

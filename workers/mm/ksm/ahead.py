@@ -30,11 +30,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from proto.layout import FRAME_KSM, PAGE_SHIFT
+from proto.layout import FRAME_KSM
 
-from workers.mm.effects import FLAGS, PTE, VMAS, Checksum, Load, ShardReady, ShardRecv
+from workers.mm.effects import VMAS, Checksum, Load, ShardReady, ShardRecv
 from workers.mm.pte import mergeable_ranges
-from workers.mm.ksm.mm_slot import U64, candidates
+from workers.mm.ksm.mm_slot import load_candidates
 
 AHEAD_CHUNK = 512       # pages hashed between two polls (~0.5 ms of mmh3)
 
@@ -99,7 +99,7 @@ class HashAhead:
         """A round begins: what was hashed for it joins what this scan hashed ahead and did not visit yet
         (a guess may cover pages of a later round: the last round before ksmd sleeps is short); its
         guess of the next round is the work.  A page hashed twice keeps its newer checksum."""
-        if rnd.new_scan:
+        if rnd.new_scan:                # (nothing the last scan hashed ahead serves this one)
             self.ahead_now = {}
         got: dict = {}
         for sid, idx, pfn, key in reversed(self.ahead_next):         # (newest first)
@@ -128,10 +128,6 @@ class HashAhead:
                     else:
                         del self.ahead_now[sid]
 
-    def end_scan_ahead(self) -> None:
-        """A full scan ended: nothing hashed in it serves the next (see the module docstring)."""
-        self.ahead_now = {}
-
     def hash_ahead_step(self):
         """Hash the next AHEAD_CHUNK pages of this scanner's guessed part: the candidates that are not
         KSM pages (the visit hashes only those), each with the frame it maps."""
@@ -145,10 +141,8 @@ class HashAhead:
         if slot is None or not slot.alive:
             return
         idx = np.arange(a, q, dtype=np.int64)
-        pte = yield Load(PTE, sid, idx)
-        pfn = (pte >> U64(PAGE_SHIFT)).astype(np.int64)
-        fl = yield Load(FLAGS, None, pfn)
-        m = candidates(pte, pfn, fl) & ((fl & FRAME_KSM) == 0)
+        pfn, fl, cand = yield from load_candidates(sid, idx)
+        m = cand & ((fl & FRAME_KSM) == 0)
         if m.any():
             keys = np.asarray((yield Checksum(pfn[m])), dtype=np.int64)
             self.ahead_next.append((sid, idx[m], pfn[m], keys))

@@ -12,11 +12,11 @@ import numpy as np
 from proto.layout import FRAME_KSM, PAGE_SHIFT, PTE_PRESENT
 
 from workers.mm.ksm.stable_tree import HAS, STABLE, UNSTABLE, should_skip
-from workers.mm.effects import FLAGS, PTE, ZERO_KEY, Checksum, Load
+from workers.mm.effects import PTE, ZERO_KEY, Checksum, Load
 from workers.mm.ksm.merge import (MERGE_TWO_PAGES, MERGE_WITH_KSM_PAGE, MERGE_WITH_ZERO_PAGE, cmp_and_merge_decision,
                                   fake_merge, merge_in_groups, try_to_merge_pages)
 from workers.mm.ksm.shard import GID_SHIFT, shard_of
-from workers.mm.ksm.mm_slot import GID_MASK, U64, VUSION, ZERO_ONLY, MMSlot, Ops, candidates
+from workers.mm.ksm.mm_slot import GID_MASK, U64, VUSION, ZERO_ONLY, MMSlot, Ops, load_candidates
 
 
 class CmpAndMerge:
@@ -25,10 +25,7 @@ class CmpAndMerge:
     def visit(self, slot: MMSlot, idx: np.ndarray, out: list):
         """scan_get_next_rmap_item + the first steps of cmp_and_merge_page, vectorized; routes to owners."""
         it = slot.items
-        pte = yield Load(PTE, slot.id, idx)
-        pfn = (pte >> U64(PAGE_SHIFT)).astype(np.int64)
-        fl = yield Load(FLAGS, None, pfn)
-        cand = candidates(pte, pfn, fl)
+        pfn, fl, cand = yield from load_candidates(slot.id, idx)
         self.remove_trailing_rmap_items(slot, idx[~cand], out)
         idx, pfn, fl = idx[cand], pfn[cand], fl[cand]
         if not len(idx):

@@ -5,7 +5,9 @@ from __future__ import annotations
 import numpy as np
 
 from proto.knobs import MITIGATIONS
-from proto.layout import FRAME_ANON, FRAME_KSM, MMH_DOMAIN, MMH_NODE, PTE_PRESENT, PTE_SPECIAL, ZERO_PFN
+from proto.layout import FRAME_ANON, FRAME_KSM, MMH_DOMAIN, MMH_NODE, PAGE_SHIFT, PTE_PRESENT, PTE_SPECIAL, ZERO_PFN
+
+from workers.mm.effects import FLAGS, PTE, Load
 
 from workers.mm.ksm.stable_tree import RmapItems
 from workers.mm.ksm.shard import GID_SHIFT
@@ -63,6 +65,14 @@ class Ops:
     def put_back(self, m, sub: "Ops") -> None:
         """Copy the outcome (ok) of a selection back."""
         self.ok[m] = sub.ok
+
+
+def load_candidates(sid: int, idx: np.ndarray):
+    """Pages idx of mm sid: (the frame each maps, its flags, whether it is a candidate); two loads."""
+    pte = yield Load(PTE, sid, idx)
+    pfn = (pte >> U64(PAGE_SHIFT)).astype(np.int64)
+    fl = yield Load(FLAGS, None, pfn)
+    return pfn, fl, candidates(pte, pfn, fl)
 
 
 def candidates(pte: np.ndarray, pfn: np.ndarray, fl: np.ndarray) -> np.ndarray:

@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from proto.layout import PAGE_SHIFT
-
-from workers.mm.effects import FLAGS, PTE, Load, ShardSend
+from workers.mm.effects import ShardSend
 from workers.mm.ksm.shard import DONE, LEAD, ROUTED, Ctl, Done, Round, Routed
-from workers.mm.ksm.mm_slot import SUMMED, U64, candidates
+from workers.mm.ksm.mm_slot import SUMMED, load_candidates
 
 
 class Rounds:
@@ -83,11 +81,8 @@ class Rounds:
 
     def count_candidates(self, sid: int, a: int, b: int):
         """The running count of candidate pages over pages a..b of mm sid (their PTEs and frame flags)."""
-        idx = np.arange(a, b, dtype=np.int64)
-        pte = yield Load(PTE, sid, idx)
-        pfn = (pte >> U64(PAGE_SHIFT)).astype(np.int64)
-        fl = yield Load(FLAGS, None, pfn)
-        return np.cumsum(candidates(pte, pfn, fl))
+        _, _, cand = yield from load_candidates(sid, np.arange(a, b, dtype=np.int64))
+        return np.cumsum(cand)
 
     def split_parts(self, chunks: list, counted: int) -> list:
         """One contiguous part per scanner, about as many candidates each: [[(mm, a, b)...]...]."""
@@ -130,7 +125,6 @@ class Rounds:
         nops = yield from self.own(ins)
         if rnd.ended:
             self.unstable.clear()
-            self.end_scan_ahead()
             if rnd.prune:
                 self.prune()
         return scanned, nops

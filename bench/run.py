@@ -1105,9 +1105,12 @@ def bench_check(runs: int, prog, jobs: int, breaks: bool = True, more: bool = Tr
 def bench_chaos(kills: int, prog, seed: int = 21) -> dict:
     """Kill ksmd, each fault handler and VMs at random moments under load (workers/tools/chaos.py):
     every notifier mode, with 1 scanner / 1 fault handler and with 2 / 2; `kills` of each kind in all,
-    spread over the 6 configurations; every other kill aimed at a moment a ptl or ksm lock is held."""
+    spread over the 6 configurations (fewer kills than configurations: as many configurations, spread over
+    the modes and sizes); every other kill aimed at a moment a ptl or ksm lock is held."""
     from workers.tools.chaos import KINDS, chaos, summary
     configs = [(mode, n, n) for n in (1, 2) for mode in MODES]
+    if kills < len(configs):
+        configs = [configs[k * len(configs) // kills] for k in range(kills)]
     per = -(-kills // len(configs))
     runs = []
     for k, (mode, sc, fh) in enumerate(configs):
@@ -1513,7 +1516,7 @@ def main(argv=None) -> int:
                     from workers.estimate.live import compare_live
                     res["estimate-live"] = compare_live(progress=prog)
             elif part == "chaos":
-                res["chaos"] = bench_chaos(6 if q else a.chaos_kills, prog)
+                res["chaos"] = bench_chaos(3 if q else a.chaos_kills, prog)
             elif part == "sidechannel":
                 res["sidechannel"] = bench_sidechannel(200 if q else 1000, reps, prog, kernel_ok, why, a.out)
             elif part == "estimate":

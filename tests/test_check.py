@@ -74,9 +74,12 @@ EXPECTED_TWO = {**{b: EXPECTED[b] for b in ("free-before-acks", "early-release",
                 "no-round-barrier": ("but 2 KSM frames are mapped", "disagree with the stable trees"),
                 "no-write-protect": ("lost write", "is COW-shared", "merge incomplete"),
                 "no-recheck-pte": ("FrameAccountingError", "free stack", "lost write")}
-# the rarer interleavings (default 800); no-notifier-lost in change_pte: run 1075 of seed 0, since the fault
-# handler's final reply is a step of its own (serve_fault), as it is in the real fault handler
-RUNS = {"no-recheck-pte": 1500, "no-round-barrier": 2500, "no-notifier-lost": 1500}
+# the rarer interleavings (default 800)
+RUNS = {"no-recheck-pte": 1500, "no-round-barrier": 2500}
+# the seed of a search (default 0) where seed 0 finds the break only late: no-notifier-lost in change_pte
+# shows at run 1075 of seed 0 (the fault handler's final reply is a step of its own, serve_fault, as in
+# the real fault handler), at run 139 of seed 3 ("maps frame 3, which is free")
+SEED_OF = {("no-notifier-lost", "change_pte"): 3}
 # the seed of a search with two scanners (default 0): with seed 4 the missing round barrier shows within
 # the first 40 runs in every mode (with seed 0 only after 500 to 1,300)
 SEED_TWO = {"no-round-barrier": 4}
@@ -160,8 +163,8 @@ def test_each_break_is_caught(mode, brk):
         pytest.skip(f"{brk} breaks nothing in {mode} mode: START zaps the spte before any PTE change")
     # one job: the search stops at the first violation (two jobs would finish the other's block);
     # the run that finds it is the same (test_parallel_jobs_find_what_one_finds)
-    res = explore.random_runs(world_factory(mode, brk), seed=0, runs=max(800, RUNS.get(brk, 0)), max_steps=4000,
-                              shrink=False)
+    res = explore.random_runs(world_factory(mode, brk), seed=SEED_OF.get((brk, mode), 0),
+                              runs=max(800, RUNS.get(brk, 0)), max_steps=4000, shrink=False)
     assert res.found is not None, f"{brk} not caught in {mode}"
     assert any(w in v for v in res.found.violations for w in EXPECTED[brk]), res.found.violations
 

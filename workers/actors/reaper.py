@@ -4,7 +4,8 @@ Started by the supervisor in a session of its own (so Ctrl-C does not reach
 it), it blocks on a pipe whose write end only the supervisor holds.  End of
 file means the supervisor is gone, cleanly or by SIGKILL; after a short grace
 for the actors to die with their parent, it unlinks every entry named after
-the run.  After a clean close there is nothing left for it to do.
+the run.  After a clean close there is nothing left for it to do: the supervisor says so (CLEAN on
+the pipe before its end), and the reaper exits at once, without the grace.
 """
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ import os
 import signal
 import time
 
+from workers.actors import REAPER_CLEAN as CLEAN
+
 
 def main() -> None:
     p = argparse.ArgumentParser()
@@ -20,15 +23,19 @@ def main() -> None:
     p.add_argument("--fd", type=int, required=True)
     a = p.parse_args()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    said = b""
     while True:
         try:
-            if not os.read(a.fd, 4096):
-                break
+            data = os.read(a.fd, 4096)
         except InterruptedError:
             continue
         except OSError:
             break
-    time.sleep(0.2)
+        if not data:
+            break
+        said = (said + data)[-len(CLEAN):]
+    if said != CLEAN:
+        time.sleep(0.2)
     for name in os.listdir("/dev/shm"):
         if name.startswith(a.run + "."):
             try:

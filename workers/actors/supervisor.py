@@ -52,9 +52,10 @@ from proto.layout import (COUNTERS, KNOBS, PAGE_SIZE, SHM_DIR, FrameTable, Segme
                           seg_name, unlink_lock_file)
 
 from workers import ROOT
+from workers.actors import REAPER_CLEAN
 from workers.runtime.frames import FrameAllocator, ShmLock
 from workers.runtime.driver import MODES
-from workers.actors.supervisor_common import ActorProcess, MAX_FRAMES, MAX_VM_PAGES, VM, check_capacity, check_vm_name, log, machine_bytes, run_entries, shm_capacity, sweep_stale_runs
+from workers.actors.supervisor_common import ActorProcess, stop_all, MAX_FRAMES, MAX_VM_PAGES, VM, check_capacity, check_vm_name, log, machine_bytes, run_entries, shm_capacity, sweep_stale_runs
 from workers.actors.supervisor_recovery import Recovery
 from workers.actors.supervisor_mm import MMTable
 
@@ -326,9 +327,8 @@ class Machine(Recovery, MMTable):
                         self.exit_vm(vm)
                     except Exception as e:   # keep tearing down
                         log.error("closing VM %s: %s", vm.name, e)
-            for actor in getattr(self, "scanner_procs", [])[::-1] + getattr(self, "faultds", []):
-                actor.stop(5)       # (the leader last: the others serve it)
-            self._stop_spares()
+            stop_all(getattr(self, "scanner_procs", [])[::-1] + getattr(self, "faultds", [])
+                     + self._take_spares(), 5)
         finally:
             self.watch_stop.set()
             self._unlink_all()
@@ -367,6 +367,10 @@ class Machine(Recovery, MMTable):
                 except OSError:
                     pass
         if getattr(self, "reaper_fd", None) is not None:
+            try:
+                os.write(self.reaper_fd, REAPER_CLEAN)     # (every actor stopped, every entry unlinked: no grace)
+            except OSError:
+                pass
             os.close(self.reaper_fd)
             self.reaper_fd = None
             try:

@@ -191,14 +191,29 @@ class ActorProcess:
         return rep, f.data()
 
     def stop(self, timeout: float = 5.0) -> None:
+        stop_all([self], timeout)
+
+    def _ask_stop(self) -> None:
+        """Close its channels: the actor sees the end of its control stream and exits."""
         self.expected_exit = True
         self.ch.close()
         self.fd_sock.close()
+
+    def _wait_stopped(self, timeout: float) -> None:
         try:
             self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             self.proc.kill()   # by its pid: one we started
             self.proc.wait(timeout)
+
+
+def stop_all(actors: list[ActorProcess], timeout: float = 5.0) -> None:
+    """Stop actors together: each is asked first, then each waited for (killed, by its pid, after
+    `timeout`), so that their exits overlap instead of following one another."""
+    for a in actors:
+        a._ask_stop()
+    for a in actors:
+        a._wait_stopped(timeout)
 
 
 class VM:

@@ -226,11 +226,12 @@ class Recovery:
             return None
         return spare
 
-    def _stop_spares(self) -> None:
-        for group in list(self.spares):
-            for a in self.spares.pop(group).values():
-                a.expected_exit = True
-                a.stop(2)
+    def _take_spares(self) -> list[ActorProcess]:
+        """Every spare, no longer kept (the run's end: they are stopped with the rest)."""
+        out = [a for group in list(self.spares) for a in self.spares.pop(group).values()]
+        for a in out:
+            a.expected_exit = True
+        return out
 
     def _respawn(self, group: str, mark=lambda what: None) -> None:
         """Start `group` again: every scanner ("ksmd"), or one fault handler; bind every VM it serves.

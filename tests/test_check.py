@@ -209,6 +209,30 @@ def test_fault_handlers_keep_a_frame_reserve_and_a_repair_takes_it_back():
         assert seen["a repair took back a live fault handler's frame reserve"] >= 1, seen
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_near_out_of_memory_the_reserves_drain_and_nothing_breaks(mode):
+    """A world of 9 frames, two fault handlers, with and without a kill -9 of the fault handler: the
+    free stack runs below the level a reserve is kept at, and a handler gives its reserve back at its
+    next allocation (drain_local_pages), in every configuration; no violation."""
+    drained = "a fault handler's reserve given back near out of memory (drain_local_pages)"
+    total = collections.Counter()
+    for kill in (None, "faultd"):
+        for scenario in ("base", "fork"):
+            worlds = []
+
+            def made(f=world_factory(mode, kill=kill, fault_handlers=2, scenario=scenario, nframes=9)):
+                worlds.append(f())
+                return worlds[-1]
+            res = explore.random_runs(made, seed=2, runs=15, max_steps=4000, shrink=False)
+            assert res.found is None, res.found.violations
+            seen = collections.Counter()
+            for w in worlds:
+                seen.update(w.coverage)
+            assert seen[drained] >= 1, (kill, scenario, seen)
+            total.update(seen)
+    assert total[drained] >= 10 and total["a fault's frame from its handler's reserve"] >= 10, total
+
+
 def test_kill_happens_and_is_repaired():
     """ksmd killed right after replace_page took its references on the KSM page (before any PTE
     points there): the KSM frame's mapcount is too high, and the supervisor's repair fixes it."""

@@ -134,6 +134,35 @@ def test_a_dead_fault_handlers_frame_reserve_is_given_back(ksm_machine):
     assert m.alloc.nr_free == free0
 
 
+def test_near_out_of_memory_no_frame_stays_in_a_handlers_reserve(ksm_machine_factory):
+    """Two fault handlers.  One takes a reserve on VM b's first write; then VM a's writes run the free
+    stack below the level at which a reserve is kept, and the idle handler gives its reserve back on
+    its next tick (drain_local_pages), so that VM a's last write gets every free frame, those included.
+    One page more is ENOMEM, named as such, and everything written reads back."""
+    m = ksm_machine_factory(frames=1024, fault_handlers=2)
+    a, b = m.spawn_vm("a", pages=1100), m.spawn_vm("b", pages=64)
+    assert m.faultd_name(a.mm_id) != m.faultd_name(b.mm_id)
+    reserved = lambda: int((m.alloc.ft.flags == FRAME_RESERVED).sum())    # noqa: E731
+    y = b.mmap(PAGE_SIZE)
+    b.write(y, b"b")
+    assert reserved() == FRAME_RESERVE
+    free = m.alloc.nr_free
+    x = a.mmap(1024 * PAGE_SIZE)
+    first = free - 100 - FRAME_RESERVE                 # (one FAULT: the stack is left with 100 frames)
+    a.write(x, b"\x01" * (first * PAGE_SIZE))
+    deadline = time.monotonic() + 10
+    while reserved() and time.monotonic() < deadline:  # (b's handler, idle: its next tick gives it back)
+        time.sleep(0.01)
+    assert reserved() == 0 and m.alloc.nr_free == 100 + FRAME_RESERVE
+    a.write(x + first * PAGE_SIZE, b"\x02" * ((100 + FRAME_RESERVE) * PAGE_SIZE))
+    assert m.alloc.nr_free == 0
+    with pytest.raises(OSError) as ei:
+        a.write(x + free * PAGE_SIZE, b"\x03")
+    assert ei.value.errno == errno.ENOMEM and "out of frames" in str(ei.value)
+    assert a.read(x, free * PAGE_SIZE) == b"\x01" * (first * PAGE_SIZE) + b"\x02" * ((free - first) * PAGE_SIZE)
+    assert b.read(y, 1) == b"b" and m.check_frames() == []
+
+
 def test_kill_one_of_two_scanners_restarts_both_and_each_rebuilds_its_shard(ksm_machine_factory):
     """A dead follower takes the leader down with it: both restart on a new mesh, each rebuilds its
     own shard of the stable tree (the counters are back without merging again); a dead fault

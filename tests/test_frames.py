@@ -208,20 +208,47 @@ def test_no_reserve_is_taken_near_out_of_memory(big_alloc):
     assert a.alloc_one() == 1 and a.reserve == [] and a.ft.hdr[FTH_FREE_TOP] == 126
 
 
-def test_a_reserve_is_taken_while_min_free_frames_are_free_and_not_below(big_alloc):
-    """keep_reserve(batch, min_free) (the checker's small worlds): a reserve once min_free frames are free
-    after the allocation, none one frame short; a min_free below the batch is refused."""
+def test_a_reserve_is_taken_while_min_free_frames_stay_free_and_not_below(big_alloc):
+    """keep_reserve(batch, min_free) (the checker's small worlds): a reserve once min_free frames stay on
+    the free stack after the allocation and the reserve, none one frame short; a min_free below the
+    batch is refused."""
     a = big_alloc
     with pytest.raises(ValueError, match="a reserve of 8 frames taken while only 4 are free"):
         a.keep_reserve(8, min_free=4)
     a.alloc(127 - 7)                                # 7 free: the next one-frame allocation leaves 6
-    a.keep_reserve(2, min_free=7)
+    a.keep_reserve(2, min_free=5)
     one = a.alloc_one()
     assert a.reserve == [] and a.ft.hdr[FTH_FREE_TOP] == 6
     a.put_one(one)                                  # (7 free again)
-    a.keep_reserve(2, min_free=6)
+    a.keep_reserve(2, min_free=4)
     a.alloc_one()
     assert len(a.reserve) == 2 and a.ft.hdr[FTH_FREE_TOP] == 4 and a.nr_free == 6
+
+
+def test_near_out_of_memory_every_reserve_drains_and_another_allocation_gets_its_frames(big_alloc):
+    """Two handlers' allocators keep reserves (keep_reserve(4, min_free=32): taken while 32 frames stay
+    on the free stack, given back once fewer are there) and a third (ksmd's) takes frames in bulk.
+    Once the stack runs low the busy handler's reserve goes back at its next allocation, the idle one's
+    at its tick (drain_local_pages); then the bulk allocation gets every free frame, those the two held
+    aside included, and only then is memory out."""
+    a = big_alloc
+    a.keep_reserve(4, min_free=32)
+    idle = FrameAllocator(a.ft, a.mem, a.lock)      # a second handler's view (another process's, in a run)
+    idle.keep_reserve(4, min_free=32)
+    bulk = FrameAllocator(a.ft, a.mem, a.lock)      # no reserve
+    assert a.alloc_one() == 1 and a.reserve == [5, 4, 3, 2]
+    assert idle.alloc_one() == 6 and idle.reserve == [10, 9, 8, 7]
+    assert idle.drain_local_pages() == 0            # plenty free: the reserve stays
+    assert a.ft.hdr[FTH_FREE_TOP] == 127 - 10
+    bulk.alloc(117 - 15)                            # the stack runs low: 15 left, below 32
+    assert a.alloc_one() == 2 and a.reserve == [] and a.ft.hdr[FTH_FREE_TOP] == 15 + 4 - 1   # its 4 back, 1 off
+    assert idle.reserve == [10, 9, 8, 7]            # (still aside until its tick)
+    assert idle.drain_local_pages() == 4 and idle.reserve == [] and (a.ft.flags == FRAME_RESERVED).sum() == 0
+    assert a.nr_free == a.ft.hdr[FTH_FREE_TOP] == 22
+    last = bulk.alloc(22)                           # every free frame, the 7 held aside included
+    assert set(last.tolist()) >= {3, 4, 5, 7, 8, 9, 10} and a.nr_free == 0
+    with pytest.raises(OutOfFrames):
+        a.alloc_one()
 
 
 def test_a_repair_takes_every_reserve_back_and_its_holder_learns_it(big_alloc):

@@ -44,7 +44,7 @@ from workers.mm.effects import Memory
 from workers.mm.mmu_notifier import page_referenced
 from workers.mm.pte import check_range, task_size
 from workers.runtime.driver import Driver, MMUNotifierSubscriptions, answer_hello, bind_vm_channel
-from workers.actors.faultd_common import _APPLIED, _FAULT, _Fault, _RECORDS, FRAME_RESERVE, log
+from workers.actors.faultd_common import _APPLIED, _FAULT, _Fault, _RECORDS, FRAME_RESERVE, RESERVE_DRAIN_S, log
 from workers.actors.faultd_fast import FaultPath
 
 
@@ -80,6 +80,15 @@ class FaultHandler(FaultPath):
         self.polled = 0             # reads made by _poll_vms (frames that came while it polled)
         self.cur = None             # the FAULT the fast path runs now
         self.fast = self.fast_backend()
+
+    def _drain_tick(self) -> None:
+        """Every RESERVE_DRAIN_S: the frame reserve back to the free stack if it runs low (drain_local_pages;
+        a handler with no faults to serve makes no allocation that would do it)."""
+        try:
+            self.mem.alloc.drain_local_pages()
+        except Exception:       # (the run is going away, or a bug: logged, and the next tick tries again)
+            log.exception("%s: could not give back its frame reserve", self.name)
+        asyncio.get_running_loop().call_later(RESERVE_DRAIN_S, self._drain_tick)
 
     # ---- channels ----
     async def attach_mm(self, mm_id: int, name: str, fd: int) -> None:
@@ -226,6 +235,7 @@ class FaultHandler(FaultPath):
             lambda: Channel(f"{self.name}<-ctl", lambda ch, f: loop.create_task(self.on_ctl(ch, f)),
                             lambda ch: done.done() or done.set_result(None)), sock=ctl_sock)
         ctl.send(encode(Msg.REPLY, corr=0, payload=call_payload({"ready": True})))
+        self._drain_tick()
         await done
         try:
             self.mem.alloc.release_reserve()        # the frames it held aside, back to the free stack

@@ -64,3 +64,6 @@ def _reserve_batch() -> int:
 
 
 FRAME_RESERVE = _reserve_batch()
+# Near out of memory an idle fault handler gives its reserve back (FrameAllocator.drain_local_pages) on a
+# timer of this period: the longest another handler's allocation can find those frames still aside.
+RESERVE_DRAIN_S = 0.05

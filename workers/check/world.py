@@ -112,9 +112,9 @@ from workers.check.scheduling import Scheduling
 
 
 
-# each fault handler's frame reserve in a world: 2 frames, taken while 6 are free (faultd's: 32, while 256
-# are; a world has 16 frames)
-WORLD_FRAME_RESERVE, WORLD_RESERVE_MIN_FREE = 2, 6
+# each fault handler's frame reserve in a world: 2 frames, taken while 4 stay free after it, given back
+# below 4 (faultd's: 32, while 256 stay; a world has 16 frames)
+WORLD_FRAME_RESERVE, WORLD_RESERVE_MIN_FREE = 2, 4
 
 __all__ = ["KsmWorld", "world_factory", "BREAKS", "BREAK_CONFIG", "BREAK_KILLS", "BREAK_MODES", "BREAK_SCENARIO", "KILLS", "SCENARIOS", "SHARDED", "SHARD_BREAKS", "RECOVER"]
 
@@ -392,6 +392,8 @@ class KsmWorld(Programs, OldLock, Invariants, Delivery, Scheduling):
                 self.coverage["a repair took back a live fault handler's frame reserve"] += 1
             elif len(a.reserve) == had - 1:
                 self.coverage["a fault's frame from its handler's reserve"] += 1
+            elif not a.reserve:
+                self.coverage["a fault handler's reserve given back near out of memory (drain_local_pages)"] += 1
         return out
 
     def _w_copy_pages(self, e):

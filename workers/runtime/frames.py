@@ -22,7 +22,11 @@ a fault is under its ptl), so no repair (`rebuild`, under every ptl) runs meanwh
 entries are then written by no one else.  It gives its reserve back on exit (`release_reserve`) and
 before an allocation that would otherwise fail (OutOfFrames); a repair takes every reserve back (a dead
 handler's included: nobody else knows its frames) and bumps FTH_RESERVE_GEN, from which a live handler
-learns that the frames it holds are gone.
+learns that the frames it holds are gone.  Near out of memory no reserve stays aside: a reserve is
+taken only while the free stack keeps `reserve_min_free` frames after it, and once the stack holds fewer
+each holder gives its reserve back (`drain_local_pages`, as the kernel drains its per-CPU page lists):
+at its next allocation, or, idle, at its next tick (the fault handler's timer), so that another
+allocation finds those frames.
 """
 from __future__ import annotations
 
@@ -197,14 +201,15 @@ class FrameAllocator:
         self.lock = lock
         self.reserve: list[int] = []        # this process's reserved frames, the next to hand out last
         self.reserve_batch = 0              # 0: no reserve (keep_reserve)
-        self.reserve_min_free = 0           # a reserve is taken only while this many frames are free
+        self.reserve_min_free = 0           # the free stack keeps this many frames: below, no reserve is held
         self._reserve_gen = 0               # FTH_RESERVE_GEN when the reserve was taken
 
     # -- a fault handler's reserve --
     def keep_reserve(self, batch: int, min_free: int | None = None) -> None:
         """One-frame allocations (alloc_one) come from a reserve of up to `batch` frames, taken off the
-        free stack together while at least `min_free` frames are free (default RESERVE_MIN_FREE_BATCHES
-        batches' worth; below that, one at a time: near out of memory nobody holds frames aside).  The
+        free stack together only while at least `min_free` frames stay on it (default
+        RESERVE_MIN_FREE_BATCHES batches' worth), and given back once fewer are there (drain_local_pages;
+        below that, one at a time: near out of memory nobody holds frames aside).  The
         caller must allocate only under a page-table lock (the fault handler does) and call
         release_reserve on exit.  (The checker's worlds, of a few frames, pass a smaller min_free.)"""
         if batch < 0:
@@ -248,10 +253,19 @@ class FrameAllocator:
         with self.lock:
             return self._return_reserve_locked()
 
+    def drain_local_pages(self) -> int:
+        """Give the reserve back if the free stack runs low (fewer than reserve_min_free frames on it): near
+        out of memory, the frames one handler holds aside go where another's allocation finds them.  The
+        fault handler calls it on a timer while idle (its allocations call it themselves); the kernel's
+        drain_local_pages for a CPU's page lists.  How many frames went back."""
+        if self.reserve and self.ft.hdr.item(FTH_FREE_TOP) < self.reserve_min_free:
+            return self.release_reserve()
+        return 0
+
     def _take_reserve_locked(self, top: int) -> None:
         """Refill the reserve from the free stack (the caller holds the frame lock; top: the stack's top)."""
         n = self.reserve_batch
-        if n < 2 or top < self.reserve_min_free:
+        if n < 2 or top - n < self.reserve_min_free:      # (the stack keeps min_free: drain_local_pages)
             return
         ft = self.ft
         pfns = ft.free_stack[top - n:top][::-1].astype(np.int64)     # pfns[0]: the stack's next
@@ -305,7 +319,7 @@ class FrameAllocator:
         ft = self.ft
         with self.lock:
             top = int(ft.hdr[FTH_FREE_TOP])
-            if top < n and self.reserve:
+            if self.reserve and top - n < self.reserve_min_free:    # (too few, or running low: drain_local_pages)
                 top += self._return_reserve_locked()
             if top < n:
                 raise OutOfFrames(n, top)
@@ -349,7 +363,10 @@ class FrameAllocator:
         element of a numpy array read as .item(), written as a scalar, no array built).  From the
         reserve, if this allocator keeps one (keep_reserve): then without the frame lock."""
         ft = self.ft
-        if self.reserve and self._reserve_valid():
+        if self.reserve and self._reserve_valid() and ft.hdr.item(FTH_FREE_TOP) < self.reserve_min_free:
+            with self.lock:     # running low: the reserve goes back (drain_local_pages), the frame off the stack
+                self._return_reserve_locked()
+        if self.reserve:
             pfn = self.reserve[-1]
             if ft.flags.item(pfn) != FRAME_RESERVED or ft.mapcount.item(pfn) != 0:
                 raise FrameAccountingError(f"the reserve holds a frame not reserved: {self._frames([pfn])}")

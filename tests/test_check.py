@@ -189,22 +189,29 @@ def test_kill_exhaustive_small_configuration_finds_nothing(kill):
     assert res.schedules > 20
 
 
+def clean_coverage(factory, runs: int) -> collections.Counter:
+    """Random schedules (seed 2) of the worlds factory() makes: none may find a violation; what they
+    covered, summed over the runs' worlds."""
+    worlds = []
+
+    def made():
+        worlds.append(factory())
+        return worlds[-1]
+    res = explore.random_runs(made, seed=2, runs=runs, max_steps=4000, shrink=False)
+    assert res.found is None, res.found.violations
+    seen = collections.Counter()
+    for w in worlds:
+        seen.update(w.coverage)
+    return seen
+
+
 def test_fault_handlers_keep_a_frame_reserve_and_a_repair_takes_it_back():
     """The world's fault handlers allocate as faultd does, from a frame reserve of their own
     (FrameAllocator.keep_reserve): COW copies come off it, and after a kill -9 of ksmd the repair takes
     back the reserve of the handler that is still alive, which then allocates from the free stack; no
     violation, with one fault handler and with two."""
     for handlers in (1, 2):
-        worlds = []
-
-        def made(f=world_factory("change_pte", kill="ksmd", fault_handlers=handlers)):
-            worlds.append(f())
-            return worlds[-1]
-        res = explore.random_runs(made, seed=2, runs=40, max_steps=4000, shrink=False)
-        assert res.found is None, res.found.violations
-        seen = collections.Counter()
-        for w in worlds:
-            seen.update(w.coverage)
+        seen = clean_coverage(world_factory("change_pte", kill="ksmd", fault_handlers=handlers), 40)
         assert seen["a fault's frame from its handler's reserve"] > 20, seen
         assert seen["a repair took back a live fault handler's frame reserve"] >= 1, seen
 
@@ -218,16 +225,7 @@ def test_near_out_of_memory_the_reserves_drain_and_nothing_breaks(mode):
     total = collections.Counter()
     for kill in (None, "faultd"):
         for scenario in ("base", "fork"):
-            worlds = []
-
-            def made(f=world_factory(mode, kill=kill, fault_handlers=2, scenario=scenario, nframes=9)):
-                worlds.append(f())
-                return worlds[-1]
-            res = explore.random_runs(made, seed=2, runs=15, max_steps=4000, shrink=False)
-            assert res.found is None, res.found.violations
-            seen = collections.Counter()
-            for w in worlds:
-                seen.update(w.coverage)
+            seen = clean_coverage(world_factory(mode, kill=kill, fault_handlers=2, scenario=scenario, nframes=9), 15)
             assert seen[drained] >= 1, (kill, scenario, seen)
             total.update(seen)
     assert total[drained] >= 10 and total["a fault's frame from its handler's reserve"] >= 10, total

@@ -1553,7 +1553,8 @@ def main(argv=None) -> int:
             if r["lost"]:
                 print(f"stress, {r['mode']}: {r['lost']} problem(s): {r['mismatches']} pages lost writes, "
                       f"{r.get('read_mismatches', 0)} bad read-backs", file=sys.stderr)
-                for line in (r.get("mismatch_examples", []) + r["frame_problems"] + r["exit_frame_problems"]
+                for line in (r.get("mismatch_examples", []) + r["frame_problems"] + r.get("counter_problems", [])
+                             + r["exit_frame_problems"]
                              + (r.get("unmerge") or {}).get("frame_problems", []) + r["errors"]):
                     print(f"  {line}", file=sys.stderr)
         return 1

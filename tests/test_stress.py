@@ -26,6 +26,7 @@ def test_no_lost_writes(ksm_machine_factory, mode):
     assert r["mismatches"] == 0, r["mismatch_examples"]
     assert r["read_mismatches"] == 0 and r["read_checks"] == 2 * 2 * (130 // 64), r["mismatch_examples"]
     assert r["frame_problems"] == []        # every mapcount matches the PTEs; no frame lost or freed twice
+    assert r["counter_problems"] == []      # ksmd's pages_shared / pages_sharing: what the PTEs map
     assert r["unmerge"] == {"mismatches": 0, "frame_problems": [], "pages_shared": 0, "pages_sharing": 0,
                             "ksm_zero_pages": 0}
     assert r["exit_frame_problems"] == []   # the VMs gone, every frame they used is free again

@@ -15,7 +15,7 @@ from proto.channel import ChannelClosed
 from proto.layout import (MAX_MMS, MMH_ID, MMH_NODE, MMH_DOMAIN, MMH_NPAGES, MMH_OWNER_PID, MMView, RmapView, Segment,
                           seg_name)
 
-from workers.mm.invariants import frame_problems
+from workers.mm.invariants import frame_problems, ksm_pages_mapped
 from workers.mm.recovery import ForgetMM, vm_died
 from workers.mm.repair import under_every_ptl
 from workers.runtime.frames import ShmLock
@@ -153,9 +153,18 @@ class MMTable:
         every ptl: a COW whose write has returned may still hold its ptl until the fault
         handler has read the VM's APPLIED and put the old frame, and is waited for.
         """
-        def problems(ptes):         # (read while every ptl is held: no fault or merge is halfway)
+        return self._read_quiet(frame_problems)
+
+    def ksm_pages_mapped(self) -> dict:
+        """pages_shared and pages_sharing as the PTEs say (mm.invariants.ksm_pages_mapped), read as
+        check_frames reads: what ksmd's counters must be once its scans have seen every page."""
+        return self._read_quiet(ksm_pages_mapped)
+
+    def _read_quiet(self, fn):
+        """fn(frame table, every mm's PTEs, nframes), read under every ptl and the frame lock."""
+        def body(ptes):             # (read while every ptl is held: no fault or merge is halfway)
             with self.frame_lock:   # (and the frame lock: a fault handler gives its reserve back under it alone)
-                return frame_problems(self.ft, list(ptes.values()), self.nframes)
+                return fn(self.ft, list(ptes.values()), self.nframes)
             yield                   # (a generator: under_every_ptl's body)
         # several scanners compare pages out of the locks, each pinned (a reference): held between two
         # rounds (Recovery.freeze_scanners), as for the repair, they have none out
@@ -163,7 +172,7 @@ class MMTable:
         if frozen:
             self.freeze_scanners()
         try:
-            return self._run_with_ptls(under_every_ptl(list(self.mm_segs), problems), None)
+            return self._run_with_ptls(under_every_ptl(list(self.mm_segs), body), None)
         finally:
             if frozen:
                 self.thaw_scanners()

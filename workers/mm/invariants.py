@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from proto.layout import FRAME_FREE, FRAME_RESERVED, FTH_FREE_TOP, PAGE_SHIFT, PTE_PRESENT, ZERO_PFN
+from proto.layout import FRAME_FREE, FRAME_KSM, FRAME_RESERVED, FTH_FREE_TOP, PAGE_SHIFT, PTE_PRESENT, ZERO_PFN
 
 U64 = np.uint64
 
@@ -28,6 +28,14 @@ def mappings(ptes, nframes: int) -> np.ndarray:
         maps += np.bincount((pte[present] >> U64(PAGE_SHIFT)).astype(np.int64), minlength=nframes)
     maps[ZERO_PFN] = 0
     return maps
+
+
+def ksm_pages_mapped(ft, ptes, nframes: int) -> dict:
+    """pages_shared and pages_sharing as the PTEs say: each KSM frame mapped n > 0 times is one page
+    shared and n - 1 sharing (what ksmd's counters must be once its scans have seen every page)."""
+    n = mappings(ptes, nframes)[(ft.flags & FRAME_KSM) != 0]
+    n = n[n > 0]
+    return {"pages_shared": int(len(n)), "pages_sharing": int((n - 1).sum())}
 
 
 def frame_problems(ft, ptes, nframes: int) -> list[str]:

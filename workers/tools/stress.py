@@ -338,6 +338,7 @@ def no_lost_writes(m, nvms: int = 3, threads_per_vm: int = 2, workers_per_vm: in
         progress(sum(done.values()) + worker_done, total, cow_now())
     ks1, f1, k1 = m.ksm.stats(), _faultd_stats(m), _ksmd_info(m)
     cpu1 = _cpu(m, vms)
+    counter_problems = [] if errors else ksm_counters_against_ptes(m)
     m.ksm.set(run=0)
     v1 = [vm.stats() for vm in vms]
 
@@ -417,6 +418,7 @@ def no_lost_writes(m, nvms: int = 3, threads_per_vm: int = 2, workers_per_vm: in
         "mismatches": mismatches,
         "mismatch_examples": examples,
         "frame_problems": frame_problems,
+        "counter_problems": counter_problems,
         "unmerge": unmerge,
         "exit_frame_problems": exit_problems,
         "errors": errors,
@@ -435,10 +437,23 @@ def no_lost_writes(m, nvms: int = 3, threads_per_vm: int = 2, workers_per_vm: in
     }
 
 
+def ksm_counters_against_ptes(m, timeout: float = 60.0) -> list[str]:
+    """After the writers: once ksmd's counters have not moved for two full scans, pages_shared and
+    pages_sharing must be what the PTEs say (Machine.ksm_pages_mapped); [] when they are."""
+    try:
+        m.ksm.wait_stable(timeout)
+    except TimeoutError as e:
+        return [f"ksmd's counters did not settle after the writers: {e}"]
+    want = m.ksm_pages_mapped()
+    got = m.ksm.stats()
+    return [f"ksmd's {k} is {got[k]}, but the PTEs map {want[k]}" for k in want if got[k] != want[k]]
+
+
 def lost(r: dict) -> int:
-    """Everything that counts as a failure of the stress: bytes, frames, errors (0 when clean)."""
+    """Everything that counts as a failure of the stress: bytes, frames, counters, errors (0 when clean)."""
     u = r.get("unmerge") or {}
     return (r["mismatches"] + r["read_mismatches"] + len(r["frame_problems"]) + len(r["exit_frame_problems"])
+            + len(r.get("counter_problems", []))
             + u.get("mismatches", 0) + len(u.get("frame_problems", [])) + len(r["errors"]) + r["scan_errors"]
             + (r["writes"] != r["writes_requested"] + r["extra_writes"]))
 

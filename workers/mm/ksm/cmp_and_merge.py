@@ -325,9 +325,8 @@ class CmpAndMerge:
         self.merges += 2 * n + int(good_st.sum())
         bad_st = st & ~(ok & live)
         self.merge_failures += int(bad_st.sum()) + int((pair & ~ok).sum())
-        m = bad_st & live
-        if m.any():
-            np.subtract.at(tree.count, ops.d[m], 1)
+        if bad_st.any():    # (a node gone stale meanwhile included: not released yet, it is torn down by
+            np.subtract.at(tree.count, ops.d[bad_st], 1)    # its items, and its count must be theirs)
         for r in np.flatnonzero(pair & ~ok).tolist():
             d = int(ops.d[r])
             if tree.live[d]:

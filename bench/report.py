@@ -103,7 +103,7 @@ ROWS = [
     ("stress", "writes asked", "stress.writes_requested", ""),
     ("stress", "COW faults of merged pages", "stress.cow_faults_merged", ">= COW asked"),
     ("stress", "COW faults asked", "stress.min_cow_faults", ""),
-    ("stress", "lost (pages, frame problems, errors)", "stress.lost", "0"),
+    ("stress", "lost (pages, frame problems, counters, errors)", "stress.lost", "0"),
     ("stress", "seconds", "stress.seconds", ""),
     *[("stress", f"{m}: writes/s", f"stress.modes.{m}.writes_per_s", "") for m in MODES],
     *[("stress", f"{m}: COW faults of merged pages/s", f"stress.modes.{m}.cow_faults_merged_per_s", "") for m in MODES],

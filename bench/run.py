@@ -1291,7 +1291,7 @@ def table(res: dict) -> str:
                         f"{r['cow_faults_merged']:,}, {r['seconds']:,.0f} | | | |")
             rows.append(f"| stress, {mode}: writes/s, COW faults of merged pages/s | {f(r['writes_per_s'])}, "
                         f"{f(r['cow_faults_merged_per_s'])} | | | |")
-        rows.append(f"| no lost writes: writes / COW faults of merged pages / lost (pages, frame problems, "
+        rows.append(f"| no lost writes: writes / COW faults of merged pages / lost (pages, frame problems, counters, "
                     f"errors) | {st['writes']:,} / {st['cow_faults_merged']:,} / {st['lost']} | | | "
                     f">= {st['writes_requested']:,} / >= {st['min_cow_faults']:,} / 0 |")
     e = res.get("estimate")

@@ -327,8 +327,7 @@ class Machine(Recovery, MMTable):
                         self.exit_vm(vm)
                     except Exception as e:   # keep tearing down
                         log.error("closing VM %s: %s", vm.name, e)
-            stop_all(getattr(self, "scanner_procs", [])[::-1] + getattr(self, "faultds", [])
-                     + self._take_spares(), 5)
+            stop_all(getattr(self, "scanner_procs", []) + getattr(self, "faultds", []) + self._take_spares(), 5)
         finally:
             self.watch_stop.set()
             self._unlink_all()

@@ -228,10 +228,7 @@ class Recovery:
 
     def _take_spares(self) -> list[ActorProcess]:
         """Every spare, no longer kept (the run's end: they are stopped with the rest)."""
-        out = [a for group in list(self.spares) for a in self.spares.pop(group).values()]
-        for a in out:
-            a.expected_exit = True
-        return out
+        return [a for group in list(self.spares) for a in self.spares.pop(group).values()]
 
     def _respawn(self, group: str, mark=lambda what: None) -> None:
         """Start `group` again: every scanner ("ksmd"), or one fault handler; bind every VM it serves.

@@ -363,9 +363,8 @@ class FrameAllocator:
         element of a numpy array read as .item(), written as a scalar, no array built).  From the
         reserve, if this allocator keeps one (keep_reserve): then without the frame lock."""
         ft = self.ft
-        if self.reserve and self._reserve_valid() and ft.hdr.item(FTH_FREE_TOP) < self.reserve_min_free:
-            with self.lock:     # running low: the reserve goes back (drain_local_pages), the frame off the stack
-                self._return_reserve_locked()
+        if self.reserve and self._reserve_valid():
+            self.drain_local_pages()        # (running low: the reserve goes back, the frame comes off the stack)
         if self.reserve:
             pfn = self.reserve[-1]
             if ft.flags.item(pfn) != FRAME_RESERVED or ft.mapcount.item(pfn) != 0:
